@@ -1,0 +1,84 @@
+"""The ``captioner`` command.
+
+* ``captioner fit|validate|test|predict --config ...``: LightningCLI (model, data and trainer from
+  composable YAML; the vocabulary size is linked from the data module).
+* ``captioner demo``: make the shapes data, train, caption held-out images and draw attention.
+* Inference tools (``caption``, ``evaluate``, ``visualize``...): see :data:`TOOLS`.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, Callable
+
+import lightning as L
+from lightning.pytorch.cli import LightningCLI
+
+LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+
+
+class CaptionerCLI(LightningCLI):
+    """LightningCLI with the data -> model vocabulary link and config-carrying checkpoints."""
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.link_arguments("data", "model.init_args.vocab_size",
+                              compute_fn=lambda dm: dm.vocab_size, apply_on="instantiate")
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        cfg = self.config[self.subcommand] if self.subcommand else self.config
+        model_cfg = cfg["model"].as_dict() if hasattr(cfg["model"], "as_dict") else dict(cfg["model"])
+        model_cfg.setdefault("init_args", {})["vocab_size"] = int(self.model.hparams.vocab_size)
+        self.model.model_config = model_cfg
+
+
+def lightning_main(args: list[str] | None = None, run: bool = True) -> CaptionerCLI:
+    """Run LightningCLI with captioner's defaults."""
+    return CaptionerCLI(
+        L.LightningModule, L.LightningDataModule,
+        subclass_mode_model=True, subclass_mode_data=True,
+        save_config_kwargs={"overwrite": True},
+        args=args, run=run,
+    )
+
+
+def _demo(argv: list[str]) -> int:
+    from captioner.demo import main as demo_main
+
+    return demo_main(argv)
+
+
+TOOLS: dict[str, Callable[[list[str]], Any]] = {"demo": _demo}
+
+
+def register_tool(name: str, fn: Callable[[list[str]], Any]) -> None:
+    """Add a ``captioner NAME ...`` sub-command (``fn(argv) -> exit status``)."""
+    TOOLS[name] = fn
+
+
+def _load_tools() -> None:
+    import importlib
+
+    for module in ("captioner.tools",):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as e:
+            if e.name != module:
+                raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _load_tools()
+    if argv and argv[0] in TOOLS:
+        return int(TOOLS[argv[0]](argv[1:]) or 0)
+    if argv and argv[0] not in LIGHTNING_COMMANDS and not argv[0].startswith("-"):
+        known = ", ".join([*LIGHTNING_COMMANDS, *sorted(TOOLS)])
+        print(f"captioner: unknown command {argv[0]!r}; commands: {known}", file=sys.stderr)
+        return 2
+    lightning_main(argv)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

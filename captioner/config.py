@@ -1,0 +1,46 @@
+"""Rebuild model parts from the configuration stored in a checkpoint (no Lightning).
+
+A checkpoint stores the model's constructor configuration exactly as LightningCLI parsed it
+(``class_path`` / ``init_args`` for injected parts), so a fresh process can rebuild the modules
+with jsonargparse and load the state dicts: no module is ever pickled.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from jsonargparse import ArgumentParser
+
+
+def import_class(class_path: str) -> type:
+    """Import ``"package.module.Class"``; clear error when it does not exist."""
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        return getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        raise ValueError(f"cannot import {class_path!r}: {e}") from None
+
+
+def instantiate(class_path: str, init_args: dict[str, Any]) -> Any:
+    """Instantiate ``class_path`` from a (possibly nested) jsonargparse ``init_args`` dict."""
+    cls = import_class(class_path)
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(cls, "obj", fail_untyped=False)
+    cfg = parser.parse_object({"obj": init_args})
+    return parser.instantiate(cfg).obj
+
+
+def parse_arguments(cls: type, init_args: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """Instantiate only the named constructor arguments of ``cls`` (e.g. ``encoder``, ``decoder``)
+    from a config dict, without building ``cls`` itself."""
+    import inspect
+
+    sig = inspect.signature(cls.__init__)
+    parser = ArgumentParser(exit_on_error=False)
+    for name in names:
+        param = sig.parameters[name]
+        default = None if param.default is inspect.Parameter.empty else param.default
+        parser.add_argument(f"--{name}", type=param.annotation, default=default)
+    cfg = parser.parse_object({k: init_args[k] for k in names if k in init_args})
+    return {k: v for k, v in vars(parser.instantiate(cfg)).items() if k in names}

@@ -1,0 +1,424 @@
+"""Lightning data modules: annotation files -> records -> vocabulary -> DataLoaders.
+
+:class:`CaptionDataModule` reads one of the supported formats (COCO, Karpathy JSON, Kaggle
+Flickr8k CSV), fixes the train/val/test splits, builds the vocabulary from the *training*
+captions and serves
+
+* ``train_dataloader``: shuffled (image, caption) pairs, :func:`collate_captions` batches;
+* ``val/test/predict_dataloader``: each image once, :func:`collate_images` batches, whose
+  ``index`` selects the image's references in :meth:`CaptionDataModule.references`.
+
+Everything is lazy and cached: annotation files are parsed once, on the first access to
+:meth:`~CaptionDataModule.records`, :attr:`~CaptionDataModule.vocab` or
+:attr:`~CaptionDataModule.vocab_size`. ``vocab_size`` works right after construction, so a
+LightningCLI config can link it to the model::
+
+    parser.link_arguments("data.vocab_size", "model.init_args.vocab_size", apply_on="instantiate")
+
+The vocabulary is part of the module's ``state_dict`` and therefore of every checkpoint.
+
+:class:`ShapesDataModule` generates the synthetic shapes set (:mod:`captioner.data.shapes`) on
+first use and reads it as COCO with boxes.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from captioner.data.datasets import (
+    CaptionTrainDataset,
+    ImageEvalDataset,
+    collate_captions,
+    collate_images,
+)
+from captioner.data.formats import (
+    SPLITS,
+    ImageRecord,
+    assign_splits,
+    load_coco,
+    load_kaggle_flickr8k,
+    load_karpathy,
+)
+from captioner.data.tokenize import tokenize
+from captioner.data.vocabulary import Vocabulary
+
+__all__ = ["CaptionDataModule", "ShapesDataModule"]
+
+DataFormat = Literal["coco", "karpathy", "flickr8k_csv"]
+
+
+class CaptionDataModule(L.LightningDataModule):
+    """Image-caption data from annotation files.
+
+    Args:
+        format: ``"coco"`` (captions JSON, optional instances JSON), ``"karpathy"`` (one split
+            JSON such as ``dataset_coco.json``) or ``"flickr8k_csv"`` (Kaggle ``captions.txt``).
+        annotations: The annotation file; for ``coco`` also a mapping split -> captions JSON
+            (keys among ``train``/``val``/``test``; a split left out is empty).
+        image_root: Image folder (Karpathy: the root its ``filepath`` is relative to); for
+            ``coco`` with per-split annotations also a mapping split -> folder.
+        instances: ``coco`` only: instances JSON (or mapping split -> JSON) whose boxes fill
+            ``ImageRecord.boxes``.
+        image_size: Images are resized to ``image_size x image_size``.
+        batch_size: Training batch size (caption pairs).
+        eval_batch_size: Batch size (images) of val/test/predict; default ``batch_size``.
+        num_workers: DataLoader worker processes (persistent when > 0).
+        min_freq: A training word seen fewer times becomes ``<unk>``.
+        max_vocab_size: Largest vocabulary, the 4 specials included (``None``: no limit).
+        max_caption_length: Longest training caption in tokens, ``<start>``/``<end>`` included.
+        val_fraction: Share of unsplit images (single COCO file, Flickr8k CSV) for validation.
+        test_fraction: Share of unsplit images for test.
+        split_seed: Seed of the deterministic split of unsplit images.
+        skip_bad: Skip bad annotation entries (empty captions, missing images) with one warning
+            per file, instead of failing.
+        max_images: Keep only the first ``max_images`` images of *each* split (quick runs).
+        vocab_file: Load the vocabulary from this JSON (:meth:`Vocabulary.save`) instead of
+            building it from the training captions.
+    """
+
+    def __init__(
+        self,
+        format: DataFormat,
+        annotations: str | dict[str, str],
+        image_root: str | dict[str, str],
+        instances: str | dict[str, str] | None = None,
+        image_size: int = 224,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+        min_freq: int = 5,
+        max_vocab_size: int | None = None,
+        max_caption_length: int = 50,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        split_seed: int = 0,
+        skip_bad: bool = False,
+        max_images: int | None = None,
+        vocab_file: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if format not in ("coco", "karpathy", "flickr8k_csv"):
+            raise ValueError(f"unknown data format {format!r}")
+        per_split = isinstance(annotations, Mapping) or isinstance(image_root, Mapping)
+        if format != "coco" and per_split:
+            raise ValueError(f"format {format!r} takes a single annotation file and image folder")
+        if format != "coco" and instances is not None:
+            raise ValueError("instances (object boxes) are only read for format 'coco'")
+        if isinstance(annotations, Mapping):
+            _check_split_keys(annotations, "annotations")
+            for name, value in (("image_root", image_root), ("instances", instances)):
+                if isinstance(value, Mapping):
+                    _check_split_keys(value, name)
+        elif isinstance(image_root, Mapping) or isinstance(instances, Mapping):
+            raise ValueError("per-split image_root/instances need per-split annotations too")
+        if max_caption_length < 2:
+            raise ValueError(f"max_caption_length must be >= 2, got {max_caption_length}")
+        self.format = format
+        self.annotations = annotations
+        self.image_root = image_root
+        self.instances = instances
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.min_freq = min_freq
+        self.max_vocab_size = max_vocab_size
+        self.max_caption_length = max_caption_length
+        self.val_fraction = val_fraction
+        self.test_fraction = test_fraction
+        self.split_seed = split_seed
+        self.skip_bad = skip_bad
+        self.max_images = max_images
+        self.vocab_file = vocab_file
+        self._records: dict[str, list[ImageRecord]] | None = None
+        self._vocab: Vocabulary | None = None
+        self._references: dict[str, list[list[list[str]]]] = {}
+        self._datasets: dict[str, Dataset[dict[str, Any]]] = {}
+
+    # ------------------------------------------------------------------ records
+    def records(self, split: str) -> list[ImageRecord]:
+        """The images of a split (annotation files are parsed on the first call only).
+
+        Args:
+            split: ``"train"``, ``"val"`` or ``"test"``.
+
+        Returns:
+            The split's records; eval batches' ``index`` points into this list.
+        """
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if self._records is None:
+            self._records = self._load_records()
+        return self._records[split]
+
+    def _load_records(self) -> dict[str, list[ImageRecord]]:
+        """Parse the annotations, split unsplit images, apply ``max_images``."""
+        records = self._parse()
+        records = assign_splits(records, self.val_fraction, self.test_fraction, self.split_seed)
+        by_split: dict[str, list[ImageRecord]] = {split: [] for split in SPLITS}
+        for record in records:
+            by_split[record.split or "train"].append(record)
+        if self.max_images is not None:
+            by_split = {split: rs[: self.max_images] for split, rs in by_split.items()}
+        return by_split
+
+    def _parse(self) -> list[ImageRecord]:
+        """Read the annotation files into records (splits set where the data defines them)."""
+        if self.format != "coco":
+            load = load_karpathy if self.format == "karpathy" else load_kaggle_flickr8k
+            return load(self.annotations, self.image_root, skip_bad=self.skip_bad)  # type: ignore[arg-type]
+        if not isinstance(self.annotations, Mapping):
+            return load_coco(
+                self.annotations,
+                self.image_root,  # type: ignore[arg-type]
+                split=None,
+                instances_file=self.instances,  # type: ignore[arg-type]
+                skip_bad=self.skip_bad,
+            )
+        records: list[ImageRecord] = []
+        for split, file in self.annotations.items():
+            records += load_coco(
+                file,
+                _per_split(self.image_root, split, "image_root"),
+                split=split,
+                instances_file=_per_split(self.instances, split, "instances", optional=True),
+                skip_bad=self.skip_bad,
+            )
+        return records
+
+    def references(self, split: str) -> list[list[list[str]]]:
+        """Tokenised reference captions, ``references(split)[index]`` for eval image ``index``.
+
+        Args:
+            split: ``"train"``, ``"val"`` or ``"test"``.
+
+        Returns:
+            Per image, its captions as token lists.
+        """
+        if split not in self._references:
+            self._references[split] = [
+                [tokenize(caption) for caption in record.captions] for record in self.records(split)
+            ]
+        return self._references[split]
+
+    # ------------------------------------------------------------------ vocabulary
+    @property
+    def vocab(self) -> Vocabulary:
+        """The vocabulary: imposed (:meth:`set_vocab`, checkpoint), loaded from ``vocab_file``,
+        or built from the training captions with ``min_freq`` / ``max_vocab_size``."""
+        if self._vocab is None:
+            if self.vocab_file is not None:
+                self._vocab = Vocabulary.load(self.vocab_file)
+            else:
+                train = self.records("train")
+                if not train:
+                    raise ValueError("cannot build a vocabulary: the training split is empty")
+                self._vocab = Vocabulary.build(
+                    (tokenize(c) for record in train for c in record.captions),
+                    min_freq=self.min_freq,
+                    max_size=self.max_vocab_size,
+                )
+        return self._vocab
+
+    @property
+    def vocab_size(self) -> int:
+        """``V``, the vocabulary size (parses the annotations if not done yet)."""
+        return len(self.vocab)
+
+    def set_vocab(self, vocab: Vocabulary) -> None:
+        """Impose a vocabulary (e.g. a checkpoint's); datasets encoded with another are dropped.
+
+        Args:
+            vocab: The vocabulary to use from now on.
+        """
+        if self._vocab != vocab:
+            self._datasets.pop("train", None)
+        self._vocab = vocab
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"vocab": vocab.to_dict()}``: saved into checkpoints by Lightning."""
+        return {"vocab": self.vocab.to_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the vocabulary stored by :meth:`state_dict`.
+
+        Args:
+            state_dict: The dict :meth:`state_dict` returned.
+        """
+        if "vocab" in state_dict:
+            self.set_vocab(Vocabulary.from_dict(state_dict["vocab"]))
+
+    # ------------------------------------------------------------------ datasets and loaders
+    def setup(self, stage: str | None = None) -> None:
+        """Build the datasets the stage needs (``fit``: train + val; ``validate``: val;
+        ``test``/``predict``: test; ``None``: all)."""
+        needed = {
+            "fit": ("train", "val"),
+            "validate": ("val",),
+            "test": ("test",),
+            "predict": ("test",),
+        }.get(stage or "", SPLITS)
+        for split in needed:
+            self._dataset(split)
+
+    def _dataset(self, split: str) -> Dataset[dict[str, Any]]:
+        """The (cached) training pairs for ``train``, images-once datasets otherwise."""
+        if split not in self._datasets:
+            if split == "train":
+                self._datasets[split] = CaptionTrainDataset(
+                    self.records("train"), self.vocab, self.image_size, self.max_caption_length
+                )
+            else:
+                self._datasets[split] = ImageEvalDataset(self.records(split), self.image_size)
+        return self._datasets[split]
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader[dict[str, Any]]:
+        dataset = self._dataset(split)
+        if split == "train" and len(dataset) == 0:  # type: ignore[arg-type]
+            raise ValueError("the training split has no images")
+        collate = (
+            functools.partial(collate_captions, pad_id=self.vocab.pad_id)
+            if split == "train"
+            else collate_images
+        )
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if split == "train" else self.eval_batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=collate,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader[dict[str, Any]]:
+        """Shuffled caption batches: ``images (B, 3, H, W)``, ``captions (B, T)``, ``lengths
+        (B,)``, ``index (B,)``."""
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader[dict[str, Any]]:
+        """Validation images once each, in order: ``images (B, 3, H, W)``, ``index (B,)``."""
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader[dict[str, Any]]:
+        """Test images once each, in order: ``images (B, 3, H, W)``, ``index (B,)``."""
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader[dict[str, Any]]:
+        """The test images once each, in order (as :meth:`test_dataloader`)."""
+        return self._loader("test", shuffle=False)
+
+
+def _check_split_keys(mapping: Mapping[str, str], name: str) -> None:
+    """Per-split mappings may only use the split names."""
+    unknown = set(mapping) - set(SPLITS)
+    if unknown:
+        raise ValueError(f"{name}: unknown split names {sorted(unknown)}, expected {list(SPLITS)}")
+
+
+def _per_split(
+    value: str | Mapping[str, str] | None, split: str, name: str, optional: bool = False
+) -> str | None:
+    """The entry of a per-split option for ``split`` (a plain string applies to all splits)."""
+    if value is None or isinstance(value, str):
+        return value
+    if split in value:
+        return value[split]
+    if optional:
+        return None
+    raise ValueError(f"{name} has no entry for split {split!r}")
+
+
+class ShapesDataModule(CaptionDataModule):
+    """The synthetic shapes set (:func:`captioner.data.shapes.make_shapes_dataset`), with boxes.
+
+    The set is generated under ``root`` by :meth:`prepare_data`, or on the first access to the
+    records or the vocabulary; generation is skipped when ``root`` already holds a set made with
+    the same parameters.
+
+    Args:
+        root: Folder of the generated set.
+        num_train: Training images.
+        num_val: Validation images.
+        num_test: Test images.
+        image_size: Side of the generated (and model input) images.
+        seed: Generator seed.
+        clutter: Add distracting grey specks and lines.
+        distort: Randomly rotate, scale and translate each scene.
+        batch_size: Training batch size.
+        eval_batch_size: Evaluation batch size; default ``batch_size``.
+        num_workers: DataLoader worker processes.
+        min_freq: Vocabulary frequency threshold.
+        max_caption_length: Longest training caption, ``<start>``/``<end>`` included.
+    """
+
+    def __init__(
+        self,
+        root: str = "data/shapes",
+        num_train: int = 2000,
+        num_val: int = 200,
+        num_test: int = 200,
+        image_size: int = 64,
+        seed: int = 0,
+        clutter: bool = False,
+        distort: bool = False,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        min_freq: int = 1,
+        max_caption_length: int = 30,
+    ) -> None:
+        annotations_dir = Path(root) / "annotations"
+        super().__init__(
+            format="coco",
+            annotations={s: str(annotations_dir / f"captions_{s}.json") for s in SPLITS},
+            image_root={s: str(Path(root) / s / "images") for s in SPLITS},
+            instances={s: str(annotations_dir / f"instances_{s}.json") for s in SPLITS},
+            image_size=image_size,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            min_freq=min_freq,
+            max_caption_length=max_caption_length,
+        )
+        # Keep only this signature's arguments (the parent saved its own, e.g. ``format``).
+        parent_only = set(inspect.signature(CaptionDataModule.__init__).parameters) - set(
+            inspect.signature(ShapesDataModule.__init__).parameters
+        )
+        self.save_hyperparameters(ignore=sorted(parent_only))
+        self.root = root
+        self.shapes_options: dict[str, Any] = {
+            "num_train": num_train,
+            "num_val": num_val,
+            "num_test": num_test,
+            "image_size": image_size,
+            "seed": seed,
+            "clutter": clutter,
+            "distort": distort,
+        }
+
+    def prepare_data(self) -> None:
+        """Generate the set under ``root`` (a no-op when it already exists with these options)."""
+        self._generate()
+
+    def _generate(self) -> None:
+        """Run the generator and point the COCO options at the files it reports."""
+        from captioner.data.shapes import make_shapes_dataset
+
+        paths = make_shapes_dataset(self.root, **self.shapes_options)
+        self.annotations = {split: str(p[0]) for split, p in paths.items()}
+        self.instances = {split: str(p[1]) for split, p in paths.items()}
+        self.image_root = {split: str(p[2]) for split, p in paths.items()}
+
+    def _parse(self) -> list[ImageRecord]:
+        self._generate()
+        return super()._parse()

@@ -1,0 +1,232 @@
+"""Robust image loading: any PIL mode -> RGB, EXIF orientation, clear errors.
+
+Everything that reads a picture (training, evaluation, ``captioner caption img.jpg``) goes through
+:func:`load_image`, so the model always sees upright 8-bit RGB, and a broken file fails with an
+:class:`ImageLoadError` that names it instead of a bare PIL traceback from inside a worker.
+
+:func:`image_to_tensor` only resizes and scales to ``[0, 1]``; mean/std normalisation belongs to
+the encoder, whose pretrained weights define it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "MAX_IMAGE_PIXELS",
+    "ImageLoadError",
+    "load_image",
+    "to_rgb",
+    "image_to_tensor",
+    "find_images",
+]
+
+IMAGE_EXTENSIONS: frozenset[str] = frozenset(
+    {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm"}
+)
+"""Lower-case file suffixes that :func:`find_images` treats as images."""
+
+MAX_IMAGE_PIXELS = 1 << 28
+"""Pixel count above which PIL warns (twice this: refuses) — 268M, e.g. 16384 x 16384.
+
+PIL's default (89M) rejects legitimate large photographs and scans; this limit is raised once, at
+import, and never lowered (if something else raised it further, or disabled it, that stands).
+"""
+if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < MAX_IMAGE_PIXELS:
+    Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+
+_WHITE = (255, 255, 255)
+_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+
+
+class ImageLoadError(ValueError):
+    """An image file could not be read; the message names the file and the reason.
+
+    Args:
+        path: The offending file.
+        reason: What went wrong.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"cannot load image {self.path}: {reason}")
+
+    def __reduce__(self) -> tuple[type, tuple[Path, str]]:  # picklable across DataLoader workers
+        return type(self), (self.path, self.reason)
+
+
+def load_image(path: str | os.PathLike[str]) -> Image.Image:
+    """Read an image file fully and return it upright, in 8-bit RGB.
+
+    The whole file is decoded here (``img.load()``), so truncated or corrupt data fails now, with
+    the path in the message, rather than later inside a transform. Truncated images are never
+    accepted (``ImageFile.LOAD_TRUNCATED_IMAGES`` is left alone).
+
+    Args:
+        path: Image file.
+
+    Returns:
+        A ``"RGB"`` image with EXIF orientation applied (size ``W x H`` after rotation).
+
+    Raises:
+        ImageLoadError: If the file is missing, not an image, truncated/corrupt, too large, or in
+            a mode that cannot be converted.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ImageLoadError(path, "no such file" if not path.exists() else "not a regular file")
+    try:
+        with Image.open(path) as img:
+            img.load()
+            try:
+                upright = ImageOps.exif_transpose(img)
+            except Exception:  # malformed EXIF must not cost us the picture: keep it as stored
+                upright = img.copy()
+    except UnidentifiedImageError:
+        raise ImageLoadError(path, "not a recognised image format") from None
+    except Image.DecompressionBombError as e:
+        raise ImageLoadError(
+            path, f"image too large ({e}); raise PIL.Image.MAX_IMAGE_PIXELS to accept it"
+        ) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ImageLoadError(path, f"truncated or corrupt image data ({e})") from None
+    try:
+        return to_rgb(upright)
+    except (ValueError, OSError) as e:
+        raise ImageLoadError(path, f"cannot convert mode {upright.mode!r} to RGB ({e})") from None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert a PIL image of any common mode to 8-bit ``"RGB"``.
+
+    * transparency (``RGBA``, ``LA``, ``PA``, ``P`` with a transparent index, ...) is composited
+      on white, not dropped (dropping leaves whatever colour hides under alpha 0, often black);
+    * 16-bit (``I;16*``) and 32-bit integer (``I``) greyscale are scaled, ``v * 255 / 65535``,
+      not clipped to 255; ``I`` data outside ``[0, 65535]`` is min-max scaled instead;
+    * float (``F``) in ``[0, 1]`` is scaled by 255, otherwise min-max scaled;
+    * ``1``, ``L``, ``P``, ``CMYK``, ``YCbCr``, ... go through PIL's own conversion.
+
+    Args:
+        img: The image (already loaded).
+
+    Returns:
+        A new ``"RGB"`` image of the same size.
+
+    Raises:
+        ValueError: If PIL cannot convert the mode.
+    """
+    mode = img.mode
+    has_alpha = mode in _ALPHA_MODES or (mode in ("P", "L", "RGB") and "transparency" in img.info)
+    if mode == "RGB" and not has_alpha:
+        return img.copy()
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        return Image.fromarray(_to_uint8(np.asarray(img), mode), mode="L").convert("RGB")
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*_WHITE, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
+    """Scale a high-bit-depth greyscale array (H, W) to uint8 (H, W), see :func:`to_rgb`."""
+    a = a.astype(np.float64)
+    if a.size == 0:
+        return a.astype(np.uint8)
+    lo, hi = float(a.min()), float(a.max())
+    if mode == "F":
+        scaled = a * 255.0 if lo >= 0.0 and hi <= 1.0 else _minmax(a, lo, hi)
+    elif lo >= 0.0 and hi <= 65535.0:  # I;16* always; I when it holds 16-bit data (PNG, TIFF)
+        scaled = a * (255.0 / 65535.0)
+    else:
+        scaled = _minmax(a, lo, hi)
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+def _minmax(a: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Map ``[lo, hi]`` linearly onto ``[0, 255]`` (a constant array maps to 0)."""
+    a = np.nan_to_num(a, nan=lo, posinf=hi, neginf=lo)
+    return (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
+
+
+def image_to_tensor(img: Image.Image, size: int | tuple[int, int]) -> torch.Tensor:
+    """Resize an RGB image and turn it into a float tensor in ``[0, 1]`` (no normalisation).
+
+    The resize is bilinear and antialiased (PIL's ``resize`` widens the filter when shrinking)
+    and does not keep the aspect ratio: the picture is squashed to the target, as in the paper's
+    fixed-size encoder input.
+
+    Args:
+        img: An image, normally from :func:`load_image` (other modes go through :func:`to_rgb`).
+        size: ``S`` for ``S x S``, or ``(H, W)``.
+
+    Returns:
+        Tensor ``(3, H, W)``, float32 in ``[0, 1]``.
+    """
+    height, width = (size, size) if isinstance(size, int) else size
+    if height < 1 or width < 1:
+        raise ValueError(f"image size must be positive, got {size}")
+    if img.mode != "RGB":
+        img = to_rgb(img)
+    if img.size != (width, height):
+        img = img.resize((width, height), Image.Resampling.BILINEAR)
+    pixels = torch.from_numpy(np.array(img, dtype=np.uint8))  # (H, W, 3)
+    return pixels.permute(2, 0, 1).float().div_(255.0)  # (3, H, W)
+
+
+def find_images(
+    paths: Iterable[str | os.PathLike[str]],
+) -> tuple[list[Path], list[tuple[Path, str]]]:
+    """Expand files and folders into a list of image files.
+
+    Folders are searched recursively for files whose suffix is in :data:`IMAGE_EXTENSIONS`
+    (case-insensitive), hidden files and folders (``.name``) skipped, sorted by path. A file
+    named explicitly is kept if its suffix is an image suffix and reported otherwise. Order
+    follows ``paths``; a file reached twice is kept once.
+
+    Args:
+        paths: Files and/or folders.
+
+    Returns:
+        ``(found, problems)``: the image files, and ``(path, reason)`` for each path that does not
+        exist, is a file with a non-image suffix, or is a folder without images.
+    """
+    found: list[Path] = []
+    problems: list[tuple[Path, str]] = []
+    seen: set[Path] = set()
+
+    def add(file: Path) -> None:
+        if file not in seen:
+            seen.add(file)
+            found.append(file)
+
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            files = sorted(
+                p
+                for p in path.rglob("*")
+                if p.suffix.lower() in IMAGE_EXTENSIONS
+                and p.is_file()
+                and not any(part.startswith(".") for part in p.relative_to(path).parts)
+            )
+            if not files:
+                problems.append((path, "folder contains no image files"))
+            for file in files:
+                add(file)
+        elif path.is_file():
+            if path.suffix.lower() in IMAGE_EXTENSIONS:
+                add(path)
+            else:
+                problems.append((path, f"not an image file extension ({path.suffix or 'none'})"))
+        else:
+            problems.append((path, "no such file or folder"))
+    return found, problems

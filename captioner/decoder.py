@@ -1,0 +1,247 @@
+r"""The attention LSTM decoder of Show, Attend and Tell (Xu et al. 2015, Sections 3.1.2 and 4).
+
+One decoding step ``t`` (Eqs. 1-7 of the paper; ``E y_{t-1}`` is the embedded previous word)::
+
+    alpha_t = softmax_i f_att(a_i, h_{t-1})                       (Eqs. 4-5, captioner.attention)
+    beta_t  = sigmoid(f_beta(h_{t-1}))                            (Section 4.2.1, a scalar)
+    z_t     = beta_t * sum_i alpha_ti a_i                         (Eq. 6 for soft attention)
+    (i, f, o, g) = W [E y_{t-1}; z_t] + U h_{t-1} + b             (Eqs. 1-3: the LSTM T_{D+m+n,n})
+    c_t = f * c_{t-1} + i * tanh(g);   h_t = o * tanh(c_t)
+    p(y_t | a, y_{<t}) ~ exp(L_o(E y_{t-1} + L_h h_t + L_z z_t))  (Eq. 7: the deep output layer)
+
+Initial state (Section 3.1.2): ``h_0 = tanh(f_init,h(mean_i a_i))``, ``c_0 = tanh(f_init,c(mean_i a_i))``.
+
+Deviations are options, not defaults: ``gate="vector"`` is the per-channel gate of popular ports
+(``f_beta: N -> D``), ``gate="none"`` drops it; ``deep_output=False`` replaces Eq. 7 by a single
+linear layer over ``h_t``. The deep output applies ``tanh`` before ``L_o`` as the authors' released
+code (arctic-captions) does; ``deep_output_activation="identity"`` gives the literal Eq. 7.
+
+Efficiency (the unroll in :meth:`AttentionDecoder.forward`): the attention key projection is
+computed once per image, the word-embedding part of the LSTM input and of the deep output are
+computed for all steps in one matmul, the context is a batched matmul, and the output layer over
+the vocabulary runs once over all ``T`` steps instead of once per step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from captioner.attention import AdditiveAttention, Attention
+
+
+@dataclass
+class DecoderState:
+    """Recurrent state and per-image cached tensors of a batch of ``B`` hypotheses.
+
+    Attributes:
+        h: ``(B, N)`` hidden state.
+        c: ``(B, N)`` memory cell.
+        keys: ``(B, L, D)`` annotation vectors.
+        proj_keys: query-independent attention projection (``(B, L, A)`` or ``None``).
+        mask: ``(B, L)`` bool, ``True`` where an annotation is valid, or ``None``.
+    """
+
+    h: torch.Tensor
+    c: torch.Tensor
+    keys: torch.Tensor
+    proj_keys: torch.Tensor | None
+    mask: torch.Tensor | None
+
+    def select(self, index: torch.Tensor) -> "DecoderState":
+        """Reorder / repeat the batch: every tensor ``x`` becomes ``x[index]``."""
+
+        def pick(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x.index_select(0, index)
+
+        return DecoderState(pick(self.h), pick(self.c), pick(self.keys), pick(self.proj_keys),
+                            pick(self.mask))
+
+    def select_recurrent(self, index: torch.Tensor) -> "DecoderState":
+        """Reorder only ``h`` and ``c`` (cheap, for beams of the same image sharing keys)."""
+        return DecoderState(self.h.index_select(0, index), self.c.index_select(0, index),
+                            self.keys, self.proj_keys, self.mask)
+
+
+@dataclass
+class DecoderOutput:
+    """Teacher-forced unroll of ``T`` steps.
+
+    Attributes:
+        logits: ``(B, T, V)`` unnormalised scores of ``y_1 .. y_T``.
+        alphas: ``(B, T, L)`` attention weights.
+        betas: ``(B, T)`` gate values (ones when there is no gate; mean over channels for a
+            vector gate).
+    """
+
+    logits: torch.Tensor
+    alphas: torch.Tensor
+    betas: torch.Tensor
+
+
+class AttentionDecoder(nn.Module):
+    """LSTM decoder with soft attention over annotation vectors.
+
+    Args:
+        vocab_size: ``V``.
+        encoder_dim: ``D``, size of an annotation vector.
+        embed_dim: ``E`` (the paper's ``m``).
+        hidden_dim: ``N`` (the paper's ``n``).
+        attention: callable ``(query_dim N, key_dim D) -> Attention``; a class such as
+            :class:`~captioner.attention.AdditiveAttention`, configured in YAML by
+            ``class_path`` / ``init_args``.
+        dropout: dropout on ``h_t`` before the output layer (and on the deep-output sum).
+        gate: ``"scalar"`` (paper), ``"vector"`` (per-channel, popular ports) or ``"none"``.
+        deep_output: use Eq. 7; ``False`` gives ``p(y_t) ~ exp(W h_t)``.
+        deep_output_activation: ``"tanh"`` (authors' code) or ``"identity"`` (literal Eq. 7).
+        init_from_mean: initialise ``h_0, c_0`` from the mean annotation (paper) or zeros.
+        pad_id: index of ``<pad>`` in the vocabulary (its embedding row stays zero).
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        encoder_dim: int,
+        embed_dim: int = 512,
+        hidden_dim: int = 512,
+        attention: Callable[[int, int], Attention] = AdditiveAttention,
+        dropout: float = 0.5,
+        gate: Literal["scalar", "vector", "none"] = "scalar",
+        deep_output: bool = True,
+        deep_output_activation: Literal["tanh", "identity"] = "tanh",
+        init_from_mean: bool = True,
+        pad_id: int = 0,
+    ) -> None:
+        super().__init__()
+        if vocab_size <= 0:
+            raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+        self.vocab_size, self.encoder_dim = vocab_size, encoder_dim
+        self.embed_dim, self.hidden_dim = embed_dim, hidden_dim
+        self.gate, self.deep_output = gate, deep_output
+        self.deep_output_activation = deep_output_activation
+        self.init_from_mean = init_from_mean
+
+        self.embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)  # E
+        self.attention = attention(hidden_dim, encoder_dim)  # f_att
+        if gate != "none":
+            self.f_beta = nn.Linear(hidden_dim, 1 if gate == "scalar" else encoder_dim)
+        self.init_h = nn.Linear(encoder_dim, hidden_dim)  # f_init,h
+        self.init_c = nn.Linear(encoder_dim, hidden_dim)  # f_init,c
+        self.lstm = nn.LSTMCell(embed_dim + encoder_dim, hidden_dim)  # T_{D+m+n,n}
+        self.dropout = nn.Dropout(dropout)
+        if deep_output:
+            self.L_h = nn.Linear(hidden_dim, embed_dim)
+            self.L_z = nn.Linear(encoder_dim, embed_dim, bias=False)
+            self.L_o = nn.Linear(embed_dim, vocab_size)
+        else:
+            self.L_o = nn.Linear(hidden_dim, vocab_size)
+
+    # ------------------------------------------------------------------ state
+    def init_state(self, annotations: torch.Tensor, mask: torch.Tensor | None = None) -> DecoderState:
+        """Initial state from the annotations.
+
+        Args:
+            annotations: ``(B, L, D)``.
+            mask: ``(B, L)`` bool, ``True`` where valid (text); ``None`` for image grids.
+        """
+        if mask is None:
+            mean = annotations.mean(dim=1)  # (B, D)
+        else:
+            m = mask.unsqueeze(-1).to(annotations.dtype)  # (B, L, 1)
+            mean = (annotations * m).sum(1) / m.sum(1).clamp_min(1.0)  # (B, D)
+        if self.init_from_mean:
+            h, c = torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean))  # (B, N)
+        else:
+            h = c = mean.new_zeros(mean.shape[0], self.hidden_dim)
+        return DecoderState(h, c, annotations, self.attention.project_keys(annotations), mask)
+
+    # ------------------------------------------------------------------ one step
+    def _input_gates_from_words(self, emb: torch.Tensor) -> torch.Tensor:
+        """The embedding part of the LSTM input transform ``W_e E y + b`` (any leading dims)."""
+        w = self.lstm.weight_ih[:, : self.embed_dim]  # (4N, E)
+        return F.linear(emb, w, self.lstm.bias_ih + self.lstm.bias_hh)
+
+    def _attend(self, state: DecoderState) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Context ``z_t`` ``(B, D)``, ``alpha_t`` ``(B, L)`` and gate ``beta_t`` ``(B, 1|D)``."""
+        alpha = self.attention(state.h, state.keys, state.proj_keys, state.mask)  # (B, L)
+        z = torch.bmm(alpha.unsqueeze(1), state.keys).squeeze(1)  # (B, D)
+        if self.gate == "none":
+            beta = z.new_ones(z.shape[0], 1)
+        else:
+            beta = torch.sigmoid(self.f_beta(state.h))  # (B, 1) or (B, D)
+            z = beta * z
+        return z, alpha, beta
+
+    def _lstm(self, word_gates: torch.Tensor, z: torch.Tensor, state: DecoderState
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """LSTM cell (Eqs. 1-3) given the precomputed word part of the input transform."""
+        w_z = self.lstm.weight_ih[:, self.embed_dim :]  # (4N, D)
+        gates = word_gates + F.linear(z, w_z) + F.linear(state.h, self.lstm.weight_hh)  # (B, 4N)
+        i, f, g, o = gates.chunk(4, dim=1)  # torch.nn.LSTMCell gate order
+        c = torch.sigmoid(f) * state.c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        return h, c
+
+    def output_logits(self, emb: torch.Tensor, h: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Eq. 7 over any leading dims: ``(..., E), (..., N), (..., D) -> (..., V)``."""
+        if not self.deep_output:
+            return self.L_o(self.dropout(h))
+        out = emb + self.L_h(self.dropout(h)) + self.L_z(z)  # (..., E)
+        if self.deep_output_activation == "tanh":
+            out = torch.tanh(out)
+        return self.L_o(self.dropout(out))
+
+    def step(self, prev_tokens: torch.Tensor, state: DecoderState
+             ) -> tuple[torch.Tensor, DecoderState, torch.Tensor, torch.Tensor]:
+        """One decoding step (used by search).
+
+        Args:
+            prev_tokens: ``(B,)`` previous words ``y_{t-1}``.
+            state: the state after step ``t-1``.
+
+        Returns:
+            ``(log_probs (B, V), new state, alpha (B, L), beta (B,))``.
+        """
+        emb = self.embedding(prev_tokens)  # (B, E)
+        z, alpha, beta = self._attend(state)
+        h, c = self._lstm(self._input_gates_from_words(emb), z, state)
+        new_state = DecoderState(h, c, state.keys, state.proj_keys, state.mask)
+        logits = self.output_logits(emb, h, z)  # (B, V)
+        return torch.log_softmax(logits.float(), dim=-1), new_state, alpha, beta.mean(-1)
+
+    # ------------------------------------------------------------------ unroll
+    def forward(self, annotations: torch.Tensor, captions: torch.Tensor,
+                mask: torch.Tensor | None = None) -> DecoderOutput:
+        """Teacher-forced unroll over a batch of captions.
+
+        Args:
+            annotations: ``(B, L, D)``.
+            captions: ``(B, T + 1)`` token ids ``<start> w_1 .. w_n <end> <pad>..``; step ``t``
+                reads ``captions[:, t]`` and predicts ``captions[:, t + 1]``.
+            mask: ``(B, L)`` bool key mask, or ``None``.
+
+        Returns:
+            :class:`DecoderOutput` with ``T`` steps.
+        """
+        inputs = captions[:, :-1]  # (B, T)
+        B, T = inputs.shape
+        emb = self.embedding(inputs)  # (B, T, E)
+        word_gates = self._input_gates_from_words(emb)  # (B, T, 4N): one matmul for all steps
+        state = self.init_state(annotations, mask)
+        hs, zs, alphas, betas = [], [], [], []
+        for t in range(T):
+            z, alpha, beta = self._attend(state)
+            h, c = self._lstm(word_gates[:, t], z, state)
+            state = DecoderState(h, c, state.keys, state.proj_keys, state.mask)
+            hs.append(h)
+            zs.append(z)
+            alphas.append(alpha)
+            betas.append(beta.mean(-1))
+        H = torch.stack(hs, 1)  # (B, T, N)
+        Z = torch.stack(zs, 1)  # (B, T, D)
+        logits = self.output_logits(emb, H, Z)  # (B, T, V): one matmul for all steps
+        return DecoderOutput(logits, torch.stack(alphas, 1), torch.stack(betas, 1))

@@ -1,0 +1,159 @@
+"""Image encoder: backbone + ordered stages -> annotation vectors (Xu et al. 2015, Section 3.1.1).
+
+The encoder produces ``L`` annotation vectors ``a = {a_1, ..., a_L}, a_i in R^D``, one per cell
+of an ``H x W`` grid of a convolutional feature map (the paper uses VGG conv5_4: 14 x 14 x 512).
+
+Pipeline, for images ``(B, 3, H_img, W_img)`` in ``[0, 1]``::
+
+    x = (images - mean) / std                     # normalisation of the backbone's weights
+    x = stages placed at "input"(x)               # e.g. a Spatial Transformer on the image
+    for each named backbone block b:
+        x = b(x); x = stages placed after b(x)    # e.g. a non-local block after "layer3"
+    x = stages placed at "output"(x)              # (B, D, H', W')
+    a = AdaptiveAvgPool2d(H, W)(x)                # (B, D, H, W)
+    a = a.flatten(2).transpose(1, 2)              # (B, L, D)
+
+Stage contract: an ``nn.Module`` with a string attribute ``where`` (``"input"``, ``"output"`` or
+the name of a backbone block) mapping ``(B, C, h, w)`` to ``(B, C', h', w')``. If it has a method
+``build(in_channels: int) -> int`` the encoder calls it once with the channel count at its place
+(so YAML never repeats channel counts) and uses the returned output channel count.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from captioner.encoders.backbone import available_backbones, build_backbone
+
+
+class ImageEncoder(nn.Module):
+    """CNN encoder returning a grid of annotation vectors ``(B, L, D)``.
+
+    Args:
+        backbone: registered backbone name (see :func:`captioner.encoders.backbone.available_backbones`).
+        weights: torchvision weights enum name (``"IMAGENET1K_V1"``, ``"DEFAULT"``), ``"IMAGENET"``
+            for efficientnet_lite0, or ``None`` for random initialisation.
+        grid_size: ``H`` (square grid) or ``(H, W)`` of the pooled annotation grid.
+        stages: ordered extra modules placed in the network (Spatial Transformer, Non-local...).
+        freeze: freeze the backbone (default). Stages always train.
+        finetune_blocks: with ``freeze``, number of last backbone blocks that still train.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "resnet101",
+        weights: str | None = None,
+        grid_size: int | tuple[int, int] = 14,
+        stages: Sequence[nn.Module] = (),
+        freeze: bool = True,
+        finetune_blocks: int = 0,
+    ) -> None:
+        super().__init__()
+        built = build_backbone(backbone, weights)
+        self.backbone_name = backbone
+        self.body = built.body
+        self.register_buffer("mean", torch.tensor(built.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(built.std).view(1, 3, 1, 1), persistent=False)
+        self.grid = (grid_size, grid_size) if isinstance(grid_size, int) else tuple(grid_size)
+        self.pool = nn.AdaptiveAvgPool2d(self.grid)
+        self.stages = nn.ModuleList(stages)
+        self._place_stages(built.out_channels)
+
+        block_names = [name for name, _ in self.body.named_children()]
+        if not 0 <= finetune_blocks <= len(block_names):
+            raise ValueError(
+                f"finetune_blocks={finetune_blocks} but {backbone} has {len(block_names)} blocks"
+            )
+        self.frozen_blocks = set(block_names[: len(block_names) - finetune_blocks]) if freeze else set()
+        for name, block in self.body.named_children():
+            block.requires_grad_(name not in self.frozen_blocks)
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """``(H, W)`` of the annotation grid; ``L = H * W``."""
+        return self.grid
+
+    def _place_stages(self, backbone_channels: int) -> None:
+        names = [n for n, _ in self.body.named_children()]
+        valid = {"input", "output", *names}
+        self._after: dict[str, list[int]] = defaultdict(list)
+        for i, stage in enumerate(self.stages):
+            where = getattr(stage, "where", "output")
+            if where not in valid:
+                raise ValueError(
+                    f"stage {type(stage).__name__} has where={where!r}; valid places for "
+                    f"{self.backbone_name}: {', '.join(['input', *names, 'output'])}"
+                )
+            self._after[where].append(i)
+        probed = self._probe_channels() if any(hasattr(s, "build") for s in self.stages) else {}
+        out = backbone_channels
+        for where in ["input", *names, "output"]:
+            c_in = 3 if where == "input" else out if where == "output" else probed.get(where, out)
+            c = c_in
+            for i in self._after[where]:
+                stage = self.stages[i]
+                c = stage.build(c) if hasattr(stage, "build") else c
+            if where != "output" and c != c_in:
+                raise ValueError(
+                    f"a stage at {where!r} changes channels {c_in} -> {c}; only stages at "
+                    "'output' may change the channel count"
+                )
+            if where == "output":
+                out = c
+        self.out_channels = out
+
+    @torch.no_grad()
+    def _probe_channels(self) -> dict[str, int]:
+        x = torch.zeros(1, 3, 64, 64)
+        channels = {}
+        was_training = self.body.training
+        self.body.eval()
+        for name, block in self.body.named_children():
+            x = block(x)
+            channels[name] = x.shape[1]
+        self.body.train(was_training)
+        return channels
+
+    def train(self, mode: bool = True) -> "ImageEncoder":
+        """Keep frozen blocks (and their batch-norm statistics) in eval mode."""
+        super().train(mode)
+        for name, block in self.body.named_children():
+            if name in self.frozen_blocks:
+                block.eval()
+        return self
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H_img, W_img)`` in ``[0, 1]`` -> normalised for the backbone's weights."""
+        return (images - self.mean) / self.std
+
+    def feature_map(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H_img, W_img)`` in ``[0, 1]`` -> ``(B, D, H', W')`` before grid pooling."""
+        x = self.normalize(images)
+        for i in self._after["input"]:
+            x = self.stages[i](x)
+        for name, block in self.body.named_children():
+            x = block(x)
+            for i in self._after[name]:
+                x = self.stages[i](x)
+        for i in self._after["output"]:
+            x = self.stages[i](x)
+        return x
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Encode images.
+
+        Args:
+            images: ``(B, 3, H_img, W_img)`` RGB in ``[0, 1]``.
+
+        Returns:
+            Annotations ``(B, L, D)`` with ``L = H * W`` in row-major grid order.
+        """
+        x = self.pool(self.feature_map(images))  # (B, D, H, W)
+        return x.flatten(2).transpose(1, 2)  # (B, L, D)
+
+
+__all__ = ["ImageEncoder", "available_backbones"]

@@ -1,0 +1,298 @@
+"""LightningModule for image captioning: wraps a plain encoder and decoder.
+
+Training minimises the penalised likelihood of :mod:`captioner.losses` with teacher forcing;
+validation and test decode every image exactly once (greedy or beam search) and score the
+captions against all references of the image. Metrics are logged as ``train/loss``,
+``val/bleu4``, ``test/CIDEr``...
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import lightning as L
+import torch
+from torch import nn
+
+from captioner.data.vocabulary import END, PAD, SPECIALS, START, Vocabulary
+from captioner.decoder import AttentionDecoder
+from captioner.encoders.encoder import ImageEncoder
+from captioner.losses import doubly_stochastic_penalty, masked_nll
+from captioner.search import SearchResult, beam_search, greedy_search
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_KEY = "captioner"
+CHECKPOINT_FORMAT = 1
+
+
+class CaptioningModule(L.LightningModule):
+    """Show, Attend and Tell trained through Lightning.
+
+    Args:
+        encoder: the image encoder (``class_path: captioner.encoders.ImageEncoder`` in YAML).
+        decoder: callable ``(vocab_size V, encoder_dim D) -> decoder``; in YAML
+            ``class_path: captioner.decoder.AttentionDecoder`` with its ``init_args``.
+        vocab_size: ``V``, linked from the data module by the CLI.
+        doubly_stochastic: ``lambda`` of the doubly stochastic regularisation (Eq. 14).
+        loss_reduction: ``"sentence"`` (paper: ``-log P(y|x)`` per caption) or ``"token"``.
+        lr: learning rate of the decoder (and encoder stages).
+        encoder_lr: learning rate of the fine-tuned backbone blocks.
+        weight_decay: Adam weight decay.
+        lr_scheduler: ``"none"`` or ``"plateau"`` (reduce on a ``val/bleu4`` plateau).
+        plateau_patience: epochs without improvement before the LR is reduced.
+        plateau_factor: LR multiplier on a plateau.
+        beam_size: beam size at validation / test (``1``: greedy).
+        max_length: maximum caption length (steps) when decoding.
+        min_length: minimum caption length (tokens incl. ``<end>``) when decoding.
+        length_penalty: exponent of beam search length normalisation.
+    """
+
+    def __init__(
+        self,
+        encoder: ImageEncoder,
+        decoder: Callable[[int, int], AttentionDecoder] = AttentionDecoder,
+        vocab_size: int = 0,
+        doubly_stochastic: float = 1.0,
+        loss_reduction: Literal["sentence", "token"] = "sentence",
+        lr: float = 4e-4,
+        encoder_lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        lr_scheduler: Literal["none", "plateau"] = "none",
+        plateau_patience: int = 2,
+        plateau_factor: float = 0.5,
+        beam_size: int = 1,
+        max_length: int = 20,
+        min_length: int = 1,
+        length_penalty: float = 0.0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["encoder", "decoder"])
+        if vocab_size <= 0:
+            raise ValueError(
+                "vocab_size must be positive: it is linked from the data module by the CLI; "
+                "when building the module by hand pass len(vocab)"
+            )
+        self.encoder = encoder
+        self.decoder = decoder(vocab_size, encoder.out_channels)
+        self.vocab: Vocabulary | None = None
+        self.model_config: dict[str, Any] | None = None  # set by the CLI / from_config
+        self.data_config: dict[str, Any] = {}
+        self._eval_outputs: list[dict[str, Any]] = []
+
+    # ---------------------------------------------------------------- construction
+    @classmethod
+    def from_config(cls, init_args: dict[str, Any]) -> "CaptioningModule":
+        """Build from a config dict as LightningCLI would (``encoder``/``decoder`` given by
+        ``class_path``/``init_args``), remembering the config for checkpoints."""
+        from captioner.config import instantiate
+
+        module = instantiate(f"{cls.__module__}.{cls.__qualname__}", init_args)
+        module.model_config = {"class_path": f"{cls.__module__}.{cls.__qualname__}",
+                               "init_args": init_args}
+        return module
+
+    # ---------------------------------------------------------------- vocabulary
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is None:
+            return
+        if self.vocab is None:
+            self.vocab = dm.vocab
+        elif self.vocab != dm.vocab and hasattr(dm, "set_vocab"):
+            dm.set_vocab(self.vocab)  # decode with the checkpoint's vocabulary
+        self._check_vocab()
+        self.data_config = {"image_size": getattr(dm.hparams, "image_size", None)} if hasattr(
+            dm, "hparams") else {}
+
+    def _check_vocab(self) -> None:
+        if self.vocab is not None and len(self.vocab) != self.hparams.vocab_size:
+            raise ValueError(
+                f"vocabulary mismatch: the model was built for {self.hparams.vocab_size} words "
+                f"but the vocabulary has {len(self.vocab)}"
+            )
+
+    # ---------------------------------------------------------------- training
+    def encode(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Annotations ``(B, L, D)`` from ``batch["features"]`` (cached) or ``batch["images"]``."""
+        if "features" in batch:
+            return batch["features"].to(self.dtype if self.dtype.is_floating_point else torch.float)
+        return self.encoder(batch["images"])
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Penalised NLL of a batch ``{images (B, 3, H, W), captions (B, T + 1)}``."""
+        captions = batch["captions"]
+        out = self.decoder(self.encode(batch), captions)
+        targets = captions[:, 1:]  # (B, T)
+        pad = self.vocab.pad_id if self.vocab is not None else 0
+        nll = masked_nll(out.logits, targets, pad, self.hparams.loss_reduction)
+        dsr = doubly_stochastic_penalty(out.alphas, targets != pad)
+        return {"loss": nll + self.hparams.doubly_stochastic * dsr, "nll": nll, "dsr": dsr}
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        losses = self.loss(batch)
+        bs = batch["captions"].shape[0]
+        self.log("train/loss", losses["loss"], prog_bar=True, batch_size=bs)
+        self.log("train/nll", losses["nll"], batch_size=bs)
+        self.log("train/dsr", losses["dsr"], batch_size=bs)
+        return losses["loss"]
+
+    # ---------------------------------------------------------------- decoding
+    @torch.no_grad()
+    def generate(self, annotations: torch.Tensor, beam_size: int | None = None,
+                 max_length: int | None = None, min_length: int | None = None) -> SearchResult:
+        """Decode ``(B, L, D)`` annotations with the module's search settings."""
+        h = self.hparams
+        k = h.beam_size if beam_size is None else beam_size
+        kw = dict(start_id=SPECIALS.index(START), end_id=SPECIALS.index(END), pad_id=SPECIALS.index(PAD),
+                  max_length=h.max_length if max_length is None else max_length,
+                  min_length=h.min_length if min_length is None else min_length)
+        if k <= 1:
+            return greedy_search(self.decoder, annotations, **kw)
+        return beam_search(self.decoder, annotations, beam_size=k,
+                           length_penalty=h.length_penalty, **kw)
+
+    def _eval_step(self, batch: dict[str, torch.Tensor]) -> None:
+        result = self.generate(self.encode(batch))
+        for i, index in enumerate(batch["index"].tolist()):
+            n = int(result.lengths[i])
+            self._eval_outputs.append({
+                "index": index,
+                "tokens": result.tokens[i, :n].tolist(),
+                "alphas": result.alphas[i, :n].float().cpu(),
+            })
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_outputs = []
+
+    on_test_epoch_start = on_validation_epoch_start
+
+    def _gather_outputs(self) -> list[dict[str, Any]]:
+        """All ranks' decoded captions, each image once, ordered by index."""
+        outputs = self._eval_outputs
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            gathered: list[Any] = [None] * torch.distributed.get_world_size()
+            torch.distributed.all_gather_object(gathered, outputs)
+            outputs = [o for part in gathered for o in part]
+        unique = {o["index"]: o for o in outputs}  # the distributed sampler may pad with repeats
+        return [unique[i] for i in sorted(unique)]
+
+    def _score(self, split: str) -> dict[str, float]:
+        from captioner.metrics import attention_correctness, corpus_bleu
+
+        dm = self.trainer.datamodule
+        outputs = self._gather_outputs()
+        refs = dm.references(split)
+        hyps = [self.vocab.decode(o["tokens"]) for o in outputs]
+        scores = corpus_bleu(hyps, [refs[o["index"]] for o in outputs])
+        records = dm.records(split)
+        if any(records[o["index"]].boxes for o in outputs):
+            scores.update(self._attention_correctness(outputs, hyps, records))
+        self._last_outputs = (outputs, hyps)
+        return scores
+
+    def _attention_correctness(self, outputs, hyps, records) -> dict[str, float]:
+        from captioner.data.shapes import object_words
+        from captioner.metrics import attention_correctness
+
+        alphas, words, boxes, sizes = [], [], [], []
+        for o, hyp in zip(outputs, hyps):
+            rec = records[o["index"]]
+            alphas.append(o["alphas"][: len(hyp)].numpy())
+            words.append(hyp)
+            boxes.append([(b.category, (b.attributes or {}).get("colour", ""), tuple(b.bbox))
+                          for b in rec.boxes])
+            sizes.append((rec.height, rec.width))
+        res = attention_correctness(alphas, words, boxes, self.encoder.grid_size, sizes,
+                                    object_words())
+        return {"attention_correctness": res["attention_correctness"],
+                "attention_chance": res["chance"]}
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            self._eval_outputs = []
+            return
+        scores = self._score("val")
+        for k, v in scores.items():
+            self.log(f"val/{k}", float(v), sync_dist=False, rank_zero_only=False)
+        self._eval_outputs = []
+
+    def on_test_epoch_end(self) -> None:
+        scores = self._score("test")
+        outputs, hyps = self._last_outputs
+        records = self.trainer.datamodule.records("test")
+        coco = self._coco_scores(records, outputs, hyps)
+        scores.update(coco)
+        for k, v in scores.items():
+            self.log(f"test/{k}", float(v), sync_dist=False, rank_zero_only=False)
+        if self.trainer.is_global_zero:
+            self._write_results(records, outputs, hyps, scores)
+        self._eval_outputs = []
+
+    def _coco_scores(self, records, outputs, hyps) -> dict[str, float]:
+        from captioner.metrics import coco_caption_scores
+
+        refs = {records[o["index"]].image_id: list(records[o["index"]].captions) for o in outputs}
+        res = {records[o["index"]].image_id: " ".join(h) for o, h in zip(outputs, hyps)}
+        result = coco_caption_scores(refs, res)
+        return dict(result.scores)
+
+    def _write_results(self, records, outputs, hyps, scores) -> None:
+        from captioner.metrics import write_coco_results
+
+        out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_coco_results({records[o["index"]].image_id: " ".join(h)
+                            for o, h in zip(outputs, hyps)}, out_dir / "test_captions.json")
+        tmp = out_dir / "test_metrics.json.tmp"
+        tmp.write_text(json.dumps({k: float(v) for k, v in scores.items()}, indent=2))
+        os.replace(tmp, out_dir / "test_metrics.json")
+        log.info("test captions and metrics written to %s", out_dir)
+
+    # ---------------------------------------------------------------- optimisation
+    def configure_optimizers(self) -> Any:
+        h = self.hparams
+        backbone = [p for p in self.encoder.body.parameters() if p.requires_grad]
+        backbone_ids = {id(p) for p in backbone}
+        rest = [p for p in self.parameters() if p.requires_grad and id(p) not in backbone_ids]
+        groups = [{"params": rest, "lr": h.lr}]
+        if backbone:
+            groups.append({"params": backbone, "lr": h.encoder_lr})
+        optimizer = torch.optim.Adam(groups, lr=h.lr, weight_decay=h.weight_decay)
+        if h.lr_scheduler == "plateau":
+            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode="max", patience=h.plateau_patience, factor=h.plateau_factor)
+            return {"optimizer": optimizer,
+                    "lr_scheduler": {"scheduler": scheduler, "monitor": "val/bleu4"}}
+        return optimizer
+
+    # ---------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = {
+            "format": CHECKPOINT_FORMAT,
+            "task": "captioning",
+            "model_config": self.model_config,
+            "vocab": self.vocab.to_dict() if self.vocab is not None else None,
+            "data": self.data_config,
+            "grid_size": list(self.encoder.grid_size),
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint.get(CHECKPOINT_KEY)
+        if meta is None:
+            raise ValueError("not a captioner checkpoint (no 'captioner' entry)")
+        if meta.get("vocab") is not None:
+            self.vocab = Vocabulary.from_dict(meta["vocab"])
+            self._check_vocab()
+        self.model_config = self.model_config or meta.get("model_config")
+        self.data_config = meta.get("data") or {}

@@ -1,0 +1,236 @@
+"""Decoding: greedy search and beam search batched across images.
+
+Both work with any decoder exposing ``init_state(annotations, mask) -> state`` and
+``step(prev_tokens (B,), state) -> (log_probs (B, V), state, alpha (B, L), beta (B,))``, and
+a state with ``select(index)`` / ``select_recurrent(index)`` (see :mod:`captioner.decoder`).
+No Lightning here.
+
+Length conventions: a *step* emits one token; ``<end>`` counts as a token. ``<end>`` is forbidden
+while fewer than ``min_length`` tokens (``<end>`` included) would result, and decoding stops after
+``max_length`` steps. A hypothesis that never emits ``<end>`` is returned as it stands.
+
+Beam bookkeeping, worked for ``B = 2`` images and ``K = 3``: the ``B * K = 6`` rows are image-major
+(rows 0-2 are image 0's beams). At each step the ``K * V`` candidate scores of an image are
+flattened and the best ``2K`` kept; candidate index ``j`` came from beam ``j // V`` with token
+``j % V``, i.e. from row ``b * K + j // V``. A candidate ending in ``<end>`` that ranks among the
+first ``K`` joins the image's pool of finished hypotheses (kept, never recomputed); the best ``K``
+others continue. An image is done when it has ``K`` finished hypotheses (so ``K = 1`` is exactly
+greedy search).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SearchResult:
+    """Decoded hypotheses, one per image.
+
+    Attributes:
+        tokens: ``(B, T)`` generated ids (no ``<start>``; ``<end>`` included when emitted), padded
+            with ``pad_id``.
+        lengths: ``(B,)`` number of generated tokens, ``<end>`` included.
+        scores: ``(B,)`` total log-probability of the tokens.
+        alphas: ``(B, T, L)`` attention weights of each step (zeros after ``lengths``).
+        betas: ``(B, T)`` gate values of each step.
+    """
+
+    tokens: torch.Tensor
+    lengths: torch.Tensor
+    scores: torch.Tensor
+    alphas: torch.Tensor
+    betas: torch.Tensor
+
+
+def _constrain(log_probs: torch.Tensor, step: int, min_length: int, end_id: int,
+               banned: tuple[int, ...]) -> torch.Tensor:
+    """Never emit ``<pad>`` / ``<start>``; no ``<end>`` before ``min_length``."""
+    log_probs = log_probs.clone()
+    log_probs[:, list(banned)] = float("-inf")
+    if step + 1 < min_length:
+        log_probs[:, end_id] = float("-inf")
+    return log_probs
+
+
+@torch.no_grad()
+def greedy_search(
+    decoder,
+    annotations: torch.Tensor,
+    *,
+    start_id: int,
+    end_id: int,
+    pad_id: int = 0,
+    max_length: int = 20,
+    min_length: int = 1,
+    mask: torch.Tensor | None = None,
+) -> SearchResult:
+    """Pick the most probable word at every step.
+
+    Args:
+        decoder: see module docstring.
+        annotations: ``(B, L, D)``.
+        start_id: ``<start>`` id; end_id: ``<end>`` id; pad_id: padding id.
+        max_length: maximum number of steps; min_length: minimum tokens incl. ``<end>``.
+        mask: ``(B, L)`` key mask or ``None``.
+    """
+    B, L, _ = annotations.shape
+    state = decoder.init_state(annotations, mask)
+    prev = annotations.new_full((B,), start_id, dtype=torch.long)
+    finished = torch.zeros(B, dtype=torch.bool, device=annotations.device)
+    scores = annotations.new_zeros(B, dtype=torch.float)
+    lengths = torch.zeros(B, dtype=torch.long, device=annotations.device)
+    tokens, alphas, betas = [], [], []
+    for t in range(max_length):
+        log_probs, state, alpha, beta = decoder.step(prev, state)
+        log_probs = _constrain(log_probs, t, min_length, end_id, (pad_id, start_id))
+        best, token = log_probs.max(dim=-1)  # (B,), (B,)
+        alive = ~finished
+        token = torch.where(alive, token, torch.full_like(token, pad_id))
+        scores += torch.where(alive, best, torch.zeros_like(best))
+        lengths += alive.long()
+        tokens.append(token)
+        alphas.append(alpha * alive.unsqueeze(1))
+        betas.append(beta * alive)
+        finished |= token == end_id
+        if bool(finished.all()):
+            break
+        prev = token
+    return SearchResult(torch.stack(tokens, 1), lengths, scores, torch.stack(alphas, 1),
+                        torch.stack(betas, 1))
+
+
+@torch.no_grad()
+def beam_search(
+    decoder,
+    annotations: torch.Tensor,
+    *,
+    beam_size: int,
+    start_id: int,
+    end_id: int,
+    pad_id: int = 0,
+    max_length: int = 20,
+    min_length: int = 1,
+    length_penalty: float = 0.0,
+    mask: torch.Tensor | None = None,
+) -> SearchResult:
+    """Beam search over all images of the batch at once.
+
+    Hypotheses are ranked by ``score / length ** length_penalty`` (``0``: raw log-probability,
+    ``1``: mean per-token log-probability).
+
+    Args:
+        decoder: see module docstring.
+        annotations: ``(B, L, D)``.
+        beam_size: ``K``.
+        start_id, end_id, pad_id: special token ids.
+        max_length: maximum number of steps; min_length: minimum tokens incl. ``<end>``.
+        length_penalty: exponent of the length normalisation.
+        mask: ``(B, L)`` key mask or ``None``.
+    """
+    B, L, _ = annotations.shape
+    K = beam_size
+    dev = annotations.device
+    neg_inf = float("-inf")
+
+    rows = torch.arange(B, device=dev).repeat_interleave(K)  # (B*K,)
+    state = decoder.init_state(annotations, mask).select(rows)
+    prev = torch.full((B * K,), start_id, dtype=torch.long, device=dev)
+    beam_scores = torch.full((B, K), neg_inf, device=dev)
+    beam_scores[:, 0] = 0.0  # only the first beam is alive at t = 0
+    tok_hist = torch.full((B * K, max_length), pad_id, dtype=torch.long, device=dev)
+    alpha_hist = annotations.new_zeros(B * K, max_length, L)
+    beta_hist = annotations.new_zeros(B * K, max_length)
+
+    # pool of finished hypotheses per image
+    fin_rank = torch.full((B, K), neg_inf, device=dev)  # ranking score
+    fin_score = torch.full((B, K), neg_inf, device=dev)  # raw log-probability
+    fin_len = torch.zeros(B, K, dtype=torch.long, device=dev)
+    fin_tok = torch.full((B, K, max_length), pad_id, dtype=torch.long, device=dev)
+    fin_alpha = annotations.new_zeros(B, K, max_length, L)
+    fin_beta = annotations.new_zeros(B, K, max_length)
+    n_fin = torch.zeros(B, dtype=torch.long, device=dev)
+    offsets = (torch.arange(B, device=dev) * K).unsqueeze(1)  # (B, 1)
+
+    def merge(cand_rank, cand_score, cand_len, cand_tok, cand_alpha, cand_beta):
+        """Keep the K best of (pool, candidates) per image."""
+        nonlocal fin_rank, fin_score, fin_len, fin_tok, fin_alpha, fin_beta
+        all_rank = torch.cat([fin_rank, cand_rank], 1)  # (B, K + C)
+        top_rank, top = all_rank.topk(K, dim=1)  # (B, K)
+
+        def pick(pool, cand):
+            both = torch.cat([pool, cand], 1)
+            idx = top.view(B, K, *([1] * (both.dim() - 2))).expand(B, K, *both.shape[2:])
+            return both.gather(1, idx)
+
+        fin_rank = top_rank
+        fin_score, fin_len = pick(fin_score, cand_score), pick(fin_len, cand_len)
+        fin_tok, fin_alpha, fin_beta = pick(fin_tok, cand_tok), pick(fin_alpha, cand_alpha), pick(
+            fin_beta, cand_beta)
+
+    for t in range(max_length):
+        log_probs, state, alpha, beta = decoder.step(prev, state)  # (B*K, V), ..., (B*K, L), (B*K,)
+        log_probs = _constrain(log_probs, t, min_length, end_id, (pad_id, start_id))
+        V = log_probs.shape[-1]
+        cand = (beam_scores.view(B * K, 1) + log_probs).view(B, K * V)  # (B, K*V)
+        n_cand = min(2 * K, K * V)
+        top_scores, top_idx = cand.topk(n_cand, dim=1)  # (B, 2K)
+        src = top_idx // V + offsets  # (B, 2K) rows of B*K
+        token = top_idx % V  # (B, 2K)
+        is_end = token == end_id
+
+        # histories of all 2K candidates (cheap gathers, no recomputation)
+        flat_src = src.reshape(-1)
+        c_tok = tok_hist[flat_src].view(B, n_cand, max_length)
+        c_tok[:, :, t] = token
+        c_alpha = alpha_hist[flat_src].view(B, n_cand, max_length, L)
+        c_alpha[:, :, t] = alpha[flat_src].view(B, n_cand, L)
+        c_beta = beta_hist[flat_src].view(B, n_cand, max_length)
+        c_beta[:, :, t] = beta[flat_src].view(B, n_cand)
+
+        # finished: <end> candidates ranked among the first K, for images still searching
+        done = n_fin >= K  # (B,)
+        rank_pos = torch.arange(n_cand, device=dev).unsqueeze(0)  # (1, 2K)
+        accept = is_end & (rank_pos < K) & ~done.unsqueeze(1) & torch.isfinite(top_scores)
+        if bool(accept.any()):
+            length = t + 1
+            rank = top_scores / (float(length) ** length_penalty)
+            merge(torch.where(accept, rank, torch.full_like(rank, neg_inf)),
+                  torch.where(accept, top_scores, torch.full_like(top_scores, neg_inf)),
+                  torch.full_like(token, length), c_tok, c_alpha, c_beta)
+            n_fin = n_fin + accept.sum(1)
+        done = n_fin >= K
+        if bool(done.all()) or t == max_length - 1:
+            break
+
+        # the K best non-<end> candidates continue
+        cont_scores, cont = torch.where(is_end, torch.full_like(top_scores, neg_inf),
+                                        top_scores).topk(K, dim=1)  # (B, K)
+        cont_scores = cont_scores.masked_fill(done.unsqueeze(1), neg_inf)
+        sel = cont + torch.arange(B, device=dev).unsqueeze(1) * n_cand  # (B, K) rows of B*2K
+        sel = sel.reshape(-1)
+        beam_scores = cont_scores
+        tok_hist = c_tok.reshape(B * n_cand, max_length)[sel]
+        alpha_hist = c_alpha.reshape(B * n_cand, max_length, L)[sel]
+        beta_hist = c_beta.reshape(B * n_cand, max_length)[sel]
+        prev = token.reshape(-1)[sel]
+        state = state.select_recurrent(src.reshape(-1)[sel])
+
+    # images without K finished hypotheses: the alive beams compete as they stand
+    if not bool((n_fin >= K).all()):
+        steps = t + 1
+        if t == max_length - 1 and not bool(done.all()):
+            # last step: the non-<end> candidates of this step are the alive hypotheses
+            alive_scores = torch.where(is_end, torch.full_like(top_scores, neg_inf), top_scores)
+            alive_scores = alive_scores.masked_fill((n_fin >= K).unsqueeze(1), neg_inf)
+            merge(alive_scores / (float(steps) ** length_penalty), alive_scores,
+                  torch.full_like(token, steps), c_tok, c_alpha, c_beta)
+
+    best = fin_rank.argmax(dim=1)  # (B,)
+    ar = torch.arange(B, device=dev)
+    lengths = fin_len[ar, best]
+    T = int(lengths.max().item()) if B else 0
+    return SearchResult(fin_tok[ar, best, :T], lengths, fin_score[ar, best],
+                        fin_alpha[ar, best, :T], fin_beta[ar, best, :T])

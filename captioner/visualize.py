@@ -1,0 +1,365 @@
+"""Attention figures: maps over the image (Xu et al., 2015) and alignment heatmaps.
+
+* :func:`plot_attention` - the "Show, Attend and Tell" figure (Xu et al., 2015, Figures 2-3):
+  the image, then one panel per generated word with that step's attention map upsampled and
+  smoothed over the image; the gate ``beta`` (Section 4.2.1) in the title and, for hard
+  attention, the sampled location outlined.
+* :func:`save_attention_maps` / :func:`load_attention_maps` - keep the raw maps next to a
+  figure (``.npz``) so figures can be redrawn without re-running the model.
+* :func:`plot_alignment` - the source/target heatmap of Bahdanau et al. (2015, Figure 3).
+
+Figures are drawn on a bare :class:`matplotlib.figure.Figure` rendered by the Agg canvas, so
+nothing touches pyplot's global state or the interactive backend, and nothing is ever shown.
+Every file is written atomically: to a temporary file in the destination directory (with the
+same extension, so the format is unchanged) and then moved into place with ``os.replace``.
+
+Shapes use the package symbols: ``T`` caption length, ``H x W`` attention grid, ``L = H * W``,
+``S`` source length.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from PIL import Image
+from scipy import ndimage
+
+# Gaussian smoothing of the upsampled map, in grid cells (Xu et al. used sigma = 20 px for
+# 16 px cells with skimage's pyramid_expand; half a cell keeps the cell structure readable).
+SMOOTH_SIGMA_CELLS = 0.5
+
+
+@contextmanager
+def _atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path`` (same suffix); move it onto ``path`` on success."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}.", suffix=out.suffix)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def _save_figure(fig: Figure, path: str | os.PathLike, dpi: int) -> Path:
+    out = Path(path)
+    FigureCanvasAgg(fig)  # attach the Agg canvas explicitly
+    fmt = out.suffix.lstrip(".").lower() or None
+    with _atomic_path(out) as tmp:
+        fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight")
+    return out
+
+
+def _as_image_array(image: Image.Image | np.ndarray) -> np.ndarray:
+    """Return ``(H, W)`` or ``(H, W, 3|4)`` floats in ``[0, 1]`` from a PIL image or array.
+
+    Arrays may be ``(H, W)``, ``(H, W, C)`` or channels-first ``(C, H, W)`` with ``C`` in
+    ``{1, 3, 4}``; integer arrays are read as 0..255, float arrays with values above 1 as
+    0..255, others are clipped to ``[0, 1]``.
+    """
+    if isinstance(image, Image.Image):
+        if image.mode not in ("L", "RGB", "RGBA"):
+            image = image.convert("RGB")
+        arr = np.asarray(image)
+    else:
+        arr = np.asarray(image)
+    if arr.ndim == 3 and arr.shape[-1] not in (1, 3, 4) and arr.shape[0] in (1, 3, 4):
+        arr = np.moveaxis(arr, 0, -1)  # (C, H, W) -> (H, W, C)
+    if arr.ndim == 3 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if arr.ndim not in (2, 3):
+        raise ValueError(f"image must be (H, W), (H, W, C) or (C, H, W), got {arr.shape}")
+    if np.issubdtype(arr.dtype, np.integer) or arr.max(initial=0) > 1.0:
+        arr = arr.astype(np.float64) / 255.0
+    return np.clip(arr.astype(np.float64), 0.0, 1.0)
+
+
+def upsample_attention(
+    alpha: np.ndarray, image_size: tuple[int, int], smooth: bool = True
+) -> np.ndarray:
+    """Upsample one attention map from its grid to the image, cell-aligned.
+
+    Bilinear interpolation with cell centres at their true pixel positions (cell ``(r, c)``
+    covers ``[c * W_img / W, (c + 1) * W_img / W) x [r * H_img / H, ...)``), edges held
+    constant, then optional Gaussian smoothing with ``sigma = SMOOTH_SIGMA_CELLS`` cells along
+    each axis (so non-square cells get an anisotropic kernel).
+
+    Args:
+        alpha: ``(H, W)`` attention weights.
+        image_size: ``(H_img, W_img)`` in pixels.
+        smooth: apply the Gaussian smoothing.
+
+    Returns:
+        ``(H_img, W_img)`` float array.
+    """
+    h, w = alpha.shape
+    img_h, img_w = image_size
+    # Pixel centre (i + 0.5) in grid-cell coordinates, where cell centres sit at integers.
+    rows = (np.arange(img_h) + 0.5) * h / img_h - 0.5
+    cols = (np.arange(img_w) + 0.5) * w / img_w - 0.5
+    rr, cc = np.meshgrid(rows, cols, indexing="ij")  # (H_img, W_img) each
+    up = ndimage.map_coordinates(alpha.astype(np.float64), [rr, cc], order=1, mode="nearest")
+    if smooth:
+        sigma = (SMOOTH_SIGMA_CELLS * img_h / h, SMOOTH_SIGMA_CELLS * img_w / w)
+        up = ndimage.gaussian_filter(up, sigma=sigma, mode="nearest")
+    return up
+
+
+def _check_alphas(alphas: np.ndarray, grid: tuple[int, int], num_words: int) -> np.ndarray:
+    """Return alphas as ``(T, H, W)``; accepts ``(T, L)`` or ``(T, H, W)``."""
+    h, w = grid
+    alphas = np.asarray(alphas, dtype=np.float64)
+    if alphas.ndim == 2 and alphas.shape[1] == h * w:
+        alphas = alphas.reshape(-1, h, w)  # (T, L) -> (T, H, W)
+    if alphas.ndim != 3 or alphas.shape[1:] != (h, w):
+        raise ValueError(f"alphas must be (T, {h * w}) or (T, {h}, {w}), got {alphas.shape}")
+    if alphas.shape[0] < num_words:
+        raise ValueError(f"{num_words} words but only {alphas.shape[0]} attention maps")
+    return alphas[:num_words]
+
+
+def plot_attention(
+    image: Image.Image | np.ndarray,
+    words: Sequence[str],
+    alphas: np.ndarray,
+    grid: tuple[int, int],
+    out_path: str | os.PathLike,
+    betas: np.ndarray | None = None,
+    hard_locations: np.ndarray | None = None,
+    smooth: bool = True,
+    cols: int = 5,
+    title: str | None = None,
+    *,
+    cmap: str = "gray",
+    overlay_alpha: float = 0.6,
+    dpi: int = 100,
+) -> Path:
+    """Draw the attention figure of Xu et al. (2015) and save it atomically.
+
+    The first panel is the image; panel ``t + 1`` shows ``words[t]`` as its title and the
+    attention map ``alphas[t]`` upsampled to the image (:func:`upsample_attention`), drawn with
+    ``cmap`` over the image at opacity ``overlay_alpha``. Each map is scaled from 0 to its own
+    maximum (uniform attention shows as uniformly bright). With ``betas`` the title reads
+    ``"word (β=0.83)"``; with ``hard_locations`` the sampled cell is outlined. Any grid
+    (``H != W``) and image aspect ratio work.
+
+    Args:
+        image: the input image, PIL or array (see :func:`_as_image_array`).
+        words: ``(T,)`` generated words, one per attention map.
+        alphas: ``(T, L)`` (or ``(T, H, W)``) attention weights, ``L = H * W`` in row-major
+            grid order; extra trailing maps are ignored.
+        grid: attention grid ``(H, W)``.
+        out_path: destination; the extension picks the format (``.png``, ``.pdf``, ...).
+        betas: optional ``(T,)`` (or ``(T, 1)``) gating scalars.
+        hard_locations: optional ``(T,)`` integer indices into ``L`` of the attended cells
+            (hard attention); cell ``l`` is row ``l // W``, column ``l % W``.
+        smooth: Gaussian-smooth the upsampled maps.
+        cols: panels per row.
+        title: optional figure title.
+        cmap: matplotlib colormap of the overlay (``"gray"`` as in the paper, or ``"jet"``).
+        overlay_alpha: opacity of the attention overlay.
+        dpi: resolution of raster outputs.
+
+    Returns:
+        The path written.
+    """
+    img = _as_image_array(image)
+    img_h, img_w = img.shape[:2]
+    h, w = grid
+    t_len = len(words)
+    maps = _check_alphas(alphas, grid, t_len)  # (T, H, W)
+    if betas is not None:
+        betas = np.asarray(betas, dtype=np.float64).reshape(-1)
+        if betas.shape[0] < t_len:
+            raise ValueError(f"betas must have {t_len} entries, got {betas.shape[0]}")
+    if hard_locations is not None:
+        hard_locations = np.asarray(hard_locations).reshape(-1).astype(np.int64)
+        if hard_locations.shape[0] < t_len or np.any(
+            (hard_locations[:t_len] < 0) | (hard_locations[:t_len] >= h * w)
+        ):
+            raise ValueError(f"hard_locations must be {t_len} indices in [0, {h * w})")
+
+    n_panels = t_len + 1
+    n_cols = max(1, min(cols, n_panels))
+    n_rows = math.ceil(n_panels / n_cols)
+    panel_w = 2.4
+    panel_h = panel_w * img_h / img_w + 0.35  # room for the word above each panel
+    fig = Figure(figsize=(panel_w * n_cols, panel_h * n_rows + (0.4 if title else 0.0)))
+    axes = fig.subplots(n_rows, n_cols, squeeze=False).reshape(-1)
+    extent = (0.0, img_w, img_h, 0.0)  # continuous pixel edges: cell edges land exactly
+    gray = {"cmap": "gray", "vmin": 0.0, "vmax": 1.0} if img.ndim == 2 else {}
+    cell_h, cell_w = img_h / h, img_w / w
+
+    for ax in axes:
+        ax.set_axis_off()
+    axes[0].imshow(img, extent=extent, **gray)
+    axes[0].set_title("image", fontsize=9)
+    for t in range(t_len):
+        ax = axes[t + 1]
+        ax.imshow(img, extent=extent, **gray)
+        up = upsample_attention(maps[t], (img_h, img_w), smooth)  # (H_img, W_img)
+        ax.imshow(up, cmap=cmap, alpha=overlay_alpha, extent=extent,
+                  vmin=0.0, vmax=float(up.max()) if up.max() > 0 else 1.0)
+        label = words[t] if betas is None else f"{words[t]} (β={betas[t]:.2f})"
+        ax.set_title(label, fontsize=9)
+        if hard_locations is not None:
+            r, c = divmod(int(hard_locations[t]), w)
+            ax.add_patch(Rectangle((c * cell_w, r * cell_h), cell_w, cell_h,
+                                   fill=False, edgecolor="red", linewidth=1.5))
+        ax.set_xlim(0, img_w)
+        ax.set_ylim(img_h, 0)
+    if title:
+        fig.suptitle(title)
+    return _save_figure(fig, out_path, dpi)
+
+
+@dataclass
+class AttentionMaps:
+    """Attention maps of one caption, as stored by :func:`save_attention_maps`.
+
+    Attributes:
+        words: ``(T,)`` generated words.
+        alphas: ``(T, H, W)`` attention weights.
+        grid: ``(H, W)``.
+        betas: ``(T,)`` gating scalars, or ``None``.
+        hard_locations: ``(T,)`` attended indices into ``L``, or ``None``.
+        image_size: ``(H_img, W_img)``, or ``None``.
+    """
+
+    words: list[str]
+    alphas: np.ndarray
+    grid: tuple[int, int]
+    betas: np.ndarray | None = None
+    hard_locations: np.ndarray | None = None
+    image_size: tuple[int, int] | None = None
+
+
+def save_attention_maps(
+    path: str | os.PathLike,
+    words: Sequence[str],
+    alphas: np.ndarray,
+    grid: tuple[int, int],
+    betas: np.ndarray | None = None,
+    hard_locations: np.ndarray | None = None,
+    image_size: tuple[int, int] | None = None,
+) -> Path:
+    """Save attention maps to a compressed ``.npz`` (atomically).
+
+    Keys: ``words`` (unicode array), ``alphas`` ``(T, H, W)`` float32, ``grid`` ``(2,)`` and,
+    when given, ``betas`` ``(T,)``, ``hard_locations`` ``(T,)`` int64, ``image_size``
+    ``(2,)`` as ``(H_img, W_img)``. Readable with ``np.load(path, allow_pickle=False)``.
+
+    Args:
+        path: destination file (``.npz`` is appended if missing).
+        words: ``(T,)`` generated words.
+        alphas: ``(T, L)`` or ``(T, H, W)`` attention weights.
+        grid: ``(H, W)``.
+        betas: optional ``(T,)`` gating scalars.
+        hard_locations: optional ``(T,)`` attended indices into ``L``.
+        image_size: optional ``(H_img, W_img)``.
+
+    Returns:
+        The path written.
+    """
+    out = Path(path)
+    if out.suffix != ".npz":
+        out = out.with_name(out.name + ".npz")
+    t_len = len(words)
+    arrays: dict[str, np.ndarray] = {
+        "words": np.asarray(list(words), dtype=np.str_).reshape(t_len),
+        "alphas": _check_alphas(alphas, grid, t_len).astype(np.float32),
+        "grid": np.asarray(grid, dtype=np.int64),
+    }
+    if betas is not None:
+        arrays["betas"] = np.asarray(betas, dtype=np.float32).reshape(-1)[:t_len]
+    if hard_locations is not None:
+        arrays["hard_locations"] = np.asarray(hard_locations, dtype=np.int64).reshape(-1)[:t_len]
+    if image_size is not None:
+        arrays["image_size"] = np.asarray(image_size, dtype=np.int64)
+    with _atomic_path(out) as tmp:
+        with open(tmp, "wb") as f:  # a file object: numpy appends no extension
+            np.savez_compressed(f, **arrays)
+    return out
+
+
+def load_attention_maps(path: str | os.PathLike) -> AttentionMaps:
+    """Load maps written by :func:`save_attention_maps`.
+
+    Args:
+        path: the ``.npz`` file.
+
+    Returns:
+        An :class:`AttentionMaps`; absent optional entries are ``None``.
+    """
+    with np.load(path, allow_pickle=False) as data:
+        grid = tuple(int(v) for v in data["grid"])
+        return AttentionMaps(
+            words=[str(w) for w in data["words"]],
+            alphas=data["alphas"].copy(),
+            grid=(grid[0], grid[1]),
+            betas=data["betas"].copy() if "betas" in data else None,
+            hard_locations=data["hard_locations"].copy() if "hard_locations" in data else None,
+            image_size=(
+                (int(data["image_size"][0]), int(data["image_size"][1]))
+                if "image_size" in data
+                else None
+            ),
+        )
+
+
+def plot_alignment(
+    source_tokens: Sequence[str],
+    target_tokens: Sequence[str],
+    alphas: np.ndarray,
+    out_path: str | os.PathLike,
+    *,
+    title: str | None = None,
+    dpi: int = 100,
+) -> Path:
+    """Draw a soft-alignment heatmap like Bahdanau et al. (2015, Figure 3), atomically.
+
+    Source tokens run along the x axis (top), target tokens down the y axis; cell ``(t, s)`` is
+    the weight ``alpha_{ts}`` in grayscale, black 0 to white 1.
+
+    Args:
+        source_tokens: ``(S,)`` source tokens.
+        target_tokens: ``(T,)`` target tokens.
+        alphas: ``(T, S)`` attention weights, one row per target token.
+        out_path: destination; the extension picks the format.
+        title: optional figure title.
+        dpi: resolution of raster outputs.
+
+    Returns:
+        The path written.
+    """
+    alphas = np.asarray(alphas, dtype=np.float64)
+    t_len, s_len = len(target_tokens), len(source_tokens)
+    if alphas.shape != (t_len, s_len):
+        raise ValueError(f"alphas must be (T={t_len}, S={s_len}), got {alphas.shape}")
+    size = 0.35
+    fig = Figure(figsize=(max(3.0, size * s_len + 1.5), max(3.0, size * t_len + 1.5)))
+    ax = fig.add_subplot(1, 1, 1)
+    ax.imshow(alphas, cmap="gray", vmin=0.0, vmax=1.0, interpolation="nearest", aspect="equal")
+    ax.set_xticks(range(s_len), labels=list(source_tokens), rotation=90, fontsize=8)
+    ax.set_yticks(range(t_len), labels=list(target_tokens), fontsize=8)
+    ax.xaxis.tick_top()
+    ax.set_xlabel("source")
+    ax.xaxis.set_label_position("top")
+    ax.set_ylabel("target")
+    if title:
+        ax.set_title(title, y=-0.1)
+    return _save_figure(fig, out_path, dpi)

@@ -1,0 +1,180 @@
+"""Tests for captioner.data.datamodule."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from captioner.data.datamodule import CaptionDataModule, ShapesDataModule
+from captioner.data.vocabulary import Vocabulary
+
+
+def _image(path: Path, colour: tuple[int, int, int] = (10, 20, 30)) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (13, 9), colour).save(path)
+
+
+def _coco_split(tmp_path: Path, split: str, captions: dict[str, list[str]]) -> tuple[str, str]:
+    """Write a tiny COCO captions file for one split; return (json, image_dir)."""
+    image_dir = tmp_path / split
+    images, annotations = [], []
+    for i, (name, texts) in enumerate(captions.items()):
+        _image(image_dir / name)
+        images.append({"id": i, "file_name": name})
+        annotations += [{"id": len(annotations), "image_id": i, "caption": t} for t in texts]
+    file = tmp_path / f"captions_{split}.json"
+    file.write_text(json.dumps({"images": images, "annotations": annotations}))
+    return str(file), str(image_dir)
+
+
+TRAIN = {"t0.png": ["A red dog.", "A dog"], "t1.png": ["a cat"], "t2.png": ["red red dog"]}
+VAL = {"v0.png": ["A dog sits.", "a bird"], "v1.png": ["Cats"]}
+
+
+def _per_split_module(tmp_path: Path, **kwargs: object) -> CaptionDataModule:
+    train_json, train_dir = _coco_split(tmp_path, "train", TRAIN)
+    val_json, val_dir = _coco_split(tmp_path, "val", VAL)
+    options: dict[str, object] = {"image_size": 9, "batch_size": 3, "num_workers": 0, "min_freq": 1}
+    options.update(kwargs)
+    return CaptionDataModule(
+        format="coco",
+        annotations={"train": train_json, "val": val_json},
+        image_root={"train": train_dir, "val": val_dir},
+        **options,  # type: ignore[arg-type]
+    )
+
+
+def test_vocab_size_right_after_construction(tmp_path: Path) -> None:
+    dm = _per_split_module(tmp_path, min_freq=2)
+    # train counts: red=3 dog=3 a=3 cat=1 -> specials + [a, dog, red]
+    assert dm.vocab_size == 7
+    assert dm.vocab.itos[4:] == ["a", "dog", "red"]
+    assert dm.hparams["min_freq"] == 2 and dm.hparams["format"] == "coco"
+
+
+def test_records_and_references(tmp_path: Path) -> None:
+    dm = _per_split_module(tmp_path)
+    assert [r.path.name for r in dm.records("train")] == ["t0.png", "t1.png", "t2.png"]
+    assert dm.records("test") == []
+    assert dm.references("val") == [[["a", "dog", "sits"], ["a", "bird"]], [["cats"]]]
+    assert dm.records("val") is dm.records("val")  # parsed once, cached
+    with pytest.raises(ValueError):
+        dm.records("dev")
+
+
+def test_dataloaders(tmp_path: Path) -> None:
+    dm = _per_split_module(tmp_path, eval_batch_size=2)
+    dm.setup("fit")
+    train = dm.train_dataloader()
+    batches = list(train)
+    assert sum(len(b["index"]) for b in batches) == 4  # one item per caption
+    batch = batches[0]
+    assert set(batch) == {"images", "captions", "lengths", "index"}
+    assert batch["images"].shape == (3, 3, 9, 9)
+    assert batch["captions"].shape == (3, int(batch["lengths"].max()))
+    assert batch["captions"].dtype == torch.long
+    assert (batch["captions"][:, 0] == dm.vocab.start_id).all()
+
+    val = list(dm.val_dataloader())
+    assert [b["index"].tolist() for b in val] == [[0, 1]]  # images once each, in order
+    assert set(val[0]) == {"images", "index"} and val[0]["images"].shape == (2, 3, 9, 9)
+    assert not dm.test_dataloader().dataset  # no test annotations given: empty
+
+
+def test_persistent_workers_flag(tmp_path: Path) -> None:
+    dm = _per_split_module(tmp_path, num_workers=1)
+    assert dm.train_dataloader().persistent_workers  # not iterated: no worker is started
+    assert _per_split_module(tmp_path, num_workers=0).val_dataloader().persistent_workers is False
+
+
+def test_single_coco_file_gets_deterministic_splits(tmp_path: Path) -> None:
+    names = {f"img{i}.png": [f"caption number {i}"] for i in range(10)}
+    file, image_dir = _coco_split(tmp_path, "all", names)
+    dm = CaptionDataModule("coco", file, image_dir, val_fraction=0.2, test_fraction=0.2, min_freq=1)
+    sizes = [len(dm.records(s)) for s in ("train", "val", "test")]
+    assert sizes == [6, 2, 2]
+    again = CaptionDataModule("coco", file, image_dir, val_fraction=0.2, test_fraction=0.2)
+    assert [r.path for r in again.records("val")] == [r.path for r in dm.records("val")]
+    limited = CaptionDataModule("coco", file, image_dir, val_fraction=0.2, test_fraction=0.2, max_images=1)
+    assert [len(limited.records(s)) for s in ("train", "val", "test")] == [1, 1, 1]
+
+
+def test_state_dict_restores_vocab(tmp_path: Path) -> None:
+    dm = _per_split_module(tmp_path)
+    state = json.loads(json.dumps(dm.state_dict()))  # JSON-able
+    other = _per_split_module(tmp_path, min_freq=3)
+    assert other.vocab != dm.vocab
+    other.load_state_dict(state)
+    assert other.vocab == dm.vocab
+    imposed = Vocabulary.build([["dog"]])
+    other.set_vocab(imposed)
+    assert other.vocab_size == 5
+    assert other.train_dataloader().dataset.vocab is imposed  # type: ignore[attr-defined]
+
+
+def test_vocab_file(tmp_path: Path) -> None:
+    vocab = Vocabulary.build([["zebra", "yak"]])
+    vocab.save(tmp_path / "vocab.json")
+    dm = _per_split_module(tmp_path, vocab_file=str(tmp_path / "vocab.json"))
+    assert dm.vocab == vocab
+
+
+def test_karpathy_and_flickr_csv(tmp_path: Path) -> None:
+    for name in ("a.png", "b.png", "c.png"):
+        _image(tmp_path / "imgs" / name)
+    karpathy = tmp_path / "dataset_flickr8k.json"
+    karpathy.write_text(json.dumps({"images": [
+        {"filename": "a.png", "split": "train", "sentences": [{"raw": "A dog."}]},
+        {"filename": "b.png", "split": "restval", "sentences": [{"raw": "A cat."}]},
+        {"filename": "c.png", "split": "test", "sentences": [{"raw": "A cow."}]},
+    ]}))
+    dm = CaptionDataModule("karpathy", str(karpathy), str(tmp_path / "imgs"), min_freq=1)
+    assert [len(dm.records(s)) for s in ("train", "val", "test")] == [2, 0, 1]
+    assert dm.vocab.itos[4:] == ["a", "cat", "dog"]
+
+    csv_file = tmp_path / "captions.txt"
+    csv_file.write_text('image,caption\na.png,"A dog , running ."\nb.png,A cat\nc.png,A cow\n')
+    dm = CaptionDataModule("flickr8k_csv", str(csv_file), str(tmp_path / "imgs"), min_freq=1,
+                           val_fraction=0.3, test_fraction=0.3)
+    assert sorted(len(dm.records(s)) for s in ("train", "val", "test")) == [1, 1, 1]
+    assert dm.references("train")[0][0][-1] in {"running", "cat", "cow"}
+
+
+def test_constructor_rejects_inconsistent_options(tmp_path: Path) -> None:
+    with pytest.raises(ValueError):
+        CaptionDataModule("karpathy", {"train": "x.json"}, "imgs")
+    with pytest.raises(ValueError):
+        CaptionDataModule("coco", {"dev": "x.json"}, {"dev": "imgs"})
+    with pytest.raises(ValueError):
+        CaptionDataModule("flickr8k_csv", "c.txt", "imgs", instances="i.json")
+
+
+def test_signature_is_readable_by_jsonargparse() -> None:
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_class_arguments(CaptionDataModule, "data")
+    cfg = parser.parse_args(
+        ["--data.format=coco", '--data.annotations={"train": "t.json", "val": "v.json"}',
+         "--data.image_root=images", "--data.batch_size=5"]
+    )
+    assert cfg.data.annotations == {"train": "t.json", "val": "v.json"}
+    assert cfg.data.batch_size == 5
+
+
+def test_shapes_datamodule(tmp_path: Path) -> None:
+    pytest.importorskip("captioner.data.shapes")
+    dm = ShapesDataModule(str(tmp_path / "shapes"), num_train=5, num_val=3, num_test=1, image_size=32,
+                          batch_size=3)
+    assert dm.vocab_size > 4  # generates the set lazily
+    assert (tmp_path / "shapes" / "manifest.json").is_file()
+    assert [len(dm.records(s)) for s in ("train", "val", "test")] == [5, 3, 1]
+    assert all(r.boxes for r in dm.records("train"))
+    assert "root" in dm.hparams and "format" not in dm.hparams
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["images"].shape == (3, 3, 32, 32)
+    dm.prepare_data()  # idempotent

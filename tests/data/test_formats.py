@@ -1,0 +1,307 @@
+"""Tests for captioner.data.formats."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from captioner.data.formats import (
+    AnnotationError,
+    AnnotationWarning,
+    Box,
+    ImageRecord,
+    assign_splits,
+    load_coco,
+    load_kaggle_flickr8k,
+    load_karpathy,
+)
+
+
+def _touch(folder: Path, *names: str) -> None:
+    for name in names:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(b"")
+
+
+def _write_json(path: Path, obj: Any) -> Path:
+    path.write_text(json.dumps(obj))
+    return path
+
+
+def _coco(tmp_path: Path) -> tuple[Path, Path, Path]:
+    images = tmp_path / "images"
+    _touch(images, "a.jpg", "b.jpg")
+    captions = _write_json(
+        tmp_path / "captions.json",
+        {
+            "images": [
+                {"id": 7, "file_name": "a.jpg", "width": 13, "height": 11},
+                {"id": 3, "file_name": "b.jpg"},
+            ],
+            "annotations": [
+                {"id": 1, "image_id": 7, "caption": "A dog. "},
+                {"id": 2, "image_id": 3, "caption": "A cat."},
+                {"id": 5, "image_id": 7, "caption": "A brown dog."},
+            ],
+        },
+    )
+    instances = _write_json(
+        tmp_path / "instances.json",
+        {
+            "annotations": [
+                {"id": 1, "image_id": 7, "bbox": [1, 2, 3, 4], "category_id": 2,
+                 "attributes": {"colour": "brown"}},
+                {"id": 2, "image_id": 7, "bbox": [0.5, 0, 5, 6], "category_id": 1},
+                {"id": 3, "image_id": 99, "bbox": [0, 0, 1, 1], "category_id": 1},  # unknown image
+            ],
+            "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}],
+        },
+    )
+    return captions, instances, images
+
+
+# ---------------------------------------------------------------------------- COCO
+def test_load_coco(tmp_path: Path) -> None:
+    captions, instances, images = _coco(tmp_path)
+    records = load_coco(captions, images, split="val", instances_file=instances)
+    assert records == [
+        ImageRecord(
+            7, images / "a.jpg", ["A dog.", "A brown dog."], "val",
+            [Box("dog", (1.0, 2.0, 3.0, 4.0), {"colour": "brown"}), Box("cat", (0.5, 0.0, 5.0, 6.0))],
+            13, 11,
+        ),
+        ImageRecord(3, images / "b.jpg", ["A cat."], "val"),
+    ]
+    assert load_coco(captions, images)[0].boxes == [] and load_coco(captions, images)[0].split is None
+
+
+def test_load_coco_without_annotation_ids(tmp_path: Path) -> None:
+    _touch(tmp_path, "a.jpg")
+    file = _write_json(
+        tmp_path / "c.json",
+        {"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"image_id": 1, "caption": "x"}]},
+    )
+    assert load_coco(file, tmp_path)[0].captions == ["x"]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"images": [', "malformed JSON"),
+        ('{"annotations": []}', "missing top-level key 'images'"),
+        ('{"images": {}, "annotations": []}', "'images' must be a list"),
+        ('{"images": [{"id": 1}], "annotations": []}', r"images\[0\]: missing key 'file_name'"),
+        (
+            '{"images": [{"id": 1, "file_name": "a.jpg"}], "annotations": [{"image_id": 1}]}',
+            r"annotations\[0\]: missing key 'caption'",
+        ),
+        (
+            '{"images": [{"id": 1, "file_name": "a.jpg"}, {"id": 1, "file_name": "b.jpg"}],'
+            ' "annotations": []}',
+            "duplicate image id 1",
+        ),
+    ],
+)
+def test_load_coco_malformed(tmp_path: Path, content: str, message: str) -> None:
+    file = tmp_path / "bad_captions.json"
+    file.write_text(content)
+    with pytest.raises(AnnotationError, match=f"bad_captions.json.*{message}"):
+        load_coco(file, tmp_path, skip_bad=True)  # structural errors are never skipped
+
+
+def test_load_coco_bad_instances(tmp_path: Path) -> None:
+    captions, _, images = _coco(tmp_path)
+    bad = _write_json(
+        tmp_path / "bad_instances.json",
+        {"annotations": [{"image_id": 7, "bbox": [1, 2, 3], "category_id": 1}],
+         "categories": [{"id": 1, "name": "cat"}]},
+    )
+    with pytest.raises(AnnotationError, match=r"bad_instances.json annotations\[0\]: 'bbox'"):
+        load_coco(captions, images, instances_file=bad)
+
+
+def test_load_coco_bad_entries_raise_or_are_counted(tmp_path: Path) -> None:
+    _touch(tmp_path, "a.jpg", "b.jpg", "c.jpg")
+    file = _write_json(
+        tmp_path / "captions.json",
+        {
+            "images": [
+                {"id": 1, "file_name": "a.jpg"},
+                {"id": 2, "file_name": "b.jpg"},  # only an empty caption -> no captions
+                {"id": 3, "file_name": "c.jpg"},  # no captions at all
+                {"id": 4, "file_name": "gone.jpg"},  # missing file
+            ],
+            "annotations": [
+                {"image_id": 1, "caption": "fine"},
+                {"image_id": 1, "caption": "   "},
+                {"image_id": 2, "caption": ""},
+                {"image_id": 4, "caption": "lost"},
+                {"image_id": 9, "caption": "orphan"},
+            ],
+        },
+    )
+    with pytest.raises(AnnotationError, match=r"captions.json annotations\[1\] \(image_id 1\): empty caption"):
+        load_coco(file, tmp_path)
+    with pytest.warns(AnnotationWarning) as caught:
+        records = load_coco(file, tmp_path, skip_bad=True)
+    assert [r.image_id for r in records] == [1]
+    assert records[0].captions == ["fine"]
+    assert len(caught) == 1  # one summary warning
+    text = str(caught[0].message)
+    for part in ["2 x empty caption", "1 x caption for an unknown image",
+                 "2 x image without captions", "1 x image file not found"]:
+        assert part in text
+
+
+# ---------------------------------------------------------------------------- Karpathy
+def test_load_karpathy(tmp_path: Path) -> None:
+    _touch(tmp_path, "val2014/x.jpg", "train2014/y.jpg", "z.jpg")
+    file = _write_json(
+        tmp_path / "dataset_coco.json",
+        {
+            "images": [
+                {"filepath": "val2014", "filename": "x.jpg", "split": "restval", "imgid": 0,
+                 "cocoid": 42, "sentences": [{"raw": "A man.", "tokens": ["a", "man"]},
+                                             {"tokens": ["a", "guy"]}]},
+                {"filepath": "train2014", "filename": "y.jpg", "split": "test", "imgid": 1,
+                 "sentences": [{"raw": "Snow."}]},
+                {"filename": "z.jpg", "split": "val", "imgid": 2, "sentences": [{"raw": "Sun"}]},
+            ]
+        },
+    )
+    records = load_karpathy(file, tmp_path)
+    assert [(r.image_id, r.split, r.captions) for r in records] == [
+        (42, "train", ["A man.", "a guy"]),
+        (1, "test", ["Snow."]),
+        (2, "val", ["Sun"]),
+    ]
+    assert [r.path for r in records] == [tmp_path / "val2014/x.jpg", tmp_path / "train2014/y.jpg",
+                                         tmp_path / "z.jpg"]
+
+
+def test_load_karpathy_errors(tmp_path: Path) -> None:
+    _touch(tmp_path, "x.jpg")
+    bad_split = _write_json(
+        tmp_path / "k.json",
+        {"images": [{"filename": "x.jpg", "split": "dev", "sentences": [{"raw": "a"}]}]},
+    )
+    with pytest.raises(AnnotationError, match=r"k.json images\[0\] \(x.jpg\): unknown split 'dev'"):
+        load_karpathy(bad_split, tmp_path)
+    missing = _write_json(tmp_path / "m.json", {"images": [{"filename": "x.jpg"}]})
+    with pytest.raises(AnnotationError, match=r"m.json images\[0\]: missing key 'sentences'"):
+        load_karpathy(missing, tmp_path)
+    empty = _write_json(
+        tmp_path / "e.json",
+        {"images": [{"filename": "x.jpg", "sentences": [{"raw": "ok"}, {"raw": " "}]},
+                    {"filename": "nope.jpg", "sentences": [{"raw": "ok"}]}]},
+    )
+    with pytest.raises(AnnotationError, match=r"e.json images\[0\] \(x.jpg\) sentences\[1\]: empty caption"):
+        load_karpathy(empty, tmp_path)
+    with pytest.warns(AnnotationWarning, match="1 x empty caption, 1 x image file not found"):
+        records = load_karpathy(empty, tmp_path, skip_bad=True)
+    assert [(r.captions, r.split) for r in records] == [(["ok"], None)]
+
+
+# ---------------------------------------------------------------------------- Kaggle Flickr8k
+CSV = (
+    "image,caption\n"
+    "a.jpg,A dog runs .\n"
+    'b.jpg,"A girl , in red , waves ."\n'
+    'a.jpg,"He said ""hi"" ."\n'
+    "\n"
+    "b.jpg,Unquoted, with a comma .\n"
+)
+
+
+def test_load_kaggle_flickr8k(tmp_path: Path) -> None:
+    _touch(tmp_path, "img/a.jpg", "img/b.jpg")
+    file = tmp_path / "captions.txt"
+    file.write_text(CSV)
+    records = load_kaggle_flickr8k(file, tmp_path / "img")
+    assert [(r.image_id, r.path.name, r.split) for r in records] == [(0, "a.jpg", None), (1, "b.jpg", None)]
+    assert records[0].captions == ["A dog runs .", 'He said "hi" .']
+    assert records[1].captions == ["A girl , in red , waves .", "Unquoted, with a comma ."]
+
+
+def test_load_kaggle_flickr8k_bad_lines(tmp_path: Path) -> None:
+    _touch(tmp_path, "a.jpg")
+    file = tmp_path / "captions.txt"
+    file.write_text('image,caption\na.jpg,fine\n"a.jpg","multi\nline"\na.jpg,  \nonlyname\n,x\n')
+    with pytest.raises(AnnotationError, match="captions.txt line 5: empty caption"):
+        load_kaggle_flickr8k(file, tmp_path)  # line 5 although the 4th row: a row spans 2 lines
+    with pytest.warns(AnnotationWarning) as caught:
+        records = load_kaggle_flickr8k(file, tmp_path, skip_bad=True)
+    assert len(caught) == 1
+    assert "1 x empty caption, 1 x expected 'image,caption', 1 x empty image name" in str(caught[0].message)
+    assert records[0].captions == ["fine", "multi\nline"]
+
+
+def test_load_kaggle_flickr8k_header_and_missing_image(tmp_path: Path) -> None:
+    file = tmp_path / "captions.txt"
+    file.write_text("img,text\na.jpg,x\n")
+    with pytest.raises(AnnotationError, match="captions.txt line 1: expected header"):
+        load_kaggle_flickr8k(file, tmp_path)
+    file.write_text("\ufeffimage,caption\na.jpg,x\n", encoding="utf-8")  # BOM tolerated
+    with pytest.raises(AnnotationError, match=r"line 2 \(a.jpg\): image file not found"):
+        load_kaggle_flickr8k(file, tmp_path)
+
+
+# ---------------------------------------------------------------------------- splits
+def _records(n: int) -> list[ImageRecord]:
+    return [ImageRecord(i, Path(f"/data/img_{i:03d}.jpg"), [f"caption {i}"]) for i in range(n)]
+
+
+def test_assign_splits_counts_and_fixed_splits() -> None:
+    records = _records(20)
+    records[0] = ImageRecord(0, Path("/data/img_000.jpg"), ["c"], split="test")
+    out = assign_splits(records, val_fraction=0.2, test_fraction=0.1, seed=0)
+    assert out[0].split == "test"  # an existing split is kept
+    rest = [r.split for r in out[1:]]
+    assert (rest.count("train"), rest.count("val"), rest.count("test")) == (13, 4, 2)  # of 19
+    assert all(r.split is None for r in records[1:])  # inputs untouched
+    assert [r.image_id for r in out] == list(range(20))
+
+
+def test_assign_splits_depends_on_names_and_seed_not_order() -> None:
+    records = _records(30)
+    a = {r.path.name: r.split for r in assign_splits(records, seed=3)}
+    b = {r.path.name: r.split for r in assign_splits(records[::-1], seed=3)}
+    c = {r.path.name: r.split for r in assign_splits(records, seed=4)}
+    assert a == b
+    assert a != c
+
+
+def test_assign_splits_small_sets_get_val_and_test() -> None:
+    splits = [r.split for r in assign_splits(_records(3), 0.1, 0.1)]
+    assert sorted(splits) == ["test", "train", "val"]
+    with pytest.raises(ValueError):
+        assign_splits(_records(3), 0.6, 0.4)
+
+
+def test_assign_splits_same_in_another_process() -> None:
+    here = [r.split for r in assign_splits(_records(25), seed=7)]
+    code = (
+        "from pathlib import Path\n"
+        "from captioner.data.formats import ImageRecord, assign_splits\n"
+        "rs = [ImageRecord(i, Path(f'/data/img_{i:03d}.jpg'), ['c']) for i in range(25)]\n"
+        "print(','.join(r.split for r in assign_splits(rs, seed=7)))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True,
+        env={**os.environ, "PYTHONHASHSEED": "12345"},
+    )
+    assert out.stdout.strip().split(",") == here
+
+
+def test_no_warning_when_nothing_skipped(tmp_path: Path) -> None:
+    captions, _, images = _coco(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_coco(captions, images, skip_bad=True)

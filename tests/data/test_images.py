@@ -1,0 +1,206 @@
+"""Tests for captioner.data.images."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from captioner.data.images import (
+    IMAGE_EXTENSIONS,
+    ImageLoadError,
+    find_images,
+    image_to_tensor,
+    load_image,
+    to_rgb,
+)
+
+
+def _pixel(img: Image.Image, xy: tuple[int, int] = (0, 0)) -> tuple[int, int, int]:
+    assert img.mode == "RGB"
+    return img.getpixel(xy)  # type: ignore[return-value]
+
+
+def test_grayscale_png(tmp_path: Path) -> None:
+    path = tmp_path / "grey.png"
+    Image.new("L", (5, 3), 77).save(path)
+    img = load_image(path)
+    assert img.size == (5, 3)
+    assert _pixel(img) == (77, 77, 77)
+
+
+def test_rgba_composited_on_white(tmp_path: Path) -> None:
+    path = tmp_path / "rgba.png"
+    im = Image.new("RGBA", (3, 1))
+    im.putpixel((0, 0), (255, 0, 0, 0))  # fully transparent red -> white
+    im.putpixel((1, 0), (0, 0, 255, 255))  # opaque blue
+    im.putpixel((2, 0), (0, 0, 0, 128))  # half-transparent black -> mid grey
+    im.save(path)
+    img = load_image(path)
+    assert _pixel(img, (0, 0)) == (255, 255, 255)
+    assert _pixel(img, (1, 0)) == (0, 0, 255)
+    assert all(abs(v - 127) <= 1 for v in _pixel(img, (2, 0)))
+
+
+def test_la_composited_on_white(tmp_path: Path) -> None:
+    path = tmp_path / "la.png"
+    im = Image.new("LA", (2, 1))
+    im.putpixel((0, 0), (0, 0))
+    im.putpixel((1, 0), (40, 255))
+    im.save(path)
+    img = load_image(path)
+    assert _pixel(img, (0, 0)) == (255, 255, 255)
+    assert _pixel(img, (1, 0)) == (40, 40, 40)
+
+
+def test_palette_with_and_without_transparency(tmp_path: Path) -> None:
+    im = Image.new("P", (2, 1))
+    im.putpalette([0, 0, 0, 10, 200, 30] + [0] * (256 * 3 - 6))
+    im.putpixel((0, 0), 0)
+    im.putpixel((1, 0), 1)
+    opaque, transparent = tmp_path / "p.png", tmp_path / "p_t.png"
+    im.save(opaque)
+    im.save(transparent, transparency=0)
+    assert _pixel(load_image(opaque), (0, 0)) == (0, 0, 0)
+    assert _pixel(load_image(transparent), (0, 0)) == (255, 255, 255)  # transparent index
+    assert _pixel(load_image(transparent), (1, 0)) == (10, 200, 30)
+
+
+def test_cmyk_jpeg(tmp_path: Path) -> None:
+    path = tmp_path / "cmyk.jpg"
+    Image.new("CMYK", (7, 5), (0, 255, 255, 0)).save(path, quality=95)  # pure red ink
+    with Image.open(path) as raw:
+        assert raw.mode == "CMYK"
+    r, g, b = _pixel(load_image(path), (3, 2))
+    assert r > 230 and g < 30 and b < 30
+
+
+def test_16bit_png_is_scaled_not_clipped(tmp_path: Path) -> None:
+    path = tmp_path / "deep.png"
+    a = np.array([[0, 32896, 65535]], dtype=np.uint16)  # black, mid grey, white
+    Image.fromarray(a).save(path)
+    with Image.open(path) as raw:
+        assert raw.mode.startswith("I")
+    img = load_image(path)
+    assert [_pixel(img, (x, 0))[0] for x in range(3)] == [0, 128, 255]
+
+
+@pytest.mark.parametrize(
+    ("array", "expected"),
+    [
+        (np.array([[0, 1000, 65535]], dtype=np.int32), [0, 4, 255]),  # "I" holding 16-bit data
+        (np.array([[-10, 0, 10]], dtype=np.int32), [0, 128, 255]),  # out of range: min-max
+        (np.array([[0.0, 0.5, 1.0]], dtype=np.float32), [0, 128, 255]),  # "F" in [0, 1]
+        (np.array([[-2.0, 0.0, 2.0]], dtype=np.float32), [0, 128, 255]),  # "F" other: min-max
+    ],
+)
+def test_int_and_float_modes(array: np.ndarray, expected: list[int]) -> None:
+    img = to_rgb(Image.fromarray(array))
+    assert [_pixel(img, (x, 0))[0] for x in range(3)] == expected
+
+
+def test_bilevel_mode(tmp_path: Path) -> None:
+    path = tmp_path / "bits.png"
+    im = Image.new("1", (3, 2), 0)
+    im.putpixel((2, 1), 1)
+    im.save(path)
+    img = load_image(path)
+    assert _pixel(img, (0, 0)) == (0, 0, 0)
+    assert _pixel(img, (2, 1)) == (255, 255, 255)
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    path = tmp_path / "rotated.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: rotate 90 degrees clockwise to display
+    Image.new("RGB", (7, 3), (200, 10, 10)).save(path, exif=exif.tobytes())
+    with Image.open(path) as raw:
+        assert raw.size == (7, 3)
+    assert load_image(path).size == (3, 7)
+
+
+def test_one_pixel_image(tmp_path: Path) -> None:
+    path = tmp_path / "dot.png"
+    Image.new("RGB", (1, 1), (1, 2, 3)).save(path)
+    img = load_image(path)
+    assert img.size == (1, 1) and _pixel(img) == (1, 2, 3)
+    t = image_to_tensor(img, (5, 3))
+    assert t.shape == (3, 5, 3)
+    assert torch.allclose(t[:, 4, 2], torch.tensor([1.0, 2.0, 3.0]) / 255)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nowhere.jpg"
+    with pytest.raises(ImageLoadError, match="nowhere.jpg") as info:
+        load_image(path)
+    assert info.value.path == path
+
+
+def test_non_image_file(tmp_path: Path) -> None:
+    path = tmp_path / "notes.jpg"
+    path.write_text("this is not a picture")
+    with pytest.raises(ImageLoadError, match="notes.jpg.*not a recognised image"):
+        load_image(path)
+
+
+def test_truncated_jpeg(tmp_path: Path) -> None:
+    path = tmp_path / "cut.jpg"
+    noise = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(path, quality=90)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ImageLoadError, match="cut.jpg.*truncated"):
+        load_image(path)
+
+
+def test_decompression_bomb_is_a_clear_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "big.png"
+    Image.new("RGB", (11, 9)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 40)  # 99 pixels > 2 * 40: refused by PIL
+    with pytest.raises(ImageLoadError, match="big.png.*too large"):
+        load_image(path)
+
+
+def test_error_pickles() -> None:
+    err = pickle.loads(pickle.dumps(ImageLoadError("a/b.png", "broken")))
+    assert isinstance(err, ImageLoadError)
+    assert str(err) == "cannot load image a/b.png: broken"
+
+
+def test_image_to_tensor_shape_range_and_values() -> None:
+    img = Image.new("RGB", (13, 6), (255, 0, 51))
+    t = image_to_tensor(img, (11, 7))
+    assert t.shape == (3, 11, 7) and t.dtype == torch.float32
+    assert torch.allclose(t[:, 5, 3], torch.tensor([1.0, 0.0, 0.2]))
+    square = image_to_tensor(img, 9)
+    assert square.shape == (3, 9, 9)
+    assert image_to_tensor(Image.new("L", (4, 4), 255), 5).shape == (3, 5, 5)  # any mode
+
+
+def test_image_to_tensor_antialiases_when_shrinking() -> None:
+    stripes = np.zeros((8, 64, 3), dtype=np.uint8)
+    stripes[:, ::2] = 255  # 1-pixel stripes average to mid grey, not aliased to 0 or 255
+    t = image_to_tensor(Image.fromarray(stripes), (8, 4))
+    assert torch.allclose(t, torch.full_like(t, 0.5), atol=0.05)
+
+
+def test_find_images(tmp_path: Path) -> None:
+    (tmp_path / "a" / "deep").mkdir(parents=True)
+    (tmp_path / "a" / ".hidden").mkdir()
+    (tmp_path / "empty").mkdir()
+    for name in ["a/z.jpg", "a/b.PNG", "a/deep/c.jpeg", "a/readme.txt", "a/.hidden/h.jpg", "x.txt"]:
+        (tmp_path / name).write_bytes(b"")
+    single = tmp_path / "a" / "z.jpg"
+    found, problems = find_images(
+        [tmp_path / "a", str(single), tmp_path / "missing.jpg", tmp_path / "x.txt", tmp_path / "empty"]
+    )
+    assert found == [tmp_path / "a/b.PNG", tmp_path / "a/deep/c.jpeg", single]  # sorted, deduped
+    assert [p for p, _ in problems] == [tmp_path / "missing.jpg", tmp_path / "x.txt", tmp_path / "empty"]
+    assert "no such file" in problems[0][1]
+    assert ".png" in IMAGE_EXTENSIONS and ".jpg" in IMAGE_EXTENSIONS

@@ -1,0 +1,42 @@
+"""Tests for captioner.data.tokenize."""
+
+from __future__ import annotations
+
+import pytest
+
+from captioner.data.tokenize import detokenize, tokenize
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("A dog runs.", ["a", "dog", "runs"]),
+        ("  Two   DOGS,\tplaying!\n", ["two", "dogs", "playing"]),
+        ("A man's hat", ["a", "man's", "hat"]),  # possessive stays one token
+        ("don\u2019t stop", ["don't", "stop"]),  # curly apostrophe normalised
+        ("the dogs' toys", ["the", "dogs", "toys"]),  # trailing apostrophe dropped
+        ("'quoted' word", ["quoted", "word"]),
+        ("a red t-shirt", ["a", "red", "t-shirt"]),
+        ("a - b -- c-", ["a", "b", "c"]),  # free-standing hyphens dropped
+        ("3 dogs and 12 cats", ["3", "dogs", "and", "12", "cats"]),
+        ("3.5 metres, 1,000 people", ["3.5", "metres", "1,000", "people"]),
+        ("a 3d movie at 2.5m", ["a", "3d", "movie", "at", "2.5m"]),
+        ("dogs,cats;birds", ["dogs", "cats", "birds"]),
+        ("snake_case", ["snake", "case"]),
+        ("Café naïve", ["café", "naïve"]),
+        ("", []),
+        ("... !!! ,", []),
+    ],
+)
+def test_tokenize(text: str, expected: list[str]) -> None:
+    assert tokenize(text) == expected
+
+
+def test_detokenize_joins_with_single_spaces() -> None:
+    assert detokenize(["a", "man's", "dog"]) == "a man's dog"
+    assert detokenize([]) == ""
+
+
+def test_tokenize_is_idempotent_on_its_output() -> None:
+    tokens = tokenize("A man's red T-shirt, 2 dogs & 3.5 cats.")
+    assert tokenize(detokenize(tokens)) == tokens

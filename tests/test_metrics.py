@@ -1,0 +1,258 @@
+"""Tests for captioner.metrics (BLEU, COCO protocol, results file, attention correctness).
+
+The last section dry-runs the dataset download scripts (no network is touched).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from captioner.metrics import (
+    EvalResult,
+    attention_correctness,
+    box_cell_coverage,
+    coco_caption_scores,
+    corpus_bleu,
+    java_available,
+    simple_ptb_tokenize,
+    spice_jars_present,
+    write_coco_results,
+)
+
+# ---------------------------------------------------------------------------------------------
+# corpus_bleu
+# ---------------------------------------------------------------------------------------------
+
+
+def test_corpus_bleu_identical_is_one():
+    refs = [[["a", "man", "rides", "a", "horse"], ["a", "person", "on", "a", "horse"]]]
+    scores = corpus_bleu([["a", "man", "rides", "a", "horse"]], refs)
+    assert scores == pytest.approx({"bleu1": 1.0, "bleu2": 1.0, "bleu3": 1.0, "bleu4": 1.0})
+
+
+def test_corpus_bleu_hand_computed():
+    hyp = "a cat on the mat".split()  # c = 5
+    ref = "the cat is on the mat".split()  # r = 6
+    # unigrams: cat, on, the, mat match (not "a")               -> p1 = 4/5
+    # bigrams: "on the", "the mat" of 4                          -> p2 = 2/4
+    # trigrams: "on the mat" of 3                                -> p3 = 1/3
+    # 4-grams: none of 2                                         -> p4 = 0
+    bp = math.exp(1 - 6 / 5)  # c < r
+    scores = corpus_bleu([hyp], [[ref]])
+    assert scores["bleu1"] == pytest.approx(bp * 0.8)
+    assert scores["bleu2"] == pytest.approx(bp * math.sqrt(0.8 * 0.5))
+    assert scores["bleu3"] == pytest.approx(bp * (0.8 * 0.5 / 3) ** (1 / 3))
+    assert scores["bleu4"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_corpus_bleu_empty_hypotheses_and_corpus():
+    ref = [["a", "dog", "runs"]]
+    full = corpus_bleu([["a", "dog", "runs"]], [ref])
+    with_empty = corpus_bleu([["a", "dog", "runs"], []], [ref, ref])
+    # The empty hypothesis adds one to each denominator and nothing to the numerators, and
+    # halves the hypothesis length: bp = exp(1 - 6/3), p1 = 3/4.
+    assert full["bleu1"] == pytest.approx(1.0)
+    assert with_empty["bleu1"] == pytest.approx(math.exp(1 - 6 / 3) * 3 / 4)
+    assert corpus_bleu([[]], [ref]) == {"bleu1": 0.0, "bleu2": 0.0, "bleu3": 0.0, "bleu4": 0.0}
+    assert corpus_bleu([], []) == {"bleu1": 0.0, "bleu2": 0.0, "bleu3": 0.0, "bleu4": 0.0}
+    with pytest.raises(ValueError):
+        corpus_bleu([["a"]], [])
+
+
+# ---------------------------------------------------------------------------------------------
+# coco_caption_scores
+# ---------------------------------------------------------------------------------------------
+
+REFS = {
+    1: ["A man is riding a horse on the beach.", "A person rides a brown horse."],
+    2: ["Two dogs play in the snow!", "Dogs are playing in the white snow."],
+    "img3": ["A red bus drives down a city street.", "The bus is red, and it's on a street."],
+}
+
+
+@pytest.mark.skipif(not java_available(), reason="needs Java")
+def test_coco_caption_scores_official_protocol(caplog):
+    hyps = {k: v[0] for k, v in REFS.items()}  # perfect hypotheses
+    with caplog.at_level(logging.WARNING, logger="captioner.metrics"):
+        result = coco_caption_scores(REFS, hyps)  # the only Java call of the suite
+    assert isinstance(result, EvalResult) and result.tokenizer == "ptb"
+    assert all(isinstance(v, float) for v in result.scores.values())
+    expected = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"]
+    if spice_jars_present():
+        assert "SPICE" in result.scores or "SPICE" in result.skipped
+    else:
+        assert list(result.scores) == expected
+        assert "jars missing" in result.skipped["SPICE"]
+        assert len([r for r in caplog.records if "SPICE" in r.getMessage()]) == 1
+    assert result.scores["BLEU-4"] == pytest.approx(1.0, abs=1e-6)
+    assert result.scores["METEOR"] == pytest.approx(1.0, abs=1e-6)
+    assert result.scores["ROUGE-L"] == pytest.approx(1.0)
+    assert result.scores["CIDEr"] > 0
+
+
+def test_coco_caption_scores_without_java():
+    hyps = {1: "a man riding a horse", 2: "two dogs in the snow", "img3": "a red bus"}
+    result = coco_caption_scores(REFS, hyps, use_java=False)
+    assert result.tokenizer == "python"
+    assert set(result.scores) == {"BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr"}
+    assert set(result.skipped) == {"PTBTokenizer", "METEOR", "SPICE"}
+    assert 0 < result.scores["BLEU-1"] < 1 and result.scores["CIDEr"] > 0
+    perfect = coco_caption_scores(REFS, {k: v[1] for k, v in REFS.items()}, use_java=False)
+    assert perfect.scores["BLEU-4"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_coco_caption_scores_mismatched_ids():
+    hyps = {1: "a man", 2: "dogs", 4: "a bus"}
+    with pytest.raises(ValueError, match=r"'img3'.*\b4\b"):
+        coco_caption_scores(REFS, hyps, use_java=False)
+
+
+def test_simple_ptb_tokenize():
+    assert simple_ptb_tokenize("A dog's ball, don't (go)!") == "a dog 's ball do n't -lrb- go -rrb-"
+    assert simple_ptb_tokenize('A black-and-white "cat"... on 3.5 mats.') == (
+        "a black-and-white cat on 3.5 mats"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# write_coco_results
+# ---------------------------------------------------------------------------------------------
+
+
+def test_write_coco_results_loadable_by_coco(tmp_path):
+    from pycocotools.coco import COCO
+
+    gt = {
+        "info": {}, "licenses": [], "type": "captions",
+        "images": [{"id": i, "file_name": f"{i}.jpg", "height": 10, "width": 10}
+                   for i in (3, 7, 11)],
+        "annotations": [{"id": n, "image_id": i, "caption": f"caption {n}"}
+                        for n, i in enumerate((3, 3, 7, 11), start=1)],
+    }
+    gt_path = tmp_path / "captions_val.json"
+    gt_path.write_text(json.dumps(gt))
+    out = tmp_path / "results" / "captions_val_results.json"
+    write_coco_results({11: "a dog", 3: "a cat", "7": "a bird"}, out)
+    assert json.loads(out.read_text()) == [
+        {"image_id": 3, "caption": "a cat"},
+        {"image_id": 7, "caption": "a bird"},
+        {"image_id": 11, "caption": "a dog"},
+    ]
+    assert [p.name for p in out.parent.iterdir()] == [out.name]  # no temp file left
+    coco = COCO(str(gt_path))
+    res = coco.loadRes(str(out))
+    assert sorted(res.getImgIds()) == [3, 7, 11]
+    assert res.imgToAnns[7][0]["caption"] == "a bird"
+    with pytest.raises(ValueError, match="abc"):
+        write_coco_results({"abc": "x"}, out)
+
+
+# ---------------------------------------------------------------------------------------------
+# attention_correctness
+# ---------------------------------------------------------------------------------------------
+
+GRID = (3, 5)  # (H, W)
+IMAGE = (60, 100)  # (H_img, W_img): 20 x 20 pixel cells
+BOX = (20.0, 20.0, 50.0, 20.0)  # x, y, w, h: cells (1, 1), (1, 2) whole, half of (1, 3)
+
+
+def _alpha(cells: dict[tuple[int, int], float]) -> np.ndarray:
+    a = np.zeros(GRID)
+    for (r, c), v in cells.items():
+        a[r, c] = v
+    return a.reshape(-1)  # (L,)
+
+
+def test_box_cell_coverage_area_weighted():
+    cover = box_cell_coverage([BOX], GRID, IMAGE)
+    expected = np.zeros(GRID)
+    expected[1, 1] = expected[1, 2] = 1.0
+    expected[1, 3] = 0.5
+    np.testing.assert_allclose(cover, expected)
+
+
+def test_attention_correctness_hand_computed():
+    inside = _alpha({(1, 1): 0.5, (1, 2): 0.5})
+    partial = _alpha({(1, 1): 0.2, (1, 2): 0.3, (1, 3): 0.4, (0, 0): 0.1})  # 0.2+0.3+0.4/2
+    alphas = [np.stack([np.full(15, 1 / 15), inside, partial, inside])]  # (T=4, L)
+    words = [["a", "red", "square", "<end>"]]  # "a" and "<end>" name nothing
+    out = attention_correctness(alphas, words, [[("square", "red", BOX)]], GRID, [IMAGE])
+    assert out["num_words"] == 2
+    assert out["attention_correctness"] == pytest.approx((1.0 + 0.7) / 2)
+    assert out["chance"] == pytest.approx(1000 / 6000)
+
+
+def test_attention_correctness_uniform_is_chance_any_grid():
+    grid, image = (3, 5), (37, 53)  # non-integer cell sizes
+    boxes = [[("circle", "blue", (5.5, 3.0, 20.0, 30.0)),
+              ("square", "red", (40.0, 30.0, 30.0, 20.0))]]
+    alphas = [np.full((2, 15), 1 / 15)]
+    out = attention_correctness(alphas, [["blue", "square"]], boxes, grid, [image])
+    circle = 20.0 * 30.0 / (37 * 53)
+    square = 13.0 * 7.0 / (37 * 53)  # clipped to the image
+    assert out["chance"] == pytest.approx((circle + square) / 2)
+    assert out["attention_correctness"] == pytest.approx(out["chance"])
+    # Unnormalised attention is renormalised per step.
+    scaled = attention_correctness([alphas[0] * 3.0], [["blue", "square"]], boxes, grid, [image])
+    assert scaled["attention_correctness"] == pytest.approx(out["attention_correctness"])
+
+
+def test_attention_correctness_several_matches_use_union_and_synonyms():
+    boxes = [[("circle", "red", (0.0, 0.0, 20.0, 20.0)),
+              ("square", "red", (10.0, 0.0, 20.0, 20.0))]]  # overlap: union 30 x 20
+    uniform = np.full(15, 1 / 15)
+    on_square_only = _alpha({(0, 1): 1.0})  # half of this cell is the square
+    alphas = [np.stack([uniform, on_square_only, on_square_only, uniform])]
+    words = [["red", "circle", "squares", "triangle"]]  # triangle: not in the image
+    out = attention_correctness(alphas, words, boxes, GRID, [IMAGE],
+                                object_words={"squares": "square"})
+    assert out["num_words"] == 3
+    # red: union covers 1.5 cells -> 1.5 / 15; circle: 0; square: half the cell -> 0.5
+    assert out["attention_correctness"] == pytest.approx((0.1 + 0.0 + 0.5) / 3)
+    assert out["chance"] == pytest.approx((600 + 400 + 400) / 6000 / 3)
+    none = attention_correctness([uniform[None]], [["dog"]], boxes, GRID, [IMAGE])
+    assert none["num_words"] == 0 and math.isnan(none["attention_correctness"])
+    with pytest.raises(ValueError):
+        attention_correctness([np.ones((1, 14))], [["red"]], boxes, GRID, [IMAGE])
+
+
+# ---------------------------------------------------------------------------------------------
+# dataset download scripts (dry run only; no network)
+# ---------------------------------------------------------------------------------------------
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def _load_script(name: str, monkeypatch: pytest.MonkeyPatch):
+    spec = importlib.util.spec_from_file_location(f"_script_{name}", SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the flickr script extends sys.path
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("name", "urls"),
+    [
+        ("download_coco", ["images.cocodataset.org/zips/train2014.zip",
+                           "annotations_trainval2014.zip", "caption_datasets.zip"]),
+        ("download_flickr8k", ["Flickr8k_Dataset.zip", "Flickr8k_text.zip"]),
+    ],
+)
+def test_download_scripts_dry_run(tmp_path, capsys, monkeypatch, name, urls):
+    root = tmp_path / "data"
+    assert _load_script(name, monkeypatch).main(["--root", str(root), "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    for url in urls:
+        assert url in printed
+    assert "image_root:" in printed
+    assert not root.exists()

@@ -1,0 +1,104 @@
+"""Tests for captioner.visualize (attention figures, map files, alignment heatmaps)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from captioner.visualize import (
+    load_attention_maps,
+    plot_alignment,
+    plot_attention,
+    save_attention_maps,
+    upsample_attention,
+)
+
+GRID = (3, 5)  # (H, W), deliberately not square
+IMG_H, IMG_W = 37, 53  # odd sizes that do not divide the grid
+WORDS = ["a", "red", "square", "<end>"]  # T = 4
+
+
+@pytest.fixture
+def alphas() -> np.ndarray:
+    rng = np.random.default_rng(0)
+    a = rng.random((len(WORDS), GRID[0] * GRID[1]))  # (T, L)
+    return a / a.sum(axis=1, keepdims=True)
+
+
+@pytest.fixture
+def image() -> Image.Image:
+    rng = np.random.default_rng(1)
+    return Image.fromarray(rng.integers(0, 256, (IMG_H, IMG_W, 3), dtype=np.uint8))
+
+
+def _no_temp_files(directory) -> bool:
+    return sorted(p.name for p in directory.iterdir() if p.name.startswith(".")) == []
+
+
+def test_upsample_attention_shape_and_cell_alignment():
+    alpha = np.zeros(GRID)
+    alpha[1, 3] = 1.0  # cell rows [12.33, 24.67), cols [31.8, 42.4)
+    up = upsample_attention(alpha, (IMG_H, IMG_W), smooth=False)
+    assert up.shape == (IMG_H, IMG_W)
+    r, c = np.unravel_index(np.argmax(up), up.shape)
+    assert 12 <= r < 25 and 31 <= c < 43
+    smoothed = upsample_attention(alpha, (IMG_H, IMG_W), smooth=True)
+    assert smoothed.shape == (IMG_H, IMG_W) and smoothed.max() < up.max()
+
+
+def test_plot_attention_soft_with_betas(tmp_path, image, alphas):
+    betas = np.array([0.83, 0.5, 0.91, 0.1])
+    out = plot_attention(image, WORDS, alphas, GRID, tmp_path / "soft.png", betas=betas,
+                         title="soft attention")
+    assert out == tmp_path / "soft.png"
+    with Image.open(out) as fig:
+        assert fig.format == "PNG" and fig.size[0] > IMG_W
+    assert _no_temp_files(tmp_path)
+
+
+def test_plot_attention_hard_locations_grayscale_array_pdf(tmp_path, alphas):
+    gray = np.linspace(0.0, 1.0, IMG_H * IMG_W).reshape(IMG_H, IMG_W)  # (H, W) floats
+    hard = np.array([0, 7, 14, 3])
+    one_hot = np.eye(GRID[0] * GRID[1])[hard]  # (T, L)
+    out = plot_attention(gray, WORDS, one_hot, GRID, tmp_path / "sub" / "hard.pdf",
+                         hard_locations=hard, smooth=False, cols=3, cmap="jet")
+    assert out.read_bytes().startswith(b"%PDF")
+    with pytest.raises(ValueError):
+        plot_attention(gray, WORDS, alphas, GRID, tmp_path / "bad.png",
+                       hard_locations=np.array([0, 1, 2, 15]))
+    with pytest.raises(ValueError):
+        plot_attention(gray, WORDS, alphas[:, :-1], GRID, tmp_path / "bad.png")
+    assert not (tmp_path / "bad.png").exists()
+
+
+def test_attention_maps_roundtrip(tmp_path, alphas):
+    betas = np.array([0.83, 0.5, 0.91, 0.1])
+    hard = np.array([0, 7, 14, 3])
+    path = save_attention_maps(tmp_path / "maps", WORDS, alphas, GRID, betas=betas,
+                               hard_locations=hard, image_size=(IMG_H, IMG_W))
+    assert path.name == "maps.npz"
+    maps = load_attention_maps(path)
+    assert maps.words == WORDS
+    assert maps.grid == GRID and maps.image_size == (IMG_H, IMG_W)
+    assert maps.alphas.shape == (4, 3, 5)
+    np.testing.assert_allclose(maps.alphas, alphas.reshape(4, 3, 5), rtol=1e-6)
+    np.testing.assert_allclose(maps.betas, betas, rtol=1e-6)
+    np.testing.assert_array_equal(maps.hard_locations, hard)
+
+    bare = load_attention_maps(save_attention_maps(tmp_path / "bare.npz", WORDS, alphas, GRID))
+    assert bare.betas is None and bare.hard_locations is None and bare.image_size is None
+    assert _no_temp_files(tmp_path)
+
+
+def test_plot_alignment(tmp_path):
+    src = ["the", "agreement", "on", "the", "zone", "<end>"]  # S = 6
+    tgt = ["l'", "accord", "sur", "la", "zone", "<end>", "."]  # T = 7
+    rng = np.random.default_rng(2)
+    a = rng.random((len(tgt), len(src)))
+    a /= a.sum(axis=1, keepdims=True)  # (T, S)
+    out = plot_alignment(src, tgt, a, tmp_path / "align.png")
+    with Image.open(out) as fig:
+        assert fig.format == "PNG"
+    with pytest.raises(ValueError):
+        plot_alignment(src, tgt, a.T, tmp_path / "bad.png")
