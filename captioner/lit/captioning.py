@@ -188,7 +188,7 @@ class CaptioningModule(L.LightningModule):
         return [unique[i] for i in sorted(unique)]
 
     def _score(self, split: str) -> dict[str, float]:
-        from captioner.metrics import attention_correctness, corpus_bleu
+        from captioner.metrics import corpus_bleu
 
         dm = self.trainer.datamodule
         outputs = self._gather_outputs()
@@ -202,7 +202,6 @@ class CaptioningModule(L.LightningModule):
         return scores
 
     def _attention_correctness(self, outputs, hyps, records) -> dict[str, float]:
-        from captioner.data.shapes import object_words
         from captioner.metrics import attention_correctness
 
         alphas, words, boxes, sizes = [], [], [], []
@@ -213,8 +212,7 @@ class CaptioningModule(L.LightningModule):
             boxes.append([(b.category, (b.attributes or {}).get("colour", ""), tuple(b.bbox))
                           for b in rec.boxes])
             sizes.append((rec.height, rec.width))
-        res = attention_correctness(alphas, words, boxes, self.encoder.grid_size, sizes,
-                                    object_words())
+        res = attention_correctness(alphas, words, boxes, self.encoder.grid_size, sizes)
         return {"attention_correctness": res["attention_correctness"],
                 "attention_chance": res["chance"]}
 
