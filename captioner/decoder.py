@@ -11,6 +11,22 @@ One decoding step ``t`` (Eqs. 1-7 of the paper; ``E y_{t-1}`` is the embedded pr
 
 Initial state (Section 3.1.2): ``h_0 = tanh(f_init,h(mean_i a_i))``, ``c_0 = tanh(f_init,c(mean_i a_i))``.
 
+Attention variants (all options; the defaults are the paper's soft attention):
+
+* any score function of :mod:`captioner.attention` (dot, general, scaled dot-product, cosine,
+  location-based, local-m / local-p / 2-D local); the decoder passes the step index ``t`` to the
+  attention module (``step=t``) for position-aware attention such as local-m;
+* no attention (Show and Tell, Vinyals et al. 2015): ``attention: captioner.attention.NoAttention``.
+  The image then enters only through ``h_0, c_0``; ``z_t`` is absent (the LSTM input is
+  ``E y_{t-1}`` alone, Eq. 7 has no ``L_z z_t``, no gate);
+* stochastic hard attention (Section 4.1, :mod:`captioner.hard_attention`):
+  ``attention_mode="hard"`` gives ``z_t = beta_t a_{s_t}``, ``s_t ~ Multinoulli(alpha_t)`` in
+  training (or the expectation, with probability ``hard_expectation_prob``), and the most
+  probable location (or the expectation, ``hard_test``) in evaluation mode. :meth:`step` never
+  samples, so search is deterministic, and it returns the weights actually used (one-hot rows
+  for ``hard_test="argmax"``), so ``alphas.argmax(-1)`` of a search result is the chosen
+  location of each word.
+
 Deviations are options, not defaults: ``gate="vector"`` is the per-channel gate of popular ports
 (``f_beta: N -> D``), ``gate="none"`` drops it; ``deep_output=False`` replaces Eq. 7 by a single
 linear layer over ``h_t``. The deep output applies ``tanh`` before ``L_o`` as the authors' released
@@ -32,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from captioner.attention import AdditiveAttention, Attention
+from captioner.hard_attention import HardAttention, HardSelection
 
 
 @dataclass
@@ -44,6 +61,7 @@ class DecoderState:
         keys: ``(B, L, D)`` annotation vectors.
         proj_keys: query-independent attention projection (``(B, L, A)`` or ``None``).
         mask: ``(B, L)`` bool, ``True`` where an annotation is valid, or ``None``.
+        step: the index ``t`` of the next step (0 for the initial state), the same for all rows.
     """
 
     h: torch.Tensor
@@ -51,6 +69,7 @@ class DecoderState:
     keys: torch.Tensor
     proj_keys: torch.Tensor | None
     mask: torch.Tensor | None
+    step: int = 0
 
     def select(self, index: torch.Tensor) -> "DecoderState":
         """Reorder / repeat the batch: every tensor ``x`` becomes ``x[index]``."""
@@ -59,12 +78,12 @@ class DecoderState:
             return None if x is None else x.index_select(0, index)
 
         return DecoderState(pick(self.h), pick(self.c), pick(self.keys), pick(self.proj_keys),
-                            pick(self.mask))
+                            pick(self.mask), self.step)
 
     def select_recurrent(self, index: torch.Tensor) -> "DecoderState":
         """Reorder only ``h`` and ``c`` (cheap, for beams of the same image sharing keys)."""
         return DecoderState(self.h.index_select(0, index), self.c.index_select(0, index),
-                            self.keys, self.proj_keys, self.mask)
+                            self.keys, self.proj_keys, self.mask, self.step)
 
 
 @dataclass
@@ -76,15 +95,24 @@ class DecoderOutput:
         alphas: ``(B, T, L)`` attention weights.
         betas: ``(B, T)`` gate values (ones when there is no gate; mean over channels for a
             vector gate).
+        locations: hard attention only: ``(B, T)`` the location ``s_t`` used at each step
+            (the argmax where the expectation was used); ``None`` for soft attention.
+        location_log_probs: hard attention in training mode only: ``(B, T)``
+            ``log alpha_{t, s_t}`` of sampled locations, ``0`` at steps that used the
+            expectation; ``None`` otherwise.
+        sampled: with ``location_log_probs``: ``(B, T)`` bool, ``True`` where ``s_t`` was sampled.
     """
 
     logits: torch.Tensor
     alphas: torch.Tensor
     betas: torch.Tensor
+    locations: torch.Tensor | None = None
+    location_log_probs: torch.Tensor | None = None
+    sampled: torch.Tensor | None = None
 
 
 class AttentionDecoder(nn.Module):
-    """LSTM decoder with soft attention over annotation vectors.
+    """LSTM decoder with soft (or hard, or no) attention over annotation vectors.
 
     Args:
         vocab_size: ``V``.
@@ -100,6 +128,17 @@ class AttentionDecoder(nn.Module):
         deep_output_activation: ``"tanh"`` (authors' code) or ``"identity"`` (literal Eq. 7).
         init_from_mean: initialise ``h_0, c_0`` from the mean annotation (paper) or zeros.
         pad_id: index of ``<pad>`` in the vocabulary (its embedding row stays zero).
+        attention_mode: ``"soft"`` (Section 4.2) or ``"hard"`` (stochastic, Section 4.1).
+        hard_expectation_prob: hard attention: probability of using the expected context
+            instead of a sample in training (0.5 in the paper).
+        hard_expectation_per: hard attention: draw that choice per image (``"sequence"``, the
+            paper) or per ``"step"``.
+        hard_test: hard attention in evaluation mode: ``"argmax"`` location or
+            ``"expectation"``.
+
+    Raises:
+        ValueError: for ``NoAttention`` without ``init_from_mean`` (the image would never
+            enter), or ``NoAttention`` with hard attention.
     """
 
     def __init__(
@@ -115,6 +154,10 @@ class AttentionDecoder(nn.Module):
         deep_output_activation: Literal["tanh", "identity"] = "tanh",
         init_from_mean: bool = True,
         pad_id: int = 0,
+        attention_mode: Literal["soft", "hard"] = "soft",
+        hard_expectation_prob: float = 0.5,
+        hard_expectation_per: Literal["sequence", "step"] = "sequence",
+        hard_test: Literal["argmax", "expectation"] = "argmax",
     ) -> None:
         super().__init__()
         if vocab_size <= 0:
@@ -124,21 +167,35 @@ class AttentionDecoder(nn.Module):
         self.gate, self.deep_output = gate, deep_output
         self.deep_output_activation = deep_output_activation
         self.init_from_mean = init_from_mean
+        if attention_mode not in ("soft", "hard"):
+            raise ValueError(f"attention_mode must be 'soft' or 'hard', got {attention_mode!r}")
+        self.attention_mode = attention_mode
 
         self.embedding = nn.Embedding(vocab_size, embed_dim, padding_idx=pad_id)  # E
         self.attention = attention(hidden_dim, encoder_dim)  # f_att
-        if gate != "none":
+        self.use_context = getattr(self.attention, "provides_context", True)
+        if not self.use_context and not init_from_mean:
+            raise ValueError("NoAttention needs init_from_mean=True: without attention the image "
+                             "enters the decoder only through the initial state")
+        if not self.use_context and attention_mode == "hard":
+            raise ValueError("hard attention needs an attention module, not NoAttention")
+        context_dim = encoder_dim if self.use_context else 0  # no z_t without attention
+        if gate != "none" and self.use_context:
             self.f_beta = nn.Linear(hidden_dim, 1 if gate == "scalar" else encoder_dim)
         self.init_h = nn.Linear(encoder_dim, hidden_dim)  # f_init,h
         self.init_c = nn.Linear(encoder_dim, hidden_dim)  # f_init,c
-        self.lstm = nn.LSTMCell(embed_dim + encoder_dim, hidden_dim)  # T_{D+m+n,n}
+        self.lstm = nn.LSTMCell(embed_dim + context_dim, hidden_dim)  # T_{D+m+n,n}
         self.dropout = nn.Dropout(dropout)
         if deep_output:
             self.L_h = nn.Linear(hidden_dim, embed_dim)
-            self.L_z = nn.Linear(encoder_dim, embed_dim, bias=False)
+            if self.use_context:
+                self.L_z = nn.Linear(encoder_dim, embed_dim, bias=False)
             self.L_o = nn.Linear(embed_dim, vocab_size)
         else:
             self.L_o = nn.Linear(hidden_dim, vocab_size)
+        self.hard: HardAttention | None = None
+        if attention_mode == "hard":
+            self.hard = HardAttention(hard_expectation_prob, hard_expectation_per, hard_test)
 
     # ------------------------------------------------------------------ state
     def init_state(self, annotations: torch.Tensor, mask: torch.Tensor | None = None) -> DecoderState:
@@ -166,15 +223,32 @@ class AttentionDecoder(nn.Module):
         return F.linear(emb, w, self.lstm.bias_ih + self.lstm.bias_hh)
 
     def _attend(self, state: DecoderState) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Context ``z_t`` ``(B, D)``, ``alpha_t`` ``(B, L)`` and gate ``beta_t`` ``(B, 1|D)``."""
-        alpha = self.attention(state.h, state.keys, state.proj_keys, state.mask)  # (B, L)
-        z = torch.bmm(alpha.unsqueeze(1), state.keys).squeeze(1)  # (B, D)
-        if self.gate == "none":
+        """Context ``z_t`` ``(B, D)``, ``alpha_t`` ``(B, L)`` and gate ``beta_t`` ``(B, 1|D)``
+        (hard attention: the test-time location)."""
+        return self._attend_select(state)[:3]
+
+    def _attend_select(self, state: DecoderState, sample: bool = False,
+                       use_expectation: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, HardSelection | None]:
+        """:meth:`_attend` plus, for hard attention, the selection (``sample``: draw ``s_t``,
+        with ``use_expectation`` ``(B,)`` rows using the expectation). ``z_t`` is ``(B, 0)``
+        without attention."""
+        alpha = self.attention(state.h, state.keys, state.proj_keys, state.mask,
+                               step=state.step)  # (B, L)
+        selection = None
+        if not self.use_context:
+            z = state.keys.new_zeros(state.keys.shape[0], 0)  # (B, 0): no context (Show and Tell)
+        elif self.hard is not None:
+            selection = self.hard(alpha, state.keys, sample, use_expectation)
+            z = selection.context  # (B, D)
+        else:
+            z = torch.bmm(alpha.unsqueeze(1), state.keys).squeeze(1)  # (B, D)
+        if self.gate == "none" or not self.use_context:
             beta = z.new_ones(z.shape[0], 1)
         else:
             beta = torch.sigmoid(self.f_beta(state.h))  # (B, 1) or (B, D)
             z = beta * z
-        return z, alpha, beta
+        return z, alpha, beta, selection
 
     def _lstm(self, word_gates: torch.Tensor, z: torch.Tensor, state: DecoderState
               ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,7 +264,9 @@ class AttentionDecoder(nn.Module):
         """Eq. 7 over any leading dims: ``(..., E), (..., N), (..., D) -> (..., V)``."""
         if not self.deep_output:
             return self.L_o(self.dropout(h))
-        out = emb + self.L_h(self.dropout(h)) + self.L_z(z)  # (..., E)
+        out = emb + self.L_h(self.dropout(h))  # (..., E)
+        if self.use_context:
+            out = out + self.L_z(z)
         if self.deep_output_activation == "tanh":
             out = torch.tanh(out)
         return self.L_o(self.dropout(out))
@@ -203,14 +279,19 @@ class AttentionDecoder(nn.Module):
             prev_tokens: ``(B,)`` previous words ``y_{t-1}``.
             state: the state after step ``t-1``.
 
+        Hard attention never samples here (search is deterministic): the location follows
+        ``hard_test`` and the ``alpha`` returned is the weights used (one-hot for ``"argmax"``).
+
         Returns:
             ``(log_probs (B, V), new state, alpha (B, L), beta (B,))``.
         """
         emb = self.embedding(prev_tokens)  # (B, E)
-        z, alpha, beta = self._attend(state)
+        z, alpha, beta, selection = self._attend_select(state)
         h, c = self._lstm(self._input_gates_from_words(emb), z, state)
-        new_state = DecoderState(h, c, state.keys, state.proj_keys, state.mask)
+        new_state = DecoderState(h, c, state.keys, state.proj_keys, state.mask, state.step + 1)
         logits = self.output_logits(emb, h, z)  # (B, V)
+        if selection is not None:
+            alpha = selection.weights
         return torch.log_softmax(logits.float(), dim=-1), new_state, alpha, beta.mean(-1)
 
     # ------------------------------------------------------------------ unroll
@@ -224,6 +305,10 @@ class AttentionDecoder(nn.Module):
                 reads ``captions[:, t]`` and predicts ``captions[:, t + 1]``.
             mask: ``(B, L)`` bool key mask, or ``None``.
 
+        Hard attention samples the locations in training mode (``self.training``) and applies
+        ``hard_test`` in evaluation mode; ``alphas`` are always the distributions ``alpha_t``
+        and ``locations`` the ``s_t`` used.
+
         Returns:
             :class:`DecoderOutput` with ``T`` steps.
         """
@@ -232,16 +317,26 @@ class AttentionDecoder(nn.Module):
         emb = self.embedding(inputs)  # (B, T, E)
         word_gates = self._input_gates_from_words(emb)  # (B, T, 4N): one matmul for all steps
         state = self.init_state(annotations, mask)
-        hs, zs, alphas, betas = [], [], [], []
+        sample = self.hard is not None and self.training
+        per_sequence = sample and self.hard.expectation_per == "sequence"
+        use_expectation = self.hard.draw_expectation(B, annotations.device) if per_sequence else None
+        hs, zs, alphas, betas, selections = [], [], [], [], []
         for t in range(T):
-            z, alpha, beta = self._attend(state)
+            z, alpha, beta, selection = self._attend_select(state, sample, use_expectation)
             h, c = self._lstm(word_gates[:, t], z, state)
-            state = DecoderState(h, c, state.keys, state.proj_keys, state.mask)
+            state = DecoderState(h, c, state.keys, state.proj_keys, state.mask, t + 1)
             hs.append(h)
             zs.append(z)
             alphas.append(alpha)
             betas.append(beta.mean(-1))
+            selections.append(selection)
         H = torch.stack(hs, 1)  # (B, T, N)
         Z = torch.stack(zs, 1)  # (B, T, D)
         logits = self.output_logits(emb, H, Z)  # (B, T, V): one matmul for all steps
-        return DecoderOutput(logits, torch.stack(alphas, 1), torch.stack(betas, 1))
+        out = DecoderOutput(logits, torch.stack(alphas, 1), torch.stack(betas, 1))
+        if self.hard is not None:
+            out.locations = torch.stack([s.locations for s in selections], 1)  # (B, T)
+            if sample:
+                out.location_log_probs = torch.stack([s.log_probs for s in selections], 1)
+                out.sampled = torch.stack([s.sampled for s in selections], 1)  # (B, T)
+        return out

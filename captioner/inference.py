@@ -1,37 +1,62 @@
 """Load a captioner checkpoint in a fresh process and caption images (no Lightning).
 
+The checkpoint alone is enough: it carries the model configuration (``class_path`` /
+``init_args`` as LightningCLI parsed them), the vocabulary and the input resolution.
+
 Example::
 
     from captioner.inference import Captioner
     captioner = Captioner.from_checkpoint("model.ckpt")
     for c in captioner.caption(["dog.jpg", "cat.png"], beam_size=3):
-        print(c.text, c.alphas.shape)   # (T, H, W) attention per generated word
+        print(c.text, c.alphas.shape)   # (T, H, W) attention per generated token
+
+    captions, errors = captioner.caption_paths(["photos/", "missing.jpg"])
+    for path, reason in errors:         # unreadable files do not stop the others
+        print(path, reason)
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
+from jsonargparse import ArgumentParser
 from PIL import Image
+from torch import nn
 
-from captioner.config import parse_arguments
-from captioner.data.images import image_to_tensor, load_image
+from captioner.data.images import ImageLoadError, find_images, image_to_tensor, load_image
 from captioner.data.vocabulary import END, PAD, SPECIALS, START, Vocabulary
-from captioner.search import beam_search, greedy_search
+from captioner.decoder import AttentionDecoder
+from captioner.encoders.encoder import ImageEncoder
+from captioner.search import SearchResult, beam_search, greedy_search
 
 CHECKPOINT_KEY = "captioner"
 
+ImageInput = str | Path | Image.Image
+
 
 class CheckpointError(ValueError):
-    """A file that is not a usable captioner checkpoint."""
+    """A file that is not a usable captioner checkpoint (the message says why, in one line)."""
+
+
+def _first_line(e: BaseException, limit: int = 200) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:limit]}" if text else type(e).__name__
 
 
 def read_checkpoint(path: str | Path, task: str | None = None) -> dict[str, Any]:
     """Load a checkpoint file on CPU and validate its captioner metadata.
+
+    Args:
+        path: the ``.ckpt`` file.
+        task: expected ``"task"`` entry of the metadata (``"captioning"``), or ``None``.
+
+    Returns:
+        The checkpoint dict (``state_dict``, ``hyper_parameters``, ``"captioner"``...).
 
     Raises:
         CheckpointError: missing file, not a torch file, or not a captioner checkpoint.
@@ -42,14 +67,39 @@ def read_checkpoint(path: str | Path, task: str | None = None) -> dict[str, Any]
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:200]})") from None
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint ({_first_line(e)})") from None
     meta = ckpt.get(CHECKPOINT_KEY) if isinstance(ckpt, dict) else None
-    if not meta or not meta.get("model_config") or not meta.get("vocab"):
+    if not isinstance(meta, dict) or not meta.get("model_config") or not meta.get("vocab"):
         raise CheckpointError(f"{path}: not a captioner checkpoint (no model config / vocabulary)")
     if task is not None and meta.get("task") != task:
         raise CheckpointError(f"{path}: a {meta.get('task')!r} checkpoint, expected {task!r}")
+    if not isinstance(ckpt.get("state_dict"), dict):
+        raise CheckpointError(f"{path}: the checkpoint has no model weights (state_dict)")
     return ckpt
+
+
+# Types of ``CaptioningModule``'s ``encoder`` / ``decoder`` arguments, spelled out here so that
+# captioning never imports Lightning (keep in sync with captioner/lit/captioning.py).
+_PART_TYPES: dict[str, Any] = {
+    "encoder": ImageEncoder,
+    "decoder": Callable[[int, int], AttentionDecoder],
+}
+
+
+def _build_model(init_args: dict[str, Any], vocab_size: int) -> tuple[nn.Module, nn.Module]:
+    """Encoder and decoder from the stored ``CaptioningModule`` init args, as LightningCLI
+    builds them (``class_path`` / ``init_args``; the decoder is a callable ``(V, D) -> decoder``,
+    :class:`~captioner.decoder.AttentionDecoder` with its defaults when not given)."""
+    parser = ArgumentParser(exit_on_error=False)
+    for name, type_ in _PART_TYPES.items():
+        parser.add_argument(f"--{name}", type=type_, default=None)
+    cfg = parser.parse_object({k: init_args[k] for k in _PART_TYPES if init_args.get(k)})
+    parts = parser.instantiate(cfg)
+    if parts.encoder is None:
+        raise ValueError("the model config has no encoder")
+    make_decoder = parts.decoder or AttentionDecoder
+    return parts.encoder, make_decoder(vocab_size, parts.encoder.out_channels)
 
 
 def _sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -61,12 +111,14 @@ class Caption:
     """One generated caption.
 
     Attributes:
-        words: generated words (``<end>`` and specials removed).
-        tokens: generated token ids, ``<end>`` included when emitted.
-        score: total log-probability.
-        alphas: ``(T, H, W)`` attention for each token of ``tokens``.
-        betas: ``(T,)`` gate values.
-        image: the image as loaded (RGB, EXIF-rotated).
+        words: generated words (``<end>`` and padding removed; ``<unk>`` kept), so
+            ``words[t]`` was generated with attention ``alphas[t]``.
+        tokens: ``(T,)`` generated token ids, ``<end>`` included when emitted.
+        score: total log-probability of ``tokens``.
+        alphas: ``(T, H, W)`` attention of each step of ``tokens``.
+        betas: ``(T,)`` gate values (ones for a decoder without a gate).
+        image: the image as loaded (RGB, EXIF-rotated), or ``None`` when not kept.
+        path: the file the image came from, or ``None`` for an in-memory image.
     """
 
     words: list[str]
@@ -75,10 +127,22 @@ class Caption:
     alphas: np.ndarray
     betas: np.ndarray
     image: Image.Image | None = None
+    path: Path | None = None
 
     @property
     def text(self) -> str:
+        """The caption as one string of space-separated words."""
         return " ".join(self.words)
+
+    @property
+    def word_alphas(self) -> np.ndarray:
+        """``(len(words), H, W)``: the attention maps of the words (no ``<end>`` map)."""
+        return self.alphas[: len(self.words)]
+
+    @property
+    def word_betas(self) -> np.ndarray:
+        """``(len(words),)``: the gate values of the words."""
+        return self.betas[: len(self.words)]
 
 
 class Captioner:
@@ -102,23 +166,42 @@ class Captioner:
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu") -> "Captioner":
-        """Rebuild the model from a checkpoint alone (config and vocabulary are inside)."""
-        from captioner.lit.captioning import CaptioningModule  # only for its signature
+        """Rebuild the model from a checkpoint alone (config and vocabulary are inside).
 
+        Args:
+            path: a checkpoint written by ``captioner fit`` / ``trainer.save_checkpoint``.
+            device: where to put the model.
+
+        Raises:
+            CheckpointError: unreadable file, not a captioner checkpoint, a model config that
+                cannot be rebuilt, weights that do not fit it, or a vocabulary whose size
+                differs from the decoder's output layer.
+        """
         ckpt = read_checkpoint(path, task="captioning")
         meta = ckpt[CHECKPOINT_KEY]
-        init_args = meta["model_config"]["init_args"]
-        vocab = Vocabulary.from_dict(meta["vocab"])
-        parts = parse_arguments(CaptioningModule, init_args, ["encoder", "decoder"])
-        encoder = parts["encoder"]
-        decoder = parts["decoder"](int(init_args["vocab_size"]), encoder.out_channels)
+        try:
+            init_args = meta["model_config"]["init_args"]
+            vocab = Vocabulary.from_dict(meta["vocab"])
+            vocab_size = int(init_args["vocab_size"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: broken captioner metadata ({_first_line(e)})") from None
+        if vocab_size != len(vocab):
+            raise CheckpointError(f"{path}: vocabulary mismatch: the checkpoint's vocabulary has "
+                                  f"{len(vocab)} words but the model was built for {vocab_size}")
+        try:
+            encoder, decoder = _build_model(init_args, vocab_size)
+        except Exception as e:  # noqa: BLE001 - jsonargparse / constructors: one clear line
+            raise CheckpointError(f"{path}: cannot rebuild the model from its stored config "
+                                  f"({_first_line(e)})") from None
         state = ckpt["state_dict"]
-        encoder.load_state_dict(_sub_state(state, "encoder."))
-        decoder.load_state_dict(_sub_state(state, "decoder."))
-        if decoder.vocab_size != len(vocab):
-            raise CheckpointError(f"{path}: vocabulary of {len(vocab)} words but the decoder "
-                                  f"predicts {decoder.vocab_size}")
-        hp = ckpt.get("hyper_parameters", {})
+        try:
+            encoder.load_state_dict(_sub_state(state, "encoder."))
+            decoder.load_state_dict(_sub_state(state, "decoder."))
+        except RuntimeError as e:
+            problem = " ".join(str(e).split())[:300]
+            raise CheckpointError(f"{path}: weights do not fit the stored model config "
+                                  f"(vocabulary or architecture mismatch): {problem}") from None
+        hp = ckpt.get("hyper_parameters") or {}
         search = {k: hp[k] for k in ("beam_size", "max_length", "min_length", "length_penalty")
                   if k in hp}
         image_size = (meta.get("data") or {}).get("image_size") or 224
@@ -126,50 +209,151 @@ class Captioner:
 
     @property
     def device(self) -> torch.device:
+        """The device of the model's parameters."""
         return next(self.decoder.parameters()).device
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """``(H, W)`` of the attention grid."""
+        return tuple(self.encoder.grid_size)  # type: ignore[return-value]
+
+    @property
+    def has_gate(self) -> bool:
+        """Whether the decoder has the gating scalar ``beta`` (Section 4.2.1)."""
+        return getattr(self.decoder, "gate", "none") != "none"
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """RGB image -> ``(3, S, S)`` in ``[0, 1]`` at the training resolution."""
         return image_to_tensor(image, self.image_size)
 
+    # ---------------------------------------------------------------- captioning
     @torch.no_grad()
-    def caption(self, images: Sequence[str | Path | Image.Image], beam_size: int | None = None,
+    def caption(self, images: ImageInput | Sequence[ImageInput], beam_size: int | None = None,
                 max_length: int | None = None, min_length: int | None = None,
-                batch_size: int = 16) -> list[Caption]:
-        """Caption images (paths or PIL images), batched.
+                batch_size: int = 16, keep_images: bool = True) -> list[Caption]:
+        """Caption images (paths or PIL images), batched, in the order given.
+
+        Args:
+            images: one image or a list of them (file paths or PIL images of any mode).
+            beam_size: ``K``; ``1`` is greedy search (default: the checkpoint's setting).
+            max_length: most decoding steps (default: the checkpoint's setting).
+            min_length: fewest tokens, ``<end>`` included.
+            batch_size: images encoded and decoded together.
+            keep_images: keep the loaded image in :attr:`Caption.image`.
+
+        Returns:
+            One :class:`Caption` per image.
 
         Raises:
             captioner.data.images.ImageLoadError: a path that is missing or not an image.
         """
+        if isinstance(images, (str, Path, Image.Image)):
+            images = [images]
         results: list[Caption] = []
         for start in range(0, len(images), batch_size):
-            chunk = [img if isinstance(img, Image.Image) else load_image(img)
-                     for img in images[start:start + batch_size]]
-            chunk = [img.convert("RGB") for img in chunk]
-            batch = torch.stack([self.preprocess(img) for img in chunk]).to(self.device)
-            results.extend(self._decode(batch, chunk, beam_size, max_length, min_length))
+            chunk = list(images[start:start + batch_size])
+            loaded = [img if isinstance(img, Image.Image) else load_image(img) for img in chunk]
+            paths = [None if isinstance(img, Image.Image) else Path(img) for img in chunk]
+            results.extend(self._caption_loaded(loaded, paths, beam_size, max_length,
+                                                min_length, keep_images))
         return results
 
-    def _decode(self, batch, pil_images, beam_size, max_length, min_length) -> list[Caption]:
+    @torch.no_grad()
+    def caption_paths(self, paths: Iterable[str | Path], beam_size: int | None = None,
+                      max_length: int | None = None, min_length: int | None = None,
+                      batch_size: int = 16, keep_images: bool = False,
+                      ) -> tuple[list[Caption], list[tuple[Path, str]]]:
+        """Caption image files and folders (searched recursively), never stopping at a bad one.
+
+        Folders are expanded with :func:`~captioner.data.images.find_images`; images are loaded
+        ``batch_size`` at a time, so a large folder never sits in memory at once.
+
+        Args:
+            paths: image files and/or folders.
+            beam_size: ``K``; ``1`` is greedy search (default: the checkpoint's setting).
+            max_length: most decoding steps.
+            min_length: fewest tokens, ``<end>`` included.
+            batch_size: images encoded and decoded together.
+            keep_images: keep the loaded image in :attr:`Caption.image`.
+
+        Returns:
+            ``(captions, errors)``: a :class:`Caption` (with ``path`` set) for each readable
+            image, in order, and ``(path, reason)`` for each path that is missing, not an image
+            file, or not readable as an image.
+        """
+        files, errors = find_images(paths)
+        captions: list[Caption] = []
+        for chunk in _batched(files, batch_size):
+            loaded, ok = [], []
+            for file in chunk:
+                try:
+                    loaded.append(load_image(file))
+                    ok.append(file)
+                except ImageLoadError as e:
+                    errors.append((file, e.reason))
+            if loaded:
+                captions.extend(self._caption_loaded(loaded, ok, beam_size, max_length,
+                                                     min_length, keep_images))
+        return captions, errors
+
+    @torch.no_grad()
+    def caption_tensors(self, images: torch.Tensor, beam_size: int | None = None,
+                        max_length: int | None = None, min_length: int | None = None,
+                        ) -> list[Caption]:
+        """Caption preprocessed images.
+
+        Args:
+            images: ``(B, 3, S, S)`` RGB in ``[0, 1]`` (see :meth:`preprocess`).
+            beam_size: ``K``; ``1`` is greedy search.
+            max_length: most decoding steps.
+            min_length: fewest tokens, ``<end>`` included.
+
+        Returns:
+            One :class:`Caption` per image (without ``image`` / ``path``).
+        """
+        out = self.generate(self.encoder(images.to(self.device)), beam_size, max_length,
+                            min_length)
+        return self._captions(out)
+
+    def generate(self, annotations: torch.Tensor, beam_size: int | None = None,
+                 max_length: int | None = None, min_length: int | None = None) -> SearchResult:
+        """Decode ``(B, L, D)`` annotations with greedy (``K = 1``) or beam search."""
         s = self.search
         k = s["beam_size"] if beam_size is None else beam_size
+        if k < 1:
+            raise ValueError(f"beam_size must be at least 1, got {k}")
         kw = dict(start_id=SPECIALS.index(START), end_id=SPECIALS.index(END),
                   pad_id=SPECIALS.index(PAD),
                   max_length=s["max_length"] if max_length is None else max_length,
                   min_length=s["min_length"] if min_length is None else min_length)
-        annotations = self.encoder(batch)  # (B, L, D)
-        if k <= 1:
-            out = greedy_search(self.decoder, annotations, **kw)
-        else:
-            out = beam_search(self.decoder, annotations, beam_size=k,
-                              length_penalty=s["length_penalty"], **kw)
-        H, W = self.encoder.grid_size
+        if k == 1:
+            return greedy_search(self.decoder, annotations, **kw)
+        return beam_search(self.decoder, annotations, beam_size=k,
+                           length_penalty=s["length_penalty"], **kw)
+
+    def _caption_loaded(self, images: list[Image.Image], paths: Sequence[Path | None],
+                        beam_size: int | None, max_length: int | None, min_length: int | None,
+                        keep_images: bool) -> list[Caption]:
+        batch = torch.stack([self.preprocess(img.convert("RGB")) for img in images])  # (B, 3, S, S)
+        captions = self.caption_tensors(batch, beam_size, max_length, min_length)
+        for caption, img, path in zip(captions, images, paths):
+            caption.image = img if keep_images else None
+            caption.path = path
+        return captions
+
+    def _captions(self, out: SearchResult) -> list[Caption]:
+        H, W = self.grid_size
         captions = []
-        for i, img in enumerate(pil_images):
+        for i in range(out.tokens.shape[0]):
             n = int(out.lengths[i])
             tokens = out.tokens[i, :n].tolist()
             captions.append(Caption(
                 words=self.vocab.decode(tokens), tokens=tokens, score=float(out.scores[i]),
-                alphas=out.alphas[i, :n].float().cpu().numpy().reshape(n, H, W),
-                betas=out.betas[i, :n].float().cpu().numpy(), image=img))
+                alphas=out.alphas[i, :n].float().cpu().numpy().reshape(n, H, W),  # (T, H, W)
+                betas=out.betas[i, :n].float().cpu().numpy()))
         return captions
+
+
+def _batched(items: Sequence[Path], size: int) -> Iterator[Sequence[Path]]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]

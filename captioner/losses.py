@@ -7,6 +7,11 @@ The model is trained end to end by minimising the penalised negative log-likelih
 the second term being the *doubly stochastic* regularisation that encourages the model to pay
 equal attention to every part of the image over the course of generation. Padded positions
 (``t`` beyond a caption's length) contribute neither to the likelihood nor to ``sum_t alpha_ti``.
+
+Stochastic hard attention (Section 4.1, :mod:`captioner.hard_attention`) adds the REINFORCE
+terms of Eq. 12 through the surrogate :func:`reinforce_surrogate`, built from
+:func:`sentence_log_likelihood` (the reward ``log p(y | s~, a)``) and :func:`attention_entropy`
+(``H[s]``).
 """
 
 from __future__ import annotations
@@ -55,3 +60,71 @@ def doubly_stochastic_penalty(alphas: torch.Tensor, step_mask: torch.Tensor) -> 
     """
     coverage = (alphas * step_mask.unsqueeze(-1).to(alphas.dtype)).sum(dim=1)  # (B, L)
     return ((1.0 - coverage) ** 2).sum(dim=1).mean()
+
+
+def sentence_log_likelihood(logits: torch.Tensor, targets: torch.Tensor, pad_id: int = 0
+                            ) -> torch.Tensor:
+    """``log p(y | s, a)`` of each caption: the sum of its non-padding token log-probabilities.
+
+    Args:
+        logits: ``(B, T, V)``.
+        targets: ``(B, T)`` token ids; ``pad_id`` positions are ignored.
+        pad_id: padding index.
+
+    Returns:
+        ``(B,)``.
+    """
+    B, T, V = logits.shape
+    nll = F.cross_entropy(logits.reshape(B * T, V).float(), targets.reshape(B * T),
+                          ignore_index=pad_id, reduction="none")
+    return -nll.view(B, T).sum(1)
+
+
+def attention_entropy(alphas: torch.Tensor, step_mask: torch.Tensor) -> torch.Tensor:
+    """Entropy ``H[s] = -sum_t sum_i alpha_ti log alpha_ti`` of each caption's locations.
+
+    Rows are normalised first (local-p weights need not sum to 1); ``0 log 0 = 0``.
+
+    Args:
+        alphas: ``(B, T, L)`` attention weights.
+        step_mask: ``(B, T)`` bool, ``True`` for steps that predict a real token.
+
+    Returns:
+        ``(B,)``.
+    """
+    p = alphas / alphas.sum(-1, keepdim=True).clamp_min(torch.finfo(alphas.dtype).tiny)
+    plogp = torch.where(p > 0, p * torch.log(p.clamp_min(torch.finfo(p.dtype).tiny)),
+                        torch.zeros_like(p))  # (B, T, L)
+    return -(plogp.sum(-1) * step_mask.to(p.dtype)).sum(1)
+
+
+def reinforce_surrogate(
+    log_likelihood: torch.Tensor,
+    location_log_prob: torch.Tensor,
+    entropy: torch.Tensor,
+    baseline: torch.Tensor | float,
+    lambda_r: float,
+    lambda_e: float,
+) -> torch.Tensor:
+    r"""Surrogate loss whose gradient is minus the REINFORCE part of Eq. 12 (Section 4.1)::
+
+        loss = -mean_n [ lambda_r (log p(y | s~^n, a) - b) log p(s~^n | a) + lambda_e H[s~^n] ]
+
+    with the reward ``log p(y | s~^n, a) - b`` held constant. The likelihood term
+    ``d log p(y | s~, a) / dW`` of Eq. 12 is the ordinary NLL of the caption under the sampled
+    locations (:func:`masked_nll`), added separately.
+
+    Args:
+        log_likelihood: ``(B,)`` ``log p(y | s~, a)`` per caption (the reward).
+        location_log_prob: ``(B,)`` ``log p(s~ | a) = sum_t log alpha_{t, s~_t}`` over the steps
+            whose location was sampled (``0`` for a caption that used only expectations).
+        entropy: ``(B,)`` ``H[s]``.
+        baseline: ``b``.
+        lambda_r: weight of the REINFORCE term.
+        lambda_e: weight of the entropy term.
+
+    Returns:
+        A scalar.
+    """
+    advantage = (log_likelihood - baseline).detach()
+    return -(lambda_r * advantage * location_log_prob + lambda_e * entropy).mean()

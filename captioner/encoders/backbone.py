@@ -207,15 +207,14 @@ def _efficientnet_lite0(weights: str | None) -> Backbone:
 
 @register_backbone("shapes_cnn")
 def _shapes_cnn(weights: str | None) -> Backbone:
-    """A small CNN for the synthetic shapes data: three stride-2 conv blocks, D = 128."""
+    """A small CNN for the synthetic shapes data: three conv-BN-ReLU-maxpool blocks, D = 128."""
     if weights is not None:
         raise ValueError("shapes_cnn has no pretrained weights; use weights: null")
 
     def block(c_in: int, c_out: int) -> nn.Sequential:
         return nn.Sequential(
-            nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
-            nn.Conv2d(c_out, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
-            nn.MaxPool2d(2),
+            nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
+            nn.ReLU(inplace=True), nn.MaxPool2d(2),
         )
 
     body = nn.Sequential(OrderedDict(conv1=block(3, 32), conv2=block(32, 64), conv3=block(64, 128)))

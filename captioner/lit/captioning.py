@@ -21,7 +21,8 @@ from torch import nn
 from captioner.data.vocabulary import END, PAD, SPECIALS, START, Vocabulary
 from captioner.decoder import AttentionDecoder
 from captioner.encoders.encoder import ImageEncoder
-from captioner.losses import doubly_stochastic_penalty, masked_nll
+from captioner.losses import (attention_entropy, doubly_stochastic_penalty, masked_nll,
+                              reinforce_surrogate, sentence_log_likelihood)
 from captioner.search import SearchResult, beam_search, greedy_search
 
 log = logging.getLogger(__name__)
@@ -50,6 +51,12 @@ class CaptioningModule(L.LightningModule):
         max_length: maximum caption length (steps) when decoding.
         min_length: minimum caption length (tokens incl. ``<end>``) when decoding.
         length_penalty: exponent of beam search length normalisation.
+        hard_lambda_r: hard attention (``decoder.attention_mode: hard``): weight ``lambda_r`` of
+            the REINFORCE term of Eq. 12 (default 0.1, the ``1/10`` of arctic-captions).
+        hard_lambda_e: hard attention: weight ``lambda_e`` of the entropy term (default 0.002,
+            arctic-captions' ``alpha_entropy_c``).
+        hard_num_samples: hard attention: location sequences sampled per caption (``N`` of
+            Eq. 12); the batch is repeated that many times.
     """
 
     def __init__(
@@ -69,6 +76,9 @@ class CaptioningModule(L.LightningModule):
         max_length: int = 20,
         min_length: int = 1,
         length_penalty: float = 0.0,
+        hard_lambda_r: float = 0.1,
+        hard_lambda_e: float = 0.002,
+        hard_num_samples: int = 1,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["encoder", "decoder"])
@@ -124,14 +134,46 @@ class CaptioningModule(L.LightningModule):
         return self.encoder(batch["images"])
 
     def loss(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Penalised NLL of a batch ``{images (B, 3, H, W), captions (B, T + 1)}``."""
+        """Penalised NLL of a batch ``{images (B, 3, H, W), captions (B, T + 1)}``.
+
+        With hard attention in training mode (Section 4.1) the captions are repeated
+        ``hard_num_samples`` times, the NLL is that of the sampled locations and the loss adds
+        the REINFORCE surrogate (:func:`captioner.losses.reinforce_surrogate`); the baseline
+        ``b`` is then updated. Extra entries: ``reward`` (mean ``log p(y | s~, a)`` of the
+        sampled captions), ``baseline`` (``b`` used), ``entropy`` (mean ``H[s]``).
+        """
         captions = batch["captions"]
-        out = self.decoder(self.encode(batch), captions)
+        annotations = self.encode(batch)
+        hard = getattr(self.decoder, "hard", None) if self.training else None
+        samples = int(self.hparams.get("hard_num_samples", 1))
+        if hard is not None and samples > 1:
+            annotations = annotations.repeat_interleave(samples, 0)  # (B * n, L, D)
+            captions = captions.repeat_interleave(samples, 0)  # (B * n, T + 1)
+        out = self.decoder(annotations, captions)
         targets = captions[:, 1:]  # (B, T)
         pad = self.vocab.pad_id if self.vocab is not None else 0
         nll = masked_nll(out.logits, targets, pad, self.hparams.loss_reduction)
         dsr = doubly_stochastic_penalty(out.alphas, targets != pad)
-        return {"loss": nll + self.hparams.doubly_stochastic * dsr, "nll": nll, "dsr": dsr}
+        losses = {"loss": nll + self.hparams.doubly_stochastic * dsr, "nll": nll, "dsr": dsr}
+        if hard is not None and out.location_log_probs is not None:
+            steps = targets != pad  # (B, T)
+            reward = sentence_log_likelihood(out.logits, targets, pad)  # (B,)
+            log_p_s = (out.location_log_probs * steps).sum(1)  # (B,)
+            entropy = attention_entropy(out.alphas, steps)  # (B,)
+            sampled = (out.sampled & steps).any(1)  # (B,)
+            baseline = hard.baseline.clone()
+            if not bool(hard.baseline_started):
+                baseline = reward[sampled].mean().detach() if bool(sampled.any()) else baseline
+            surrogate = reinforce_surrogate(reward, log_p_s, entropy, baseline,
+                                            self.hparams.get("hard_lambda_r", 0.1),
+                                            self.hparams.get("hard_lambda_e", 0.002))
+            hard.update_baseline(reward[sampled])
+            losses["loss"] = losses["loss"] + surrogate
+            losses.update(reinforce=surrogate.detach(),
+                          reward=reward[sampled].mean().detach() if bool(sampled.any())
+                          else reward.new_tensor(float("nan")),
+                          baseline=baseline.detach(), entropy=entropy.mean().detach())
+        return losses
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         losses = self.loss(batch)
@@ -139,6 +181,9 @@ class CaptioningModule(L.LightningModule):
         self.log("train/loss", losses["loss"], prog_bar=True, batch_size=bs)
         self.log("train/nll", losses["nll"], batch_size=bs)
         self.log("train/dsr", losses["dsr"], batch_size=bs)
+        for key in ("reinforce", "reward", "baseline", "entropy"):  # hard attention only
+            if key in losses and torch.isfinite(losses[key]):
+                self.log(f"train/{key}", losses[key], batch_size=bs)
         return losses["loss"]
 
     # ---------------------------------------------------------------- decoding
@@ -284,6 +329,7 @@ class CaptioningModule(L.LightningModule):
             "data": self.data_config,
             "grid_size": list(self.encoder.grid_size),
         }
+        checkpoint["rng_states"] = _rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get(CHECKPOINT_KEY)
@@ -294,3 +340,28 @@ class CaptioningModule(L.LightningModule):
             self._check_vocab()
         self.model_config = self.model_config or meta.get("model_config")
         self.data_config = meta.get("data") or {}
+        if "rng_states" in checkpoint:  # resuming continues the random streams exactly
+            _set_rng_states(checkpoint["rng_states"])
+
+
+def _rng_states() -> dict[str, Any]:
+    import random
+
+    import numpy as np
+
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    # plain types only, so checkpoints load with torch.load(weights_only=True)
+    return {"torch": torch.get_rng_state(),
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+            "python": random.getstate()}
+
+
+def _set_rng_states(states: dict[str, Any]) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(states["torch"])
+    name, keys, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(states["python"])

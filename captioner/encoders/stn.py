@@ -1,0 +1,444 @@
+"""Spatial Transformer stage (Jaderberg et al., "Spatial Transformer Networks", NeurIPS 2015).
+
+A spatial transformer warps its input with a transformation predicted from the input itself, so a
+network can learn to undo rotation, scale and translation, or to attend to (crop and zoom into) a
+region. Its three differentiable parts (Section 3):
+
+1. *Localisation network* (Section 3.1): ``theta = f_loc(U)`` regresses the parameters of a
+   transformation family from the input feature map ``U`` of shape ``(B, C, h, w)``.
+2. *Grid generator* (Section 3.2): for each output pixel ``(x^t_i, y^t_i)`` of the regular grid
+   ``G`` (normalised coordinates in ``[-1, 1]``, ``x`` across the width, ``y`` down the height),
+   the source coordinates are (Eq. 1)::
+
+       (x^s_i, y^s_i)^T = A_theta (x^t_i, y^t_i, 1)^T,   A_theta in R^{2 x 3}
+
+3. *Sampler* (Section 3.3): bilinear interpolation of ``U`` at the source coordinates (Eq. 5)::
+
+       V^c_i = sum_n sum_m U^c_nm max(0, 1 - |x^s_i - m|) max(0, 1 - |y^s_i - n|)
+
+   (``F.affine_grid`` + ``F.grid_sample`` with ``align_corners=False``; zero padding outside).
+
+Transformation families (the paper's constrained transformations, Sections 3.2 and 4.1)::
+
+    affine       (6)  A = [a, b, tx; c, d, ty]
+    attention    (3)  A = [s, 0, tx; 0, s, ty]                        isotropic scale + translation
+    similarity   (4)  A = [s cos r, -s sin r, tx; s sin r, s cos r, ty]
+    translation  (2)  A = [1, 0, tx; 0, 1, ty]
+
+``A`` maps *output* coordinates to *input* coordinates, so ``s < 1`` zooms in (the output shows
+a region of side ``s`` of the input) and ``tx > 0`` moves the content left by ``tx * w / 2``
+pixels. The last localisation layer has zero weights and the identity parameters as its bias,
+so the stage starts as the exact identity (a no-op when inserted into a pretrained network).
+
+Shapes use the package symbols with ``C`` channels and ``h x w`` the map at the stage's place.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from captioner.encoders.stages import EncoderStage
+
+Transform = Literal["affine", "attention", "similarity", "translation"]
+
+NUM_PARAMS: dict[str, int] = {"affine": 6, "attention": 3, "similarity": 4, "translation": 2}
+"""Number of regressed parameters of each transformation family."""
+
+IDENTITY_PARAMS: dict[str, tuple[float, ...]] = {
+    "affine": (1.0, 0.0, 0.0, 0.0, 1.0, 0.0),  # a, b, tx, c, d, ty (row-major A)
+    "attention": (1.0, 0.0, 0.0),  # s, tx, ty
+    "similarity": (1.0, 0.0, 0.0, 0.0),  # s, r (radians), tx, ty
+    "translation": (0.0, 0.0),  # tx, ty
+}
+"""Parameters of the identity transform in each family (the localisation net's initial output)."""
+
+
+def params_to_theta(params: torch.Tensor, transform: Transform) -> torch.Tensor:
+    """Map a family's parameters to the affine matrix ``A_theta``.
+
+    Args:
+        params: ``(..., P)`` with ``P = NUM_PARAMS[transform]``, ordered as in
+            :data:`IDENTITY_PARAMS`.
+        transform: the transformation family.
+
+    Returns:
+        ``(..., 2, 3)`` matrices mapping output to input normalised coordinates.
+    """
+    if params.shape[-1] != NUM_PARAMS[transform]:
+        raise ValueError(
+            f"{transform} takes {NUM_PARAMS[transform]} parameters, got {params.shape[-1]}"
+        )
+    zero, one = torch.zeros_like(params[..., 0]), torch.ones_like(params[..., 0])
+    if transform == "affine":
+        return params.unflatten(-1, (2, 3))
+    if transform == "attention":
+        s, tx, ty = params.unbind(-1)
+        rows = [s, zero, tx, zero, s, ty]
+    elif transform == "similarity":
+        s, r, tx, ty = params.unbind(-1)
+        cos, sin = s * torch.cos(r), s * torch.sin(r)
+        rows = [cos, -sin, tx, sin, cos, ty]
+    elif transform == "translation":
+        tx, ty = params.unbind(-1)
+        rows = [one, zero, tx, zero, one, ty]
+    else:
+        raise ValueError(f"unknown transform {transform!r}; valid: {', '.join(NUM_PARAMS)}")
+    return torch.stack(rows, -1).unflatten(-1, (2, 3))  # (..., 2, 3)
+
+
+def compose_thetas(theta: torch.Tensor) -> torch.Tensor:
+    """The single transform equal to warping with ``theta[:, 0]``, then ``theta[:, 1]``, ...
+
+    Warping ``U`` with ``A_1`` and the result with ``A_2`` samples ``U`` at ``A_1 [A_2 p; 1]``,
+    so the composite is the homogeneous product ``A_1 A_2 ... A_n``.
+
+    Args:
+        theta: ``(B, n, 2, 3)`` transforms in the order they are applied.
+
+    Returns:
+        ``(B, 2, 3)``.
+    """
+    bottom = theta.new_tensor([0.0, 0.0, 1.0]).expand(*theta.shape[:-2], 1, 3)
+    homogeneous = torch.cat([theta, bottom], -2)  # (B, n, 3, 3)
+    total = homogeneous[:, 0]
+    for k in range(1, theta.shape[1]):
+        total = total @ homogeneous[:, k]
+    return total[:, :2]
+
+
+def warp(x: torch.Tensor, theta: torch.Tensor, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """Grid generator + bilinear sampler: ``V = U(A_theta G)``.
+
+    The grid and the sampling are computed in float64 and the result cast back: in float32 the
+    normalised coordinates are off by about ``w * 6e-8`` pixels, so an identity warp of a
+    224-pixel image would differ from its input by ~3e-5; in float64 it is exact.
+
+    Args:
+        x: ``U``, ``(B, C, h, w)``.
+        theta: ``A_theta``, ``(B, 2, 3)``.
+        size: output ``(h', w')``; default ``(h, w)``.
+
+    Returns:
+        ``V``, ``(B, C, h', w')``.
+    """
+    b, c, h, w = x.shape
+    h_out, w_out = size or (h, w)
+    grid = F.affine_grid(theta.double(), [b, c, h_out, w_out], align_corners=False)  # (B, h', w', 2)
+    out = F.grid_sample(x.double(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return out.to(x.dtype)
+
+
+def _localisation_net(
+    kind: str, in_channels: int, hidden: int, pool: int, transform: Transform, count: int
+) -> nn.Sequential:
+    """``f_loc``: ``(B, C, h, w) -> (B, count * P)``, initialised to the identity parameters.
+
+    ``conv``: two 3x3 conv + ReLU layers (a 2x2 max-pool between), adaptive average pooling to
+    ``pool x pool`` (so any ``h x w`` works, even 1 x 1), one hidden fully connected layer.
+    ``fc``: adaptive average pooling of the input to ``pool x pool`` and two hidden fully
+    connected layers (the paper's FCN localisation, on a fixed-size view of the input).
+    """
+    if kind == "conv":
+        layers: list[nn.Module] = [
+            nn.Conv2d(in_channels, hidden, 3, padding=1), nn.ReLU(inplace=True),
+            nn.MaxPool2d(2, ceil_mode=True),
+            nn.Conv2d(hidden, hidden, 3, padding=1), nn.ReLU(inplace=True),
+            nn.AdaptiveAvgPool2d(pool), nn.Flatten(),
+            nn.Linear(hidden * pool * pool, hidden), nn.ReLU(inplace=True),
+        ]
+    elif kind == "fc":
+        layers = [
+            nn.AdaptiveAvgPool2d(pool), nn.Flatten(),
+            nn.Linear(in_channels * pool * pool, hidden), nn.ReLU(inplace=True),
+            nn.Linear(hidden, hidden), nn.ReLU(inplace=True),
+        ]
+    else:
+        raise ValueError(f"unknown localisation {kind!r}; valid: conv, fc")
+    regress = nn.Linear(hidden, count * NUM_PARAMS[transform])
+    nn.init.zeros_(regress.weight)
+    with torch.no_grad():
+        regress.bias.copy_(torch.tensor(IDENTITY_PARAMS[transform] * count))
+    return nn.Sequential(*layers, regress)
+
+
+class SpatialTransformer(EncoderStage):
+    """Spatial transformer stage (Jaderberg et al. 2015, Section 3; see the module docstring).
+
+    ``num_transformers = n > 1`` runs several transformers (Section 4.3, the bird experiments):
+
+    * ``combine="concat"``: one localisation network predicts ``n`` transforms of the same input
+      and the ``n`` warped maps are concatenated on channels, ``C' = n * C``. Only allowed at
+      ``"output"`` (elsewhere the next backbone block expects ``C`` channels).
+    * ``combine="sequence"``: ``n`` transformers applied in turn, each with its own localisation
+      network looking at the previous one's output (``C' = C``); the composite transform is
+      :func:`compose_thetas` of :attr:`last_theta`.
+
+    Args:
+        where: ``"input"`` (the normalised image), a backbone block name or ``"output"``.
+        transform: transformation family: ``affine``, ``attention``, ``similarity`` or
+            ``translation``.
+        localization: localisation network: ``conv`` (small conv net) or ``fc`` (fully
+            connected layers).
+        loc_hidden: channels / units of the localisation network's hidden layers.
+        loc_pool: side of the adaptive average pooling in the localisation network.
+        output_size: ``(h', w')`` (or one int for a square) of the warped output; ``None`` keeps
+            ``h x w``. With ``attention`` this is the paper's crop-and-zoom.
+        num_transformers: ``n``, transformers in parallel or in sequence.
+        combine: ``concat`` or ``sequence`` (see above).
+        in_channels: ``C``; build at once (direct use). ``ImageEncoder`` builds stages itself.
+
+    Attributes:
+        last_theta: ``(B, n, 2, 3)`` matrices of the last forward pass (detached), for
+            visualisation (:func:`plot_stn`).
+    """
+
+    def __init__(
+        self,
+        where: str = "input",
+        transform: Transform = "affine",
+        localization: Literal["conv", "fc"] = "conv",
+        loc_hidden: int = 32,
+        loc_pool: int = 8,
+        output_size: int | tuple[int, int] | None = None,
+        num_transformers: int = 1,
+        combine: Literal["concat", "sequence"] = "concat",
+        in_channels: int | None = None,
+    ) -> None:
+        super().__init__(where, in_channels)
+        if transform not in NUM_PARAMS:
+            raise ValueError(f"unknown transform {transform!r}; valid: {', '.join(NUM_PARAMS)}")
+        if localization not in ("conv", "fc"):
+            raise ValueError(f"unknown localization {localization!r}; valid: conv, fc")
+        if combine not in ("concat", "sequence"):
+            raise ValueError(f"unknown combine {combine!r}; valid: concat, sequence")
+        if num_transformers < 1:
+            raise ValueError(f"num_transformers must be >= 1, got {num_transformers}")
+        if combine == "concat" and num_transformers > 1 and where != "output":
+            raise ValueError(
+                f"{num_transformers} transformers concatenated on channels give "
+                f"{num_transformers} x C channels, which only a stage at 'output' may produce "
+                f"(this one is at {where!r}); use combine='sequence' or where='output'"
+            )
+        self.transform = transform
+        self.localization = localization
+        self.loc_hidden = loc_hidden
+        self.loc_pool = loc_pool
+        if isinstance(output_size, int):
+            output_size = (output_size, output_size)
+        self.output_size: tuple[int, int] | None = tuple(output_size) if output_size else None
+        self.num_transformers = num_transformers
+        self.combine = combine
+        self.last_theta: torch.Tensor | None = None
+        self._build_pending()
+
+    def _build(self, in_channels: int) -> int:
+        n = self.num_transformers
+        nets, per_net = (1, n) if self.combine == "concat" else (n, 1)
+        self.localisation = nn.ModuleList(
+            _localisation_net(self.localization, in_channels, self.loc_hidden, self.loc_pool,
+                              self.transform, per_net)
+            for _ in range(nets)
+        )
+        return in_channels * n if self.combine == "concat" else in_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Warp ``U`` ``(B, C, h, w)`` -> ``V`` ``(B, C', h', w')``; sets :attr:`last_theta`."""
+        self._check_built()
+        b = x.shape[0]
+        p = NUM_PARAMS[self.transform]
+        if self.combine == "concat":
+            params = self.localisation[0](x).view(b, self.num_transformers, p)  # (B, n, P)
+            theta = params_to_theta(params, self.transform)  # (B, n, 2, 3)
+            out = torch.cat([warp(x, theta[:, k], self.output_size)
+                             for k in range(self.num_transformers)], 1)  # (B, n * C, h', w')
+        else:
+            thetas, out = [], x
+            for net in self.localisation:
+                step = params_to_theta(net(out), self.transform)  # (B, 2, 3)
+                out = warp(out, step, self.output_size)  # (B, C, h', w')
+                thetas.append(step)
+            theta = torch.stack(thetas, 1)  # (B, n, 2, 3)
+        self.last_theta = theta.detach()
+        return out
+
+    def input_theta(self) -> torch.Tensor:
+        """Transforms from the output grid to this stage's input, ``(B, n', 2, 3)``.
+
+        ``n' = n`` for ``concat``; ``n' = 1`` (the composite) for ``sequence``.
+        """
+        if self.last_theta is None:
+            raise RuntimeError("no forward pass yet: last_theta is empty")
+        if self.combine == "sequence":
+            return compose_thetas(self.last_theta).unsqueeze(1)
+        return self.last_theta
+
+    def extra_repr(self) -> str:
+        return (f"{super().extra_repr()}, transform={self.transform!r}, "
+                f"localization={self.localization!r}, output_size={self.output_size}, "
+                f"num_transformers={self.num_transformers}, combine={self.combine!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Visualisation
+# ---------------------------------------------------------------------------------------------
+
+
+def sampling_grid_lines(
+    theta: torch.Tensor | np.ndarray, height: int, width: int, lines: int = 5, points: int = 2
+) -> np.ndarray:
+    """Lines of the output grid mapped into input pixel coordinates.
+
+    The output grid's outline is the square ``[-1, 1]^2`` (with ``align_corners=False`` its edges
+    are the outer pixel edges); its image under ``A_theta`` is the input region sampled. Pixel
+    coordinates follow ``imshow``: pixel centres at integers, the image spans
+    ``[-0.5, width - 0.5] x [-0.5, height - 0.5]``; ``u = ((x_s + 1) width - 1) / 2``.
+
+    Args:
+        theta: one ``(2, 3)`` matrix.
+        height: input ``H``.
+        width: input ``W``.
+        lines: lines per direction (``2``: the outline only); the first and last of each
+            direction are the outline.
+        points: points per line (straight lines need 2).
+
+    Returns:
+        ``(2 * lines, points, 2)`` ``(u, v)`` pixel coordinates; rows ``0`` and ``lines - 1``
+        are the top and bottom edges, rows ``lines`` and ``2 * lines - 1`` the left and right.
+    """
+    a = np.asarray(theta.detach().cpu() if isinstance(theta, torch.Tensor) else theta, float)
+    ticks, along = np.linspace(-1.0, 1.0, lines), np.linspace(-1.0, 1.0, points)
+    horizontal = [np.stack([along, np.full(points, t)], 1) for t in ticks]  # y fixed
+    vertical = [np.stack([np.full(points, t), along], 1) for t in ticks]  # x fixed
+    target = np.stack(horizontal + vertical)  # (2 * lines, points, 2) normalised (x, y)
+    source = target @ a[:, :2].T + a[:, 2]  # (2 * lines, points, 2)
+    scale = np.array([width, height], float)
+    return ((source + 1.0) * scale - 1.0) / 2.0
+
+
+def theta_outline(theta: torch.Tensor | np.ndarray, height: int, width: int) -> np.ndarray:
+    """Corners of the sampled region in input pixel coordinates (see :func:`sampling_grid_lines`).
+
+    Returns:
+        ``(4, 2)`` ``(u, v)``: the images of the output's top-left, top-right, bottom-right and
+        bottom-left corners (the identity gives ``(-0.5, -0.5), (W - 0.5, -0.5), ...``).
+    """
+    edges = sampling_grid_lines(theta, height, width, lines=2, points=2)
+    top, bottom = edges[0], edges[1]
+    return np.stack([top[0], top[1], bottom[1], bottom[0]])
+
+
+_COLOURS = ("#ff7f0e", "#1f77b4", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
+
+
+def plot_stn(
+    images: torch.Tensor | np.ndarray,
+    theta: torch.Tensor | np.ndarray,
+    out_path: str | os.PathLike,
+    output_size: int | tuple[int, int] | None = None,
+    titles: Sequence[str] | None = None,
+    dpi: int = 100,
+) -> Path:
+    """Draw each input with its sampling grid, next to the warped output(s).
+
+    Row ``k``: image ``k`` with the ``n`` sampling grids drawn on it (outline bold, inner grid
+    lines thin, one colour per transformer), then the ``n`` warped outputs ``V = U(A_theta G)``
+    computed from the image itself (the transforms are spatial only, so ``theta`` taken on the
+    normalised input applies unchanged to the ``[0, 1]`` image).
+
+    Args:
+        images: ``(K, 3, H, W)`` (or one ``(3, H, W)``) RGB in ``[0, 1]``.
+        theta: ``(K, n, 2, 3)``, ``(K, 2, 3)`` or one ``(2, 3)`` (e.g.
+            ``SpatialTransformer.input_theta()``).
+        out_path: image file (format from the suffix); written atomically.
+        output_size: ``(h', w')`` of the warped outputs; default the input size.
+        titles: optional title of each row's input panel (e.g. the generated caption).
+        dpi: resolution.
+
+    Returns:
+        ``out_path`` as a ``Path``.
+    """
+    from matplotlib.figure import Figure
+
+    from captioner.visualize import _as_image_array, _save_figure
+
+    imgs = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
+    imgs = imgs.detach().float().cpu()
+    th = torch.as_tensor(np.asarray(theta) if not isinstance(theta, torch.Tensor) else theta)
+    th = th.detach().double().cpu()
+    if imgs.dim() == 3:
+        imgs, th = imgs.unsqueeze(0), th.unsqueeze(0)
+    if th.dim() == 3:
+        th = th.unsqueeze(1)  # (K, 1, 2, 3)
+    if imgs.dim() != 4 or th.dim() != 4 or th.shape[-2:] != (2, 3) or th.shape[0] != imgs.shape[0]:
+        raise ValueError(f"need images (K, 3, H, W) and theta (K, n, 2, 3); got "
+                         f"{tuple(imgs.shape)} and {tuple(th.shape)}")
+    if titles is not None and len(titles) != imgs.shape[0]:
+        raise ValueError(f"{len(titles)} titles for {imgs.shape[0]} images")
+    k_images, n = imgs.shape[0], th.shape[1]
+    h, w = imgs.shape[-2:]
+    size = (output_size, output_size) if isinstance(output_size, int) else output_size
+
+    fig = Figure(figsize=(2.6 * (1 + n), 2.4 * k_images))
+    axes = fig.subplots(k_images, 1 + n, squeeze=False)
+    for row in range(k_images):
+        ax = axes[row, 0]
+        ax.imshow(_as_image_array(imgs[row].numpy()), interpolation="nearest")
+        for t in range(n):
+            colour = _COLOURS[t % len(_COLOURS)]
+            lines = sampling_grid_lines(th[row, t], h, w)
+            for i, line in enumerate(lines):
+                outline = i in (0, len(lines) // 2 - 1, len(lines) // 2, len(lines) - 1)
+                ax.plot(line[:, 0], line[:, 1], color=colour, linewidth=2.0 if outline else 0.6,
+                        alpha=1.0 if outline else 0.7)
+        ax.set_xlim(-0.5 - 0.25 * w, w - 0.5 + 0.25 * w)
+        ax.set_ylim(h - 0.5 + 0.25 * h, -0.5 - 0.25 * h)
+        ax.set_title(titles[row] if titles else "input + sampling grid", fontsize=7)
+        ax.axis("off")
+        warped = warp(imgs[row : row + 1].expand(n, -1, -1, -1), th[row].float(), size)
+        for t in range(n):
+            ax = axes[row, 1 + t]
+            ax.imshow(_as_image_array(warped[t].clamp(0, 1).numpy()), interpolation="nearest")
+            ax.set_title(f"warped {t + 1}" if n > 1 else "warped", fontsize=7,
+                         color=_COLOURS[t % len(_COLOURS)])
+            ax.axis("off")
+    return _save_figure(fig, out_path, dpi)
+
+
+def theta_parameters(theta: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Read scale, rotation and translation off affine matrices (for reports).
+
+    Args:
+        theta: ``(..., 2, 3)``.
+
+    Returns:
+        ``{"scale": sqrt|det A|, "rotation_deg": atan2(A_10 - A_01, A_00 + A_11) in degrees,
+        "tx": A_02, "ty": A_12}``, each of shape ``(...)``.
+    """
+    a = theta[..., :2, :2]
+    det = a[..., 0, 0] * a[..., 1, 1] - a[..., 0, 1] * a[..., 1, 0]
+    angle = torch.atan2(a[..., 1, 0] - a[..., 0, 1], a[..., 0, 0] + a[..., 1, 1])
+    return {"scale": det.abs().sqrt(), "rotation_deg": angle * 180.0 / math.pi,
+            "tx": theta[..., 0, 2], "ty": theta[..., 1, 2]}
+
+
+__all__ = [
+    "IDENTITY_PARAMS",
+    "NUM_PARAMS",
+    "SpatialTransformer",
+    "compose_thetas",
+    "params_to_theta",
+    "plot_stn",
+    "sampling_grid_lines",
+    "theta_outline",
+    "theta_parameters",
+    "warp",
+]

@@ -1,0 +1,226 @@
+"""Tests for the Spatial Transformer stage (captioner.encoders.stn)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from captioner.encoders.stn import (
+    IDENTITY_PARAMS,
+    NUM_PARAMS,
+    SpatialTransformer,
+    compose_thetas,
+    params_to_theta,
+    plot_stn,
+    theta_outline,
+    theta_parameters,
+    warp,
+)
+
+B, C, H, W = 3, 5, 7, 9  # distinct odd sizes
+FAMILIES = list(NUM_PARAMS)
+
+
+def _set_params(stn: SpatialTransformer, params: list[float], net: int = 0) -> None:
+    """Make localisation net ``net`` output ``params`` for every input (zero weights, bias)."""
+    regress = stn.localisation[net][-1]
+    with torch.no_grad():
+        regress.weight.zero_()
+        regress.bias.copy_(torch.tensor(params))
+
+
+@pytest.mark.parametrize("transform", FAMILIES)
+@pytest.mark.parametrize("localization", ["conv", "fc"])
+def test_identity_at_initialisation(transform: str, localization: str) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(B, C, H, W) * 3
+    stn = SpatialTransformer(where="layer2", transform=transform, localization=localization,
+                             in_channels=C)
+    out = stn(x)
+    assert out.shape == x.shape
+    torch.testing.assert_close(out, x, atol=1e-6, rtol=0)
+    expected = params_to_theta(torch.tensor(IDENTITY_PARAMS[transform]), transform)
+    torch.testing.assert_close(stn.last_theta, expected.expand(B, 1, 2, 3))
+    torch.testing.assert_close(expected, torch.tensor([[1.0, 0, 0], [0, 1, 0]]))
+
+
+@pytest.mark.parametrize("transform", FAMILIES)
+def test_identity_at_initialisation_several_transformers(transform: str) -> None:
+    torch.manual_seed(1)
+    x = torch.randn(B, C, H, W)
+    seq = SpatialTransformer(where="input", transform=transform, num_transformers=3,
+                             combine="sequence", in_channels=C)
+    torch.testing.assert_close(seq(x), x, atol=1e-6, rtol=0)
+    assert seq.last_theta.shape == (B, 3, 2, 3)
+    cat = SpatialTransformer(where="output", transform=transform, num_transformers=2,
+                             combine="concat", in_channels=C)
+    out = cat(x)
+    assert out.shape == (B, 2 * C, H, W) and cat.out_channels == 2 * C
+    torch.testing.assert_close(out, torch.cat([x, x], 1), atol=1e-6, rtol=0)
+
+
+def test_identity_on_a_large_image_is_exact() -> None:
+    # float32 grids would be off by ~1e-5 at 224 px; warp samples in float64
+    x = torch.rand(1, 3, 224, 224)
+    stn = SpatialTransformer(in_channels=3)
+    torch.testing.assert_close(stn(x), x, atol=1e-6, rtol=0)
+
+
+def test_params_to_theta_hand_values() -> None:
+    sim = params_to_theta(torch.tensor([2.0, math.pi / 2, 0.1, 0.2]), "similarity")
+    torch.testing.assert_close(sim, torch.tensor([[0.0, -2.0, 0.1], [2.0, 0.0, 0.2]]),
+                               atol=1e-6, rtol=0)
+    att = params_to_theta(torch.tensor([[0.5, -0.3, 0.4]]), "attention")
+    torch.testing.assert_close(att, torch.tensor([[[0.5, 0.0, -0.3], [0.0, 0.5, 0.4]]]))
+    tr = params_to_theta(torch.tensor([0.25, -0.75]), "translation")
+    torch.testing.assert_close(tr, torch.tensor([[1.0, 0.0, 0.25], [0.0, 1.0, -0.75]]))
+    aff = params_to_theta(torch.arange(6.0), "affine")
+    torch.testing.assert_close(aff, torch.tensor([[0.0, 1, 2], [3, 4, 5]]))
+    with pytest.raises(ValueError, match="takes 2 parameters"):
+        params_to_theta(torch.zeros(3), "translation")
+
+
+def test_known_translation_moves_a_one_hot_pixel() -> None:
+    x = torch.zeros(1, 1, H, W)
+    x[0, 0, 3, 5] = 1.0
+    stn = SpatialTransformer(where="input", transform="translation", in_channels=1)
+    # A maps output to input coordinates: tx = 2 * 2 / W samples 2 pixels to the right, so the
+    # content moves 2 pixels left; ty = 2 * 1 / H moves it 1 pixel up.
+    _set_params(stn, [2 * 2 / W, 2 * 1 / H])
+    out = stn(x)
+    expected = torch.zeros_like(x)
+    expected[0, 0, 2, 3] = 1.0
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+
+
+def test_crop_and_zoom_output_size_and_values() -> None:
+    # Input whose value is the normalised x coordinate of each pixel centre: a linear ramp, so
+    # bilinear sampling is exact and the output must be s * x_out + tx.
+    ramp = (2 * torch.arange(W) + 1) / W - 1
+    x = ramp.view(1, 1, 1, W).expand(2, 1, H, W).contiguous()
+    stn = SpatialTransformer(where="input", transform="attention", output_size=(5, 3),
+                             in_channels=1)
+    _set_params(stn, [0.5, 0.2, -0.1])  # a region of half the side, right of the centre
+    out = stn(x)
+    assert out.shape == (2, 1, 5, 3)
+    x_out = (2 * torch.arange(3) + 1) / 3 - 1
+    torch.testing.assert_close(out, (0.5 * x_out + 0.2).view(1, 1, 1, 3).expand(2, 1, 5, 3),
+                               atol=1e-6, rtol=0)
+    square = SpatialTransformer(output_size=11, in_channels=C)
+    assert square(torch.randn(B, C, H, W)).shape == (B, C, 11, 11)
+
+
+def test_sequence_composes_the_transforms() -> None:
+    x = torch.zeros(1, 1, H, W)
+    x[0, 0, 4, 6] = 1.0
+    stn = SpatialTransformer(where="input", transform="translation", num_transformers=2,
+                             combine="sequence", in_channels=1)
+    _set_params(stn, [2 * 1 / W, 0.0], net=0)  # 1 px left
+    _set_params(stn, [2 * 2 / W, -2 * 2 / H], net=1)  # 2 px left, 2 px down
+    out = stn(x)
+    expected = torch.zeros_like(x)
+    expected[0, 0, 6, 3] = 1.0
+    torch.testing.assert_close(out, expected, atol=1e-6, rtol=0)
+    composite = stn.input_theta()
+    assert composite.shape == (1, 1, 2, 3)
+    torch.testing.assert_close(
+        composite[0, 0], torch.tensor([[1.0, 0.0, 6 / W], [0.0, 1.0, -4 / H]]))
+    torch.testing.assert_close(warp(x, composite[:, 0]), out, atol=1e-6, rtol=0)
+
+
+def test_compose_thetas_non_commuting() -> None:
+    scale = torch.tensor([[0.5, 0.0, 0.0], [0.0, 0.5, 0.0]])
+    shift = torch.tensor([[1.0, 0.0, 0.4], [0.0, 1.0, 0.0]])
+    # first scale then shift: p -> 0.5 * (p + t)
+    total = compose_thetas(torch.stack([scale, shift]).unsqueeze(0))
+    torch.testing.assert_close(total[0], torch.tensor([[0.5, 0.0, 0.2], [0.0, 0.5, 0.0]]))
+    total = compose_thetas(torch.stack([shift, scale]).unsqueeze(0))
+    torch.testing.assert_close(total[0], torch.tensor([[0.5, 0.0, 0.4], [0.0, 0.5, 0.0]]))
+
+
+@pytest.mark.parametrize("localization", ["conv", "fc"])
+@pytest.mark.parametrize("transform", FAMILIES)
+def test_gradients_reach_theta_and_the_localisation_net(localization: str, transform: str) -> None:
+    """At initialisation the regression layer's weights are zero, so only the regression layer
+    (the parameters of theta) gets gradients; after one SGD step every localisation parameter
+    does."""
+    torch.manual_seed(2)
+    x = torch.randn(B, C, H, W)
+    target = torch.randn(B, C, H, W)
+    stn = SpatialTransformer(where="conv1", transform=transform, localization=localization,
+                             in_channels=C)
+    params = dict(stn.named_parameters())
+    regress = {id(p) for p in stn.localisation[0][-1].parameters()}  # theta's weight and bias
+    assert len(regress) == 2
+    opt = torch.optim.SGD(stn.parameters(), lr=0.1)
+
+    loss = ((stn(x) - target) ** 2).mean()
+    loss.backward()
+    for name, p in params.items():
+        if id(p) in regress:
+            assert p.grad.abs().sum() > 0, name
+        else:  # blocked by the zero regression weights
+            assert p.grad is None or p.grad.abs().sum() == 0, name
+    opt.step()
+    opt.zero_grad()
+    ((stn(x) - target) ** 2).mean().backward()
+    for name, p in params.items():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_concat_away_from_output_is_rejected() -> None:
+    with pytest.raises(ValueError, match="only a stage at 'output'"):
+        SpatialTransformer(where="input", num_transformers=2, combine="concat")
+    with pytest.raises(ValueError, match="unknown transform"):
+        SpatialTransformer(transform="projective")  # type: ignore[arg-type]
+
+
+def test_build_once_and_unbuilt_forward() -> None:
+    stn = SpatialTransformer(where="output")
+    with pytest.raises(RuntimeError, match="not built"):
+        stn(torch.zeros(1, C, H, W))
+    assert stn.build(C) == C
+    weight = stn.localisation[0][0].weight
+    assert stn.build(C) == C and stn.localisation[0][0].weight is weight  # no rebuild
+    with pytest.raises(ValueError, match="built for 5 channels"):
+        stn.build(3)
+
+
+def test_theta_outline_and_parameters() -> None:
+    identity = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    np.testing.assert_allclose(
+        theta_outline(identity, H, W),
+        [[-0.5, -0.5], [W - 0.5, -0.5], [W - 0.5, H - 0.5], [-0.5, H - 0.5]], atol=1e-12)
+    zoom = params_to_theta(torch.tensor([0.5, 0.0, 0.0]), "attention")
+    # the central half: u = ((+-0.5 + 1) * W - 1) / 2
+    np.testing.assert_allclose(theta_outline(zoom, H, W)[0], [(0.5 * W - 1) / 2, (0.5 * H - 1) / 2])
+    np.testing.assert_allclose(theta_outline(zoom, H, W)[2],
+                               [(1.5 * W - 1) / 2, (1.5 * H - 1) / 2])
+    sim = params_to_theta(torch.tensor([0.8, math.radians(30.0), 0.1, -0.2]), "similarity")
+    read = theta_parameters(sim)
+    assert read["scale"].item() == pytest.approx(0.8, abs=1e-6)
+    assert read["rotation_deg"].item() == pytest.approx(30.0, abs=1e-4)
+    assert (read["tx"].item(), read["ty"].item()) == pytest.approx((0.1, -0.2))
+
+
+def test_plot_stn_writes_a_figure(tmp_path) -> None:
+    torch.manual_seed(3)
+    images = torch.rand(2, 3, 13, 17)
+    theta = torch.stack([
+        params_to_theta(torch.tensor([[0.6, 0.2, -0.1], [1.0, 0.0, 0.0]]), "attention"),
+        params_to_theta(torch.tensor([[0.9, 0.5, 0.0, 0.1], [1.2, -0.4, 0.0, 0.0]]), "similarity"),
+    ])  # (K=2, n=2, 2, 3)
+    out = plot_stn(images, theta, tmp_path / "stn.png", output_size=(11, 11),
+                   titles=["first", "second"])
+    assert out == tmp_path / "stn.png"
+    with Image.open(out) as im:
+        assert im.size[0] > 100 and im.size[1] > 100
+    assert [p.name for p in tmp_path.iterdir()] == ["stn.png"]  # no temporary left behind
+    single = plot_stn(images[0], theta[0, 0], tmp_path / "one.png")  # (3, H, W) + (2, 3)
+    assert single.stat().st_size > 0
+    with pytest.raises(ValueError, match="theta"):
+        plot_stn(images, theta[:1], tmp_path / "bad.png")

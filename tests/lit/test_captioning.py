@@ -1,0 +1,125 @@
+"""CaptioningModule end to end: learning, checkpoints in a fresh process, exact resume."""
+
+import json
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+import torch
+
+from captioner.data.datamodule import ShapesDataModule
+from captioner.data.vocabulary import Vocabulary
+from captioner.lit.captioning import CaptioningModule
+
+
+def model_config(vocab_size: int, dropout: float = 0.1, lr: float = 3e-3) -> dict:
+    return {
+        "encoder": {"class_path": "captioner.encoders.ImageEncoder",
+                    "init_args": {"backbone": "shapes_cnn", "weights": None, "grid_size": 3,
+                                  "freeze": False}},
+        "decoder": {"class_path": "captioner.decoder.AttentionDecoder",
+                    "init_args": {"embed_dim": 24, "hidden_dim": 48, "dropout": dropout,
+                                  "attention": {"class_path": "captioner.attention.AdditiveAttention",
+                                                "init_args": {"attention_dim": 24}}}},
+        "vocab_size": vocab_size,
+        "lr": lr,
+        "max_length": 16,
+    }
+
+
+def trainer(tmp_path, epochs: int, **kw) -> L.Trainer:
+    return L.Trainer(default_root_dir=tmp_path, max_epochs=epochs, accelerator="cpu", devices=1,
+                     logger=False, enable_progress_bar=False, enable_model_summary=False,
+                     num_sanity_val_steps=0, **kw)
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes_tiny")
+    dm = ShapesDataModule(root=str(root), num_train=24, num_val=5, num_test=5, image_size=32,
+                          batch_size=8, seed=1)
+    dm.prepare_data()
+    return root
+
+
+def tiny_dm(root) -> ShapesDataModule:
+    return ShapesDataModule(root=str(root), num_train=24, num_val=5, num_test=5, image_size=32,
+                            batch_size=8, seed=1)
+
+
+def test_overfits_one_batch():
+    """A handful of captions is memorised: per-token NLL falls below 0.05."""
+    torch.manual_seed(0)
+    module = CaptioningModule.from_config({**model_config(20, dropout=0.0), "doubly_stochastic": 0.0,
+                                           "loss_reduction": "token"})
+    images = torch.rand(5, 3, 32, 32)
+    captions = torch.randint(4, 20, (5, 9))
+    captions[:, 0], captions[:, -1] = 1, 2
+    captions[2, 6:] = 0
+    captions[2, 5] = 2
+    opt = torch.optim.Adam(module.parameters(), lr=5e-3)
+    batch = {"images": images, "captions": captions}
+    for _ in range(250):
+        opt.zero_grad()
+        loss = module.loss(batch)["nll"]
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.05
+    module.eval()
+    result = module.generate(module.encode(batch), beam_size=1, max_length=10)
+    for i in range(5):
+        n = int((captions[i] != 0).sum()) - 1  # tokens after <start>, incl. <end>
+        assert result.tokens[i, :n].tolist() == captions[i, 1:n + 1].tolist()
+
+
+def test_checkpoint_round_trip_in_a_fresh_process(tiny_data, tmp_path):
+    dm = tiny_dm(tiny_data)
+    module = CaptioningModule.from_config(model_config(dm.vocab_size))
+    tr = trainer(tmp_path, 1)
+    tr.fit(module, datamodule=dm)
+    path = tmp_path / "model.ckpt"
+    tr.save_checkpoint(path)
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)  # no pickled modules
+    assert Vocabulary.from_dict(ckpt["captioner"]["vocab"]) == dm.vocab
+    image = dm.records("test")[0].path
+    from captioner.inference import Captioner
+
+    here = Captioner.from_checkpoint(path).caption([image])[0]
+    code = (
+        "import json, sys\n"
+        "from captioner.inference import Captioner\n"
+        f"c = Captioner.from_checkpoint({str(path)!r}).caption([{str(image)!r}])[0]\n"
+        "print(json.dumps({'tokens': c.tokens, 'score': c.score}))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    there = json.loads(out.stdout.strip().splitlines()[-1])
+    assert there["tokens"] == here.tokens
+    assert abs(there["score"] - here.score) < 1e-4
+
+
+def test_resume_from_epoch_end_checkpoint_reproduces_the_uninterrupted_run(tiny_data, tmp_path):
+    def run(epochs, ckpt_path=None, root=tmp_path / "a"):
+        L.seed_everything(7, workers=True)
+        dm = tiny_dm(tiny_data)
+        module = CaptioningModule.from_config(model_config(dm.vocab_size, dropout=0.3))
+        tr = trainer(root, epochs)
+        tr.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+        return tr, module
+
+    _, straight = run(3, root=tmp_path / "straight")
+    tr1, _ = run(2, root=tmp_path / "first")
+    ckpt = tmp_path / "epoch2.ckpt"
+    tr1.save_checkpoint(ckpt)
+    _, resumed = run(3, ckpt_path=str(ckpt), root=tmp_path / "resumed")
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_vocabulary_mismatch_is_a_clear_error(tiny_data, tmp_path):
+    dm = tiny_dm(tiny_data)
+    module = CaptioningModule.from_config(model_config(dm.vocab_size + 3))
+    with pytest.raises(ValueError, match="vocabulary mismatch"):
+        trainer(tmp_path, 1).fit(module, datamodule=dm)

@@ -1,0 +1,271 @@
+"""The attention family: shapes, invariants (sums, masks, gradients) and each equation by hand."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from captioner.attention import (
+    ATTENTION_REGISTRY,
+    AdditiveAttention,
+    Attention,
+    CosineAttention,
+    DotAttention,
+    GeneralAttention,
+    LocalAttention2d,
+    LocalMonotonicAttention,
+    LocalPredictiveAttention,
+    LocationAttention,
+    NoAttention,
+    ScaledDotProductAttention,
+    build_attention,
+)
+
+B, L, D, N, A = 3, 7, 5, 11, 4
+GRID = (3, 5)  # (H, W) for the 2-D local attention: L = 15
+
+# name -> (factory (query_dim, key_dim) -> Attention, number of positions, query size)
+VARIANTS = {
+    "additive": (lambda q, k: AdditiveAttention(q, k, attention_dim=A), L, N),
+    "dot": (DotAttention, L, D),
+    "general": (GeneralAttention, L, N),
+    "scaled_dot": (lambda q, k: ScaledDotProductAttention(q, k, attention_dim=A), L, N),
+    "cosine": (CosineAttention, L, N),
+    "location": (lambda q, k: LocationAttention(q, k, num_positions=L), L, N),
+    "local_m": (lambda q, k: LocalMonotonicAttention(q, k, window=2), L, N),
+    "local_p": (lambda q, k: LocalPredictiveAttention(q, k, window=2, renormalize=True,
+                                                      position_dim=A), L, N),
+    "local_2d": (lambda q, k: LocalAttention2d(q, k, window=1, renormalize=True,
+                                               position_dim=A, grid_size=GRID), GRID[0] * GRID[1], N),
+    "none": (NoAttention, L, N),
+}
+
+
+def inputs(num_positions: int, query_dim: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(B, query_dim, generator=g),
+            torch.randn(B, num_positions, D, generator=g) * 2)
+
+
+def key_mask(num_positions: int) -> torch.Tensor:
+    """Row 0 all valid, row 1 the last 3 padded, row 2 only 2 valid (prefix masks)."""
+    lengths = torch.tensor([num_positions, num_positions - 3, 2])
+    return torch.arange(num_positions).unsqueeze(0) < lengths.unsqueeze(1)  # (B, L)
+
+
+def build(name: str) -> tuple[Attention, torch.Tensor, torch.Tensor]:
+    factory, positions, qdim = VARIANTS[name]
+    torch.manual_seed(0)
+    attn = factory(qdim, D)
+    query, keys = inputs(positions, qdim)
+    return attn, query, keys
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_weights_have_shape_and_sum_to_one(name):
+    attn, query, keys = build(name)
+    alpha = attn(query, keys, step=3)
+    assert alpha.shape == (B, keys.shape[1])
+    assert (alpha >= 0).all()
+    torch.testing.assert_close(alpha.sum(-1), torch.ones(B))
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_masked_positions_get_exactly_zero_weight(name):
+    attn, query, keys = build(name)
+    mask = key_mask(keys.shape[1])
+    alpha = attn(query, keys, mask=mask, step=3)
+    assert (alpha[~mask] == 0).all()
+    torch.testing.assert_close(alpha.sum(-1), torch.ones(B))
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_precomputed_key_projection_gives_the_same_weights(name):
+    attn, query, keys = build(name)
+    torch.testing.assert_close(attn(query, keys, attn.project_keys(keys), step=1),
+                               attn(query, keys, step=1))
+
+
+@pytest.mark.parametrize("name", sorted(VARIANTS))
+def test_gradients_reach_every_parameter(name):
+    attn, query, keys = build(name)
+    query.requires_grad_(True)
+    weights = torch.randn(B, keys.shape[1], generator=torch.Generator().manual_seed(5))
+    alpha = attn(query, keys, step=3)
+    params = dict(attn.named_parameters())
+    assert (len(params) == 0) == (name in ("dot", "none"))
+    assert alpha.requires_grad == (name != "none")  # uniform weights depend on nothing
+    if name != "none":
+        (alpha * weights).sum().backward()
+        assert query.grad.abs().sum() > 0
+    for pname, p in params.items():
+        assert p.grad is not None and p.grad.abs().sum() > 0, pname
+
+
+def test_registry_builds_every_variant_by_name():
+    assert {"additive", "concat", "dot", "general", "scaled_dot", "cosine", "location",
+            "local_m", "local_p", "local_2d", "none"} <= set(ATTENTION_REGISTRY)
+    assert isinstance(build_attention("general", N, D), GeneralAttention)
+    assert isinstance(build_attention("location", N, D, num_positions=9), LocationAttention)
+    with pytest.raises(ValueError, match="available: .*cosine"):
+        build_attention("nope", N, D)
+
+
+# ---------------------------------------------------------------- equations by hand
+def test_dot_is_h_dot_a_and_needs_equal_sizes():
+    attn, query, keys = build("dot")
+    expected = torch.softmax(torch.einsum("bd,bld->bl", query, keys), -1)
+    torch.testing.assert_close(attn(query, keys), expected)
+    with pytest.raises(ValueError, match="query_dim=11.*key_dim=5"):
+        DotAttention(N, D)
+
+
+def test_general_is_h_W_a():
+    attn, query, keys = build("general")
+    W = attn.key_proj.weight  # (N, D)
+    expected = torch.softmax(torch.einsum("bn,nd,bld->bl", query, W, keys), -1)
+    torch.testing.assert_close(attn(query, keys), expected)
+
+
+def test_scaled_dot_divides_by_sqrt_of_the_common_size():
+    attn, query, keys = build("scaled_dot")
+    q = query @ attn.query_proj.weight.T  # (B, A)
+    k = keys @ attn.key_proj.weight.T  # (B, L, A)
+    expected = torch.softmax(torch.einsum("ba,bla->bl", q, k) / math.sqrt(A), -1)
+    torch.testing.assert_close(attn(query, keys), expected)
+
+
+def test_cosine_is_key_strength_times_cosine_similarity():
+    attn, query, keys = build("cosine")
+    k = query @ attn.key_vector.weight.T + attn.key_vector.bias  # (B, D)
+    beta = F.softplus(query @ attn.strength.weight.T + attn.strength.bias)  # (B, 1)
+    cos = F.cosine_similarity(keys, k.unsqueeze(1), dim=-1)  # (B, L)
+    torch.testing.assert_close(attn(query, keys), torch.softmax(beta * cos, -1))
+    # content-based: rescaling an annotation by a positive factor changes nothing
+    scale = torch.tensor([0.5, 3.0, 1.0, 7.0, 0.1, 2.0, 4.0]).view(1, L, 1)
+    torch.testing.assert_close(attn(query, keys * scale), attn(query, keys))
+
+
+def test_location_attention_ignores_content_and_checks_the_number_of_positions():
+    attn, query, keys = build("location")
+    torch.testing.assert_close(attn(query, keys), torch.softmax(attn.location(query), -1))
+    torch.testing.assert_close(attn(query, torch.randn_like(keys)), attn(query, keys))
+    with pytest.raises(ValueError, match="num_positions=7.*L=9"):
+        attn(query, torch.randn(B, 9, D))
+
+
+def test_no_attention_is_uniform_and_provides_no_context():
+    attn, query, keys = build("none")
+    assert not attn.provides_context and AdditiveAttention.provides_context
+    torch.testing.assert_close(attn(query, keys), torch.full((B, L), 1 / L))
+
+
+# ---------------------------------------------------------------- local attention
+def uniform_align(q: int, k: int) -> GeneralAttention:
+    """A score that is 0 everywhere: the aligned weights are uniform over the window."""
+    g = GeneralAttention(q, k)
+    torch.nn.init.zeros_(g.key_proj.weight)
+    return g
+
+
+def set_centre(predictor_w, predictor_v, fractions: torch.Tensor, gain: float = 3.0) -> torch.Tensor:
+    """Make ``sigmoid(v^T tanh(W h))`` equal ``fractions`` ``(B, k)``; returns the queries."""
+    k = fractions.shape[1]
+    with torch.no_grad():
+        predictor_w.weight.zero_()
+        predictor_w.weight[:k, :k] = torch.eye(k)  # first k hidden units copy h_0 .. h_{k-1}
+        predictor_v.weight.zero_()
+        predictor_v.weight[:, :k] = gain * torch.eye(k)
+    query = torch.zeros(fractions.shape[0], N)
+    query[:, :k] = torch.atanh(torch.logit(fractions) / gain)
+    return query
+
+
+def test_local_m_attends_to_the_window_around_the_step():
+    attn = LocalMonotonicAttention(N, D, score=uniform_align, window=2)
+    _, keys = inputs(L, N)
+    query = torch.randn(B, N)
+    alpha = attn(query, keys, step=3)  # positions 1..5
+    torch.testing.assert_close(alpha, torch.tensor([[0, .2, .2, .2, .2, .2, 0.]] * B))
+    alpha = attn(query, keys, step=0)  # positions 0..2 (window clipped)
+    torch.testing.assert_close(alpha[0], torch.tensor([1 / 3] * 3 + [0.] * 4))
+    # past the end: clamped to the last valid position of each row
+    alpha = attn(query, keys, mask=key_mask(L), step=10)  # lengths 7, 4, 2
+    expected = torch.tensor([[0, 0, 0, 0, 1 / 3, 1 / 3, 1 / 3],
+                             [0, 1 / 3, 1 / 3, 1 / 3, 0, 0, 0],
+                             [.5, .5, 0, 0, 0, 0, 0]])
+    torch.testing.assert_close(alpha, expected)
+    with pytest.raises(ValueError, match="step"):
+        attn(query, keys)
+
+
+@pytest.mark.parametrize("renormalize", [False, True])
+def test_local_p_window_is_centred_at_the_predicted_position(renormalize):
+    attn = LocalPredictiveAttention(N, D, score=uniform_align, window=2, renormalize=renormalize,
+                                    position_dim=A)
+    centres = torch.tensor([2.5, 3.5, 1.0])  # p_t = S sigmoid(...), S = 7
+    query = set_centre(attn.W_p, attn.v_p, (centres / L).unsqueeze(1))
+    _, keys = inputs(L, N)
+    torch.testing.assert_close(attn.centre(query, keys, None), centres.unsqueeze(1))
+    alpha = attn(query, keys)
+    # window |s + 1/2 - p| <= 2, uniform align 1/|window|, Gaussian with sigma = 1
+    s = torch.arange(L) + 0.5
+    expected = torch.zeros(B, L)
+    for b, p in enumerate(centres.tolist()):
+        inside = (s - p).abs() <= 2
+        expected[b, inside] = torch.exp(-(s[inside] - p) ** 2 / 2) / inside.sum()
+    if renormalize:
+        expected = expected / expected.sum(-1, keepdim=True)
+    torch.testing.assert_close(alpha, expected)
+    assert alpha[0].argmax() == 2 and alpha[1].argmax() == 3
+    torch.testing.assert_close(alpha[0, 1], alpha[0, 3])  # symmetric around p = 2.5
+    if not renormalize:  # Luong et al.: no renormalisation, the weights sum to less than 1
+        assert (alpha.sum(-1) < 1).all()
+
+
+def test_local_p_scales_the_centre_by_each_rows_length():
+    attn = LocalPredictiveAttention(N, D, score=uniform_align, window=2, position_dim=A)
+    query = set_centre(attn.W_p, attn.v_p, torch.full((B, 1), 0.5))
+    _, keys = inputs(L, N)
+    centre = attn.centre(query, keys, key_mask(L))  # lengths 7, 4, 2
+    torch.testing.assert_close(centre, torch.tensor([[3.5], [2.0], [1.0]]))
+
+
+def test_local_2d_window_is_centred_at_the_predicted_cell():
+    attn = LocalAttention2d(N, D, score=uniform_align, window=1, position_dim=A, grid_size=GRID)
+    H, W = GRID
+    centres = torch.tensor([[1.5, 2.5], [0.5, 4.5], [2.0, 1.0]])  # (p_r, p_c)
+    query = set_centre(attn.W_p, attn.V_p, centres / torch.tensor([H, W]))
+    _, keys = inputs(H * W, N)
+    torch.testing.assert_close(attn.centre(query, keys), centres)
+    alpha = attn(query, keys).view(B, H, W)
+    r = (torch.arange(H) + 0.5).view(H, 1)
+    c = (torch.arange(W) + 0.5).view(1, W)
+    for b in range(B):
+        pr, pc = centres[b].tolist()
+        inside = ((r - pr).abs() <= 1) & ((c - pc).abs() <= 1)  # (H, W)
+        gauss = torch.exp(-((r - pr) ** 2 + (c - pc) ** 2) / (2 * 0.5**2))
+        torch.testing.assert_close(alpha[b], torch.where(inside, gauss / inside.sum(), 0.0))
+    assert divmod(int(alpha[0].argmax()), W) == (1, 2)
+    assert divmod(int(alpha[1].argmax()), W) == (0, 4)
+    torch.testing.assert_close(alpha[0, 1, 1], alpha[0, 1, 3])  # symmetric around column 2
+
+
+def test_local_2d_infers_square_grids_and_names_bad_sizes():
+    attn = LocalAttention2d(N, D, window=1)
+    assert attn.grid(9) == (3, 3)
+    with pytest.raises(ValueError, match="L = 15"):
+        attn.grid(15)
+    with pytest.raises(ValueError, match="3 x 5.*L = 16"):
+        LocalAttention2d(N, D, grid_size=GRID).grid(16)
+
+
+def test_local_2d_window_over_padding_only_falls_back_to_the_valid_cells():
+    attn = LocalAttention2d(N, D, score=uniform_align, window=1, position_dim=A, grid_size=GRID)
+    query = set_centre(attn.W_p, attn.V_p, torch.tensor([[0.5 / 3, 0.5 / 5]] * B))  # cell (0, 0)
+    _, keys = inputs(15, N)
+    mask = torch.zeros(B, 15, dtype=torch.bool)
+    mask[:, 14] = True  # only cell (2, 4), outside the window
+    alpha = attn(query, keys, mask=mask)
+    assert torch.isfinite(alpha).all() and (alpha[:, :14] == 0).all() and (alpha[:, 14] > 0).all()

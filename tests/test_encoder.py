@@ -1,0 +1,86 @@
+"""ImageEncoder and backbones: shapes, normalisation, freezing, fine-tuning."""
+
+import pytest
+import torch
+
+from captioner.encoders import ImageEncoder, available_backbones, build_backbone
+
+
+def test_registry_lists_the_required_backbones():
+    required = {"resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "vgg16", "vgg19",
+                "shapes_cnn", "efficientnet_lite0"}
+    assert required <= set(available_backbones())
+
+
+@pytest.mark.parametrize("name,d", [("shapes_cnn", 128), ("resnet18", 512), ("vgg16", 512),
+                                    ("efficientnet_lite0", 1280)])
+def test_output_is_B_L_D_for_an_odd_grid(name, d):
+    enc = ImageEncoder(name, grid_size=(3, 5)).eval()
+    out = enc(torch.rand(3, 3, 64, 96))
+    assert out.shape == (3, 15, d)
+    assert enc.out_channels == d
+
+
+def test_grid_is_row_major():
+    """Annotation i = r * W + c must be the pooled feature of grid cell (r, c)."""
+    enc = ImageEncoder("shapes_cnn", grid_size=(3, 5)).eval()
+    images = torch.rand(2, 3, 48, 80)
+    fmap = enc.pool(enc.feature_map(images))  # (B, D, 3, 5)
+    ann = enc(images)
+    assert torch.allclose(ann[:, 2 * 5 + 4], fmap[:, :, 2, 4])
+    assert torch.allclose(ann[:, 1 * 5 + 0], fmap[:, :, 1, 0])
+
+
+def test_vgg19_is_conv5_4_at_14x14():
+    bb = build_backbone("vgg19")
+    x = torch.rand(1, 3, 224, 224)
+    assert bb.body(x).shape == (1, 512, 14, 14)
+    assert list(dict(bb.body.named_children())) == ["conv1", "conv2", "conv3", "conv4", "conv5"]
+
+
+def test_resnet_blocks_are_named_for_stage_placement():
+    names = [n for n, _ in build_backbone("resnet18").body.named_children()]
+    assert names == ["stem", "layer1", "layer2", "layer3", "layer4"]
+
+
+def test_weights_are_named_as_torchvision_enums_and_unknown_names_are_clear():
+    with pytest.raises(ValueError, match="IMAGENET1K_V1"):
+        build_backbone("resnet18", "NOT_A_WEIGHT")
+    with pytest.raises(ValueError, match="available"):
+        build_backbone("resnet7")
+
+
+def test_normalisation_follows_the_weights_enum():
+    from torchvision.models import ResNet18_Weights
+
+    # Constructing with weights would download; check the mean/std read from the enum instead.
+    t = ResNet18_Weights.IMAGENET1K_V1.transforms()
+    enc = ImageEncoder("resnet18")
+    assert torch.allclose(enc.mean.flatten(), torch.tensor(t.mean))
+    assert torch.allclose(enc.std.flatten(), torch.tensor(t.std))
+
+
+def test_efficientnet_lite0_loads_real_imagenet_weights_offline():
+    enc = ImageEncoder("efficientnet_lite0", weights="IMAGENET", grid_size=7)
+    w = enc.body.stem.conv.weight
+    assert w.abs().sum() > 0 and not w.requires_grad  # real weights, frozen by default
+    assert torch.allclose(enc.mean.flatten(), torch.full((3,), 127 / 255))
+
+
+def test_frozen_by_default_and_finetune_last_blocks():
+    enc = ImageEncoder("resnet18")
+    assert not any(p.requires_grad for p in enc.parameters())
+    enc = ImageEncoder("resnet18", finetune_blocks=2)
+    trainable = {n.split(".")[1] for n, p in enc.named_parameters() if p.requires_grad}
+    assert trainable == {"layer3", "layer4"}
+    enc.train()
+    assert not enc.body.layer1.training and enc.body.layer4.training  # frozen BN stays in eval
+    with pytest.raises(ValueError, match="finetune_blocks"):
+        ImageEncoder("resnet18", finetune_blocks=9)
+
+
+def test_unknown_stage_place_is_a_clear_error():
+    stage = torch.nn.Identity()
+    stage.where = "layer9"
+    with pytest.raises(ValueError, match="layer9"):
+        ImageEncoder("resnet18", stages=[stage])

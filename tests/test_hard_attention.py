@@ -1,0 +1,193 @@
+"""Stochastic hard attention (Xu et al. 2015, Section 4.1): sampling, the REINFORCE estimator
+against the exact gradient by enumeration, and a toy task where the right location is known."""
+
+import functools
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from captioner.attention import AdditiveAttention
+from captioner.decoder import AttentionDecoder
+from captioner.hard_attention import HardAttention
+from captioner.lit.captioning import CaptioningModule
+from captioner.losses import attention_entropy, reinforce_surrogate, sentence_log_likelihood
+
+B, L, D = 3, 7, 5
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny ops run much faster on one thread than on a shared, busy CPU."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_sampling_follows_alpha_and_never_picks_a_masked_position():
+    torch.manual_seed(0)
+    alpha = torch.tensor([0.5, 0.3, 0.2, 0.0, 0.0, 0.0, 0.0])
+    M = 20000
+    sel = HardAttention(expectation_prob=0.0)(alpha.expand(M, L), torch.randn(M, L, D), sample=True)
+    freq = torch.bincount(sel.locations, minlength=L).float() / M
+    torch.testing.assert_close(freq, alpha, atol=0.015, rtol=0)
+    assert sel.sampled.all()
+    torch.testing.assert_close(sel.log_probs, torch.log(alpha[sel.locations]))
+
+
+def test_context_is_the_annotation_at_the_sampled_location_or_the_expectation():
+    torch.manual_seed(1)
+    alpha = torch.softmax(torch.randn(B, L), -1)
+    keys = torch.randn(B, L, D)
+    use_exp = torch.tensor([True, False, True])
+    sel = HardAttention()(alpha, keys, sample=True, use_expectation=use_exp)
+    torch.testing.assert_close(sel.context[1], keys[1, sel.locations[1]])
+    torch.testing.assert_close(sel.context[0], alpha[0] @ keys[0])
+    torch.testing.assert_close(sel.weights[0], alpha[0])
+    assert sel.weights[1].sum() == 1 and sel.weights[1, sel.locations[1]] == 1
+    assert sel.sampled.tolist() == [False, True, False]
+    assert sel.log_probs[0] == 0 and sel.log_probs[2] == 0
+
+
+@pytest.mark.parametrize("rule", ["argmax", "expectation"])
+def test_test_time_rule_is_deterministic(rule):
+    torch.manual_seed(2)
+    alpha = torch.softmax(torch.randn(B, L), -1)
+    keys = torch.randn(B, L, D)
+    sel = HardAttention(test_rule=rule)(alpha, keys, sample=False)
+    assert torch.equal(sel.locations, alpha.argmax(-1)) and not sel.sampled.any()
+    if rule == "argmax":
+        torch.testing.assert_close(sel.weights, nn.functional.one_hot(alpha.argmax(-1), L).float())
+        torch.testing.assert_close(sel.context, keys[torch.arange(B), alpha.argmax(-1)])
+    else:
+        torch.testing.assert_close(sel.context, torch.einsum("bl,bld->bd", alpha, keys))
+
+
+def test_expectation_probability_is_respected():
+    torch.manual_seed(3)
+    draws = HardAttention(expectation_prob=0.3).draw_expectation(20000, torch.device("cpu"))
+    assert abs(draws.float().mean().item() - 0.3) < 0.015
+
+
+def test_moving_average_baseline_by_hand():
+    hard = HardAttention()
+    hard.update_baseline(torch.tensor([-4.0, -6.0]))  # first update: b = mean
+    assert hard.baseline.item() == pytest.approx(-5.0)
+    hard.update_baseline(torch.tensor([-1.0, -3.0]))  # b = 0.9 (-5) + 0.1 (-2)
+    assert hard.baseline.item() == pytest.approx(-4.7)
+    hard.update_baseline(torch.tensor([]))  # nothing sampled: unchanged
+    assert hard.baseline.item() == pytest.approx(-4.7)
+    assert "baseline" in hard.state_dict()
+
+
+def test_entropy_and_surrogate_by_hand():
+    alphas = torch.tensor([[[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]], [[0.25, 0.25, 0.5], [0.2, 0.3, 0.5]]])
+    steps = torch.tensor([[True, True], [True, False]])
+    torch.testing.assert_close(attention_entropy(alphas, steps),
+                               torch.tensor([math.log(2), 1.5 * math.log(2)]))
+    reward = torch.tensor([-2.0, -4.0], requires_grad=True)
+    log_p_s = torch.tensor([-1.0, -0.5], requires_grad=True)
+    entropy = torch.tensor([0.7, 0.1])
+    loss = reinforce_surrogate(reward, log_p_s, entropy, baseline=-3.0, lambda_r=0.5, lambda_e=0.1)
+    # -mean(0.5 * (r - b) * log p(s) + 0.1 H) = -mean(0.5*1*-1 + 0.07, 0.5*-1*-0.5 + 0.01)
+    assert loss.item() == pytest.approx(-((-0.5 + 0.07) + (0.25 + 0.01)) / 2)
+    loss.backward()
+    assert reward.grad is None or (reward.grad == 0).all()  # the reward is a constant
+    torch.testing.assert_close(log_p_s.grad, torch.tensor([-0.25, 0.25]))
+
+
+def test_sentence_log_likelihood_ignores_padding():
+    logits = torch.randn(2, 3, 4)
+    targets = torch.tensor([[1, 2, 0], [3, 3, 3]])
+    lp = torch.log_softmax(logits, -1)
+    expected = torch.stack([lp[0, 0, 1] + lp[0, 1, 2], lp[1, :, 3].sum()])
+    torch.testing.assert_close(sentence_log_likelihood(logits, targets, pad_id=0), expected)
+
+
+@pytest.mark.parametrize("lambda_r,lambda_e", [(1.0, 0.0), (0.5, 0.3)])
+def test_reinforce_estimator_matches_the_exact_gradient_by_enumeration(lambda_r, lambda_e):
+    """One attention step over L = 7 locations, p(y | s) = softmax(W a_s)_y. The Monte Carlo
+    mean of the estimator (Eq. 12) over M samples equals, within a few standard errors, the exact
+    expectation sum_s p(s) [d log p(y|s) + lambda_r (log p(y|s) - b) d log p(s)] + lambda_e dH."""
+    V, y, M, b = 3, 1, 40000, -1.2
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(L, D, generator=g) * 1.5
+    theta0 = torch.randn(L, generator=g)
+    W0 = torch.randn(V, D, generator=g) * 0.7
+
+    def log_p_y(W, z):  # (..., D) -> (...)
+        return torch.log_softmax(z @ W.T, -1)[..., y]
+
+    # exact: enumerate the L locations (as minimised losses: minus the ascent direction)
+    theta, W = theta0.clone().requires_grad_(), W0.clone().requires_grad_()
+    p = torch.softmax(theta, -1)
+    R = log_p_y(W, keys)  # (L,)
+    H = -(p * torch.log(p)).sum()
+    exact = -(p.detach() * R).sum() - lambda_r * (p.detach() * (R.detach() - b) * torch.log(p)).sum() \
+        - lambda_e * H
+    exact_grads = torch.autograd.grad(exact, [theta, W])
+
+    # Monte Carlo through HardAttention + reinforce_surrogate, M samples in one batch
+    torch.manual_seed(1)
+    theta, W = theta0.clone().requires_grad_(), W0.clone().requires_grad_()
+    alpha = torch.softmax(theta, -1).expand(M, L)
+    sel = HardAttention(expectation_prob=0.0)(alpha, keys.expand(M, L, D), sample=True)
+    reward = log_p_y(W, sel.context)  # (M,)
+    entropy = attention_entropy(alpha.unsqueeze(1), torch.ones(M, 1, dtype=torch.bool))
+    loss = -reward.mean() + reinforce_surrogate(reward, sel.log_probs, entropy, b, lambda_r, lambda_e)
+    mc_grads = torch.autograd.grad(loss, [theta, W])
+
+    for exact_g, mc_g in zip(exact_grads, mc_grads):
+        assert exact_g.abs().max() > 0.05  # not a trivial comparison
+        torch.testing.assert_close(mc_g, exact_g, atol=0.02, rtol=0.0)
+
+
+class _Features(nn.Module):
+    """Stands in for the image encoder: the batch carries ``features`` (the annotations)."""
+
+    out_channels = 7
+
+
+def _toy_batch(batch_size: int, g: torch.Generator, num_words: int = 4):
+    """L = 9 annotations; one carries a marker (feature 0) and the label (one-hot); the others
+    carry random labels. Caption ``<start> label <end>``: only the marked location tells it."""
+    Lt, Dt = 9, _Features.out_channels
+    pos = torch.randint(0, Lt, (batch_size,), generator=g)
+    labels = torch.randint(0, num_words, (batch_size, Lt), generator=g)
+    feats = 0.1 * torch.randn(batch_size, Lt, Dt, generator=g)
+    feats[:, :, 1:1 + num_words] += nn.functional.one_hot(labels, num_words).float()
+    feats[torch.arange(batch_size), pos, 0] += 1.0
+    words = labels[torch.arange(batch_size), pos] + 4  # ids 0-3 are the special tokens
+    captions = torch.stack([torch.full_like(words, 1), words, torch.full_like(words, 2)], 1)
+    return {"features": feats, "captions": captions}, pos
+
+
+def test_hard_attention_learns_to_pick_the_informative_location():
+    """Pure REINFORCE (no expected contexts), trained through ``CaptioningModule.loss``."""
+    torch.manual_seed(0)
+    decoder = functools.partial(
+        AttentionDecoder, embed_dim=8, hidden_dim=16, dropout=0.0, gate="none",
+        attention=functools.partial(AdditiveAttention, attention_dim=16),
+        attention_mode="hard", hard_expectation_prob=0.0)
+    module = CaptioningModule(_Features(), decoder, vocab_size=8, doubly_stochastic=0.0,
+                              hard_lambda_r=1.0, hard_lambda_e=0.0)
+    optimizer = torch.optim.Adam(module.decoder.parameters(), lr=0.03)
+    g = torch.Generator().manual_seed(1)
+    module.train()
+    for _ in range(150):
+        batch, _ = _toy_batch(32, g)
+        losses = module.loss(batch)
+        optimizer.zero_grad()
+        losses["loss"].backward()
+        optimizer.step()
+    assert {"reward", "baseline", "entropy"} <= set(losses)
+    module.eval()
+    batch, pos = _toy_batch(300, g)
+    with torch.no_grad():
+        out = module.decoder(batch["features"], batch["captions"])
+    picked = (out.locations[:, 0] == pos).float().mean().item()
+    correct = (out.logits[:, 0].argmax(-1) == batch["captions"][:, 1]).float().mean().item()
+    assert picked > 0.8, f"picked the marked location {picked:.0%} of the time (chance 11%)"
+    assert correct > 0.8

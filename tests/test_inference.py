@@ -1,0 +1,279 @@
+"""Tests for captioner.inference: rebuilding a checkpoint, captioning any image, clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from captioner.data.images import ImageLoadError
+from captioner.data.vocabulary import Vocabulary
+from captioner.inference import Caption, Captioner, CheckpointError, read_checkpoint
+from tests.conftest import TINY_GRID, TINY_MODEL_CONFIG
+
+H, W = TINY_GRID
+
+
+@pytest.fixture(scope="module")
+def captioner(tiny_checkpoint: Path) -> Captioner:
+    return Captioner.from_checkpoint(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def test_images(shapes_root: Path) -> list[Path]:
+    return sorted((shapes_root / "test" / "images").glob("*.png"))
+
+
+def _same(a: Caption, b: Caption) -> None:
+    """Two captions of the same pixels: same tokens, score and attention."""
+    assert a.tokens == b.tokens
+    assert a.score == pytest.approx(b.score, abs=1e-4)
+    np.testing.assert_allclose(a.alphas, b.alphas, atol=1e-5)
+
+
+def _rewrite(tmp_path: Path, src: Path, name: str, **save) -> Path:
+    """``src`` converted by ``save.pop("convert")`` and saved as ``tmp_path / name``."""
+    img = Image.open(src).convert("RGB")
+    convert = save.pop("convert", None)
+    if convert is not None:
+        img = convert(img)
+    out = tmp_path / name
+    img.save(out, **save)
+    return out
+
+
+# ------------------------------------------------------------------------------- rebuilding
+def test_from_checkpoint_restores_the_trained_model(captioner: Captioner, tiny_checkpoint: Path,
+                                                    test_images: list[Path]) -> None:
+    from captioner.lit.captioning import CaptioningModule
+
+    ckpt = torch.load(tiny_checkpoint, weights_only=True)
+    assert captioner.grid_size == TINY_GRID
+    assert captioner.image_size == 32
+    assert len(captioner.vocab) == ckpt["hyper_parameters"]["vocab_size"]
+    assert captioner.search["max_length"] == TINY_MODEL_CONFIG["max_length"]
+    # The model trained by Lightning and the one rebuilt from the file decode identically.
+    module = CaptioningModule.from_config({**TINY_MODEL_CONFIG,
+                                           "vocab_size": len(captioner.vocab)})
+    module.load_state_dict(ckpt["state_dict"])
+    module.eval()
+    batch = torch.stack([captioner.preprocess(Image.open(p).convert("RGB"))
+                         for p in test_images])  # (B, 3, 32, 32)
+    expected = module.generate(module.encoder(batch))
+    got = captioner.caption(test_images, batch_size=4)
+    for i, c in enumerate(got):
+        n = int(expected.lengths[i])
+        assert c.tokens == expected.tokens[i, :n].tolist()
+        assert c.score == pytest.approx(float(expected.scores[i]), abs=1e-5)
+
+
+def test_caption_fields_and_shapes(captioner: Captioner, test_images: list[Path]) -> None:
+    captions = captioner.caption(test_images[:3], beam_size=2, max_length=5)
+    assert len(captions) == 3
+    for c, path in zip(captions, test_images):
+        T = len(c.tokens)
+        assert 1 <= T <= 5
+        assert c.alphas.shape == (T, H, W)
+        np.testing.assert_allclose(c.alphas.sum(axis=(1, 2)), np.ones(T), atol=1e-5)
+        assert c.betas.shape == (T,) and np.all((c.betas > 0) & (c.betas < 1))  # sigmoid gate
+        assert c.words == captioner.vocab.decode(c.tokens)
+        assert c.text == " ".join(c.words)
+        assert c.word_alphas.shape == (len(c.words), H, W)
+        assert c.score <= 0.0
+        assert c.path == path and c.image is not None and c.image.mode == "RGB"
+
+
+def test_batching_does_not_change_captions(captioner: Captioner, test_images: list[Path]) -> None:
+    one_by_one = [captioner.caption(p)[0] for p in test_images]
+    batched = captioner.caption(test_images, batch_size=4)  # batches of 4 and 2
+    for a, b in zip(one_by_one, batched):
+        _same(a, b)
+
+
+def test_beam_search_is_batch_invariant(captioner: Captioner, test_images: list[Path]) -> None:
+    batched = captioner.caption(test_images, beam_size=3, batch_size=6)
+    for path, b in zip(test_images, batched):
+        _same(captioner.caption(path, beam_size=3)[0], b)
+        assert b.alphas.shape == (len(b.tokens), H, W)
+
+
+def test_pil_images_and_paths_agree(captioner: Captioner, test_images: list[Path]) -> None:
+    pil = Image.open(test_images[0])
+    _same(captioner.caption([pil])[0], captioner.caption([test_images[0]])[0])
+    assert captioner.caption([pil])[0].path is None
+
+
+# ------------------------------------------------------------------------------- image modes
+def test_grey_16bit_and_rgba_match_their_8bit_rgb_equivalents(
+        captioner: Captioner, test_images: list[Path], tmp_path: Path) -> None:
+    src = test_images[1]
+    grey = _rewrite(tmp_path, src, "grey.png", convert=lambda im: im.convert("L"))
+    grey_rgb = Image.open(grey).convert("RGB")  # L -> RGB replicates the channel
+    values = np.asarray(Image.open(grey), dtype=np.uint16) * 257  # 8-bit v -> 16-bit v * 257
+    deep = tmp_path / "deep.png"
+    Image.fromarray(values.astype(np.uint16)).save(deep)
+    assert Image.open(deep).mode.startswith("I")
+    opaque = _rewrite(tmp_path, src, "opaque.png", convert=lambda im: im.convert("RGBA"))
+    assert Image.open(opaque).mode == "RGBA"
+
+    grey_c, deep_c, opaque_c = captioner.caption([grey, deep, opaque])
+    _same(grey_c, captioner.caption([grey_rgb])[0])
+    _same(deep_c, grey_c)  # 16-bit scaled by 255 / 65535, not clipped
+    _same(opaque_c, captioner.caption([src])[0])  # alpha 255 everywhere changes nothing
+    assert captioner.caption([grey_rgb])[0].score != captioner.caption([src])[0].score
+
+
+def test_exif_rotated_image_is_captioned_upright(captioner: Captioner, test_images: list[Path],
+                                                 tmp_path: Path) -> None:
+    src = test_images[2]
+    upright = Image.open(src).convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # stored counter-clockwise
+    rotated = tmp_path / "rotated.png"
+    stored.save(rotated, exif=exif.tobytes())
+    sideways = tmp_path / "sideways.png"
+    stored.save(sideways)  # the same pixels without the orientation tag
+
+    c_rotated = captioner.caption([rotated])[0]
+    _same(c_rotated, captioner.caption([src])[0])
+    assert c_rotated.image is not None and c_rotated.image.size == upright.size
+    assert not np.allclose(captioner.caption([sideways])[0].alphas[0], c_rotated.alphas[0])
+
+
+@pytest.mark.parametrize("kind", ["palette", "cmyk_jpeg", "tiny_1x1", "large_3000x2000",
+                                  "wide_rgba"])
+def test_unusual_images_are_captioned(kind: str, captioner: Captioner, test_images: list[Path],
+                                      tmp_path: Path) -> None:
+    src = test_images[0]
+    if kind == "palette":
+        path = _rewrite(tmp_path, src, "p.png", convert=lambda im: im.convert("P"))
+        assert Image.open(path).mode == "P"
+    elif kind == "cmyk_jpeg":
+        path = _rewrite(tmp_path, src, "cmyk.jpg", convert=lambda im: im.convert("CMYK"))
+        assert Image.open(path).mode == "CMYK"
+    elif kind == "tiny_1x1":
+        path = tmp_path / "one.png"
+        Image.new("RGB", (1, 1), (200, 30, 30)).save(path)
+    elif kind == "large_3000x2000":
+        path = tmp_path / "large.png"
+        Image.open(src).convert("RGB").resize((3000, 2000), Image.Resampling.NEAREST).save(
+            path, compress_level=1)
+    else:
+        path = tmp_path / "wide.png"
+        a = np.zeros((9, 41, 4), dtype=np.uint8)  # (H, W, RGBA): fully transparent
+        Image.fromarray(a, mode="RGBA").save(path)
+    (c,) = captioner.caption([path])
+    assert 1 <= len(c.tokens) <= captioner.search["max_length"]
+    assert c.alphas.shape == (len(c.tokens), H, W)
+    assert np.isfinite(c.score)
+    if kind == "wide_rgba":  # transparent pixels are composited on white
+        white = tmp_path / "white.png"
+        Image.new("RGB", (41, 9), (255, 255, 255)).save(white)
+        _same(c, captioner.caption([white])[0])
+
+
+# ------------------------------------------------------------------------------- bad images
+def test_caption_raises_image_load_error_naming_the_file(captioner: Captioner,
+                                                         tmp_path: Path) -> None:
+    with pytest.raises(ImageLoadError, match="missing.png.*no such file"):
+        captioner.caption([tmp_path / "missing.png"])
+    text = tmp_path / "notes.png"
+    text.write_text("not a picture")
+    with pytest.raises(ImageLoadError, match="notes.png.*not a recognised image"):
+        captioner.caption([text])
+
+
+def test_caption_paths_reports_bad_files_and_captions_the_rest(
+        captioner: Captioner, test_images: list[Path], tmp_path: Path) -> None:
+    folder = tmp_path / "photos"
+    (folder / "nested").mkdir(parents=True)
+    good = [folder / "a.png", folder / "nested" / "b.png"]
+    for dst, src in zip(good, test_images):
+        dst.write_bytes(src.read_bytes())
+    full = tmp_path / "full.jpg"
+    Image.open(test_images[2]).convert("RGB").save(full, quality=95)
+    truncated = folder / "truncated.jpg"
+    truncated.write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    (folder / "readme.txt").write_text("skipped: not an image suffix")
+    fake = tmp_path / "fake.png"
+    fake.write_bytes(b"\x00" * 100)
+
+    captions, errors = captioner.caption_paths(
+        [folder, tmp_path / "missing.jpg", fake, tmp_path / "notes.txt"], batch_size=2)
+    assert [c.path for c in captions] == good  # sorted, recursive; readme.txt ignored
+    for c, src in zip(captions, test_images):
+        _same(c, captioner.caption([src])[0])
+        assert c.image is None  # not kept by default: large folders stay small in memory
+    reasons = {p.name: r for p, r in errors}
+    assert set(reasons) == {"truncated.jpg", "missing.jpg", "fake.png", "notes.txt"}
+    assert "truncated or corrupt" in reasons["truncated.jpg"]
+    assert "no such file" in reasons["missing.jpg"]
+    assert "not a recognised image" in reasons["fake.png"]
+
+
+# ------------------------------------------------------------------------------- bad checkpoints
+def _variant(tiny_checkpoint: Path, tmp_path: Path, name: str, edit) -> Path:
+    ckpt = torch.load(tiny_checkpoint, weights_only=True)
+    edit(ckpt)
+    out = tmp_path / name
+    torch.save(ckpt, out)
+    return out
+
+
+def test_random_bytes_and_missing_files_are_not_checkpoints(tmp_path: Path) -> None:
+    noise = tmp_path / "noise.ckpt"
+    noise.write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(CheckpointError, match="noise.ckpt: not a readable PyTorch checkpoint"):
+        Captioner.from_checkpoint(noise)
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        Captioner.from_checkpoint(tmp_path / "nothing.ckpt")
+
+
+def test_torch_file_without_captioner_metadata(tmp_path: Path) -> None:
+    plain = tmp_path / "plain.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(3)}}, plain)
+    with pytest.raises(CheckpointError, match="not a captioner checkpoint"):
+        Captioner.from_checkpoint(plain)
+    tensor = tmp_path / "tensor.pt"
+    torch.save(torch.zeros(3), tensor)
+    with pytest.raises(CheckpointError, match="not a captioner checkpoint"):
+        read_checkpoint(tensor)
+
+
+def test_vocabulary_mismatch(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    def bigger_vocab(ckpt):
+        itos = ckpt["captioner"]["vocab"]["itos"]
+        ckpt["captioner"]["vocab"] = Vocabulary([*itos, "zebra"]).to_dict()
+
+    path = _variant(tiny_checkpoint, tmp_path, "vocab.ckpt", bigger_vocab)
+    V = torch.load(tiny_checkpoint, weights_only=True)["hyper_parameters"]["vocab_size"]
+    with pytest.raises(CheckpointError, match=f"vocabulary mismatch.*{V + 1} words.*built for {V}"):
+        Captioner.from_checkpoint(path)
+
+    def bigger_model(ckpt):  # config and vocabulary agree, the weights do not
+        bigger_vocab(ckpt)
+        ckpt["captioner"]["model_config"]["init_args"]["vocab_size"] = V + 1
+
+    path = _variant(tiny_checkpoint, tmp_path, "weights.ckpt", bigger_model)
+    with pytest.raises(CheckpointError, match="weights do not fit"):
+        Captioner.from_checkpoint(path)
+
+
+def test_wrong_task_and_broken_config(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    def translation(ckpt):
+        ckpt["captioner"]["task"] = "translation"
+
+    path = _variant(tiny_checkpoint, tmp_path, "nmt.ckpt", translation)
+    with pytest.raises(CheckpointError, match="'translation' checkpoint, expected 'captioning'"):
+        Captioner.from_checkpoint(path)
+
+    def unknown_backbone(ckpt):
+        ckpt["captioner"]["model_config"]["init_args"]["encoder"]["init_args"]["backbone"] = "nope"
+
+    path = _variant(tiny_checkpoint, tmp_path, "config.ckpt", unknown_backbone)
+    with pytest.raises(CheckpointError, match="cannot rebuild the model"):
+        Captioner.from_checkpoint(path)

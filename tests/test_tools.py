@@ -1,0 +1,267 @@
+"""Tests for the ``captioner caption | evaluate | visualize`` sub-commands (captioner.tools).
+
+The commands run in-process through :func:`captioner.cli.main` (output captured with capsys);
+one test runs the installed ``captioner`` entry point in a subprocess.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from captioner.cli import main
+from captioner.data.vocabulary import Vocabulary
+from captioner.inference import Captioner
+from tests.conftest import TINY_GRID, shapes_data_config
+
+H, W = TINY_GRID
+
+
+@pytest.fixture(scope="module")
+def captioner(tiny_checkpoint: Path) -> Captioner:
+    return Captioner.from_checkpoint(tiny_checkpoint)
+
+
+@pytest.fixture(scope="module")
+def test_images(shapes_root: Path) -> list[Path]:
+    return sorted((shapes_root / "test" / "images").glob("*.png"))
+
+
+@pytest.fixture(scope="module")
+def bad_checkpoints(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    folder = tmp_path_factory.mktemp("bad_ckpts")
+    noise = folder / "noise.ckpt"
+    noise.write_bytes(np.random.default_rng(1).bytes(2048))
+    plain = folder / "plain.ckpt"
+    torch.save({"state_dict": {}, "epoch": 3}, plain)
+    ckpt = torch.load(tiny_checkpoint, weights_only=True)
+    itos = ckpt["captioner"]["vocab"]["itos"]
+    ckpt["captioner"]["vocab"] = Vocabulary([*itos, "zebra"]).to_dict()  # one word too many
+    vocab = folder / "vocab.ckpt"
+    torch.save(ckpt, vocab)
+    return {"noise": (noise, "not a readable PyTorch checkpoint"),
+            "plain": (plain, "not a captioner checkpoint"),
+            "vocab": (vocab, "vocabulary mismatch")}
+
+
+def _run(capsys: pytest.CaptureFixture, *argv: str) -> tuple[int, str, str]:
+    status = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    assert "Traceback" not in err
+    return status, out, err
+
+
+# ================================================================================== caption
+def test_caption_plain_output_matches_the_api(capsys, tiny_checkpoint, captioner,
+                                              test_images, shapes_root) -> None:
+    status, out, err = _run(capsys, "caption", "--ckpt", tiny_checkpoint, "--batch-size", "4",
+                            shapes_root / "test")
+    assert status == 0, err
+    lines = out.splitlines()
+    expected = captioner.caption(test_images)
+    assert lines == [f"{p}\t{c.text}" for p, c in zip(test_images, expected)]
+
+
+def test_caption_json_with_beam(capsys, tiny_checkpoint, captioner, test_images) -> None:
+    status, out, _ = _run(capsys, "caption", "--ckpt", tiny_checkpoint, "--json",
+                          "--beam-size", "3", "--max-length", "4", *test_images[:2])
+    assert status == 0
+    rows = json.loads(out)
+    expected = captioner.caption(test_images[:2], beam_size=3, max_length=4)
+    assert [r["image"] for r in rows] == [str(p) for p in test_images[:2]]
+    for row, c in zip(rows, expected):
+        assert set(row) >= {"image", "caption", "tokens", "score"}
+        assert row["caption"] == c.text and row["words"] == c.words
+        assert row["tokens"] == c.tokens and len(row["tokens"]) <= 4
+        assert row["score"] == pytest.approx(c.score, abs=1e-5)
+
+
+def test_caption_reports_bad_paths_and_captions_the_others(capsys, tiny_checkpoint,
+                                                           test_images, tmp_path) -> None:
+    full = tmp_path / "full.jpg"
+    Image.open(test_images[0]).convert("RGB").save(full)
+    truncated = tmp_path / "truncated.jpg"
+    truncated.write_bytes(full.read_bytes()[:200])
+    notes = tmp_path / "notes.txt"
+    notes.write_text("hello")
+    fake = tmp_path / "fake.jpg"
+    fake.write_text("hello")
+    status, out, err = _run(capsys, "caption", "--ckpt", tiny_checkpoint, test_images[1],
+                            tmp_path / "missing.png", truncated, notes, fake, test_images[2])
+    assert status == 1
+    assert [line.split("\t")[0] for line in out.splitlines()] == [str(test_images[1]),
+                                                                  str(test_images[2])]
+    assert f"{tmp_path / 'missing.png'}: no such file" in err
+    assert f"{truncated}: truncated or corrupt" in err
+    assert f"{notes}: not an image file extension (.txt)" in err
+    assert f"{fake}: not a recognised image format" in err
+    assert "4 path(s) not captioned, 2 captioned" in err
+
+
+def test_caption_of_odd_images(capsys, tiny_checkpoint, test_images, tmp_path) -> None:
+    src = Image.open(test_images[0]).convert("RGB")
+    src.convert("L").save(tmp_path / "grey.png")
+    src.convert("P").save(tmp_path / "palette.gif")
+    src.convert("CMYK").save(tmp_path / "cmyk.jpg")
+    Image.fromarray((np.asarray(src.convert("L"), np.uint16) * 257)).save(tmp_path / "deep.png")
+    Image.new("RGBA", (1, 1), (9, 9, 9, 0)).save(tmp_path / "tiny.png")
+    src.resize((3000, 2000)).save(tmp_path / "large.png", compress_level=1)
+    status, out, err = _run(capsys, "caption", "--ckpt", tiny_checkpoint, "--json", tmp_path)
+    assert status == 0, err
+    rows = json.loads(out)
+    assert sorted(Path(r["image"]).name for r in rows) == sorted(
+        ["grey.png", "palette.gif", "cmyk.jpg", "deep.png", "tiny.png", "large.png"])
+    assert all(r["tokens"] and np.isfinite(r["score"]) for r in rows)
+
+
+@pytest.mark.parametrize("kind", ["noise", "plain", "vocab"])
+def test_bad_checkpoint_is_one_clear_line(kind, capsys, bad_checkpoints, test_images) -> None:
+    path, reason = bad_checkpoints[kind]
+    status, out, err = _run(capsys, "caption", "--ckpt", path, test_images[0])
+    assert status == 2 and out == ""
+    assert err.count("\n") == 1 and err.startswith(f"captioner caption: error: {path}: ")
+    assert reason in err
+
+
+def test_usage_errors(capsys, tiny_checkpoint, test_images) -> None:
+    status, _, err = _run(capsys, "caption", test_images[0])
+    assert status == 2 and "--ckpt" in err
+    status, _, err = _run(capsys, "caption", "--ckpt", tiny_checkpoint, "--beam-size", "0",
+                          test_images[0])
+    assert status == 2 and "positive integer" in err
+    status, out, _ = _run(capsys, "visualize", "--help")
+    assert status == 0 and "--save-maps" in out
+
+
+def test_entry_point_in_a_subprocess(tiny_checkpoint, test_images, tmp_path) -> None:
+    exe = Path(sys.executable).parent / "captioner"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([str(exe), "caption", "--ckpt", str(tiny_checkpoint),
+                           str(test_images[0]), str(tmp_path / "missing.png")],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 1
+    assert proc.stdout.startswith(f"{test_images[0]}\t") and proc.stdout.count("\n") == 1
+    assert "missing.png: no such file" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ================================================================================== evaluate
+def _lightning_style_config(tmp_path: Path, shapes_root: Path) -> Path:
+    config = {"seed_everything": 0, "trainer": {"max_epochs": 1},
+              "data": shapes_data_config(shapes_root, batch_size=5)}
+    path = tmp_path / "data.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_evaluate_decodes_each_image_once_and_writes_coco_results(
+        capsys, monkeypatch, tiny_checkpoint, captioner, shapes_root, tmp_path) -> None:
+    from pycocotools.coco import COCO
+
+    decoded: list[int] = []
+    original = Captioner.caption_tensors
+
+    def counting(self, images, *args, **kwargs):
+        decoded.append(images.shape[0])
+        return original(self, images, *args, **kwargs)
+
+    monkeypatch.setattr(Captioner, "caption_tensors", counting)
+    config = _lightning_style_config(tmp_path, shapes_root)
+    out_dir = tmp_path / "eval"
+    status, out, err = _run(capsys, "evaluate", "--ckpt", tiny_checkpoint, "--config", config,
+                            "--batch-size", "4", "--out", out_dir, "--no-java")
+    assert status == 0, err
+    assert decoded == [4, 2]  # the 6 test images, each exactly once
+
+    metrics = json.loads((out_dir / "metrics_test.json").read_text())
+    assert list(metrics["scores"]) == ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr"]
+    assert set(metrics["skipped"]) == {"PTBTokenizer", "METEOR", "SPICE"}
+    assert metrics["protocol"]["images"] == 6 and metrics["protocol"]["beam_size"] == 1
+    assert 0.0 <= metrics["attention_correctness"] <= 1.0
+    assert 0.0 < metrics["attention_chance"] < 1.0 and metrics["attention_words"] >= 1
+    for name in ("METEOR", "SPICE"):
+        assert err.count(f"captioner evaluate: {name} skipped: use_java=False") == 1
+    for name, value in metrics["scores"].items():
+        assert f"{value:.4f}" in out and name in out
+    assert "attention correctness" in out and "chance" in out
+
+    # The results file is what COCO.loadRes expects, with the API's captions.
+    gt = COCO(str(shapes_root / "annotations" / "captions_test.json"))
+    res = gt.loadRes(str(out_dir / "captions_test.json"))
+    records = {img["id"]: img["file_name"] for img in gt.dataset["images"]}
+    images_dir = shapes_root / "test" / "images"
+    for image_id, file_name in records.items():
+        (row,) = res.imgToAnns[image_id]
+        assert row["caption"] == captioner.caption(images_dir / file_name)[0].text
+
+
+def test_evaluate_uses_the_checkpoints_data_config_and_skips_java_when_missing(
+        capsys, monkeypatch, tiny_checkpoint, tmp_path) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no java on PATH
+    status, out, err = _run(capsys, "evaluate", "--ckpt", tiny_checkpoint, "--split", "val",
+                            "--limit", "3", "--out", tmp_path)
+    assert status == 0, err
+    assert "stored data config" in err
+    assert err.count("METEOR skipped: Java not found on PATH") == 1
+    assert err.count("SPICE skipped: Java not found on PATH") == 1
+    metrics = json.loads((tmp_path / "metrics_val.json").read_text())
+    assert metrics["protocol"]["images"] == 3 and metrics["tokenizer"] == "python"
+    assert len(json.loads((tmp_path / "captions_val.json").read_text())) == 3
+
+
+def test_evaluate_errors(capsys, tiny_checkpoint, bad_checkpoints, tmp_path) -> None:
+    status, _, err = _run(capsys, "evaluate", "--ckpt", tiny_checkpoint, "--config",
+                          tmp_path / "none.yaml")
+    assert status == 2 and "none.yaml: cannot read the config" in err
+    no_data = tmp_path / "trainer.yaml"
+    no_data.write_text("trainer:\n  max_epochs: 1\n")
+    status, _, err = _run(capsys, "evaluate", "--ckpt", tiny_checkpoint, "--config", no_data)
+    assert status == 2 and "no data section" in err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data:\n  class_path: captioner.data.datamodule.Nope\n")
+    status, _, err = _run(capsys, "evaluate", "--ckpt", tiny_checkpoint, "--config", bad)
+    assert status == 2 and "cannot build the data module" in err
+    path, reason = bad_checkpoints["vocab"]
+    status, _, err = _run(capsys, "evaluate", "--ckpt", path)
+    assert status == 2 and reason in err and err.count("\n") == 1
+
+
+# ================================================================================== visualize
+def test_visualize_writes_figure_and_maps_for_any_aspect_ratio(
+        capsys, tiny_checkpoint, captioner, test_images, tmp_path) -> None:
+    from captioner.visualize import load_attention_maps
+
+    wide = tmp_path / "wide.png"
+    Image.open(test_images[3]).convert("RGB").resize((91, 23)).save(wide)  # W x H
+    figure, maps = tmp_path / "fig.png", tmp_path / "maps.npz"
+    status, out, err = _run(capsys, "visualize", "--ckpt", tiny_checkpoint, wide,
+                            "--out", figure, "--save-maps", maps, "--beam-size", "2")
+    assert status == 0, err
+    expected = captioner.caption(wide, beam_size=2)[0]
+    assert out.splitlines()[0] == f"{wide}\t{expected.text}"
+    with Image.open(figure) as fig:
+        assert fig.format == "PNG" and fig.width > fig.height  # panels in rows of five
+    saved = load_attention_maps(maps)
+    assert saved.words == expected.words and saved.grid == (H, W)
+    assert saved.image_size == (23, 91)
+    np.testing.assert_allclose(saved.alphas, expected.word_alphas, atol=1e-6)
+    np.testing.assert_allclose(saved.betas, expected.word_betas, atol=1e-6)
+
+
+def test_visualize_bad_image(capsys, tiny_checkpoint, tmp_path) -> None:
+    fake = tmp_path / "fake.png"
+    fake.write_bytes(b"GIF89a broken")
+    status, out, err = _run(capsys, "visualize", "--ckpt", tiny_checkpoint, fake,
+                            "--out", tmp_path / "fig.png")
+    assert status == 1 and out == ""
+    assert err.startswith(f"captioner visualize: error: cannot load image {fake}: ")
+    assert err.count("\n") == 1
+    assert not (tmp_path / "fig.png").exists()
