@@ -11,30 +11,36 @@ from __future__ import annotations
 import sys
 from typing import Any, Callable
 
-import lightning as L
-from lightning.pytorch.cli import LightningCLI
-
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
-class CaptionerCLI(LightningCLI):
-    """LightningCLI with the data -> model vocabulary link and config-carrying checkpoints."""
+def _cli_class() -> type:
+    """The LightningCLI subclass (Lightning is imported lazily: inference tools start fast)."""
+    from lightning.pytorch.cli import LightningCLI
 
-    def add_arguments_to_parser(self, parser) -> None:
-        parser.link_arguments("data", "model.init_args.vocab_size",
-                              compute_fn=lambda dm: dm.vocab_size, apply_on="instantiate")
+    class CaptionerCLI(LightningCLI):
+        """LightningCLI with the data -> model vocabulary link and config-carrying checkpoints."""
 
-    def instantiate_classes(self) -> None:
-        super().instantiate_classes()
-        cfg = self.config[self.subcommand] if self.subcommand else self.config
-        model_cfg = cfg["model"].as_dict() if hasattr(cfg["model"], "as_dict") else dict(cfg["model"])
-        model_cfg.setdefault("init_args", {})["vocab_size"] = int(self.model.hparams.vocab_size)
-        self.model.model_config = model_cfg
+        def add_arguments_to_parser(self, parser) -> None:
+            parser.link_arguments("data", "model.init_args.vocab_size",
+                                  compute_fn=lambda dm: dm.vocab_size, apply_on="instantiate")
+
+        def instantiate_classes(self) -> None:
+            super().instantiate_classes()
+            cfg = self.config[self.subcommand] if self.subcommand else self.config
+            model_cfg = cfg["model"].as_dict() if hasattr(cfg["model"], "as_dict") else dict(
+                cfg["model"])
+            model_cfg.setdefault("init_args", {})["vocab_size"] = int(self.model.hparams.vocab_size)
+            self.model.model_config = model_cfg
+
+    return CaptionerCLI
 
 
-def lightning_main(args: list[str] | None = None, run: bool = True) -> CaptionerCLI:
-    """Run LightningCLI with captioner's defaults."""
-    return CaptionerCLI(
+def lightning_main(args: list[str] | None = None, run: bool = True):
+    """Run LightningCLI with captioner's defaults; returns the CLI object."""
+    import lightning as L
+
+    return _cli_class()(
         L.LightningModule, L.LightningDataModule,
         subclass_mode_model=True, subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},

@@ -210,7 +210,8 @@ def _theta_vs_distortion(thetas: np.ndarray, ids: list[int], dm, theta_parameter
     out = {}
     for key, target in ideal.items():
         pred = read[key]
-        r = float(np.corrcoef(pred, target)[0, 1]) if pred.std() > 1e-9 and target.std() > 0 else 0.0
+        varies = pred.std() > 1e-9 and target.std() > 0
+        r = float(np.corrcoef(pred, target)[0, 1]) if varies else 0.0
         out[key] = {"pearson_r": r, "mae": float(np.abs(pred - target).mean()),
                     "mae_identity": float(np.abs(identity[key] - target).mean()),
                     "mean": float(pred.mean()), "std": float(pred.std())}

@@ -84,7 +84,8 @@ class NonLocalBlock(EncoderStage):
     ) -> None:
         super().__init__(where, in_channels)
         if pairwise not in PAIRWISE:
-            raise ValueError(f"unknown pairwise function {pairwise!r}; valid: {', '.join(PAIRWISE)}")
+            raise ValueError(
+                f"unknown pairwise function {pairwise!r}; valid: {', '.join(PAIRWISE)}")
         if dims not in _CONV:
             raise ValueError(f"dims must be 1, 2 or 3, got {dims}")
         if reduction < 1:

@@ -132,8 +132,10 @@ def warp(x: torch.Tensor, theta: torch.Tensor, size: tuple[int, int] | None = No
     """
     b, c, h, w = x.shape
     h_out, w_out = size or (h, w)
-    grid = F.affine_grid(theta.double(), [b, c, h_out, w_out], align_corners=False)  # (B, h', w', 2)
-    out = F.grid_sample(x.double(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    grid = F.affine_grid(theta.double(), [b, c, h_out, w_out], align_corners=False)
+    # grid: (B, h', w', 2) source (x, y) of each output pixel
+    out = F.grid_sample(x.double(), grid, mode="bilinear", padding_mode="zeros",
+                        align_corners=False)
     return out.to(x.dtype)
 
 

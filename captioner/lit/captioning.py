@@ -116,8 +116,12 @@ class CaptioningModule(L.LightningModule):
         elif self.vocab != dm.vocab and hasattr(dm, "set_vocab"):
             dm.set_vocab(self.vocab)  # decode with the checkpoint's vocabulary
         self._check_vocab()
-        self.data_config = {"image_size": getattr(dm.hparams, "image_size", None)} if hasattr(
-            dm, "hparams") else {}
+        hp = dict(getattr(dm, "hparams", {}) or {})
+        self.data_config = {
+            "image_size": hp.get("image_size"),
+            "datamodule": {"class_path": f"{type(dm).__module__}.{type(dm).__qualname__}",
+                           "init_args": {k: v for k, v in hp.items() if not k.startswith("_")}},
+        }
 
     def _check_vocab(self) -> None:
         if self.vocab is not None and len(self.vocab) != self.hparams.vocab_size:

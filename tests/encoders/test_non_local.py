@@ -94,8 +94,8 @@ def test_concatenation_relu_of_projected_pair() -> None:
         block.w_f.weight.copy_(torch.tensor([[1.0, -1.0, 0.5, 2.0]]))  # w_1 = (1,-1), w_2 = (.5,2)
     x = torch.tensor([[[1.0, 0.0, -2.0], [0.0, 1.0, 1.0]]])
     xs = x[0].T
-    f = torch.tensor([[max(0.0, float(xi @ torch.tensor([1.0, -1.0]) + xj @ torch.tensor([0.5, 2.0])))
-                       for xj in xs] for xi in xs]) / 3
+    w1, w2 = torch.tensor([1.0, -1.0]), torch.tensor([0.5, 2.0])
+    f = torch.tensor([[max(0.0, float(xi @ w1 + xj @ w2)) for xj in xs] for xi in xs]) / 3
     torch.testing.assert_close(block.attention(x)[0], f)
     torch.testing.assert_close(block(x), x + (f @ xs).T.unsqueeze(0))
 

@@ -116,3 +116,22 @@ def test_stage_registry() -> None:
     assert isinstance(block, NonLocalBlock) and block.where == "layer3"
     with pytest.raises(ValueError, match="available: non_local, spatial_transformer"):
         stage_class("deformable")
+
+
+def test_state_dict_round_trip_through_config() -> None:
+    """A checkpoint's encoder is rebuilt from its config (stages built by the encoder), then
+    loaded strictly: the stages' parameters must exist before ``load_state_dict``."""
+    config = {"backbone": "shapes_cnn", "grid_size": 3, "stages": [
+        {"class_path": "captioner.encoders.stn.SpatialTransformer", "init_args": {}},
+        {"class_path": "captioner.encoders.non_local.NonLocalBlock",
+         "init_args": {"where": "conv3"}}]}
+    torch.manual_seed(4)
+    trained = instantiate("captioner.encoders.ImageEncoder", config).eval()
+    with torch.no_grad():  # move both stages away from the identity
+        trained.stages[0].localisation[0][-1].bias.add_(0.1)
+        trained.stages[1].bn.weight.fill_(1.0)
+    rebuilt = instantiate("captioner.encoders.ImageEncoder", config).eval()
+    rebuilt.load_state_dict(trained.state_dict(), strict=True)
+    images = torch.rand(2, 3, 40, 40)
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(images), trained(images))
