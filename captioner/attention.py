@@ -347,8 +347,9 @@ class _LocalAttention(Attention):
 
     (on a grid the window is the square of cells within ``D_w`` of the centre along both axes,
     and the distance is Euclidean). A row whose window holds only masked positions (possible on
-    a masked grid) falls back to all its valid positions. Luong et al. do **not** renormalise after the Gaussian, so
-    with ``gaussian`` the weights sum to at most 1; ``renormalize=True`` divides by their sum.
+    a masked grid) falls back to all its valid positions. Luong et al. do **not** renormalise
+    after the Gaussian, so with ``gaussian`` the weights sum to at most 1; ``renormalize=True``
+    divides by their sum.
 
     Args:
         query_dim: ``N``.
@@ -367,7 +368,7 @@ class _LocalAttention(Attention):
                  sigma: float | None = None, renormalize: bool = False) -> None:
         super().__init__(query_dim, key_dim)
         if window < 1:
-            raise ValueError(f"window (the half-width D of Luong et al.) must be >= 1, got {window}")
+            raise ValueError(f"window (Luong et al.'s half-width D) must be >= 1, got {window}")
         self.window = window
         self.sigma = window / 2.0 if sigma is None else float(sigma)
         self.renormalize = renormalize
@@ -498,7 +499,8 @@ class LocalAttention2d(_LocalAttention):
     2-D analogue of Luong et al. (2015), Section 3.2::
 
         (p_r, p_c) = (H, W) * sigmoid(V_p tanh(W_p h_{t-1}))          (V_p: 2 x A)
-        a_t(r, c)  = align(h_{t-1}, a_rc) exp(-((r + 1/2 - p_r)^2 + (c + 1/2 - p_c)^2) / (2 sigma^2))
+        d_t(r, c)^2 = (r + 1/2 - p_r)^2 + (c + 1/2 - p_c)^2
+        a_t(r, c)   = align(h_{t-1}, a_rc) exp(-d_t(r, c)^2 / (2 sigma^2))
 
     with ``align`` the score's softmax over the square window ``|r + 1/2 - p_r| <= D_w``,
     ``|c + 1/2 - p_c| <= D_w`` and ``sigma = D_w / 2``. Not renormalised (as local-p) unless
@@ -557,7 +559,8 @@ class LocalAttention2d(_LocalAttention):
         p = self.centre(query, keys)  # (B, 2)
         rows = torch.arange(h, device=keys.device, dtype=keys.dtype) + 0.5  # (H,)
         cols = torch.arange(w, device=keys.device, dtype=keys.dtype) + 0.5  # (W,)
-        coords = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), -1).reshape(h * w, 2)  # (L, 2)
+        coords = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), -1)  # (H, W, 2)
+        coords = coords.reshape(h * w, 2)  # (L, 2), row-major like the annotations
         return coords.unsqueeze(0) - p.unsqueeze(1)  # (B, L, 2)
 
 

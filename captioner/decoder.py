@@ -319,7 +319,8 @@ class AttentionDecoder(nn.Module):
         state = self.init_state(annotations, mask)
         sample = self.hard is not None and self.training
         per_sequence = sample and self.hard.expectation_per == "sequence"
-        use_expectation = self.hard.draw_expectation(B, annotations.device) if per_sequence else None
+        use_expectation = (self.hard.draw_expectation(B, annotations.device) if per_sequence
+                           else None)  # (B,): the paper's per-image choice
         hs, zs, alphas, betas, selections = [], [], [], [], []
         for t in range(T):
             z, alpha, beta, selection = self._attend_select(state, sample, use_expectation)

@@ -87,7 +87,8 @@ class HardAttention(nn.Module):
         if not 0.0 <= expectation_prob <= 1.0:
             raise ValueError(f"expectation_prob must be in [0, 1], got {expectation_prob}")
         if expectation_per not in ("sequence", "step"):
-            raise ValueError(f"expectation_per must be 'sequence' or 'step', got {expectation_per!r}")
+            raise ValueError(
+                f"expectation_per must be 'sequence' or 'step', got {expectation_per!r}")
         if test_rule not in ("argmax", "expectation"):
             raise ValueError(f"test_rule must be 'argmax' or 'expectation', got {test_rule!r}")
         self.expectation_prob, self.expectation_per = expectation_prob, expectation_per
@@ -134,8 +135,9 @@ class HardAttention(nn.Module):
         context = torch.bmm(weights.unsqueeze(1), keys).squeeze(1)  # (B, D)
         sampled = ~use_expectation if sample else torch.zeros_like(use_expectation)
         picked = probs.gather(1, locations.unsqueeze(1)).squeeze(1)  # (B,)
-        log_probs = torch.where(sampled, torch.log(picked.clamp_min(torch.finfo(picked.dtype).tiny)),
-                                torch.zeros_like(picked))
+        tiny = torch.finfo(picked.dtype).tiny
+        log_probs = torch.where(sampled, torch.log(picked.clamp_min(tiny)),
+                                torch.zeros_like(picked))  # (B,)
         return HardSelection(context, weights, locations, log_probs, sampled)
 
     @torch.no_grad()

@@ -34,7 +34,10 @@ def _attention(class_name: str, **init_args: Any) -> dict[str, Any]:
     return {"class_path": f"captioner.attention.{class_name}", "init_args": init_args}
 
 
-def variants(num_positions: int, grid: int) -> dict[str, tuple[str, dict[str, Any], dict[str, Any]]]:
+Variant = tuple[str, dict[str, Any], dict[str, Any]]
+
+
+def variants(num_positions: int, grid: int) -> dict[str, Variant]:
     """``name -> (description, decoder init_args overrides, module init_args overrides)``."""
     additive = _attention("AdditiveAttention", attention_dim=64)
     return {
@@ -45,11 +48,13 @@ def variants(num_positions: int, grid: int) -> dict[str, tuple[str, dict[str, An
         "general": ("soft, general (Luong et al. 2015)",
                     {"attention": _attention("GeneralAttention")}, {}),
         "scaled_dot": ("soft, scaled dot-product (Vaswani et al. 2017)",
-                       {"attention": _attention("ScaledDotProductAttention", attention_dim=64)}, {}),
+                       {"attention": _attention("ScaledDotProductAttention", attention_dim=64)},
+                       {}),
         "cosine": ("soft, cosine content-based (Graves et al. 2014)",
                    {"attention": _attention("CosineAttention")}, {}),
         "location": ("soft, location-based (Luong et al. 2015)",
-                     {"attention": _attention("LocationAttention", num_positions=num_positions)}, {}),
+                     {"attention": _attention("LocationAttention", num_positions=num_positions)},
+                     {}),
         "local_p_2d": ("soft, local-p 2-D, window 2, additive inside",
                        {"attention": _attention("LocalAttention2d", window=2, position_dim=64,
                                                 grid_size=grid, score=additive)}, {}),

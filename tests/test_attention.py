@@ -36,8 +36,8 @@ VARIANTS = {
     "local_m": (lambda q, k: LocalMonotonicAttention(q, k, window=2), L, N),
     "local_p": (lambda q, k: LocalPredictiveAttention(q, k, window=2, renormalize=True,
                                                       position_dim=A), L, N),
-    "local_2d": (lambda q, k: LocalAttention2d(q, k, window=1, renormalize=True,
-                                               position_dim=A, grid_size=GRID), GRID[0] * GRID[1], N),
+    "local_2d": (lambda q, k: LocalAttention2d(q, k, window=1, renormalize=True, position_dim=A,
+                                               grid_size=GRID), GRID[0] * GRID[1], N),
     "none": (NoAttention, L, N),
 }
 
@@ -169,7 +169,8 @@ def uniform_align(q: int, k: int) -> GeneralAttention:
     return g
 
 
-def set_centre(predictor_w, predictor_v, fractions: torch.Tensor, gain: float = 3.0) -> torch.Tensor:
+def set_centre(predictor_w: torch.nn.Linear, predictor_v: torch.nn.Linear, fractions: torch.Tensor,
+               gain: float = 3.0) -> torch.Tensor:
     """Make ``sigmoid(v^T tanh(W h))`` equal ``fractions`` ``(B, k)``; returns the queries."""
     k = fractions.shape[1]
     with torch.no_grad():

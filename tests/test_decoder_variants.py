@@ -250,8 +250,9 @@ def test_attention_variants_are_reachable_from_config():
         "attention_mode": "hard",
         "attention": {"class_path": "captioner.attention.LocalAttention2d",
                       "init_args": {"window": 1, "grid_size": [3, 3],
-                                    "score": {"class_path": "captioner.attention.ScaledDotProductAttention",
-                                              "init_args": {"attention_dim": 3}}}},
+                                    "score": {
+                                        "class_path": "captioner.attention.ScaledDotProductAttention",
+                                        "init_args": {"attention_dim": 3}}}},
     })
     assert isinstance(decoder.attention, LocalAttention2d) and decoder.hard is not None
     assert isinstance(decoder.attention.align, ScaledDotProductAttention)

@@ -83,7 +83,8 @@ def test_moving_average_baseline_by_hand():
 
 
 def test_entropy_and_surrogate_by_hand():
-    alphas = torch.tensor([[[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]], [[0.25, 0.25, 0.5], [0.2, 0.3, 0.5]]])
+    alphas = torch.tensor([[[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]],
+                           [[0.25, 0.25, 0.5], [0.2, 0.3, 0.5]]])
     steps = torch.tensor([[True, True], [True, False]])
     torch.testing.assert_close(attention_entropy(alphas, steps),
                                torch.tensor([math.log(2), 1.5 * math.log(2)]))
@@ -125,8 +126,9 @@ def test_reinforce_estimator_matches_the_exact_gradient_by_enumeration(lambda_r,
     p = torch.softmax(theta, -1)
     R = log_p_y(W, keys)  # (L,)
     H = -(p * torch.log(p)).sum()
-    exact = -(p.detach() * R).sum() - lambda_r * (p.detach() * (R.detach() - b) * torch.log(p)).sum() \
-        - lambda_e * H
+    likelihood = (p.detach() * R).sum()
+    reinforce = (p.detach() * (R.detach() - b) * torch.log(p)).sum()
+    exact = -likelihood - lambda_r * reinforce - lambda_e * H
     exact_grads = torch.autograd.grad(exact, [theta, W])
 
     # Monte Carlo through HardAttention + reinforce_surrogate, M samples in one batch
@@ -136,7 +138,8 @@ def test_reinforce_estimator_matches_the_exact_gradient_by_enumeration(lambda_r,
     sel = HardAttention(expectation_prob=0.0)(alpha, keys.expand(M, L, D), sample=True)
     reward = log_p_y(W, sel.context)  # (M,)
     entropy = attention_entropy(alpha.unsqueeze(1), torch.ones(M, 1, dtype=torch.bool))
-    loss = -reward.mean() + reinforce_surrogate(reward, sel.log_probs, entropy, b, lambda_r, lambda_e)
+    surrogate = reinforce_surrogate(reward, sel.log_probs, entropy, b, lambda_r, lambda_e)
+    loss = -reward.mean() + surrogate
     mc_grads = torch.autograd.grad(loss, [theta, W])
 
     for exact_g, mc_g in zip(exact_grads, mc_grads):
