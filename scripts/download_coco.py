@@ -213,12 +213,18 @@ def _config_lines(root: Path) -> str:
     root = root.resolve()
     return "\n".join(
         [
-            "# COCO 2014 with Karpathy's split (adapt the keys to configs/data/):",
+            "# COCO 2014 with Karpathy's split: put this in a data config (see configs/data/):",
             "data:",
-            "  dataset: coco",
-            f"  image_root: {root}              # holds train2014/ and val2014/",
-            f"  split_file: {root / 'karpathy' / 'dataset_coco.json'}",
-            f"  annotations: {root / 'annotations'}   # captions_{{train,val}}2014.json",
+            "  class_path: captioner.data.datamodule.CaptionDataModule",
+            "  init_args:",
+            "    format: karpathy",
+            f"    annotations: {root / 'karpathy' / 'dataset_coco.json'}",
+            f"    image_root: {root}    # holds train2014/ and val2014/",
+            "# or the official COCO captions JSON per split:",
+            "#   format: coco",
+            f"#   annotations: {{train: {root / 'annotations' / 'captions_train2014.json'}, "
+            f"val: {root / 'annotations' / 'captions_val2014.json'}}}",
+            f"#   image_root: {{train: {root / 'train2014'}, val: {root / 'val2014'}}}",
         ]
     )
 

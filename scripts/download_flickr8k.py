@@ -43,20 +43,20 @@ KARPATHY = Archive(
 def _config_lines(root: Path, karpathy: bool) -> str:
     root = root.resolve()
     lines = [
-        "# data settings for Flickr8k (adapt the keys to configs/data/):",
+        "# Flickr8k with Karpathy's split (run with --karpathy): a data config (see configs/data/):",
         "data:",
-        "  dataset: flickr8k",
-        f"  image_root: {root / 'Flicker8k_Dataset'}",
-        f"  captions_file: {root / 'Flickr8k.token.txt'}",
-        f"  split_dir: {root}        # Flickr_8k.{{train,dev,test}}Images.txt",
-    ]
-    if karpathy:
-        lines.append(f"  split_file: {root / 'karpathy' / 'dataset_flickr8k.json'}")
-    lines += [
-        "# or, for the Kaggle layout (images/ + captions.txt, no official split):",
+        "  class_path: captioner.data.datamodule.CaptionDataModule",
+        "  init_args:",
+        "    format: karpathy",
+        f"    annotations: {root / 'karpathy' / 'dataset_flickr8k.json'}",
+        f"    image_root: {root / 'Flicker8k_Dataset'}",
+        "# or, for the Kaggle layout (images/ + captions.txt, deterministic own split):",
+        "#   format: flickr8k_csv",
+        "#   annotations: <dir>/captions.txt",
         "#   image_root: <dir>/images",
-        "#   captions_file: <dir>/captions.txt",
     ]
+    if not karpathy:
+        lines.insert(0, "# (without --karpathy there is no split file: use --karpathy)")
     return "\n".join(lines)
 
 
