@@ -24,6 +24,11 @@ def _cli_class() -> type:
         def add_arguments_to_parser(self, parser) -> None:
             parser.link_arguments("data", "model.init_args.vocab_size",
                                   compute_fn=lambda dm: dm.vocab_size, apply_on="instantiate")
+            # translation models also take the source vocabulary size; jsonargparse skips
+            # this link for a model class without ``src_vocab_size`` (captioning)
+            parser.link_arguments("data", "model.init_args.src_vocab_size",
+                                  compute_fn=lambda dm: getattr(dm, "src_vocab_size", None),
+                                  apply_on="instantiate")
 
         def instantiate_classes(self) -> None:
             super().instantiate_classes()

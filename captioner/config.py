@@ -13,6 +13,18 @@ from typing import Any
 from jsonargparse import ArgumentParser
 
 
+def plain(obj: Any) -> Any:
+    """Recursively turn jsonargparse Namespaces (and tuples) into dicts and lists, so a config
+    can be stored in a checkpoint that loads with ``torch.load(weights_only=True)``."""
+    if hasattr(obj, "as_dict"):
+        obj = obj.as_dict()
+    if isinstance(obj, dict):
+        return {str(k): plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [plain(v) for v in obj]
+    return obj
+
+
 def import_class(class_path: str) -> type:
     """Import ``"package.module.Class"``; clear error when it does not exist."""
     module_name, _, name = class_path.rpartition(".")

@@ -451,6 +451,9 @@ def _parse_visualize(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--cmap", default="gray", help="overlay colormap (gray, as the paper; jet...)")
     p.add_argument("--no-smooth", action="store_true", help="do not smooth the upsampled maps")
     p.add_argument("--with-end", action="store_true", help="add a panel for <end>")
+    p.add_argument("--stn", default=None, metavar="FIGURE",
+                   help="also draw each Spatial Transformer stage: the input with the sampling "
+                        "grid's outline and the warped output")
     return p.parse_args(argv)
 
 
@@ -469,16 +472,38 @@ def _run_visualize(args: argparse.Namespace) -> int:
     betas = c.betas[:n] if captioner.has_gate else None
     shown = image.copy()
     shown.thumbnail((DISPLAY_MAX_SIDE, DISPLAY_MAX_SIDE))  # keeps the aspect ratio
+    hard = getattr(captioner.decoder, "attention_mode", "soft") == "hard"
+    # hard attention (argmax rule at test time): the chosen location of each word
+    locations = c.alphas[:n].reshape(n, -1).argmax(-1) if hard else None
     figure = plot_attention(shown, words, c.alphas[:n], captioner.grid_size, args.out,
-                            betas=betas, smooth=not args.no_smooth, cmap=args.cmap,
-                            title=c.text or "(empty caption)")
+                            betas=betas, hard_locations=locations, smooth=not args.no_smooth,
+                            cmap=args.cmap, title=c.text or "(empty caption)")
     print(f"{args.image}\t{c.text}")
     print(f"figure: {figure}")
+    if args.stn:
+        print(f"stn: {_draw_stn(captioner, image, args.stn)}")
     if args.save_maps:
         maps = save_attention_maps(args.save_maps, words, c.alphas[:n], captioner.grid_size,
                                    betas=c.betas[:n], image_size=(image.height, image.width))
         print(f"maps: {maps}")
     return EXIT_OK
+
+
+def _draw_stn(captioner: Captioner, image: Any, out: str) -> Path:
+    """Run the encoder once and draw the first Spatial Transformer stage's warp."""
+    import torch
+
+    from captioner.encoders.stn import SpatialTransformer, plot_stn
+
+    stages = [s for s in captioner.encoder.stages if isinstance(s, SpatialTransformer)]
+    if not stages:
+        raise ToolError("--stn: the model has no Spatial Transformer stage", EXIT_USAGE)
+    batch = captioner.preprocess(image.convert("RGB")).unsqueeze(0)  # (1, 3, S, S)
+    with torch.no_grad():
+        captioner.encoder(batch.to(captioner.device))
+    stage = stages[0]
+    theta = stage.input_theta() if hasattr(stage, "input_theta") else stage.last_theta[:, 0]
+    return Path(plot_stn(batch, theta.cpu(), out))
 
 
 caption_main = _tool("caption", _parse_caption, _run_caption)

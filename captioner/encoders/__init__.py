@@ -1,6 +1,10 @@
-"""Image and text encoders producing annotation vectors ``(B, L, D)``."""
+"""Image and text encoders producing annotation vectors ``(B, L, D)``, and encoder stages."""
 
 from captioner.encoders.backbone import available_backbones, build_backbone
 from captioner.encoders.encoder import ImageEncoder
+from captioner.encoders.non_local import NonLocalBlock
+from captioner.encoders.stages import available_stages
+from captioner.encoders.stn import SpatialTransformer
 
-__all__ = ["ImageEncoder", "available_backbones", "build_backbone"]
+__all__ = ["ImageEncoder", "NonLocalBlock", "SpatialTransformer", "available_backbones",
+           "available_stages", "build_backbone"]

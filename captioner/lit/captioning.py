@@ -18,6 +18,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from captioner.config import plain
 from captioner.data.vocabulary import END, PAD, SPECIALS, START, Vocabulary
 from captioner.decoder import AttentionDecoder
 from captioner.encoders.encoder import ImageEncoder
@@ -99,11 +100,13 @@ class CaptioningModule(L.LightningModule):
     def from_config(cls, init_args: dict[str, Any]) -> "CaptioningModule":
         """Build from a config dict as LightningCLI would (``encoder``/``decoder`` given by
         ``class_path``/``init_args``), remembering the config for checkpoints."""
-        from captioner.config import instantiate
+        import copy
 
-        module = instantiate(f"{cls.__module__}.{cls.__qualname__}", init_args)
+        from captioner.config import instantiate, plain
+
+        module = instantiate(f"{cls.__module__}.{cls.__qualname__}", copy.deepcopy(init_args))
         module.model_config = {"class_path": f"{cls.__module__}.{cls.__qualname__}",
-                               "init_args": init_args}
+                               "init_args": plain(init_args)}
         return module
 
     # ---------------------------------------------------------------- vocabulary
@@ -328,7 +331,7 @@ class CaptioningModule(L.LightningModule):
         checkpoint[CHECKPOINT_KEY] = {
             "format": CHECKPOINT_FORMAT,
             "task": "captioning",
-            "model_config": self.model_config,
+            "model_config": plain(self.model_config),
             "vocab": self.vocab.to_dict() if self.vocab is not None else None,
             "data": self.data_config,
             "grid_size": list(self.encoder.grid_size),

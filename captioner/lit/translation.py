@@ -1,0 +1,298 @@
+r"""LightningModule for attention translation (Bahdanau, Cho and Bengio 2015) with the shared decoder.
+
+The source sentence is encoded by :class:`~captioner.encoders.text.TextEncoder` into annotations
+``(B, S, D)`` with a key mask ``(B, S)``; the target side is the *same*
+:class:`~captioner.decoder.AttentionDecoder` that captions images, so every attention variant of
+:mod:`captioner.attention` translates too. Shared with captioning, not copied: the loss
+(:func:`captioner.losses.masked_nll`, optionally the doubly stochastic penalty), the search
+(:mod:`captioner.search` through :func:`captioner.translate.decode`), the vocabulary, and the
+training machinery of :class:`~captioner.lit.captioning.CaptioningModule` (construction from a
+config, checkpoint metadata carrying the model config and vocabularies, random-state
+checkpointing, gathering decoded outputs across ranks).
+
+Training minimises ``-log p(y | x)`` with teacher forcing (Section 3.1: the conditional
+log-likelihood of the target given the source), averaged per target token by default.
+Validation reports
+
+* ``val/ppl``: perplexity ``exp(sum NLL / number of target tokens)`` under teacher forcing
+  (``<end>`` counted, ``<start>`` and padding not);
+* ``val/bleu``: sacreBLEU corpus BLEU of the detokenised greedy (or beam) output against the raw
+  reference lines (:func:`captioner.translate.sacrebleu_score`, signature logged at INFO).
+
+Test logs ``test/bleu`` and ``test/ppl`` and writes ``test_translations.txt`` and
+``test_metrics.json`` (with the sacreBLEU signature) to the run's log folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import lightning as L
+import torch
+
+from captioner.data.parallel import detokenize_mt
+from captioner.data.vocabulary import Vocabulary
+from captioner.decoder import AttentionDecoder
+from captioner.encoders.text import TextEncoder
+from captioner.lit.captioning import (CHECKPOINT_FORMAT, CHECKPOINT_KEY, CaptioningModule,
+                                      _rng_states, _set_rng_states)
+from captioner.losses import doubly_stochastic_penalty, masked_nll
+from captioner.search import SearchResult
+from captioner.translate import TASK, BleuScore, decode, sacrebleu_score
+
+log = logging.getLogger(__name__)
+
+
+class TranslationModule(L.LightningModule):
+    """Bidirectional-RNN encoder + the captioning attention decoder, trained through Lightning.
+
+    Args:
+        encoder: callable ``(src_vocab_size) -> TextEncoder``; in YAML
+            ``class_path: captioner.encoders.text.TextEncoder`` with its ``init_args``.
+        decoder: callable ``(vocab_size V, encoder_dim D) -> AttentionDecoder``; in YAML
+            ``class_path: captioner.decoder.AttentionDecoder`` with its ``init_args``.
+        vocab_size: target ``V``, linked from the data module by the CLI.
+        src_vocab_size: source vocabulary size, linked from the data module by the CLI.
+        doubly_stochastic: ``lambda`` of the doubly stochastic penalty of Xu et al. (Eq. 14)
+            over real source words; ``0`` (default) for text, where a target sentence need not
+            attend to every source word equally.
+        loss_reduction: ``"token"`` (mean NLL per target token, default) or ``"sentence"``.
+        lr: Adam learning rate.
+        weight_decay: Adam weight decay.
+        lr_scheduler: ``"none"`` or ``"plateau"`` (reduce on a ``val/bleu`` plateau).
+        plateau_patience: epochs without improvement before the LR is reduced.
+        plateau_factor: LR multiplier on a plateau.
+        beam_size: beam size at validation / test (``1``: greedy).
+        max_length: most target tokens when decoding, ``<end>`` included.
+        min_length: fewest target tokens when decoding, ``<end>`` included.
+        length_penalty: beam ranking ``score / length ** length_penalty`` (``1``: per-token
+            log-probability, the usual length normalisation).
+    """
+
+    def __init__(
+        self,
+        encoder: Callable[[int], TextEncoder] = TextEncoder,
+        decoder: Callable[[int, int], AttentionDecoder] = AttentionDecoder,
+        vocab_size: int = 0,
+        src_vocab_size: int = 0,
+        doubly_stochastic: float = 0.0,
+        loss_reduction: Literal["sentence", "token"] = "token",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        lr_scheduler: Literal["none", "plateau"] = "none",
+        plateau_patience: int = 1,
+        plateau_factor: float = 0.5,
+        beam_size: int = 1,
+        max_length: int = 50,
+        min_length: int = 1,
+        length_penalty: float = 1.0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["encoder", "decoder"])
+        if vocab_size <= 0 or src_vocab_size <= 0:
+            raise ValueError(
+                "vocab_size and src_vocab_size must be positive: the CLI links them from the "
+                "data module; when building the module by hand pass len(tgt_vocab), "
+                "len(src_vocab)")
+        self.encoder = encoder(src_vocab_size)
+        self.decoder = decoder(vocab_size, self.encoder.out_channels)
+        self.vocab: Vocabulary | None = None  # target (the name captioning uses)
+        self.src_vocab: Vocabulary | None = None
+        self.model_config: dict[str, Any] | None = None  # set by the CLI / from_config
+        self.data_config: dict[str, Any] = {}
+        self._eval_outputs: list[dict[str, Any]] = []
+        self._nll_sum = self._nll_tokens = 0.0
+        self.last_bleu: BleuScore | None = None
+
+    # Shared with captioning (same semantics; see the module docstring).
+    from_config = CaptioningModule.__dict__["from_config"]
+    _gather_outputs = CaptioningModule._gather_outputs
+
+    # ---------------------------------------------------------------- vocabularies
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if dm is None:
+            return
+        if self.vocab is None or self.src_vocab is None:
+            self.src_vocab, self.vocab = dm.src_vocab, dm.tgt_vocab
+        elif (self.src_vocab, self.vocab) != (dm.src_vocab, dm.tgt_vocab):
+            dm.set_vocabs(self.src_vocab, self.vocab)  # decode with the checkpoint's vocabularies
+        self._check_vocabs()
+        hp = dict(getattr(dm, "hparams", {}) or {})
+        self.data_config = {
+            "lowercase": bool(getattr(dm, "lowercase", True)),
+            "datamodule": {"class_path": f"{type(dm).__module__}.{type(dm).__qualname__}",
+                           "init_args": {k: v for k, v in hp.items() if not k.startswith("_")}},
+        }
+
+    def _check_vocabs(self) -> None:
+        h = self.hparams
+        for name, vocab, size in (("target", self.vocab, h.vocab_size),
+                                  ("source", self.src_vocab, h.src_vocab_size)):
+            if vocab is not None and len(vocab) != size:
+                raise ValueError(f"{name} vocabulary mismatch: the model was built for {size} "
+                                 f"words but the vocabulary has {len(vocab)}")
+
+    # ---------------------------------------------------------------- training
+    def encode(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Annotations ``(B, S, D)`` and key mask ``(B, S)`` of ``batch["src"]``."""
+        return self.encoder(batch["src"], batch.get("src_lengths"))
+
+    def loss(self, batch: dict[str, torch.Tensor],
+             encoded: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """NLL (plus ``lambda`` times the doubly stochastic penalty) of a batch
+        ``{src (B, S), src_lengths (B,), tgt (B, T + 1)}``; also ``tokens``, the number of
+        target tokens scored."""
+        annotations, mask = self.encode(batch) if encoded is None else encoded
+        tgt = batch["tgt"]
+        out = self.decoder(annotations, tgt, mask)
+        targets = tgt[:, 1:]  # (B, T)
+        pad = self.vocab.pad_id if self.vocab is not None else 0
+        steps = targets != pad  # (B, T)
+        nll = masked_nll(out.logits, targets, pad, self.hparams.loss_reduction)
+        losses = {"loss": nll, "nll": nll, "tokens": steps.sum()}
+        if self.hparams.doubly_stochastic > 0:
+            # padded source positions get exactly zero weight, so each adds exactly
+            # (1 - 0)^2 = 1 to the shared penalty: remove that constant
+            dsr = doubly_stochastic_penalty(out.alphas, steps) - (~mask).sum(1).float().mean()
+            losses["dsr"] = dsr
+            losses["loss"] = nll + self.hparams.doubly_stochastic * dsr
+        return losses
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        losses = self.loss(batch)
+        bs = batch["tgt"].shape[0]
+        self.log("train/loss", losses["loss"], prog_bar=True, batch_size=bs)
+        self.log("train/nll", losses["nll"], batch_size=bs)
+        if "dsr" in losses:
+            self.log("train/dsr", losses["dsr"], batch_size=bs)
+        return losses["loss"]
+
+    # ---------------------------------------------------------------- decoding
+    @torch.no_grad()
+    def generate(self, annotations: torch.Tensor, mask: torch.Tensor,
+                 beam_size: int | None = None, max_length: int | None = None) -> SearchResult:
+        """Decode ``(B, S, D)`` annotations with the module's search settings."""
+        h = self.hparams
+        return decode(self.decoder, annotations, mask,
+                      beam_size=h.beam_size if beam_size is None else beam_size,
+                      max_length=h.max_length if max_length is None else max_length,
+                      min_length=h.min_length, length_penalty=h.length_penalty)
+
+    def _eval_step(self, batch: dict[str, torch.Tensor]) -> None:
+        encoded = self.encode(batch)
+        losses = self.loss(batch, encoded)
+        tokens = float(losses["tokens"])
+        per = tokens if self.hparams.loss_reduction == "token" else batch["tgt"].shape[0]
+        self._nll_sum += float(losses["nll"]) * per  # summed NLL of the batch's target tokens
+        self._nll_tokens += tokens
+        result = self.generate(*encoded)
+        for i, index in enumerate(batch["index"].tolist()):
+            n = int(result.lengths[i])
+            self._eval_outputs.append({"index": index, "tokens": result.tokens[i, :n].tolist()})
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_outputs = []
+        self._nll_sum = self._nll_tokens = 0.0
+
+    on_test_epoch_start = on_validation_epoch_start
+
+    def _perplexity(self) -> float:
+        sums = torch.tensor([self._nll_sum, self._nll_tokens], dtype=torch.float64)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            sums = self.trainer.strategy.reduce(sums.to(self.device), reduce_op="sum").cpu()
+        return float(torch.exp(sums[0] / sums[1].clamp_min(1.0)))
+
+    def _score(self, stage: str) -> tuple[dict[str, float], list[dict[str, Any]], list[str]]:
+        dm = self.trainer.datamodule
+        outputs = self._gather_outputs()
+        hyps = [detokenize_mt(self.vocab.decode(o["tokens"])) for o in outputs]
+        refs = dm.references(stage)
+        bleu = sacrebleu_score(hyps, [refs[o["index"]] for o in outputs],
+                               lowercase=bool(getattr(dm, "lowercase", True)))
+        self.last_bleu = bleu
+        log.info("%s %s (%s)", stage, bleu.detail, bleu.signature)
+        return {"bleu": bleu.score, "ppl": self._perplexity()}, outputs, hyps
+
+    def on_validation_epoch_end(self) -> None:
+        if self.trainer.sanity_checking:
+            self._eval_outputs = []
+            return
+        scores, _, _ = self._score("val")
+        for k, v in scores.items():
+            self.log(f"val/{k}", float(v), prog_bar=k == "bleu", rank_zero_only=False)
+        self._eval_outputs = []
+
+    def on_test_epoch_end(self) -> None:
+        scores, outputs, hyps = self._score("test")
+        for k, v in scores.items():
+            self.log(f"test/{k}", float(v), rank_zero_only=False)
+        if self.trainer.is_global_zero:
+            self._write_results(outputs, hyps, scores)
+        self._eval_outputs = []
+
+    def _write_results(self, outputs: list[dict[str, Any]], hyps: list[str],
+                       scores: dict[str, float]) -> None:
+        out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "test_translations.txt").write_text("".join(f"{h}\n" for h in hyps),
+                                                       encoding="utf-8")
+        metrics = {**scores, "signature": self.last_bleu.signature,
+                   "detail": self.last_bleu.detail, "beam_size": self.hparams.beam_size,
+                   "sentences": len(outputs)}
+        tmp = out_dir / "test_metrics.json.tmp"
+        tmp.write_text(json.dumps(metrics, indent=2))
+        os.replace(tmp, out_dir / "test_metrics.json")
+        log.info("test translations and metrics written to %s", out_dir)
+
+    # ---------------------------------------------------------------- optimisation
+    def configure_optimizers(self) -> Any:
+        h = self.hparams
+        optimizer = torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=h.lr,
+                                     weight_decay=h.weight_decay)
+        if h.lr_scheduler == "plateau":
+            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode="max", patience=h.plateau_patience, factor=h.plateau_factor)
+            return {"optimizer": optimizer,
+                    "lr_scheduler": {"scheduler": scheduler, "monitor": "val/bleu"}}
+        return optimizer
+
+    # ---------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        config = self.model_config
+        if config is not None:  # the CLI records vocab_size only: add the source size
+            config = {**config, "init_args": {**config.get("init_args", {}),
+                                              "vocab_size": int(self.hparams.vocab_size),
+                                              "src_vocab_size": int(self.hparams.src_vocab_size)}}
+        checkpoint[CHECKPOINT_KEY] = {
+            "format": CHECKPOINT_FORMAT,
+            "task": TASK,
+            "model_config": config,
+            "vocab": self.vocab.to_dict() if self.vocab is not None else None,
+            "src_vocab": self.src_vocab.to_dict() if self.src_vocab is not None else None,
+            "data": self.data_config,
+        }
+        checkpoint["rng_states"] = _rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        meta = checkpoint.get(CHECKPOINT_KEY)
+        if meta is None or meta.get("task") != TASK:
+            raise ValueError("not a captioner translation checkpoint")
+        if meta.get("vocab") is not None and meta.get("src_vocab") is not None:
+            self.vocab = Vocabulary.from_dict(meta["vocab"])
+            self.src_vocab = Vocabulary.from_dict(meta["src_vocab"])
+            self._check_vocabs()
+        self.model_config = self.model_config or meta.get("model_config")
+        self.data_config = meta.get("data") or {}
+        if "rng_states" in checkpoint:  # resuming continues the random streams exactly
+            _set_rng_states(checkpoint["rng_states"])

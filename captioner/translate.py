@@ -1,0 +1,281 @@
+"""Load a translation checkpoint in a fresh process and translate sentences (no Lightning).
+
+The checkpoint alone is enough: it carries the model configuration (``class_path`` /
+``init_args`` as LightningCLI parsed them), both vocabularies and the tokenisation setting.
+
+Example::
+
+    from captioner.translate import Translator
+    translator = Translator.from_checkpoint("multi30k.ckpt")
+    for t in translator.translate(["Ein Hund rennt.", "Zwei Männer lachen."], beam_size=5):
+        print(t.text, t.alphas.shape)   # (T, S): attention of each target over source tokens
+
+Also here, shared with :class:`captioner.lit.translation.TranslationModule`: :func:`decode`
+(greedy or batched beam search over masked source annotations) and :func:`sacrebleu_score`
+(corpus BLEU of detokenised output, with sacreBLEU's signature).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from jsonargparse import ArgumentParser
+
+from captioner.data.parallel import detokenize_mt, tokenize_mt
+from captioner.data.vocabulary import END, PAD, SPECIALS, START, Vocabulary
+from captioner.decoder import AttentionDecoder
+from captioner.encoders.text import TextEncoder
+from captioner.inference import CHECKPOINT_KEY, CheckpointError, read_checkpoint
+from captioner.search import SearchResult, beam_search, greedy_search
+
+__all__ = ["BleuScore", "Translation", "Translator", "decode", "sacrebleu_score"]
+
+TASK = "translation"
+SEARCH_DEFAULTS: dict[str, Any] = {"beam_size": 1, "max_length": 50, "min_length": 1,
+                                   "length_penalty": 1.0}
+
+
+# ---------------------------------------------------------------------------------- shared parts
+def decode(decoder: AttentionDecoder, annotations: torch.Tensor, mask: torch.Tensor, *,
+           beam_size: int = 1, max_length: int = 50, min_length: int = 1,
+           length_penalty: float = 1.0) -> SearchResult:
+    """Greedy (``beam_size == 1``) or batched beam search over source annotations.
+
+    Args:
+        decoder: the attention decoder.
+        annotations: ``(B, S, D)`` source annotations.
+        mask: ``(B, S)`` bool, ``True`` at real source tokens.
+        beam_size: ``K``.
+        max_length: most target tokens, ``<end>`` included.
+        min_length: fewest target tokens, ``<end>`` included.
+        length_penalty: beam ranking ``score / length ** length_penalty``.
+
+    Returns:
+        The search result; ``alphas`` are ``(B, T, S)``.
+    """
+    if beam_size < 1:
+        raise ValueError(f"beam_size must be at least 1, got {beam_size}")
+    kw = dict(start_id=SPECIALS.index(START), end_id=SPECIALS.index(END),
+              pad_id=SPECIALS.index(PAD), max_length=max_length, min_length=min_length, mask=mask)
+    if beam_size == 1:
+        return greedy_search(decoder, annotations, **kw)
+    return beam_search(decoder, annotations, beam_size=beam_size, length_penalty=length_penalty,
+                       **kw)
+
+
+@dataclass
+class BleuScore:
+    """A sacreBLEU corpus score.
+
+    Attributes:
+        score: BLEU in ``[0, 100]``.
+        signature: sacreBLEU's signature (``nrefs:1|case:lc|eff:no|tok:13a|smooth:exp|...``).
+        detail: sacreBLEU's one-line summary (n-gram precisions, brevity penalty, lengths).
+    """
+
+    score: float
+    signature: str
+    detail: str
+
+
+def sacrebleu_score(hypotheses: Sequence[str], references: Sequence[str],
+                    lowercase: bool = True) -> BleuScore:
+    """Corpus BLEU of detokenised hypotheses against raw references (one reference each),
+    with sacreBLEU's default ``13a`` tokenisation.
+
+    Args:
+        hypotheses: one detokenised translation per sentence.
+        references: the reference sentence of each, as in the data file.
+        lowercase: case-insensitive BLEU (``case:lc`` in the signature).
+
+    Raises:
+        ValueError: if the two lists differ in length.
+    """
+    from sacrebleu.metrics import BLEU
+
+    if len(hypotheses) != len(references):
+        raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
+    bleu = BLEU(lowercase=lowercase)
+    if not hypotheses:
+        return BleuScore(0.0, str(bleu.get_signature()), "no sentences")
+    result = bleu.corpus_score(list(hypotheses), [list(references)])
+    return BleuScore(float(result.score), str(bleu.get_signature()), str(result))
+
+
+# ---------------------------------------------------------------------------------- inference
+@dataclass
+class Translation:
+    """One translated sentence.
+
+    Attributes:
+        source: the input sentence.
+        source_tokens: its tokens as the encoder saw them, ``<end>`` last (``S`` of them).
+        words: generated target words (``<end>`` removed, ``<unk>`` kept).
+        tokens: ``(T,)`` generated ids, ``<end>`` included when emitted.
+        score: total log-probability of ``tokens``.
+        alphas: ``(T, S)`` attention of each generated token over ``source_tokens``.
+    """
+
+    source: str
+    source_tokens: list[str]
+    words: list[str]
+    tokens: list[int]
+    score: float
+    alphas: np.ndarray
+
+    @property
+    def text(self) -> str:
+        """The detokenised translation."""
+        return detokenize_mt(self.words)
+
+    @property
+    def target_tokens(self) -> list[str]:
+        """The generated tokens as strings, ``<end>`` included when emitted (``T`` of them)."""
+        return [*self.words, END][: len(self.tokens)]
+
+
+_PART_TYPES: dict[str, Any] = {  # TranslationModule's arguments, without importing Lightning
+    "encoder": Callable[[int], TextEncoder],
+    "decoder": Callable[[int, int], AttentionDecoder],
+}
+
+
+def build_model(init_args: dict[str, Any]) -> tuple[TextEncoder, AttentionDecoder]:
+    """Encoder and decoder from stored ``TranslationModule`` init args, as LightningCLI builds
+    them (``TextEncoder`` / ``AttentionDecoder`` with their defaults when not given)."""
+    parser = ArgumentParser(exit_on_error=False)
+    for name, type_ in _PART_TYPES.items():
+        parser.add_argument(f"--{name}", type=type_, default=None)
+    cfg = parser.parse_object({k: init_args[k] for k in _PART_TYPES if init_args.get(k)})
+    parts = parser.instantiate(cfg)
+    encoder = (parts.encoder or TextEncoder)(int(init_args["src_vocab_size"]))
+    decoder = (parts.decoder or AttentionDecoder)(int(init_args["vocab_size"]),
+                                                  encoder.out_channels)
+    return encoder, decoder
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+
+
+class Translator:
+    """A trained source encoder + attention decoder with both vocabularies.
+
+    Args:
+        encoder: :class:`~captioner.encoders.text.TextEncoder`.
+        decoder: :class:`~captioner.decoder.AttentionDecoder`.
+        src_vocab: source vocabulary.
+        tgt_vocab: target vocabulary.
+        lowercase: tokenisation setting of the training data.
+        search: default search settings (``beam_size``, ``max_length``, ``min_length``,
+            ``length_penalty``).
+    """
+
+    def __init__(self, encoder: TextEncoder, decoder: AttentionDecoder, src_vocab: Vocabulary,
+                 tgt_vocab: Vocabulary, lowercase: bool = True,
+                 search: dict[str, Any] | None = None) -> None:
+        self.encoder, self.decoder = encoder.eval(), decoder.eval()
+        self.src_vocab, self.tgt_vocab, self.lowercase = src_vocab, tgt_vocab, lowercase
+        self.search = {**SEARCH_DEFAULTS, **(search or {})}
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu") -> "Translator":
+        """Rebuild the model from a translation checkpoint alone.
+
+        Raises:
+            CheckpointError: unreadable file, not a translation checkpoint, a config that
+                cannot be rebuilt, or weights / vocabularies that do not fit it.
+        """
+        ckpt = read_checkpoint(path, task=TASK)
+        meta = ckpt[CHECKPOINT_KEY]
+        try:
+            init_args = meta["model_config"]["init_args"]
+            tgt_vocab = Vocabulary.from_dict(meta["vocab"])
+            src_vocab = Vocabulary.from_dict(meta["src_vocab"])
+            sizes = (int(init_args["src_vocab_size"]), int(init_args["vocab_size"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: broken translation metadata ({_first_line(e)})") from None
+        if sizes != (len(src_vocab), len(tgt_vocab)):
+            raise CheckpointError(f"{path}: vocabulary mismatch: the model was built for "
+                                  f"{sizes} words, the vocabularies have "
+                                  f"{(len(src_vocab), len(tgt_vocab))}")
+        try:
+            encoder, decoder = build_model(init_args)
+        except Exception as e:  # noqa: BLE001 - jsonargparse / constructors: one clear line
+            raise CheckpointError(f"{path}: cannot rebuild the model from its stored config "
+                                  f"({_first_line(e)})") from None
+        state = ckpt["state_dict"]
+        try:
+            for prefix, module in (("encoder.", encoder), ("decoder.", decoder)):
+                module.load_state_dict({k[len(prefix):]: v for k, v in state.items()
+                                        if k.startswith(prefix)})
+        except RuntimeError as e:
+            raise CheckpointError(f"{path}: weights do not fit the stored model config: "
+                                  f"{' '.join(str(e).split())[:300]}") from None
+        hp = ckpt.get("hyper_parameters") or {}
+        search = {k: hp[k] for k in SEARCH_DEFAULTS if k in hp}
+        lowercase = bool((meta.get("data") or {}).get("lowercase", True))
+        return cls(encoder.to(device), decoder.to(device), src_vocab, tgt_vocab, lowercase, search)
+
+    @property
+    def device(self) -> torch.device:
+        """The device of the model's parameters."""
+        return next(self.decoder.parameters()).device
+
+    def tokenize(self, sentence: str) -> list[str]:
+        """Source tokens as in training, ``<end>`` appended."""
+        return [*tokenize_mt(sentence, self.lowercase), END]
+
+    def encode_sources(self, token_lists: Sequence[Sequence[str]]
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Ids ``(B, S)`` (right-padded) and lengths ``(B,)`` of tokenised sources (each ending
+        in ``<end>``)."""
+        ids = [self.src_vocab.encode(tokens, add_start_end=False) for tokens in token_lists]
+        lengths = torch.tensor([len(x) for x in ids], dtype=torch.long)
+        src = torch.full((len(ids), int(lengths.max())), self.src_vocab.pad_id, dtype=torch.long)
+        for b, x in enumerate(ids):
+            src[b, : len(x)] = torch.tensor(x, dtype=torch.long)
+        return src.to(self.device), lengths.to(self.device)
+
+    @torch.no_grad()
+    def translate(self, sentences: str | Sequence[str], beam_size: int | None = None,
+                  max_length: int | None = None, batch_size: int = 64) -> list[Translation]:
+        """Translate sentences, batched by length, returned in the order given.
+
+        Args:
+            sentences: one sentence or a list of them (raw text).
+            beam_size: ``K``; ``1`` is greedy search (default: the checkpoint's setting).
+            max_length: most target tokens (default: the checkpoint's setting).
+            batch_size: sentences decoded together.
+
+        Returns:
+            One :class:`Translation` per sentence.
+        """
+        if isinstance(sentences, str):
+            sentences = [sentences]
+        s = self.search
+        k = s["beam_size"] if beam_size is None else beam_size
+        n_max = s["max_length"] if max_length is None else max_length
+        tokens = [self.tokenize(sentence) for sentence in sentences]
+        order = sorted(range(len(tokens)), key=lambda i: len(tokens[i]))
+        results: list[Translation | None] = [None] * len(tokens)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            src, lengths = self.encode_sources([tokens[i] for i in chunk])
+            annotations, mask = self.encoder(src, lengths)  # (B, S, D), (B, S)
+            out = decode(self.decoder, annotations, mask, beam_size=k, max_length=n_max,
+                         min_length=s["min_length"], length_penalty=s["length_penalty"])
+            for b, i in enumerate(chunk):
+                n, S = int(out.lengths[b]), int(lengths[b])
+                ids = out.tokens[b, :n].tolist()
+                results[i] = Translation(
+                    source=sentences[i], source_tokens=tokens[i],
+                    words=self.tgt_vocab.decode(ids), tokens=ids, score=float(out.scores[b]),
+                    alphas=out.alphas[b, :n, :S].float().cpu().numpy())  # (T, S)
+        return results  # type: ignore[return-value]
