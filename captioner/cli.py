@@ -24,11 +24,23 @@ def _cli_class() -> type:
         def add_arguments_to_parser(self, parser) -> None:
             parser.link_arguments("data", "model.init_args.vocab_size",
                                   compute_fn=lambda dm: dm.vocab_size, apply_on="instantiate")
-            # translation models also take the source vocabulary size; jsonargparse skips
-            # this link for a model class without ``src_vocab_size`` (captioning)
-            parser.link_arguments("data", "model.init_args.src_vocab_size",
-                                  compute_fn=lambda dm: getattr(dm, "src_vocab_size", None),
-                                  apply_on="instantiate")
+
+        def before_instantiate_classes(self) -> None:
+            """Translation models also take the source vocabulary size: filled in here from
+            the data module when the model class has a ``src_vocab_size`` argument (a link
+            would break models without it)."""
+            import inspect
+
+            from captioner.config import import_class, instantiate, plain
+
+            cfg = self.config[self.subcommand] if self.subcommand else self.config
+            model, data = cfg.get("model"), cfg.get("data")
+            if model is None or data is None or not getattr(model, "class_path", None):
+                return
+            params = inspect.signature(import_class(model.class_path).__init__).parameters
+            if "src_vocab_size" in params and not model.init_args.get("src_vocab_size"):
+                dm = instantiate(data.class_path, plain(data.init_args))
+                model.init_args.src_vocab_size = int(dm.src_vocab_size)
 
         def instantiate_classes(self) -> None:
             super().instantiate_classes()

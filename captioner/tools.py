@@ -11,7 +11,11 @@ module), each as ``fn(argv: list[str]) -> exit status``:
   (:func:`captioner.metrics.coco_caption_scores`), plus attention correctness where the data
   has object boxes; writes the COCO results file and the metrics JSON;
 * ``captioner visualize --ckpt M.ckpt IMAGE --out FIG.png [--save-maps maps.npz]`` - the
-  attention figure of Xu et al. (2015, Figures 2-3): one panel per generated word.
+  attention figure of Xu et al. (2015, Figures 2-3): one panel per generated word;
+* ``captioner translate --ckpt M.ckpt [--beam-size K] [--alignment FIG.png] [--reference REF]
+  [SENTENCE...]`` - translate sentences (arguments, or stdin lines) with a translation
+  checkpoint, one translation per line; optionally the source x target alignment figure
+  (Bahdanau et al. 2015, Figure 3) and sacreBLEU against reference lines (on stderr).
 
 Exit status: 0 success; 1 some inputs could not be read (the others are still processed);
 2 usage errors, an unusable checkpoint or data config. Expected failures print one line per
@@ -513,3 +517,185 @@ visualize_main = _tool("visualize", _parse_visualize, _run_visualize)
 register_tool("caption", caption_main)
 register_tool("evaluate", evaluate_main)
 register_tool("visualize", visualize_main)
+
+
+# ================================================================================== extract-features
+def _parse_extract_features(argv: list[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="captioner extract-features",
+        description="Run the frozen encoder once over a data set and store the annotation grids "
+                    "(float16 shards + index.json, resumable) for "
+                    "captioner.data.cached.CachedFeaturesDataModule.")
+    p.add_argument("--config", action="append", default=[], metavar="YAML",
+                   help="LightningCLI config(s) with the data: and model: sections (repeatable; "
+                        "later files override earlier ones)")
+    p.add_argument("--ckpt", default=None,
+                   help="take the encoder (and, without --config, the data config) from this "
+                        "checkpoint instead")
+    p.add_argument("--out", required=True, help="cache folder (resumed when it exists)")
+    p.add_argument("--split", default="train,val,test",
+                   help="comma-separated splits to cache (default: train,val,test)")
+    p.add_argument("--batch-size", type=_positive, default=32, help="images per forward (32)")
+    p.add_argument("--shard-size", type=_positive, default=256,
+                   help="images per shard, a multiple of --batch-size (256)")
+    p.add_argument("--num-workers", type=int, default=0, help="image loading workers (0)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--allow-trainable", action="store_true",
+                   help="cache an encoder that has trainable parameters (they then stay frozen)")
+    p.add_argument("--shard-delay", type=float, default=0.0, help=argparse.SUPPRESS)  # tests
+    args = p.parse_args(argv)
+    if not args.config and not args.ckpt:
+        p.error("give --config (data and model sections) or --ckpt")
+    return args
+
+
+def load_model_encoder_config(files: Sequence[str | Path]) -> dict[str, Any]:
+    """The ``model.init_args.encoder`` section (``class_path`` / ``init_args``) of YAML files.
+
+    Later files override earlier ones (``init_args`` merged key by key).
+
+    Raises:
+        ToolError: unreadable YAML or no encoder in any ``model:`` section.
+    """
+    import yaml
+
+    merged: dict[str, Any] = {}
+    for file in files:
+        try:
+            doc = yaml.safe_load(Path(file).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as e:
+            raise ToolError(f"{file}: cannot read the config ({type(e).__name__})") from None
+        model = doc.get("model") if isinstance(doc, dict) else None
+        encoder = ((model or {}).get("init_args") or {}).get("encoder")
+        if not isinstance(encoder, dict):
+            continue
+        class_path = encoder.get("class_path", merged.get("class_path"))
+        if class_path != merged.get("class_path"):
+            merged = {"class_path": class_path, "init_args": {}}
+        merged["init_args"].update(encoder.get("init_args") or {})
+    if not merged.get("class_path"):
+        raise ToolError("no model encoder (model: init_args: encoder: class_path) in "
+                        + ", ".join(map(str, files)))
+    return merged
+
+
+def _run_extract_features(args: argparse.Namespace) -> int:
+    from captioner.config import instantiate
+    from captioner.data.images import ImageLoadError
+    from captioner.features import FeatureCacheError, extract_features
+
+    if args.ckpt:
+        captioner = _load_captioner(args)
+        encoder, image_size = captioner.encoder, captioner.image_size
+        encoder_config: dict[str, Any] = {"checkpoint": str(Path(args.ckpt).resolve())}
+    else:
+        encoder_config = load_model_encoder_config(args.config)
+        try:
+            encoder = instantiate(encoder_config["class_path"], encoder_config["init_args"])
+        except Exception as e:  # noqa: BLE001 - jsonargparse / constructor errors: one line
+            raise ToolError(f"cannot build the encoder: {' '.join(str(e).split())[:300]}") from None
+        image_size = None
+    dm, source = _build_data_module(args)
+    image_size = getattr(dm, "image_size", None) or image_size or 224
+    trainable = [n for n, p in encoder.named_parameters() if p.requires_grad]
+    if trainable and not args.allow_trainable:
+        raise ToolError(f"the encoder has {len(trainable)} trainable parameter tensors (e.g. "
+                        f"{trainable[0]}): cached features would freeze them; set freeze: true "
+                        "and no trainable stages, or pass --allow-trainable")
+    splits = [s.strip() for s in args.split.split(",") if s.strip()]
+    paths = []
+    for split in splits:
+        try:
+            records = dm.records(split)
+        except (OSError, ValueError) as e:
+            raise ToolError(f"cannot read the {split} split ({source}): "
+                            f"{' '.join(str(e).split())[:300]}", EXIT_INPUT_ERROR) from None
+        paths += [r.path for r in records]
+    print(f"captioner extract-features: {len(paths)} images of {','.join(splits)} ({source}) "
+          f"-> {args.out}", file=sys.stderr)
+    try:
+        cache = extract_features(
+            encoder, paths, args.out, image_size=image_size, batch_size=args.batch_size,
+            shard_size=args.shard_size, num_workers=args.num_workers, device=args.device,
+            encoder_config=encoder_config, shard_delay=args.shard_delay,
+            progress=lambda line: print(f"captioner extract-features: {line}", file=sys.stderr,
+                                        flush=True))
+    except (FeatureCacheError, ValueError) as e:
+        raise ToolError(str(e)) from None
+    except ImageLoadError as e:
+        raise ToolError(str(e), EXIT_INPUT_ERROR) from None
+    h, w = cache.grid_size
+    print(f"{len(cache)} images cached in {args.out}: {h} x {w} x {cache.dim} float16")
+    return EXIT_OK
+
+
+extract_features_main = _tool("extract-features", _parse_extract_features, _run_extract_features)
+register_tool("extract-features", extract_features_main)
+
+
+# ================================================================================== translate
+def _parse_translate(argv: list[str]) -> argparse.Namespace:
+    p = _parser("translate", "Translate sentences with a translation checkpoint "
+                "(arguments, or one sentence per stdin line); one translation per line.")
+    p.add_argument("sentences", nargs="*", metavar="SENTENCE",
+                   help="sentences to translate (default: read stdin, one per line)")
+    p.add_argument("--batch-size", type=_positive, default=64, help="sentences per batch (64)")
+    p.add_argument("--alignment", default=None, metavar="FIG",
+                   help="draw the attention of each translation, source x target words "
+                        "(Bahdanau et al. 2015, Fig. 3); several sentences: FIG_1.png, FIG_2.png...")
+    p.add_argument("--reference", default=None, metavar="FILE",
+                   help="reference translations, one per input line: print sacreBLEU on stderr")
+    return p.parse_args(argv)
+
+
+def _alignment_paths(out: str, n: int) -> list[Path]:
+    path = Path(out)
+    if n == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}_{i}{path.suffix}") for i in range(1, n + 1)]
+
+
+def _run_translate(args: argparse.Namespace) -> int:
+    from captioner.inference import CheckpointError
+    from captioner.translate import Translator, sacrebleu_score
+
+    try:
+        translator = Translator.from_checkpoint(args.ckpt, device=args.device)
+    except CheckpointError as e:
+        raise ToolError(str(e)) from None
+    sentences = args.sentences or [line.rstrip("\r\n") for line in sys.stdin]
+    references = None
+    if args.reference:
+        try:
+            references = Path(args.reference).read_text(encoding="utf-8").split("\n")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ToolError(f"{args.reference}: cannot read references ({e})") from None
+        if references and references[-1] == "":
+            references.pop()
+        if len(references) != len(sentences):
+            raise ToolError(f"{args.reference}: {len(references)} reference lines for "
+                            f"{len(sentences)} sentences")
+    todo = [s for s in sentences if s.strip()]  # a blank line is answered by a blank line
+    done = iter(translator.translate(todo, beam_size=args.beam_size, max_length=args.max_length,
+                                     batch_size=args.batch_size))
+    translations = [next(done) if s.strip() else None for s in sentences]
+    texts = [t.text if t is not None else "" for t in translations]
+    for text in texts:
+        print(text)
+    sys.stdout.flush()
+    if args.alignment:
+        from captioner.visualize import plot_alignment
+
+        shown = [t for t in translations if t is not None]
+        for t, path in zip(shown, _alignment_paths(args.alignment, len(shown))):
+            figure = plot_alignment(t.source_tokens, t.target_tokens, t.alphas, path,
+                                    title=t.text or "(empty translation)")
+            print(f"alignment: {figure}", file=sys.stderr)
+    if references is not None:
+        bleu = sacrebleu_score(texts, references, lowercase=translator.lowercase)
+        print(f"{bleu.detail}\nsignature: {bleu.signature}", file=sys.stderr)
+    return EXIT_OK
+
+
+translate_main = _tool("translate", _parse_translate, _run_translate)
+register_tool("translate", translate_main)
