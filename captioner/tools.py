@@ -519,7 +519,7 @@ register_tool("evaluate", evaluate_main)
 register_tool("visualize", visualize_main)
 
 
-# ================================================================================== extract-features
+# ========================================================================== extract-features
 def _parse_extract_features(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="captioner extract-features",

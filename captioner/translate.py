@@ -12,11 +12,14 @@ Example::
 
 Also here, shared with :class:`captioner.lit.translation.TranslationModule`: :func:`decode`
 (greedy or batched beam search over masked source annotations) and :func:`sacrebleu_score`
-(corpus BLEU of detokenised output, with sacreBLEU's signature).
+(corpus BLEU of detokenised output, with sacreBLEU's signature); and the translation tokeniser
+:func:`tokenize_mt` / :func:`detokenize_mt` (re-exported by :mod:`captioner.data.parallel`, whose
+docstring explains the choices), kept here so that inference never imports Lightning.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,18 +29,64 @@ import numpy as np
 import torch
 from jsonargparse import ArgumentParser
 
-from captioner.data.parallel import detokenize_mt, tokenize_mt
 from captioner.data.vocabulary import END, PAD, SPECIALS, START, Vocabulary
 from captioner.decoder import AttentionDecoder
 from captioner.encoders.text import TextEncoder
 from captioner.inference import CHECKPOINT_KEY, CheckpointError, read_checkpoint
 from captioner.search import SearchResult, beam_search, greedy_search
 
-__all__ = ["BleuScore", "Translation", "Translator", "decode", "sacrebleu_score"]
+__all__ = ["BleuScore", "Translation", "Translator", "decode", "detokenize_mt",
+           "sacrebleu_score", "tokenize_mt"]
 
 TASK = "translation"
 SEARCH_DEFAULTS: dict[str, Any] = {"beam_size": 1, "max_length": 50, "min_length": 1,
                                    "length_penalty": 1.0}
+
+
+# ---------------------------------------------------------------------------------- tokenisation
+# The translation tokeniser lives here, not in captioner.data.parallel, so that inference never
+# imports Lightning (the data module does); see captioner.data.parallel for the choices.
+_ALNUM = r"[^\W_]"  # a letter or a digit, any script
+_TOKEN_RE = re.compile(
+    rf"\d+(?:[.,]\d+)+{_ALNUM}*"  # 3.5, 1,000, 2.5m
+    rf"|{_ALNUM}+(?:['\-]{_ALNUM}+)*"  # man's, t-shirt
+    r"|[^\w\s]|_"  # every other visible character is a token of its own
+)
+_APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "`": "'"})
+_NO_SPACE_BEFORE = re.compile(r" ([.,!?;:%)\]}])")
+_NO_SPACE_AFTER = re.compile(r"([(\[{]) ")
+
+
+def tokenize_mt(text: str, lowercase: bool = True) -> list[str]:
+    """Split a sentence into word and punctuation tokens.
+
+    Example:
+        >>> tokenize_mt("A man's T-shirt (red), 3.5 m!")
+        ['a', "man's", 't-shirt', '(', 'red', ')', ',', '3.5', 'm', '!']
+
+    Args:
+        text: a raw sentence.
+        lowercase: lowercase the text first.
+
+    Returns:
+        The tokens in order.
+    """
+    text = text.translate(_APOSTROPHES)
+    return _TOKEN_RE.findall(text.lower() if lowercase else text)
+
+
+def detokenize_mt(tokens: Sequence[str]) -> str:
+    """Join tokens into a sentence: spaces between tokens, none before closing punctuation or
+    after opening brackets (``["a", "dog", "."]`` -> ``"a dog."``).
+
+    Args:
+        tokens: output of :func:`tokenize_mt` or a decoded translation.
+
+    Returns:
+        The sentence.
+    """
+    text = " ".join(tokens)
+    return _NO_SPACE_AFTER.sub(r"\1", _NO_SPACE_BEFORE.sub(r"\1", text))
 
 
 # ---------------------------------------------------------------------------------- shared parts

@@ -16,8 +16,10 @@ full stop). :func:`tokenize_mt` keeps each punctuation mark as a token, keeps wo
 apostrophes / hyphens and decimal numbers whole, and lowercases by default (as the usual
 Multi30k baselines do). The model's output is detokenised by :func:`detokenize_mt` and scored
 by sacreBLEU against the *raw* reference lines with its own ``13a`` tokenisation, lowercased when
-the data is (the signature then says ``case:lc``); so the score does not depend on this
-tokeniser's conventions, only on the words produced.
+the data is (the signature then says ``case:lc``); ``13a`` splits punctuation as
+:func:`tokenize_mt` does (keeping ``man's``, ``t-shirt``, ``3.5`` whole), so the score hardly
+depends on how :func:`detokenize_mt` spaces punctuation. (Both functions are defined in
+:mod:`captioner.translate`, which must not import Lightning, and re-exported here.)
 
 Sentences are encoded with one :class:`~captioner.data.vocabulary.Vocabulary` per language,
 built from the training split with ``min_freq``: targets as ``<start> w_1 .. w_n <end>``,
@@ -34,7 +36,6 @@ from __future__ import annotations
 
 import logging
 import math
-import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -45,6 +46,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from captioner.data.vocabulary import Vocabulary
+from captioner.translate import detokenize_mt, tokenize_mt  # Lightning-free home
 
 __all__ = ["ParallelDataError", "tokenize_mt", "detokenize_mt", "read_aligned", "read_tsv",
            "ParallelDataset", "collate_parallel", "BucketBatchSampler", "ParallelTextDataModule"]
@@ -57,50 +59,6 @@ STAGES: tuple[str, ...] = ("train", "val", "test")
 
 class ParallelDataError(ValueError):
     """Unusable parallel data; the message names the file and line."""
-
-
-# ---------------------------------------------------------------------------------- tokenisation
-_ALNUM = r"[^\W_]"  # a letter or a digit, any script
-_TOKEN_RE = re.compile(
-    rf"\d+(?:[.,]\d+)+{_ALNUM}*"  # 3.5, 1,000, 2.5m
-    rf"|{_ALNUM}+(?:['\-]{_ALNUM}+)*"  # man's, t-shirt
-    r"|[^\w\s]|_"  # every other visible character is a token of its own
-)
-_APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "`": "'"})
-_NO_SPACE_BEFORE = re.compile(r" ([.,!?;:%)\]}])")
-_NO_SPACE_AFTER = re.compile(r"([(\[{]) ")
-
-
-def tokenize_mt(text: str, lowercase: bool = True) -> list[str]:
-    """Split a sentence into word and punctuation tokens.
-
-    Example:
-        >>> tokenize_mt("A man's T-shirt (red), 3.5 m!")
-        ['a', "man's", 't-shirt', '(', 'red', ')', ',', '3.5', 'm', '!']
-
-    Args:
-        text: a raw sentence.
-        lowercase: lowercase the text first.
-
-    Returns:
-        The tokens in order.
-    """
-    text = text.translate(_APOSTROPHES)
-    return _TOKEN_RE.findall(text.lower() if lowercase else text)
-
-
-def detokenize_mt(tokens: Sequence[str]) -> str:
-    """Join tokens into a sentence: spaces between tokens, none before closing punctuation or
-    after opening brackets (``["a", "dog", "."]`` -> ``"a dog."``).
-
-    Args:
-        tokens: output of :func:`tokenize_mt` or a decoded translation.
-
-    Returns:
-        The sentence.
-    """
-    text = " ".join(tokens)
-    return _NO_SPACE_AFTER.sub(r"\1", _NO_SPACE_BEFORE.sub(r"\1", text))
 
 
 # ---------------------------------------------------------------------------------- files

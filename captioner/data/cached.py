@@ -1,0 +1,220 @@
+"""Training and evaluation from cached annotation grids instead of raw images.
+
+:class:`CachedFeaturesDataModule` is :class:`~captioner.data.datamodule.CaptionDataModule` (same
+annotation formats, splits, vocabulary, references) whose batches carry ``features``
+``(B, L, D)`` (float16, from a :class:`~captioner.features.FeatureCache` written by ``captioner
+extract-features``) in place of ``images``; :meth:`CaptioningModule.encode
+<captioner.lit.captioning.CaptioningModule.encode>` then skips the encoder. Valid only for a
+frozen encoder, the one the cache was extracted with. In YAML::
+
+    data:
+      class_path: captioner.data.cached.CachedFeaturesDataModule
+      init_args:
+        features_dir: cache/flickr8k_lite0     # captioner extract-features --out
+        format: flickr8k_csv                   # ... the CaptionDataModule arguments
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from captioner.data.datamodule import CaptionDataModule, DataFormat, ShapesDataModule
+from captioner.data.datasets import (CaptionTrainDataset, ImageEvalDataset, collate_captions,
+                                     collate_images)
+from captioner.data.formats import ImageRecord
+from captioner.data.vocabulary import Vocabulary
+from captioner.features import FeatureCache, FeatureCacheError
+
+__all__ = ["CachedCaptionDataset", "CachedImageDataset", "CachedFeaturesDataModule",
+           "CachedShapesDataModule", "collate_cached_captions", "collate_cached_images"]
+
+
+class CachedCaptionDataset(CaptionTrainDataset):
+    """:class:`CaptionTrainDataset` pairs with the image's cached grid instead of its pixels.
+
+    Args:
+        records: the images and their captions.
+        vocab: vocabulary used to encode captions.
+        cache: the feature cache holding every record's image.
+        max_length: longest encoded caption ``T`` (``<start>``/``<end>`` included).
+    """
+
+    def __init__(self, records: Sequence[ImageRecord], vocab: Vocabulary, cache: FeatureCache,
+                 max_length: int = 50) -> None:
+        super().__init__(records, vocab, image_size=1, max_length=max_length)
+        self.cache = cache
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        """Returns ``features`` ``(L, D)`` float16, ``caption`` ``(T,)`` long, ``index`` int."""
+        r = int(self._record_index[i])
+        start, end = self._offsets[i], self._offsets[i + 1]
+        caption = torch.from_numpy(self._ids[start:end].copy())  # (T,)
+        return {"features": self.cache.tensor(self.records[r].path), "caption": caption,
+                "index": r}
+
+
+class CachedImageDataset(ImageEvalDataset):
+    """Each image of ``records`` once, as its cached grid.
+
+    Args:
+        records: the images.
+        cache: the feature cache holding them.
+    """
+
+    def __init__(self, records: Sequence[ImageRecord], cache: FeatureCache) -> None:
+        super().__init__(records, image_size=1)
+        self.cache = cache
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        """Returns ``features`` ``(L, D)`` float16 and ``index`` (= ``i``)."""
+        return {"features": self.cache.tensor(self.records[i].path), "index": i}
+
+
+def _as_images(batch: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{**item, "image": item["features"]} for item in batch]
+
+
+def collate_cached_captions(batch: Sequence[dict[str, Any]], pad_id: int = 0
+                            ) -> dict[str, torch.Tensor]:
+    """:func:`collate_captions` with ``features`` ``(B, L, D)`` in place of ``images``."""
+    out = collate_captions(_as_images(batch), pad_id)
+    out["features"] = out.pop("images")  # (B, L, D)
+    return out
+
+
+def collate_cached_images(batch: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """:func:`collate_images` with ``features`` ``(B, L, D)`` in place of ``images``."""
+    out = collate_images(_as_images(batch))
+    out["features"] = out.pop("images")  # (B, L, D)
+    return out
+
+
+class _CachedFeatures:
+    """Mixin for a :class:`CaptionDataModule` subclass: datasets and loaders from the cache."""
+
+    features_dir: str
+    _cache: FeatureCache | None
+
+    @property
+    def cache(self) -> FeatureCache:
+        """The feature cache (opened on first use)."""
+        if self._cache is None:
+            self._cache = FeatureCache(self.features_dir)
+        return self._cache
+
+    def _dataset(self, split: str) -> Dataset[dict[str, Any]]:
+        if split not in self._datasets:
+            records = self.records(split)
+            missing = self.cache.missing(r.path for r in records)
+            if missing:
+                raise FeatureCacheError(
+                    f"{len(missing)} of the {len(records)} {split} images are not in the "
+                    f"feature cache {self.features_dir} (first: {missing[0]}); run `captioner "
+                    f"extract-features --split {split}` with this data config")
+            if split == "train":
+                self._datasets[split] = CachedCaptionDataset(records, self.vocab, self.cache,
+                                                             self.max_caption_length)
+            else:
+                self._datasets[split] = CachedImageDataset(records, self.cache)
+        return self._datasets[split]
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader[dict[str, Any]]:
+        dataset = self._dataset(split)
+        if split == "train" and len(dataset) == 0:  # type: ignore[arg-type]
+            raise ValueError("the training split has no images")
+        collate = (functools.partial(collate_cached_captions, pad_id=self.vocab.pad_id)
+                   if split == "train" else collate_cached_images)
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if split == "train" else self.eval_batch_size,
+            shuffle=shuffle,
+            num_workers=self.num_workers,
+            collate_fn=collate,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+
+class CachedFeaturesDataModule(_CachedFeatures, CaptionDataModule):
+    """:class:`CaptionDataModule` serving cached annotation grids (``features``).
+
+    Args:
+        features_dir: the folder written by ``captioner extract-features`` for these images.
+        format, annotations, image_root, instances, image_size, batch_size, eval_batch_size,
+            num_workers, min_freq, max_vocab_size, max_caption_length, val_fraction,
+            test_fraction, split_seed, skip_bad, max_images, vocab_file: as
+            :class:`CaptionDataModule` (``image_size`` is not used for loading; it is kept for
+            checkpoints and the inference tools, which read raw images).
+
+    Raises:
+        captioner.features.FeatureCacheError: when a split is set up, if the cache is missing,
+            unfinished, or lacks some of the split's images.
+    """
+
+    def __init__(
+        self,
+        features_dir: str,
+        format: DataFormat,
+        annotations: str | dict[str, str],
+        image_root: str | dict[str, str],
+        instances: str | dict[str, str] | None = None,
+        image_size: int = 224,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+        min_freq: int = 5,
+        max_vocab_size: int | None = None,
+        max_caption_length: int = 50,
+        val_fraction: float = 0.1,
+        test_fraction: float = 0.1,
+        split_seed: int = 0,
+        skip_bad: bool = False,
+        max_images: int | None = None,
+        vocab_file: str | None = None,
+    ) -> None:
+        super().__init__(format, annotations, image_root, instances, image_size, batch_size,
+                         eval_batch_size, num_workers, min_freq, max_vocab_size,
+                         max_caption_length, val_fraction, test_fraction, split_seed, skip_bad,
+                         max_images, vocab_file)
+        self.save_hyperparameters()
+        self.features_dir = features_dir
+        self._cache = None
+
+
+class CachedShapesDataModule(_CachedFeatures, ShapesDataModule):
+    """:class:`ShapesDataModule` serving cached annotation grids (``features``).
+
+    Args:
+        features_dir: the folder written by ``captioner extract-features`` for these images.
+        root, num_train, num_val, num_test, image_size, seed, clutter, distort, batch_size,
+            eval_batch_size, num_workers, min_freq, max_caption_length: as
+            :class:`ShapesDataModule`.
+    """
+
+    def __init__(
+        self,
+        features_dir: str,
+        root: str = "data/shapes",
+        num_train: int = 2000,
+        num_val: int = 200,
+        num_test: int = 200,
+        image_size: int = 64,
+        seed: int = 0,
+        clutter: bool = False,
+        distort: bool = False,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        min_freq: int = 1,
+        max_caption_length: int = 30,
+    ) -> None:
+        super().__init__(root, num_train, num_val, num_test, image_size, seed, clutter, distort,
+                         batch_size, eval_batch_size, num_workers, min_freq, max_caption_length)
+        self.save_hyperparameters("features_dir")
+        self.features_dir = features_dir
+        self._cache = None

@@ -1,0 +1,280 @@
+"""Cached annotation grids: run a frozen encoder once, train the decoder from the cache.
+
+With a frozen encoder the annotations ``(L, D)`` of an image never change, so running the CNN on
+every image at every epoch is wasted work. :func:`extract_features` runs it once over a set of
+images and stores the grids; :class:`FeatureCache` reads them back.
+
+On disk (``DIR``)::
+
+    index.json          {"format", "dtype": "float16", "grid": [H, W], "dim": D, "shard_size",
+                         "image_size", "fingerprint", "encoder", "shards": [file, ...],
+                         "items": {image key: [shard, row]}, "complete": bool}
+    shard_00000.npy     (n, L, D) float16, n <= shard_size images, rows in extraction order
+    shard_00001.npy     ...
+
+An image's key is its resolved path (:func:`image_key`), so an image shared by several splits is
+stored once. Shards and the index are written atomically (a temporary file, then
+``os.replace``), the index after each shard: an interrupted extraction leaves a consistent cache
+of whole shards and, run again, continues after the last shard it finished. Shard boundaries
+coincide with batch boundaries, so a resumed extraction encodes exactly the batches an
+uninterrupted one would and produces the same bytes. The ``fingerprint`` (a hash of the
+encoder's weights and of the image size) keeps a resumed run from mixing two encoders.
+
+Reading is memory-mapped (``np.load(mmap_mode="r")``): memory stays bounded whatever the size of
+the data set, and DataLoader workers share the page cache.
+
+No Lightning here; the data-module side is :mod:`captioner.data.cached`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["FeatureCache", "FeatureCacheError", "encoder_fingerprint", "extract_features",
+           "image_key", "INDEX_FILE"]
+
+INDEX_FILE = "index.json"
+FORMAT = 1
+DTYPE = "float16"
+
+
+class FeatureCacheError(ValueError):
+    """A cache that is missing, incomplete, or does not match the request."""
+
+
+def image_key(path: str | os.PathLike[str]) -> str:
+    """The cache key of an image file: its resolved absolute path."""
+    return str(Path(path).resolve())
+
+
+def encoder_fingerprint(encoder: nn.Module, image_size: int | Sequence[int]) -> str:
+    """A short hash of an encoder's weights and buffers and of the input size.
+
+    Two extractions with the same fingerprint produce the same features (on the same machine).
+    """
+    digest = hashlib.sha256(json.dumps(_size_pair(image_size)).encode())
+    for name, tensor in sorted(encoder.state_dict().items()):
+        digest.update(name.encode())
+        flat = tensor.detach().cpu().reshape(-1).contiguous()
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _size_pair(size: int | Sequence[int]) -> list[int]:
+    return [int(size), int(size)] if isinstance(size, int) else [int(s) for s in size]
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
+    """Write through ``write(file)`` into a temporary file, then rename it over ``path``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode) as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class FeatureCache:
+    """Memory-mapped reader of a feature cache directory.
+
+    Args:
+        directory: a folder written by :func:`extract_features`.
+        require_complete: refuse a cache whose extraction has not finished.
+
+    Raises:
+        FeatureCacheError: no index, an unknown format, or an unfinished extraction.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str], require_complete: bool = True) -> None:
+        self.directory = Path(directory)
+        index_file = self.directory / INDEX_FILE
+        if not index_file.is_file():
+            raise FeatureCacheError(f"{self.directory}: no feature cache ({INDEX_FILE} missing); "
+                                    "run `captioner extract-features` first")
+        self.index: dict[str, Any] = json.loads(index_file.read_text(encoding="utf-8"))
+        if self.index.get("format") != FORMAT:
+            raise FeatureCacheError(f"{index_file}: unknown cache format "
+                                    f"{self.index.get('format')!r}")
+        if require_complete and not self.index.get("complete"):
+            raise FeatureCacheError(f"{self.directory}: the extraction did not finish; run "
+                                    "`captioner extract-features` again to complete it")
+        self.items: dict[str, list[int]] = self.index["items"]
+        self._shards: dict[int, np.ndarray] = {}
+
+    @property
+    def grid_size(self) -> tuple[int, int]:
+        """``(H, W)`` of the stored grids."""
+        h, w = self.index["grid"]
+        return int(h), int(w)
+
+    @property
+    def dim(self) -> int:
+        """``D``, the annotation size."""
+        return int(self.index["dim"])
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __contains__(self, path: object) -> bool:
+        return isinstance(path, (str, os.PathLike)) and image_key(path) in self.items
+
+    def missing(self, paths: Iterable[str | os.PathLike[str]]) -> list[str]:
+        """The keys of ``paths`` that the cache does not hold."""
+        return [k for k in map(image_key, paths) if k not in self.items]
+
+    def _shard(self, shard: int) -> np.ndarray:
+        if shard not in self._shards:  # opened lazily: each DataLoader worker maps its own
+            self._shards[shard] = np.load(self.directory / self.index["shards"][shard],
+                                          mmap_mode="r")
+        return self._shards[shard]
+
+    def array(self, path: str | os.PathLike[str]) -> np.ndarray:
+        """The stored ``(L, D)`` float16 grid of an image (a read-only memory-mapped view).
+
+        Raises:
+            KeyError: the image is not in the cache.
+        """
+        key = image_key(path)
+        try:
+            shard, row = self.items[key]
+        except KeyError:
+            raise KeyError(f"{key} is not in the feature cache {self.directory}") from None
+        return self._shard(shard)[row]
+
+    def tensor(self, path: str | os.PathLike[str]) -> torch.Tensor:
+        """The grid of an image as a float16 tensor ``(L, D)`` (copied out of the map)."""
+        return torch.from_numpy(np.array(self.array(path)))
+
+    def __getstate__(self) -> dict[str, Any]:  # DataLoader workers re-open the maps
+        return {**self.__dict__, "_shards": {}}
+
+
+def _load_index(out: Path, meta: dict[str, Any]) -> dict[str, Any]:
+    """The existing index of ``out`` if it matches ``meta`` (resume), else a fresh one."""
+    index_file = out / INDEX_FILE
+    if not index_file.is_file():
+        return {**meta, "shards": [], "items": {}, "complete": False}
+    index = json.loads(index_file.read_text(encoding="utf-8"))
+    for field in ("format", "dtype", "grid", "dim", "shard_size", "image_size", "fingerprint"):
+        if index.get(field) != meta[field]:
+            raise FeatureCacheError(
+                f"{out} holds a cache made with another {field} ({index.get(field)!r}, now "
+                f"{meta[field]!r}); use a new --out folder or delete this one")
+    return index
+
+
+@torch.no_grad()
+def extract_features(
+    encoder: nn.Module,
+    paths: Sequence[str | os.PathLike[str]],
+    out_dir: str | os.PathLike[str],
+    *,
+    image_size: int | tuple[int, int],
+    batch_size: int = 32,
+    shard_size: int = 256,
+    num_workers: int = 0,
+    device: str | torch.device = "cpu",
+    encoder_config: dict[str, Any] | None = None,
+    progress: Callable[[str], None] | None = None,
+    shard_delay: float = 0.0,
+) -> FeatureCache:
+    """Encode images once and store their annotation grids, resuming an interrupted run.
+
+    Images are read with :class:`captioner.data.datasets.ImageEvalDataset` (the same decoding
+    and resizing as training from raw images) and encoded in evaluation mode.
+
+    Args:
+        encoder: an encoder ``(B, 3, H_img, W_img) -> (B, L, D)`` with ``grid_size`` and
+            ``out_channels`` (:class:`captioner.encoders.ImageEncoder`); it should be frozen.
+        paths: image files; duplicates (same resolved path) are encoded once.
+        out_dir: the cache folder (created; an existing cache from the same encoder is resumed).
+        image_size: the input side ``S`` (or ``(H, W)``) the data module would use.
+        batch_size: images per encoder forward; ``shard_size`` must be a multiple of it.
+        shard_size: images per shard file.
+        num_workers: DataLoader worker processes for image decoding.
+        device: where to run the encoder.
+        encoder_config: stored in the index for the record (e.g. the ``class_path`` config).
+        progress: called with one line per finished shard.
+        shard_delay: seconds to sleep after each shard (tests interrupt the run there).
+
+    Returns:
+        The finished :class:`FeatureCache`.
+
+    Raises:
+        FeatureCacheError: ``out_dir`` holds a cache of another encoder or image size.
+        ValueError: bad sizes, an encoder without ``grid_size``, features that overflow
+            float16.
+    """
+    from torch.utils.data import DataLoader
+
+    from captioner.data.datasets import ImageEvalDataset, collate_images
+    from captioner.data.formats import ImageRecord
+
+    if batch_size < 1 or shard_size < 1 or shard_size % batch_size:
+        raise ValueError(f"shard_size ({shard_size}) must be a positive multiple of batch_size "
+                         f"({batch_size}), so that a resumed run encodes the same batches")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if not hasattr(encoder, "grid_size") or not hasattr(encoder, "out_channels"):
+        raise ValueError("the encoder must expose grid_size (H, W) and out_channels D, as "
+                         "captioner.encoders.ImageEncoder does")
+    encoder = encoder.to(device).eval()
+    grid = [int(g) for g in encoder.grid_size]
+    meta = {"format": FORMAT, "dtype": DTYPE, "grid": grid, "dim": int(encoder.out_channels),
+            "shard_size": shard_size, "image_size": _size_pair(image_size),
+            "fingerprint": encoder_fingerprint(encoder, image_size),
+            "encoder": encoder_config or {"class": type(encoder).__qualname__}}
+    index = _load_index(out, meta)
+
+    keys = list(dict.fromkeys(image_key(p) for p in paths))  # ordered, without duplicates
+    todo = [k for k in keys if k not in index["items"]]
+    say = progress or (lambda line: None)
+    if not todo:
+        if not index["complete"]:
+            index["complete"] = True
+            _atomic_write(out / INDEX_FILE, lambda f: json.dump(index, f), "w")
+        say(f"{len(keys)} images already cached in {out}")
+        return FeatureCache(out)
+
+    index["complete"] = False
+    done = len(keys) - len(todo)
+    for start in range(0, len(todo), shard_size):
+        chunk = todo[start : start + shard_size]
+        records = [ImageRecord(image_id=i, path=Path(k), captions=[]) for i, k in enumerate(chunk)]
+        loader = DataLoader(ImageEvalDataset(records, image_size), batch_size=batch_size,
+                            shuffle=False, num_workers=num_workers, collate_fn=collate_images)
+        grids = []
+        for batch in loader:
+            annotations = encoder(batch["images"].to(device)).float()  # (b, L, D)
+            grids.append(annotations.to(torch.float16).cpu().numpy())
+        shard = np.concatenate(grids)  # (n, L, D)
+        if not np.isfinite(shard).all():
+            raise ValueError("features overflow float16 (|x| > 65504): this encoder's outputs "
+                             "cannot be cached in half precision")
+        name = f"shard_{len(index['shards']):05d}.npy"
+        _atomic_write(out / name, lambda f: np.save(f, shard))
+        index["shards"].append(name)
+        for row, key in enumerate(chunk):
+            index["items"][key] = [len(index["shards"]) - 1, row]
+        index["complete"] = start + shard_size >= len(todo)
+        _atomic_write(out / INDEX_FILE, lambda f: json.dump(index, f), "w")
+        done += len(chunk)
+        say(f"{name}: {len(chunk)} images ({done}/{len(keys)})")
+        if shard_delay and not index["complete"]:
+            time.sleep(shard_delay)
+    return FeatureCache(out)

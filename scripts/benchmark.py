@@ -1,0 +1,1033 @@
+#!/usr/bin/env python
+r"""Throughput benchmark of captioner on fixed work (issue 7), as one JSON object.
+
+The work is fixed so that figures compare across implementations and machines:
+
+* the decoder at COCO scale on pre-computed features: ``B = 32`` captions, a ``14 x 14`` grid of
+  ``D = 2048`` annotations, ``E = A = N = 512``, ``V = 9490``, dropout 0.5, doubly stochastic
+  regularisation (``lambda = 1``), Adam; caption lengths (tokens, ``<start>``/``<end>``
+  included) drawn with a fixed seed from :data:`LENGTH_DISTRIBUTION`;
+* decoding 32 images for exactly 20 steps (``min_length = max_length = 20``, so random weights
+  decode as long as trained ones): beam search ``K = 3``, ``K = 5`` and greedy;
+* the frozen CNN forward (no grad, batch 32): ResNet-101 at 256 x 256, EfficientNet-Lite0 at
+  224 x 224;
+* image loading through the real pipeline (:class:`captioner.data.datasets.ImageEvalDataset`
+  and a DataLoader with the data module's default workers) on ``../shared/data/flickr8k_subset``
+  (relative to the repository root) when present, else on generated JPEGs.
+
+Every figure is a median over repeats after warm-up. Implementations compared in one run
+(``--baseline``, ``--proposed``) are measured *interleaved* (round robin, one repeat of each in
+turn), so that load from other processes on a shared machine hits them alike and their ratios
+stay meaningful.
+
+* ``--baseline`` adds a faithful re-implementation of the widely used tutorial decoder
+  (sgrvinod/a-PyTorch-Tutorial-to-Image-Captioning, ``models.py`` / ``train.py`` /
+  ``caption.py``): the encoder output is re-projected by the attention at every step, the batch
+  is sorted by length and shrunk step by step, and beam search decodes one image at a time
+  (greedy = its beam search with ``k = 1``). It lives here, as a reference, not in the library.
+* ``--proposed`` measures patched copies of :class:`captioner.decoder.AttentionDecoder`
+  (:class:`ProposedDecoder`, same weights, numerics checked against the original) that show
+  what the changes proposed for ``decoder.py`` would buy.
+* ``--bf16`` adds CPU autocast bf16 throughput of training and greedy decoding, with the loss
+  parity against fp32 on the same batch (dropout off).
+
+Usage::
+
+    python scripts/benchmark.py --quick --baseline --proposed --json bench.json
+    python scripts/benchmark.py --baseline --proposed --bf16 --json bench.json   # full, minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import inspect
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from captioner.attention import AdditiveAttention
+from captioner.decoder import AttentionDecoder, DecoderState
+from captioner.losses import doubly_stochastic_penalty, masked_nll
+from captioner.search import beam_search, greedy_search
+
+REPO = Path(__file__).resolve().parents[1]
+FLICKR8K_SUBSET = REPO / ".." / "shared" / "data" / "flickr8k_subset"
+
+#: Caption length in tokens (``<start>`` and ``<end>`` included) -> probability (issue 7).
+LENGTH_DISTRIBUTION: dict[int, float] = {
+    10: 0.07, 11: 0.22, 12: 0.23, 13: 0.16, 14: 0.10, 15: 0.07, 16: 0.05, 17: 0.035,
+    18: 0.025, 19: 0.015, 20: 0.01, 21: 0.008, 22: 0.007,
+}
+PAD_ID, START_ID, END_ID = 0, 1, 2  # captioner.data.vocabulary.SPECIALS order
+SEED = 0
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """The fixed work (``B, H, D, E, A, N, V``) and how long to measure it."""
+
+    batch: int = 32  # B, captions per training step and images per decoding call
+    grid: int = 14  # H = W, L = H * W annotations
+    encoder_dim: int = 2048  # D
+    embed_dim: int = 512  # E
+    attention_dim: int = 512  # A
+    hidden_dim: int = 512  # N
+    vocab_size: int = 9490  # V
+    steps: int = 20  # decoding steps (min = max length)
+    train_batches: int = 3  # distinct caption batches in one training "pass"
+    warmup: int = 1
+    repeats: int = 3
+    baseline_images: int = 8  # images per call of the per-image tutorial search (its cost
+    #                            per image does not depend on the number of images)
+    encode_batch: int = 32
+    encode_repeats: int = 3
+    resnet_size: int = 256
+    efficientnet_size: int = 224
+    load_images: int = 256
+    load_repeats: int = 3
+    matmul_size: int = 1024
+    epoch_images: int | None = None  # --cached-epochs: images per split (None: all)
+    epoch_image_size: int = 224
+
+
+FULL = Sizes(train_batches=3, warmup=1, repeats=3, baseline_images=8)
+QUICK = Sizes(train_batches=1, warmup=1, repeats=2, baseline_images=2, encode_repeats=1,
+              load_images=64, load_repeats=1, epoch_images=64)
+TINY = Sizes(batch=3, grid=3, encoder_dim=16, embed_dim=8, attention_dim=8, hidden_dim=12,
+             vocab_size=50, train_batches=2, warmup=1, repeats=2, baseline_images=2,
+             encode_batch=2, encode_repeats=1, resnet_size=32, efficientnet_size=32,
+             load_images=4, load_repeats=1, matmul_size=64, epoch_images=6,
+             epoch_image_size=32)
+
+
+# ============================================================================ timing helpers
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved(tasks: dict[str, Callable[[], Any]], warmup: int, repeats: int,
+                device: torch.device) -> dict[str, list[float]]:
+    """Seconds of each repeat of each task, the tasks run round robin after ``warmup`` rounds."""
+    for _ in range(warmup):
+        for fn in tasks.values():
+            fn()
+    _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in tasks}
+    for _ in range(repeats):
+        for name, fn in tasks.items():
+            start = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def rate(items: int, seconds: list[float]) -> float:
+    """Items per second of the median repeat."""
+    return items / statistics.median(seconds)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far (Linux ``ru_maxrss`` is in KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def matmul_gflops(n: int, device: torch.device, dtype: torch.dtype = torch.float32,
+                  repeats: int = 10) -> float:
+    """Measured GFLOP/s of an ``n x n`` by ``n x n`` matmul (median of ``repeats``)."""
+    gen = torch.Generator().manual_seed(SEED)
+    a = torch.randn(n, n, generator=gen).to(device, dtype)
+    b = torch.randn(n, n, generator=gen).to(device, dtype)
+    times = interleaved({"mm": lambda: a @ b}, warmup=2, repeats=repeats, device=device)["mm"]
+    return 2 * n**3 / statistics.median(times) / 1e9
+
+
+def cpu_model() -> str:
+    """``lscpu``'s model name (``/proc/cpuinfo``), or the platform's processor string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+# ============================================================================ the fixed work
+def sample_lengths(n: int, rng: np.random.Generator) -> np.ndarray:
+    """``n`` caption lengths (tokens incl. ``<start>``/``<end>``) from the fixed distribution."""
+    values = np.array(list(LENGTH_DISTRIBUTION))
+    probs = np.array(list(LENGTH_DISTRIBUTION.values()))
+    return rng.choice(values, size=n, p=probs / probs.sum())
+
+
+def make_captions(lengths: np.ndarray, vocab_size: int, rng: np.random.Generator,
+                  pad_to: int | None = None) -> torch.Tensor:
+    """``(B, T + 1)`` ids ``<start> w .. w <end> <pad>..`` with random words (ids >= 4)."""
+    T1 = int(pad_to or lengths.max())
+    captions = torch.full((len(lengths), T1), PAD_ID, dtype=torch.long)
+    for b, n in enumerate(lengths):
+        captions[b, 0] = START_ID
+        captions[b, 1 : n - 1] = torch.from_numpy(rng.integers(4, vocab_size, n - 2))
+        captions[b, n - 1] = END_ID
+    return captions
+
+
+@dataclass
+class Work:
+    """Annotations ``(B, L, D)`` and a list of caption batches ``(B, T + 1)`` with lengths."""
+
+    annotations: torch.Tensor
+    captions: list[torch.Tensor]
+    lengths: list[torch.Tensor]
+
+
+def make_work(s: Sizes, device: torch.device) -> Work:
+    gen = torch.Generator().manual_seed(SEED)
+    rng = np.random.default_rng(SEED)
+    annotations = torch.randn(s.batch, s.grid * s.grid, s.encoder_dim, generator=gen).relu()
+    lengths = [sample_lengths(s.batch, rng) for _ in range(s.train_batches)]
+    captions = [make_captions(n, s.vocab_size, rng).to(device) for n in lengths]
+    return Work(annotations.to(device), captions,
+                [torch.as_tensor(n, device=device) for n in lengths])
+
+
+def build_decoder(s: Sizes) -> AttentionDecoder:
+    """The library decoder at the benchmark's sizes (the paper's soft attention, scalar gate)."""
+    torch.manual_seed(SEED)
+    return AttentionDecoder(
+        s.vocab_size, s.encoder_dim, embed_dim=s.embed_dim, hidden_dim=s.hidden_dim,
+        attention=functools.partial(AdditiveAttention, attention_dim=s.attention_dim),
+        dropout=0.5)
+
+
+def library_loss(decoder: AttentionDecoder, annotations: torch.Tensor,
+                 captions: torch.Tensor) -> torch.Tensor:
+    """The training objective of :class:`captioner.lit.captioning.CaptioningModule` (Eq. 14)."""
+    out = decoder(annotations, captions)
+    targets = captions[:, 1:]  # (B, T)
+    return masked_nll(out.logits, targets, PAD_ID) + doubly_stochastic_penalty(
+        out.alphas, targets != PAD_ID)
+
+
+def train_pass(decoder: nn.Module, optimizer: torch.optim.Optimizer, work: Work,
+               loss_fn: Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor],
+                                 torch.Tensor],
+               autocast: bool = False) -> None:
+    """One optimiser step (forward + loss + backward + Adam) per caption batch of ``work``."""
+    decoder.train()
+    for captions, lengths in zip(work.captions, work.lengths):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = loss_fn(decoder, work.annotations, captions, lengths)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
+def ours_loss(decoder, annotations, captions, lengths) -> torch.Tensor:
+    return library_loss(decoder, annotations, captions)
+
+
+def decode_library(decoder: AttentionDecoder, annotations: torch.Tensor, beam: int,
+                   steps: int) -> torch.Tensor:
+    """Tokens ``(B, steps)`` from :mod:`captioner.search` with ``min = max length = steps``."""
+    decoder.eval()
+    kw = dict(start_id=START_ID, end_id=END_ID, pad_id=PAD_ID, max_length=steps,
+              min_length=steps)
+    if beam == 1:
+        return greedy_search(decoder, annotations, **kw).tokens
+    return beam_search(decoder, annotations, beam_size=beam, **kw).tokens
+
+
+# ============================================================================ tutorial baseline
+class TutorialAttention(nn.Module):
+    """``models.Attention`` of the tutorial: the encoder output is projected on every call."""
+
+    def __init__(self, encoder_dim: int, decoder_dim: int, attention_dim: int) -> None:
+        super().__init__()
+        self.encoder_att = nn.Linear(encoder_dim, attention_dim)
+        self.decoder_att = nn.Linear(decoder_dim, attention_dim)
+        self.full_att = nn.Linear(attention_dim, 1)
+        self.relu = nn.ReLU()
+        self.softmax = nn.Softmax(dim=1)
+
+    def forward(self, encoder_out: torch.Tensor, decoder_hidden: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        att1 = self.encoder_att(encoder_out)  # (B, L, A): recomputed at every step
+        att2 = self.decoder_att(decoder_hidden)  # (B, A)
+        att = self.full_att(self.relu(att1 + att2.unsqueeze(1))).squeeze(2)  # (B, L)
+        alpha = self.softmax(att)  # (B, L)
+        context = (encoder_out * alpha.unsqueeze(2)).sum(dim=1)  # (B, D)
+        return context, alpha
+
+
+class TutorialDecoder(nn.Module):
+    """``models.DecoderWithAttention`` of the tutorial (vector gate, single output layer)."""
+
+    def __init__(self, attention_dim: int, embed_dim: int, decoder_dim: int, vocab_size: int,
+                 encoder_dim: int = 2048, dropout: float = 0.5) -> None:
+        super().__init__()
+        self.vocab_size = vocab_size
+        self.attention = TutorialAttention(encoder_dim, decoder_dim, attention_dim)
+        self.embedding = nn.Embedding(vocab_size, embed_dim)
+        self.dropout = nn.Dropout(p=dropout)
+        self.decode_step = nn.LSTMCell(embed_dim + encoder_dim, decoder_dim, bias=True)
+        self.init_h = nn.Linear(encoder_dim, decoder_dim)
+        self.init_c = nn.Linear(encoder_dim, decoder_dim)
+        self.f_beta = nn.Linear(decoder_dim, encoder_dim)
+        self.sigmoid = nn.Sigmoid()
+        self.fc = nn.Linear(decoder_dim, vocab_size)
+        self.embedding.weight.data.uniform_(-0.1, 0.1)
+        self.fc.bias.data.fill_(0)
+        self.fc.weight.data.uniform_(-0.1, 0.1)
+
+    def init_hidden_state(self, encoder_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean_encoder_out = encoder_out.mean(dim=1)
+        return self.init_h(mean_encoder_out), self.init_c(mean_encoder_out)
+
+    def forward(self, encoder_out: torch.Tensor, encoded_captions: torch.Tensor,
+                caption_lengths: torch.Tensor):
+        batch_size = encoder_out.size(0)
+        encoder_dim = encoder_out.size(-1)
+        encoder_out = encoder_out.view(batch_size, -1, encoder_dim)
+        num_pixels = encoder_out.size(1)
+        caption_lengths, sort_ind = caption_lengths.sort(dim=0, descending=True)
+        encoder_out = encoder_out[sort_ind]
+        encoded_captions = encoded_captions[sort_ind]
+        embeddings = self.embedding(encoded_captions)
+        h, c = self.init_hidden_state(encoder_out)
+        decode_lengths = (caption_lengths - 1).tolist()
+        predictions = torch.zeros(batch_size, max(decode_lengths), self.vocab_size,
+                                  device=encoder_out.device)
+        alphas = torch.zeros(batch_size, max(decode_lengths), num_pixels,
+                             device=encoder_out.device)
+        for t in range(max(decode_lengths)):
+            batch_size_t = sum([n > t for n in decode_lengths])
+            awe, alpha = self.attention(encoder_out[:batch_size_t], h[:batch_size_t])
+            gate = self.sigmoid(self.f_beta(h[:batch_size_t]))
+            awe = gate * awe
+            h, c = self.decode_step(
+                torch.cat([embeddings[:batch_size_t, t, :], awe], dim=1),
+                (h[:batch_size_t], c[:batch_size_t]))
+            preds = self.fc(self.dropout(h))
+            predictions[:batch_size_t, t, :] = preds
+            alphas[:batch_size_t, t, :] = alpha
+        return predictions, encoded_captions, decode_lengths, alphas, sort_ind
+
+
+def tutorial_loss(decoder: TutorialDecoder, annotations: torch.Tensor, captions: torch.Tensor,
+                  lengths: torch.Tensor, alpha_c: float = 1.0) -> torch.Tensor:
+    """``train.py``: packed cross-entropy plus ``alpha_c * ((1 - sum_t alpha) ** 2).mean()``.
+
+    The tutorial's captions are padded to 52 tokens; its loop still stops at the longest.
+    """
+    padded = F.pad(captions, (0, max(0, 52 - captions.shape[1])), value=PAD_ID)
+    scores, caps_sorted, decode_lengths, alphas, _ = decoder(annotations, padded, lengths)
+    targets = caps_sorted[:, 1:]
+    scores = pack_padded_sequence(scores, decode_lengths, batch_first=True).data
+    targets = pack_padded_sequence(targets, decode_lengths, batch_first=True).data
+    loss = F.cross_entropy(scores, targets)
+    return loss + alpha_c * ((1.0 - alphas.sum(dim=1)) ** 2).mean()
+
+
+@torch.no_grad()
+def tutorial_beam_search(decoder: TutorialDecoder, encoder_out: torch.Tensor, beam_size: int,
+                         steps: int) -> list[int]:
+    """``caption.caption_image_beam_search`` for one image ``(1, L, D)``, with ``<end>`` banned
+    before ``steps`` tokens and the search stopped after ``steps`` (the fixed-length work)."""
+    k = beam_size
+    vocab_size = decoder.vocab_size
+    num_pixels, encoder_dim = encoder_out.shape[1:]
+    encoder_out = encoder_out.expand(k, num_pixels, encoder_dim)
+    k_prev_words = torch.full((k, 1), START_ID, dtype=torch.long, device=encoder_out.device)
+    seqs = k_prev_words
+    top_k_scores = torch.zeros(k, 1, device=encoder_out.device)
+    seqs_alpha = torch.ones(k, 1, num_pixels, device=encoder_out.device)
+    complete_seqs, complete_seqs_scores = [], []
+    step = 1
+    h, c = decoder.init_hidden_state(encoder_out)
+    while True:
+        embeddings = decoder.embedding(k_prev_words).squeeze(1)
+        awe, alpha = decoder.attention(encoder_out, h)
+        gate = decoder.sigmoid(decoder.f_beta(h))
+        awe = gate * awe
+        h, c = decoder.decode_step(torch.cat([embeddings, awe], dim=1), (h, c))
+        scores = F.log_softmax(decoder.fc(h), dim=1)
+        if step < steps:  # fixed-length work: no <end> before the last step
+            scores[:, END_ID] = float("-inf")
+        scores = top_k_scores.expand_as(scores) + scores
+        if step == 1:
+            top_k_scores, top_k_words = scores[0].topk(k, 0, True, True)
+        else:
+            top_k_scores, top_k_words = scores.view(-1).topk(k, 0, True, True)
+        prev_word_inds = torch.div(top_k_words, vocab_size, rounding_mode="floor")
+        next_word_inds = top_k_words % vocab_size
+        seqs = torch.cat([seqs[prev_word_inds], next_word_inds.unsqueeze(1)], dim=1)
+        seqs_alpha = torch.cat([seqs_alpha[prev_word_inds], alpha[prev_word_inds].unsqueeze(1)],
+                               dim=1)
+        incomplete_inds = [i for i, w in enumerate(next_word_inds) if w != END_ID]
+        complete_inds = list(set(range(len(next_word_inds))) - set(incomplete_inds))
+        if step >= steps:  # the last step: every beam is complete
+            complete_inds, incomplete_inds = list(range(len(next_word_inds))), []
+        if len(complete_inds) > 0:
+            complete_seqs.extend(seqs[complete_inds].tolist())
+            complete_seqs_scores.extend(top_k_scores[complete_inds].tolist())
+        k -= len(complete_inds)
+        if k == 0:
+            break
+        seqs = seqs[incomplete_inds]
+        seqs_alpha = seqs_alpha[incomplete_inds]
+        h = h[prev_word_inds[incomplete_inds]]
+        c = c[prev_word_inds[incomplete_inds]]
+        encoder_out = encoder_out[prev_word_inds[incomplete_inds]]
+        top_k_scores = top_k_scores[incomplete_inds].unsqueeze(1)
+        k_prev_words = next_word_inds[incomplete_inds].unsqueeze(1)
+        step += 1
+    best = complete_seqs_scores.index(max(complete_seqs_scores))
+    return complete_seqs[best]
+
+
+def decode_tutorial(decoder: TutorialDecoder, annotations: torch.Tensor, beam: int,
+                    steps: int) -> list[list[int]]:
+    """The tutorial decodes one image at a time."""
+    decoder.eval()
+    return [tutorial_beam_search(decoder, annotations[i : i + 1], beam, steps)
+            for i in range(annotations.shape[0])]
+
+
+# ============================================================================ ablations
+class ReprojectingDecoder(AttentionDecoder):
+    """Ablation: the library decoder without its cached key projection. ``proj_keys`` is left
+    out of the state, so the attention projects the ``(B, L, D)`` annotations again at every
+    step (as the tutorial does; ``K`` times per image in beam search)."""
+
+    def init_state(self, annotations: torch.Tensor, mask: torch.Tensor | None = None
+                   ) -> DecoderState:
+        state = super().init_state(annotations, mask)
+        state.proj_keys = None
+        return state
+
+
+def decode_one_by_one(decoder: AttentionDecoder, annotations: torch.Tensor, beam: int,
+                      steps: int) -> list[torch.Tensor]:
+    """Ablation: the library search called on one image at a time (no batching)."""
+    return [decode_library(decoder, annotations[i : i + 1], beam, steps)
+            for i in range(annotations.shape[0])]
+
+
+# ============================================================================ proposed changes
+class _DeferredWeightGrad(torch.autograd.Function):
+    """``y = x W^T`` whose weight gradient is summed over all time steps in one matmul.
+
+    Autograd computes ``dW_t = g_t^T x_t`` at each step: a ``(4N, B) x (B, D + N)`` product with
+    a tiny inner size ``B`` that writes a full ``(4N, D + N)`` matrix per step (memory bound),
+    then accumulates it. Here each step stores ``(g_t, x_t)`` and the node of step 0, which
+    autograd runs last (every later step depends on it), computes ``dW = G^T X`` once with
+    ``G = [g_0; ..; g_{T-1}]`` ``(T B, 4N)``: the same sum, one efficient GEMM.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, store: list, first: bool
+                ) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.store, ctx.first = store, first
+        return x.mm(weight.t())
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        ctx.store.append((grad, x))
+        grad_weight = None
+        if ctx.first:
+            grads = torch.cat([g for g, _ in ctx.store])  # (T B, 4N)
+            inputs = torch.cat([i for _, i in ctx.store])  # (T B, D + N)
+            grad_weight = grads.t().mm(inputs)  # (4N, D + N)
+            ctx.store.clear()
+        return grad.mm(weight), grad_weight, None, None
+
+
+@dataclass
+class GroupedState(DecoderState):
+    """A beam state whose ``K`` hypotheses per image share the image's keys.
+
+    ``h``, ``c`` are ``(B K, N)`` (image-major) but ``keys`` ``(B, L, D)`` and ``proj_keys``
+    ``(B, L, A)`` are not repeated ``K`` times: attention reads them once per image per step.
+    """
+
+    group: int = 1
+
+    def select(self, index: torch.Tensor) -> DecoderState:
+        B = self.keys.shape[0]
+        if self.group == 1 and index.numel() % B == 0:
+            K = index.numel() // B
+            expected = torch.arange(B, device=index.device).repeat_interleave(K)
+            if torch.equal(index, expected):  # beam search's initial repeat: keep keys shared
+                return GroupedState(self.h.index_select(0, index), self.c.index_select(0, index),
+                                    self.keys, self.proj_keys, self.mask, self.step, group=K)
+        return DecoderState(self.h, self.c, self.keys, self.proj_keys, self.mask,
+                            self.step).select(index)
+
+    def select_recurrent(self, index: torch.Tensor) -> "GroupedState":
+        return GroupedState(self.h.index_select(0, index), self.c.index_select(0, index),
+                            self.keys, self.proj_keys, self.mask, self.step, group=self.group)
+
+
+CHUNK_ELEMENTS = 1 << 19  # about 2 MB of float32: the attention hidden layer of a chunk
+
+
+class ProposedDecoder(AttentionDecoder):
+    """:class:`AttentionDecoder` with the changes proposed for ``captioner/decoder.py`` (and
+    ``AdditiveAttention.score``), each behind a flag so that their gains are measured apart.
+
+    Same parameters (it loads the original's ``state_dict``) and the same numerics:
+
+    * ``contiguous_recurrent``: the recurrent weight ``[W_z, U]`` ``(4N, D + N)`` is made
+      contiguous once per forward and applied to ``[z_t; h_{t-1}]`` in one matmul per step.
+      The original slices ``lstm.weight_ih[:, E:]`` (a strided view): every step's backward
+      then copies a ``(4N, D)`` gradient into that strided layout and scatters it into a zeroed
+      ``(4N, E + D)`` tensor;
+    * ``deferred_grad`` (implies the above): that weight's gradient is one GEMM over all steps
+      (:class:`_DeferredWeightGrad`) instead of one memory-bound outer product per step;
+    * ``inplace_score``: the additive score's hidden layer ``tanh(W_a a_i + W_h h)`` is computed
+      in place (``(P + q).tanh_()``): one ``(B, L, A)`` tensor per step instead of two;
+    * ``grouped_beams``: beam search keeps the keys ``(B, L, D)`` once per image instead of
+      ``K`` copies (:class:`GroupedState`), so the context ``bmm`` reads ``K`` times less;
+    * ``chunked_score`` (decoding, implies ``grouped_beams``): without autograd the
+      ``(B, K, L, A)`` hidden layer is formed, squashed in place and reduced a few images at a
+      time, so it stays in cache instead of going to memory (``CHUNK_ELEMENTS``).
+
+    Only the configuration of the benchmark (soft additive attention, no key mask) takes the
+    new paths; anything else falls back to the original code.
+    """
+
+    def __init__(self, *args: Any, contiguous_recurrent: bool = False,
+                 deferred_grad: bool = False, inplace_score: bool = False,
+                 grouped_beams: bool = False, chunked_score: bool = False,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.contiguous_recurrent = contiguous_recurrent or deferred_grad or inplace_score
+        self.deferred_grad = deferred_grad
+        self.inplace_score = inplace_score
+        self.grouped_beams = grouped_beams or chunked_score
+        self.chunked_score = chunked_score
+
+    def _fast_path(self, mask: torch.Tensor | None) -> bool:
+        return (self.hard is None and self.use_context and mask is None
+                and type(self.attention) is AdditiveAttention)
+
+    def _energies(self, proj_keys: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """``e = w^T tanh(P + q)``: keys ``(B, L, A)``, queries ``(B, K, A)`` -> ``(B, K, L)``."""
+        w = self.attention.energy.weight.view(-1)  # (A,)
+        B, K, A = q.shape
+        L = proj_keys.shape[1]
+        if not (self.chunked_score and not torch.is_grad_enabled()):
+            hidden = proj_keys.unsqueeze(1) + q.unsqueeze(2)  # (B, K, L, A)
+            return torch.matmul(hidden.tanh_() if self.inplace_score else torch.tanh(hidden), w)
+        chunk = max(1, CHUNK_ELEMENTS // (K * L * A))  # images per chunk
+        return torch.cat([
+            torch.matmul((proj_keys[i : i + chunk].unsqueeze(1)
+                          + q[i : i + chunk].unsqueeze(2)).tanh_(), w)  # (c, K, L)
+            for i in range(0, B, chunk)])
+
+    def forward(self, annotations: torch.Tensor, captions: torch.Tensor,
+                mask: torch.Tensor | None = None):
+        if not (self.contiguous_recurrent and self._fast_path(mask)):
+            return super().forward(annotations, captions, mask)
+        from captioner.decoder import DecoderOutput
+
+        inputs = captions[:, :-1]  # (B, T)
+        B, T = inputs.shape
+        emb = self.embedding(inputs)  # (B, T, E)
+        w_word, w_context = self.lstm.weight_ih.split([self.embed_dim, self.encoder_dim], dim=1)
+        word_gates = F.linear(emb, w_word, self.lstm.bias_ih + self.lstm.bias_hh)  # (B, T, 4N)
+        w_rec = torch.cat([w_context, self.lstm.weight_hh], dim=1)  # (4N, D + N), contiguous
+        state = self.init_state(annotations)
+        h, c = state.h, state.c
+        store: list = []
+        hs, zs, alphas, betas = [], [], [], []
+        for t in range(T):
+            if self.inplace_score:
+                q = self.attention.query_proj(h).unsqueeze(1)  # (B, 1, A)
+                alpha = torch.softmax(self._energies(state.proj_keys, q).squeeze(1), -1)
+            else:
+                alpha = self.attention(h, state.keys, state.proj_keys)  # (B, L)
+            z = torch.bmm(alpha.unsqueeze(1), state.keys).squeeze(1)  # (B, D)
+            if self.gate == "none":
+                beta = z.new_ones(B, 1)
+            else:
+                beta = torch.sigmoid(self.f_beta(h))  # (B, 1 | D)
+                z = beta * z
+            x = torch.cat([z, h], dim=1)  # (B, D + N)
+            rec = (_DeferredWeightGrad.apply(x, w_rec, store, t == 0) if self.deferred_grad
+                   and torch.is_grad_enabled() else x.mm(w_rec.t()))  # (B, 4N)
+            i, f, g, o = (word_gates[:, t] + rec).chunk(4, dim=1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            hs.append(h)
+            zs.append(z)
+            alphas.append(alpha)
+            betas.append(beta.mean(-1))
+        logits = self.output_logits(emb, torch.stack(hs, 1), torch.stack(zs, 1))  # (B, T, V)
+        return DecoderOutput(logits, torch.stack(alphas, 1), torch.stack(betas, 1))
+
+    def init_state(self, annotations: torch.Tensor, mask: torch.Tensor | None = None
+                   ) -> DecoderState:
+        state = super().init_state(annotations, mask)
+        if not (self.grouped_beams and self._fast_path(mask)):
+            return state
+        return GroupedState(state.h, state.c, state.keys, state.proj_keys, None, state.step)
+
+    def step(self, prev_tokens: torch.Tensor, state: DecoderState):
+        if not isinstance(state, GroupedState) or (state.group == 1 and not self.chunked_score):
+            return super().step(prev_tokens, state)
+        B, L, D = state.keys.shape
+        K = state.group
+        emb = self.embedding(prev_tokens)  # (B K, E)
+        q = self.attention.query_proj(state.h).view(B, K, -1)  # (B, K, A)
+        alpha = torch.softmax(self._energies(state.proj_keys, q), dim=-1)  # (B, K, L)
+        z = torch.bmm(alpha, state.keys).view(B * K, D)  # (B K, D): keys read once per image
+        alpha = alpha.view(B * K, L)
+        if self.gate == "none":
+            beta = z.new_ones(B * K, 1)
+        else:
+            beta = torch.sigmoid(self.f_beta(state.h))  # (B K, 1 | D)
+            z = beta * z
+        h, c = self._lstm(self._input_gates_from_words(emb), z, state)
+        new_state = GroupedState(h, c, state.keys, state.proj_keys, None, state.step + 1,
+                                 group=K)
+        logits = self.output_logits(emb, h, z)  # (B K, V)
+        return torch.log_softmax(logits.float(), dim=-1), new_state, alpha, beta.mean(-1)
+
+
+#: name -> flags, and which work each proposal changes.
+PROPOSALS: dict[str, dict[str, bool]] = {
+    "contiguous_recurrent": {"contiguous_recurrent": True},
+    "deferred_grad": {"deferred_grad": True},
+    "inplace_score": {"deferred_grad": True, "inplace_score": True},
+    "grouped_beams": {"grouped_beams": True},
+    "chunked_score": {"chunked_score": True},
+}
+TRAIN_PROPOSALS = ("contiguous_recurrent", "deferred_grad", "inplace_score")
+DECODE_PROPOSALS = ("grouped_beams", "chunked_score")
+
+
+def proposed_decoder(s: Sizes, reference: AttentionDecoder, **flags: bool) -> ProposedDecoder:
+    dec = ProposedDecoder(
+        s.vocab_size, s.encoder_dim, embed_dim=s.embed_dim, hidden_dim=s.hidden_dim,
+        attention=functools.partial(AdditiveAttention, attention_dim=s.attention_dim),
+        dropout=0.5, **flags)
+    dec.load_state_dict(reference.state_dict())
+    return dec.to(next(reference.parameters()).device)
+
+
+def check_parity(s: Sizes, ours: AttentionDecoder, work: Work) -> dict[str, float | bool]:
+    """The proposed decoders against the original (dropout off): loss and gradients for the
+    training changes, decoded tokens and scores (greedy, beam 3) for the decoding changes."""
+    out: dict[str, float | bool] = {}
+    ours.eval()
+    ann, cap = work.annotations, work.captions[0]
+    ours.zero_grad()
+    ref_loss = library_loss(ours, ann, cap)
+    ref_loss.backward()
+    ref_grads = {n: p.grad.clone() for n, p in ours.named_parameters() if p.grad is not None}
+    ours.zero_grad(set_to_none=True)
+    kw = dict(start_id=START_ID, end_id=END_ID, pad_id=PAD_ID, max_length=s.steps,
+              min_length=s.steps)
+    refs = {1: greedy_search(ours, ann, **kw), 3: beam_search(ours, ann, beam_size=3, **kw)}
+    for name in TRAIN_PROPOSALS:
+        dec = proposed_decoder(s, ours, **PROPOSALS[name]).eval()
+        loss = library_loss(dec, ann, cap)
+        loss.backward()
+        out[f"{name}_loss_abs_diff"] = abs(loss.item() - ref_loss.item())
+        out[f"{name}_grad_max_rel_diff"] = max(
+            float((p.grad - ref_grads[n]).abs().max() / ref_grads[n].abs().max().clamp_min(1e-12))
+            for n, p in dec.named_parameters() if n in ref_grads)
+    for name in DECODE_PROPOSALS:
+        dec = proposed_decoder(s, ours, **PROPOSALS[name]).eval()
+        got = {1: greedy_search(dec, ann, **kw), 3: beam_search(dec, ann, beam_size=3, **kw)}
+        for k, search in (("greedy", 1), ("beam3", 3)):
+            out[f"{name}_{k}_tokens_equal"] = bool(torch.equal(got[search].tokens,
+                                                               refs[search].tokens))
+            out[f"{name}_{k}_score_max_abs_diff"] = float(
+                (got[search].scores - refs[search].scores).abs().max())
+    return out
+
+
+# ============================================================================ sections
+def bench_decoders(s: Sizes, device: torch.device, baseline: bool, proposed: bool,
+                   log: Callable[[str], None], ablations: bool = False) -> dict[str, Any]:
+    """Training and decoding throughput of ours (and the baseline, the proposed changes, the
+    ablations of the library's own optimisations)."""
+    work = make_work(s, device)
+    ours = build_decoder(s).to(device)
+    impls: dict[str, tuple[nn.Module, Callable]] = {"ours": (ours, ours_loss)}
+    captions_per_pass = s.batch * s.train_batches
+    result: dict[str, Any] = {}
+
+    # ours alone first: its own peak memory
+    opt_ours = torch.optim.Adam(ours.parameters(), lr=4e-4)
+    train_pass(ours, opt_ours, work, ours_loss)
+    for beam in (3, 5, 1):
+        decode_library(ours, work.annotations, beam, s.steps)
+    result["decoder_peak_rss_mb"] = round(peak_rss_mb(), 1)
+
+    optimizers = {"ours": opt_ours}
+    if baseline:
+        torch.manual_seed(SEED)
+        tut = TutorialDecoder(s.attention_dim, s.embed_dim, s.hidden_dim, s.vocab_size,
+                              s.encoder_dim).to(device)
+        impls["baseline"] = (tut, tutorial_loss)
+        optimizers["baseline"] = torch.optim.Adam(tut.parameters(), lr=4e-4)
+    if proposed:
+        result["proposed_parity"] = check_parity(s, ours, work)
+        for name, flags in PROPOSALS.items():
+            dec = proposed_decoder(s, ours, **flags)
+            impls[name] = (dec, ours_loss)
+            optimizers[name] = torch.optim.Adam(dec.parameters(), lr=4e-4)
+    if ablations:
+        dec = ReprojectingDecoder(
+            s.vocab_size, s.encoder_dim, embed_dim=s.embed_dim, hidden_dim=s.hidden_dim,
+            attention=functools.partial(AdditiveAttention, attention_dim=s.attention_dim),
+            dropout=0.5).to(device)
+        dec.load_state_dict(ours.state_dict())
+        impls["reproject_keys"] = (dec, ours_loss)
+        optimizers["reproject_keys"] = torch.optim.Adam(dec.parameters(), lr=4e-4)
+        impls["per_image_decoding"] = (ours, ours_loss)
+
+    train_impls = {k: v for k, v in impls.items()
+                   if k not in (*DECODE_PROPOSALS, "per_image_decoding")}
+    log(f"training: {', '.join(train_impls)} ({s.train_batches} batches x {s.repeats} repeats)")
+    tasks = {name: functools.partial(train_pass, dec, optimizers[name], work, loss_fn)
+             for name, (dec, loss_fn) in train_impls.items()}
+    times = interleaved(tasks, s.warmup, s.repeats, device)
+    train = {name: rate(captions_per_pass, t) for name, t in times.items()}
+
+    # decoding: 32 images, exactly `steps` steps
+    decode: dict[str, dict[str, float]] = {name: {} for name in impls}
+    for beam, key in ((3, "beam_k3"), (5, "beam_k5"), (1, "greedy_b32")):
+        tasks, items = {}, {}
+        for name, (dec, _) in impls.items():
+            if name in TRAIN_PROPOSALS:
+                continue  # same decoding code as ours
+            if name in ("baseline", "per_image_decoding"):
+                ann = work.annotations[: s.baseline_images]
+                decode_fn = decode_tutorial if name == "baseline" else decode_one_by_one
+                tasks[name] = functools.partial(decode_fn, dec, ann, beam, s.steps)
+                items[name] = ann.shape[0]
+            else:
+                tasks[name] = functools.partial(decode_library, dec, work.annotations, beam,
+                                                s.steps)
+                items[name] = s.batch
+        log(f"decoding {key}: {', '.join(tasks)}")
+        times = interleaved(tasks, s.warmup, s.repeats, device)
+        for name, t in times.items():
+            decode[name][f"{key}_fixed20_images_per_s"] = rate(items[name], t)
+
+    result.update({"train_captions_per_s": train["ours"], **decode["ours"]})
+    if baseline:
+        result["baseline"] = {"train_captions_per_s": train["baseline"], **decode["baseline"]}
+        result["speedup_vs_baseline"] = {
+            k: result[k] / v for k, v in result["baseline"].items()}
+    if proposed:
+        prop: dict[str, Any] = {}
+        for name in PROPOSALS:
+            entry = dict(decode.get(name, {}))
+            if name in train:
+                entry["train_captions_per_s"] = train[name]
+            entry["speedup_vs_ours"] = {k: v / result[k] for k, v in entry.items()}
+            prop[name] = entry
+        result["proposed"] = prop
+    if ablations:
+        result["ablations"] = {}
+        for name in ("reproject_keys", "per_image_decoding"):
+            entry = dict(decode[name])
+            if name in train:
+                entry["train_captions_per_s"] = train[name]
+            entry["ours_speedup"] = {k: result[k] / v for k, v in entry.items()}
+            result["ablations"][name] = entry
+    return result
+
+
+def bench_bf16(s: Sizes, device: torch.device, log: Callable[[str], None]) -> dict[str, Any]:
+    """CPU autocast bf16: loss parity with fp32 (dropout off) and training/greedy throughput."""
+    work = make_work(s, device)
+    dec = build_decoder(s).to(device).eval()
+    ann, cap = work.annotations, work.captions[0]
+    with torch.no_grad():
+        loss32 = float(library_loss(dec, ann, cap))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss16 = float(library_loss(dec, ann, cap))
+    out: dict[str, Any] = {
+        "bf16_matmul_gflops": matmul_gflops(s.matmul_size, device, torch.bfloat16, repeats=3),
+        "loss_fp32": loss32, "loss_bf16": loss16,
+        "loss_rel_diff": abs(loss16 - loss32) / abs(loss32),
+    }
+    fp32 = matmul_gflops(s.matmul_size, device)
+    if out["bf16_matmul_gflops"] < 0.25 * fp32:
+        out["skipped_throughput"] = (
+            f"bf16 matmul runs at {out['bf16_matmul_gflops']:.1f} GFLOP/s against "
+            f"{fp32:.1f} in fp32 on this CPU (no native bf16 matmul: no AMX / AVX512-BF16)")
+        return out
+    opt = torch.optim.Adam(dec.parameters(), lr=4e-4)
+    log("bf16: training and greedy decoding")
+    times = interleaved({
+        "train": functools.partial(train_pass, dec, opt, work, ours_loss, True),
+        "greedy": lambda: _autocast_decode(dec, ann, s.steps),
+    }, s.warmup, s.repeats, device)
+    out["train_captions_per_s"] = rate(s.batch * s.train_batches, times["train"])
+    out["greedy_b32_fixed20_images_per_s"] = rate(s.batch, times["greedy"])
+    return out
+
+
+def _autocast_decode(dec: AttentionDecoder, ann: torch.Tensor, steps: int) -> None:
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        decode_library(dec, ann, 1, steps)
+
+
+def bench_encoders(s: Sizes, device: torch.device, log: Callable[[str], None]
+                   ) -> dict[str, float]:
+    """Frozen CNN forward (no grad), batch ``encode_batch``: images per second."""
+    from captioner.encoders.encoder import ImageEncoder
+
+    out: dict[str, float] = {}
+    for name, size, grid in (("resnet101", s.resnet_size, 14),
+                             ("efficientnet_lite0", s.efficientnet_size, 7)):
+        log(f"encoder {name} at {size} x {size}")
+        enc = ImageEncoder(name, weights=None, grid_size=grid).to(device).eval()
+        images = torch.rand(s.encode_batch, 3, size, size,
+                            generator=torch.Generator().manual_seed(SEED)).to(device)
+
+        @torch.no_grad()
+        def forward(enc: nn.Module = enc, images: torch.Tensor = images) -> None:
+            enc(images)
+
+        times = interleaved({"enc": forward}, 1, s.encode_repeats, device)["enc"]
+        out[f"{name}_{size}"] = rate(s.encode_batch, times)
+        del enc
+    return out
+
+
+def _generated_jpegs(folder: Path, n: int, tiny: bool) -> list[Path]:
+    """``n`` random JPEGs of Flickr8k's typical size (500 x 375)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(SEED)
+    w, h = (40, 30) if tiny else (500, 375)
+    paths = []
+    for i in range(n):
+        noise = rng.integers(0, 256, (h // 8, w // 8, 3), dtype=np.uint8)
+        img = Image.fromarray(noise).resize((w, h), Image.Resampling.BILINEAR)
+        path = folder / f"img{i:04d}.jpg"
+        img.save(path, quality=90)
+        paths.append(path)
+    return paths
+
+
+def bench_loading(s: Sizes, data_dir: Path | None, log: Callable[[str], None]
+                  ) -> tuple[float, dict[str, Any]]:
+    """JPEG decode + resize + to-tensor through ImageEvalDataset and the default DataLoader."""
+    from torch.utils.data import DataLoader
+
+    from captioner.data.datamodule import CaptionDataModule
+    from captioner.data.datasets import ImageEvalDataset, collate_images
+    from captioner.data.formats import ImageRecord
+
+    workers = inspect.signature(CaptionDataModule.__init__).parameters["num_workers"].default
+    size = 224
+    with tempfile.TemporaryDirectory() as tmp:
+        if data_dir is not None and (data_dir / "captions.txt").is_file():
+            dm = CaptionDataModule("flickr8k_csv", str(data_dir / "captions.txt"),
+                                   str(data_dir / "images"), val_fraction=0.0, test_fraction=0.0)
+            records = dm.records("train")[: s.load_images]
+            source = str(data_dir.resolve())
+        else:
+            paths = _generated_jpegs(Path(tmp), s.load_images, tiny=s.batch < 8)
+            records = [ImageRecord(image_id=i, path=p, captions=["a picture"])
+                       for i, p in enumerate(paths)]
+            source = "generated JPEGs (500 x 375)"
+        log(f"loading {len(records)} images from {source} with {workers} workers")
+        loader = DataLoader(ImageEvalDataset(records, size), batch_size=32, shuffle=False,
+                            num_workers=workers, collate_fn=collate_images,
+                            persistent_workers=workers > 0)
+
+        def one_pass() -> None:
+            for _ in loader:
+                pass
+
+        times = interleaved({"load": one_pass}, 1, s.load_repeats, torch.device("cpu"))["load"]
+        info = {"source": source, "images": len(records), "num_workers": workers,
+                "image_size": size}
+        return rate(len(records), times), info
+
+
+def bench_cached_epochs(s: Sizes, data_dir: Path, device: torch.device,
+                        log: Callable[[str], None]) -> dict[str, Any]:
+    """One training epoch from raw images against one from cached features (issue 7).
+
+    The model is ``configs/model/efficientnet_lite0_soft.yaml`` (frozen ImageNet
+    EfficientNet-Lite0, 7 x 7 x 1280 annotations), the data the Flickr8k subset as in
+    ``configs/data/flickr8k_subset.yaml``; both runs start from the same weights and use the
+    same Lightning trainer settings (no validation). The cache is extracted first (timed).
+    """
+    import lightning as L
+    import yaml
+
+    from captioner.data.cached import CachedFeaturesDataModule
+    from captioner.data.datamodule import CaptionDataModule
+    from captioner.features import extract_features
+    from captioner.lit.captioning import CaptioningModule
+
+    data = yaml.safe_load((REPO / "configs" / "data" / "flickr8k_subset.yaml").read_text())
+    data_args = {**data["data"]["init_args"], "annotations": str(data_dir / "captions.txt"),
+                 "image_root": str(data_dir / "images"), "image_size": s.epoch_image_size,
+                 "max_images": s.epoch_images}
+    model = yaml.safe_load(
+        (REPO / "configs" / "model" / "efficientnet_lite0_soft.yaml").read_text())
+    model_args = model["model"]["init_args"]
+    raw_dm = CaptionDataModule(**data_args)
+    torch.manual_seed(SEED)
+    raw_module = CaptioningModule.from_config({**model_args, "vocab_size": raw_dm.vocab_size})
+    cached_module = CaptioningModule.from_config({**model_args,
+                                                  "vocab_size": raw_dm.vocab_size})
+    cached_module.load_state_dict(raw_module.state_dict())
+    images = [r.path for split in ("train", "val", "test") for r in raw_dm.records(split)]
+    with tempfile.TemporaryDirectory() as cache_dir:
+        log(f"cached epochs: extracting {len(images)} images")
+        start = time.perf_counter()
+        extract_features(raw_module.encoder, images, cache_dir, image_size=s.epoch_image_size,
+                         batch_size=32, shard_size=256, num_workers=raw_dm.num_workers,
+                         device=device)
+        extraction = time.perf_counter() - start
+        cached_dm = CachedFeaturesDataModule(features_dir=cache_dir, **data_args)
+        seconds = {}
+        for name, module, dm in (("raw", raw_module, raw_dm),
+                                 ("cached", cached_module, cached_dm)):
+            log(f"cached epochs: one epoch from {name}")
+            trainer = L.Trainer(accelerator=device.type, devices=1, max_epochs=1,
+                                limit_val_batches=0, num_sanity_val_steps=0, logger=False,
+                                enable_checkpointing=False, enable_progress_bar=False,
+                                enable_model_summary=False, gradient_clip_val=5.0)
+            start = time.perf_counter()
+            trainer.fit(module, datamodule=dm)
+            seconds[name] = time.perf_counter() - start
+        pairs = len(raw_dm._dataset("train"))
+    return {"raw_epoch_s": seconds["raw"], "cached_epoch_s": seconds["cached"],
+            "speedup": seconds["raw"] / seconds["cached"], "extraction_s": extraction,
+            "train_pairs": pairs, "images_extracted": len(images),
+            "raw_captions_per_s": pairs / seconds["raw"],
+            "cached_captions_per_s": pairs / seconds["cached"],
+            "image_size": s.epoch_image_size, "batch_size": raw_dm.batch_size,
+            "num_workers": raw_dm.num_workers}
+
+
+# ============================================================================ main
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    p.add_argument("--quick", action="store_true", help="fewer repeats: about a minute")
+    p.add_argument("--json", default=None, metavar="OUT", help="write the JSON object here")
+    p.add_argument("--bf16", action="store_true", help="add CPU autocast bf16 figures")
+    p.add_argument("--baseline", action="store_true",
+                   help="add the tutorial implementation, measured interleaved with ours")
+    p.add_argument("--proposed", action="store_true",
+                   help="add the proposed decoder changes, measured interleaved with ours")
+    p.add_argument("--ablations", action="store_true",
+                   help="add the library decoder without its key-projection cache and its "
+                        "search run on one image at a time")
+    p.add_argument("--cached-epochs", action="store_true",
+                   help="add one training epoch from raw images against one from cached "
+                        "features (Flickr8k subset, frozen EfficientNet-Lite0; minutes)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="timed repeats of each decoder measurement (default: 3, quick: 2)")
+    p.add_argument("--skip", default="", help="comma list among: encode,load")
+    p.add_argument("--data", default=str(FLICKR8K_SUBSET), help=argparse.SUPPRESS)
+    p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # smoke tests
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("benchmark: --device cuda but no GPU is available")
+    if args.bf16 and device.type != "cpu":
+        raise SystemExit("benchmark: --bf16 is CPU autocast; run it with --device cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    s = TINY if args.tiny else QUICK if args.quick else FULL
+    if args.repeats:
+        s = replace(s, repeats=args.repeats)
+    skip = {x for x in args.skip.split(",") if x}
+    started = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - started:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    result: dict[str, Any] = {}
+    log(f"matmul {s.matmul_size}^3 fp32")
+    result["matmul_gflops"] = matmul_gflops(s.matmul_size, device)
+    result.update(bench_decoders(s, device, args.baseline, args.proposed, log, args.ablations))
+    if args.bf16:
+        result["bf16"] = bench_bf16(s, device, log)
+    if "encode" not in skip:
+        result["encode_images_per_s"] = bench_encoders(s, device, log)
+    if "load" not in skip:
+        data = Path(args.data) if args.data else None
+        result["load_images_per_s"], result["load_settings"] = bench_loading(s, data, log)
+    if args.cached_epochs:
+        data = Path(args.data)
+        if not (data / "captions.txt").is_file():
+            raise SystemExit(f"benchmark: --cached-epochs needs the Flickr8k subset at {data}")
+        result["cached_epochs"] = bench_cached_epochs(s, data, device, log)
+    result.update({
+        "peak_rss_mb": round(peak_rss_mb(), 1),
+        "torch_version": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "machine": {"cpu": cpu_model(), "logical_cpus": os.cpu_count(),
+                    "load_average_1m": os.getloadavg()[0]},
+        "mode": "tiny" if args.tiny else "quick" if args.quick else "full",
+        "sizes": asdict(s),
+        "seconds": round(time.perf_counter() - started, 1),
+    })
+    result = _rounded(result)
+    text = json.dumps(result, indent=2)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(args.json).with_suffix(".tmp")
+        tmp.write_text(text + "\n")
+        os.replace(tmp, args.json)
+    print(text)
+    return result
+
+
+def _rounded(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if not math.isfinite(obj) or obj == 0 else float(f"{obj:.4g}")
+    if isinstance(obj, dict):
+        return {k: _rounded(v) for k, v in obj.items()}
+    return obj
+
+
+if __name__ == "__main__":
+    main()

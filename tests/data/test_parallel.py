@@ -1,0 +1,187 @@
+"""Parallel text: tokenisation, file errors, vocabularies, length filter, bucketed batches."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from captioner.data.parallel import (BucketBatchSampler, ParallelDataError,
+                                     ParallelTextDataModule, detokenize_mt, read_aligned,
+                                     read_tsv, tokenize_mt)
+
+TRAIN = [("Ein Hund läuft.", "A dog runs."),
+         ("Ein Hund schläft.", "A dog sleeps."),
+         ("Eine Katze läuft.", "A cat runs."),
+         ("Zwei Hunde laufen schnell.", "Two dogs run fast.")]
+VAL = [("Ein Hund.", "A dog."), ("Eine Katze schläft.", "A cat sleeps.")]
+
+
+def write_aligned(root: Path, split: str, pairs, src="de", tgt="en") -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / f"{split}.{src}").write_text("".join(f"{s}\n" for s, _ in pairs), encoding="utf-8")
+    (root / f"{split}.{tgt}").write_text("".join(f"{t}\n" for _, t in pairs), encoding="utf-8")
+
+
+def module(root: Path, **kw) -> ParallelTextDataModule:
+    write_aligned(root, "train", TRAIN)
+    write_aligned(root, "val", VAL)
+    options = dict(splits={"train": "train", "val": "val"}, batch_size=2, min_freq=2)
+    return ParallelTextDataModule(str(root), **{**options, **kw})
+
+
+# ------------------------------------------------------------------------------ tokenisation
+def test_tokenize_mt_keeps_punctuation_and_detokenize_joins_it_back():
+    tokens = tokenize_mt("A man’s T-shirt (red), 3.5 m!")
+    assert tokens == ["a", "man's", "t-shirt", "(", "red", ")", ",", "3.5", "m", "!"]
+    assert detokenize_mt(tokens) == "a man's t-shirt (red), 3.5 m!"
+    assert tokenize_mt("Zwei Hunde.", lowercase=False) == ["Zwei", "Hunde", "."]
+
+
+# ------------------------------------------------------------------------------ file errors
+def test_misaligned_files_name_file_and_line(tmp_path):
+    write_aligned(tmp_path, "train", TRAIN)
+    (tmp_path / "train.en").write_text("A dog runs.\nA dog sleeps.\nA cat runs.\n")
+    with pytest.raises(ParallelDataError) as e:
+        read_aligned(tmp_path / "train.de", tmp_path / "train.en")
+    msg = str(e.value)
+    assert f"{tmp_path / 'train.de'}:4" in msg and "4 lines" in msg and "has 3" in msg
+
+
+@pytest.mark.parametrize("bad", ["", "   "])
+def test_empty_line_names_file_and_line(tmp_path, bad):
+    write_aligned(tmp_path, "train", TRAIN)
+    (tmp_path / "train.en").write_text(f"A dog runs.\n{bad}\nA cat runs.\nTwo dogs.\n")
+    with pytest.raises(ParallelDataError, match=rf"{tmp_path / 'train.en'}:2: empty line"):
+        read_aligned(tmp_path / "train.de", tmp_path / "train.en")
+
+
+def test_data_module_reports_file_errors_on_first_use(tmp_path):
+    dm = module(tmp_path)
+    (tmp_path / "train.en").write_text("A dog runs.\n\nA cat runs.\nTwo dogs.\n")
+    with pytest.raises(ParallelDataError, match=r"train\.en:2: empty line"):
+        dm.vocab_size
+    missing = ParallelTextDataModule(str(tmp_path / "nowhere"))
+    with pytest.raises(ParallelDataError, match=r"nowhere/train\.de: file not found"):
+        missing.src_vocab_size
+
+
+def test_tsv_reading_and_errors(tmp_path):
+    good = tmp_path / "train.tsv"
+    good.write_text("".join(f"{s}\t{t}\n" for s, t in TRAIN), encoding="utf-8")
+    assert read_tsv(good) == TRAIN
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("Ein Hund.\tA dog.\nkein Tab hier\n")
+    with pytest.raises(ParallelDataError, match=rf"{bad}:2: expected 2 tab-separated fields"):
+        read_tsv(bad)
+    bad.write_text("Ein Hund.\tA dog.\nEine Katze.\t \n")
+    with pytest.raises(ParallelDataError, match=rf"{bad}:2: empty target"):
+        read_tsv(bad)
+
+
+# ------------------------------------------------------------------------------ data module
+def test_vocab_sizes_right_after_construction(tmp_path):
+    dm = module(tmp_path)
+    # de counts: "." 4, ein 2, hund 2, läuft 2, the rest once -> specials + 4 words
+    assert dm.src_vocab.itos[4:] == [".", "ein", "hund", "läuft"]
+    # en counts: "." 4, a 3, dog 2, runs 2
+    assert dm.vocab.itos[4:] == [".", "a", "dog", "runs"]
+    assert (dm.src_vocab_size, dm.vocab_size) == (8, 8)
+    assert dm.hparams["min_freq"] == 2
+
+
+def test_encoding_source_ends_with_end_target_is_wrapped(tmp_path):
+    dm = module(tmp_path)
+    item = dm.dataset("train")[0]  # "Ein Hund läuft." -> "A dog runs."
+    assert item["src"].tolist() == [5, 6, 7, 4, 2]  # ein hund läuft . <end>
+    assert item["tgt"].tolist() == [1, 5, 6, 7, 4, 2]  # <start> a dog runs . <end>
+    val = dm.dataset("val")[1]  # "Eine Katze schläft." -> unknown words
+    assert val["src"].tolist() == [3, 3, 3, 4, 2]
+
+
+def test_max_len_filters_training_pairs_only(tmp_path):
+    assert len(module(tmp_path).dataset("train")) == 4
+    dm = module(tmp_path / "short", max_len=4)  # "zwei hunde laufen schnell ." has 5 tokens
+    assert len(dm.dataset("train")) == 3
+    assert len(dm.dataset("val")) == 2
+    assert dm.references("val") == ["A dog.", "A cat sleeps."]
+
+
+def test_tsv_format_gives_the_same_data(tmp_path):
+    aligned = module(tmp_path / "a")
+    (tmp_path / "t").mkdir()
+    for split, pairs in (("train", TRAIN), ("val", VAL)):
+        (tmp_path / "t" / f"{split}.tsv").write_text("".join(f"{s}\t{t}\n" for s, t in pairs))
+    tsv = ParallelTextDataModule(str(tmp_path / "t"), format="tsv", min_freq=2,
+                                 splits={"train": "train", "val": "val"})
+    assert tsv.src_vocab == aligned.src_vocab and tsv.vocab == aligned.vocab
+    assert tsv.pairs("val") == aligned.pairs("val")
+    assert tsv.pairs("test") == []  # no test stem configured
+
+
+def test_split_names_are_configurable_and_checked(tmp_path):
+    write_aligned(tmp_path, "tr", TRAIN, "en", "de")
+    write_aligned(tmp_path, "dev", VAL, "en", "de")
+    dm = ParallelTextDataModule(str(tmp_path), src_lang="en", tgt_lang="de", min_freq=1,
+                                splits={"train": "tr", "val": "dev"})
+    assert dm.files("val") == (tmp_path / "dev.en", tmp_path / "dev.de")
+    assert dm.sources("val") == [s for s, _ in VAL]
+    with pytest.raises(ValueError, match="unknown stages"):
+        ParallelTextDataModule(str(tmp_path), splits={"training": "tr"})
+
+
+def test_state_dict_restores_vocabularies_without_reading_files(tmp_path):
+    dm = module(tmp_path)
+    other = ParallelTextDataModule(str(tmp_path / "nowhere"))
+    other.load_state_dict(dm.state_dict())
+    assert (other.src_vocab, other.vocab) == (dm.src_vocab, dm.vocab)
+    assert other.vocab_size == 8
+
+
+def test_train_loader_batches_are_padded(tmp_path):
+    dm = module(tmp_path)
+    batches = list(dm.train_dataloader())
+    assert sum(len(b["index"]) for b in batches) == 4
+    for b in batches:
+        assert b["src"].shape[0] == b["tgt"].shape[0] == b["src_lengths"].shape[0]
+        assert b["src_lengths"].max() == b["src"].shape[1]
+        for row, n in zip(b["src"], b["src_lengths"].tolist()):
+            assert row[n - 1] == 2 and (row[n:] == 0).all()  # <end>, then padding
+
+
+# ------------------------------------------------------------------------------ bucketing
+def _range(keys, batch):
+    values = [keys[i] for i in batch]
+    return max(values) - min(values)
+
+
+def test_bucketing_yields_batches_of_similar_lengths():
+    rng = random.Random(0)
+    keys = [rng.randint(1, 40) for _ in range(997)]
+    sampler = BucketBatchSampler(keys, batch_size=16, bucket_factor=10, seed=3)
+    batches = list(sampler)
+    assert sorted(i for b in batches for i in b) == list(range(997))  # each index once
+    assert len(batches) == len(sampler)
+    assert all(len(b) <= 16 for b in batches)
+    bucketed = sum(_range(keys, b) for b in batches) / len(batches)
+    order = list(range(997))
+    rng.shuffle(order)
+    unbucketed = [order[i:i + 16] for i in range(0, 997, 16)]
+    plain = sum(_range(keys, b) for b in unbucketed) / len(unbucketed)
+    # a pool of 160 keys spread over 40 values: ~4 per value, so a batch spans ~4 values
+    assert bucketed < 6 < 25 < plain
+
+
+def test_bucketing_is_seeded_per_epoch_and_sorted_without_shuffle():
+    keys = [(i * 7) % 23 for i in range(101)]
+    sampler = BucketBatchSampler(keys, batch_size=8, bucket_factor=4, seed=1)
+    first = list(sampler)
+    assert list(sampler) == first  # same epoch, same batches
+    sampler.set_epoch(1)
+    assert list(sampler) != first
+    ordered = BucketBatchSampler(keys, batch_size=8, shuffle=False)
+    flat = [keys[i] for b in ordered for i in b]
+    assert flat == sorted(keys) and len(list(ordered)) == len(ordered) == 13
+    assert torch.tensor(flat).diff().min() >= 0

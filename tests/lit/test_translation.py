@@ -1,0 +1,201 @@
+"""TranslationModule: the shared decoder, memorising pairs, val/test metrics, checkpoints."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+
+from captioner.data.parallel import (ParallelDataset, ParallelTextDataModule, collate_parallel,
+                                     tokenize_mt)
+from captioner.data.vocabulary import Vocabulary
+from captioner.decoder import AttentionDecoder
+from captioner.lit.captioning import CaptioningModule
+from captioner.lit.translation import TranslationModule
+from captioner.translate import Translator, sacrebleu_score
+from tests.conftest import TINY_MODEL_CONFIG
+
+PAIRS = [  # six toy pairs of different lengths (2 to 6 words)
+    ("Der Hund.", "The dog."),
+    ("Die Katze schläft.", "The cat sleeps."),
+    ("Ein alter Mann lacht.", "An old man laughs."),
+    ("Zwei kleine Kinder spielen im Park.", "Two small children play in the park."),
+    ("Eine Frau liest.", "A woman reads."),
+    ("Der rote Ball.", "The red ball."),
+]
+
+
+def model_config(src_vocab_size: int, vocab_size: int, **kw) -> dict:
+    return {
+        "encoder": {"class_path": "captioner.encoders.text.TextEncoder",
+                    "init_args": {"embed_dim": 12, "hidden_dim": 14}},
+        "decoder": {"class_path": "captioner.decoder.AttentionDecoder",
+                    "init_args": {"embed_dim": 12, "hidden_dim": 26, "dropout": 0.0,
+                                  "gate": "none",
+                                  "attention": {"class_path": "captioner.attention.AdditiveAttention",
+                                                "init_args": {"attention_dim": 10}}}},
+        "src_vocab_size": src_vocab_size,
+        "vocab_size": vocab_size,
+        "lr": 0.02,
+        "max_length": 12,
+        **kw,
+    }
+
+
+def vocabularies() -> tuple[Vocabulary, Vocabulary]:
+    return (Vocabulary.build(tokenize_mt(s) for s, _ in PAIRS),
+            Vocabulary.build(tokenize_mt(t) for _, t in PAIRS))
+
+
+def batch_of(pairs, src_vocab, tgt_vocab) -> dict[str, torch.Tensor]:
+    data = ParallelDataset([(tokenize_mt(s), tokenize_mt(t)) for s, t in pairs], src_vocab,
+                           tgt_vocab)
+    return collate_parallel([data[i] for i in range(len(data))])
+
+
+def test_the_decoder_is_the_captioning_decoder_class():
+    module = TranslationModule.from_config(model_config(11, 13))
+    captioning = CaptioningModule.from_config({**TINY_MODEL_CONFIG, "vocab_size": 13})
+    assert type(module.decoder) is AttentionDecoder
+    assert type(module.decoder) is type(captioning.decoder)
+    assert module.decoder.encoder_dim == module.encoder.out_channels == 28  # D = 2 * 14
+    assert module.decoder.vocab_size == 13 and module.encoder.vocab_size == 11
+
+
+def test_overfits_six_pairs_exact_greedy_and_beam_reproduction():
+    torch.manual_seed(0)
+    src_vocab, tgt_vocab = vocabularies()
+    module = TranslationModule.from_config(model_config(len(src_vocab), len(tgt_vocab)))
+    module.src_vocab, module.vocab = src_vocab, tgt_vocab
+    batch = batch_of(PAIRS, src_vocab, tgt_vocab)
+    optimizer = module.configure_optimizers()
+    for _ in range(150):
+        loss = module.loss(batch)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.05
+    module.eval()
+    annotations, mask = module.encode(batch)
+    targets = [tgt_vocab.encode(tokenize_mt(t))[1:] for _, t in PAIRS]  # ... <end>
+    for k in (1, 3):
+        result = module.generate(annotations, mask, beam_size=k)
+        for i, target in enumerate(targets):
+            assert result.tokens[i, : result.lengths[i]].tolist() == target
+
+
+def test_doubly_stochastic_penalty_counts_real_source_words_only():
+    src_vocab, tgt_vocab = vocabularies()
+    torch.manual_seed(1)
+    module = TranslationModule.from_config(
+        model_config(len(src_vocab), len(tgt_vocab), doubly_stochastic=1.0)).eval()
+    pairs = [PAIRS[0], PAIRS[3], PAIRS[4]]  # source lengths 3, 8, 4 (with <end>): padded batch
+    together = module.loss(batch_of(pairs, src_vocab, tgt_vocab))["dsr"]
+    alone = [module.loss(batch_of([p], src_vocab, tgt_vocab))["dsr"] for p in pairs]
+    assert torch.allclose(together, torch.stack(alone).mean(), atol=1e-5)
+    # by hand for the first pair: sum over its 3 source words of (1 - sum_t alpha_tj)^2
+    b = batch_of(pairs[:1], src_vocab, tgt_vocab)
+    alphas = module.decoder(*module.encode(b)[:1], b["tgt"], module.encode(b)[1]).alphas[0]
+    assert torch.allclose(alone[0], ((1 - alphas.sum(0)) ** 2).sum(), atol=1e-5)
+    assert "dsr" not in TranslationModule.from_config(
+        model_config(len(src_vocab), len(tgt_vocab))).loss(b)  # off by default
+
+
+# ------------------------------------------------------------------------------ through Lightning
+def write_split(root: Path, split: str, pairs) -> None:
+    (root / f"{split}.de").write_text("".join(f"{s}\n" for s, _ in pairs), encoding="utf-8")
+    (root / f"{split}.en").write_text("".join(f"{t}\n" for _, t in pairs), encoding="utf-8")
+
+
+@pytest.fixture(scope="module")
+def toy_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("toy_mt")
+    write_split(root, "train", PAIRS)
+    write_split(root, "val", PAIRS[:5])
+    write_split(root, "test_2016_flickr", PAIRS[1:])
+    return root
+
+
+def data(root: Path, eval_batch_size: int = 5) -> ParallelTextDataModule:
+    return ParallelTextDataModule(str(root), min_freq=1, batch_size=3,
+                                  eval_batch_size=eval_batch_size)
+
+
+@pytest.fixture(scope="module")
+def fitted(toy_root, tmp_path_factory):
+    torch.manual_seed(0)
+    dm = data(toy_root)
+    module = TranslationModule.from_config(model_config(dm.src_vocab_size, dm.vocab_size))
+    out = tmp_path_factory.mktemp("toy_run")
+    trainer = L.Trainer(default_root_dir=out, max_epochs=12, accelerator="cpu", devices=1,
+                        logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        enable_checkpointing=False, num_sanity_val_steps=0,
+                        check_val_every_n_epoch=12)
+    trainer.fit(module, datamodule=dm)
+    path = out / "toy.ckpt"
+    trainer.save_checkpoint(path)
+    return trainer, module, dm, path
+
+
+def test_validation_logs_sacrebleu_and_perplexity(fitted, toy_root):
+    trainer, module, dm, _ = fitted
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    assert {"train/loss", "val/bleu", "val/ppl"} <= set(metrics)
+    assert 0.0 <= metrics["val/bleu"] <= 100.0
+    # perplexity by hand: exp of the mean NLL over all target tokens (<end> included)
+    module.eval()
+    total, tokens = 0.0, 0
+    with torch.no_grad():
+        for s, t in dm.pairs("val"):
+            b = batch_of([(s, t)], module.src_vocab, module.vocab)
+            annotations, mask = module.encode(b)
+            logits = module.decoder(annotations, b["tgt"], mask).logits[0]  # (T, V)
+            total += F.cross_entropy(logits, b["tgt"][0, 1:], reduction="sum").item()
+            tokens += b["tgt"].shape[1] - 1
+    assert metrics["val/ppl"] == pytest.approx(math.exp(total / tokens), rel=1e-4)
+    # the same numbers whatever the evaluation batching (padding changes nothing)
+    one_by_one = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                           enable_model_summary=False)
+    again = one_by_one.validate(module, datamodule=data(toy_root, eval_batch_size=1),
+                                verbose=False)[0]
+    assert again["val/ppl"] == pytest.approx(metrics["val/ppl"], rel=1e-4)
+    assert again["val/bleu"] == pytest.approx(metrics["val/bleu"], abs=1e-6)
+
+
+def test_test_writes_translations_and_signature(fitted, toy_root, tmp_path):
+    _, module, _, _ = fitted
+    trainer = L.Trainer(default_root_dir=tmp_path, accelerator="cpu", devices=1, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    scores = trainer.test(module, datamodule=data(toy_root), verbose=False)[0]
+    written = json.loads((tmp_path / "test_metrics.json").read_text())
+    assert written["signature"].startswith("nrefs:1|case:lc|eff:no|tok:13a")
+    hyps = (tmp_path / "test_translations.txt").read_text().splitlines()
+    assert len(hyps) == written["sentences"] == 5
+    refs = [t for _, t in PAIRS[1:]]
+    assert scores["test/bleu"] == pytest.approx(sacrebleu_score(hyps, refs).score, abs=1e-4)
+    assert written["bleu"] == pytest.approx(scores["test/bleu"], abs=1e-4)
+
+
+def test_checkpoint_carries_config_and_both_vocabularies(fitted):
+    _, module, dm, path = fitted
+    meta = torch.load(path, map_location="cpu", weights_only=True)["captioner"]
+    assert meta["task"] == "translation"
+    assert meta["model_config"]["init_args"]["src_vocab_size"] == dm.src_vocab_size
+    assert Vocabulary.from_dict(meta["src_vocab"]) == dm.src_vocab
+    assert Vocabulary.from_dict(meta["vocab"]) == dm.vocab
+    assert meta["data"]["lowercase"] is True
+    # a fresh Translator decodes exactly as the trained module
+    translator = Translator.from_checkpoint(path)
+    module.eval()
+    b = batch_of(PAIRS, module.src_vocab, module.vocab)
+    expected = module.generate(*module.encode(b), beam_size=2)
+    got = translator.translate([s for s, _ in PAIRS], beam_size=2)
+    for i, t in enumerate(got):
+        assert t.tokens == expected.tokens[i, : expected.lengths[i]].tolist()
+        assert t.alphas.shape == (len(t.tokens), len(t.source_tokens))
+        assert t.source_tokens[-1] == "<end>"

@@ -1,0 +1,183 @@
+"""scripts/benchmark.py: the fixed work, the tutorial baseline, the proposed decoder changes,
+and a smoke run of the whole script at tiny sizes."""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from captioner.attention import AdditiveAttention
+from captioner.decoder import AttentionDecoder
+from captioner.search import beam_search, greedy_search
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
+
+
+@pytest.fixture(scope="module")
+def bm():
+    spec = importlib.util.spec_from_file_location("captioner_benchmark", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_caption_lengths_follow_the_fixed_distribution(bm):
+    a = bm.sample_lengths(20000, np.random.default_rng(0))
+    assert np.array_equal(a, bm.sample_lengths(20000, np.random.default_rng(0)))
+    assert a.min() >= 10 and a.max() <= 22
+    for length, p in bm.LENGTH_DISTRIBUTION.items():
+        assert abs((a == length).mean() - p) < 0.01, length
+    assert sum(bm.LENGTH_DISTRIBUTION.values()) == pytest.approx(1.0)
+
+    captions = bm.make_captions(np.array([4, 3]), 11, np.random.default_rng(0))
+    assert captions.shape == (2, 4)
+    assert captions[0, 0] == bm.START_ID and captions[0, 3] == bm.END_ID
+    assert captions[1].tolist()[2:] == [bm.END_ID, bm.PAD_ID]
+    assert (captions[0, 1:3] >= 4).all() and (captions[0, 1:3] < 11).all()
+
+
+def test_tutorial_decoder_sorting_and_shrinking_match_single_captions(bm):
+    """The tutorial's sorted, shrinking batch gives each caption the predictions it gets
+    alone (eval mode): the baseline computes the model it claims to."""
+    torch.manual_seed(0)
+    dec = bm.TutorialDecoder(attention_dim=6, embed_dim=4, decoder_dim=9, vocab_size=13,
+                             encoder_dim=5).eval()
+    ann = torch.randn(3, 7, 5)
+    lengths = torch.tensor([4, 6, 3])
+    caps = bm.make_captions(lengths.numpy(), 13, np.random.default_rng(1))
+    with torch.no_grad():
+        preds, caps_sorted, decode_lengths, alphas, sort_ind = dec(ann, caps, lengths)
+        assert sort_ind.tolist() == [1, 0, 2] and decode_lengths == [5, 3, 2]
+        for row, b in enumerate(sort_ind.tolist()):
+            n = int(lengths[b]) - 1
+            alone = dec(ann[b : b + 1], caps[b : b + 1, : n + 1], lengths[b : b + 1])[0]
+            torch.testing.assert_close(preds[row, :n], alone[0, :n])
+            assert (preds[row, n:] == 0).all()  # never computed past the caption
+            torch.testing.assert_close(alphas[row, :n].sum(-1), torch.ones(n))
+    assert torch.isfinite(bm.tutorial_loss(dec.train(), ann, caps, lengths))
+
+
+def test_tutorial_beam_search_k1_is_greedy_and_has_the_fixed_length(bm):
+    torch.manual_seed(0)
+    dec = bm.TutorialDecoder(6, 4, 9, 13, encoder_dim=5).eval()
+    ann = torch.randn(1, 7, 5)
+    seq = bm.tutorial_beam_search(dec, ann, beam_size=1, steps=6)
+    assert len(seq) == 7 and seq[0] == bm.START_ID  # <start> + 6 steps
+    assert bm.END_ID not in seq[1:6]
+    with torch.no_grad():  # greedy by hand
+        h, c = dec.init_hidden_state(ann)
+        prev, expected = torch.tensor([bm.START_ID]), [bm.START_ID]
+        for step in range(1, 7):
+            awe, _ = dec.attention(ann, h)
+            awe = dec.sigmoid(dec.f_beta(h)) * awe
+            h, c = dec.decode_step(torch.cat([dec.embedding(prev), awe], 1), (h, c))
+            scores = torch.log_softmax(dec.fc(h), 1)
+            if step < 6:
+                scores[:, bm.END_ID] = float("-inf")
+            prev = scores.argmax(1)
+            expected.append(int(prev))
+    assert seq == expected
+    assert len(bm.tutorial_beam_search(dec, ann, beam_size=3, steps=6)) == 7
+
+
+def tiny_decoder(bm, cls=AttentionDecoder, **flags) -> AttentionDecoder:
+    torch.manual_seed(0)
+    return cls(11, 5, embed_dim=4, hidden_dim=6,
+               attention=functools.partial(AdditiveAttention, attention_dim=3), dropout=0.0,
+               **flags)
+
+
+def test_proposed_training_changes_keep_loss_and_gradients(bm):
+    ours = tiny_decoder(bm)
+    ann = torch.randn(3, 7, 5)
+    caps = bm.make_captions(np.array([5, 3, 6]), 11, np.random.default_rng(2))
+    ref = bm.library_loss(ours, ann, caps)
+    ref.backward()
+    for flags in ({"contiguous_recurrent": True}, {"deferred_grad": True},
+                  {"deferred_grad": True, "inplace_score": True}):
+        dec = tiny_decoder(bm, bm.ProposedDecoder, **flags)
+        dec.load_state_dict(ours.state_dict())
+        loss = bm.library_loss(dec, ann, caps)
+        loss.backward()
+        torch.testing.assert_close(loss, ref)
+        for (name, p), q in zip(dec.named_parameters(), ours.parameters()):
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_deferred_weight_grad_is_the_sum_over_steps(bm):
+    """One GEMM at the step-0 node gives autograd's per-step sum."""
+    torch.manual_seed(0)
+    w = torch.randn(4, 3, requires_grad=True)
+    x0 = torch.randn(2, 3, requires_grad=True)
+
+    def unroll(deferred: bool) -> torch.Tensor:
+        store: list = []
+        x, total = x0, 0.0
+        for t in range(5):
+            y = bm._DeferredWeightGrad.apply(x, w, store, t == 0) if deferred else x @ w.t()
+            x = torch.tanh(y[:, :3] + y[:, 3:])
+            total = total + (y**2).sum()
+        return total
+
+    grads = [torch.autograd.grad(unroll(d), (w, x0)) for d in (False, True)]
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("flags", [{"grouped_beams": True}, {"chunked_score": True}])
+def test_grouped_beam_search_decodes_like_the_library(bm, flags, monkeypatch):
+    monkeypatch.setattr(bm, "CHUNK_ELEMENTS", 50)  # several chunks even at tiny sizes
+    ours = tiny_decoder(bm).eval()
+    dec = tiny_decoder(bm, bm.ProposedDecoder, **flags).eval()
+    dec.load_state_dict(ours.state_dict())
+    ann = torch.randn(3, 7, 5)
+    kw = dict(start_id=1, end_id=2, pad_id=0, max_length=9)
+    for k in (1, 3, 4):
+        a = beam_search(ours, ann, beam_size=k, **kw) if k > 1 else greedy_search(ours, ann, **kw)
+        b = beam_search(dec, ann, beam_size=k, **kw) if k > 1 else greedy_search(dec, ann, **kw)
+        assert torch.equal(a.tokens, b.tokens) and torch.equal(a.lengths, b.lengths)
+        torch.testing.assert_close(a.scores, b.scores)
+        torch.testing.assert_close(a.alphas, b.alphas)
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    mask[1, 5:] = False  # masked keys: the original path
+    a = beam_search(ours, ann, beam_size=3, mask=mask, **kw)
+    b = beam_search(dec, ann, beam_size=3, mask=mask, **kw)
+    assert torch.equal(a.tokens, b.tokens)
+
+
+def test_quick_run_at_tiny_sizes_writes_every_figure(bm, tmp_path):
+    out = tmp_path / "bench.json"
+    result = bm.main(["--tiny", "--quick", "--baseline", "--proposed", "--ablations", "--bf16",
+                      "--threads", "1", "--json", str(out)])
+    assert json.loads(out.read_text()) == result
+    rates = ["train_captions_per_s", "beam_k3_fixed20_images_per_s",
+             "beam_k5_fixed20_images_per_s", "greedy_b32_fixed20_images_per_s"]
+    for key in [*rates, "load_images_per_s", "peak_rss_mb", "matmul_gflops"]:
+        assert math.isfinite(result[key]) and result[key] > 0, key
+    assert set(result["encode_images_per_s"]) == {"resnet101_32", "efficientnet_lite0_32"}
+    assert all(v > 0 for v in result["encode_images_per_s"].values())
+    assert result["torch_version"] == torch.__version__ and result["threads"] == 1
+    assert result["mode"] == "tiny" and result["sizes"]["steps"] == 20
+    assert set(result["baseline"]) == set(rates)
+    for key in rates:
+        assert result["speedup_vs_baseline"][key] == pytest.approx(
+            result[key] / result["baseline"][key], rel=1e-3)
+    parity = result["proposed_parity"]
+    assert all(v for k, v in parity.items() if k.endswith("tokens_equal"))
+    assert max(v for k, v in parity.items() if k.endswith("loss_abs_diff")) < 1e-4
+    assert set(result["proposed"]) == {"contiguous_recurrent", "deferred_grad", "inplace_score",
+                                       "grouped_beams", "chunked_score"}
+    assert set(result["proposed"]["chunked_score"]["speedup_vs_ours"]) == set(rates[1:])
+    assert set(result["ablations"]["reproject_keys"]["ours_speedup"]) == set(rates)
+    assert set(result["ablations"]["per_image_decoding"]["ours_speedup"]) == set(rates[1:])
+    assert result["bf16"]["loss_rel_diff"] < 0.05
+    assert result["load_settings"]["num_workers"] == 2  # the data module's default

@@ -1,0 +1,108 @@
+"""``captioner translate``: train a tiny model through ``captioner fit`` with the shipped Multi30k
+configs, then translate in-process (:func:`captioner.cli.main`) and in a subprocess."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from captioner.cli import lightning_main, main
+from captioner.translate import Translator
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+PAIRS = [
+    ("Der Hund.", "The dog."),
+    ("Die Katze schläft.", "The cat sleeps."),
+    ("Ein alter Mann lacht.", "An old man laughs."),
+    ("Zwei kleine Kinder spielen im Park.", "Two small children play in the park."),
+    ("Eine Frau liest.", "A woman reads."),
+    ("Der rote Ball.", "The red ball."),
+]
+EPOCHS = 50
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("toy_multi30k")
+    for split in ("train", "val", "test_2016_flickr"):
+        (root / f"{split}.de").write_text("".join(f"{s}\n" for s, _ in PAIRS), encoding="utf-8")
+        (root / f"{split}.en").write_text("".join(f"{t}\n" for _, t in PAIRS), encoding="utf-8")
+    out = tmp_path_factory.mktemp("toy_fit")
+    enc, dec = "--model.init_args.encoder.init_args", "--model.init_args.decoder.init_args"
+    cli = lightning_main([
+        "fit",
+        "--config", str(CONFIGS / "trainer" / "cpu.yaml"),
+        "--config", str(CONFIGS / "data" / "multi30k_de_en.yaml"),
+        "--config", str(CONFIGS / "model" / "multi30k_gru.yaml"),
+        "--data.init_args.root", str(root),
+        "--data.init_args.min_freq", "1",
+        "--data.init_args.batch_size", "2",
+        f"{enc}.embed_dim", "12", f"{enc}.hidden_dim", "14", f"{enc}.dropout", "0",
+        f"{dec}.embed_dim", "12", f"{dec}.hidden_dim", "26", f"{dec}.dropout", "0",
+        f"{dec}.attention.init_args.attention_dim", "10",
+        "--model.init_args.lr", "0.03",
+        "--model.init_args.max_length", "12",
+        "--trainer.max_epochs", str(EPOCHS),
+        "--trainer.check_val_every_n_epoch", str(EPOCHS),
+        "--trainer.num_sanity_val_steps", "0",
+        "--trainer.default_root_dir", str(out),
+        "--trainer.logger.init_args.save_dir", str(out / "runs"),
+        "--trainer.enable_progress_bar", "false",
+        "--trainer.enable_model_summary", "false",
+        "--seed_everything", "0",
+    ])
+    # the source vocabulary size reached the model through the CLI link
+    assert cli.model.hparams.src_vocab_size == cli.datamodule.src_vocab_size == 25  # 21 words
+    assert cli.model.hparams.vocab_size == cli.datamodule.vocab_size == 24  # 20 words
+    assert "val/bleu" in cli.trainer.callback_metrics
+    return Path(cli.trainer.checkpoint_callback.best_model_path)
+
+
+def test_translate_in_process_one_line_per_sentence(checkpoint, capsys):
+    sources = [s for s, _ in PAIRS]
+    assert main(["translate", "--ckpt", str(checkpoint), *sources]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [t.text for t in Translator.from_checkpoint(checkpoint).translate(sources)]
+    assert lines == [t.lower() for _, t in PAIRS]  # memorised, detokenised, lowercased
+
+
+def test_translate_beam_alignment_and_reference(checkpoint, capsys, tmp_path):
+    ref = tmp_path / "ref.en"
+    ref.write_text("".join(f"{t}\n" for _, t in PAIRS[:2]))
+    status = main(["translate", "--ckpt", str(checkpoint), "--beam-size", "3",
+                   "--alignment", str(tmp_path / "fig.png"), "--reference", str(ref),
+                   PAIRS[0][0], PAIRS[1][0]])
+    captured = capsys.readouterr()
+    assert status == 0
+    assert captured.out.splitlines() == ["the dog.", "the cat sleeps."]
+    assert "BLEU = 100.00" in captured.err and "case:lc" in captured.err
+    assert (tmp_path / "fig_1.png").stat().st_size > 0 and (tmp_path / "fig_2.png").is_file()
+
+
+def test_translate_subprocess_reads_stdin(checkpoint, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    exe = str(Path(sys.executable).parent / "captioner")  # the installed entry point
+    done = subprocess.run(
+        [exe, "translate", "--ckpt", str(checkpoint), "--alignment", str(tmp_path / "a.png")],
+        input="Der rote Ball.\n\nEine Frau liest.\n", capture_output=True, text=True, env=env,
+        timeout=300)
+    assert done.returncode == 0, done.stderr
+    # one output line per input line: a blank line is answered by a blank line
+    assert done.stdout.split("\n") == ["the red ball.", "", "a woman reads.", ""]
+    assert (tmp_path / "a_1.png").is_file() and (tmp_path / "a_2.png").is_file()
+
+
+def test_translate_errors_are_one_line(checkpoint, capsys, tmp_path):
+    assert main(["translate", "--ckpt", str(tmp_path / "missing.ckpt"), "x"]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    ckpt["captioner"]["task"] = "captioning"
+    torch.save(ckpt, tmp_path / "captioning.ckpt")
+    assert main(["translate", "--ckpt", str(tmp_path / "captioning.ckpt"), "x"]) == 2
+    err = capsys.readouterr().err
+    assert "expected 'translation'" in err and "Traceback" not in err
