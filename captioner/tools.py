@@ -642,7 +642,7 @@ def _parse_translate(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--batch-size", type=_positive, default=64, help="sentences per batch (64)")
     p.add_argument("--alignment", default=None, metavar="FIG",
                    help="draw the attention of each translation, source x target words "
-                        "(Bahdanau et al. 2015, Fig. 3); several sentences: FIG_1.png, FIG_2.png...")
+                        "(Bahdanau et al. 2015, Fig. 3); several sentences: FIG_1.png, FIG_2.png")
     p.add_argument("--reference", default=None, metavar="FILE",
                    help="reference translations, one per input line: print sacreBLEU on stderr")
     return p.parse_args(argv)

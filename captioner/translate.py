@@ -249,7 +249,8 @@ class Translator:
             src_vocab = Vocabulary.from_dict(meta["src_vocab"])
             sizes = (int(init_args["src_vocab_size"]), int(init_args["vocab_size"]))
         except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: broken translation metadata ({_first_line(e)})") from None
+            raise CheckpointError(
+                f"{path}: broken translation metadata ({_first_line(e)})") from None
         if sizes != (len(src_vocab), len(tgt_vocab)):
             raise CheckpointError(f"{path}: vocabulary mismatch: the model was built for "
                                   f"{sizes} words, the vocabularies have "

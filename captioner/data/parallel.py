@@ -299,7 +299,8 @@ class ParallelTextDataModule(L.LightningDataModule):
             raise ValueError(f"splits: unknown stages {sorted(unknown)}, expected {list(STAGES)}")
         if max_len < 1:
             raise ValueError(f"max_len must be >= 1, got {max_len}")
-        self.root, self.src_lang, self.tgt_lang, self.format = Path(root), src_lang, tgt_lang, format
+        self.root, self.format = Path(root), format
+        self.src_lang, self.tgt_lang = src_lang, tgt_lang
         self.splits, self.lowercase = splits, lowercase
         self.min_freq, self.max_vocab_size, self.max_len = min_freq, max_vocab_size, max_len
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
@@ -390,7 +391,8 @@ class ParallelTextDataModule(L.LightningDataModule):
         return len(self.src_vocab)
 
     def set_vocabs(self, src_vocab: Vocabulary, tgt_vocab: Vocabulary) -> None:
-        """Impose both vocabularies (e.g. a checkpoint's); datasets encoded otherwise are dropped."""
+        """Impose both vocabularies (e.g. a checkpoint's); datasets encoded otherwise are
+        dropped."""
         if src_vocab != self._src_vocab or tgt_vocab != self._tgt_vocab:
             self._datasets.clear()
         self._src_vocab, self._tgt_vocab = src_vocab, tgt_vocab

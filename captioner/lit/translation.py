@@ -1,4 +1,4 @@
-r"""LightningModule for attention translation (Bahdanau, Cho and Bengio 2015) with the shared decoder.
+r"""LightningModule for attention NMT (Bahdanau, Cho and Bengio 2015) with the shared decoder.
 
 The source sentence is encoded by :class:`~captioner.encoders.text.TextEncoder` into annotations
 ``(B, S, D)`` with a key mask ``(B, S)``; the target side is the *same*
