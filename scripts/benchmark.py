@@ -959,7 +959,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--repeats", type=int, default=None,
                    help="timed repeats of each decoder measurement (default: 3, quick: 2)")
-    p.add_argument("--skip", default="", help="comma list among: encode,load")
+    p.add_argument("--skip", default="", help="comma list among: decoders,encode,load")
     p.add_argument("--data", default=str(FLICKR8K_SUBSET), help=argparse.SUPPRESS)
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # smoke tests
     return p.parse_args(argv)
@@ -986,7 +986,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {}
     log(f"matmul {s.matmul_size}^3 fp32")
     result["matmul_gflops"] = matmul_gflops(s.matmul_size, device)
-    result.update(bench_decoders(s, device, args.baseline, args.proposed, log, args.ablations))
+    if "decoders" not in skip:
+        result.update(bench_decoders(s, device, args.baseline, args.proposed, log,
+                                     args.ablations))
     if args.bf16:
         result["bf16"] = bench_bf16(s, device, log)
     if "encode" not in skip:
