@@ -84,3 +84,11 @@ def test_unknown_stage_place_is_a_clear_error():
     stage.where = "layer9"
     with pytest.raises(ValueError, match="layer9"):
         ImageEncoder("resnet18", stages=[stage])
+
+
+def test_frozen_blocks_are_in_eval_mode_right_after_construction():
+    enc = ImageEncoder("shapes_cnn")  # frozen: batch norm must not use batch statistics
+    assert not any(m.training for _, block in enc.body.named_children() for m in block.modules())
+    before = enc.body.conv1[1].running_mean.clone()
+    enc(torch.rand(3, 3, 32, 32))
+    assert torch.equal(enc.body.conv1[1].running_mean, before)

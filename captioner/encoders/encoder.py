@@ -71,6 +71,7 @@ class ImageEncoder(nn.Module):
         self.frozen_blocks = set(block_names[: len(block_names) - finetune_blocks]) if freeze else set()
         for name, block in self.body.named_children():
             block.requires_grad_(name not in self.frozen_blocks)
+        self.train()  # frozen blocks (and their batch-norm statistics) start in eval mode
 
     @property
     def grid_size(self) -> tuple[int, int]:

@@ -1,0 +1,245 @@
+"""Feature cache: extraction, resumption after a kill, memory-mapped reading, cached training."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from captioner.data.cached import CachedFeaturesDataModule
+from captioner.data.datamodule import CaptionDataModule
+from captioner.data.datasets import CaptionTrainDataset, ImageEvalDataset, collate_captions
+from captioner.data.shapes import make_shapes_dataset
+from captioner.encoders.encoder import ImageEncoder
+from captioner.features import (INDEX_FILE, FeatureCache, FeatureCacheError, extract_features,
+                                image_key)
+from tests.conftest import SHAPES_SIZES
+
+GRID = (3, 5)  # (H, W): L = 15, not square
+
+
+def frozen_encoder(seed: int = 0) -> ImageEncoder:
+    torch.manual_seed(seed)
+    return ImageEncoder("shapes_cnn", weights=None, grid_size=GRID, freeze=True)
+
+
+def data_kwargs(shapes_root: Path, batch_size: int = 5) -> dict:
+    paths = make_shapes_dataset(shapes_root, seed=0, **SHAPES_SIZES)  # reuses the fixture's set
+    return {"format": "coco", "annotations": {s: str(p[0]) for s, p in paths.items()},
+            "image_root": {s: str(p[2]) for s, p in paths.items()}, "image_size": 32,
+            "batch_size": batch_size, "num_workers": 0, "min_freq": 1}
+
+
+@pytest.fixture(scope="module")
+def records(shapes_root):
+    dm = CaptionDataModule(**data_kwargs(shapes_root))
+    return {split: dm.records(split) for split in ("train", "val", "test")}
+
+
+def test_extracted_grids_are_the_encoder_output_in_float16(records, tmp_path):
+    encoder = frozen_encoder()
+    paths = [r.path for r in records["train"][:7]] + [records["train"][0].path]  # a duplicate
+    cache = extract_features(encoder, paths, tmp_path, image_size=32, batch_size=2, shard_size=4)
+
+    index = json.loads((tmp_path / INDEX_FILE).read_text())
+    assert index["complete"] and index["grid"] == list(GRID) and index["dim"] == 128
+    assert index["shards"] == ["shard_00000.npy", "shard_00001.npy"]  # 7 images: 4 + 3
+    assert len(cache) == 7
+    assert [index["items"][image_key(p)] for p in paths[:7]] == [
+        [0, 0], [0, 1], [0, 2], [0, 3], [1, 0], [1, 1], [1, 2]]
+    shard = np.load(tmp_path / "shard_00001.npy")
+    assert shard.shape == (3, 15, 128) and shard.dtype == np.float16
+
+    images = torch.stack([ImageEvalDataset(records["train"][:7], 32)[i]["image"]
+                          for i in range(7)])
+    with torch.no_grad():
+        expected = encoder.eval()(images)  # (7, L, D)
+    got = torch.stack([cache.tensor(p) for p in paths[:7]])
+    assert got.dtype == torch.float16 and got.shape == (7, 15, 128)
+    torch.testing.assert_close(got.float(), expected, rtol=1e-3, atol=1e-4)  # float16 rounding
+    assert isinstance(cache._shard(0), np.memmap)  # read through the page cache, not loaded
+
+
+def test_cache_refuses_other_encoder_unfinished_and_bad_shards(records, tmp_path):
+    paths = [r.path for r in records["val"]]
+    extract_features(frozen_encoder(0), paths[:2], tmp_path, image_size=32, batch_size=2,
+                     shard_size=2)
+    with pytest.raises(FeatureCacheError, match="fingerprint"):
+        extract_features(frozen_encoder(1), paths, tmp_path, image_size=32, batch_size=2,
+                         shard_size=2)
+    with pytest.raises(FeatureCacheError, match="image_size"):
+        extract_features(frozen_encoder(0), paths, tmp_path, image_size=40, batch_size=2,
+                         shard_size=2)
+    with pytest.raises(ValueError, match="multiple of batch_size"):
+        extract_features(frozen_encoder(0), paths, tmp_path / "x", image_size=32, batch_size=3,
+                         shard_size=4)
+    index = json.loads((tmp_path / INDEX_FILE).read_text())
+    (tmp_path / INDEX_FILE).write_text(json.dumps({**index, "complete": False}))
+    with pytest.raises(FeatureCacheError, match="did not finish"):
+        FeatureCache(tmp_path)
+    with pytest.raises(FeatureCacheError, match="no feature cache"):
+        FeatureCache(tmp_path / "nothing")
+    with pytest.raises(KeyError, match="not in the feature cache"):
+        FeatureCache(tmp_path, require_complete=False).array(paths[3])
+
+
+def _extract_cli(argv: list[str]) -> None:
+    from captioner.cli import main
+
+    os._exit(main(argv))
+
+
+def test_killed_extraction_resumes_to_the_same_cache(tiny_checkpoint, shapes_root, tmp_path,
+                                                     capsys):
+    """SIGKILL a `captioner extract-features` process after its first shard, run the command
+    again: the cache equals that of an uninterrupted extraction, shard for shard."""
+    from captioner.cli import main
+    from captioner.inference import Captioner
+
+    out = tmp_path / "killed"
+    argv = ["extract-features", "--ckpt", str(tiny_checkpoint), "--out", str(out),
+            "--split", "train,val", "--batch-size", "2", "--shard-size", "4", "--allow-trainable"]
+    # a forked child: the same code as the `captioner` executable without its import time
+    child = multiprocessing.get_context("fork").Process(
+        target=_extract_cli, args=([*argv, "--shard-delay", "60"],))
+    child.start()
+    index_file = out / INDEX_FILE
+    deadline = time.monotonic() + 60
+    while not index_file.is_file() and time.monotonic() < deadline and child.is_alive():
+        time.sleep(0.05)
+    os.kill(child.pid, signal.SIGKILL)  # asleep after its first shard
+    child.join()
+    assert child.exitcode == -signal.SIGKILL
+    partial = json.loads(index_file.read_text())
+    assert not partial["complete"] and partial["shards"] == ["shard_00000.npy"]
+    assert len(partial["items"]) == 4
+    with pytest.raises(FeatureCacheError, match="did not finish"):
+        FeatureCache(out)
+
+    assert main(argv) == 0  # resumes
+    assert "30 images cached" in capsys.readouterr().out  # 24 train + 6 val
+    dm = CaptionDataModule(**data_kwargs(shapes_root))  # the checkpoint's data
+    paths = [r.path for split in ("train", "val") for r in dm.records(split)]
+    ref = extract_features(Captioner.from_checkpoint(tiny_checkpoint).encoder, paths,
+                           tmp_path / "ref", image_size=32, batch_size=2, shard_size=4)
+    resumed = FeatureCache(out)
+    assert resumed.items == ref.items  # same shard and row for every image
+    assert resumed.index["shards"] == ref.index["shards"]
+    for path in paths:
+        np.testing.assert_array_equal(resumed.array(path), ref.array(path))
+
+
+def test_extract_features_refuses_a_trainable_encoder(tiny_checkpoint, tmp_path, capsys):
+    from captioner.cli import main
+
+    status = main(["extract-features", "--ckpt", str(tiny_checkpoint), "--out", str(tmp_path)])
+    assert status == 2
+    assert "trainable parameter" in capsys.readouterr().err
+    assert not (tmp_path / INDEX_FILE).exists()
+
+
+@pytest.fixture(scope="module")
+def cached_setup(shapes_root, tmp_path_factory):
+    """A frozen-encoder captioning module and a cache of all splits made with its encoder."""
+    from captioner.lit.captioning import CaptioningModule
+    from tests.conftest import TINY_MODEL_CONFIG
+
+    raw = CaptionDataModule(**data_kwargs(shapes_root))
+    torch.manual_seed(0)
+    config = {**TINY_MODEL_CONFIG, "vocab_size": raw.vocab_size,
+              "encoder": {"class_path": "captioner.encoders.ImageEncoder",
+                          "init_args": {"backbone": "shapes_cnn", "weights": None,
+                                        "grid_size": list(GRID), "freeze": True}}}
+    module = CaptioningModule.from_config(config)
+    module.vocab = raw.vocab
+    out = tmp_path_factory.mktemp("cache")
+    paths = [r.path for s in ("train", "val", "test") for r in raw.records(s)]
+    extract_features(module.encoder, paths, out, image_size=32, batch_size=4, shard_size=8)
+    return module, raw, out
+
+
+def test_cached_batches_carry_features_instead_of_images(cached_setup, shapes_root):
+    module, raw, out = cached_setup
+    dm = CachedFeaturesDataModule(features_dir=str(out), **data_kwargs(shapes_root, 5))
+    assert dm.vocab == raw.vocab
+    dm.setup("fit")
+    train = next(iter(dm.train_dataloader()))
+    assert "images" not in train and train["features"].shape == (5, 15, 128)
+    assert train["features"].dtype == torch.float16
+    assert train["captions"].shape[0] == 5 and train["lengths"].shape == (5,)
+    val = next(iter(dm.val_dataloader()))
+    assert val["features"].shape == (5, 15, 128) and val["index"].tolist() == [0, 1, 2, 3, 4]
+    assert dm.hparams["features_dir"] == str(out) and dm.hparams["format"] == "coco"
+
+
+def test_cached_loss_equals_raw_image_loss(cached_setup, shapes_root):
+    """Same pairs, frozen encoder: the loss from the cache matches the raw-image loss."""
+    module, raw, out = cached_setup
+    dm = CachedFeaturesDataModule(features_dir=str(out), **data_kwargs(shapes_root))
+    dm.setup("fit")
+    cached_ds, raw_ds = dm._dataset("train"), raw._dataset("train")
+    n = len(raw_ds)
+    assert isinstance(raw_ds, CaptionTrainDataset) and len(cached_ds) == n > 24
+    pick = [0, 7, n // 3, n // 2, n - 1]
+    raw_batch = collate_captions([raw_ds[i] for i in pick])
+    cached_batch = dm.train_dataloader().collate_fn([cached_ds[i] for i in pick])
+    assert torch.equal(raw_batch["captions"], cached_batch["captions"])
+    module.eval()  # no dropout: both paths see the same network
+    with torch.no_grad():
+        raw_loss = module.loss(raw_batch)["loss"]
+        cached_loss = module.loss(cached_batch)["loss"]
+    assert torch.isfinite(raw_loss) and raw_loss > 1.0
+    torch.testing.assert_close(cached_loss, raw_loss, rtol=2e-3, atol=0)
+
+
+def test_missing_images_are_reported_with_the_split(records, shapes_root, tmp_path):
+    extract_features(frozen_encoder(), [r.path for r in records["val"]], tmp_path,
+                     image_size=32, batch_size=2, shard_size=2)
+    dm = CachedFeaturesDataModule(features_dir=str(tmp_path), **data_kwargs(shapes_root))
+    dm.setup("validate")  # val is cached
+    with pytest.raises(FeatureCacheError, match=r"24 of the 24 train images .*--split train"):
+        dm.setup("fit")
+
+
+def test_captioner_fit_trains_from_the_cache_without_running_the_encoder(
+        tiny_checkpoint, shapes_root, tmp_path):
+    """`captioner fit` with `data: CachedShapesDataModule`: batches carry features, the CNN
+    never runs, training and validation go through."""
+    import yaml
+
+    from captioner.cli import lightning_main
+    from captioner.inference import Captioner
+    from tests.conftest import TINY_MODEL_CONFIG
+
+    raw = CaptionDataModule(**data_kwargs(shapes_root))
+    paths = [r.path for s in ("train", "val", "test") for r in raw.records(s)]
+    extract_features(Captioner.from_checkpoint(tiny_checkpoint).encoder, paths, tmp_path / "c",
+                     image_size=32, batch_size=4, shard_size=8)
+    config = {
+        "model": {"class_path": "captioner.lit.captioning.CaptioningModule",
+                  "init_args": TINY_MODEL_CONFIG},
+        "data": {"class_path": "captioner.data.cached.CachedShapesDataModule",
+                 "init_args": {"features_dir": str(tmp_path / "c"), "root": str(shapes_root),
+                               **SHAPES_SIZES, "seed": 0, "batch_size": 8}},
+        "trainer": {"accelerator": "cpu", "devices": 1, "max_epochs": 1, "limit_train_batches": 2,
+                    "limit_val_batches": 1,
+                    "num_sanity_val_steps": 0, "logger": False, "enable_checkpointing": False,
+                    "enable_progress_bar": False, "enable_model_summary": False,
+                    "default_root_dir": str(tmp_path)},
+    }
+    (tmp_path / "fit.yaml").write_text(yaml.safe_dump(config))
+    cli = lightning_main(["--config", str(tmp_path / "fit.yaml")], run=False)
+    calls: list[int] = []
+    cli.model.encoder.register_forward_hook(lambda *args: calls.append(1))
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert calls == [] and cli.trainer.global_step == 2
+    assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
+    assert "val/bleu4" in cli.trainer.callback_metrics
+    assert cli.model.data_config["datamodule"]["init_args"]["features_dir"] == str(tmp_path / "c")
