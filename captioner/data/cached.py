@@ -5,7 +5,8 @@ annotation formats, splits, vocabulary, references) whose batches carry ``featur
 ``(B, L, D)`` (float16, from a :class:`~captioner.features.FeatureCache` written by ``captioner
 extract-features``) in place of ``images``; :meth:`CaptioningModule.encode
 <captioner.lit.captioning.CaptioningModule.encode>` then skips the encoder. Valid only for a
-frozen encoder, the one the cache was extracted with. In YAML::
+frozen encoder, the one the cache was extracted with (:class:`CachedShapesDataModule` does the
+same for :class:`~captioner.data.datamodule.ShapesDataModule`). In YAML::
 
     data:
       class_path: captioner.data.cached.CachedFeaturesDataModule
