@@ -167,7 +167,6 @@ def test_signature_is_readable_by_jsonargparse() -> None:
 
 
 def test_shapes_datamodule(tmp_path: Path) -> None:
-    pytest.importorskip("captioner.data.shapes")
     dm = ShapesDataModule(str(tmp_path / "shapes"), num_train=5, num_val=3, num_test=1, image_size=32,
                           batch_size=3)
     assert dm.vocab_size > 4  # generates the set lazily
