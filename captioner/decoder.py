@@ -34,8 +34,10 @@ code (arctic-captions) does; ``deep_output_activation="identity"`` gives the lit
 
 Efficiency (the unroll in :meth:`AttentionDecoder.forward`): the attention key projection is
 computed once per image, the word-embedding part of the LSTM input and of the deep output are
-computed for all steps in one matmul, the context is a batched matmul, and the output layer over
-the vocabulary runs once over all ``T`` steps instead of once per step.
+computed for all steps in one matmul, the context is a batched matmul, the recurrent part
+``[W_z, U] [z_t; h_{t-1}]`` is one matmul per step whose weight gradient is one GEMM over all
+steps (:mod:`captioner.unrolled_linear`), and the output layer over the vocabulary runs once over
+all ``T`` steps instead of once per step.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from torch import nn
 
 from captioner.attention import AdditiveAttention, Attention
 from captioner.hard_attention import HardAttention, HardSelection
+from captioner.unrolled_linear import UnrolledLinear
 
 
 @dataclass
@@ -140,6 +143,11 @@ class AttentionDecoder(nn.Module):
         ValueError: for ``NoAttention`` without ``init_from_mean`` (the image would never
             enter), or ``NoAttention`` with hard attention.
     """
+
+    #: the unroll applies ``[W_z, U]`` in one matmul per step with one weight-gradient GEMM
+    #: (:mod:`captioner.unrolled_linear`); ``False`` restores the per-step slices of the LSTM
+    #: weights (same numerics; kept so that ``scripts/benchmark.py`` measures the gain).
+    fused_recurrent: bool = True
 
     def __init__(
         self,
@@ -250,11 +258,25 @@ class AttentionDecoder(nn.Module):
             z = beta * z
         return z, alpha, beta, selection
 
-    def _lstm(self, word_gates: torch.Tensor, z: torch.Tensor, state: DecoderState
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-        """LSTM cell (Eqs. 1-3) given the precomputed word part of the input transform."""
-        w_z = self.lstm.weight_ih[:, self.embed_dim :]  # (4N, D)
-        gates = word_gates + F.linear(z, w_z) + F.linear(state.h, self.lstm.weight_hh)  # (B, 4N)
+    def _recurrent_weight(self) -> torch.Tensor:
+        """``[W_z, U]`` ``(4N, D + N)``, contiguous: the part of the LSTM transform applied to
+        ``[z_t; h_{t-1}]`` (``W_z`` is ``lstm.weight_ih[:, E:]``, ``U`` is ``lstm.weight_hh``)."""
+        return torch.cat([self.lstm.weight_ih[:, self.embed_dim :], self.lstm.weight_hh], dim=1)
+
+    def _lstm(self, word_gates: torch.Tensor, z: torch.Tensor, state: DecoderState,
+              recurrent: UnrolledLinear | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """LSTM cell (Eqs. 1-3) given the precomputed word part of the input transform.
+
+        ``recurrent`` (the unroll) applies ``[W_z, U]`` to ``[z_t; h_{t-1}]`` in one matmul
+        (:mod:`captioner.unrolled_linear`); without it (one step, search) the two parts are
+        applied to views of the LSTM's weights, which avoids copying them at every step.
+        """
+        if recurrent is not None:
+            gates = word_gates + recurrent(torch.cat([z, state.h], dim=1))  # (B, 4N)
+        else:
+            w_z = self.lstm.weight_ih[:, self.embed_dim :]  # (4N, D)
+            gates = (word_gates + F.linear(z, w_z)
+                     + F.linear(state.h, self.lstm.weight_hh))  # (B, 4N)
         i, f, g, o = gates.chunk(4, dim=1)  # torch.nn.LSTMCell gate order
         c = torch.sigmoid(f) * state.c + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)
@@ -321,10 +343,11 @@ class AttentionDecoder(nn.Module):
         per_sequence = sample and self.hard.expectation_per == "sequence"
         use_expectation = (self.hard.draw_expectation(B, annotations.device) if per_sequence
                            else None)  # (B,): the paper's per-image choice
+        recurrent = UnrolledLinear(self._recurrent_weight()) if self.fused_recurrent else None
         hs, zs, alphas, betas, selections = [], [], [], [], []
         for t in range(T):
             z, alpha, beta, selection = self._attend_select(state, sample, use_expectation)
-            h, c = self._lstm(word_gates[:, t], z, state)
+            h, c = self._lstm(word_gates[:, t], z, state, recurrent)
             state = DecoderState(h, c, state.keys, state.proj_keys, state.mask, t + 1)
             hs.append(h)
             zs.append(z)

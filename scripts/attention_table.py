@@ -125,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="markdown table (a .json with the raw numbers is written next to it)")
     parser.add_argument("--variants", nargs="+", default=None,
                         help="subset of variants (default: all)")
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the rows of an existing --out .json that this run does not "
+                             "repeat (to complete a table variant by variant)")
     parser.add_argument("--data-root", default="data/shapes_attention_table")
     parser.add_argument("--work-dir", default="runs/attention_table")
     parser.add_argument("--accelerator", default="auto")
@@ -142,17 +145,22 @@ def main(argv: list[str] | None = None) -> int:
     data_args = dict(yaml.safe_load(BASE_DATA.read_text())["data"]["init_args"])
     data_args.update(root=args.data_root, num_train=args.num_train, num_val=args.num_val,
                      num_test=min(args.num_val, 20), seed=args.seed)
-    rows = []
+    previous: dict[str, dict[str, float]] = {}
+    raw_path = args.out.with_suffix(".json")
+    if args.merge and raw_path.exists():
+        previous = {n: r for n, r in json.loads(raw_path.read_text()).items() if n in table}
+    results: dict[str, dict[str, float]] = dict(previous)
+    rows: list[tuple[str, str, dict[str, float]]] = []
     for name in names:
         description, decoder_overrides, module_overrides = table[name]
         print(f"== {name}: {description}", flush=True)
         result = train_one(name, model_config(decoder_overrides, module_overrides), data_args, args)
         print(f"   {json.dumps(result)}", flush=True)
-        rows.append((name, description, result))
+        results[name] = result
+        rows = [(n, table[n][0], results[n]) for n in table if n in results]  # table order
         args.out.parent.mkdir(parents=True, exist_ok=True)  # rewrite after each variant
         args.out.write_text(markdown(rows, args))
-        args.out.with_suffix(".json").write_text(
-            json.dumps({n: r for n, _, r in rows}, indent=2))
+        raw_path.write_text(json.dumps(dict((n, r) for n, _, r in rows), indent=2))
     print(markdown(rows, args))
     return 0
 

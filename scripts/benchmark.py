@@ -27,7 +27,10 @@ stay meaningful.
   (greedy = its beam search with ``k = 1``). It lives here, as a reference, not in the library.
 * ``--proposed`` measures patched copies of :class:`captioner.decoder.AttentionDecoder`
   (:class:`ProposedDecoder`, same weights, numerics checked against the original) that show
-  what the changes proposed for ``decoder.py`` would buy.
+  what the decoding changes proposed for ``decoder.py`` / ``search.py`` would buy.
+* ``--ablations`` measures the library with one of its optimisations removed (the "before" of
+  each): keys re-projected at every step, the recurrent matmul through per-step weight slices
+  (before :mod:`captioner.unrolled_linear`), search on one image at a time.
 * ``--bf16`` adds CPU autocast bf16 throughput of training and greedy decoding, with the loss
   parity against fp32 on the same batch (dropout off).
 
@@ -426,6 +429,14 @@ class ReprojectingDecoder(AttentionDecoder):
         return state
 
 
+class SlicedRecurrentDecoder(AttentionDecoder):
+    """Ablation: the unroll applies ``W_z`` and ``U`` through per-step views of the LSTM's
+    weights (two matmuls per step, the weight gradient one outer product per step and a copy
+    into the strided layout) instead of :mod:`captioner.unrolled_linear`."""
+
+    fused_recurrent = False
+
+
 def decode_one_by_one(decoder: AttentionDecoder, annotations: torch.Tensor, beam: int,
                       steps: int) -> list[torch.Tensor]:
     """Ablation: the library search called on one image at a time (no batching)."""
@@ -434,36 +445,6 @@ def decode_one_by_one(decoder: AttentionDecoder, annotations: torch.Tensor, beam
 
 
 # ============================================================================ proposed changes
-class _DeferredWeightGrad(torch.autograd.Function):
-    """``y = x W^T`` whose weight gradient is summed over all time steps in one matmul.
-
-    Autograd computes ``dW_t = g_t^T x_t`` at each step: a ``(4N, B) x (B, D + N)`` product with
-    a tiny inner size ``B`` that writes a full ``(4N, D + N)`` matrix per step (memory bound),
-    then accumulates it. Here each step stores ``(g_t, x_t)`` and the node of step 0, which
-    autograd runs last (every later step depends on it), computes ``dW = G^T X`` once with
-    ``G = [g_0; ..; g_{T-1}]`` ``(T B, 4N)``: the same sum, one efficient GEMM.
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, store: list, first: bool
-                ) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        ctx.store, ctx.first = store, first
-        return x.mm(weight.t())
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        x, weight = ctx.saved_tensors
-        ctx.store.append((grad, x))
-        grad_weight = None
-        if ctx.first:
-            grads = torch.cat([g for g, _ in ctx.store])  # (T B, 4N)
-            inputs = torch.cat([i for _, i in ctx.store])  # (T B, D + N)
-            grad_weight = grads.t().mm(inputs)  # (4N, D + N)
-            ctx.store.clear()
-        return grad.mm(weight), grad_weight, None, None
-
-
 @dataclass
 class GroupedState(DecoderState):
     """A beam state whose ``K`` hypotheses per image share the image's keys.
@@ -494,20 +475,11 @@ CHUNK_ELEMENTS = 1 << 19  # about 2 MB of float32: the attention hidden layer of
 
 
 class ProposedDecoder(AttentionDecoder):
-    """:class:`AttentionDecoder` with the changes proposed for ``captioner/decoder.py`` (and
-    ``AdditiveAttention.score``), each behind a flag so that their gains are measured apart.
+    """:class:`AttentionDecoder` with the decoding changes proposed for ``captioner/decoder.py``
+    and ``captioner/search.py``, each behind a flag so that their gains are measured apart.
 
     Same parameters (it loads the original's ``state_dict``) and the same numerics:
 
-    * ``contiguous_recurrent``: the recurrent weight ``[W_z, U]`` ``(4N, D + N)`` is made
-      contiguous once per forward and applied to ``[z_t; h_{t-1}]`` in one matmul per step.
-      The original slices ``lstm.weight_ih[:, E:]`` (a strided view): every step's backward
-      then copies a ``(4N, D)`` gradient into that strided layout and scatters it into a zeroed
-      ``(4N, E + D)`` tensor;
-    * ``deferred_grad`` (implies the above): that weight's gradient is one GEMM over all steps
-      (:class:`_DeferredWeightGrad`) instead of one memory-bound outer product per step;
-    * ``inplace_score``: the additive score's hidden layer ``tanh(W_a a_i + W_h h)`` is computed
-      in place (``(P + q).tanh_()``): one ``(B, L, A)`` tensor per step instead of two;
     * ``grouped_beams``: beam search keeps the keys ``(B, L, D)`` once per image instead of
       ``K`` copies (:class:`GroupedState`), so the context ``bmm`` reads ``K`` times less;
     * ``chunked_score`` (decoding, implies ``grouped_beams``): without autograd the
@@ -515,17 +487,15 @@ class ProposedDecoder(AttentionDecoder):
       time, so it stays in cache instead of going to memory (``CHUNK_ELEMENTS``).
 
     Only the configuration of the benchmark (soft additive attention, no key mask) takes the
-    new paths; anything else falls back to the original code.
+    new paths; anything else falls back to the original code. (The training changes measured
+    by earlier versions of this class, a contiguous recurrent weight and its weight gradient as
+    one GEMM, are now in the library: :mod:`captioner.unrolled_linear`; the ablation
+    ``sliced_recurrent`` measures them.)
     """
 
-    def __init__(self, *args: Any, contiguous_recurrent: bool = False,
-                 deferred_grad: bool = False, inplace_score: bool = False,
-                 grouped_beams: bool = False, chunked_score: bool = False,
+    def __init__(self, *args: Any, grouped_beams: bool = False, chunked_score: bool = False,
                  **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.contiguous_recurrent = contiguous_recurrent or deferred_grad or inplace_score
-        self.deferred_grad = deferred_grad
-        self.inplace_score = inplace_score
         self.grouped_beams = grouped_beams or chunked_score
         self.chunked_score = chunked_score
 
@@ -540,53 +510,12 @@ class ProposedDecoder(AttentionDecoder):
         L = proj_keys.shape[1]
         if not (self.chunked_score and not torch.is_grad_enabled()):
             hidden = proj_keys.unsqueeze(1) + q.unsqueeze(2)  # (B, K, L, A)
-            return torch.matmul(hidden.tanh_() if self.inplace_score else torch.tanh(hidden), w)
+            return torch.matmul(hidden.tanh_(), w)
         chunk = max(1, CHUNK_ELEMENTS // (K * L * A))  # images per chunk
         return torch.cat([
             torch.matmul((proj_keys[i : i + chunk].unsqueeze(1)
                           + q[i : i + chunk].unsqueeze(2)).tanh_(), w)  # (c, K, L)
             for i in range(0, B, chunk)])
-
-    def forward(self, annotations: torch.Tensor, captions: torch.Tensor,
-                mask: torch.Tensor | None = None):
-        if not (self.contiguous_recurrent and self._fast_path(mask)):
-            return super().forward(annotations, captions, mask)
-        from captioner.decoder import DecoderOutput
-
-        inputs = captions[:, :-1]  # (B, T)
-        B, T = inputs.shape
-        emb = self.embedding(inputs)  # (B, T, E)
-        w_word, w_context = self.lstm.weight_ih.split([self.embed_dim, self.encoder_dim], dim=1)
-        word_gates = F.linear(emb, w_word, self.lstm.bias_ih + self.lstm.bias_hh)  # (B, T, 4N)
-        w_rec = torch.cat([w_context, self.lstm.weight_hh], dim=1)  # (4N, D + N), contiguous
-        state = self.init_state(annotations)
-        h, c = state.h, state.c
-        store: list = []
-        hs, zs, alphas, betas = [], [], [], []
-        for t in range(T):
-            if self.inplace_score:
-                q = self.attention.query_proj(h).unsqueeze(1)  # (B, 1, A)
-                alpha = torch.softmax(self._energies(state.proj_keys, q).squeeze(1), -1)
-            else:
-                alpha = self.attention(h, state.keys, state.proj_keys)  # (B, L)
-            z = torch.bmm(alpha.unsqueeze(1), state.keys).squeeze(1)  # (B, D)
-            if self.gate == "none":
-                beta = z.new_ones(B, 1)
-            else:
-                beta = torch.sigmoid(self.f_beta(h))  # (B, 1 | D)
-                z = beta * z
-            x = torch.cat([z, h], dim=1)  # (B, D + N)
-            rec = (_DeferredWeightGrad.apply(x, w_rec, store, t == 0) if self.deferred_grad
-                   and torch.is_grad_enabled() else x.mm(w_rec.t()))  # (B, 4N)
-            i, f, g, o = (word_gates[:, t] + rec).chunk(4, dim=1)
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            h = torch.sigmoid(o) * torch.tanh(c)
-            hs.append(h)
-            zs.append(z)
-            alphas.append(alpha)
-            betas.append(beta.mean(-1))
-        logits = self.output_logits(emb, torch.stack(hs, 1), torch.stack(zs, 1))  # (B, T, V)
-        return DecoderOutput(logits, torch.stack(alphas, 1), torch.stack(betas, 1))
 
     def init_state(self, annotations: torch.Tensor, mask: torch.Tensor | None = None
                    ) -> DecoderState:
@@ -619,14 +548,10 @@ class ProposedDecoder(AttentionDecoder):
 
 #: name -> flags, and which work each proposal changes.
 PROPOSALS: dict[str, dict[str, bool]] = {
-    "contiguous_recurrent": {"contiguous_recurrent": True},
-    "deferred_grad": {"deferred_grad": True},
-    "inplace_score": {"deferred_grad": True, "inplace_score": True},
     "grouped_beams": {"grouped_beams": True},
     "chunked_score": {"chunked_score": True},
 }
-TRAIN_PROPOSALS = ("contiguous_recurrent", "deferred_grad", "inplace_score")
-DECODE_PROPOSALS = ("grouped_beams", "chunked_score")
+DECODE_PROPOSALS = tuple(PROPOSALS)
 
 
 def proposed_decoder(s: Sizes, reference: AttentionDecoder, **flags: bool) -> ProposedDecoder:
@@ -639,27 +564,14 @@ def proposed_decoder(s: Sizes, reference: AttentionDecoder, **flags: bool) -> Pr
 
 
 def check_parity(s: Sizes, ours: AttentionDecoder, work: Work) -> dict[str, float | bool]:
-    """The proposed decoders against the original (dropout off): loss and gradients for the
-    training changes, decoded tokens and scores (greedy, beam 3) for the decoding changes."""
+    """The proposed decoders against the original (dropout off): decoded tokens and scores
+    (greedy, beam 3)."""
     out: dict[str, float | bool] = {}
     ours.eval()
-    ann, cap = work.annotations, work.captions[0]
-    ours.zero_grad()
-    ref_loss = library_loss(ours, ann, cap)
-    ref_loss.backward()
-    ref_grads = {n: p.grad.clone() for n, p in ours.named_parameters() if p.grad is not None}
-    ours.zero_grad(set_to_none=True)
+    ann = work.annotations
     kw = dict(start_id=START_ID, end_id=END_ID, pad_id=PAD_ID, max_length=s.steps,
               min_length=s.steps)
     refs = {1: greedy_search(ours, ann, **kw), 3: beam_search(ours, ann, beam_size=3, **kw)}
-    for name in TRAIN_PROPOSALS:
-        dec = proposed_decoder(s, ours, **PROPOSALS[name]).eval()
-        loss = library_loss(dec, ann, cap)
-        loss.backward()
-        out[f"{name}_loss_abs_diff"] = abs(loss.item() - ref_loss.item())
-        out[f"{name}_grad_max_rel_diff"] = max(
-            float((p.grad - ref_grads[n]).abs().max() / ref_grads[n].abs().max().clamp_min(1e-12))
-            for n, p in dec.named_parameters() if n in ref_grads)
     for name in DECODE_PROPOSALS:
         dec = proposed_decoder(s, ours, **PROPOSALS[name]).eval()
         got = {1: greedy_search(dec, ann, **kw), 3: beam_search(dec, ann, beam_size=3, **kw)}
@@ -669,6 +581,25 @@ def check_parity(s: Sizes, ours: AttentionDecoder, work: Work) -> dict[str, floa
             out[f"{name}_{k}_score_max_abs_diff"] = float(
                 (got[search].scores - refs[search].scores).abs().max())
     return out
+
+
+def training_parity(ours: AttentionDecoder, other: AttentionDecoder, work: Work
+                    ) -> dict[str, float]:
+    """Loss and gradients of ``other`` against ``ours`` on the same batch (dropout off)."""
+    grads, losses = [], []
+    for dec in (ours, other):
+        dec.eval().zero_grad(set_to_none=True)
+        loss = library_loss(dec, work.annotations, work.captions[0])
+        loss.backward()
+        losses.append(loss.item())
+        grads.append({n: p.grad.clone() for n, p in dec.named_parameters()
+                      if p.grad is not None})
+        dec.zero_grad(set_to_none=True)
+    ref, got = grads
+    return {"loss_abs_diff": abs(losses[0] - losses[1]),
+            "grad_max_rel_diff": max(
+                float((got[n] - g).abs().max() / g.abs().max().clamp_min(1e-12))
+                for n, g in ref.items())}
 
 
 # ============================================================================ sections
@@ -703,13 +634,17 @@ def bench_decoders(s: Sizes, device: torch.device, baseline: bool, proposed: boo
             impls[name] = (dec, ours_loss)
             optimizers[name] = torch.optim.Adam(dec.parameters(), lr=4e-4)
     if ablations:
-        dec = ReprojectingDecoder(
-            s.vocab_size, s.encoder_dim, embed_dim=s.embed_dim, hidden_dim=s.hidden_dim,
-            attention=functools.partial(AdditiveAttention, attention_dim=s.attention_dim),
-            dropout=0.5).to(device)
-        dec.load_state_dict(ours.state_dict())
-        impls["reproject_keys"] = (dec, ours_loss)
-        optimizers["reproject_keys"] = torch.optim.Adam(dec.parameters(), lr=4e-4)
+        for name, cls in (("reproject_keys", ReprojectingDecoder),
+                          ("sliced_recurrent", SlicedRecurrentDecoder)):
+            dec = cls(s.vocab_size, s.encoder_dim, embed_dim=s.embed_dim,
+                      hidden_dim=s.hidden_dim, dropout=0.5,
+                      attention=functools.partial(AdditiveAttention,
+                                                  attention_dim=s.attention_dim)).to(device)
+            dec.load_state_dict(ours.state_dict())
+            impls[name] = (dec, ours_loss)
+            optimizers[name] = torch.optim.Adam(dec.parameters(), lr=4e-4)
+        result["sliced_recurrent_parity"] = training_parity(ours, impls["sliced_recurrent"][0],
+                                                            work)
         impls["per_image_decoding"] = (ours, ours_loss)
 
     train_impls = {k: v for k, v in impls.items()
@@ -725,7 +660,7 @@ def bench_decoders(s: Sizes, device: torch.device, baseline: bool, proposed: boo
     for beam, key in ((3, "beam_k3"), (5, "beam_k5"), (1, "greedy_b32")):
         tasks, items = {}, {}
         for name, (dec, _) in impls.items():
-            if name in TRAIN_PROPOSALS:
+            if name == "sliced_recurrent":
                 continue  # same decoding code as ours
             if name in ("baseline", "per_image_decoding"):
                 ann = work.annotations[: s.baseline_images]
@@ -757,7 +692,7 @@ def bench_decoders(s: Sizes, device: torch.device, baseline: bool, proposed: boo
         result["proposed"] = prop
     if ablations:
         result["ablations"] = {}
-        for name in ("reproject_keys", "per_image_decoding"):
+        for name in ("reproject_keys", "sliced_recurrent", "per_image_decoding"):
             entry = dict(decode[name])
             if name in train:
                 entry["train_captions_per_s"] = train[name]
@@ -951,8 +886,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--proposed", action="store_true",
                    help="add the proposed decoder changes, measured interleaved with ours")
     p.add_argument("--ablations", action="store_true",
-                   help="add the library decoder without its key-projection cache and its "
-                        "search run on one image at a time")
+                   help="add the library decoder without its key-projection cache, without "
+                        "its fused recurrent matmul, and its search on one image at a time")
     p.add_argument("--cached-epochs", action="store_true",
                    help="add one training epoch from raw images against one from cached "
                         "features (Flickr8k subset, frozen EfficientNet-Lite0; minutes)")

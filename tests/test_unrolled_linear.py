@@ -1,0 +1,99 @@
+"""UnrolledLinear: the deferred weight gradient equals autograd's, in the op and in the decoder."""
+
+import functools
+
+import pytest
+import torch
+
+from captioner.attention import AdditiveAttention, CosineAttention, NoAttention
+from captioner.decoder import AttentionDecoder
+from captioner.unrolled_linear import UnrolledLinear
+
+B, L, D, V, E, N, A, T = 3, 7, 5, 13, 9, 11, 17, 6
+
+
+def recurrence(linear, x0: torch.Tensor, steps: int, u: torch.Tensor) -> torch.Tensor:
+    """``x_{t+1} = tanh(u_t + linear(x_t))``; returns a scalar that uses every step."""
+    x, total = x0, 0.0
+    for t in range(steps):
+        x = torch.tanh(u[t] + linear(x))  # (B, M) with M = K
+        total = total + (x * (t + 1)).sum()
+    return total
+
+
+def test_weight_and_input_gradients_equal_autograds():
+    torch.manual_seed(0)
+    K = 5
+    w = torch.randn(K, K, requires_grad=True)
+    x0 = torch.randn(B, K, requires_grad=True)
+    u = torch.randn(T, B, K)
+    recurrence(lambda x: x.mm(w.t()), x0, T, u).backward()
+    ref_w, ref_x = w.grad.clone(), x0.grad.clone()
+    w.grad = x0.grad = None
+    recurrence(UnrolledLinear(w), x0, T, u).backward()
+    assert torch.allclose(w.grad, ref_w, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(x0.grad, ref_x, rtol=1e-5, atol=1e-6)
+    assert w.grad.abs().sum() > 0
+
+
+def test_a_weight_that_is_a_function_of_parameters_gets_its_gradient_once():
+    """``W = cat([P, Q])``: the gradient reaches both parameters through the concatenation."""
+    torch.manual_seed(1)
+    p, q = torch.randn(4, 2, requires_grad=True), torch.randn(4, 2, requires_grad=True)
+    x0, u = torch.randn(B, 4), torch.randn(T, B, 4)
+    recurrence(lambda x: x.mm(torch.cat([p, q], 1).t()), x0, T, u).backward()
+    ref = p.grad.clone(), q.grad.clone()
+    p.grad = q.grad = None
+    recurrence(UnrolledLinear(torch.cat([p, q], 1)), x0, T, u).backward()
+    assert torch.allclose(p.grad, ref[0], rtol=1e-5, atol=1e-6)
+    assert torch.allclose(q.grad, ref[1], rtol=1e-5, atol=1e-6)
+
+
+def test_no_grad_frozen_weight_and_autocast_are_plain_matmuls():
+    w = torch.randn(3, 3)  # frozen: no custom node
+    x = torch.randn(B, 3, requires_grad=True)
+    assert UnrolledLinear(w)(x).grad_fn.name() != "_SummedWeightGradBackward"
+    wg = w.clone().requires_grad_()
+    with torch.no_grad():
+        assert UnrolledLinear(wg)(x).grad_fn is None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = UnrolledLinear(wg)(x)
+    assert y.dtype == torch.bfloat16 and "SummedWeightGrad" not in y.grad_fn.name()
+    assert "SummedWeightGrad" in UnrolledLinear(wg)(x).grad_fn.name()
+
+
+def _decoder(attention, mode: str) -> AttentionDecoder:
+    torch.manual_seed(0)
+    return AttentionDecoder(V, D, embed_dim=E, hidden_dim=N, dropout=0.0, attention=attention,
+                            attention_mode=mode, hard_expectation_prob=0.5)
+
+
+@pytest.mark.parametrize("attention,mode", [
+    (functools.partial(AdditiveAttention, attention_dim=A), "soft"),
+    (functools.partial(AdditiveAttention, attention_dim=A), "hard"),
+    (CosineAttention, "soft"),
+    (NoAttention, "soft"),
+])
+def test_decoder_fused_unroll_equals_the_sliced_one(attention, mode):
+    """Loss and every parameter gradient of the fused unroll equal the per-step-slices unroll
+    (same random draws for hard attention)."""
+    ann = torch.randn(B, L, D)
+    cap = torch.randint(4, V, (B, T + 1))
+    cap[:, 0] = 1
+    grads = []
+    for fused in (True, False):
+        dec = _decoder(attention, mode)
+        dec.fused_recurrent = fused
+        torch.manual_seed(7)
+        out = dec(ann, cap)
+        loss = torch.nn.functional.cross_entropy(out.logits.reshape(-1, V), cap[:, 1:].reshape(-1))
+        if out.location_log_probs is not None:
+            loss = loss + out.location_log_probs.sum()
+        loss.backward()
+        grads.append((loss.detach(), {n: p.grad.clone() for n, p in dec.named_parameters()
+                                      if p.grad is not None}))
+    (loss_f, g_f), (loss_s, g_s) = grads
+    assert torch.allclose(loss_f, loss_s, atol=1e-6)
+    assert g_f.keys() == g_s.keys() and "lstm.weight_hh" in g_f
+    for name in g_f:
+        assert torch.allclose(g_f[name], g_s[name], rtol=1e-4, atol=1e-6), name
