@@ -59,16 +59,18 @@ class ShapeClassifier(nn.Module):
         learn_transform: train the transformer's localisation network (``False``: it stays
             the identity, i.e. a plain resampling of the whole image to ``Z x Z``).
         transform: the transformation family of the transformer.
+        loc_pool: side of the localisation network's pooled map (its hidden layer's fan-in
+            is ``32 loc_pool^2``).
     """
 
     def __init__(self, num_classes: int, view: int | None = 32, learn_transform: bool = True,
-                 transform: str = "similarity") -> None:
+                 transform: str = "similarity", loc_pool: int = 8) -> None:
         super().__init__()
         self.stn = None
         if view is not None:
             self.stn = SpatialTransformer(where="input", transform=transform,
                                           localization="conv", loc_hidden=32,
-                                          output_size=view, in_channels=3)
+                                          loc_pool=loc_pool, output_size=view, in_channels=3)
             self.stn.requires_grad_(learn_transform)
         self.cnn = nn.Sequential(
             nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
@@ -87,12 +89,15 @@ def build(variant: str, args: argparse.Namespace) -> ShapeClassifier:
     if variant == "full":
         return ShapeClassifier(len(SHAPES), view=None)
     return ShapeClassifier(len(SHAPES), view=args.view, learn_transform=variant == "stn",
-                           transform=args.transform)
+                           transform=args.transform, loc_pool=args.loc_pool)
 
 
 def train(model: ShapeClassifier, data: DistortedShapes, args: argparse.Namespace) -> float:
     """Adam, cross-entropy, ``args.epochs`` epochs; returns the wall seconds."""
-    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    groups = [{"params": list(model.cnn.parameters())}]
+    if model.stn is not None and any(p.requires_grad for p in model.stn.parameters()):
+        groups.append({"params": list(model.stn.parameters()), "lr": args.loc_lr or args.lr})
+    opt = torch.optim.Adam(groups, lr=args.lr)
     loader = DataLoader(data, batch_size=args.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(args.seed))
     start = time.time()
@@ -104,7 +109,7 @@ def train(model: ShapeClassifier, data: DistortedShapes, args: argparse.Namespac
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total, seen = total + float(loss) * len(labels), seen + len(labels)
+            total, seen = total + loss.item() * len(labels), seen + len(labels)
         print(f"   epoch {epoch}: train loss {total / seen:.4f}", flush=True)
     return time.time() - start
 
@@ -165,6 +170,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--view", type=int, default=32, help="Z: side of the CNN's input view")
     p.add_argument("--transform", default="similarity",
                    choices=("affine", "attention", "similarity", "translation"))
+    p.add_argument("--loc-pool", type=int, default=8,
+                   help="side of the localisation net's pooled map (fan-in 32 x side^2)")
+    p.add_argument("--loc-lr", type=float, default=None,
+                   help="learning rate of the localisation net (default: --lr)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--figure-images", type=int, default=8)
@@ -178,7 +187,8 @@ def _markdown(results: dict[str, Any]) -> str:
         f"Distorted shapes classification: {s['num_train']} training / {s['num_test']} test "
         f"images ({len(SHAPES)} classes, chance {1 / len(SHAPES):.2f}), {s['epochs']} epochs, "
         f"batch {s['batch_size']}, Adam {s['lr']}, seed {s['seed']}; view Z = {s['view']}, "
-        f"transform `{s['transform']}`.", "",
+        f"transform `{s['transform']}`, localisation pool {s['loc_pool']}, localisation lr "
+        f"{s['loc_lr'] or s['lr']}.", "",
         "| variant | CNN input | test accuracy | parameters | train time (s) |",
         "|---|---|---:|---:|---:|",
     ]
