@@ -134,26 +134,51 @@ class AdditiveAttention(Attention):
 
     ``W_a a_i`` does not depend on ``t`` and is computed once per image.
 
+    The hidden layer ``tanh(x)`` over ``(B, L, A)`` is the largest elementwise cost of a
+    decoding step. On CPU, ATen's ``tanh`` kernel is about 6x slower than its ``sigmoid``
+    (23 ms against 3.8 ms for 3.2 M floats on one AVX2 core), so by default the same function
+    is computed through ``tanh(x) = 2 sigmoid(2x) - 1``::
+
+        e_ti = 2 w^T sigmoid(2 W_a a_i + 2 b + 2 W_h h_{t-1}) - sum_k w_k
+
+    with ``2 (W_a a_i + b)`` cached by :meth:`project_keys`. The energies agree with the
+    ``tanh`` form to float32 rounding (``sum_k w_k`` is shared by all ``i``, so the weights
+    ``alpha`` do not even see that term); ``tanh_via_sigmoid=False`` computes ``tanh`` itself.
+
     Args:
         query_dim: ``N``.
         key_dim: ``D``.
         attention_dim: ``A``, the hidden size of the score MLP.
+        tanh_via_sigmoid: compute the hidden layer as ``2 sigmoid(2x) - 1`` (see above).
     """
 
-    def __init__(self, query_dim: int, key_dim: int, attention_dim: int = 512) -> None:
+    def __init__(self, query_dim: int, key_dim: int, attention_dim: int = 512,
+                 tanh_via_sigmoid: bool = True) -> None:
         super().__init__(query_dim, key_dim)
         self.key_proj = nn.Linear(key_dim, attention_dim)  # W_a (and b)
         self.query_proj = nn.Linear(query_dim, attention_dim, bias=False)  # W_h
         self.energy = nn.Linear(attention_dim, 1, bias=False)  # w
+        self.tanh_via_sigmoid = tanh_via_sigmoid
 
     def project_keys(self, keys: torch.Tensor) -> torch.Tensor:
-        return self.key_proj(keys)  # (B, L, A)
+        """``W_a a_i + b`` ``(B, L, A)``, doubled when ``tanh_via_sigmoid``."""
+        proj = self.key_proj(keys)  # (B, L, A)
+        return proj.mul_(2.0) if self.tanh_via_sigmoid else proj
+
+    def energies(self, proj_keys: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+        """``e = w^T tanh(W_a a + b + q)`` from :meth:`project_keys`' output ``(..., L, A)``
+        and projected queries ``q = W_h h`` ``(..., 1, A)`` (broadcast) -> ``(..., L)``."""
+        if not self.tanh_via_sigmoid:
+            return self.energy(torch.tanh(proj_keys + q)).squeeze(-1)
+        squashed = torch.add(proj_keys, q, alpha=2.0).sigmoid_()  # (..., L, A)
+        w = self.energy.weight  # (1, A)
+        return 2.0 * self.energy(squashed).squeeze(-1) - w.sum()
 
     def score(
         self, query: torch.Tensor, keys: torch.Tensor, proj_keys: torch.Tensor | None
     ) -> torch.Tensor:
         q = self.query_proj(query).unsqueeze(1)  # (B, 1, A)
-        return self.energy(torch.tanh(proj_keys + q)).squeeze(-1)  # (B, L)
+        return self.energies(proj_keys, q)  # (B, L)
 
 
 class DotAttention(Attention):

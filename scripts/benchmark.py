@@ -30,7 +30,8 @@ stay meaningful.
   what the decoding changes proposed for ``decoder.py`` / ``search.py`` would buy.
 * ``--ablations`` measures the library with one of its optimisations removed (the "before" of
   each): keys re-projected at every step, the recurrent matmul through per-step weight slices
-  (before :mod:`captioner.unrolled_linear`), search on one image at a time.
+  (before :mod:`captioner.unrolled_linear`), the attention hidden layer through ``tanh`` instead
+  of ``2 sigmoid(2x) - 1``, search on one image at a time.
 * ``--bf16`` adds CPU autocast bf16 throughput of training and greedy decoding, with the loss
   parity against fp32 on the same batch (dropout off).
 
@@ -437,6 +438,23 @@ class SlicedRecurrentDecoder(AttentionDecoder):
     fused_recurrent = False
 
 
+def tanh_attention(attention_dim: int) -> Callable[[int, int], AdditiveAttention]:
+    """Ablation: additive attention whose hidden layer calls ``tanh`` itself instead of
+    ``2 sigmoid(2x) - 1`` (``AdditiveAttention(tanh_via_sigmoid=False)``)."""
+    return functools.partial(AdditiveAttention, attention_dim=attention_dim,
+                             tanh_via_sigmoid=False)
+
+
+#: ablation name -> (decoder class, attention factory of the attention size ``A``).
+ABLATIONS: dict[str, tuple[type[AttentionDecoder], Callable[[int], Callable]]] = {
+    "reproject_keys": (ReprojectingDecoder,
+                       lambda a: functools.partial(AdditiveAttention, attention_dim=a)),
+    "sliced_recurrent": (SlicedRecurrentDecoder,
+                         lambda a: functools.partial(AdditiveAttention, attention_dim=a)),
+    "tanh_hidden": (AttentionDecoder, tanh_attention),
+}
+
+
 def decode_one_by_one(decoder: AttentionDecoder, annotations: torch.Tensor, beam: int,
                       steps: int) -> list[torch.Tensor]:
     """Ablation: the library search called on one image at a time (no batching)."""
@@ -504,18 +522,17 @@ class ProposedDecoder(AttentionDecoder):
                 and type(self.attention) is AdditiveAttention)
 
     def _energies(self, proj_keys: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        """``e = w^T tanh(P + q)``: keys ``(B, L, A)``, queries ``(B, K, A)`` -> ``(B, K, L)``."""
-        w = self.attention.energy.weight.view(-1)  # (A,)
+        """``e = w^T tanh(P + q)``: keys ``(B, L, A)``, queries ``(B, K, A)`` -> ``(B, K, L)``
+        (:meth:`AdditiveAttention.energies` on ``(B, 1, L, A)`` against ``(B, K, 1, A)``)."""
+        energies = self.attention.energies
         B, K, A = q.shape
         L = proj_keys.shape[1]
         if not (self.chunked_score and not torch.is_grad_enabled()):
-            hidden = proj_keys.unsqueeze(1) + q.unsqueeze(2)  # (B, K, L, A)
-            return torch.matmul(hidden.tanh_(), w)
+            return energies(proj_keys.unsqueeze(1), q.unsqueeze(2))  # (B, K, L)
         chunk = max(1, CHUNK_ELEMENTS // (K * L * A))  # images per chunk
-        return torch.cat([
-            torch.matmul((proj_keys[i : i + chunk].unsqueeze(1)
-                          + q[i : i + chunk].unsqueeze(2)).tanh_(), w)  # (c, K, L)
-            for i in range(0, B, chunk)])
+        return torch.cat([energies(proj_keys[i : i + chunk].unsqueeze(1),
+                                   q[i : i + chunk].unsqueeze(2))  # (c, K, L)
+                          for i in range(0, B, chunk)])
 
     def init_state(self, annotations: torch.Tensor, mask: torch.Tensor | None = None
                    ) -> DecoderState:
@@ -563,24 +580,26 @@ def proposed_decoder(s: Sizes, reference: AttentionDecoder, **flags: bool) -> Pr
     return dec.to(next(reference.parameters()).device)
 
 
-def check_parity(s: Sizes, ours: AttentionDecoder, work: Work) -> dict[str, float | bool]:
-    """The proposed decoders against the original (dropout off): decoded tokens and scores
-    (greedy, beam 3)."""
+def decode_parity(s: Sizes, ours: AttentionDecoder, other: AttentionDecoder, work: Work
+                  ) -> dict[str, float | bool]:
+    """``other`` against ``ours`` (dropout off): decoded tokens and scores, greedy and beam 3."""
     out: dict[str, float | bool] = {}
-    ours.eval()
     ann = work.annotations
     kw = dict(start_id=START_ID, end_id=END_ID, pad_id=PAD_ID, max_length=s.steps,
               min_length=s.steps)
-    refs = {1: greedy_search(ours, ann, **kw), 3: beam_search(ours, ann, beam_size=3, **kw)}
-    for name in DECODE_PROPOSALS:
-        dec = proposed_decoder(s, ours, **PROPOSALS[name]).eval()
-        got = {1: greedy_search(dec, ann, **kw), 3: beam_search(dec, ann, beam_size=3, **kw)}
-        for k, search in (("greedy", 1), ("beam3", 3)):
-            out[f"{name}_{k}_tokens_equal"] = bool(torch.equal(got[search].tokens,
-                                                               refs[search].tokens))
-            out[f"{name}_{k}_score_max_abs_diff"] = float(
-                (got[search].scores - refs[search].scores).abs().max())
+    for k, beam in (("greedy", 1), ("beam3", 3)):
+        ref, got = (beam_search(dec.eval(), ann, beam_size=beam, **kw) if beam > 1
+                    else greedy_search(dec.eval(), ann, **kw) for dec in (ours, other))
+        out[f"{k}_tokens_equal"] = bool(torch.equal(got.tokens, ref.tokens))
+        out[f"{k}_score_max_abs_diff"] = float((got.scores - ref.scores).abs().max())
     return out
+
+
+def check_parity(s: Sizes, ours: AttentionDecoder, work: Work) -> dict[str, float | bool]:
+    """The proposed decoders against the original (:func:`decode_parity`)."""
+    return {f"{name}_{key}": value for name in DECODE_PROPOSALS
+            for key, value in decode_parity(s, ours, proposed_decoder(s, ours, **PROPOSALS[name]),
+                                            work).items()}
 
 
 def training_parity(ours: AttentionDecoder, other: AttentionDecoder, work: Work
@@ -634,17 +653,17 @@ def bench_decoders(s: Sizes, device: torch.device, baseline: bool, proposed: boo
             impls[name] = (dec, ours_loss)
             optimizers[name] = torch.optim.Adam(dec.parameters(), lr=4e-4)
     if ablations:
-        for name, cls in (("reproject_keys", ReprojectingDecoder),
-                          ("sliced_recurrent", SlicedRecurrentDecoder)):
+        for name, (cls, attention) in ABLATIONS.items():
             dec = cls(s.vocab_size, s.encoder_dim, embed_dim=s.embed_dim,
                       hidden_dim=s.hidden_dim, dropout=0.5,
-                      attention=functools.partial(AdditiveAttention,
-                                                  attention_dim=s.attention_dim)).to(device)
+                      attention=attention(s.attention_dim)).to(device)
             dec.load_state_dict(ours.state_dict())
             impls[name] = (dec, ours_loss)
             optimizers[name] = torch.optim.Adam(dec.parameters(), lr=4e-4)
-        result["sliced_recurrent_parity"] = training_parity(ours, impls["sliced_recurrent"][0],
-                                                            work)
+        for name in ("sliced_recurrent", "tanh_hidden"):
+            result[f"{name}_parity"] = training_parity(ours, impls[name][0], work)
+        result["tanh_hidden_parity"].update(decode_parity(s, ours, impls["tanh_hidden"][0],
+                                                          work))
         impls["per_image_decoding"] = (ours, ours_loss)
 
     train_impls = {k: v for k, v in impls.items()
@@ -692,7 +711,7 @@ def bench_decoders(s: Sizes, device: torch.device, baseline: bool, proposed: boo
         result["proposed"] = prop
     if ablations:
         result["ablations"] = {}
-        for name in ("reproject_keys", "sliced_recurrent", "per_image_decoding"):
+        for name in (*ABLATIONS, "per_image_decoding"):
             entry = dict(decode[name])
             if name in train:
                 entry["train_captions_per_s"] = train[name]

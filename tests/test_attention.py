@@ -121,6 +121,39 @@ def test_dot_is_h_dot_a_and_needs_equal_sizes():
         DotAttention(N, D)
 
 
+@pytest.mark.parametrize("tanh_via_sigmoid", [True, False])
+def test_additive_energies_are_w_tanh_Wa_a_plus_b_plus_Wh_h(tanh_via_sigmoid):
+    """e = w^T tanh(W_a a_i + b + W_h h), by hand, for both ways of computing tanh; the
+    sigmoid form's energies (not only its weights) match to float32 rounding."""
+    torch.manual_seed(0)
+    attn = AdditiveAttention(N, D, attention_dim=A, tanh_via_sigmoid=tanh_via_sigmoid)
+    query, keys = inputs(L, N)
+    hidden = torch.tanh(keys @ attn.key_proj.weight.T + attn.key_proj.bias
+                        + (query @ attn.query_proj.weight.T).unsqueeze(1))  # (B, L, A)
+    energies = hidden @ attn.energy.weight.view(-1)  # (B, L)
+    got = attn.score(query, keys, attn.project_keys(keys))
+    torch.testing.assert_close(got, energies, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(attn(query, keys), torch.softmax(energies, -1))
+
+
+def test_additive_sigmoid_form_has_the_tanh_forms_gradients():
+    """Both forms are the same function: equal gradients for every parameter and input,
+    also for saturated units (|x| up to ~20) and with broadcast (beam-like) queries."""
+    grads = []
+    for flag in (False, True):
+        torch.manual_seed(0)
+        attn = AdditiveAttention(N, D, attention_dim=A, tanh_via_sigmoid=flag)
+        query, keys = inputs(L, N, seed=3)
+        query, keys = (query * 4).requires_grad_(), (keys * 3).requires_grad_()
+        q = attn.query_proj(query).view(B, 1, 1, A).expand(B, 2, 1, A)  # (B, 2, 1, A)
+        e = attn.energies(attn.project_keys(keys).unsqueeze(1), q)  # (B, 2, L)
+        assert e.shape == (B, 2, L)
+        (e.sin().sum() + torch.softmax(e, -1)[..., 0].sum()).backward()
+        grads.append([query.grad, keys.grad, *(p.grad for p in attn.parameters())])
+    for ref, got in zip(*grads):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+
+
 def test_general_is_h_W_a():
     attn, query, keys = build("general")
     W = attn.key_proj.weight  # (N, D)

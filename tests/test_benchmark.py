@@ -162,6 +162,10 @@ def test_quick_run_at_tiny_sizes_writes_every_figure(bm, tmp_path):
     assert set(result["ablations"]["sliced_recurrent"]["ours_speedup"]) == {rates[0]}
     assert set(result["proposed"]["chunked_score"]["speedup_vs_ours"]) == set(rates[1:])
     assert set(result["ablations"]["reproject_keys"]["ours_speedup"]) == set(rates)
+    assert set(result["ablations"]["tanh_hidden"]["ours_speedup"]) == set(rates)
+    tanh = result["tanh_hidden_parity"]
+    assert tanh["greedy_tokens_equal"] and tanh["beam3_tokens_equal"]
+    assert tanh["loss_abs_diff"] < 1e-4 and tanh["grad_max_rel_diff"] < 1e-4
     assert set(result["ablations"]["per_image_decoding"]["ours_speedup"]) == set(rates[1:])
     assert result["bf16"]["loss_rel_diff"] < 0.05
     assert result["load_settings"]["num_workers"] == 2  # the data module's default
