@@ -56,28 +56,43 @@ class ShapeClassifier(nn.Module):
     Args:
         num_classes: ``C``.
         view: ``Z``, the side of the CNN's input; ``None`` feeds ``U`` itself (no transformer).
+        localization: the transformer's localisation network (``conv``, ``fc``, ``heatmap``).
         learn_transform: train the transformer's localisation network (``False``: it stays
             the identity, i.e. a plain resampling of the whole image to ``Z x Z``).
         transform: the transformation family of the transformer.
         loc_pool: side of the localisation network's pooled map (its hidden layer's fan-in
             is ``32 loc_pool^2``).
+        head: ``gap``: global average pooling and a linear layer (translation invariant);
+            ``fc``: flatten the ``Z/4 x Z/4`` map into a 256-unit hidden layer (the classifier
+            of the common cluttered-MNIST STN recipes: where the shape lies in the view
+            matters, so centring it pays).
     """
 
     def __init__(self, num_classes: int, view: int | None = 32, learn_transform: bool = True,
-                 transform: str = "similarity", loc_pool: int = 8) -> None:
+                 transform: str = "similarity", loc_pool: int = 8, head: str = "gap",
+                 localization: str = "conv") -> None:
         super().__init__()
         self.stn = None
         if view is not None:
             self.stn = SpatialTransformer(where="input", transform=transform,
-                                          localization="conv", loc_hidden=32,
+                                          localization=localization, loc_hidden=32,
                                           loc_pool=loc_pool, output_size=view, in_channels=3)
             self.stn.requires_grad_(learn_transform)
+        if head == "gap":
+            top: list[nn.Module] = [nn.AdaptiveAvgPool2d(1), nn.Flatten(),  # (B, 64)
+                                    nn.Linear(64, num_classes)]
+        elif head == "fc":
+            side = (view or 64) // 4
+            top = [nn.Flatten(),  # (B, 64 Z/4 Z/4)
+                   nn.Linear(64 * side * side, 256), nn.ReLU(inplace=True),
+                   nn.Linear(256, num_classes)]
+        else:
+            raise ValueError(f"unknown head {head!r}; valid: gap, fc")
         self.cnn = nn.Sequential(
             nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
             nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2),
-            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(inplace=True),
-            nn.AdaptiveAvgPool2d(1), nn.Flatten(),  # (B, 64)
-            nn.Linear(64, num_classes),
+            nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(inplace=True),  # (B, 64, Z/4, Z/4)
+            *top,
         )
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -87,17 +102,28 @@ class ShapeClassifier(nn.Module):
 
 def build(variant: str, args: argparse.Namespace) -> ShapeClassifier:
     if variant == "full":
-        return ShapeClassifier(len(SHAPES), view=None)
+        return ShapeClassifier(len(SHAPES), view=None, head=args.head)
     return ShapeClassifier(len(SHAPES), view=args.view, learn_transform=variant == "stn",
-                           transform=args.transform, loc_pool=args.loc_pool)
+                           transform=args.transform, loc_pool=args.loc_pool, head=args.head,
+                           localization=args.localization)
 
 
-def train(model: ShapeClassifier, data: DistortedShapes, args: argparse.Namespace) -> float:
-    """Adam, cross-entropy, ``args.epochs`` epochs; returns the wall seconds."""
+def train(model: ShapeClassifier, data: DistortedShapes, args: argparse.Namespace,
+          probe: DistortedShapes | None = None) -> float:
+    """Adam, cross-entropy, ``args.epochs`` epochs; returns the wall seconds.
+
+    With ``probe`` and a learnt transformer, prints after every epoch how its transform on
+    ``probe`` relates to the distortion (translation correlation, centre error, scale)."""
     groups = [{"params": list(model.cnn.parameters())}]
-    if model.stn is not None and any(p.requires_grad for p in model.stn.parameters()):
-        groups.append({"params": list(model.stn.parameters()), "lr": args.loc_lr or args.lr})
     opt = torch.optim.Adam(groups, lr=args.lr)
+    loc_opt = None
+    if model.stn is not None and any(p.requires_grad for p in model.stn.parameters()):
+        loc_params = list(model.stn.parameters())
+        if args.loc_optim == "adam":
+            opt.add_param_group({"params": loc_params, "lr": args.loc_lr or args.lr})
+        else:  # plain SGD with momentum: updates proportional to the (small) gradient
+            loc_opt = torch.optim.SGD(loc_params, lr=args.loc_lr or args.lr, momentum=0.9)
+        groups.append({"params": loc_params})
     loader = DataLoader(data, batch_size=args.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(args.seed))
     start = time.time()
@@ -107,10 +133,21 @@ def train(model: ShapeClassifier, data: DistortedShapes, args: argparse.Namespac
         for images, labels in loader:
             loss = F.cross_entropy(model(images), labels)
             opt.zero_grad()
+            if loc_opt is not None:
+                loc_opt.zero_grad()
             loss.backward()
             opt.step()
+            if loc_opt is not None:
+                loc_opt.step()
             total, seen = total + loss.item() * len(labels), seen + len(labels)
-        print(f"   epoch {epoch}: train loss {total / seen:.4f}", flush=True)
+        line = f"   epoch {epoch}: train loss {total / seen:.4f}"
+        if probe is not None and len(groups) > 1:
+            _, theta, _ = evaluate(model, probe)
+            d = transform_vs_distortion(theta, probe)
+            line += (f", probe r(t_x) {d['pearson_tx_cx']:.2f} r(t_y) {d['pearson_ty_cy']:.2f}"
+                     f" centre error {d['centre_error_px']:.1f} px, scale {d['scale_mean']:.2f}")
+            model.train()
+        print(line, flush=True)
     return time.time() - start
 
 
@@ -170,10 +207,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--view", type=int, default=32, help="Z: side of the CNN's input view")
     p.add_argument("--transform", default="similarity",
                    choices=("affine", "attention", "similarity", "translation"))
+    p.add_argument("--localization", default="conv", choices=("conv", "fc", "heatmap"),
+                   help="the transformer's localisation network")
     p.add_argument("--loc-pool", type=int, default=8,
                    help="side of the localisation net's pooled map (fan-in 32 x side^2)")
     p.add_argument("--loc-lr", type=float, default=None,
                    help="learning rate of the localisation net (default: --lr)")
+    p.add_argument("--loc-optim", default="adam", choices=("adam", "sgd"),
+                   help="optimiser of the localisation net (sgd: momentum 0.9, lr --loc-lr)")
+    p.add_argument("--head", default="gap", choices=("gap", "fc"),
+                   help="classifier top: global average pooling or a fully connected layer")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--figure-images", type=int, default=8)
@@ -187,8 +230,8 @@ def _markdown(results: dict[str, Any]) -> str:
         f"Distorted shapes classification: {s['num_train']} training / {s['num_test']} test "
         f"images ({len(SHAPES)} classes, chance {1 / len(SHAPES):.2f}), {s['epochs']} epochs, "
         f"batch {s['batch_size']}, Adam {s['lr']}, seed {s['seed']}; view Z = {s['view']}, "
-        f"transform `{s['transform']}`, localisation pool {s['loc_pool']}, localisation lr "
-        f"{s['loc_lr'] or s['lr']}.", "",
+        f"transform `{s['transform']}`, localisation `{s.get('localization', 'conv')}` (pool "
+        f"{s['loc_pool']}, lr {s['loc_lr'] or s['lr']}), head `{s.get('head', 'gap')}`.", "",
         "| variant | CNN input | test accuracy | parameters | train time (s) |",
         "|---|---|---:|---:|---:|",
     ]
@@ -228,7 +271,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"== {name}", flush=True)
         torch.manual_seed(args.seed)
         model = build(name, args)
-        seconds = train(model, train_set, args)
+        seconds = train(model, train_set, args, probe=DistortedShapes(256, seed=args.seed + 7))
         accuracy, theta, pred = evaluate(model, test_set)
         print(f"   test accuracy {accuracy:.3f} ({seconds:.0f} s)", flush=True)
         results["models"][name] = {

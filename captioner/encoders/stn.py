@@ -61,6 +61,13 @@ IDENTITY_PARAMS: dict[str, tuple[float, ...]] = {
 }
 """Parameters of the identity transform in each family (the localisation net's initial output)."""
 
+_PARAM_NAMES: dict[str, tuple[str, ...]] = {
+    "affine": ("a", "b", "tx", "c", "d", "ty"),
+    "attention": ("s", "tx", "ty"),
+    "similarity": ("s", "r", "tx", "ty"),
+    "translation": ("tx", "ty"),
+}
+
 
 def params_to_theta(params: torch.Tensor, transform: Transform) -> torch.Tensor:
     """Map a family's parameters to the affine matrix ``A_theta``.
@@ -139,16 +146,92 @@ def warp(x: torch.Tensor, theta: torch.Tensor, size: tuple[int, int] | None = No
     return out.to(x.dtype)
 
 
+class HeatmapLocalisation(nn.Module):
+    r"""Localisation network that *points*: the translation is the expected position under a
+    predicted heat map (a spatial soft-argmax, the integral regression of Sun et al., "Integral
+    Human Pose Regression", ECCV 2018); the other parameters are regressed from pooled features.
+
+    With features ``F = trunk(U)`` ``(B, c, h_f, w_f)`` (two 3x3 conv + ReLU layers, a 2x2
+    max-pool between), one heat map per transformer ``k``::
+
+        p^k_ij = softmax_ij(v_k^T F_ij + b_k),   t^k_x = sum_ij p^k_ij x_j,   t^k_y = sum_ij p^k_ij y_i
+
+    with ``x_j = (2 j + 1) / w_f - 1`` and ``y_i = (2 i + 1) / h_f - 1`` the pixel centres in the
+    sampler's normalised coordinates (``align_corners=False``), and the remaining parameters
+    (scale, rotation or the linear part of ``A``) ``W mean_ij F_ij + b``. ``v_k, b_k, W`` start
+    at zero and ``b`` at the identity's parameters, so the map starts uniform, ``t = 0`` and the
+    transform is the identity. Because the heat map comes from convolutions, a detector that
+    learns to fire on the object at one place fires on it everywhere: the translation need not
+    be learnt position by position by a fully connected layer, as with ``conv``/``fc``.
+
+    Args:
+        in_channels: ``C``.
+        hidden: ``c``, channels of the trunk.
+        transform: the family; it must have a translation (all four have).
+        count: ``n``, transformers predicted at once.
+
+    Shapes: ``U`` ``(B, C, h, w)`` -> ``(B, n P)``, parameters ordered as in
+    :data:`IDENTITY_PARAMS`.
+    """
+
+    def __init__(self, in_channels: int, hidden: int, transform: Transform, count: int) -> None:
+        super().__init__()
+        self.transform, self.count = transform, count
+        self.trunk = nn.Sequential(
+            nn.Conv2d(in_channels, hidden, 3, padding=1), nn.ReLU(inplace=True),
+            nn.MaxPool2d(2, ceil_mode=True),
+            nn.Conv2d(hidden, hidden, 3, padding=1), nn.ReLU(inplace=True),
+        )
+        self.heat = nn.Conv2d(hidden, count, 1)  # v_k, b_k
+        nn.init.zeros_(self.heat.weight)
+        nn.init.zeros_(self.heat.bias)
+        names = _PARAM_NAMES[transform]
+        self._translation = [names.index("tx"), names.index("ty")]
+        self._others = [i for i in range(len(names)) if i not in self._translation]
+        self.regress: nn.Linear | None = None  # W, b (none for "translation")
+        if self._others:
+            self.regress = nn.Linear(hidden, count * len(self._others))
+            nn.init.zeros_(self.regress.weight)
+            with torch.no_grad():
+                identity = torch.tensor(IDENTITY_PARAMS[transform])
+                self.regress.bias.copy_(identity[self._others].repeat(count))
+
+    def heatmap(self, x: torch.Tensor) -> torch.Tensor:
+        """``p`` ``(B, n, h_f, w_f)`` (each map sums to 1) and the features' mean ``(B, c)``."""
+        features = self.trunk(x)  # (B, c, h_f, w_f)
+        logits = self.heat(features)  # (B, n, h_f, w_f)
+        return torch.softmax(logits.flatten(2), -1).view_as(logits), features.mean((2, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p, pooled = self.heatmap(x)  # (B, n, h_f, w_f), (B, c)
+        b, n, h_f, w_f = p.shape
+        # in float64, so that a uniform map gives t = 0 to ~1e-17 (the exact identity)
+        xs = (2 * torch.arange(w_f, device=x.device, dtype=torch.float64) + 1) / w_f - 1
+        ys = (2 * torch.arange(h_f, device=x.device, dtype=torch.float64) + 1) / h_f - 1
+        tx = (p.sum(2).double() * xs).sum(-1).to(p.dtype)  # (B, n)
+        ty = (p.sum(3).double() * ys).sum(-1).to(p.dtype)  # (B, n)
+        params = torch.empty(b, n, len(_PARAM_NAMES[self.transform]), dtype=p.dtype,
+                             device=x.device)  # (B, n, P)
+        params[..., self._translation] = torch.stack([tx, ty], -1)
+        if self.regress is not None:
+            params[..., self._others] = self.regress(pooled).view(b, n, -1)  # (B, n, P - 2)
+        return params.flatten(1)  # (B, n P)
+
+
+
 def _localisation_net(
     kind: str, in_channels: int, hidden: int, pool: int, transform: Transform, count: int
-) -> nn.Sequential:
+) -> nn.Module:
     """``f_loc``: ``(B, C, h, w) -> (B, count * P)``, initialised to the identity parameters.
 
     ``conv``: two 3x3 conv + ReLU layers (a 2x2 max-pool between), adaptive average pooling to
     ``pool x pool`` (so any ``h x w`` works, even 1 x 1), one hidden fully connected layer.
     ``fc``: adaptive average pooling of the input to ``pool x pool`` and two hidden fully
     connected layers (the paper's FCN localisation, on a fixed-size view of the input).
+    ``heatmap``: :class:`HeatmapLocalisation` (``pool`` unused).
     """
+    if kind == "heatmap":
+        return HeatmapLocalisation(in_channels, hidden, transform, count)
     if kind == "conv":
         layers: list[nn.Module] = [
             nn.Conv2d(in_channels, hidden, 3, padding=1), nn.ReLU(inplace=True),
@@ -188,8 +271,9 @@ class SpatialTransformer(EncoderStage):
         where: ``"input"`` (the normalised image), a backbone block name or ``"output"``.
         transform: transformation family: ``affine``, ``attention``, ``similarity`` or
             ``translation``.
-        localization: localisation network: ``conv`` (small conv net) or ``fc`` (fully
-            connected layers).
+        localization: localisation network: ``conv`` (small conv net), ``fc`` (fully
+            connected layers) or ``heatmap`` (conv net whose translation is the expected
+            position under a predicted heat map: :class:`HeatmapLocalisation`).
         loc_hidden: channels / units of the localisation network's hidden layers.
         loc_pool: side of the adaptive average pooling in the localisation network.
         output_size: ``(h', w')`` (or one int for a square) of the warped output; ``None`` keeps
@@ -207,7 +291,7 @@ class SpatialTransformer(EncoderStage):
         self,
         where: str = "input",
         transform: Transform = "affine",
-        localization: Literal["conv", "fc"] = "conv",
+        localization: Literal["conv", "fc", "heatmap"] = "conv",
         loc_hidden: int = 32,
         loc_pool: int = 8,
         output_size: int | tuple[int, int] | None = None,
@@ -218,8 +302,8 @@ class SpatialTransformer(EncoderStage):
         super().__init__(where, in_channels)
         if transform not in NUM_PARAMS:
             raise ValueError(f"unknown transform {transform!r}; valid: {', '.join(NUM_PARAMS)}")
-        if localization not in ("conv", "fc"):
-            raise ValueError(f"unknown localization {localization!r}; valid: conv, fc")
+        if localization not in ("conv", "fc", "heatmap"):
+            raise ValueError(f"unknown localization {localization!r}; valid: conv, fc, heatmap")
         if combine not in ("concat", "sequence"):
             raise ValueError(f"unknown combine {combine!r}; valid: concat, sequence")
         if num_transformers < 1:

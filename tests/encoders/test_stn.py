@@ -12,6 +12,7 @@ from PIL import Image
 from captioner.encoders.stn import (
     IDENTITY_PARAMS,
     NUM_PARAMS,
+    HeatmapLocalisation,
     SpatialTransformer,
     compose_thetas,
     params_to_theta,
@@ -34,7 +35,7 @@ def _set_params(stn: SpatialTransformer, params: list[float], net: int = 0) -> N
 
 
 @pytest.mark.parametrize("transform", FAMILIES)
-@pytest.mark.parametrize("localization", ["conv", "fc"])
+@pytest.mark.parametrize("localization", ["conv", "fc", "heatmap"])
 def test_identity_at_initialisation(transform: str, localization: str) -> None:
     torch.manual_seed(0)
     x = torch.randn(B, C, H, W) * 3
@@ -172,6 +173,59 @@ def test_gradients_reach_theta_and_the_localisation_net(localization: str, trans
         assert p.grad is not None and p.grad.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("transform", FAMILIES)
+def test_heatmap_translation_is_the_expected_position(transform: str) -> None:
+    """t = sum_ij p_ij (x_j, y_i) with pixel-centre coordinates; the other parameters come from
+    the regression's bias at initialisation. Hand check on a 5 x 7 map with the trunk removed:
+    a map that is one-hot at (row 1, column 5) gives x = 11/7 - 1, y = 3/5 - 1; an even split
+    between (1, 5) and (4, 0) gives the mean of the two."""
+    loc = HeatmapLocalisation(in_channels=2, hidden=2, transform=transform, count=1)
+    loc.trunk = torch.nn.Identity()  # features = input: (B, 2, 5, 7)
+    with torch.no_grad():
+        loc.heat.weight.zero_()
+        loc.heat.weight[0, 0] = 200.0  # logits = 200 * channel 0
+    x = torch.zeros(2, 2, 5, 7)
+    x[:, 0, 1, 5] = 1.0
+    x[1, 0, 4, 0] = 1.0
+    params = loc(x).view(2, NUM_PARAMS[transform])
+    names = {"affine": (2, 5), "attention": (1, 2), "similarity": (2, 3), "translation": (0, 1)}
+    ix, iy = names[transform]
+    one = torch.tensor([11 / 7 - 1, 3 / 5 - 1])
+    two = (one + torch.tensor([1 / 7 - 1, 9 / 5 - 1])) / 2
+    torch.testing.assert_close(params[:, [ix, iy]], torch.stack([one, two]))
+    others = [i for i in range(NUM_PARAMS[transform]) if i not in (ix, iy)]
+    identity = torch.tensor(IDENTITY_PARAMS[transform])[others]
+    torch.testing.assert_close(params[:, others], identity.expand(2, -1))
+    p, pooled = loc.heatmap(x)
+    assert p.shape == (2, 1, 5, 7) and pooled.shape == (2, 2)
+    torch.testing.assert_close(p.sum((2, 3)), torch.ones(2, 1))
+
+
+@pytest.mark.parametrize("transform", ["attention", "translation"])
+def test_heatmap_gradients_reach_every_localisation_parameter(transform: str) -> None:
+    """At initialisation only the zero-initialised heat map and regression layers get
+    gradients (the heat map's bias none: a softmax ignores a constant); after one SGD step the
+    trunk does too."""
+    torch.manual_seed(4)
+    x, target = torch.randn(B, C, H, W), torch.randn(B, C, H, W)
+    stn = SpatialTransformer(where="input", transform=transform, localization="heatmap",
+                             in_channels=C)
+    loc = stn.localisation[0]
+    opt = torch.optim.SGD(stn.parameters(), lr=0.1)
+    ((stn(x) - target) ** 2).mean().backward()
+    assert loc.heat.weight.grad.abs().sum() > 0
+    assert loc.heat.bias.grad.abs().max() < 1e-6
+    if loc.regress is not None:
+        assert loc.regress.weight.grad.abs().sum() > 0
+    for name, p in loc.trunk.named_parameters():
+        assert p.grad is None or p.grad.abs().sum() == 0, name
+    opt.step()
+    opt.zero_grad()
+    ((stn(x) - target) ** 2).mean().backward()
+    for name, p in loc.trunk.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
 def test_concat_away_from_output_is_rejected() -> None:
     with pytest.raises(ValueError, match="only a stage at 'output'"):
         SpatialTransformer(where="input", num_transformers=2, combine="concat")
@@ -226,7 +280,7 @@ def test_plot_stn_writes_a_figure(tmp_path) -> None:
         plot_stn(images, theta[:1], tmp_path / "bad.png")
 
 
-@pytest.mark.parametrize("localization", ["conv", "fc"])
+@pytest.mark.parametrize("localization", ["conv", "fc", "heatmap"])
 def test_stn_learns_to_centre_a_blob(localization: str) -> None:
     """A task that rewards undoing a translation: a Gaussian blob at a random place in a 40 x 40
     image, the loss asks for it at the centre of a 9 x 9 crop. Trained with Adam, the
