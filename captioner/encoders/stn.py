@@ -151,8 +151,8 @@ class HeatmapLocalisation(nn.Module):
     predicted heat map (a spatial soft-argmax, the integral regression of Sun et al., "Integral
     Human Pose Regression", ECCV 2018); the other parameters are regressed from pooled features.
 
-    With features ``F = trunk(U)`` ``(B, c, h_f, w_f)`` (two 3x3 conv + ReLU layers, a 2x2
-    max-pool between), one heat map per transformer ``k``::
+    With features ``F = trunk(U)`` ``(B, c, h_f, w_f)`` (two 3x3 conv + leaky ReLU layers, a
+    2x2 max-pool between), one heat map per transformer ``k``::
 
         p^k_ij = softmax_ij(v_k^T F_ij + b_k),   t^k_x = sum_ij p^k_ij x_j,   t^k_y = sum_ij p^k_ij y_i
 
@@ -169,18 +169,27 @@ class HeatmapLocalisation(nn.Module):
         hidden: ``c``, channels of the trunk.
         transform: the family; it must have a translation (all four have).
         count: ``n``, transformers predicted at once.
+        negative_slope: of the trunk's leaky ReLUs. With plain ReLUs (``0``) and Adam at
+            3e-3, one of two distorted-shapes runs lost the whole trunk within the first
+            epoch (every unit off, so the transform stayed the identity; a likely cause is
+            that the scale regression reads the trunk's mean, so moving every feature one way
+            changes ``s``). ``0.1`` keeps a gradient through every unit
+            (docs/stn_experiment.md).
 
     Shapes: ``U`` ``(B, C, h, w)`` -> ``(B, n P)``, parameters ordered as in
     :data:`IDENTITY_PARAMS`.
     """
 
-    def __init__(self, in_channels: int, hidden: int, transform: Transform, count: int) -> None:
+    def __init__(self, in_channels: int, hidden: int, transform: Transform, count: int,
+                 negative_slope: float = 0.1) -> None:
         super().__init__()
         self.transform, self.count = transform, count
         self.trunk = nn.Sequential(
-            nn.Conv2d(in_channels, hidden, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(in_channels, hidden, 3, padding=1),
+            nn.LeakyReLU(negative_slope, inplace=True),
             nn.MaxPool2d(2, ceil_mode=True),
-            nn.Conv2d(hidden, hidden, 3, padding=1), nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, hidden, 3, padding=1),
+            nn.LeakyReLU(negative_slope, inplace=True),
         )
         self.heat = nn.Conv2d(hidden, count, 1)  # v_k, b_k
         nn.init.zeros_(self.heat.weight)
