@@ -45,7 +45,7 @@ def _placements(blocks: list[str]) -> list[tuple[str, list[nn.Module], int]]:
                 SpatialTransformer(where="input", transform="similarity"),
                 NonLocalBlock(where=blocks[0], pairwise="dot_product", subsample=True),
                 SpatialTransformer(where=mid, transform="translation", num_transformers=2,
-                                   combine="sequence"),
+                                   combine="sequence", localization="heatmap"),
                 NonLocalBlock(where="output", pairwise="concatenation"),
                 SpatialTransformer(where="output", num_transformers=2, combine="concat"),
             ], 2)]
