@@ -23,9 +23,17 @@ mean distance from the output grid's centre to the shape's centre against the id
 Outputs under ``--out``: ``results.json``, ``results.md`` and ``stn_warps.png`` (test images
 with the sampling grid and the warped view).
 
+The transformer's localisation net is ``--localization conv | fc | heatmap`` and the CNN's head
+``--head gap`` (global average pooling, translation invariant) or ``fc`` (flatten + dense, as
+the common cluttered-MNIST recipes). With a learnt transformer, every epoch prints how its
+transform on 256 held-out images relates to their distortion.
+
 Usage (from the repository root)::
 
-    python scripts/stn_classification.py --out runs/stn_classification
+    # the run of docs/stn_experiment.md, section 2.1: the STN finds and zooms onto each shape
+    python scripts/stn_classification.py --view 8 --head fc --transform attention \
+        --localization heatmap --loc-lr 3e-3 --epochs 15 --variants stn downsampled \
+        --out runs/stn_classification_z8_heatmap
     python scripts/stn_classification.py --num-train 256 --num-test 64 --epochs 1 --out /tmp/x
 """
 
