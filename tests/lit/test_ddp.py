@@ -125,9 +125,18 @@ def test_ddp_training_equals_single_process_training(runs):
     ddp = torch.load(runs["ddp"] / "ckpt" / "last.ckpt", weights_only=True)["state_dict"]
     assert single.keys() == ddp.keys()
     for key in single:
-        # Adam divides by sqrt(v): a gradient at float-noise level still moves its weight by
-        # about lr, so a few elements differ by more than the gradients' rounding
-        torch.testing.assert_close(ddp[key], single[key], rtol=1e-3, atol=2e-4)
+        a, b = single[key], ddp[key]
+        if not a.is_floating_point():
+            assert torch.equal(a, b), key
+            continue
+        # Adam divides by sqrt(v): a gradient at float-noise level (whose rounding differs
+        # between one batch and the average of two half-batches) still moves its weight by up
+        # to lr = 0.02 per step. So: all but 0.1 % of the elements within the rounding
+        # tolerance, and those few within a tenth of one step.
+        diff = (b - a).abs()
+        outside = diff > 2e-4 + 1e-3 * a.abs()
+        assert outside.float().mean() <= 1e-3, (key, int(outside.sum()), a.numel())
+        assert diff.max() < 2e-3, (key, float(diff.max()))
     steps = [torch.load(runs[r] / "ckpt" / "last.ckpt", weights_only=True)["global_step"]
              for r in ("single", "ddp")]
     assert steps == [8, 8]  # one step per epoch in both: the whole set is one batch
