@@ -214,12 +214,19 @@ def make_work(s: Sizes, device: torch.device) -> Work:
                 [torch.as_tensor(n, device=device) for n in lengths])
 
 
+def additive_attention(attention_dim: int, tanh_via_sigmoid: bool = True
+                       ) -> Callable[[int, int], AdditiveAttention]:
+    """The decoder's ``attention`` factory: the library's additive attention of size ``A``."""
+    return functools.partial(AdditiveAttention, attention_dim=attention_dim,
+                             tanh_via_sigmoid=tanh_via_sigmoid)
+
+
 def build_decoder(s: Sizes) -> AttentionDecoder:
     """The library decoder at the benchmark's sizes (the paper's soft attention, scalar gate)."""
     torch.manual_seed(SEED)
     return AttentionDecoder(
         s.vocab_size, s.encoder_dim, embed_dim=s.embed_dim, hidden_dim=s.hidden_dim,
-        attention=functools.partial(AdditiveAttention, attention_dim=s.attention_dim),
+        attention=additive_attention(s.attention_dim),
         dropout=0.5)
 
 
@@ -441,16 +448,13 @@ class SlicedRecurrentDecoder(AttentionDecoder):
 def tanh_attention(attention_dim: int) -> Callable[[int, int], AdditiveAttention]:
     """Ablation: additive attention whose hidden layer calls ``tanh`` itself instead of
     ``2 sigmoid(2x) - 1`` (``AdditiveAttention(tanh_via_sigmoid=False)``)."""
-    return functools.partial(AdditiveAttention, attention_dim=attention_dim,
-                             tanh_via_sigmoid=False)
+    return additive_attention(attention_dim, tanh_via_sigmoid=False)
 
 
 #: ablation name -> (decoder class, attention factory of the attention size ``A``).
 ABLATIONS: dict[str, tuple[type[AttentionDecoder], Callable[[int], Callable]]] = {
-    "reproject_keys": (ReprojectingDecoder,
-                       lambda a: functools.partial(AdditiveAttention, attention_dim=a)),
-    "sliced_recurrent": (SlicedRecurrentDecoder,
-                         lambda a: functools.partial(AdditiveAttention, attention_dim=a)),
+    "reproject_keys": (ReprojectingDecoder, additive_attention),
+    "sliced_recurrent": (SlicedRecurrentDecoder, additive_attention),
     "tanh_hidden": (AttentionDecoder, tanh_attention),
 }
 
@@ -574,7 +578,7 @@ DECODE_PROPOSALS = tuple(PROPOSALS)
 def proposed_decoder(s: Sizes, reference: AttentionDecoder, **flags: bool) -> ProposedDecoder:
     dec = ProposedDecoder(
         s.vocab_size, s.encoder_dim, embed_dim=s.embed_dim, hidden_dim=s.hidden_dim,
-        attention=functools.partial(AdditiveAttention, attention_dim=s.attention_dim),
+        attention=additive_attention(s.attention_dim),
         dropout=0.5, **flags)
     dec.load_state_dict(reference.state_dict())
     return dec.to(next(reference.parameters()).device)

@@ -118,20 +118,20 @@ def build(variant: str, args: argparse.Namespace) -> ShapeClassifier:
 
 def train(model: ShapeClassifier, data: DistortedShapes, args: argparse.Namespace,
           probe: DistortedShapes | None = None) -> float:
-    """Adam, cross-entropy, ``args.epochs`` epochs; returns the wall seconds.
+    """Cross-entropy, ``args.epochs`` epochs; returns the wall seconds. Adam for the CNN; the
+    localisation net with Adam at ``--loc-lr`` or SGD with momentum (``--loc-optim sgd``).
 
     With ``probe`` and a learnt transformer, prints after every epoch how its transform on
     ``probe`` relates to the distortion (translation correlation, centre error, scale)."""
-    groups = [{"params": list(model.cnn.parameters())}]
-    opt = torch.optim.Adam(groups, lr=args.lr)
-    loc_opt = None
-    if model.stn is not None and any(p.requires_grad for p in model.stn.parameters()):
-        loc_params = list(model.stn.parameters())
+    optimizers = [torch.optim.Adam(model.cnn.parameters(), lr=args.lr)]
+    learns_transform = model.stn is not None and any(
+        p.requires_grad for p in model.stn.parameters())
+    if learns_transform:
+        loc_params, loc_lr = list(model.stn.parameters()), args.loc_lr or args.lr
         if args.loc_optim == "adam":
-            opt.add_param_group({"params": loc_params, "lr": args.loc_lr or args.lr})
+            optimizers[0].add_param_group({"params": loc_params, "lr": loc_lr})
         else:  # plain SGD with momentum: updates proportional to the (small) gradient
-            loc_opt = torch.optim.SGD(loc_params, lr=args.loc_lr or args.lr, momentum=0.9)
-        groups.append({"params": loc_params})
+            optimizers.append(torch.optim.SGD(loc_params, lr=loc_lr, momentum=0.9))
     loader = DataLoader(data, batch_size=args.batch_size, shuffle=True,
                         generator=torch.Generator().manual_seed(args.seed))
     start = time.time()
@@ -140,16 +140,14 @@ def train(model: ShapeClassifier, data: DistortedShapes, args: argparse.Namespac
         total, seen = 0.0, 0
         for images, labels in loader:
             loss = F.cross_entropy(model(images), labels)
-            opt.zero_grad()
-            if loc_opt is not None:
-                loc_opt.zero_grad()
+            for opt in optimizers:
+                opt.zero_grad()
             loss.backward()
-            opt.step()
-            if loc_opt is not None:
-                loc_opt.step()
+            for opt in optimizers:
+                opt.step()
             total, seen = total + loss.item() * len(labels), seen + len(labels)
         line = f"   epoch {epoch}: train loss {total / seen:.4f}"
-        if probe is not None and len(groups) > 1:
+        if probe is not None and learns_transform:
             _, theta, _ = evaluate(model, probe)
             d = transform_vs_distortion(theta, probe)
             line += (f", probe r(t_x) {d['pearson_tx_cx']:.2f} r(t_y) {d['pearson_ty_cy']:.2f}"

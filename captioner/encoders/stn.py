@@ -183,7 +183,7 @@ class HeatmapLocalisation(nn.Module):
     def __init__(self, in_channels: int, hidden: int, transform: Transform, count: int,
                  negative_slope: float = 0.1) -> None:
         super().__init__()
-        self.transform, self.count = transform, count
+        self.transform = transform
         self.trunk = nn.Sequential(
             nn.Conv2d(in_channels, hidden, 3, padding=1),
             nn.LeakyReLU(negative_slope, inplace=True),
@@ -205,7 +205,7 @@ class HeatmapLocalisation(nn.Module):
                 identity = torch.tensor(IDENTITY_PARAMS[transform])
                 self.regress.bias.copy_(identity[self._others].repeat(count))
 
-    def heatmap(self, x: torch.Tensor) -> torch.Tensor:
+    def heatmap(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``p`` ``(B, n, h_f, w_f)`` (each map sums to 1) and the features' mean ``(B, c)``."""
         features = self.trunk(x)  # (B, c, h_f, w_f)
         logits = self.heat(features)  # (B, n, h_f, w_f)
@@ -225,7 +225,6 @@ class HeatmapLocalisation(nn.Module):
         if self.regress is not None:
             params[..., self._others] = self.regress(pooled).view(b, n, -1)  # (B, n, P - 2)
         return params.flatten(1)  # (B, n P)
-
 
 
 def _localisation_net(
