@@ -37,7 +37,9 @@ computed once per image, the word-embedding part of the LSTM input and of the de
 computed for all steps in one matmul, the context is a batched matmul, the recurrent part
 ``[W_z, U] [z_t; h_{t-1}]`` is one matmul per step whose weight gradient is one GEMM over all
 steps (:mod:`captioner.unrolled_linear`), and the output layer over the vocabulary runs once over
-all ``T`` steps instead of once per step.
+all ``T`` steps instead of once per step. With ``skip_padding=True`` (training) a caption's steps
+stop at its end: the batch is ordered by length once, and the captions still running are a prefix
+of it, taken as views only when one ends (no per-step gathering).
 """
 
 from __future__ import annotations
@@ -82,6 +84,15 @@ class DecoderState:
 
         return DecoderState(pick(self.h), pick(self.c), pick(self.keys), pick(self.proj_keys),
                             pick(self.mask), self.step)
+
+    def head(self, n: int) -> "DecoderState":
+        """The first ``n`` rows of every tensor, as views (no copy)."""
+
+        def first(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x[:n]
+
+        return DecoderState(self.h[:n], self.c[:n], self.keys[:n], first(self.proj_keys),
+                            first(self.mask), self.step)
 
     def select_recurrent(self, index: torch.Tensor) -> "DecoderState":
         """Reorder only ``h`` and ``c`` (cheap, for beams of the same image sharing keys)."""
@@ -318,7 +329,7 @@ class AttentionDecoder(nn.Module):
 
     # ------------------------------------------------------------------ unroll
     def forward(self, annotations: torch.Tensor, captions: torch.Tensor,
-                mask: torch.Tensor | None = None) -> DecoderOutput:
+                mask: torch.Tensor | None = None, skip_padding: bool = False) -> DecoderOutput:
         """Teacher-forced unroll over a batch of captions.
 
         Args:
@@ -326,6 +337,15 @@ class AttentionDecoder(nn.Module):
             captions: ``(B, T + 1)`` token ids ``<start> w_1 .. w_n <end> <pad>..``; step ``t``
                 reads ``captions[:, t]`` and predicts ``captions[:, t + 1]``.
             mask: ``(B, L)`` bool key mask, or ``None``.
+            skip_padding: compute each caption's steps only up to its last non-padding target
+                (what a loss over the real tokens needs; training uses it). The batch is
+                ordered by caption length inside the unroll, so the captions still running at
+                step ``t`` are a prefix of it; the recurrence then runs on views of that prefix,
+                which shrink only when a caption ends (no gathering at every step). The real
+                positions are those of the full unroll up to float rounding; at the skipped
+                positions ``alphas`` and ``betas`` are 0 and ``logits`` are the output layer's
+                at ``h_t = z_t = 0`` (meaningless: mask them, as every loss here does).
+                ``False`` (the default) computes every position, padding included.
 
         Hard attention samples the locations in training mode (``self.training``) and applies
         ``hard_test`` in evaluation mode; ``alphas`` are always the distributions ``alpha_t``
@@ -338,29 +358,80 @@ class AttentionDecoder(nn.Module):
         B, T = inputs.shape
         emb = self.embedding(inputs)  # (B, T, E)
         word_gates = self._input_gates_from_words(emb)  # (B, T, 4N): one matmul for all steps
-        state = self.init_state(annotations, mask)
         sample = self.hard is not None and self.training
         per_sequence = sample and self.hard.expectation_per == "sequence"
         use_expectation = (self.hard.draw_expectation(B, annotations.device) if per_sequence
                            else None)  # (B,): the paper's per-image choice
+        alive, order = [B] * T, None  # rows computed at each step; the batch order used
+        if skip_padding:
+            alive, order = self._rows_alive(captions[:, 1:])
+            if order is not None:  # longest captions first
+                def first_longest(x: torch.Tensor | None) -> torch.Tensor | None:
+                    return None if x is None else x.index_select(0, order)
+
+                annotations, word_gates = first_longest(annotations), first_longest(word_gates)
+                mask, use_expectation = first_longest(mask), first_longest(use_expectation)
+        state = self.init_state(annotations, mask)
         recurrent = UnrolledLinear(self._recurrent_weight()) if self.fused_recurrent else None
         hs, zs, alphas, betas, selections = [], [], [], [], []
-        for t in range(T):
+        for t, n in enumerate(alive):
+            if n < state.h.shape[0]:
+                state = state.head(n)  # the captions still running: a prefix, as views
+                use_expectation = None if use_expectation is None else use_expectation[:n]
             z, alpha, beta, selection = self._attend_select(state, sample, use_expectation)
-            h, c = self._lstm(word_gates[:, t], z, state, recurrent)
+            h, c = self._lstm(word_gates[:n, t], z, state, recurrent)
             state = DecoderState(h, c, state.keys, state.proj_keys, state.mask, t + 1)
             hs.append(h)
             zs.append(z)
             alphas.append(alpha)
             betas.append(beta.mean(-1))
             selections.append(selection)
-        H = torch.stack(hs, 1)  # (B, T, N)
-        Z = torch.stack(zs, 1)  # (B, T, D)
+        inverse = None if order is None else torch.argsort(order)
+
+        def stacked(xs: list[torch.Tensor]) -> torch.Tensor:  # (n_t, ...) per step -> (B, T, ...)
+            return _stack_steps(xs, B, T, inverse)
+
+        H, Z = stacked(hs), stacked(zs)  # (B, T, N), (B, T, D)
         logits = self.output_logits(emb, H, Z)  # (B, T, V): one matmul for all steps
-        out = DecoderOutput(logits, torch.stack(alphas, 1), torch.stack(betas, 1))
+        out = DecoderOutput(logits, stacked(alphas), stacked(betas))
         if self.hard is not None:
-            out.locations = torch.stack([s.locations for s in selections], 1)  # (B, T)
+            out.locations = stacked([s.locations for s in selections])  # (B, T)
             if sample:
-                out.location_log_probs = torch.stack([s.log_probs for s in selections], 1)
-                out.sampled = torch.stack([s.sampled for s in selections], 1)  # (B, T)
+                out.location_log_probs = stacked([s.log_probs for s in selections])
+                out.sampled = stacked([s.sampled for s in selections])  # (B, T)
         return out
+
+    def _rows_alive(self, targets: torch.Tensor) -> tuple[list[int], torch.Tensor | None]:
+        """The step schedule of ``forward(skip_padding=True)``.
+
+        Args:
+            targets: ``(B, T)`` ids; a caption's steps run up to its last non-padding target
+                (at least one step).
+
+        Returns:
+            ``alive``: for each step ``t`` that some caption needs, the number of captions that
+            need it (non-increasing); ``order`` ``(B,)``: the batch sorted by decreasing length
+            (stable), or ``None`` when it already is.
+        """
+        B, T = targets.shape
+        t = torch.arange(T, device=targets.device)  # (T,)
+        real = targets != self.embedding.padding_idx  # (B, T)
+        steps = torch.where(real, t + 1, 0).amax(1).clamp_min(1)  # (B,) steps each caption needs
+        sorted_steps, order = torch.sort(steps, descending=True, stable=True)
+        alive = (sorted_steps.unsqueeze(0) > t.unsqueeze(1)).sum(1)  # (T,)
+        alive = [n for n in alive.tolist() if n > 0]
+        in_order = bool((order == torch.arange(B, device=order.device)).all())
+        return alive, None if in_order else order
+
+
+def _stack_steps(xs: list[torch.Tensor], B: int, T: int,
+                 inverse: torch.Tensor | None) -> torch.Tensor:
+    """Stack per-step tensors ``(n_t, ...)`` (``n_t <= B``, the first ``n_t`` rows of the sorted
+    batch) into ``(B, T, ...)``: zeros where a row or a step was not computed, rows put back in
+    the caller's order by ``inverse`` (``None``: already in order)."""
+    rows = [x if x.shape[0] == B else torch.cat([x, x.new_zeros(B - x.shape[0], *x.shape[1:])])
+            for x in xs]
+    out = torch.stack(rows, 1)  # (B, T', ...)
+    if out.shape[1] < T:
+        out = torch.cat([out, out.new_zeros(B, T - out.shape[1], *out.shape[2:])], 1)
+    return out if inverse is None else out.index_select(0, inverse)

@@ -31,7 +31,9 @@ stay meaningful.
 * ``--ablations`` measures the library with one of its optimisations removed (the "before" of
   each): keys re-projected at every step, the recurrent matmul through per-step weight slices
   (before :mod:`captioner.unrolled_linear`), the attention hidden layer through ``tanh`` instead
-  of ``2 sigmoid(2x) - 1``, search on one image at a time.
+  of ``2 sigmoid(2x) - 1``, the unroll computing the padding's steps (``skip_padding`` off),
+  ``torch.optim.Adam``'s per-tensor loop instead of its fused kernel, search on one image at a
+  time.
 * ``--bf16`` adds CPU autocast bf16 throughput of training and greedy decoding, with the loss
   parity against fp32 on the same batch (dropout off).
 
@@ -55,7 +57,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -67,7 +69,8 @@ from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
 from captioner.attention import AdditiveAttention
-from captioner.decoder import AttentionDecoder, DecoderState
+from captioner.decoder import AttentionDecoder, DecoderOutput, DecoderState
+from captioner.lit.optim import adam
 from captioner.losses import doubly_stochastic_penalty, masked_nll
 from captioner.search import beam_search, greedy_search
 
@@ -232,11 +235,17 @@ def build_decoder(s: Sizes) -> AttentionDecoder:
 
 def library_loss(decoder: AttentionDecoder, annotations: torch.Tensor,
                  captions: torch.Tensor) -> torch.Tensor:
-    """The training objective of :class:`captioner.lit.captioning.CaptioningModule` (Eq. 14)."""
-    out = decoder(annotations, captions)
+    """The training objective of :class:`captioner.lit.captioning.CaptioningModule` (Eq. 14),
+    computed as it does (``skip_padding``: the steps after each caption's end are not run)."""
+    out = decoder(annotations, captions, skip_padding=True)
     targets = captions[:, 1:]  # (B, T)
     return masked_nll(out.logits, targets, PAD_ID) + doubly_stochastic_penalty(
         out.alphas, targets != PAD_ID)
+
+
+def library_adam(params: Iterable[nn.Parameter], fused: bool = True) -> torch.optim.Adam:
+    """Adam (lr 4e-4) as the library's training modules build it (:mod:`captioner.lit.optim`)."""
+    return adam(params, lr=4e-4, fused=fused)
 
 
 def train_pass(decoder: nn.Module, optimizer: torch.optim.Optimizer, work: Work,
@@ -445,17 +454,28 @@ class SlicedRecurrentDecoder(AttentionDecoder):
     fused_recurrent = False
 
 
+class PaddedStepsDecoder(AttentionDecoder):
+    """Ablation: the unroll runs every caption for the batch's longest length (``skip_padding``
+    ignored), the padding's steps computed and then masked by the loss."""
+
+    def forward(self, annotations: torch.Tensor, captions: torch.Tensor,
+                mask: torch.Tensor | None = None, skip_padding: bool = False) -> DecoderOutput:
+        return super().forward(annotations, captions, mask, skip_padding=False)
+
+
 def tanh_attention(attention_dim: int) -> Callable[[int, int], AdditiveAttention]:
     """Ablation: additive attention whose hidden layer calls ``tanh`` itself instead of
     ``2 sigmoid(2x) - 1`` (``AdditiveAttention(tanh_via_sigmoid=False)``)."""
     return additive_attention(attention_dim, tanh_via_sigmoid=False)
 
 
-#: ablation name -> (decoder class, attention factory of the attention size ``A``).
-ABLATIONS: dict[str, tuple[type[AttentionDecoder], Callable[[int], Callable]]] = {
-    "reproject_keys": (ReprojectingDecoder, additive_attention),
-    "sliced_recurrent": (SlicedRecurrentDecoder, additive_attention),
-    "tanh_hidden": (AttentionDecoder, tanh_attention),
+#: ablation name -> (decoder class, attention factory of the attention size ``A``, fused Adam).
+ABLATIONS: dict[str, tuple[type[AttentionDecoder], Callable[[int], Callable], bool]] = {
+    "reproject_keys": (ReprojectingDecoder, additive_attention, True),
+    "sliced_recurrent": (SlicedRecurrentDecoder, additive_attention, True),
+    "tanh_hidden": (AttentionDecoder, tanh_attention, True),
+    "padded_steps": (PaddedStepsDecoder, additive_attention, True),
+    "loop_adam": (AttentionDecoder, additive_attention, False),  # torch.optim.Adam's default
 }
 
 
@@ -637,7 +657,7 @@ def bench_decoders(s: Sizes, device: torch.device, baseline: bool, proposed: boo
     result: dict[str, Any] = {}
 
     # ours alone first: its own peak memory
-    opt_ours = torch.optim.Adam(ours.parameters(), lr=4e-4)
+    opt_ours = library_adam(ours.parameters())
     train_pass(ours, opt_ours, work, ours_loss)
     for beam in (3, 5, 1):
         decode_library(ours, work.annotations, beam, s.steps)
@@ -649,22 +669,22 @@ def bench_decoders(s: Sizes, device: torch.device, baseline: bool, proposed: boo
         tut = TutorialDecoder(s.attention_dim, s.embed_dim, s.hidden_dim, s.vocab_size,
                               s.encoder_dim).to(device)
         impls["baseline"] = (tut, tutorial_loss)
-        optimizers["baseline"] = torch.optim.Adam(tut.parameters(), lr=4e-4)
+        optimizers["baseline"] = torch.optim.Adam(tut.parameters(), lr=4e-4)  # the tutorial's
     if proposed:
         result["proposed_parity"] = check_parity(s, ours, work)
         for name, flags in PROPOSALS.items():
             dec = proposed_decoder(s, ours, **flags)
             impls[name] = (dec, ours_loss)
-            optimizers[name] = torch.optim.Adam(dec.parameters(), lr=4e-4)
+            optimizers[name] = library_adam(dec.parameters())
     if ablations:
-        for name, (cls, attention) in ABLATIONS.items():
+        for name, (cls, attention, fused_adam) in ABLATIONS.items():
             dec = cls(s.vocab_size, s.encoder_dim, embed_dim=s.embed_dim,
                       hidden_dim=s.hidden_dim, dropout=0.5,
                       attention=attention(s.attention_dim)).to(device)
             dec.load_state_dict(ours.state_dict())
             impls[name] = (dec, ours_loss)
-            optimizers[name] = torch.optim.Adam(dec.parameters(), lr=4e-4)
-        for name in ("sliced_recurrent", "tanh_hidden"):
+            optimizers[name] = library_adam(dec.parameters(), fused_adam)
+        for name in ("sliced_recurrent", "tanh_hidden", "padded_steps"):
             result[f"{name}_parity"] = training_parity(ours, impls[name][0], work)
         result["tanh_hidden_parity"].update(decode_parity(s, ours, impls["tanh_hidden"][0],
                                                           work))
@@ -683,7 +703,7 @@ def bench_decoders(s: Sizes, device: torch.device, baseline: bool, proposed: boo
     for beam, key in ((3, "beam_k3"), (5, "beam_k5"), (1, "greedy_b32")):
         tasks, items = {}, {}
         for name, (dec, _) in impls.items():
-            if name == "sliced_recurrent":
+            if name in ("sliced_recurrent", "padded_steps", "loop_adam"):
                 continue  # same decoding code as ours
             if name in ("baseline", "per_image_decoding"):
                 ann = work.annotations[: s.baseline_images]
@@ -744,7 +764,7 @@ def bench_bf16(s: Sizes, device: torch.device, log: Callable[[str], None]) -> di
             f"bf16 matmul runs at {out['bf16_matmul_gflops']:.1f} GFLOP/s against "
             f"{fp32:.1f} in fp32 on this CPU (no native bf16 matmul: no AMX / AVX512-BF16)")
         return out
-    opt = torch.optim.Adam(dec.parameters(), lr=4e-4)
+    opt = library_adam(dec.parameters())
     log("bf16: training and greedy decoding")
     times = interleaved({
         "train": functools.partial(train_pass, dec, opt, work, ours_loss, True),

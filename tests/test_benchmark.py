@@ -116,6 +116,18 @@ def test_sliced_recurrent_ablation_keeps_loss_and_gradients(bm):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_padded_steps_ablation_computes_the_padding_and_keeps_loss_and_gradients(bm):
+    ours = tiny_decoder(bm)
+    padded = tiny_decoder(bm, bm.PaddedStepsDecoder)
+    ann = torch.randn(3, 7, 5)
+    caps = bm.make_captions(np.array([4, 3, 6]), 11, np.random.default_rng(2))
+    a = ours(ann, caps, skip_padding=True)
+    b = padded(ann, caps, skip_padding=True)  # ignored: every step of every caption
+    assert (a.alphas[1, 2:] == 0).all() and torch.allclose(b.alphas[1].sum(-1), torch.ones(5))
+    parity = bm.training_parity(ours, padded, bm.Work(ann, [caps], [torch.tensor([4, 3, 6])]))
+    assert parity["loss_abs_diff"] < 1e-5 and parity["grad_max_rel_diff"] < 1e-5
+
+
 @pytest.mark.parametrize("flags", [{"grouped_beams": True}, {"chunked_score": True}])
 def test_grouped_beam_search_decodes_like_the_library(bm, flags, monkeypatch):
     monkeypatch.setattr(bm, "CHUNK_ELEMENTS", 50)  # several chunks even at tiny sizes

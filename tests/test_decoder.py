@@ -102,3 +102,89 @@ def test_gradients_reach_every_parameter():
 def test_invalid_vocab_size_is_clear():
     with pytest.raises(ValueError, match="vocab_size"):
         AttentionDecoder(0, D)
+
+
+# ---------------------------------------------------------------- skip_padding (training's unroll)
+def ragged_captions(lengths, T):
+    """``(len(lengths), T + 1)`` ids with ``lengths[b]`` real targets (``<end>`` included)."""
+    g = torch.Generator().manual_seed(3)
+    c = torch.randint(4, V, (len(lengths), T + 1), generator=g)
+    c[:, 0] = 1
+    for b, n in enumerate(lengths):
+        c[b, n] = 2
+        c[b, n + 1:] = 0
+    return c
+
+
+def test_rows_alive_schedule_by_hand():
+    """Lengths 3, 1 (an empty caption still runs one step), 5, 2 within T = 7: sorted 5, 3, 2, 1
+    (rows 2, 0, 3, 1); steps 0..4 have 4, 3, 2, 1, 1 captions alive; steps 5, 6 none."""
+    dec = make()
+    targets = torch.tensor([[5, 6, 2, 0, 0, 0, 0],
+                            [0, 0, 0, 0, 0, 0, 0],
+                            [5, 6, 7, 8, 2, 0, 0],
+                            [5, 2, 0, 0, 0, 0, 0]])
+    alive, order = dec._rows_alive(targets)
+    assert alive == [4, 3, 2, 1, 1] and order.tolist() == [2, 0, 3, 1]
+    alive, order = dec._rows_alive(targets[[2, 0, 3]])  # already longest first
+    assert alive == [3, 3, 2, 1, 1] and order is None
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_skip_padding_equals_the_full_unroll_on_real_tokens(masked):
+    """Unsorted lengths, two all-padding steps at the end: the real positions' outputs and the
+    gradients of a loss over them are those of the full unroll; skipped positions get zero
+    attention and gate."""
+    Bs, Ls, T = 5, 9, 8
+    dec = make(dropout=0.3).eval()
+    lengths = [3, 6, 1, 6, 4]
+    cap = ragged_captions(lengths, T)
+    real = cap[:, 1:] != 0  # (B, T)
+    ann = torch.randn(Bs, Ls, D)
+    mask = None
+    if masked:
+        mask = torch.ones(Bs, Ls, dtype=torch.bool)
+        mask[0, 5:] = mask[2, 2:] = False
+    outs, grads = [], []
+    for skip in (False, True):
+        a = ann.clone().requires_grad_()
+        dec.zero_grad()
+        out = dec(a, cap, mask, skip_padding=skip)
+        assert out.logits.shape == (Bs, T, V) and out.alphas.shape == (Bs, T, Ls)
+        loss = (torch.log_softmax(out.logits, -1)[..., 4] * real).sum() + (out.alphas ** 2)[real].sum()
+        loss.backward()
+        outs.append(out)
+        grads.append([a.grad] + [p.grad.clone() for p in dec.parameters()])
+    full, skipped = outs
+    torch.testing.assert_close(skipped.logits[real], full.logits[real])
+    torch.testing.assert_close(skipped.alphas[real], full.alphas[real])
+    torch.testing.assert_close(skipped.betas[real], full.betas[real])
+    assert (skipped.alphas[~real] == 0).all() and (skipped.betas[~real] == 0).all()
+    assert not (full.alphas[~real] == 0).all()  # the full unroll did compute them
+    for g_full, g_skip in zip(*grads):
+        torch.testing.assert_close(g_skip, g_full, rtol=1e-5, atol=1e-6)
+
+
+def test_skip_padding_hard_attention_pads_its_selections():
+    dec = make(attention_mode="hard", hard_expectation_prob=0.0).train()
+    lengths = [2, 5, 3]
+    cap = ragged_captions(lengths, 5)
+    real = cap[:, 1:] != 0
+    out = dec(torch.randn(B, L, D), cap, skip_padding=True)
+    assert out.sampled.shape == (B, 5) and torch.equal(out.sampled, real)
+    assert (out.location_log_probs[~real] == 0).all() and (out.location_log_probs[real] < 0).all()
+    picked = out.alphas.gather(2, out.locations.unsqueeze(-1)).squeeze(-1)  # (B, T)
+    torch.testing.assert_close(out.location_log_probs[real], picked[real].log())
+    mixed = make(attention_mode="hard", hard_expectation_prob=0.5).train()
+    cap = ragged_captions([2, 5, 3, 1, 4, 5, 2, 3], 5)
+    firsts = []
+    for skip in (False, True):  # same seed: each image keeps its own per-sequence choice
+        torch.manual_seed(7)
+        firsts.append(mixed(torch.randn(8, L, D), cap, skip_padding=skip).sampled[:, 0])
+    assert torch.equal(*firsts) and 0 < int(firsts[0].sum()) < 8
+    cap = ragged_captions(lengths, 5)
+    dec.eval()  # argmax locations: deterministic, so equal to the full unroll's
+    ann = torch.randn(B, L, D)
+    a, b = dec(ann, cap), dec(ann, cap, skip_padding=True)
+    assert torch.equal(a.locations[real], b.locations[real])
+    torch.testing.assert_close(a.logits[real], b.logits[real])

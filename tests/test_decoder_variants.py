@@ -21,6 +21,7 @@ from captioner.attention import (
 from captioner.config import instantiate
 from captioner.decoder import AttentionDecoder
 from captioner.lit.captioning import CaptioningModule
+from captioner.losses import doubly_stochastic_penalty, masked_nll
 from captioner.search import beam_search, greedy_search
 
 B, L, D, V, E, N = 3, 9, 5, 11, 7, 13  # L = 9: a 3 x 3 grid for the 2-D local attention
@@ -100,6 +101,18 @@ def test_every_attention_unrolls_and_step_equals_unroll(name):
         assert state.step == t + 1
         torch.testing.assert_close(log_probs, torch.log_softmax(out.logits[:, t], -1))
         torch.testing.assert_close(alpha, out.alphas[:, t])
+
+
+@pytest.mark.parametrize("name", sorted(ATTENTIONS))
+def test_every_attention_skip_padding_equals_the_full_unroll_on_real_tokens(name):
+    dec = make(ATTENTIONS[name]).eval()
+    annotations, captions = data(T=8)
+    captions[2, 3:] = 0  # rows end after 3 (row 0: 2 targets), 2 and 7 steps: unsorted
+    real = captions[:, 1:] != 0
+    full = dec(annotations, captions)
+    skipped = dec(annotations, captions, skip_padding=True)
+    torch.testing.assert_close(skipped.logits[real], full.logits[real])
+    torch.testing.assert_close(skipped.alphas[real], full.alphas[real])
 
 
 @pytest.mark.parametrize("name", sorted(ATTENTIONS))
@@ -225,6 +238,17 @@ def test_module_loss_is_unchanged_for_soft_attention():
     losses = _module().train().loss({"features": annotations, "captions": captions})
     assert set(losses) == {"loss", "nll", "dsr"}
     torch.testing.assert_close(losses["loss"], losses["nll"] + losses["dsr"])
+
+
+def test_module_loss_scores_the_real_tokens_as_the_full_unroll_does():
+    """The module trains with ``skip_padding``; its loss is the full unroll's masked loss."""
+    module = _module().eval()
+    annotations, captions = data(T=8)
+    losses = module.loss({"features": annotations, "captions": captions})
+    out = module.decoder(annotations, captions)  # every step computed
+    targets = captions[:, 1:]
+    expected = masked_nll(out.logits, targets) + doubly_stochastic_penalty(out.alphas, targets != 0)
+    torch.testing.assert_close(losses["loss"], expected)
 
 
 def test_module_loss_adds_the_reinforce_terms_for_hard_attention():

@@ -22,6 +22,7 @@ from captioner.config import plain
 from captioner.data.vocabulary import END, PAD, SPECIALS, START, Vocabulary
 from captioner.decoder import AttentionDecoder
 from captioner.encoders.encoder import ImageEncoder
+from captioner.lit.optim import adam
 from captioner.losses import (attention_entropy, doubly_stochastic_penalty, masked_nll,
                               reinforce_surrogate, sentence_log_likelihood)
 from captioner.search import SearchResult, beam_search, greedy_search
@@ -45,6 +46,7 @@ class CaptioningModule(L.LightningModule):
         lr: learning rate of the decoder (and encoder stages).
         encoder_lr: learning rate of the fine-tuned backbone blocks.
         weight_decay: Adam weight decay.
+        fused_adam: Adam's fused kernel (:mod:`captioner.lit.optim`; ``False``: its per-tensor loop).
         lr_scheduler: ``"none"`` or ``"plateau"`` (reduce on a ``val/bleu4`` plateau).
         plateau_patience: epochs without improvement before the LR is reduced.
         plateau_factor: LR multiplier on a plateau.
@@ -70,6 +72,7 @@ class CaptioningModule(L.LightningModule):
         lr: float = 4e-4,
         encoder_lr: float = 1e-4,
         weight_decay: float = 0.0,
+        fused_adam: bool = True,
         lr_scheduler: Literal["none", "plateau"] = "none",
         plateau_patience: int = 2,
         plateau_factor: float = 0.5,
@@ -156,7 +159,7 @@ class CaptioningModule(L.LightningModule):
         if hard is not None and samples > 1:
             annotations = annotations.repeat_interleave(samples, 0)  # (B * n, L, D)
             captions = captions.repeat_interleave(samples, 0)  # (B * n, T + 1)
-        out = self.decoder(annotations, captions)
+        out = self.decoder(annotations, captions, skip_padding=True)  # only real tokens are scored
         targets = captions[:, 1:]  # (B, T)
         pad = self.vocab.pad_id if self.vocab is not None else 0
         nll = masked_nll(out.logits, targets, pad, self.hparams.loss_reduction)
@@ -318,7 +321,8 @@ class CaptioningModule(L.LightningModule):
         groups = [{"params": rest, "lr": h.lr}]
         if backbone:
             groups.append({"params": backbone, "lr": h.encoder_lr})
-        optimizer = torch.optim.Adam(groups, lr=h.lr, weight_decay=h.weight_decay)
+        optimizer = adam(groups, h.lr, h.weight_decay, h.get("fused_adam", True),
+                         getattr(self, "_trainer", None))
         if h.lr_scheduler == "plateau":
             scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 optimizer, mode="max", patience=h.plateau_patience, factor=h.plateau_factor)

@@ -40,6 +40,7 @@ from captioner.decoder import AttentionDecoder
 from captioner.encoders.text import TextEncoder
 from captioner.lit.captioning import (CHECKPOINT_FORMAT, CHECKPOINT_KEY, CaptioningModule,
                                       _rng_states, _set_rng_states)
+from captioner.lit.optim import adam
 from captioner.losses import doubly_stochastic_penalty, masked_nll
 from captioner.search import SearchResult
 from captioner.translate import TASK, BleuScore, decode, sacrebleu_score
@@ -63,6 +64,7 @@ class TranslationModule(L.LightningModule):
         loss_reduction: ``"token"`` (mean NLL per target token, default) or ``"sentence"``.
         lr: Adam learning rate.
         weight_decay: Adam weight decay.
+        fused_adam: Adam's fused kernel (:mod:`captioner.lit.optim`; ``False``: its per-tensor loop).
         lr_scheduler: ``"none"`` or ``"plateau"`` (reduce on a ``val/bleu`` plateau).
         plateau_patience: epochs without improvement before the LR is reduced.
         plateau_factor: LR multiplier on a plateau.
@@ -83,6 +85,7 @@ class TranslationModule(L.LightningModule):
         loss_reduction: Literal["sentence", "token"] = "token",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
+        fused_adam: bool = True,
         lr_scheduler: Literal["none", "plateau"] = "none",
         plateau_patience: int = 1,
         plateau_factor: float = 0.5,
@@ -149,7 +152,7 @@ class TranslationModule(L.LightningModule):
         target tokens scored."""
         annotations, mask = self.encode(batch) if encoded is None else encoded
         tgt = batch["tgt"]
-        out = self.decoder(annotations, tgt, mask)
+        out = self.decoder(annotations, tgt, mask, skip_padding=True)  # only real tokens are scored
         targets = tgt[:, 1:]  # (B, T)
         pad = self.vocab.pad_id if self.vocab is not None else 0
         steps = targets != pad  # (B, T)
@@ -258,8 +261,8 @@ class TranslationModule(L.LightningModule):
     # ---------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> Any:
         h = self.hparams
-        optimizer = torch.optim.Adam([p for p in self.parameters() if p.requires_grad], lr=h.lr,
-                                     weight_decay=h.weight_decay)
+        optimizer = adam([p for p in self.parameters() if p.requires_grad], h.lr, h.weight_decay,
+                         h.get("fused_adam", True), getattr(self, "_trainer", None))
         if h.lr_scheduler == "plateau":
             scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 optimizer, mode="max", patience=h.plateau_patience, factor=h.plateau_factor)

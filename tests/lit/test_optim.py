@@ -1,0 +1,55 @@
+"""captioner.lit.optim: fused Adam where Lightning allows it, the same update as the loop."""
+
+from types import SimpleNamespace
+
+import torch
+
+from captioner.lit.captioning import CaptioningModule
+from captioner.lit.optim import adam
+from tests.lit.test_captioning import model_config
+
+
+def _params(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(7, 5, generator=g)),
+            torch.nn.Parameter(torch.randn(3, generator=g))]
+
+
+def test_fused_adam_takes_the_loops_steps():
+    """Five steps with weight decay and two parameter groups: the fused kernel and PyTorch's
+    per-tensor loop agree to float rounding; the first step moves each entry by lr (Adam's
+    bias-corrected first step is lr * sign(g) for |g| >> eps)."""
+    fused_params, loop_params = _params(0), _params(0)
+    fused = adam([{"params": fused_params[:1]}, {"params": fused_params[1:], "lr": 0.05}],
+                 lr=0.1, weight_decay=0.01)
+    loop = adam([{"params": loop_params[:1]}, {"params": loop_params[1:], "lr": 0.05}],
+                lr=0.1, weight_decay=0.01, fused=False)
+    assert fused.defaults["fused"] and not loop.defaults["fused"]
+    g = torch.Generator().manual_seed(1)
+    for step in range(5):
+        grads = [torch.randn(p.shape, generator=g) for p in fused_params]
+        before = [p.detach().clone() for p in fused_params]
+        for params, opt in ((fused_params, fused), (loop_params, loop)):
+            for p, grad in zip(params, grads):
+                p.grad = grad.clone()
+            opt.step()
+        for p, q in zip(fused_params, loop_params):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+        if step == 0:
+            for p, b, lr in zip(fused_params, before, (0.1, 0.05)):
+                torch.testing.assert_close((p - b).abs(), torch.full_like(p, lr), rtol=1e-4,
+                                           atol=0)
+
+
+def test_no_fused_kernel_under_a_gradient_scaler():
+    scaled = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=object()))
+    assert not adam(_params(0), lr=0.1, trainer=scaled).defaults["fused"]
+    unscaled = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=None))
+    assert adam(_params(0), lr=0.1, trainer=unscaled).defaults["fused"]
+
+
+def test_the_captioning_module_trains_with_fused_adam_unless_told_not_to():
+    module = CaptioningModule.from_config(model_config(20))
+    assert module.configure_optimizers().defaults["fused"]
+    loop = CaptioningModule.from_config({**model_config(20), "fused_adam": False})
+    assert not loop.configure_optimizers().defaults["fused"]
