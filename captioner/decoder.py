@@ -341,10 +341,11 @@ class AttentionDecoder(nn.Module):
                 (what a loss over the real tokens needs; training uses it). The batch is
                 ordered by caption length inside the unroll, so the captions still running at
                 step ``t`` are a prefix of it; the recurrence then runs on views of that prefix,
-                which shrink only when a caption ends (no gathering at every step). The real
-                positions are those of the full unroll up to float rounding; at the skipped
-                positions ``alphas`` and ``betas`` are 0 and ``logits`` are the output layer's
-                at ``h_t = z_t = 0`` (meaningless: mask them, as every loss here does).
+                which shrink only when a caption ends (no gathering at every step), and the
+                output layer runs on the computed positions only. The real positions get the
+                full unroll's values up to float rounding (in training mode the dropout masks
+                are drawn in another layout); the skipped positions get ``logits``, ``alphas``
+                and ``betas`` 0.
                 ``False`` (the default) computes every position, padding included.
 
         Hard attention samples the locations in training mode (``self.training``) and applies
@@ -391,8 +392,11 @@ class AttentionDecoder(nn.Module):
         def stacked(xs: list[torch.Tensor]) -> torch.Tensor:  # (n_t, ...) per step -> (B, T, ...)
             return _stack_steps(xs, B, T, inverse)
 
-        H, Z = stacked(hs), stacked(zs)  # (B, T, N), (B, T, D)
-        logits = self.output_logits(emb, H, Z)  # (B, T, V): one matmul for all steps
+        if skip_padding:  # the output layer at the computed positions only
+            logits = self._computed_logits(emb, hs, zs, order)
+        else:
+            H, Z = stacked(hs), stacked(zs)  # (B, T, N), (B, T, D)
+            logits = self.output_logits(emb, H, Z)  # (B, T, V): one matmul for all steps
         out = DecoderOutput(logits, stacked(alphas), stacked(betas))
         if self.hard is not None:
             out.locations = stacked([s.locations for s in selections])  # (B, T)
@@ -400,6 +404,26 @@ class AttentionDecoder(nn.Module):
                 out.location_log_probs = stacked([s.log_probs for s in selections])
                 out.sampled = stacked([s.sampled for s in selections])  # (B, T)
         return out
+
+    def _computed_logits(self, emb: torch.Tensor, hs: list[torch.Tensor], zs: list[torch.Tensor],
+                         order: torch.Tensor | None) -> torch.Tensor:
+        """Eq. 7 at the positions the unroll computed, in one matmul; 0 elsewhere.
+
+        Args:
+            emb: ``(B, T, E)`` embedded inputs, in the caller's order.
+            hs, zs: per step ``t``, ``h_t`` ``(n_t, N)`` and ``z_t`` ``(n_t, D)`` of the first
+                ``n_t`` captions of the batch reordered by ``order`` (``None``: not reordered).
+
+        Returns:
+            ``(B, T, V)`` logits.
+        """
+        B, T, _ = emb.shape
+        rows = torch.arange(B, device=emb.device) if order is None else order  # (B,)
+        index = torch.cat([rows[: h.shape[0]] * T + t for t, h in enumerate(hs)])  # (M,)
+        flat = emb.reshape(B * T, -1)  # (B T, E)
+        logits = self.output_logits(flat.index_select(0, index), torch.cat(hs),
+                                    torch.cat(zs))  # (M, V)
+        return logits.new_zeros(B * T, logits.shape[-1]).index_copy(0, index, logits).view(B, T, -1)
 
     def _rows_alive(self, targets: torch.Tensor) -> tuple[list[int], torch.Tensor | None]:
         """The step schedule of ``forward(skip_padding=True)``.

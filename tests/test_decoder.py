@@ -160,6 +160,7 @@ def test_skip_padding_equals_the_full_unroll_on_real_tokens(masked):
     torch.testing.assert_close(skipped.alphas[real], full.alphas[real])
     torch.testing.assert_close(skipped.betas[real], full.betas[real])
     assert (skipped.alphas[~real] == 0).all() and (skipped.betas[~real] == 0).all()
+    assert (skipped.logits[~real] == 0).all()
     assert not (full.alphas[~real] == 0).all()  # the full unroll did compute them
     for g_full, g_skip in zip(*grads):
         torch.testing.assert_close(g_skip, g_full, rtol=1e-5, atol=1e-6)
