@@ -39,7 +39,8 @@ computed for all steps in one matmul, the context is a batched matmul, the recur
 steps (:mod:`captioner.unrolled_linear`), and the output layer over the vocabulary runs once over
 all ``T`` steps instead of once per step. With ``skip_padding=True`` (training) a caption's steps
 stop at its end: the batch is ordered by length once, and the captions still running are a prefix
-of it, taken as views only when one ends (no per-step gathering).
+of it, taken as views only when one ends (no per-step gathering), and the output layer runs
+on the real tokens only.
 """
 
 from __future__ import annotations
