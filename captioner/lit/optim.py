@@ -4,8 +4,10 @@
 default is for CUDA only): about ten elementwise passes per parameter tensor. ``fused=True`` runs
 the same update (Kingma and Ba 2015, Algorithm 1, with PyTorch's ``weight_decay`` as an L2 term
 added to the gradient) in one kernel per tensor: one optimiser step of the COCO-scale decoder
-(22 M parameters) takes 23 ms instead of 237 ms on one CPU core (``scripts/benchmark.py``,
-ablation ``loop_adam``). The results agree to float rounding (tests/lit/test_optim.py).
+(22 M parameters, after a real backward) takes ~27 ms instead of ~115 ms on one CPU core. On
+the development machine the whole training step did not get measurably faster (BENCHMARKS.md,
+ablation ``loop_adam`` of ``scripts/benchmark.py``). The results agree to float rounding
+(tests/lit/test_optim.py).
 
 Fused Adam unscales gradients inside its step, so Lightning cannot clip the gradients of a run
 with a gradient scaler (``16-mixed`` on CUDA): there the loop is used.
