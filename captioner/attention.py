@@ -145,20 +145,28 @@ class AdditiveAttention(Attention):
     ``tanh`` form to float32 rounding (``sum_k w_k`` is shared by all ``i``, so the weights
     ``alpha`` do not even see that term); ``tanh_via_sigmoid=False`` computes ``tanh`` itself.
 
+    Without autograd (search over ``B K`` hypotheses) the hidden layer of all rows, e.g.
+    ``(160, 196, 512)`` = 64 MB at beam 5, would be written to memory, squashed and read back
+    at every step; :meth:`score` then forms and reduces it ``chunk_elements`` at a time (a few
+    rows), so that each chunk stays in cache. The energies are the same row by row.
+
     Args:
         query_dim: ``N``.
         key_dim: ``D``.
         attention_dim: ``A``, the hidden size of the score MLP.
         tanh_via_sigmoid: compute the hidden layer as ``2 sigmoid(2x) - 1`` (see above).
+        chunk_elements: without autograd, the hidden layer's size (elements) formed at once;
+            ``0`` forms it whole.
     """
 
     def __init__(self, query_dim: int, key_dim: int, attention_dim: int = 512,
-                 tanh_via_sigmoid: bool = True) -> None:
+                 tanh_via_sigmoid: bool = True, chunk_elements: int = 1 << 19) -> None:
         super().__init__(query_dim, key_dim)
         self.key_proj = nn.Linear(key_dim, attention_dim)  # W_a (and b)
         self.query_proj = nn.Linear(query_dim, attention_dim, bias=False)  # W_h
         self.energy = nn.Linear(attention_dim, 1, bias=False)  # w
         self.tanh_via_sigmoid = tanh_via_sigmoid
+        self.chunk_elements = chunk_elements
 
     def project_keys(self, keys: torch.Tensor) -> torch.Tensor:
         """``W_a a_i + b`` ``(B, L, A)``, doubled when ``tanh_via_sigmoid``."""
@@ -178,7 +186,12 @@ class AdditiveAttention(Attention):
         self, query: torch.Tensor, keys: torch.Tensor, proj_keys: torch.Tensor | None
     ) -> torch.Tensor:
         q = self.query_proj(query).unsqueeze(1)  # (B, 1, A)
-        return self.energies(proj_keys, q)  # (B, L)
+        B, L, A = proj_keys.shape
+        rows = max(1, self.chunk_elements // (L * A))  # rows per chunk
+        if torch.is_grad_enabled() or self.chunk_elements <= 0 or rows >= B:
+            return self.energies(proj_keys, q)  # (B, L)
+        return torch.cat([self.energies(proj_keys[i : i + rows], q[i : i + rows])
+                          for i in range(0, B, rows)])  # (B, L)
 
 
 class DotAttention(Attention):

@@ -32,8 +32,9 @@ stay meaningful.
   each): keys re-projected at every step, the recurrent matmul through per-step weight slices
   (before :mod:`captioner.unrolled_linear`), the attention hidden layer through ``tanh`` instead
   of ``2 sigmoid(2x) - 1``, the unroll computing the padding's steps (``skip_padding`` off),
-  ``torch.optim.Adam``'s per-tensor loop instead of its fused kernel, search on one image at a
-  time.
+  ``torch.optim.Adam``'s per-tensor loop instead of its fused kernel, search forming the
+  attention hidden layer of all hypotheses at once instead of a few rows at a time, search on
+  one image at a time.
 * ``--bf16`` adds CPU autocast bf16 throughput of training and greedy decoding, with the loss
   parity against fp32 on the same batch (dropout off).
 
@@ -217,11 +218,11 @@ def make_work(s: Sizes, device: torch.device) -> Work:
                 [torch.as_tensor(n, device=device) for n in lengths])
 
 
-def additive_attention(attention_dim: int, tanh_via_sigmoid: bool = True
-                       ) -> Callable[[int, int], AdditiveAttention]:
+def additive_attention(attention_dim: int, tanh_via_sigmoid: bool = True,
+                       **kwargs: Any) -> Callable[[int, int], AdditiveAttention]:
     """The decoder's ``attention`` factory: the library's additive attention of size ``A``."""
     return functools.partial(AdditiveAttention, attention_dim=attention_dim,
-                             tanh_via_sigmoid=tanh_via_sigmoid)
+                             tanh_via_sigmoid=tanh_via_sigmoid, **kwargs)
 
 
 def build_decoder(s: Sizes) -> AttentionDecoder:
@@ -469,6 +470,12 @@ def tanh_attention(attention_dim: int) -> Callable[[int, int], AdditiveAttention
     return additive_attention(attention_dim, tanh_via_sigmoid=False)
 
 
+def whole_hidden_layer_attention(attention_dim: int) -> Callable[[int, int], AdditiveAttention]:
+    """Ablation: additive attention that forms the search's ``(B K, L, A)`` hidden layer whole
+    instead of a few rows at a time (``chunk_elements=0``)."""
+    return additive_attention(attention_dim, chunk_elements=0)
+
+
 #: ablation name -> (decoder class, attention factory of the attention size ``A``, fused Adam).
 ABLATIONS: dict[str, tuple[type[AttentionDecoder], Callable[[int], Callable], bool]] = {
     "reproject_keys": (ReprojectingDecoder, additive_attention, True),
@@ -476,7 +483,10 @@ ABLATIONS: dict[str, tuple[type[AttentionDecoder], Callable[[int], Callable], bo
     "tanh_hidden": (AttentionDecoder, tanh_attention, True),
     "padded_steps": (PaddedStepsDecoder, additive_attention, True),
     "loop_adam": (AttentionDecoder, additive_attention, False),  # torch.optim.Adam's default
+    "whole_hidden_layer": (AttentionDecoder, whole_hidden_layer_attention, True),
 }
+#: ablations that change decoding only (training is the same code as ours)
+DECODE_ABLATIONS = ("per_image_decoding", "whole_hidden_layer")
 
 
 def decode_one_by_one(decoder: AttentionDecoder, annotations: torch.Tensor, beam: int,
@@ -688,10 +698,12 @@ def bench_decoders(s: Sizes, device: torch.device, baseline: bool, proposed: boo
             result[f"{name}_parity"] = training_parity(ours, impls[name][0], work)
         result["tanh_hidden_parity"].update(decode_parity(s, ours, impls["tanh_hidden"][0],
                                                           work))
+        result["whole_hidden_layer_parity"] = decode_parity(
+            s, ours, impls["whole_hidden_layer"][0], work)
         impls["per_image_decoding"] = (ours, ours_loss)
 
     train_impls = {k: v for k, v in impls.items()
-                   if k not in (*DECODE_PROPOSALS, "per_image_decoding")}
+                   if k not in (*DECODE_PROPOSALS, *DECODE_ABLATIONS)}
     log(f"training: {', '.join(train_impls)} ({s.train_batches} batches x {s.repeats} repeats)")
     tasks = {name: functools.partial(train_pass, dec, optimizers[name], work, loss_fn)
              for name, (dec, loss_fn) in train_impls.items()}

@@ -154,6 +154,32 @@ def test_additive_sigmoid_form_has_the_tanh_forms_gradients():
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("tanh_via_sigmoid", [True, False])
+def test_additive_search_scores_in_chunks_with_the_same_energies(tanh_via_sigmoid):
+    """Without autograd the hidden layer is formed ``chunk_elements`` at a time: 13 rows of
+    7 x 4 in chunks of 2 rows (7 chunks, the last one short) give the energies of the whole;
+    with autograd (training) it is formed whole."""
+    torch.manual_seed(0)
+    attn = AdditiveAttention(N, D, attention_dim=A, tanh_via_sigmoid=tanh_via_sigmoid,
+                             chunk_elements=2 * L * A + 5)
+    whole = AdditiveAttention(N, D, attention_dim=A, tanh_via_sigmoid=tanh_via_sigmoid,
+                              chunk_elements=0)
+    whole.load_state_dict(attn.state_dict())
+    g = torch.Generator().manual_seed(4)
+    query, keys = torch.randn(13, N, generator=g), torch.randn(13, L, D, generator=g)
+    calls = []
+    attn.energies = lambda p, q: calls.append(p.shape[0]) or AdditiveAttention.energies(attn, p, q)
+    with torch.no_grad():
+        chunked = attn.score(query, keys, attn.project_keys(keys))
+        expected = whole.score(query, keys, whole.project_keys(keys))
+    assert calls == [2, 2, 2, 2, 2, 2, 1]
+    torch.testing.assert_close(chunked, expected, rtol=0, atol=1e-6)
+    calls.clear()
+    trained = attn.score(query, keys, attn.project_keys(keys))
+    assert calls == [13] and trained.requires_grad
+    torch.testing.assert_close(trained.detach(), expected, rtol=0, atol=1e-6)
+
+
 def test_general_is_h_W_a():
     attn, query, keys = build("general")
     W = attn.key_proj.weight  # (N, D)

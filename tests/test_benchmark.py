@@ -179,5 +179,9 @@ def test_quick_run_at_tiny_sizes_writes_every_figure(bm, tmp_path):
     assert tanh["greedy_tokens_equal"] and tanh["beam3_tokens_equal"]
     assert tanh["loss_abs_diff"] < 1e-4 and tanh["grad_max_rel_diff"] < 1e-4
     assert set(result["ablations"]["per_image_decoding"]["ours_speedup"]) == set(rates[1:])
+    assert set(result["ablations"]["whole_hidden_layer"]["ours_speedup"]) == set(rates[1:])
+    assert set(result["ablations"]["padded_steps"]["ours_speedup"]) == {rates[0]}
+    whole = result["whole_hidden_layer_parity"]
+    assert whole["greedy_tokens_equal"] and whole["beam3_tokens_equal"]
     assert result["bf16"]["loss_rel_diff"] < 0.05
     assert result["load_settings"]["num_workers"] == 2  # the data module's default
