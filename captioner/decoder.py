@@ -92,7 +92,7 @@ class DecoderState:
         def first(x: torch.Tensor | None) -> torch.Tensor | None:
             return None if x is None else x[:n]
 
-        return DecoderState(self.h[:n], self.c[:n], self.keys[:n], first(self.proj_keys),
+        return DecoderState(first(self.h), first(self.c), first(self.keys), first(self.proj_keys),
                             first(self.mask), self.step)
 
     def select_recurrent(self, index: torch.Tensor) -> "DecoderState":
