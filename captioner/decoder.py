@@ -40,7 +40,8 @@ steps (:mod:`captioner.unrolled_linear`), and the output layer over the vocabula
 all ``T`` steps instead of once per step. With ``skip_padding=True`` (training) a caption's steps
 stop at its end: the batch is ordered by length once, and the captions still running are a prefix
 of it, taken as views only when one ends (no per-step gathering), and the output layer runs
-on the real tokens only.
+on the real tokens only; the losses score those rows where they are (``DecoderOutput.positions``)
+instead of a ``(B, T, V)`` grid that is mostly copies and zeros.
 """
 
 from __future__ import annotations
@@ -105,11 +106,19 @@ class DecoderState:
 class DecoderOutput:
     """Teacher-forced unroll of ``T`` steps.
 
+    The logits are stored as the rows that were computed: ``token_logits`` ``(M, V)`` at the
+    flat positions ``positions`` ``(M,)`` (``b T + t``) of the ``(B, T)`` grid, so that a loss over
+    the real tokens scores them without a ``(B, T, V)`` copy (``masked_nll(out.token_logits,
+    targets, positions=out.positions)``). :attr:`logits` gives the ``(B, T, V)`` view.
+
     Attributes:
-        logits: ``(B, T, V)`` unnormalised scores of ``y_1 .. y_T``.
+        token_logits: ``(M, V)`` unnormalised scores of the computed positions; ``M = B T`` (all
+            positions, in order) when ``positions`` is ``None``.
         alphas: ``(B, T, L)`` attention weights.
         betas: ``(B, T)`` gate values (ones when there is no gate; mean over channels for a
             vector gate).
+        positions: ``(M,)`` flat index ``b T + t`` of each row of ``token_logits``, or ``None``
+            when every position was computed (``forward(skip_padding=False)``).
         locations: hard attention only: ``(B, T)`` the location ``s_t`` used at each step
             (the argmax where the expectation was used); ``None`` for soft attention.
         location_log_probs: hard attention in training mode only: ``(B, T)``
@@ -118,12 +127,23 @@ class DecoderOutput:
         sampled: with ``location_log_probs``: ``(B, T)`` bool, ``True`` where ``s_t`` was sampled.
     """
 
-    logits: torch.Tensor
+    token_logits: torch.Tensor
     alphas: torch.Tensor
     betas: torch.Tensor
+    positions: torch.Tensor | None = None
     locations: torch.Tensor | None = None
     location_log_probs: torch.Tensor | None = None
     sampled: torch.Tensor | None = None
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """``(B, T, V)`` unnormalised scores of ``y_1 .. y_T``; 0 at positions not computed."""
+        B, T = self.betas.shape
+        V = self.token_logits.shape[-1]
+        if self.positions is None:
+            return self.token_logits.view(B, T, V)
+        return self.token_logits.new_zeros(B * T, V).index_copy(
+            0, self.positions, self.token_logits).view(B, T, V)  # (B, T, V)
 
 
 class AttentionDecoder(nn.Module):
@@ -346,7 +366,8 @@ class AttentionDecoder(nn.Module):
                 output layer runs on the computed positions only. The real positions get the
                 full unroll's values up to float rounding (in training mode the dropout masks
                 are drawn in another layout); the skipped positions get ``logits``, ``alphas``
-                and ``betas`` 0.
+                and ``betas`` 0. ``token_logits`` then holds the computed rows only, with
+                their ``positions``, for a loss that scores them directly.
                 ``False`` (the default) computes every position, padding included.
 
         Hard attention samples the locations in training mode (``self.training``) and applies
@@ -394,11 +415,12 @@ class AttentionDecoder(nn.Module):
             return _stack_steps(xs, B, T, inverse)
 
         if skip_padding:  # the output layer at the computed positions only
-            logits = self._computed_logits(emb, hs, zs, order)
+            logits, positions = self._computed_logits(emb, hs, zs, order)  # (M, V), (M,)
         else:
             H, Z = stacked(hs), stacked(zs)  # (B, T, N), (B, T, D)
-            logits = self.output_logits(emb, H, Z)  # (B, T, V): one matmul for all steps
-        out = DecoderOutput(logits, stacked(alphas), stacked(betas))
+            logits = self.output_logits(emb, H, Z).flatten(0, 1)  # (B T, V): one matmul
+            positions = None
+        out = DecoderOutput(logits, stacked(alphas), stacked(betas), positions)
         if self.hard is not None:
             out.locations = stacked([s.locations for s in selections])  # (B, T)
             if sample:
@@ -407,8 +429,8 @@ class AttentionDecoder(nn.Module):
         return out
 
     def _computed_logits(self, emb: torch.Tensor, hs: list[torch.Tensor], zs: list[torch.Tensor],
-                         order: torch.Tensor | None) -> torch.Tensor:
-        """Eq. 7 at the positions the unroll computed, in one matmul; 0 elsewhere.
+                         order: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eq. 7 at the positions the unroll computed, in one matmul.
 
         Args:
             emb: ``(B, T, E)`` embedded inputs, in the caller's order.
@@ -416,15 +438,15 @@ class AttentionDecoder(nn.Module):
                 ``n_t`` captions of the batch reordered by ``order`` (``None``: not reordered).
 
         Returns:
-            ``(B, T, V)`` logits.
+            ``(M, V)`` logits, ``M = sum_t n_t``, and their flat positions ``b T + t`` ``(M,)``.
         """
         B, T, _ = emb.shape
         rows = torch.arange(B, device=emb.device) if order is None else order  # (B,)
-        index = torch.cat([rows[: h.shape[0]] * T + t for t, h in enumerate(hs)])  # (M,)
+        positions = torch.cat([rows[: h.shape[0]] * T + t for t, h in enumerate(hs)])  # (M,)
         flat = emb.reshape(B * T, -1)  # (B T, E)
-        logits = self.output_logits(flat.index_select(0, index), torch.cat(hs),
+        logits = self.output_logits(flat.index_select(0, positions), torch.cat(hs),
                                     torch.cat(zs))  # (M, V)
-        return logits.new_zeros(B * T, logits.shape[-1]).index_copy(0, index, logits).view(B, T, -1)
+        return logits, positions
 
     def _rows_alive(self, targets: torch.Tensor) -> tuple[list[int], torch.Tensor | None]:
         """The step schedule of ``forward(skip_padding=True)``.

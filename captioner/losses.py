@@ -22,29 +22,53 @@ import torch
 import torch.nn.functional as F
 
 
+def _scored_targets(logits: torch.Tensor, targets: torch.Tensor,
+                    positions: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of logits ``(M, V)`` and their targets ``(M,)``.
+
+    ``logits`` is ``(B, T, V)`` or its ``(B T, V)`` rows in order (``positions`` ``None``:
+    ``M = B T``), or the ``(M, V)`` rows at the flat positions ``positions`` ``(M,)``
+    (``b T + t``) of ``targets`` ``(B, T)``."""
+    V = logits.shape[-1]
+    flat_targets = targets.reshape(-1)  # (B T,)
+    if positions is None:
+        if logits.shape[:-1] not in (targets.shape, flat_targets.shape):
+            raise ValueError(f"logits {tuple(logits.shape)} do not match targets "
+                             f"{tuple(targets.shape)}: expected (B, T, V) or (B T, V) "
+                             "with (B, T)")
+        return logits.reshape(-1, V), flat_targets  # (B T, V), (B T,)
+    if logits.dim() != 2 or logits.shape[0] != positions.shape[0]:
+        raise ValueError(f"logits {tuple(logits.shape)} do not match positions "
+                         f"{tuple(positions.shape)}: expected (M, V) with (M,)")
+    return logits, flat_targets.index_select(0, positions)  # (M, V), (M,)
+
+
 def masked_nll(
     logits: torch.Tensor,
     targets: torch.Tensor,
     pad_id: int = 0,
     reduction: Literal["sentence", "token"] = "sentence",
+    positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Negative log-likelihood over non-padding targets.
 
     Args:
-        logits: ``(B, T, V)``.
+        logits: ``(B, T, V)`` (or its ``(B T, V)`` rows), or with ``positions`` the ``(M, V)``
+            rows that were computed (:attr:`captioner.decoder.DecoderOutput.token_logits`):
+            every position with a non-padding target must be among them.
         targets: ``(B, T)`` token ids; ``pad_id`` positions are ignored.
         pad_id: padding index.
         reduction: ``"sentence"``: sum over tokens, mean over the batch (``-log P(y|x)`` of the
             paper, averaged over captions); ``"token"``: mean over all non-padding tokens.
+        positions: ``(M,)`` flat positions ``b T + t`` of the rows of ``logits``, or ``None``.
 
     Returns:
         A scalar.
     """
-    B, T, V = logits.shape
-    nll = F.cross_entropy(logits.reshape(B * T, V).float(), targets.reshape(B * T),
-                          ignore_index=pad_id, reduction="sum")
+    rows, row_targets = _scored_targets(logits, targets, positions)  # (M, V), (M,)
+    nll = F.cross_entropy(rows.float(), row_targets, ignore_index=pad_id, reduction="sum")
     if reduction == "sentence":
-        return nll / B
+        return nll / targets.shape[0]
     return nll / (targets != pad_id).sum().clamp_min(1)
 
 
@@ -62,22 +86,27 @@ def doubly_stochastic_penalty(alphas: torch.Tensor, step_mask: torch.Tensor) -> 
     return ((1.0 - coverage) ** 2).sum(dim=1).mean()
 
 
-def sentence_log_likelihood(logits: torch.Tensor, targets: torch.Tensor, pad_id: int = 0
-                            ) -> torch.Tensor:
+def sentence_log_likelihood(logits: torch.Tensor, targets: torch.Tensor, pad_id: int = 0,
+                            positions: torch.Tensor | None = None) -> torch.Tensor:
     """``log p(y | s, a)`` of each caption: the sum of its non-padding token log-probabilities.
 
     Args:
-        logits: ``(B, T, V)``.
+        logits: ``(B, T, V)`` (or its ``(B T, V)`` rows), or with ``positions`` the ``(M, V)``
+            rows that were computed.
         targets: ``(B, T)`` token ids; ``pad_id`` positions are ignored.
         pad_id: padding index.
+        positions: ``(M,)`` flat positions ``b T + t`` of the rows of ``logits``, or ``None``.
 
     Returns:
         ``(B,)``.
     """
-    B, T, V = logits.shape
-    nll = F.cross_entropy(logits.reshape(B * T, V).float(), targets.reshape(B * T),
-                          ignore_index=pad_id, reduction="none")
-    return -nll.view(B, T).sum(1)
+    B, T = targets.shape
+    rows, row_targets = _scored_targets(logits, targets, positions)  # (M, V), (M,)
+    nll = F.cross_entropy(rows.float(), row_targets, ignore_index=pad_id,
+                          reduction="none")  # (M,)
+    if positions is None:
+        return -nll.view(B, T).sum(1)
+    return -nll.new_zeros(B).index_add(0, torch.div(positions, T, rounding_mode="floor"), nll)
 
 
 def attention_entropy(alphas: torch.Tensor, step_mask: torch.Tensor) -> torch.Tensor:

@@ -32,9 +32,13 @@ stay meaningful.
   each): keys re-projected at every step, the recurrent matmul through per-step weight slices
   (before :mod:`captioner.unrolled_linear`), the attention hidden layer through ``tanh`` instead
   of ``2 sigmoid(2x) - 1``, the unroll computing the padding's steps (``skip_padding`` off),
+  the loss scoring the ``(B, T, V)`` grid instead of the computed rows (``grid_loss``),
   ``torch.optim.Adam``'s per-tensor loop instead of its fused kernel, search forming the
   attention hidden layer of all hypotheses at once instead of a few rows at a time, search on
   one image at a time.
+* ``--ab ABLATION`` measures training of ours against one training ablation alone, interleaved
+  in alternating order, and reports the ratio of every round: for effects of a few per cent,
+  which the shared machine's noise hides in a three-repeat run, give it many ``--repeats``.
 * ``--bf16`` adds CPU autocast bf16 throughput of training and greedy decoding, with the loss
   parity against fp32 on the same batch (dropout off).
 
@@ -42,6 +46,7 @@ Usage::
 
     python scripts/benchmark.py --quick --baseline --proposed --json bench.json
     python scripts/benchmark.py --baseline --proposed --bf16 --json bench.json   # full, minutes
+    python scripts/benchmark.py --ab grid_loss --repeats 20 --skip decoders,encode,load
 """
 
 from __future__ import annotations
@@ -132,15 +137,18 @@ def _sync(device: torch.device) -> None:
 
 
 def interleaved(tasks: dict[str, Callable[[], Any]], warmup: int, repeats: int,
-                device: torch.device) -> dict[str, list[float]]:
-    """Seconds of each repeat of each task, the tasks run round robin after ``warmup`` rounds."""
+                device: torch.device, alternate: bool = False) -> dict[str, list[float]]:
+    """Seconds of each repeat of each task, the tasks run round robin after ``warmup`` rounds
+    (``alternate``: every other round in reverse order, so that neither always runs first)."""
     for _ in range(warmup):
         for fn in tasks.values():
             fn()
     _sync(device)
     times: dict[str, list[float]] = {name: [] for name in tasks}
-    for _ in range(repeats):
-        for name, fn in tasks.items():
+    for r in range(repeats):
+        names = list(tasks) if not (alternate and r % 2) else list(reversed(tasks))
+        for name in names:
+            fn = tasks[name]
             start = time.perf_counter()
             fn()
             _sync(device)
@@ -237,11 +245,12 @@ def build_decoder(s: Sizes) -> AttentionDecoder:
 def library_loss(decoder: AttentionDecoder, annotations: torch.Tensor,
                  captions: torch.Tensor) -> torch.Tensor:
     """The training objective of :class:`captioner.lit.captioning.CaptioningModule` (Eq. 14),
-    computed as it does (``skip_padding``: the steps after each caption's end are not run)."""
+    computed as it does (``skip_padding``: the steps after each caption's end are not run, and
+    the loss scores the computed rows where they are)."""
     out = decoder(annotations, captions, skip_padding=True)
     targets = captions[:, 1:]  # (B, T)
-    return masked_nll(out.logits, targets, PAD_ID) + doubly_stochastic_penalty(
-        out.alphas, targets != PAD_ID)
+    nll = masked_nll(out.token_logits, targets, PAD_ID, positions=out.positions)  # (M, V) rows
+    return nll + doubly_stochastic_penalty(out.alphas, targets != PAD_ID)
 
 
 def library_adam(params: Iterable[nn.Parameter], fused: bool = True) -> torch.optim.Adam:
@@ -476,17 +485,61 @@ def whole_hidden_layer_attention(attention_dim: int) -> Callable[[int, int], Add
     return additive_attention(attention_dim, chunk_elements=0)
 
 
-#: ablation name -> (decoder class, attention factory of the attention size ``A``, fused Adam).
-ABLATIONS: dict[str, tuple[type[AttentionDecoder], Callable[[int], Callable], bool]] = {
-    "reproject_keys": (ReprojectingDecoder, additive_attention, True),
-    "sliced_recurrent": (SlicedRecurrentDecoder, additive_attention, True),
-    "tanh_hidden": (AttentionDecoder, tanh_attention, True),
-    "padded_steps": (PaddedStepsDecoder, additive_attention, True),
-    "loop_adam": (AttentionDecoder, additive_attention, False),  # torch.optim.Adam's default
-    "whole_hidden_layer": (AttentionDecoder, whole_hidden_layer_attention, True),
+def grid_loss(decoder, annotations, captions, lengths) -> torch.Tensor:
+    """Ablation: the objective of :func:`library_loss` scored on the ``(B, T, V)`` grid
+    (:attr:`DecoderOutput.logits`: the computed rows scattered among zeros, ``log_softmax`` over
+    every ``B T`` row) instead of on the computed rows where they are."""
+    out = decoder(annotations, captions, skip_padding=True)
+    targets = captions[:, 1:]  # (B, T)
+    return masked_nll(out.logits, targets, PAD_ID) + doubly_stochastic_penalty(
+        out.alphas, targets != PAD_ID)
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """The library with one optimisation removed.
+
+    Attributes:
+        decoder: the decoder class.
+        attention: factory of the attention of size ``A``.
+        fused_adam: Adam's fused kernel (``False``: ``torch.optim.Adam``'s per-tensor loop).
+        loss: the training objective ``(decoder, annotations, captions, lengths) -> scalar``.
+        trains, decodes: whether its training / its decoding differ from ours (only those are
+            measured).
+    """
+
+    decoder: type[AttentionDecoder] = AttentionDecoder
+    attention: Callable[[int], Callable] = additive_attention
+    fused_adam: bool = True
+    loss: Callable[..., torch.Tensor] = ours_loss
+    trains: bool = True
+    decodes: bool = True
+
+
+ABLATIONS: dict[str, Ablation] = {
+    "reproject_keys": Ablation(ReprojectingDecoder),
+    "sliced_recurrent": Ablation(SlicedRecurrentDecoder, decodes=False),
+    "tanh_hidden": Ablation(attention=tanh_attention),
+    "padded_steps": Ablation(PaddedStepsDecoder, decodes=False),
+    "grid_loss": Ablation(loss=grid_loss, decodes=False),
+    "loop_adam": Ablation(fused_adam=False, decodes=False),  # torch.optim.Adam's default
+    "whole_hidden_layer": Ablation(attention=whole_hidden_layer_attention, trains=False),
 }
 #: ablations that change decoding only (training is the same code as ours)
-DECODE_ABLATIONS = ("per_image_decoding", "whole_hidden_layer")
+DECODE_ABLATIONS = ("per_image_decoding",
+                    *(name for name, a in ABLATIONS.items() if not a.trains))
+#: ablations that change training only (decoding is the same code as ours)
+TRAIN_ABLATIONS = tuple(name for name, a in ABLATIONS.items() if not a.decodes)
+
+
+def ablated_decoder(s: Sizes, name: str, ours: AttentionDecoder, device: torch.device
+                    ) -> tuple[AttentionDecoder, torch.optim.Optimizer]:
+    """Ablation ``name`` with the weights of ``ours``, and its optimiser."""
+    a = ABLATIONS[name]
+    dec = a.decoder(s.vocab_size, s.encoder_dim, embed_dim=s.embed_dim, hidden_dim=s.hidden_dim,
+                    dropout=0.5, attention=a.attention(s.attention_dim)).to(device)
+    dec.load_state_dict(ours.state_dict())
+    return dec, library_adam(dec.parameters(), a.fused_adam)
 
 
 def decode_one_by_one(decoder: AttentionDecoder, annotations: torch.Tensor, beam: int,
@@ -636,13 +689,14 @@ def check_parity(s: Sizes, ours: AttentionDecoder, work: Work) -> dict[str, floa
                                             work).items()}
 
 
-def training_parity(ours: AttentionDecoder, other: AttentionDecoder, work: Work
-                    ) -> dict[str, float]:
-    """Loss and gradients of ``other`` against ``ours`` on the same batch (dropout off)."""
+def training_parity(ours: AttentionDecoder, other: AttentionDecoder, work: Work,
+                    other_loss: Callable[..., torch.Tensor] = ours_loss) -> dict[str, float]:
+    """Loss and gradients of ``other`` (trained with ``other_loss``) against ``ours`` on the same
+    batch (dropout off)."""
     grads, losses = [], []
-    for dec in (ours, other):
+    for dec, loss_fn in ((ours, ours_loss), (other, other_loss)):
         dec.eval().zero_grad(set_to_none=True)
-        loss = library_loss(dec, work.annotations, work.captions[0])
+        loss = loss_fn(dec, work.annotations, work.captions[0], work.lengths[0])
         loss.backward()
         losses.append(loss.item())
         grads.append({n: p.grad.clone() for n, p in dec.named_parameters()
@@ -687,15 +741,12 @@ def bench_decoders(s: Sizes, device: torch.device, baseline: bool, proposed: boo
             impls[name] = (dec, ours_loss)
             optimizers[name] = library_adam(dec.parameters())
     if ablations:
-        for name, (cls, attention, fused_adam) in ABLATIONS.items():
-            dec = cls(s.vocab_size, s.encoder_dim, embed_dim=s.embed_dim,
-                      hidden_dim=s.hidden_dim, dropout=0.5,
-                      attention=attention(s.attention_dim)).to(device)
-            dec.load_state_dict(ours.state_dict())
-            impls[name] = (dec, ours_loss)
-            optimizers[name] = library_adam(dec.parameters(), fused_adam)
-        for name in ("sliced_recurrent", "tanh_hidden", "padded_steps"):
-            result[f"{name}_parity"] = training_parity(ours, impls[name][0], work)
+        for name, ablation in ABLATIONS.items():
+            dec, optimizers[name] = ablated_decoder(s, name, ours, device)
+            impls[name] = (dec, ablation.loss)
+        for name in ("sliced_recurrent", "tanh_hidden", "padded_steps", "grid_loss"):
+            other, loss_fn = impls[name]
+            result[f"{name}_parity"] = training_parity(ours, other, work, loss_fn)
         result["tanh_hidden_parity"].update(decode_parity(s, ours, impls["tanh_hidden"][0],
                                                           work))
         result["whole_hidden_layer_parity"] = decode_parity(
@@ -715,7 +766,7 @@ def bench_decoders(s: Sizes, device: torch.device, baseline: bool, proposed: boo
     for beam, key in ((3, "beam_k3"), (5, "beam_k5"), (1, "greedy_b32")):
         tasks, items = {}, {}
         for name, (dec, _) in impls.items():
-            if name in ("sliced_recurrent", "padded_steps", "loop_adam"):
+            if name in TRAIN_ABLATIONS:
                 continue  # same decoding code as ours
             if name in ("baseline", "per_image_decoding"):
                 ann = work.annotations[: s.baseline_images]
@@ -754,6 +805,31 @@ def bench_decoders(s: Sizes, device: torch.device, baseline: bool, proposed: boo
             entry["ours_speedup"] = {k: result[k] / v for k, v in entry.items()}
             result["ablations"][name] = entry
     return result
+
+
+def bench_ab(s: Sizes, device: torch.device, name: str, log: Callable[[str], None]
+             ) -> dict[str, Any]:
+    """Training of ours against one ablation alone, for effects of a few per cent: many repeats,
+    interleaved in alternating order, with the ratio of each round (ablated seconds / ours)."""
+    if name not in ABLATIONS or not ABLATIONS[name].trains:
+        known = ", ".join(n for n, a in ABLATIONS.items() if a.trains)
+        raise SystemExit(f"benchmark: --ab {name!r} is not a training ablation ({known})")
+    work = make_work(s, device)
+    ours = build_decoder(s).to(device)
+    dec, opt = ablated_decoder(s, name, ours, device)
+    tasks = {"ours": functools.partial(train_pass, ours, library_adam(ours.parameters()), work,
+                                       ours_loss),
+             name: functools.partial(train_pass, dec, opt, work, ABLATIONS[name].loss)}
+    log(f"A/B training: ours against {name} ({s.train_batches} batches x {s.repeats} repeats)")
+    times = interleaved(tasks, s.warmup, s.repeats, device, alternate=True)
+    speedups = [a / o for o, a in zip(times["ours"], times[name])]  # per round
+    captions = s.batch * s.train_batches
+    return {"ablation": name, "repeats": s.repeats,
+            "ours_train_captions_per_s": rate(captions, times["ours"]),
+            "ablated_train_captions_per_s": rate(captions, times[name]),
+            "ours_speedup_median": statistics.median(speedups),
+            "ours_speedup_per_round": [round(x, 3) for x in speedups],
+            "rounds_ours_faster": sum(x > 1 for x in speedups)}
 
 
 def bench_bf16(s: Sizes, device: torch.device, log: Callable[[str], None]) -> dict[str, Any]:
@@ -943,6 +1019,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ablations", action="store_true",
                    help="add the library decoder without its key-projection cache, without "
                         "its fused recurrent matmul, and its search on one image at a time")
+    p.add_argument("--ab", default=None, metavar="ABLATION",
+                   help="add training of ours against this one ablation alone (e.g. grid_loss, "
+                        "loop_adam), interleaved in alternating order, with per-round ratios; "
+                        "for small effects use many --repeats")
     p.add_argument("--cached-epochs", action="store_true",
                    help="add one training epoch from raw images against one from cached "
                         "features (Flickr8k subset, frozen EfficientNet-Lite0; minutes)")
@@ -979,6 +1059,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "decoders" not in skip:
         result.update(bench_decoders(s, device, args.baseline, args.proposed, log,
                                      args.ablations))
+    if args.ab:
+        result["ab"] = bench_ab(s, device, args.ab, log)
     if args.bf16:
         result["bf16"] = bench_bf16(s, device, log)
     if "encode" not in skip:

@@ -181,7 +181,38 @@ def test_quick_run_at_tiny_sizes_writes_every_figure(bm, tmp_path):
     assert set(result["ablations"]["per_image_decoding"]["ours_speedup"]) == set(rates[1:])
     assert set(result["ablations"]["whole_hidden_layer"]["ours_speedup"]) == set(rates[1:])
     assert set(result["ablations"]["padded_steps"]["ours_speedup"]) == {rates[0]}
+    assert set(result["ablations"]["grid_loss"]["ours_speedup"]) == {rates[0]}
+    assert set(result["ablations"]["loop_adam"]["ours_speedup"]) == {rates[0]}
+    grid = result["grid_loss_parity"]
+    assert grid["loss_abs_diff"] < 1e-5 and grid["grad_max_rel_diff"] < 1e-5
     whole = result["whole_hidden_layer_parity"]
     assert whole["greedy_tokens_equal"] and whole["beam3_tokens_equal"]
     assert result["bf16"]["loss_rel_diff"] < 0.05
     assert result["load_settings"]["num_workers"] == 2  # the data module's default
+
+
+def test_interleaved_alternates_the_order_of_each_round(bm):
+    calls = []
+    tasks = {name: functools.partial(calls.append, name) for name in ("a", "b", "c")}
+    times = bm.interleaved(tasks, 1, 3, torch.device("cpu"), alternate=True)
+    assert calls == ["a", "b", "c",  # warm-up
+                     "a", "b", "c", "c", "b", "a", "a", "b", "c"]
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3}
+    calls.clear()
+    bm.interleaved(tasks, 0, 2, torch.device("cpu"))
+    assert calls == ["a", "b", "c", "a", "b", "c"]
+
+
+def test_ab_run_reports_each_round(bm):
+    result = bm.main(["--tiny", "--quick", "--repeats", "3", "--ab", "grid_loss", "--skip",
+                      "decoders,encode,load", "--threads", "1"])
+    ab = result["ab"]
+    assert ab["ablation"] == "grid_loss" and ab["repeats"] == 3
+    assert len(ab["ours_speedup_per_round"]) == 3
+    assert ab["rounds_ours_faster"] == sum(x > 1 for x in ab["ours_speedup_per_round"])
+    assert min(ab["ours_speedup_per_round"]) <= ab["ours_speedup_median"] <= max(
+        ab["ours_speedup_per_round"])
+    assert ab["ours_train_captions_per_s"] > 0 and ab["ablated_train_captions_per_s"] > 0
+    with pytest.raises(SystemExit, match="whole_hidden_layer.*not a training ablation"):
+        bm.main(["--tiny", "--quick", "--ab", "whole_hidden_layer", "--skip",
+                 "decoders,encode,load"])

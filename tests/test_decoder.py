@@ -156,6 +156,11 @@ def test_skip_padding_equals_the_full_unroll_on_real_tokens(masked):
         outs.append(out)
         grads.append([a.grad] + [p.grad.clone() for p in dec.parameters()])
     full, skipped = outs
+    assert full.positions is None and full.token_logits.shape == (Bs * T, V)
+    # the computed rows are exactly the real positions, each once
+    assert sorted(skipped.positions.tolist()) == real.flatten().nonzero().squeeze(1).tolist()
+    torch.testing.assert_close(skipped.token_logits,
+                               full.logits.flatten(0, 1)[skipped.positions])
     torch.testing.assert_close(skipped.logits[real], full.logits[real])
     torch.testing.assert_close(skipped.alphas[real], full.alphas[real])
     torch.testing.assert_close(skipped.betas[real], full.betas[real])

@@ -162,12 +162,14 @@ class CaptioningModule(L.LightningModule):
         out = self.decoder(annotations, captions, skip_padding=True)  # only real tokens are scored
         targets = captions[:, 1:]  # (B, T)
         pad = self.vocab.pad_id if self.vocab is not None else 0
-        nll = masked_nll(out.logits, targets, pad, self.hparams.loss_reduction)
+        nll = masked_nll(out.token_logits, targets, pad, self.hparams.loss_reduction,
+                         out.positions)  # the computed rows, where they are
         dsr = doubly_stochastic_penalty(out.alphas, targets != pad)
         losses = {"loss": nll + self.hparams.doubly_stochastic * dsr, "nll": nll, "dsr": dsr}
         if hard is not None and out.location_log_probs is not None:
             steps = targets != pad  # (B, T)
-            reward = sentence_log_likelihood(out.logits, targets, pad)  # (B,)
+            reward = sentence_log_likelihood(out.token_logits, targets, pad,
+                                             out.positions)  # (B,)
             log_p_s = (out.location_log_probs * steps).sum(1)  # (B,)
             entropy = attention_entropy(out.alphas, steps)  # (B,)
             sampled = (out.sampled & steps).any(1)  # (B,)

@@ -156,7 +156,8 @@ class TranslationModule(L.LightningModule):
         targets = tgt[:, 1:]  # (B, T)
         pad = self.vocab.pad_id if self.vocab is not None else 0
         steps = targets != pad  # (B, T)
-        nll = masked_nll(out.logits, targets, pad, self.hparams.loss_reduction)
+        nll = masked_nll(out.token_logits, targets, pad, self.hparams.loss_reduction,
+                         out.positions)  # the computed rows, where they are
         losses = {"loss": nll, "nll": nll, "tokens": steps.sum()}
         if self.hparams.doubly_stochastic > 0:
             # padded source positions get exactly zero weight, so each adds exactly
