@@ -25,15 +25,32 @@ def _cli_class() -> type:
             parser.link_arguments("data", "model.init_args.vocab_size",
                                   compute_fn=lambda dm: dm.vocab_size, apply_on="instantiate")
 
+        def parse_arguments(self, parser, args) -> None:
+            super().parse_arguments(parser, args)
+            argv = sys.argv[1:] if args is None else args
+            self._model_args = _model_options(argv) if isinstance(argv, (list, tuple)) else []
+
         def before_instantiate_classes(self) -> None:
-            """Translation models also take the source vocabulary size: filled in here from
-            the data module when the model class has a ``src_vocab_size`` argument (a link
-            would break models without it)."""
+            """Two fixes before the classes are built.
+
+            * With ``--ckpt_path``, Lightning parses the module's hyperparameters saved in the
+              checkpoint over the whole configuration, so that ``captioner test --ckpt_path X
+              --model.init_args.beam_size 5`` would silently decode with the checkpoint's beam
+              size. The ``--model...`` options of the command line are parsed again on top;
+              the checkpoint's values still replace those of the config files.
+            * Translation models also take the source vocabulary size: filled in here from
+              the data module when the model class has a ``src_vocab_size`` argument (a link
+              would break models without it).
+            """
             import inspect
 
             from captioner.config import import_class, instantiate, plain
 
             cfg = self.config[self.subcommand] if self.subcommand else self.config
+            if self.subcommand and cfg.get("ckpt_path") and self._model_args:
+                self.config = self.parser.parse_args([self.subcommand, *self._model_args],
+                                                     namespace=self.config)
+                cfg = self.config[self.subcommand]
             model, data = cfg.get("model"), cfg.get("data")
             if model is None or data is None or not getattr(model, "class_path", None):
                 return
@@ -51,6 +68,20 @@ def _cli_class() -> type:
             self.model.model_config = model_cfg
 
     return CaptionerCLI
+
+
+def _model_options(argv: list[str] | tuple[str, ...]) -> list[str]:
+    """The ``--model...`` options of a command line with their values, in order
+    (``--model.init_args.beam_size 5``, ``--model.init_args.beam_size=5``, ``--model X.yaml``)."""
+    picked, i = [], 0
+    while i < len(argv):
+        arg = str(argv[i])
+        if arg == "--model" or arg.startswith(("--model.", "--model=")):
+            takes_value = "=" not in arg and i + 1 < len(argv)
+            picked.extend(map(str, argv[i : i + 1 + takes_value]))
+            i += takes_value
+        i += 1
+    return picked
 
 
 def lightning_main(args: list[str] | None = None, run: bool = True):

@@ -310,7 +310,11 @@ class CaptioningModule(L.LightningModule):
         write_coco_results({records[o["index"]].image_id: " ".join(h)
                             for o, h in zip(outputs, hyps)}, out_dir / "test_captions.json")
         tmp = out_dir / "test_metrics.json.tmp"
-        tmp.write_text(json.dumps({k: float(v) for k, v in scores.items()}, indent=2))
+        h = self.hparams
+        search = {"beam_size": int(h.beam_size), "max_length": int(h.max_length),
+                  "length_penalty": float(h.length_penalty)}  # how the captions were decoded
+        tmp.write_text(json.dumps({**{k: float(v) for k, v in scores.items()}, **search},
+                                  indent=2))
         os.replace(tmp, out_dir / "test_metrics.json")
         log.info("test captions and metrics written to %s", out_dir)
 

@@ -11,25 +11,29 @@ from captioner.cli import lightning_main
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
-def test_fit_then_test_writes_coco_results_and_metrics(shapes_root, tmp_path):
-    common = [
+def shapes_run(shapes_root: Path, tmp_path: Path, num_train: int, num_test: int,
+               batch_size: int) -> list[str]:
+    """Options shared by ``fit`` and ``test`` on the tiny shapes data."""
+    return [
+        "--config", str(CONFIGS / "trainer" / "cpu.yaml"),
         "--config", str(CONFIGS / "data" / "shapes.yaml"),
         "--config", str(CONFIGS / "model" / "shapes_soft.yaml"),
         "--data.init_args.root", str(shapes_root),
-        "--data.init_args.num_train", "24", "--data.init_args.num_val", "6",
-        "--data.init_args.num_test", "6", "--data.init_args.image_size", "32",
-        "--data.init_args.batch_size", "8",
+        "--data.init_args.num_train", str(num_train), "--data.init_args.num_val", "6",
+        "--data.init_args.num_test", str(num_test), "--data.init_args.image_size", "32",
+        "--data.init_args.batch_size", str(batch_size),
         "--model.init_args.encoder.init_args.grid_size", "4",
-        "--trainer.default_root_dir", str(tmp_path),
-        "--trainer.enable_progress_bar", "false",
+        "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
+        "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
     ]
-    logger = ["--trainer.logger.init_args.save_dir", str(tmp_path / "runs")]
-    fit = lightning_main(["fit", "--config", str(CONFIGS / "trainer" / "cpu.yaml"), *common,
-                          *logger, "--trainer.max_epochs", "1"])
+
+
+def test_fit_then_test_writes_coco_results_and_metrics(shapes_root, tmp_path):
+    common = shapes_run(shapes_root, tmp_path, num_train=24, num_test=6, batch_size=8)
+    fit = lightning_main(["fit", *common, "--trainer.max_epochs", "1"])
     ckpt = fit.trainer.checkpoint_callback.last_model_path
     assert Path(ckpt).is_file()
-    test = lightning_main(["test", "--config", str(CONFIGS / "trainer" / "cpu.yaml"), *common,
-                           *logger, "--ckpt_path", ckpt])
+    test = lightning_main(["test", *common, "--ckpt_path", ckpt])
     out = Path(test.trainer.log_dir or test.trainer.default_root_dir)
     metrics = json.loads((out / "test_metrics.json").read_text())
     for key in ("bleu4", "BLEU-4", "ROUGE-L", "CIDEr"):
@@ -41,3 +45,36 @@ def test_fit_then_test_writes_coco_results_and_metrics(shapes_root, tmp_path):
     gt = COCO(str(shapes_root / "annotations" / "captions_test.json"))
     res = gt.loadRes(str(out / "test_captions.json"))
     assert sorted(res.getImgIds()) == sorted(gt.getImgIds())
+    assert (metrics["beam_size"], metrics["max_length"]) == (1, 20)  # the config's
+
+
+def test_command_line_model_options_win_over_the_checkpoint(shapes_root, tmp_path):
+    """Lightning replaces the model configuration by the checkpoint's hyperparameters; an option
+    given on the command line (``--model.init_args.beam_size 3``) must still apply, while the
+    checkpoint's hyperparameters fill in what the command line does not set (the learning rate
+    given at fit time, over the config file's 0.002)."""
+    common = shapes_run(shapes_root, tmp_path, num_train=8, num_test=5, batch_size=4)
+    fit = lightning_main(["fit", *common, "--trainer.max_epochs", "1",
+                          "--model.init_args.lr", "0.0123"])
+    ckpt = fit.trainer.checkpoint_callback.last_model_path
+    test = lightning_main(["test", *common, "--model.init_args.beam_size", "3",
+                           "--model.init_args.max_length=7", "--ckpt_path", ckpt])
+    h = test.model.hparams
+    assert (h.beam_size, h.max_length) == (3, 7)  # the command line's
+    assert h.lr == 0.0123  # the checkpoint's
+    out = Path(test.trainer.log_dir or test.trainer.default_root_dir)
+    metrics = json.loads((out / "test_metrics.json").read_text())
+    assert (metrics["beam_size"], metrics["max_length"]) == (3, 7)
+    results = json.loads((out / "test_captions.json").read_text())
+    assert max(len(r["caption"].split()) for r in results) <= 7
+
+
+def test_model_options_are_picked_from_a_command_line():
+    from captioner.cli import _model_options
+
+    argv = ["test", "--config", "a.yaml", "--model.init_args.beam_size", "5", "--data.x", "1",
+            "--model.init_args.max_length=9", "--model", "m.yaml", "--ckpt_path", "c.ckpt",
+            "--modelx", "2"]
+    assert _model_options(argv) == ["--model.init_args.beam_size", "5",
+                                    "--model.init_args.max_length=9", "--model", "m.yaml"]
+    assert _model_options(["fit", "--model.init_args.lr"]) == ["--model.init_args.lr"]
