@@ -34,7 +34,9 @@ from captioner.decoder import AttentionDecoder
 from captioner.encoders.encoder import ImageEncoder
 from captioner.search import SearchResult, beam_search, greedy_search
 
+#: checkpoint entry of captioner's metadata (written by :mod:`captioner.lit.base`) and its format
 CHECKPOINT_KEY = "captioner"
+CHECKPOINT_FORMAT = 1
 
 ImageInput = str | Path | Image.Image
 

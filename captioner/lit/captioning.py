@@ -14,14 +14,12 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-import lightning as L
 import torch
-from torch import nn
 
-from captioner.config import plain
 from captioner.data.vocabulary import END, PAD, SPECIALS, START, Vocabulary
 from captioner.decoder import AttentionDecoder
 from captioner.encoders.encoder import ImageEncoder
+from captioner.lit.base import CaptionerModule
 from captioner.lit.optim import adam
 from captioner.losses import (attention_entropy, doubly_stochastic_penalty, masked_nll,
                               reinforce_surrogate, sentence_log_likelihood)
@@ -29,11 +27,8 @@ from captioner.search import SearchResult, beam_search, greedy_search
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_KEY = "captioner"
-CHECKPOINT_FORMAT = 1
 
-
-class CaptioningModule(L.LightningModule):
+class CaptioningModule(CaptionerModule):
     """Show, Attend and Tell trained through Lightning.
 
     Args:
@@ -61,6 +56,8 @@ class CaptioningModule(L.LightningModule):
         hard_num_samples: hard attention: location sequences sampled per caption (``N`` of
             Eq. 12); the batch is repeated that many times.
     """
+
+    task = "captioning"
 
     def __init__(
         self,
@@ -94,23 +91,6 @@ class CaptioningModule(L.LightningModule):
         self.encoder = encoder
         self.decoder = decoder(vocab_size, encoder.out_channels)
         self.vocab: Vocabulary | None = None
-        self.model_config: dict[str, Any] | None = None  # set by the CLI / from_config
-        self.data_config: dict[str, Any] = {}
-        self._eval_outputs: list[dict[str, Any]] = []
-
-    # ---------------------------------------------------------------- construction
-    @classmethod
-    def from_config(cls, init_args: dict[str, Any]) -> "CaptioningModule":
-        """Build from a config dict as LightningCLI would (``encoder``/``decoder`` given by
-        ``class_path``/``init_args``), remembering the config for checkpoints."""
-        import copy
-
-        from captioner.config import instantiate, plain
-
-        module = instantiate(f"{cls.__module__}.{cls.__qualname__}", copy.deepcopy(init_args))
-        module.model_config = {"class_path": f"{cls.__module__}.{cls.__qualname__}",
-                               "init_args": plain(init_args)}
-        return module
 
     # ---------------------------------------------------------------- vocabulary
     def setup(self, stage: str) -> None:
@@ -229,21 +209,6 @@ class CaptioningModule(L.LightningModule):
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch)
 
-    def on_validation_epoch_start(self) -> None:
-        self._eval_outputs = []
-
-    on_test_epoch_start = on_validation_epoch_start
-
-    def _gather_outputs(self) -> list[dict[str, Any]]:
-        """All ranks' decoded captions, each image once, ordered by index."""
-        outputs = self._eval_outputs
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered: list[Any] = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, outputs)
-            outputs = [o for part in gathered for o in part]
-        unique = {o["index"]: o for o in outputs}  # the distributed sampler may pad with repeats
-        return [unique[i] for i in sorted(unique)]
-
     def _score(self, split: str) -> dict[str, float]:
         from captioner.metrics import corpus_bleu
 
@@ -337,48 +302,11 @@ class CaptioningModule(L.LightningModule):
         return optimizer
 
     # ---------------------------------------------------------------- checkpoints
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_KEY] = {
-            "format": CHECKPOINT_FORMAT,
-            "task": "captioning",
-            "model_config": plain(self.model_config),
-            "vocab": self.vocab.to_dict() if self.vocab is not None else None,
-            "data": self.data_config,
-            "grid_size": list(self.encoder.grid_size),
-        }
-        checkpoint["rng_states"] = _rng_states()
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {"vocab": self.vocab.to_dict() if self.vocab is not None else None,
+                "grid_size": list(self.encoder.grid_size)}
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        meta = checkpoint.get(CHECKPOINT_KEY)
-        if meta is None:
-            raise ValueError("not a captioner checkpoint (no 'captioner' entry)")
+    def restore_meta(self, meta: dict[str, Any]) -> None:
         if meta.get("vocab") is not None:
             self.vocab = Vocabulary.from_dict(meta["vocab"])
             self._check_vocab()
-        self.model_config = self.model_config or meta.get("model_config")
-        self.data_config = meta.get("data") or {}
-        if "rng_states" in checkpoint:  # resuming continues the random streams exactly
-            _set_rng_states(checkpoint["rng_states"])
-
-
-def _rng_states() -> dict[str, Any]:
-    import random
-
-    import numpy as np
-
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    # plain types only, so checkpoints load with torch.load(weights_only=True)
-    return {"torch": torch.get_rng_state(),
-            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
-            "python": random.getstate()}
-
-
-def _set_rng_states(states: dict[str, Any]) -> None:
-    import random
-
-    import numpy as np
-
-    torch.set_rng_state(states["torch"])
-    name, keys, pos, has_gauss, gauss = states["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-    random.setstate(states["python"])

@@ -6,9 +6,9 @@ The source sentence is encoded by :class:`~captioner.encoders.text.TextEncoder` 
 :mod:`captioner.attention` translates too. Shared with captioning, not copied: the loss
 (:func:`captioner.losses.masked_nll`, optionally the doubly stochastic penalty), the search
 (:mod:`captioner.search` through :func:`captioner.translate.decode`), the vocabulary, and the
-training machinery of :class:`~captioner.lit.captioning.CaptioningModule` (construction from a
-config, checkpoint metadata carrying the model config and vocabularies, random-state
-checkpointing, gathering decoded outputs across ranks).
+training machinery of :class:`captioner.lit.base.CaptionerModule` (construction from a config,
+checkpoint metadata carrying the model config and vocabularies, random-state checkpointing,
+gathering decoded outputs across ranks).
 
 Training minimises ``-log p(y | x)`` with teacher forcing (Section 3.1: the conditional
 log-likelihood of the target given the source), averaged per target token by default.
@@ -31,15 +31,14 @@ import os
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-import lightning as L
 import torch
 
 from captioner.data.parallel import detokenize_mt
 from captioner.data.vocabulary import Vocabulary
 from captioner.decoder import AttentionDecoder
 from captioner.encoders.text import TextEncoder
-from captioner.lit.captioning import (CHECKPOINT_FORMAT, CHECKPOINT_KEY, CaptioningModule,
-                                      _rng_states, _set_rng_states)
+from captioner.config import plain
+from captioner.lit.base import CaptionerModule
 from captioner.lit.optim import adam
 from captioner.losses import doubly_stochastic_penalty, masked_nll
 from captioner.search import SearchResult
@@ -48,7 +47,7 @@ from captioner.translate import TASK, BleuScore, decode, sacrebleu_score
 log = logging.getLogger(__name__)
 
 
-class TranslationModule(L.LightningModule):
+class TranslationModule(CaptionerModule):
     """Bidirectional-RNN encoder + the captioning attention decoder, trained through Lightning.
 
     Args:
@@ -74,6 +73,8 @@ class TranslationModule(L.LightningModule):
         length_penalty: beam ranking ``score / length ** length_penalty`` (``1``: per-token
             log-probability, the usual length normalisation).
     """
+
+    task = TASK
 
     def __init__(
         self,
@@ -105,15 +106,8 @@ class TranslationModule(L.LightningModule):
         self.decoder = decoder(vocab_size, self.encoder.out_channels)
         self.vocab: Vocabulary | None = None  # target (the name captioning uses)
         self.src_vocab: Vocabulary | None = None
-        self.model_config: dict[str, Any] | None = None  # set by the CLI / from_config
-        self.data_config: dict[str, Any] = {}
-        self._eval_outputs: list[dict[str, Any]] = []
         self._nll_sum = self._nll_tokens = 0.0
         self.last_bleu: BleuScore | None = None
-
-    # Shared with captioning (same semantics; see the module docstring).
-    from_config = CaptioningModule.__dict__["from_config"]
-    _gather_outputs = CaptioningModule._gather_outputs
 
     # ---------------------------------------------------------------- vocabularies
     def setup(self, stage: str) -> None:
@@ -206,7 +200,7 @@ class TranslationModule(L.LightningModule):
         self._eval_step(batch)
 
     def on_validation_epoch_start(self) -> None:
-        self._eval_outputs = []
+        super().on_validation_epoch_start()
         self._nll_sum = self._nll_tokens = 0.0
 
     on_test_epoch_start = on_validation_epoch_start
@@ -272,31 +266,18 @@ class TranslationModule(L.LightningModule):
         return optimizer
 
     # ---------------------------------------------------------------- checkpoints
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+    def checkpoint_meta(self) -> dict[str, Any]:
         config = self.model_config
         if config is not None:  # the CLI records vocab_size only: add the source size
             config = {**config, "init_args": {**config.get("init_args", {}),
                                               "vocab_size": int(self.hparams.vocab_size),
                                               "src_vocab_size": int(self.hparams.src_vocab_size)}}
-        checkpoint[CHECKPOINT_KEY] = {
-            "format": CHECKPOINT_FORMAT,
-            "task": TASK,
-            "model_config": config,
-            "vocab": self.vocab.to_dict() if self.vocab is not None else None,
-            "src_vocab": self.src_vocab.to_dict() if self.src_vocab is not None else None,
-            "data": self.data_config,
-        }
-        checkpoint["rng_states"] = _rng_states()
+        return {"model_config": plain(config),
+                "vocab": self.vocab.to_dict() if self.vocab is not None else None,
+                "src_vocab": self.src_vocab.to_dict() if self.src_vocab is not None else None}
 
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        meta = checkpoint.get(CHECKPOINT_KEY)
-        if meta is None or meta.get("task") != TASK:
-            raise ValueError("not a captioner translation checkpoint")
+    def restore_meta(self, meta: dict[str, Any]) -> None:
         if meta.get("vocab") is not None and meta.get("src_vocab") is not None:
             self.vocab = Vocabulary.from_dict(meta["vocab"])
             self.src_vocab = Vocabulary.from_dict(meta["src_vocab"])
             self._check_vocabs()
-        self.model_config = self.model_config or meta.get("model_config")
-        self.data_config = meta.get("data") or {}
-        if "rng_states" in checkpoint:  # resuming continues the random streams exactly
-            _set_rng_states(checkpoint["rng_states"])

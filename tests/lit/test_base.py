@@ -1,0 +1,61 @@
+"""captioner.lit.base: what the captioning and translation modules share."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from captioner.data.vocabulary import Vocabulary
+from captioner.inference import CHECKPOINT_KEY
+from captioner.lit.base import CaptionerModule, rng_states, set_rng_states
+from captioner.lit.captioning import CaptioningModule
+from captioner.lit.translation import TranslationModule
+from tests.conftest import TINY_MODEL_CONFIG
+from tests.lit.test_translation import model_config
+
+
+def test_rng_states_round_trip_through_a_weights_only_load(tmp_path):
+    torch.save(rng_states(), tmp_path / "rng.pt")
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.rand(5), np.random.rand(7), random.random()  # move every stream on
+    set_rng_states(torch.load(tmp_path / "rng.pt", weights_only=True))
+    torch.testing.assert_close(torch.rand(3), expected[0])
+    assert np.array_equal(np.random.rand(3), expected[1]) and random.random() == expected[2]
+
+
+def test_checkpoint_meta_of_each_task_and_the_task_check():
+    vocab = Vocabulary.build([["a", "b"], ["c"]])
+    captioning = CaptioningModule.from_config({**TINY_MODEL_CONFIG, "vocab_size": len(vocab)})
+    captioning.vocab = vocab
+    ckpt: dict = {}
+    captioning.on_save_checkpoint(ckpt)
+    meta = ckpt[CHECKPOINT_KEY]
+    assert meta["task"] == "captioning" and meta["format"] == 1
+    assert meta["model_config"]["class_path"] == "captioner.lit.captioning.CaptioningModule"
+    assert Vocabulary.from_dict(meta["vocab"]) == vocab and "rng_states" in ckpt
+
+    fresh = CaptioningModule.from_config({**TINY_MODEL_CONFIG, "vocab_size": len(vocab)})
+    fresh.on_load_checkpoint(ckpt)
+    assert fresh.vocab == vocab and fresh.model_config == captioning.model_config
+
+    translation = TranslationModule.from_config(model_config(len(vocab), len(vocab)))
+    with pytest.raises(ValueError, match="a captioning checkpoint cannot be loaded into a "
+                                         "translation module"):
+        translation.on_load_checkpoint(ckpt)
+    with pytest.raises(ValueError, match="not a captioner checkpoint"):
+        fresh.on_load_checkpoint({"state_dict": {}})
+    other = CaptioningModule.from_config({**TINY_MODEL_CONFIG, "vocab_size": len(vocab) + 2})
+    with pytest.raises(ValueError, match="vocabulary"):
+        other.on_load_checkpoint(ckpt)  # a checkpoint of another vocabulary
+
+
+def test_gathered_outputs_are_unique_and_ordered_without_ddp():
+    module = CaptionerModule()
+    module._eval_outputs = [{"index": 2, "x": "c"}, {"index": 0, "x": "a"},
+                            {"index": 2, "x": "c"}, {"index": 1, "x": "b"}]
+    assert [o["x"] for o in module._gather_outputs()] == ["a", "b", "c"]
+    module.on_test_epoch_start()
+    assert module._eval_outputs == []
