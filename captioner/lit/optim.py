@@ -4,10 +4,10 @@
 default is for CUDA only): about ten elementwise passes per parameter tensor. ``fused=True`` runs
 the same update (Kingma and Ba 2015, Algorithm 1, with PyTorch's ``weight_decay`` as an L2 term
 added to the gradient) in one kernel per tensor: one optimiser step of the COCO-scale decoder
-(22 M parameters, after a real backward) takes ~27 ms instead of ~115 ms on one CPU core. On
-the development machine the whole training step did not get measurably faster (BENCHMARKS.md,
-ablation ``loop_adam`` of ``scripts/benchmark.py``). The results agree to float rounding
-(tests/lit/test_optim.py).
+(22 M parameters, after a real backward) takes ~27 ms instead of ~115 ms on one CPU core. The
+whole training pass is about 4 % faster (median of 30 alternating rounds on one core, 26 of them
+faster: ``scripts/benchmark.py --ab loop_adam``, BENCHMARKS.md); three-repeat runs could not
+tell the two apart. The results agree to float rounding (tests/lit/test_optim.py).
 
 Fused Adam unscales gradients inside its step, so Lightning cannot clip the gradients of a run
 with a gradient scaler (``16-mixed`` on CUDA): there the loop is used.
