@@ -57,8 +57,11 @@ __all__ = [
     "SIZES",
     "SIZE_FRACTION",
     "SPLITS",
+    "PlacedShape",
     "ShapeObject",
     "describe",
+    "draw_clutter",
+    "draw_shape",
     "make_shapes_dataset",
     "object_words",
     "relation",
@@ -226,8 +229,9 @@ def describe(objects: Sequence[ShapeObject], image_size: int) -> list[str]:
 
 
 @dataclass(frozen=True)
-class _Placed:
-    """An object before distortion: top-left corner and side of its square box."""
+class PlacedShape:
+    """An object before distortion: top-left corner and side of its square box (also used by
+    :mod:`captioner.data.shapes_classification`)."""
 
     shape: str
     colour: str
@@ -237,7 +241,9 @@ class _Placed:
     side: int
 
 
-def _draw(draw: ImageDraw.ImageDraw, obj: _Placed, fill: tuple[int, int, int] | int) -> None:
+def draw_shape(draw: ImageDraw.ImageDraw, obj: PlacedShape,
+               fill: tuple[int, int, int] | int) -> None:
+    """Draw ``obj`` filled with ``fill`` (an RGB colour, or a grey level for masks)."""
     x0, y0, s = obj.x0, obj.y0, obj.side
     x1, y1 = x0 + s - 1, y0 + s - 1  # ImageDraw boxes include their last pixel
     if obj.shape == "circle":
@@ -256,7 +262,7 @@ def _draw(draw: ImageDraw.ImageDraw, obj: _Placed, fill: tuple[int, int, int] | 
         raise ValueError(f"unknown shape {obj.shape!r}")
 
 
-def _outline(obj: _Placed) -> np.ndarray:
+def _outline(obj: PlacedShape) -> np.ndarray:
     """Points ``(P, 2)`` (continuous pixel coordinates) whose hull contains the drawn shape."""
     x0, y0, s = float(obj.x0), float(obj.y0), float(obj.side)
     if obj.shape == "circle":
@@ -276,18 +282,18 @@ def _outline(obj: _Placed) -> np.ndarray:
     return np.array([[x0, y0], [x0 + s, y0], [x0, y0 + s], [x0 + s, y0 + s]])
 
 
-def _place(rng: np.random.Generator, image_size: int, n: int) -> list[_Placed]:
+def _place(rng: np.random.Generator, image_size: int, n: int) -> list[PlacedShape]:
     """Sample ``n`` objects with unique ``(colour, shape)`` at non-overlapping positions."""
     for _ in range(1000):
         codes = rng.choice(len(SHAPES) * len(COLOURS), size=n, replace=False)
         sizes = rng.integers(0, len(SIZES), size=n)
-        placed: list[_Placed] = []
+        placed: list[PlacedShape] = []
         for code, size_index in zip(codes, sizes):
             size = SIZES[size_index]
             side = round(SIZE_FRACTION[size] * image_size)
             for _ in range(100):
                 x0, y0 = (int(v) for v in rng.integers(1, image_size - side, size=2))
-                candidate = _Placed(
+                candidate = PlacedShape(
                     SHAPES[code // len(COLOURS)], COLOURS[code % len(COLOURS)], size, x0, y0, side
                 )
                 if all(_compatible(candidate, other, image_size) for other in placed):
@@ -300,7 +306,7 @@ def _place(rng: np.random.Generator, image_size: int, n: int) -> list[_Placed]:
     raise RuntimeError(f"could not place {n} objects in a {image_size}-pixel image")
 
 
-def _compatible(a: _Placed, b: _Placed, image_size: int) -> bool:
+def _compatible(a: PlacedShape, b: PlacedShape, image_size: int) -> bool:
     """Boxes apart by ``_GAP`` pixels and their relation clear-cut."""
     apart = (
         a.x0 + a.side + _GAP <= b.x0
@@ -313,7 +319,7 @@ def _compatible(a: _Placed, b: _Placed, image_size: int) -> bool:
     return apart and abs(abs(dx) - abs(dy)) >= _TIE * image_size
 
 
-def _clutter(rng: np.random.Generator, draw: ImageDraw.ImageDraw, image_size: int) -> None:
+def draw_clutter(rng: np.random.Generator, draw: ImageDraw.ImageDraw, image_size: int) -> None:
     """Grey specks and thin grey lines, drawn under the objects; never an object colour."""
     for _ in range(int(rng.integers(3, 9))):
         x, y = (int(v) for v in rng.integers(0, image_size - 1, size=2))
@@ -344,7 +350,7 @@ def _apply(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
 
 
 def _sample_distortion(
-    rng: np.random.Generator, image_size: int, placed: Sequence[_Placed]
+    rng: np.random.Generator, image_size: int, placed: Sequence[PlacedShape]
 ) -> dict[str, Any]:
     """Random rotation (+-40 deg), scale (0.7-1.1), translation (+-15 %) keeping objects in view.
 
@@ -387,9 +393,9 @@ def _render(
     image = Image.new("RGB", size, BACKGROUND)
     draw = ImageDraw.Draw(image)
     if clutter:
-        _clutter(rng, draw, image_size)
+        draw_clutter(rng, draw, image_size)
     for obj in placed:
-        _draw(draw, obj, COLOUR_RGB[obj.colour])
+        draw_shape(draw, obj, COLOUR_RGB[obj.colour])
 
     matrix = np.eye(2, 3)
     distortion = None
@@ -410,7 +416,7 @@ def _render(
     objects = []
     for obj in placed:
         mask = Image.new("L", size, 0)
-        _draw(ImageDraw.Draw(mask), obj, 255)
+        draw_shape(ImageDraw.Draw(mask), obj, 255)
         left, top, right, bottom = warp(mask, 0).getbbox() or (0, 0, 0, 0)
         bbox = (float(left), float(top), float(right - left), float(bottom - top))
         objects.append(ShapeObject(obj.shape, obj.colour, obj.size, bbox))

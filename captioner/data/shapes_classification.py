@@ -31,7 +31,8 @@ import torch
 from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 
-from captioner.data.shapes import BACKGROUND, COLOUR_RGB, COLOURS, SHAPES, _clutter, _draw, _Placed
+from captioner.data.shapes import (BACKGROUND, COLOUR_RGB, COLOURS, SHAPES, PlacedShape,
+                                   draw_clutter, draw_shape)
 
 __all__ = ["DistortedShapes", "ShapeParams", "render_distorted_shape"]
 
@@ -89,7 +90,7 @@ def render_distorted_shape(
 
     image = Image.new("RGB", size, BACKGROUND)
     draw = ImageDraw.Draw(image)
-    _clutter(rng, draw, image_size)
+    draw_clutter(rng, draw, image_size)
     for _ in range(distractors):
         length, width = int(rng.integers(3, 7)), int(rng.integers(1, 3))
         w, h = (length, width) if rng.random() < 0.5 else (width, length)
@@ -97,7 +98,8 @@ def render_distorted_shape(
         draw.rectangle([x, y, x + w - 1, y + h - 1],
                        fill=COLOUR_RGB[COLOURS[int(rng.integers(len(COLOURS)))]])
     mask = Image.new("L", size, 0)
-    _draw(ImageDraw.Draw(mask), _Placed(SHAPES[label], colour, "small", x0, y0, side), 255)
+    draw_shape(ImageDraw.Draw(mask), PlacedShape(SHAPES[label], colour, "small", x0, y0, side),
+               255)
     mask = mask.rotate(angle, resample=Image.Resampling.NEAREST, center=(cx, cy))
     image.paste(COLOUR_RGB[colour], (0, 0, image_size, image_size), mask)
     centre = (2 * cx / image_size - 1, 2 * cy / image_size - 1)
