@@ -33,11 +33,15 @@ def _cli_class() -> type:
         def before_instantiate_classes(self) -> None:
             """Two fixes before the classes are built.
 
-            * With ``--ckpt_path``, Lightning parses the module's hyperparameters saved in the
-              checkpoint over the whole configuration, so that ``captioner test --ckpt_path X
-              --model.init_args.beam_size 5`` would silently decode with the checkpoint's beam
-              size. The ``--model...`` options of the command line are parsed again on top;
-              the checkpoint's values still replace those of the config files.
+            * With ``--ckpt_path``, the model is built as the checkpoint was: its model config
+              (encoder and decoder included, saved by :mod:`captioner.lit.base`) replaces the
+              config files' model section, so that a model trained with
+              ``--model.init_args.decoder.init_args.hidden_dim 256`` tests without repeating
+              it. Lightning itself parses only the module's own hyperparameters from the
+              checkpoint, over the whole configuration, so that ``captioner test --ckpt_path
+              X --model.init_args.beam_size 5`` would silently decode with the checkpoint's
+              beam size: the ``--model...`` options of the command line are parsed again on
+              top of both.
             * Translation models also take the source vocabulary size: filled in here from
               the data module when the model class has a ``src_vocab_size`` argument (a link
               would break models without it).
@@ -47,9 +51,11 @@ def _cli_class() -> type:
             from captioner.config import import_class, instantiate, plain
 
             cfg = self.config[self.subcommand] if self.subcommand else self.config
-            if self.subcommand and cfg.get("ckpt_path") and self._model_args:
-                self.config = self.parser.parse_args([self.subcommand, *self._model_args],
-                                                     namespace=self.config)
+            if self.subcommand and cfg.get("ckpt_path"):
+                self._model_from_checkpoint(cfg.ckpt_path)
+                if self._model_args:
+                    self.config = self.parser.parse_args([self.subcommand, *self._model_args],
+                                                         namespace=self.config)
                 cfg = self.config[self.subcommand]
             model, data = cfg.get("model"), cfg.get("data")
             if model is None or data is None or not getattr(model, "class_path", None):
@@ -58,6 +64,34 @@ def _cli_class() -> type:
             if "src_vocab_size" in params and not model.init_args.get("src_vocab_size"):
                 dm = instantiate(data.class_path, plain(data.init_args))
                 model.init_args.src_vocab_size = int(dm.src_vocab_size)
+
+        def _model_from_checkpoint(self, ckpt_path: str) -> None:
+            """The checkpoint's saved model config over the parsed one (the vocabulary size
+            stays linked from the data module); nothing when it has none."""
+            from pathlib import Path
+
+            import torch
+
+            from captioner.inference import CHECKPOINT_KEY
+
+            if not Path(ckpt_path).is_file():
+                return  # Lightning reports the missing file
+            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+            model = (ckpt.get(CHECKPOINT_KEY) or {}).get("model_config") or {}
+            if not model.get("class_path"):
+                return
+            init_args = {k: v for k, v in (model.get("init_args") or {}).items()
+                         if k != "vocab_size"}
+            update = {"class_path": model["class_path"], "init_args": init_args}
+            try:
+                self.config = self.parser.parse_object({self.subcommand: {"model": update}},
+                                                       self.config)
+            except (SystemExit, Exception) as e:  # jsonargparse exits on a parse error
+                import warnings
+
+                warnings.warn(f"{ckpt_path}: its saved model config does not parse with this "
+                              f"version of captioner ({' '.join(str(e).split())[:300]}); the "
+                              "model is built from the config files instead", stacklevel=2)
 
         def instantiate_classes(self) -> None:
             super().instantiate_classes()

@@ -4,6 +4,7 @@ import json
 import shutil
 from pathlib import Path
 
+import torch
 from pycocotools.coco import COCO
 
 from captioner.cli import lightning_main
@@ -48,20 +49,22 @@ def test_fit_then_test_writes_coco_results_and_metrics(shapes_root, tmp_path):
     assert (metrics["beam_size"], metrics["max_length"]) == (1, 20)  # the config's
 
 
-def test_command_line_model_options_win_over_the_checkpoint(shapes_root, tmp_path):
-    """Lightning replaces the model configuration by the checkpoint's hyperparameters; an option
-    given on the command line (``--model.init_args.beam_size 3``) must still apply, while the
-    checkpoint's hyperparameters fill in what the command line does not set (the learning rate
-    given at fit time, over the config file's 0.002)."""
+def test_test_builds_the_checkpoints_model_and_command_line_options_win(shapes_root, tmp_path):
+    """With ``--ckpt_path`` the model is the checkpoint's (a hidden size and a learning rate
+    given at fit time need not be repeated: the config file says 128 and 0.002), and an option
+    given on the command line (``--model.init_args.beam_size 3``) still applies."""
     common = shapes_run(shapes_root, tmp_path, num_train=8, num_test=5, batch_size=4)
     fit = lightning_main(["fit", *common, "--trainer.max_epochs", "1",
+                          "--model.init_args.decoder.init_args.hidden_dim", "20",
                           "--model.init_args.lr", "0.0123"])
     ckpt = fit.trainer.checkpoint_callback.last_model_path
     test = lightning_main(["test", *common, "--model.init_args.beam_size", "3",
                            "--model.init_args.max_length=7", "--ckpt_path", ckpt])
     h = test.model.hparams
     assert (h.beam_size, h.max_length) == (3, 7)  # the command line's
-    assert h.lr == 0.0123  # the checkpoint's
+    assert h.lr == 0.0123 and test.model.decoder.hidden_dim == 20  # the checkpoint's
+    torch.testing.assert_close(test.model.decoder.lstm.weight_hh,
+                               fit.model.decoder.lstm.weight_hh)  # its weights
     out = Path(test.trainer.log_dir or test.trainer.default_root_dir)
     metrics = json.loads((out / "test_metrics.json").read_text())
     assert (metrics["beam_size"], metrics["max_length"]) == (3, 7)
