@@ -29,6 +29,10 @@ def _cli_class() -> type:
             super().parse_arguments(parser, args)
             argv = sys.argv[1:] if args is None else args
             self._model_args = _model_options(argv) if isinstance(argv, (list, tuple)) else []
+            sub = self.config.get("subcommand")
+            path = self.config[sub].get("ckpt_path") if sub else None
+            # read here, before Lightning parses the file, so that a bad file is one clear line
+            self._ckpt_model = _saved_model_config(path) if path else None
 
         def before_instantiate_classes(self) -> None:
             """Two fixes before the classes are built.
@@ -68,17 +72,8 @@ def _cli_class() -> type:
         def _model_from_checkpoint(self, ckpt_path: str) -> None:
             """The checkpoint's saved model config over the parsed one (the vocabulary size
             stays linked from the data module); nothing when it has none."""
-            from pathlib import Path
-
-            import torch
-
-            from captioner.inference import CHECKPOINT_KEY
-
-            if not Path(ckpt_path).is_file():
-                return  # Lightning reports the missing file
-            ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-            model = (ckpt.get(CHECKPOINT_KEY) or {}).get("model_config") or {}
-            if not model.get("class_path"):
+            model = self._ckpt_model
+            if not model:
                 return
             init_args = {k: v for k, v in (model.get("init_args") or {}).items()
                          if k != "vocab_size"}
@@ -102,6 +97,32 @@ def _cli_class() -> type:
             self.model.model_config = model_cfg
 
     return CaptionerCLI
+
+
+def _saved_model_config(ckpt_path: str) -> dict[str, Any] | None:
+    """The model config saved in a captioner checkpoint (``None``: a missing file, which
+    Lightning reports, or a checkpoint without one).
+
+    Raises:
+        SystemExit: a file that is not a readable checkpoint, in one line naming it.
+    """
+    from pathlib import Path
+
+    import torch
+
+    from captioner.inference import CHECKPOINT_KEY
+
+    if not Path(ckpt_path).is_file():
+        return None
+    try:
+        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # not a zip / torch file, truncated, pickled objects
+        raise SystemExit(f"{ckpt_path}: not a readable checkpoint "
+                         f"({' '.join(str(e).split())[:300]})") from None
+    if not isinstance(ckpt, dict):
+        raise SystemExit(f"{ckpt_path}: not a checkpoint (a {type(ckpt).__name__})")
+    model = (ckpt.get(CHECKPOINT_KEY) or {}).get("model_config") or {}
+    return model if model.get("class_path") else None
 
 
 def _model_options(argv: list[str] | tuple[str, ...]) -> list[str]:

@@ -4,6 +4,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 from pycocotools.coco import COCO
 
@@ -47,6 +48,14 @@ def test_fit_then_test_writes_coco_results_and_metrics(shapes_root, tmp_path):
     res = gt.loadRes(str(out / "test_captions.json"))
     assert sorted(res.getImgIds()) == sorted(gt.getImgIds())
     assert (metrics["beam_size"], metrics["max_length"]) == (1, 20)  # the config's
+    # a saved model config this version cannot parse: a warning, the config files' model
+    ckpt_data = torch.load(ckpt, weights_only=True)
+    ckpt_data["captioner"]["model_config"]["init_args"]["renamed_option"] = 3
+    old = tmp_path / "old.ckpt"
+    torch.save(ckpt_data, old)
+    with pytest.warns(UserWarning, match="old.ckpt: its saved model config does not parse"):
+        again = lightning_main(["test", *common, "--ckpt_path", str(old)])
+    assert again.model.decoder.hidden_dim == 128
 
 
 def test_test_builds_the_checkpoints_model_and_command_line_options_win(shapes_root, tmp_path):
@@ -81,3 +90,14 @@ def test_model_options_are_picked_from_a_command_line():
     assert _model_options(argv) == ["--model.init_args.beam_size", "5",
                                     "--model.init_args.max_length=9", "--model", "m.yaml"]
     assert _model_options(["fit", "--model.init_args.lr"]) == ["--model.init_args.lr"]
+
+
+def test_unreadable_checkpoint_is_a_clear_error(shapes_root, tmp_path):
+    common = shapes_run(shapes_root, tmp_path, num_train=8, num_test=5, batch_size=4)
+    bad = tmp_path / "truncated.ckpt"
+    bad.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(SystemExit, match=r"truncated\.ckpt: not a readable checkpoint"):
+        lightning_main(["test", *common, "--ckpt_path", str(bad)])
+    torch.save([1, 2], tmp_path / "list.ckpt")
+    with pytest.raises(SystemExit, match=r"list\.ckpt: not a checkpoint \(a list\)"):
+        lightning_main(["test", *common, "--ckpt_path", str(tmp_path / "list.ckpt")])
