@@ -137,9 +137,10 @@ def _sync(device: torch.device) -> None:
 
 
 def interleaved(tasks: dict[str, Callable[[], Any]], warmup: int, repeats: int,
-                device: torch.device, alternate: bool = False) -> dict[str, list[float]]:
+                device: torch.device, alternate: bool = True) -> dict[str, list[float]]:
     """Seconds of each repeat of each task, the tasks run round robin after ``warmup`` rounds
-    (``alternate``: every other round in reverse order, so that neither always runs first)."""
+    (``alternate``: every other round in reverse order, so that no task always runs first or
+    last; the default since ``--ab`` was added, earlier runs used a fixed order)."""
     for _ in range(warmup):
         for fn in tasks.values():
             fn()
@@ -821,7 +822,7 @@ def bench_ab(s: Sizes, device: torch.device, name: str, log: Callable[[str], Non
                                        ours_loss),
              name: functools.partial(train_pass, dec, opt, work, ABLATIONS[name].loss)}
     log(f"A/B training: ours against {name} ({s.train_batches} batches x {s.repeats} repeats)")
-    times = interleaved(tasks, s.warmup, s.repeats, device, alternate=True)
+    times = interleaved(tasks, s.warmup, s.repeats, device)
     speedups = [a / o for o, a in zip(times["ours"], times[name])]  # per round
     captions = s.batch * s.train_batches
     return {"ablation": name, "repeats": s.repeats,
