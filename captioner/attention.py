@@ -71,6 +71,10 @@ class Attention(nn.Module):
     Attributes:
         provides_context: ``False`` only for :class:`NoAttention`: the decoder then feeds no
             context vector ``z_t`` at all.
+        reads_keys: whether :meth:`score` (or :meth:`forward`) reads the annotations
+            themselves; ``False`` where it reads only :meth:`project_keys`' output, so that
+            beam search can leave an image's annotations unrepeated across its hypotheses
+            (:meth:`captioner.decoder.AttentionDecoder.expand_beams`).
 
     Args:
         query_dim: ``N``, size of the decoder state used as query.
@@ -78,6 +82,7 @@ class Attention(nn.Module):
     """
 
     provides_context: bool = True
+    reads_keys: bool = True
 
     def __init__(self, query_dim: int, key_dim: int) -> None:
         super().__init__()
@@ -159,6 +164,8 @@ class AdditiveAttention(Attention):
             ``0`` forms it whole.
     """
 
+    reads_keys = False  # score reads proj_keys only
+
     def __init__(self, query_dim: int, key_dim: int, attention_dim: int = 512,
                  tanh_via_sigmoid: bool = True, chunk_elements: int = 1 << 19) -> None:
         super().__init__(query_dim, key_dim)
@@ -237,6 +244,8 @@ class GeneralAttention(Attention):
         key_dim: ``D``.
     """
 
+    reads_keys = False  # score reads proj_keys only
+
     def __init__(self, query_dim: int, key_dim: int) -> None:
         super().__init__(query_dim, key_dim)
         self.key_proj = nn.Linear(key_dim, query_dim, bias=False)  # W_a: D -> N
@@ -261,6 +270,8 @@ class ScaledDotProductAttention(Attention):
         key_dim: ``D``.
         attention_dim: ``A``, the common size ``d_k``.
     """
+
+    reads_keys = False  # score reads proj_keys only
 
     def __init__(self, query_dim: int, key_dim: int, attention_dim: int = 512) -> None:
         super().__init__(query_dim, key_dim)
@@ -294,6 +305,8 @@ class CosineAttention(Attention):
         key_dim: ``D``.
         eps: guards the norms of zero vectors.
     """
+
+    reads_keys = False  # score reads proj_keys only
 
     def __init__(self, query_dim: int, key_dim: int, eps: float = 1e-8) -> None:
         super().__init__(query_dim, key_dim)

@@ -46,7 +46,7 @@ instead of a ``(B, T, V)`` grid that is mostly copies and zeros.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Literal
 
 import torch
@@ -65,10 +65,12 @@ class DecoderState:
     Attributes:
         h: ``(B, N)`` hidden state.
         c: ``(B, N)`` memory cell.
-        keys: ``(B, L, D)`` annotation vectors.
+        keys: ``(B, L, D)`` annotation vectors, or ``(B / group, L, D)`` shared by each run of
+            ``group`` consecutive rows (beam search's hypotheses of one image).
         proj_keys: query-independent attention projection (``(B, L, A)`` or ``None``).
         mask: ``(B, L)`` bool, ``True`` where an annotation is valid, or ``None``.
         step: the index ``t`` of the next step (0 for the initial state), the same for all rows.
+        group: rows per row of ``keys`` (1: one each).
     """
 
     h: torch.Tensor
@@ -77,18 +79,24 @@ class DecoderState:
     proj_keys: torch.Tensor | None
     mask: torch.Tensor | None
     step: int = 0
+    group: int = 1
 
     def select(self, index: torch.Tensor) -> "DecoderState":
-        """Reorder / repeat the batch: every tensor ``x`` becomes ``x[index]``."""
+        """Reorder / repeat the batch: every tensor ``x`` becomes ``x[index]`` (shared keys are
+        copied out, one row each)."""
 
         def pick(x: torch.Tensor | None) -> torch.Tensor | None:
             return None if x is None else x.index_select(0, index)
 
-        return DecoderState(pick(self.h), pick(self.c), pick(self.keys), pick(self.proj_keys),
-                            pick(self.mask), self.step)
+        key_rows = index if self.group == 1 else torch.div(index, self.group,
+                                                           rounding_mode="floor")
+        return DecoderState(pick(self.h), pick(self.c), self.keys.index_select(0, key_rows),
+                            pick(self.proj_keys), pick(self.mask), self.step)
 
     def head(self, n: int) -> "DecoderState":
         """The first ``n`` rows of every tensor, as views (no copy)."""
+        if self.group != 1:
+            return self.select(torch.arange(n, device=self.h.device))
 
         def first(x: torch.Tensor | None) -> torch.Tensor | None:
             return None if x is None else x[:n]
@@ -98,8 +106,30 @@ class DecoderState:
 
     def select_recurrent(self, index: torch.Tensor) -> "DecoderState":
         """Reorder only ``h`` and ``c`` (cheap, for beams of the same image sharing keys)."""
-        return DecoderState(self.h.index_select(0, index), self.c.index_select(0, index),
-                            self.keys, self.proj_keys, self.mask, self.step)
+        return replace(self, h=self.h.index_select(0, index), c=self.c.index_select(0, index))
+
+    def repeat_rows(self, k: int, share_keys: bool = False) -> "DecoderState":
+        """Each row ``k`` times in a row, ``(B, ...) -> (B k, ...)`` (beam search's ``K``
+        hypotheses per image). With ``share_keys`` the keys stay ``(B, L, D)``, shared by each
+        image's ``k`` rows (``group = k``), instead of ``k`` copies."""
+        rows = torch.arange(self.h.shape[0], device=self.h.device).repeat_interleave(k)
+        if not share_keys or k == 1 or self.group != 1:
+            return self.select(rows)
+
+        def pick(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x.index_select(0, rows)
+
+        return DecoderState(pick(self.h), pick(self.c), self.keys, pick(self.proj_keys),
+                            pick(self.mask), self.step, group=k)
+
+    def context(self, alpha: torch.Tensor) -> torch.Tensor:
+        """``z = sum_i alpha_i a_i`` (Eq. 6): ``alpha`` ``(B, L)`` -> ``(B, D)``; with shared
+        keys one batched matmul per image over its ``group`` rows."""
+        if self.group == 1:
+            return torch.bmm(alpha.unsqueeze(1), self.keys).squeeze(1)  # (B, D)
+        n, L, D = self.keys.shape
+        z = torch.bmm(alpha.view(n, self.group, L), self.keys)  # (B / group, group, D)
+        return z.view(n * self.group, D)  # (B, D)
 
 
 @dataclass
@@ -256,6 +286,19 @@ class AttentionDecoder(nn.Module):
             h = c = mean.new_zeros(mean.shape[0], self.hidden_dim)
         return DecoderState(h, c, annotations, self.attention.project_keys(annotations), mask)
 
+    def expand_beams(self, state: DecoderState, k: int) -> DecoderState:
+        """The state of ``k`` hypotheses per image, image-major (what beam search starts from).
+
+        The annotations are shared by an image's hypotheses (not copied ``k`` times: 257 MB at
+        ``B = 32``, ``K = 5`` and a 14 x 14 x 2048 grid) when only the context reads them: soft
+        attention whose module scores from the projected keys alone
+        (:attr:`captioner.attention.Attention.reads_keys` false, e.g. the paper's additive
+        attention). Otherwise every row gets its own copy."""
+        share = (k > 1 and self.use_context and self.hard is None
+                 and state.proj_keys is not None
+                 and not getattr(self.attention, "reads_keys", True))
+        return state.repeat_rows(k, share_keys=share)
+
     # ------------------------------------------------------------------ one step
     def _input_gates_from_words(self, emb: torch.Tensor) -> torch.Tensor:
         """The embedding part of the LSTM input transform ``W_e E y + b`` (any leading dims)."""
@@ -277,12 +320,12 @@ class AttentionDecoder(nn.Module):
                                step=state.step)  # (B, L)
         selection = None
         if not self.use_context:
-            z = state.keys.new_zeros(state.keys.shape[0], 0)  # (B, 0): no context (Show and Tell)
+            z = state.h.new_zeros(state.h.shape[0], 0)  # (B, 0): no context (Show and Tell)
         elif self.hard is not None:
             selection = self.hard(alpha, state.keys, sample, use_expectation)
             z = selection.context  # (B, D)
         else:
-            z = torch.bmm(alpha.unsqueeze(1), state.keys).squeeze(1)  # (B, D)
+            z = state.context(alpha)  # (B, D)
         if self.gate == "none" or not self.use_context:
             beta = z.new_ones(z.shape[0], 1)
         else:
@@ -342,7 +385,7 @@ class AttentionDecoder(nn.Module):
         emb = self.embedding(prev_tokens)  # (B, E)
         z, alpha, beta, selection = self._attend_select(state)
         h, c = self._lstm(self._input_gates_from_words(emb), z, state)
-        new_state = DecoderState(h, c, state.keys, state.proj_keys, state.mask, state.step + 1)
+        new_state = replace(state, h=h, c=c, step=state.step + 1)
         logits = self.output_logits(emb, h, z)  # (B, V)
         if selection is not None:
             alpha = selection.weights

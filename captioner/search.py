@@ -2,7 +2,10 @@
 
 Both work with any decoder exposing ``init_state(annotations, mask) -> state`` and
 ``step(prev_tokens (B,), state) -> (log_probs (B, V), state, alpha (B, L), beta (B,))``, and
-a state with ``select(index)`` / ``select_recurrent(index)`` (see :mod:`captioner.decoder`).
+a state with ``select(index)`` / ``select_recurrent(index)`` (see :mod:`captioner.decoder`);
+beam search starts from ``decoder.expand_beams(state, K)`` where the decoder has it (the
+library's shares each image's annotations among its ``K`` hypotheses), else from
+``state.select`` of each row ``K`` times.
 No Lightning here.
 
 Length conventions: a *step* emits one token; ``<end>`` counts as a token. ``<end>`` is forbidden
@@ -135,8 +138,11 @@ def beam_search(
     dev = annotations.device
     neg_inf = float("-inf")
 
-    rows = torch.arange(B, device=dev).repeat_interleave(K)  # (B*K,)
-    state = decoder.init_state(annotations, mask).select(rows)
+    state = decoder.init_state(annotations, mask)
+    if hasattr(decoder, "expand_beams"):  # may share an image's annotations among its beams
+        state = decoder.expand_beams(state, K)
+    else:
+        state = state.select(torch.arange(B, device=dev).repeat_interleave(K))  # (B*K,) rows
     prev = torch.full((B * K,), start_id, dtype=torch.long, device=dev)
     beam_scores = torch.full((B, K), neg_inf, device=dev)
     beam_scores[:, 0] = 0.0  # only the first beam is alive at t = 0

@@ -34,8 +34,9 @@ stay meaningful.
   of ``2 sigmoid(2x) - 1``, the unroll computing the padding's steps (``skip_padding`` off),
   the loss scoring the ``(B, T, V)`` grid instead of the computed rows (``grid_loss``),
   ``torch.optim.Adam``'s per-tensor loop instead of its fused kernel, search forming the
-  attention hidden layer of all hypotheses at once instead of a few rows at a time, search on
-  one image at a time.
+  attention hidden layer of all hypotheses at once instead of a few rows at a time, beam
+  search copying an image's annotations for each hypothesis instead of sharing them
+  (``copied_beam_keys``), search on one image at a time.
 * ``--ab ABLATION`` measures training of ours against one training ablation alone, interleaved
   in alternating order, and reports the ratio of every round: for effects of a few per cent,
   which the shared machine's noise hides in a three-repeat run, give it many ``--repeats``.
@@ -474,6 +475,14 @@ class PaddedStepsDecoder(AttentionDecoder):
         return super().forward(annotations, captions, mask, skip_padding=False)
 
 
+class CopiedBeamKeysDecoder(AttentionDecoder):
+    """Ablation: beam search gives each of an image's ``K`` hypotheses its own copy of the
+    annotations (``(B K, L, D)``) instead of sharing them (``DecoderState.group``)."""
+
+    def expand_beams(self, state: DecoderState, k: int) -> DecoderState:
+        return state.repeat_rows(k, share_keys=False)
+
+
 def tanh_attention(attention_dim: int) -> Callable[[int, int], AdditiveAttention]:
     """Ablation: additive attention whose hidden layer calls ``tanh`` itself instead of
     ``2 sigmoid(2x) - 1`` (``AdditiveAttention(tanh_via_sigmoid=False)``)."""
@@ -525,6 +534,7 @@ ABLATIONS: dict[str, Ablation] = {
     "grid_loss": Ablation(loss=grid_loss, decodes=False),
     "loop_adam": Ablation(fused_adam=False, decodes=False),  # torch.optim.Adam's default
     "whole_hidden_layer": Ablation(attention=whole_hidden_layer_attention, trains=False),
+    "copied_beam_keys": Ablation(CopiedBeamKeysDecoder, trains=False),
 }
 #: ablations that change decoding only (training is the same code as ours)
 DECODE_ABLATIONS = ("per_image_decoding",
@@ -628,6 +638,12 @@ class ProposedDecoder(AttentionDecoder):
         if not (self.grouped_beams and self._fast_path(mask)):
             return state
         return GroupedState(state.h, state.c, state.keys, state.proj_keys, None, state.step)
+
+    def expand_beams(self, state: DecoderState, k: int) -> DecoderState:
+        if isinstance(state, GroupedState):  # its own grouping (keys and projected keys)
+            rows = torch.arange(state.h.shape[0], device=state.h.device).repeat_interleave(k)
+            return state.select(rows)
+        return super().expand_beams(state, k)
 
     def step(self, prev_tokens: torch.Tensor, state: DecoderState):
         if not isinstance(state, GroupedState) or (state.group == 1 and not self.chunked_score):
@@ -750,8 +766,8 @@ def bench_decoders(s: Sizes, device: torch.device, baseline: bool, proposed: boo
             result[f"{name}_parity"] = training_parity(ours, other, work, loss_fn)
         result["tanh_hidden_parity"].update(decode_parity(s, ours, impls["tanh_hidden"][0],
                                                           work))
-        result["whole_hidden_layer_parity"] = decode_parity(
-            s, ours, impls["whole_hidden_layer"][0], work)
+        for name in ("whole_hidden_layer", "copied_beam_keys"):
+            result[f"{name}_parity"] = decode_parity(s, ours, impls[name][0], work)
         impls["per_image_decoding"] = (ours, ours_loss)
 
     train_impls = {k: v for k, v in impls.items()
@@ -808,29 +824,47 @@ def bench_decoders(s: Sizes, device: torch.device, baseline: bool, proposed: boo
     return result
 
 
-def bench_ab(s: Sizes, device: torch.device, name: str, log: Callable[[str], None]
-             ) -> dict[str, Any]:
-    """Training of ours against one ablation alone, for effects of a few per cent: many repeats,
-    interleaved in alternating order, with the ratio of each round (ablated seconds / ours)."""
-    if name not in ABLATIONS or not ABLATIONS[name].trains:
-        known = ", ".join(n for n, a in ABLATIONS.items() if a.trains)
-        raise SystemExit(f"benchmark: --ab {name!r} is not a training ablation ({known})")
-    work = make_work(s, device)
-    ours = build_decoder(s).to(device)
-    dec, opt = ablated_decoder(s, name, ours, device)
-    tasks = {"ours": functools.partial(train_pass, ours, library_adam(ours.parameters()), work,
-                                       ours_loss),
-             name: functools.partial(train_pass, dec, opt, work, ABLATIONS[name].loss)}
-    log(f"A/B training: ours against {name} ({s.train_batches} batches x {s.repeats} repeats)")
-    times = interleaved(tasks, s.warmup, s.repeats, device)
-    speedups = [a / o for o, a in zip(times["ours"], times[name])]  # per round
-    captions = s.batch * s.train_batches
-    return {"ablation": name, "repeats": s.repeats,
-            "ours_train_captions_per_s": rate(captions, times["ours"]),
-            "ablated_train_captions_per_s": rate(captions, times[name]),
+def _ab_rounds(times: dict[str, list[float]], name: str, items: int) -> dict[str, Any]:
+    """Per-round ratios (ablated seconds / ours) of an interleaved A/B and the two rates."""
+    speedups = [a / o for o, a in zip(times["ours"], times[name])]
+    return {"ours_per_s": rate(items, times["ours"]), "ablated_per_s": rate(items, times[name]),
             "ours_speedup_median": statistics.median(speedups),
             "ours_speedup_per_round": [round(x, 3) for x in speedups],
             "rounds_ours_faster": sum(x > 1 for x in speedups)}
+
+
+def bench_ab(s: Sizes, device: torch.device, name: str, log: Callable[[str], None]
+             ) -> dict[str, Any]:
+    """Ours against one ablation alone, for effects of a few per cent: many repeats, interleaved
+    in alternating order, with the ratio of each round (ablated seconds / ours). Training when
+    the ablation changes training, and beam 3, beam 5 and greedy decoding when it changes
+    decoding (``decode``)."""
+    if name not in ABLATIONS:
+        raise SystemExit(f"benchmark: --ab {name!r} is not an ablation ({', '.join(ABLATIONS)})")
+    ablation = ABLATIONS[name]
+    work = make_work(s, device)
+    ours = build_decoder(s).to(device)
+    dec, opt = ablated_decoder(s, name, ours, device)
+    result: dict[str, Any] = {"ablation": name, "repeats": s.repeats}
+    if ablation.trains:
+        tasks = {"ours": functools.partial(train_pass, ours, library_adam(ours.parameters()),
+                                           work, ours_loss),
+                 name: functools.partial(train_pass, dec, opt, work, ablation.loss)}
+        log(f"A/B training: ours against {name} ({s.train_batches} batches x {s.repeats} "
+            "repeats)")
+        train = _ab_rounds(interleaved(tasks, s.warmup, s.repeats, device), name,
+                           s.batch * s.train_batches)
+        result.update({"ours_train_captions_per_s": train.pop("ours_per_s"),
+                       "ablated_train_captions_per_s": train.pop("ablated_per_s"), **train})
+    if ablation.decodes:
+        result["decode"] = {}
+        for beam, key in ((3, "beam_k3"), (5, "beam_k5"), (1, "greedy_b32")):
+            tasks = {impl: functools.partial(decode_library, d, work.annotations, beam, s.steps)
+                     for impl, d in (("ours", ours), (name, dec))}
+            log(f"A/B decoding {key}: ours against {name} ({s.repeats} repeats)")
+            result["decode"][key] = _ab_rounds(interleaved(tasks, s.warmup, s.repeats, device),
+                                               name, s.batch)
+    return result
 
 
 def bench_bf16(s: Sizes, device: torch.device, log: Callable[[str], None]) -> dict[str, Any]:
@@ -1021,9 +1055,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="add the library decoder without its key-projection cache, without "
                         "its fused recurrent matmul, and its search on one image at a time")
     p.add_argument("--ab", default=None, metavar="ABLATION",
-                   help="add training of ours against this one ablation alone (e.g. grid_loss, "
-                        "loop_adam), interleaved in alternating order, with per-round ratios; "
-                        "for small effects use many --repeats")
+                   help="add ours against this one ablation alone (e.g. grid_loss, loop_adam, "
+                        "copied_beam_keys), training and/or decoding as the ablation changes "
+                        "them, interleaved in alternating order, with per-round ratios; for "
+                        "small effects use many --repeats")
     p.add_argument("--cached-epochs", action="store_true",
                    help="add one training epoch from raw images against one from cached "
                         "features (Flickr8k subset, frozen EfficientNet-Lite0; minutes)")

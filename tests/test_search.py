@@ -98,3 +98,66 @@ def test_length_penalty_prefers_longer_hypotheses(decoder, annotations):
     raw = beam_search(decoder, annotations, beam_size=5, max_length=15, **IDS)
     norm = beam_search(decoder, annotations, beam_size=5, max_length=15, length_penalty=1.0, **IDS)
     assert norm.lengths.float().mean() >= raw.lengths.float().mean()
+
+
+# ---------------------------------------------------------------- annotations shared among beams
+class CopiedKeysDecoder(AttentionDecoder):
+    """Every hypothesis gets its own copy of its image's annotations (the pre-sharing path)."""
+
+    def expand_beams(self, state, k):
+        return state.repeat_rows(k, share_keys=False)
+
+
+@pytest.mark.parametrize("k", [2, 3, 4])
+@pytest.mark.parametrize("masked", [False, True])
+def test_shared_beam_keys_decode_as_copied_keys(decoder, annotations, k, masked):
+    copied = CopiedKeysDecoder(V, D, embed_dim=9, hidden_dim=11, dropout=0.0).eval()
+    copied.load_state_dict(decoder.state_dict())
+    mask = None
+    if masked:  # ragged source lengths, as in translation
+        mask = torch.ones(B, L, dtype=torch.bool)
+        mask[0, 4:] = mask[3, 2:] = False
+    a = beam_search(decoder, annotations, beam_size=k, mask=mask, max_length=12, **IDS)
+    b = beam_search(copied, annotations, beam_size=k, mask=mask, max_length=12, **IDS)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.lengths, b.lengths)
+    torch.testing.assert_close(a.scores, b.scores, rtol=0, atol=1e-5)
+    torch.testing.assert_close(a.alphas, b.alphas, rtol=0, atol=1e-6)
+
+
+def test_expand_beams_shares_annotations_only_where_the_score_does_not_read_them(annotations):
+    torch.manual_seed(0)
+    additive = AttentionDecoder(V, D, embed_dim=9, hidden_dim=11).eval()
+    state = additive.init_state(annotations)
+    beams = additive.expand_beams(state, 3)
+    assert beams.group == 3 and beams.keys is annotations  # (B, L, D), not repeated
+    assert beams.h.shape == (3 * B, 11) and beams.proj_keys.shape[0] == 3 * B
+    torch.testing.assert_close(beams.h[3:6], state.h[1:2].expand(3, -1))
+    assert additive.step(torch.ones(3 * B, dtype=torch.long), beams)[1].group == 3
+    assert additive.expand_beams(state, 1).group == 1
+    from captioner.attention import DotAttention
+
+    dot = AttentionDecoder(V, D, embed_dim=9, hidden_dim=D, attention=DotAttention).eval()
+    copied = dot.expand_beams(dot.init_state(annotations), 3)  # its score reads the keys
+    assert copied.group == 1 and copied.keys.shape == (3 * B, L, D)
+    torch.testing.assert_close(copied.keys[3:6], annotations[1:2].expand(3, -1, -1))
+    hard = AttentionDecoder(V, D, embed_dim=9, hidden_dim=11, attention_mode="hard").eval()
+    assert hard.expand_beams(hard.init_state(annotations), 3).group == 1
+
+
+def test_shared_keys_context_and_select_by_hand():
+    from captioner.decoder import DecoderState
+
+    keys = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [3.0, 1.0]],
+                         [[2.0, 2.0], [1.0, -1.0], [0.0, 4.0]]])  # (2 images, L=3, D=2)
+    alpha = torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.0, 1.0],    # image 0's two beams
+                          [1.0, 0.0, 0.0], [0.25, 0.25, 0.5]])  # image 1's two beams
+    h = torch.arange(8.0).view(4, 2)
+    state = DecoderState(h, -h, keys, None, None, group=2)
+    expected = torch.tensor([[0.5, 1.0], [3.0, 1.0], [2.0, 2.0], [0.75, 2.25]])
+    torch.testing.assert_close(state.context(alpha), expected)
+    picked = state.select(torch.tensor([3, 0, 0]))  # copied out: one key row per row
+    assert picked.group == 1 and torch.equal(picked.keys, keys[[1, 0, 0]])
+    assert torch.equal(picked.h, h[[3, 0, 0]])
+    torch.testing.assert_close(picked.context(alpha[[3, 0, 0]]), expected[[3, 0, 0]])
+    moved = state.select_recurrent(torch.tensor([1, 1, 2, 3]))  # beams stay with their image
+    assert moved.group == 2 and moved.keys is keys and torch.equal(moved.h, h[[1, 1, 2, 3]])
