@@ -106,3 +106,29 @@ def test_translate_errors_are_one_line(checkpoint, capsys, tmp_path):
     assert main(["translate", "--ckpt", str(tmp_path / "captioning.ckpt"), "x"]) == 2
     err = capsys.readouterr().err
     assert "expected 'translation'" in err and "Traceback" not in err
+
+
+def test_lightning_test_builds_the_checkpoints_model(checkpoint, tmp_path):
+    """`captioner test --ckpt_path` with the configs alone: the encoder and decoder sizes given
+    on the fit command line come from the checkpoint, and a --model option still wins."""
+    data = tmp_path / "toy"
+    data.mkdir()
+    for split in ("train", "val", "test_2016_flickr"):
+        (data / f"{split}.de").write_text("".join(f"{s}\n" for s, _ in PAIRS), encoding="utf-8")
+        (data / f"{split}.en").write_text("".join(f"{t}\n" for _, t in PAIRS), encoding="utf-8")
+    cli = lightning_main([
+        "test",
+        "--config", str(CONFIGS / "trainer" / "cpu.yaml"),
+        "--config", str(CONFIGS / "data" / "multi30k_de_en.yaml"),
+        "--config", str(CONFIGS / "model" / "multi30k_gru.yaml"),
+        "--data.init_args.root", str(data), "--data.init_args.min_freq", "1",
+        "--data.init_args.batch_size", "2",
+        "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false",
+        "--trainer.enable_progress_bar", "false",
+        "--model.init_args.beam_size", "3",
+        "--ckpt_path", str(checkpoint),
+    ])
+    assert type(cli.model).__name__ == "TranslationModule"
+    assert cli.model.decoder.hidden_dim == 26 and cli.model.hparams.beam_size == 3
+    assert cli.model.hparams.src_vocab_size == 25 and cli.model.hparams.vocab_size == 24
+    assert cli.trainer.callback_metrics["test/bleu"] > 50  # it memorised the six pairs
