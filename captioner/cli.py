@@ -26,13 +26,15 @@ def _cli_class() -> type:
                                   compute_fn=lambda dm: dm.vocab_size, apply_on="instantiate")
 
         def parse_arguments(self, parser, args) -> None:
-            super().parse_arguments(parser, args)
             argv = sys.argv[1:] if args is None else args
-            self._model_args = _model_options(argv) if isinstance(argv, (list, tuple)) else []
-            sub = self.config.get("subcommand")
-            path = self.config[sub].get("ckpt_path") if sub else None
-            # read here, before Lightning parses the file, so that a bad file is one clear line
+            listed = isinstance(argv, (list, tuple))
+            self._model_args = _model_options(argv) if listed else []
+            # read before Lightning parses the file, so that a bad file is one clear line
+            path = _option_value(argv, "--ckpt_path") if listed else None
             self._ckpt_model = _saved_model_config(path) if path else None
+            if self._ckpt_model is not None and not _gives_model(argv):
+                argv = _with_model_first(list(argv), self._ckpt_model)  # no model YAML needed
+            super().parse_arguments(parser, argv if listed else args)
 
         def before_instantiate_classes(self) -> None:
             """Two fixes before the classes are built.
@@ -41,7 +43,8 @@ def _cli_class() -> type:
               (encoder and decoder included, saved by :mod:`captioner.lit.base`) replaces the
               config files' model section, so that a model trained with
               ``--model.init_args.decoder.init_args.hidden_dim 256`` tests without repeating
-              it. Lightning itself parses only the module's own hyperparameters from the
+              it (and a command line without any model config is given the checkpoint's
+              before parsing, in :meth:`parse_arguments`). Lightning itself parses only the module's own hyperparameters from the
               checkpoint, over the whole configuration, so that ``captioner test --ckpt_path
               X --model.init_args.beam_size 5`` would silently decode with the checkpoint's
               beam size: the ``--model...`` options of the command line are parsed again on
@@ -123,6 +126,53 @@ def _saved_model_config(ckpt_path: str) -> dict[str, Any] | None:
         raise SystemExit(f"{ckpt_path}: not a checkpoint (a {type(ckpt).__name__})")
     model = (ckpt.get(CHECKPOINT_KEY) or {}).get("model_config") or {}
     return model if model.get("class_path") else None
+
+
+def _option_value(argv: list[str] | tuple[str, ...], name: str) -> str | None:
+    """The value of option ``name`` (``--name V`` or ``--name=V``; the last one wins)."""
+    value = None
+    for i, arg in enumerate(map(str, argv)):
+        if arg == name and i + 1 < len(argv):
+            value = str(argv[i + 1])
+        elif arg.startswith(name + "="):
+            value = arg[len(name) + 1 :]
+    return value
+
+
+def _gives_model(argv: list[str] | tuple[str, ...]) -> bool:
+    """Whether a command line names a model: ``--model CONFIG|CLASS``, or a config file with a
+    ``model`` section (``--model.init_args.X`` alone names none)."""
+    from pathlib import Path
+
+    import yaml
+
+    if any(str(a) == "--model" or str(a).startswith("--model=") for a in argv):
+        return True
+    for i, arg in enumerate(map(str, argv)):
+        path = (str(argv[i + 1]) if arg in ("--config", "-c") and i + 1 < len(argv)
+                else arg.split("=", 1)[1] if arg.startswith("--config=") else None)
+        if path and Path(path).is_file():
+            try:
+                loaded = yaml.safe_load(Path(path).read_text())
+            except (OSError, yaml.YAMLError):
+                return True  # let the parser report it
+            if isinstance(loaded, dict) and "model" in loaded:
+                return True
+    return False
+
+
+def _with_model_first(argv: list[str], model: dict[str, Any]) -> list[str]:
+    """``argv`` with the checkpoint's model config given first after the subcommand, so that
+    a command line without a model config parses (config files and options given after it
+    apply on top; the vocabulary size stays linked from the data)."""
+    import json
+
+    init_args = {k: v for k, v in (model.get("init_args") or {}).items() if k != "vocab_size"}
+    given = json.dumps({"class_path": model["class_path"], "init_args": init_args})
+    at = next((i for i, a in enumerate(argv) if a in LIGHTNING_COMMANDS), None)
+    if at is None:
+        return argv
+    return [*argv[: at + 1], "--model", given, *argv[at + 1 :]]
 
 
 def _model_options(argv: list[str] | tuple[str, ...]) -> list[str]:

@@ -101,3 +101,43 @@ def test_unreadable_checkpoint_is_a_clear_error(shapes_root, tmp_path):
     torch.save([1, 2], tmp_path / "list.ckpt")
     with pytest.raises(SystemExit, match=r"list\.ckpt: not a checkpoint \(a list\)"):
         lightning_main(["test", *common, "--ckpt_path", str(tmp_path / "list.ckpt")])
+
+
+def test_test_needs_no_model_config_with_a_checkpoint(shapes_root, tmp_path):
+    """Trainer and data configs only: the model class and config come from the checkpoint."""
+    common = shapes_run(shapes_root, tmp_path, num_train=8, num_test=5, batch_size=4)
+    fit = lightning_main(["fit", *common, "--trainer.max_epochs", "1",
+                          "--model.init_args.decoder.init_args.hidden_dim", "18"])
+    ckpt = fit.trainer.checkpoint_callback.last_model_path
+    no_model = [  # the trainer and data parts of `common` only
+        "--config", str(CONFIGS / "trainer" / "cpu.yaml"),
+        "--config", str(CONFIGS / "data" / "shapes.yaml"),
+        "--data.init_args.root", str(shapes_root), "--data.init_args.num_train", "8",
+        "--data.init_args.num_val", "6", "--data.init_args.num_test", "5",
+        "--data.init_args.image_size", "32", "--data.init_args.batch_size", "4",
+        "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
+        "--trainer.logger", "false",
+    ]
+    test = lightning_main(["test", *no_model, "--model.init_args.beam_size", "2",
+                           "--ckpt_path", ckpt])
+    assert type(test.model).__name__ == "CaptioningModule"
+    assert test.model.decoder.hidden_dim == 18 and test.model.hparams.beam_size == 2
+    assert list(test.model.encoder.grid_size) == [4, 4]  # the checkpoint's, not a default
+    torch.testing.assert_close(test.model.decoder.L_o.weight, fit.model.decoder.L_o.weight)
+
+
+def test_option_value_and_whether_a_model_is_given(tmp_path):
+    from captioner.cli import _gives_model, _option_value, _with_model_first
+
+    argv = ["test", "--ckpt_path", "a.ckpt", "--x", "1", "--ckpt_path=b.ckpt"]
+    assert _option_value(argv, "--ckpt_path") == "b.ckpt" and _option_value(argv, "--y") is None
+    data, model = tmp_path / "data.yaml", tmp_path / "model.yaml"
+    data.write_text("data:\n  class_path: x\n")
+    model.write_text("model:\n  class_path: y\n")
+    assert not _gives_model(["test", "--config", str(data), "--model.init_args.beam_size", "3"])
+    assert _gives_model(["test", "--config", str(data), "-c", str(model)])
+    assert _gives_model(["test", "--model", "m.yaml"])
+    injected = _with_model_first(["test", "--config", str(data)],
+                                 {"class_path": "C", "init_args": {"vocab_size": 9, "lr": 0.1}})
+    assert injected[:2] == ["test", "--model"] and injected[3:] == ["--config", str(data)]
+    assert json.loads(injected[2]) == {"class_path": "C", "init_args": {"lr": 0.1}}
