@@ -108,19 +108,22 @@ def test_translate_errors_are_one_line(checkpoint, capsys, tmp_path):
     assert "expected 'translation'" in err and "Traceback" not in err
 
 
-def test_lightning_test_builds_the_checkpoints_model(checkpoint, tmp_path):
-    """`captioner test --ckpt_path` with the configs alone: the encoder and decoder sizes given
-    on the fit command line come from the checkpoint, and a --model option still wins."""
+@pytest.mark.parametrize("model_yaml", [True, False])
+def test_lightning_test_builds_the_checkpoints_model(checkpoint, tmp_path, model_yaml):
+    """`captioner test --ckpt_path` with the configs (with or without the model's): the encoder
+    and decoder sizes given on the fit command line come from the checkpoint, and a --model
+    option still wins."""
     data = tmp_path / "toy"
     data.mkdir()
     for split in ("train", "val", "test_2016_flickr"):
         (data / f"{split}.de").write_text("".join(f"{s}\n" for s, _ in PAIRS), encoding="utf-8")
         (data / f"{split}.en").write_text("".join(f"{t}\n" for _, t in PAIRS), encoding="utf-8")
+    model = ["--config", str(CONFIGS / "model" / "multi30k_gru.yaml")] if model_yaml else []
     cli = lightning_main([
         "test",
         "--config", str(CONFIGS / "trainer" / "cpu.yaml"),
         "--config", str(CONFIGS / "data" / "multi30k_de_en.yaml"),
-        "--config", str(CONFIGS / "model" / "multi30k_gru.yaml"),
+        *model,
         "--data.init_args.root", str(data), "--data.init_args.min_freq", "1",
         "--data.init_args.batch_size", "2",
         "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false",
