@@ -59,6 +59,8 @@ def _cli_class() -> type:
 
             cfg = self.config[self.subcommand] if self.subcommand else self.config
             if self.subcommand and cfg.get("ckpt_path"):
+                if self._ckpt_model is None:  # the path came from a config file
+                    self._ckpt_model = _saved_model_config(cfg.ckpt_path)
                 self._model_from_checkpoint(cfg.ckpt_path)
                 if self._model_args:
                     self.config = self.parser.parse_args([self.subcommand, *self._model_args],

@@ -72,6 +72,10 @@ def test_test_builds_the_checkpoints_model_and_command_line_options_win(shapes_r
     h = test.model.hparams
     assert (h.beam_size, h.max_length) == (3, 7)  # the command line's
     assert h.lr == 0.0123 and test.model.decoder.hidden_dim == 20  # the checkpoint's
+    in_yaml = tmp_path / "ckpt.yaml"  # the checkpoint named in a config file instead
+    in_yaml.write_text(f"ckpt_path: {ckpt}\n")
+    again = lightning_main(["test", *common, "--config", str(in_yaml)])
+    assert again.model.decoder.hidden_dim == 20
     torch.testing.assert_close(test.model.decoder.lstm.weight_hh,
                                fit.model.decoder.lstm.weight_hh)  # its weights
     out = Path(test.trainer.log_dir or test.trainer.default_root_dir)
