@@ -44,11 +44,11 @@ def _cli_class() -> type:
               config files' model section, so that a model trained with
               ``--model.init_args.decoder.init_args.hidden_dim 256`` tests without repeating
               it (and a command line without any model config is given the checkpoint's
-              before parsing, in :meth:`parse_arguments`). Lightning itself parses only the module's own hyperparameters from the
-              checkpoint, over the whole configuration, so that ``captioner test --ckpt_path
-              X --model.init_args.beam_size 5`` would silently decode with the checkpoint's
-              beam size: the ``--model...`` options of the command line are parsed again on
-              top of both.
+              before parsing, in :meth:`parse_arguments`). Lightning itself parses only the
+              module's own hyperparameters from the checkpoint, over the whole configuration,
+              so that ``captioner test --ckpt_path X --model.init_args.beam_size 5`` would
+              silently decode with the checkpoint's beam size: the ``--model...`` options of
+              the command line are parsed again on top of both.
             * Translation models also take the source vocabulary size: filled in here from
               the data module when the model class has a ``src_vocab_size`` argument (a link
               would break models without it).
@@ -77,21 +77,17 @@ def _cli_class() -> type:
         def _model_from_checkpoint(self, ckpt_path: str) -> None:
             """The checkpoint's saved model config over the parsed one (the vocabulary size
             stays linked from the data module); nothing when it has none."""
-            model = self._ckpt_model
-            if not model:
+            if not self._ckpt_model:
                 return
-            init_args = {k: v for k, v in (model.get("init_args") or {}).items()
-                         if k != "vocab_size"}
-            update = {"class_path": model["class_path"], "init_args": init_args}
             try:
-                self.config = self.parser.parse_object({self.subcommand: {"model": update}},
-                                                       self.config)
+                self.config = self.parser.parse_object(
+                    {self.subcommand: {"model": self._ckpt_model}}, self.config)
             except (SystemExit, Exception) as e:  # jsonargparse exits on a parse error
                 import warnings
 
                 warnings.warn(f"{ckpt_path}: its saved model config does not parse with this "
-                              f"version of captioner ({' '.join(str(e).split())[:300]}); the "
-                              "model is built from the config files instead", stacklevel=2)
+                              f"version of captioner ({_one_line(e)}); the model is built "
+                              "from the config files instead", stacklevel=2)
 
         def instantiate_classes(self) -> None:
             super().instantiate_classes()
@@ -104,9 +100,14 @@ def _cli_class() -> type:
     return CaptionerCLI
 
 
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300]
+
+
 def _saved_model_config(ckpt_path: str) -> dict[str, Any] | None:
-    """The model config saved in a captioner checkpoint (``None``: a missing file, which
-    Lightning reports, or a checkpoint without one).
+    """The model config saved in a captioner checkpoint, as ``{class_path, init_args}``
+    without ``vocab_size`` (linked from the data module); ``None``: a missing file, which
+    Lightning reports, or a checkpoint without one.
 
     Raises:
         SystemExit: a file that is not a readable checkpoint, in one line naming it.
@@ -122,12 +123,14 @@ def _saved_model_config(ckpt_path: str) -> dict[str, Any] | None:
     try:
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # not a zip / torch file, truncated, pickled objects
-        raise SystemExit(f"{ckpt_path}: not a readable checkpoint "
-                         f"({' '.join(str(e).split())[:300]})") from None
+        raise SystemExit(f"{ckpt_path}: not a readable checkpoint ({_one_line(e)})") from None
     if not isinstance(ckpt, dict):
         raise SystemExit(f"{ckpt_path}: not a checkpoint (a {type(ckpt).__name__})")
     model = (ckpt.get(CHECKPOINT_KEY) or {}).get("model_config") or {}
-    return model if model.get("class_path") else None
+    if not model.get("class_path"):
+        return None
+    init_args = {k: v for k, v in (model.get("init_args") or {}).items() if k != "vocab_size"}
+    return {"class_path": model["class_path"], "init_args": init_args}
 
 
 def _option_value(argv: list[str] | tuple[str, ...], name: str) -> str | None:
@@ -166,11 +169,10 @@ def _gives_model(argv: list[str] | tuple[str, ...]) -> bool:
 def _with_model_first(argv: list[str], model: dict[str, Any]) -> list[str]:
     """``argv`` with the checkpoint's model config given first after the subcommand, so that
     a command line without a model config parses (config files and options given after it
-    apply on top; the vocabulary size stays linked from the data)."""
+    apply on top). ``model``: :func:`_saved_model_config`'s."""
     import json
 
-    init_args = {k: v for k, v in (model.get("init_args") or {}).items() if k != "vocab_size"}
-    given = json.dumps({"class_path": model["class_path"], "init_args": init_args})
+    given = json.dumps(model)
     at = next((i for i, a in enumerate(argv) if a in LIGHTNING_COMMANDS), None)
     if at is None:
         return argv

@@ -1,6 +1,7 @@
 """What captioner's Lightning modules share (captioning and translation).
 
-* construction from a config dict, as LightningCLI builds them (:meth:`CaptionerModule.from_config`);
+* construction from a config dict, as LightningCLI builds them
+  (:meth:`CaptionerModule.from_config`);
 * checkpoint metadata under ``checkpoint["captioner"]`` (format, task, model config, vocabularies,
   data settings) and the random streams of torch, numpy and Python, so that a checkpoint loads in
   a fresh process from the file alone and resuming continues exactly;

@@ -142,6 +142,18 @@ def test_option_value_and_whether_a_model_is_given(tmp_path):
     assert _gives_model(["test", "--config", str(data), "-c", str(model)])
     assert _gives_model(["test", "--model", "m.yaml"])
     injected = _with_model_first(["test", "--config", str(data)],
-                                 {"class_path": "C", "init_args": {"vocab_size": 9, "lr": 0.1}})
+                                 {"class_path": "C", "init_args": {"lr": 0.1}})
     assert injected[:2] == ["test", "--model"] and injected[3:] == ["--config", str(data)]
     assert json.loads(injected[2]) == {"class_path": "C", "init_args": {"lr": 0.1}}
+
+
+def test_saved_model_config_leaves_the_vocabulary_size_to_the_data(tmp_path):
+    from captioner.cli import _saved_model_config
+
+    ckpt = tmp_path / "m.ckpt"
+    torch.save({"captioner": {"model_config": {"class_path": "C", "init_args": {
+        "vocab_size": 9, "lr": 0.1}}}}, ckpt)
+    assert _saved_model_config(str(ckpt)) == {"class_path": "C", "init_args": {"lr": 0.1}}
+    torch.save({"captioner": {}}, tmp_path / "bare.ckpt")
+    assert _saved_model_config(str(tmp_path / "bare.ckpt")) is None
+    assert _saved_model_config(str(tmp_path / "missing.ckpt")) is None
