@@ -16,7 +16,7 @@ The work is fixed so that figures compare across implementations and machines:
   (relative to the repository root) when present, else on generated JPEGs.
 
 Every figure is a median over repeats after warm-up. Implementations compared in one run
-(``--baseline``, ``--proposed``) are measured *interleaved* (round robin, one repeat of each in
+(``--baseline``, ``--ablations``) are measured *interleaved* (round robin, one repeat of each in
 turn), so that load from other processes on a shared machine hits them alike and their ratios
 stay meaningful.
 
@@ -25,9 +25,6 @@ stay meaningful.
   ``caption.py``): the encoder output is re-projected by the attention at every step, the batch
   is sorted by length and shrunk step by step, and beam search decodes one image at a time
   (greedy = its beam search with ``k = 1``). It lives here, as a reference, not in the library.
-* ``--proposed`` measures patched copies of :class:`captioner.decoder.AttentionDecoder`
-  (:class:`ProposedDecoder`, same weights, numerics checked against the original) that show
-  what the decoding changes proposed for ``decoder.py`` / ``search.py`` would buy.
 * ``--ablations`` measures the library with one of its optimisations removed (the "before" of
   each): keys re-projected at every step, the recurrent matmul through per-step weight slices
   (before :mod:`captioner.unrolled_linear`), the attention hidden layer through ``tanh`` instead
@@ -45,8 +42,8 @@ stay meaningful.
 
 Usage::
 
-    python scripts/benchmark.py --quick --baseline --proposed --json bench.json
-    python scripts/benchmark.py --baseline --proposed --bf16 --json bench.json   # full, minutes
+    python scripts/benchmark.py --quick --baseline --json bench.json
+    python scripts/benchmark.py --baseline --ablations --bf16 --json bench.json   # full, minutes
     python scripts/benchmark.py --ab grid_loss --repeats 20 --skip decoders,encode,load
 """
 
@@ -560,130 +557,6 @@ def decode_one_by_one(decoder: AttentionDecoder, annotations: torch.Tensor, beam
             for i in range(annotations.shape[0])]
 
 
-# ============================================================================ proposed changes
-@dataclass
-class GroupedState(DecoderState):
-    """A beam state whose ``K`` hypotheses per image share the image's keys.
-
-    ``h``, ``c`` are ``(B K, N)`` (image-major) but ``keys`` ``(B, L, D)`` and ``proj_keys``
-    ``(B, L, A)`` are not repeated ``K`` times: attention reads them once per image per step.
-    """
-
-    group: int = 1
-
-    def select(self, index: torch.Tensor) -> DecoderState:
-        B = self.keys.shape[0]
-        if self.group == 1 and index.numel() % B == 0:
-            K = index.numel() // B
-            expected = torch.arange(B, device=index.device).repeat_interleave(K)
-            if torch.equal(index, expected):  # beam search's initial repeat: keep keys shared
-                return GroupedState(self.h.index_select(0, index), self.c.index_select(0, index),
-                                    self.keys, self.proj_keys, self.mask, self.step, group=K)
-        return DecoderState(self.h, self.c, self.keys, self.proj_keys, self.mask,
-                            self.step).select(index)
-
-    def select_recurrent(self, index: torch.Tensor) -> "GroupedState":
-        return GroupedState(self.h.index_select(0, index), self.c.index_select(0, index),
-                            self.keys, self.proj_keys, self.mask, self.step, group=self.group)
-
-
-CHUNK_ELEMENTS = 1 << 19  # about 2 MB of float32: the attention hidden layer of a chunk
-
-
-class ProposedDecoder(AttentionDecoder):
-    """:class:`AttentionDecoder` with the decoding changes proposed for ``captioner/decoder.py``
-    and ``captioner/search.py``, each behind a flag so that their gains are measured apart.
-
-    Same parameters (it loads the original's ``state_dict``) and the same numerics:
-
-    * ``grouped_beams``: beam search keeps the keys ``(B, L, D)`` once per image instead of
-      ``K`` copies (:class:`GroupedState`), so the context ``bmm`` reads ``K`` times less;
-    * ``chunked_score`` (decoding, implies ``grouped_beams``): without autograd the
-      ``(B, K, L, A)`` hidden layer is formed, squashed in place and reduced a few images at a
-      time, so it stays in cache instead of going to memory (``CHUNK_ELEMENTS``).
-
-    Only the configuration of the benchmark (soft additive attention, no key mask) takes the
-    new paths; anything else falls back to the original code. (The training changes measured
-    by earlier versions of this class, a contiguous recurrent weight and its weight gradient as
-    one GEMM, are now in the library: :mod:`captioner.unrolled_linear`; the ablation
-    ``sliced_recurrent`` measures them.)
-    """
-
-    def __init__(self, *args: Any, grouped_beams: bool = False, chunked_score: bool = False,
-                 **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.grouped_beams = grouped_beams or chunked_score
-        self.chunked_score = chunked_score
-
-    def _fast_path(self, mask: torch.Tensor | None) -> bool:
-        return (self.hard is None and self.use_context and mask is None
-                and type(self.attention) is AdditiveAttention)
-
-    def _energies(self, proj_keys: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        """``e = w^T tanh(P + q)``: keys ``(B, L, A)``, queries ``(B, K, A)`` -> ``(B, K, L)``
-        (:meth:`AdditiveAttention.energies` on ``(B, 1, L, A)`` against ``(B, K, 1, A)``)."""
-        energies = self.attention.energies
-        B, K, A = q.shape
-        L = proj_keys.shape[1]
-        if not (self.chunked_score and not torch.is_grad_enabled()):
-            return energies(proj_keys.unsqueeze(1), q.unsqueeze(2))  # (B, K, L)
-        chunk = max(1, CHUNK_ELEMENTS // (K * L * A))  # images per chunk
-        return torch.cat([energies(proj_keys[i : i + chunk].unsqueeze(1),
-                                   q[i : i + chunk].unsqueeze(2))  # (c, K, L)
-                          for i in range(0, B, chunk)])
-
-    def init_state(self, annotations: torch.Tensor, mask: torch.Tensor | None = None
-                   ) -> DecoderState:
-        state = super().init_state(annotations, mask)
-        if not (self.grouped_beams and self._fast_path(mask)):
-            return state
-        return GroupedState(state.h, state.c, state.keys, state.proj_keys, None, state.step)
-
-    def expand_beams(self, state: DecoderState, k: int) -> DecoderState:
-        if isinstance(state, GroupedState):  # its own grouping (keys and projected keys)
-            rows = torch.arange(state.h.shape[0], device=state.h.device).repeat_interleave(k)
-            return state.select(rows)
-        return super().expand_beams(state, k)
-
-    def step(self, prev_tokens: torch.Tensor, state: DecoderState):
-        if not isinstance(state, GroupedState) or (state.group == 1 and not self.chunked_score):
-            return super().step(prev_tokens, state)
-        B, L, D = state.keys.shape
-        K = state.group
-        emb = self.embedding(prev_tokens)  # (B K, E)
-        q = self.attention.query_proj(state.h).view(B, K, -1)  # (B, K, A)
-        alpha = torch.softmax(self._energies(state.proj_keys, q), dim=-1)  # (B, K, L)
-        z = torch.bmm(alpha, state.keys).view(B * K, D)  # (B K, D): keys read once per image
-        alpha = alpha.view(B * K, L)
-        if self.gate == "none":
-            beta = z.new_ones(B * K, 1)
-        else:
-            beta = torch.sigmoid(self.f_beta(state.h))  # (B K, 1 | D)
-            z = beta * z
-        h, c = self._lstm(self._input_gates_from_words(emb), z, state)
-        new_state = GroupedState(h, c, state.keys, state.proj_keys, None, state.step + 1,
-                                 group=K)
-        logits = self.output_logits(emb, h, z)  # (B K, V)
-        return torch.log_softmax(logits.float(), dim=-1), new_state, alpha, beta.mean(-1)
-
-
-#: name -> flags, and which work each proposal changes.
-PROPOSALS: dict[str, dict[str, bool]] = {
-    "grouped_beams": {"grouped_beams": True},
-    "chunked_score": {"chunked_score": True},
-}
-DECODE_PROPOSALS = tuple(PROPOSALS)
-
-
-def proposed_decoder(s: Sizes, reference: AttentionDecoder, **flags: bool) -> ProposedDecoder:
-    dec = ProposedDecoder(
-        s.vocab_size, s.encoder_dim, embed_dim=s.embed_dim, hidden_dim=s.hidden_dim,
-        attention=additive_attention(s.attention_dim),
-        dropout=0.5, **flags)
-    dec.load_state_dict(reference.state_dict())
-    return dec.to(next(reference.parameters()).device)
-
-
 def decode_parity(s: Sizes, ours: AttentionDecoder, other: AttentionDecoder, work: Work
                   ) -> dict[str, float | bool]:
     """``other`` against ``ours`` (dropout off): decoded tokens and scores, greedy and beam 3."""
@@ -697,13 +570,6 @@ def decode_parity(s: Sizes, ours: AttentionDecoder, other: AttentionDecoder, wor
         out[f"{k}_tokens_equal"] = bool(torch.equal(got.tokens, ref.tokens))
         out[f"{k}_score_max_abs_diff"] = float((got.scores - ref.scores).abs().max())
     return out
-
-
-def check_parity(s: Sizes, ours: AttentionDecoder, work: Work) -> dict[str, float | bool]:
-    """The proposed decoders against the original (:func:`decode_parity`)."""
-    return {f"{name}_{key}": value for name in DECODE_PROPOSALS
-            for key, value in decode_parity(s, ours, proposed_decoder(s, ours, **PROPOSALS[name]),
-                                            work).items()}
 
 
 def training_parity(ours: AttentionDecoder, other: AttentionDecoder, work: Work,
@@ -727,9 +593,9 @@ def training_parity(ours: AttentionDecoder, other: AttentionDecoder, work: Work,
 
 
 # ============================================================================ sections
-def bench_decoders(s: Sizes, device: torch.device, baseline: bool, proposed: bool,
+def bench_decoders(s: Sizes, device: torch.device, baseline: bool,
                    log: Callable[[str], None], ablations: bool = False) -> dict[str, Any]:
-    """Training and decoding throughput of ours (and the baseline, the proposed changes, the
+    """Training and decoding throughput of ours (and the baseline, the
     ablations of the library's own optimisations)."""
     work = make_work(s, device)
     ours = build_decoder(s).to(device)
@@ -751,12 +617,6 @@ def bench_decoders(s: Sizes, device: torch.device, baseline: bool, proposed: boo
                               s.encoder_dim).to(device)
         impls["baseline"] = (tut, tutorial_loss)
         optimizers["baseline"] = torch.optim.Adam(tut.parameters(), lr=4e-4)  # the tutorial's
-    if proposed:
-        result["proposed_parity"] = check_parity(s, ours, work)
-        for name, flags in PROPOSALS.items():
-            dec = proposed_decoder(s, ours, **flags)
-            impls[name] = (dec, ours_loss)
-            optimizers[name] = library_adam(dec.parameters())
     if ablations:
         for name, ablation in ABLATIONS.items():
             dec, optimizers[name] = ablated_decoder(s, name, ours, device)
@@ -771,7 +631,7 @@ def bench_decoders(s: Sizes, device: torch.device, baseline: bool, proposed: boo
         impls["per_image_decoding"] = (ours, ours_loss)
 
     train_impls = {k: v for k, v in impls.items()
-                   if k not in (*DECODE_PROPOSALS, *DECODE_ABLATIONS)}
+                   if k not in DECODE_ABLATIONS}
     log(f"training: {', '.join(train_impls)} ({s.train_batches} batches x {s.repeats} repeats)")
     tasks = {name: functools.partial(train_pass, dec, optimizers[name], work, loss_fn)
              for name, (dec, loss_fn) in train_impls.items()}
@@ -804,15 +664,6 @@ def bench_decoders(s: Sizes, device: torch.device, baseline: bool, proposed: boo
         result["baseline"] = {"train_captions_per_s": train["baseline"], **decode["baseline"]}
         result["speedup_vs_baseline"] = {
             k: result[k] / v for k, v in result["baseline"].items()}
-    if proposed:
-        prop: dict[str, Any] = {}
-        for name in PROPOSALS:
-            entry = dict(decode.get(name, {}))
-            if name in train:
-                entry["train_captions_per_s"] = train[name]
-            entry["speedup_vs_ours"] = {k: v / result[k] for k, v in entry.items()}
-            prop[name] = entry
-        result["proposed"] = prop
     if ablations:
         result["ablations"] = {}
         for name in (*ABLATIONS, "per_image_decoding"):
@@ -1049,8 +900,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--bf16", action="store_true", help="add CPU autocast bf16 figures")
     p.add_argument("--baseline", action="store_true",
                    help="add the tutorial implementation, measured interleaved with ours")
-    p.add_argument("--proposed", action="store_true",
-                   help="add the proposed decoder changes, measured interleaved with ours")
     p.add_argument("--ablations", action="store_true",
                    help="add the library decoder without its key-projection cache, without "
                         "its fused recurrent matmul, and its search on one image at a time")
@@ -1093,7 +942,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     log(f"matmul {s.matmul_size}^3 fp32")
     result["matmul_gflops"] = matmul_gflops(s.matmul_size, device)
     if "decoders" not in skip:
-        result.update(bench_decoders(s, device, args.baseline, args.proposed, log,
+        result.update(bench_decoders(s, device, args.baseline, log,
                                      args.ablations))
     if args.ab:
         result["ab"] = bench_ab(s, device, args.ab, log)
