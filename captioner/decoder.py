@@ -55,6 +55,7 @@ from torch import nn
 
 from captioner.attention import AdditiveAttention, Attention
 from captioner.hard_attention import HardAttention, HardSelection
+from captioner.losses import at_least_float32
 from captioner.unrolled_linear import UnrolledLinear
 
 
@@ -389,7 +390,7 @@ class AttentionDecoder(nn.Module):
         logits = self.output_logits(emb, h, z)  # (B, V)
         if selection is not None:
             alpha = selection.weights
-        return torch.log_softmax(logits.float(), dim=-1), new_state, alpha, beta.mean(-1)
+        return torch.log_softmax(at_least_float32(logits), dim=-1), new_state, alpha, beta.mean(-1)
 
     # ------------------------------------------------------------------ unroll
     def forward(self, annotations: torch.Tensor, captions: torch.Tensor,

@@ -43,6 +43,12 @@ def _scored_targets(logits: torch.Tensor, targets: torch.Tensor,
     return logits, flat_targets.index_select(0, positions)  # (M, V), (M,)
 
 
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 if it is in a narrower float type (fp16, bf16 under mixed precision);
+    float64 stays float64."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def masked_nll(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -66,7 +72,7 @@ def masked_nll(
         A scalar.
     """
     rows, row_targets = _scored_targets(logits, targets, positions)  # (M, V), (M,)
-    nll = F.cross_entropy(rows.float(), row_targets, ignore_index=pad_id, reduction="sum")
+    nll = F.cross_entropy(at_least_float32(rows), row_targets, ignore_index=pad_id, reduction="sum")
     if reduction == "sentence":
         return nll / targets.shape[0]
     return nll / (targets != pad_id).sum().clamp_min(1)
@@ -102,7 +108,7 @@ def sentence_log_likelihood(logits: torch.Tensor, targets: torch.Tensor, pad_id:
     """
     B, T = targets.shape
     rows, row_targets = _scored_targets(logits, targets, positions)  # (M, V), (M,)
-    nll = F.cross_entropy(rows.float(), row_targets, ignore_index=pad_id,
+    nll = F.cross_entropy(at_least_float32(rows), row_targets, ignore_index=pad_id,
                           reduction="none")  # (M,)
     if positions is None:
         return -nll.view(B, T).sum(1)

@@ -48,6 +48,13 @@ class SearchResult:
     betas: torch.Tensor
 
 
+def _check_settings(max_length: int, beam_size: int = 1) -> None:
+    if max_length < 1:
+        raise ValueError(f"max_length must be at least 1 (decoding steps), got {max_length}")
+    if beam_size < 1:
+        raise ValueError(f"beam_size must be at least 1, got {beam_size}")
+
+
 def _constrain(log_probs: torch.Tensor, step: int, min_length: int, end_id: int,
                banned: tuple[int, ...]) -> torch.Tensor:
     """Never emit ``<pad>`` / ``<start>``; no ``<end>`` before ``min_length``."""
@@ -79,6 +86,7 @@ def greedy_search(
         max_length: maximum number of steps; min_length: minimum tokens incl. ``<end>``.
         mask: ``(B, L)`` key mask or ``None``.
     """
+    _check_settings(max_length)
     B, L, _ = annotations.shape
     state = decoder.init_state(annotations, mask)
     prev = annotations.new_full((B,), start_id, dtype=torch.long)
@@ -133,6 +141,7 @@ def beam_search(
         length_penalty: exponent of the length normalisation.
         mask: ``(B, L)`` key mask or ``None``.
     """
+    _check_settings(max_length, beam_size)
     B, L, _ = annotations.shape
     K = beam_size
     dev = annotations.device

@@ -86,3 +86,16 @@ def test_mismatched_logits_are_a_clear_error():
     assert math.isclose(flat.item(), -(math.log(0.5) + math.log(0.75)) / 2, rel_tol=1e-6)
     with pytest.raises(ValueError, match=r"do not match positions \(2,\)"):
         masked_nll(torch.zeros(3, 5), targets, positions=torch.tensor([0, 1]))
+
+
+def test_losses_keep_float64_and_upcast_half():
+    torch.manual_seed(2)
+    logits = torch.randn(3, 4, 6, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([[3, 1, 0, 0], [2, 5, 4, 0], [1, 1, 1, 1]])
+    assert masked_nll(logits, targets).dtype == torch.float64
+    assert sentence_log_likelihood(logits, targets).dtype == torch.float64
+    assert torch.autograd.gradcheck(lambda x: masked_nll(x, targets, reduction="token"),
+                                     (logits,))
+    half = masked_nll(logits.detach().half(), targets)
+    assert half.dtype == torch.float32
+    assert half.item() == pytest.approx(masked_nll(logits, targets).item(), rel=1e-2)

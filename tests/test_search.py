@@ -83,6 +83,16 @@ def test_no_crash_when_no_hypothesis_ends():
     assert (r.tokens != 2).all() and torch.isfinite(r.scores).all()
 
 
+@pytest.mark.parametrize("search, kw, name", [
+    (greedy_search, dict(max_length=0), "max_length"),
+    (beam_search, dict(beam_size=3, max_length=-2), "max_length"),
+    (beam_search, dict(beam_size=0, max_length=5), "beam_size"),
+])
+def test_impossible_settings_are_clear_errors(decoder, annotations, search, kw, name):
+    with pytest.raises(ValueError, match=f"{name} must be at least 1"):
+        search(decoder, annotations, **kw, **IDS)
+
+
 def test_never_emits_pad_or_start_and_pads_after_end(decoder, annotations):
     for r in (greedy_search(decoder, annotations, max_length=15, **IDS),
               beam_search(decoder, annotations, beam_size=3, max_length=15, **IDS)):

@@ -219,11 +219,14 @@ class HeatmapLocalisation(nn.Module):
         ys = (2 * torch.arange(h_f, device=x.device, dtype=torch.float64) + 1) / h_f - 1
         tx = (p.sum(2).double() * xs).sum(-1).to(p.dtype)  # (B, n)
         ty = (p.sum(3).double() * ys).sum(-1).to(p.dtype)  # (B, n)
-        params = torch.empty(b, n, len(_PARAM_NAMES[self.transform]), dtype=p.dtype,
+        others = None if self.regress is None else self.regress(pooled).view(b, n, -1)
+        # under CUDA autocast the softmax is float32 while the linear layer is float16
+        dtype = p.dtype if others is None else torch.promote_types(p.dtype, others.dtype)
+        params = torch.empty(b, n, len(_PARAM_NAMES[self.transform]), dtype=dtype,
                              device=x.device)  # (B, n, P)
-        params[..., self._translation] = torch.stack([tx, ty], -1)
-        if self.regress is not None:
-            params[..., self._others] = self.regress(pooled).view(b, n, -1)  # (B, n, P - 2)
+        params[..., self._translation] = torch.stack([tx, ty], -1).to(dtype)
+        if others is not None:
+            params[..., self._others] = others.to(dtype)  # (B, n, P - 2)
         return params.flatten(1)  # (B, n P)
 
 

@@ -5,7 +5,8 @@
 * checkpoint metadata under ``checkpoint["captioner"]`` (format, task, model config, vocabularies,
   data settings) and the random streams of torch, numpy and Python, so that a checkpoint loads in
   a fresh process from the file alone and resuming continues exactly;
-* the decoded outputs of validation / test gathered across ranks (DDP), each example once.
+* the decoded outputs of validation / test gathered across ranks (DDP), each example once;
+* the REINFORCE terms of hard attention (Section 4.1, Eq. 12), whatever the annotations encode.
 
 Plain ``nn.Module``s never import this: only the Lightning wrappers do.
 """
@@ -21,14 +22,18 @@ import numpy as np
 import torch
 
 from captioner.config import instantiate, plain
+from captioner.decoder import DecoderOutput
 from captioner.inference import CHECKPOINT_FORMAT, CHECKPOINT_KEY
+from captioner.losses import attention_entropy, reinforce_surrogate, sentence_log_likelihood
 
 
 class CaptionerModule(L.LightningModule):
     """Base of :class:`~captioner.lit.captioning.CaptioningModule` and
     :class:`~captioner.lit.translation.TranslationModule`.
 
-    Subclasses set :attr:`task`, fill ``self._eval_outputs`` with dicts holding an ``"index"``
+    Subclasses set :attr:`task`, have a ``decoder`` (an
+    :class:`~captioner.decoder.AttentionDecoder`) and the hyperparameters ``hard_lambda_r``,
+    ``hard_lambda_e`` and ``hard_num_samples``, fill ``self._eval_outputs`` with dicts holding an ``"index"``
     during validation / test, and describe their vocabularies through :meth:`checkpoint_meta`
     and :meth:`restore_meta`.
 
@@ -55,6 +60,62 @@ class CaptionerModule(L.LightningModule):
         module = instantiate(path, copy.deepcopy(init_args))
         module.model_config = {"class_path": path, "init_args": plain(init_args)}
         return module
+
+    # ---------------------------------------------------------------- hard attention
+    def hard_samples(self) -> int:
+        """``N`` of Eq. 12: location sequences sampled per target in this training step (``1``
+        outside training or without hard attention)."""
+        if not self.training or getattr(self.decoder, "hard", None) is None:
+            return 1
+        return int(self.hparams.get("hard_num_samples", 1))
+
+    def hard_attention_loss(self, out: DecoderOutput, targets: torch.Tensor, pad_id: int
+                            ) -> dict[str, torch.Tensor]:
+        r"""The REINFORCE part of Eq. 12 for a training unroll that sampled locations.
+
+        ``loss`` is :func:`~captioner.losses.reinforce_surrogate` with the reward
+        ``log p(y | s~, a)`` of each target and the baseline ``b`` of the decoder's
+        :class:`~captioner.hard_attention.HardAttention`, which is then updated with the
+        rewards of the targets that sampled at least one location. The likelihood term of
+        Eq. 12 is the ordinary NLL under the sampled locations, which the caller adds.
+
+        Args:
+            out: the decoder's training output (``location_log_probs`` and ``sampled`` set).
+            targets: ``(B, T)`` target ids.
+            pad_id: padding id.
+
+        Returns:
+            ``{}`` when no location was sampled (evaluation mode, soft attention); else
+            ``loss`` (scalar, with gradient) and, detached, ``reward`` (mean over the targets
+            that sampled), ``baseline`` (``b`` used) and ``entropy`` (mean ``H[s]``).
+        """
+        hard = getattr(self.decoder, "hard", None)
+        if hard is None or out.location_log_probs is None:
+            return {}
+        steps = targets != pad_id  # (B, T)
+        reward = sentence_log_likelihood(out.token_logits, targets, pad_id, out.positions)  # (B,)
+        log_p_s = (out.location_log_probs * steps).sum(1)  # (B,)
+        entropy = attention_entropy(out.alphas, steps)  # (B,)
+        sampled = (out.sampled & steps).any(1)  # (B,)
+        any_sampled = bool(sampled.any())
+        baseline = hard.baseline.clone()
+        if not bool(hard.baseline_started) and any_sampled:
+            baseline = reward[sampled].mean().detach()
+        surrogate = reinforce_surrogate(reward, log_p_s, entropy, baseline,
+                                        self.hparams.get("hard_lambda_r", 0.1),
+                                        self.hparams.get("hard_lambda_e", 0.002))
+        hard.update_baseline(reward[sampled])
+        return {"loss": surrogate,
+                "reward": (reward[sampled].mean().detach() if any_sampled
+                           else reward.new_tensor(float("nan"))),
+                "baseline": baseline.detach(), "entropy": entropy.mean().detach()}
+
+    def log_hard_attention(self, losses: dict[str, torch.Tensor], batch_size: int) -> None:
+        """Log ``train/reinforce``, ``train/reward``, ``train/baseline``, ``train/entropy``
+        when :meth:`hard_attention_loss` produced them."""
+        for key in ("reinforce", "reward", "baseline", "entropy"):
+            if key in losses and torch.isfinite(losses[key]):  # reward: NaN if none sampled
+                self.log(f"train/{key}", losses[key], batch_size=batch_size)
 
     # ---------------------------------------------------------------- evaluation outputs
     def on_validation_epoch_start(self) -> None:

@@ -21,8 +21,7 @@ from captioner.decoder import AttentionDecoder
 from captioner.encoders.encoder import ImageEncoder
 from captioner.lit.base import CaptionerModule
 from captioner.lit.optim import adam
-from captioner.losses import (attention_entropy, doubly_stochastic_penalty, masked_nll,
-                              reinforce_surrogate, sentence_log_likelihood)
+from captioner.losses import doubly_stochastic_penalty, masked_nll
 from captioner.search import SearchResult, beam_search, greedy_search
 
 log = logging.getLogger(__name__)
@@ -134,9 +133,8 @@ class CaptioningModule(CaptionerModule):
         """
         captions = batch["captions"]
         annotations = self.encode(batch)
-        hard = getattr(self.decoder, "hard", None) if self.training else None
-        samples = int(self.hparams.get("hard_num_samples", 1))
-        if hard is not None and samples > 1:
+        samples = self.hard_samples()
+        if samples > 1:
             annotations = annotations.repeat_interleave(samples, 0)  # (B * n, L, D)
             captions = captions.repeat_interleave(samples, 0)  # (B * n, T + 1)
         out = self.decoder(annotations, captions, skip_padding=True)  # only real tokens are scored
@@ -146,25 +144,11 @@ class CaptioningModule(CaptionerModule):
                          out.positions)  # the computed rows, where they are
         dsr = doubly_stochastic_penalty(out.alphas, targets != pad)
         losses = {"loss": nll + self.hparams.doubly_stochastic * dsr, "nll": nll, "dsr": dsr}
-        if hard is not None and out.location_log_probs is not None:
-            steps = targets != pad  # (B, T)
-            reward = sentence_log_likelihood(out.token_logits, targets, pad,
-                                             out.positions)  # (B,)
-            log_p_s = (out.location_log_probs * steps).sum(1)  # (B,)
-            entropy = attention_entropy(out.alphas, steps)  # (B,)
-            sampled = (out.sampled & steps).any(1)  # (B,)
-            baseline = hard.baseline.clone()
-            if not bool(hard.baseline_started):
-                baseline = reward[sampled].mean().detach() if bool(sampled.any()) else baseline
-            surrogate = reinforce_surrogate(reward, log_p_s, entropy, baseline,
-                                            self.hparams.get("hard_lambda_r", 0.1),
-                                            self.hparams.get("hard_lambda_e", 0.002))
-            hard.update_baseline(reward[sampled])
-            losses["loss"] = losses["loss"] + surrogate
-            losses.update(reinforce=surrogate.detach(),
-                          reward=reward[sampled].mean().detach() if bool(sampled.any())
-                          else reward.new_tensor(float("nan")),
-                          baseline=baseline.detach(), entropy=entropy.mean().detach())
+        hard = self.hard_attention_loss(out, targets, pad)
+        if hard:
+            losses["loss"] = losses["loss"] + hard["loss"]
+            losses.update(reinforce=hard["loss"].detach(), reward=hard["reward"],
+                          baseline=hard["baseline"], entropy=hard["entropy"])
         return losses
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -173,9 +157,7 @@ class CaptioningModule(CaptionerModule):
         self.log("train/loss", losses["loss"], prog_bar=True, batch_size=bs)
         self.log("train/nll", losses["nll"], batch_size=bs)
         self.log("train/dsr", losses["dsr"], batch_size=bs)
-        for key in ("reinforce", "reward", "baseline", "entropy"):  # hard attention only
-            if key in losses and torch.isfinite(losses[key]):
-                self.log(f"train/{key}", losses[key], batch_size=bs)
+        self.log_hard_attention(losses, bs)
         return losses["loss"]
 
     # ---------------------------------------------------------------- decoding

@@ -72,6 +72,11 @@ class TranslationModule(CaptionerModule):
         min_length: fewest target tokens when decoding, ``<end>`` included.
         length_penalty: beam ranking ``score / length ** length_penalty`` (``1``: per-token
             log-probability, the usual length normalisation).
+        hard_lambda_r: hard attention (``decoder.attention_mode: hard``): weight ``lambda_r`` of
+            the REINFORCE term of Xu et al.'s Eq. 12, as in captioning.
+        hard_lambda_e: hard attention: weight ``lambda_e`` of the entropy term.
+        hard_num_samples: hard attention: location sequences sampled per sentence pair (``N``
+            of Eq. 12); the batch is repeated that many times.
     """
 
     task = TASK
@@ -94,6 +99,9 @@ class TranslationModule(CaptionerModule):
         max_length: int = 50,
         min_length: int = 1,
         length_penalty: float = 1.0,
+        hard_lambda_r: float = 0.1,
+        hard_lambda_e: float = 0.002,
+        hard_num_samples: int = 1,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["encoder", "decoder"])
@@ -143,9 +151,20 @@ class TranslationModule(CaptionerModule):
              encoded: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """NLL (plus ``lambda`` times the doubly stochastic penalty) of a batch
         ``{src (B, S), src_lengths (B,), tgt (B, T + 1)}``; also ``tokens``, the number of
-        target tokens scored."""
+        target tokens scored.
+
+        With hard attention in training mode the pairs are repeated ``hard_num_samples`` times
+        and the loss adds the REINFORCE terms of Eq. 12, exactly as in captioning
+        (:meth:`~captioner.lit.base.CaptionerModule.hard_attention_loss`; extra entries
+        ``reinforce``, ``reward``, ``baseline``, ``entropy``).
+        """
         annotations, mask = self.encode(batch) if encoded is None else encoded
         tgt = batch["tgt"]
+        samples = self.hard_samples()
+        if samples > 1:
+            annotations = annotations.repeat_interleave(samples, 0)  # (B * n, S, D)
+            mask = mask.repeat_interleave(samples, 0)  # (B * n, S)
+            tgt = tgt.repeat_interleave(samples, 0)  # (B * n, T + 1)
         out = self.decoder(annotations, tgt, mask, skip_padding=True)  # only real tokens are scored
         targets = tgt[:, 1:]  # (B, T)
         pad = self.vocab.pad_id if self.vocab is not None else 0
@@ -159,6 +178,11 @@ class TranslationModule(CaptionerModule):
             dsr = doubly_stochastic_penalty(out.alphas, steps) - (~mask).sum(1).float().mean()
             losses["dsr"] = dsr
             losses["loss"] = nll + self.hparams.doubly_stochastic * dsr
+        hard = self.hard_attention_loss(out, targets, pad)
+        if hard:
+            losses["loss"] = losses["loss"] + hard["loss"]
+            losses.update(reinforce=hard["loss"].detach(), reward=hard["reward"],
+                          baseline=hard["baseline"], entropy=hard["entropy"])
         return losses
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
@@ -168,6 +192,7 @@ class TranslationModule(CaptionerModule):
         self.log("train/nll", losses["nll"], batch_size=bs)
         if "dsr" in losses:
             self.log("train/dsr", losses["dsr"], batch_size=bs)
+        self.log_hard_attention(losses, bs)
         return losses["loss"]
 
     # ---------------------------------------------------------------- decoding

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.overrides import TorchFunctionMode
 
 from captioner.encoders.stn import (
     IDENTITY_PARAMS,
@@ -224,6 +225,30 @@ def test_heatmap_gradients_reach_every_localisation_parameter(transform: str) ->
     ((stn(x) - target) ** 2).mean().backward()
     for name, p in loc.trunk.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+class _CudaAutocastSoftmax(TorchFunctionMode):
+    """CUDA autocast's rule for ``softmax`` on CPU: float32 whatever the input's dtype, while
+    convolutions and linear layers run in the autocast dtype (no GPU in CI)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") == "softmax" and torch.is_autocast_enabled("cpu"):
+            args = tuple(a.float() if isinstance(a, torch.Tensor) else a for a in args)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("transform", FAMILIES)
+def test_heatmap_params_under_mixed_precision(transform: str) -> None:
+    """The heat map's translation (float32 softmax) and the regressed parameters (float16
+    linear) meet in one tensor of their common dtype (this failed with "Index put requires
+    the source and destination dtypes match")."""
+    torch.manual_seed(5)
+    loc = HeatmapLocalisation(C, 6, transform, 1)
+    x = torch.randn(B, C, H, W)
+    with _CudaAutocastSoftmax(), torch.autocast("cpu", dtype=torch.float16):
+        params = loc(x)  # (B, P)
+    assert params.dtype == torch.float32 and params.shape == (B, NUM_PARAMS[transform])
+    torch.testing.assert_close(params, loc(x), atol=2e-3, rtol=2e-3)  # float32 values
 
 
 def test_concat_away_from_output_is_rejected() -> None:

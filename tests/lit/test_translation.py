@@ -108,6 +108,33 @@ def test_doubly_stochastic_penalty_counts_real_source_words_only():
         model_config(len(src_vocab), len(tgt_vocab))).loss(b)  # off by default
 
 
+@pytest.mark.parametrize("samples", [1, 3])
+def test_hard_attention_trains_the_attention_through_reinforce(samples):
+    # every location sampled (no expectation steps): only Eq. 12's REINFORCE term reaches the
+    # attention's parameters, so with lambda_r = lambda_e = 0 their gradient is exactly zero
+    src_vocab, tgt_vocab = vocabularies()
+    batch = batch_of(PAIRS[:3], src_vocab, tgt_vocab)
+    grads = {}
+    for lambda_r in (0.0, 1.0):
+        torch.manual_seed(3)
+        config = model_config(len(src_vocab), len(tgt_vocab), hard_lambda_r=lambda_r,
+                              hard_lambda_e=0.0, hard_num_samples=samples)
+        config["decoder"]["init_args"].update(attention_mode="hard", hard_expectation_prob=0.0)
+        module = TranslationModule.from_config(config).train()
+        module.src_vocab, module.vocab = src_vocab, tgt_vocab
+        losses = module.loss(batch)
+        assert {"reinforce", "reward", "baseline", "entropy"} <= losses.keys()
+        assert bool(module.decoder.hard.baseline_started)  # b updated with the rewards
+        assert module.decoder.hard.baseline.item() == pytest.approx(losses["reward"].item())
+        losses["loss"].backward()
+        grads[lambda_r] = torch.cat([p.grad.flatten() for p in
+                                     module.decoder.attention.parameters()])
+    assert grads[0.0].abs().max() == 0
+    assert grads[1.0].abs().max() > 1e-4
+    module.eval()  # evaluation: no sampling, no REINFORCE terms
+    assert "reinforce" not in module.loss(batch)
+
+
 # ------------------------------------------------------------------------------ through Lightning
 def write_split(root: Path, split: str, pairs) -> None:
     (root / f"{split}.de").write_text("".join(f"{s}\n" for s, _ in pairs), encoding="utf-8")
@@ -201,3 +228,4 @@ def test_checkpoint_carries_config_and_both_vocabularies(fitted):
         assert t.tokens == expected.tokens[i, : expected.lengths[i]].tolist()
         assert t.alphas.shape == (len(t.tokens), len(t.source_tokens))
         assert t.source_tokens[-1] == "<end>"
+
