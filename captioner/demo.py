@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
+
+from captioner.atomic import atomic_write
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -76,10 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     with open(out / "test_captions.tsv", "w") as f:
         for r, c in zip(records, captions):
             f.write(f"{r.path.name}\t{c.text}\t{r.captions[0]}\n")
-    tmp = out / "demo_metrics.json.tmp"
-    tmp.write_text(json.dumps({"checkpoint": str(best), "test_images": len(records), **scores},
-                              indent=2))
-    os.replace(tmp, out / "demo_metrics.json")
+    with atomic_write(out / "demo_metrics.json") as f:
+        json.dump({"checkpoint": str(best), "test_images": len(records), **scores}, f, indent=2)
 
     print("[demo] 4/4 attention figures", flush=True)
     for r, c in list(zip(records, captions))[: args.figures]:

@@ -31,7 +31,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -40,6 +39,8 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+
+from captioner.atomic import atomic_write
 
 __all__ = ["FeatureCache", "FeatureCacheError", "encoder_fingerprint", "extract_features",
            "image_key", "INDEX_FILE"]
@@ -75,18 +76,14 @@ def _size_pair(size: int | Sequence[int]) -> list[int]:
     return [int(size), int(size)] if isinstance(size, int) else [int(s) for s in size]
 
 
-def _atomic_write(path: Path, write: Callable[[Any], None], mode: str = "wb") -> None:
-    """Write through ``write(file)`` into a temporary file, then rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _write_json(path: Path, obj: Any) -> None:
+    with atomic_write(path) as f:
+        json.dump(obj, f)
+
+
+def _write_shard(path: Path, shard: np.ndarray) -> None:
+    with atomic_write(path, "wb") as f:
+        np.save(f, shard)
 
 
 class FeatureCache:
@@ -247,7 +244,7 @@ def extract_features(
     if not todo:
         if not index["complete"]:
             index["complete"] = True
-            _atomic_write(out / INDEX_FILE, lambda f: json.dump(index, f), "w")
+            _write_json(out / INDEX_FILE, index)
         say(f"{len(keys)} images already cached in {out}")
         return FeatureCache(out)
 
@@ -267,12 +264,12 @@ def extract_features(
             raise ValueError("features overflow float16 (|x| > 65504): this encoder's outputs "
                              "cannot be cached in half precision")
         name = f"shard_{len(index['shards']):05d}.npy"
-        _atomic_write(out / name, lambda f: np.save(f, shard))
+        _write_shard(out / name, shard)
         index["shards"].append(name)
         for row, key in enumerate(chunk):
             index["items"][key] = [len(index["shards"]) - 1, row]
         index["complete"] = start + shard_size >= len(todo)
-        _atomic_write(out / INDEX_FILE, lambda f: json.dump(index, f), "w")
+        _write_json(out / INDEX_FILE, index)
         done += len(chunk)
         say(f"{name}: {len(chunk)} images ({done}/{len(keys)})")
         if shard_delay and not index["complete"]:

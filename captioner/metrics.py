@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from captioner.atomic import atomic_write
+
 logger = logging.getLogger(__name__)
 
 ImageId = Hashable  # int or str in practice
@@ -432,17 +434,8 @@ def write_coco_results(hypotheses: Mapping[int, str], path: str | os.PathLike) -
             raise ValueError(f"write_coco_results: image id {k!r} is not an integer") from None
         rows.append({"image_id": image_id, "caption": str(caption)})
     rows.sort(key=lambda r: r["image_id"])
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(rows, f, ensure_ascii=False)
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_write(path) as f:
+        json.dump(rows, f, ensure_ascii=False)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,9 +21,7 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,32 +32,18 @@ from matplotlib.patches import Rectangle
 from PIL import Image
 from scipy import ndimage
 
+from captioner.atomic import atomic_path
+
 # Gaussian smoothing of the upsampled map, in grid cells (Xu et al. used sigma = 20 px for
 # 16 px cells with skimage's pyramid_expand; half a cell keeps the cell structure readable).
 SMOOTH_SIGMA_CELLS = 0.5
-
-
-@contextmanager
-def _atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path next to ``path`` (same suffix); move it onto ``path`` on success."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.stem}.", suffix=out.suffix)
-    os.close(fd)
-    try:
-        yield Path(tmp)
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _save_figure(fig: Figure, path: str | os.PathLike, dpi: int) -> Path:
     out = Path(path)
     FigureCanvasAgg(fig)  # attach the Agg canvas explicitly
     fmt = out.suffix.lstrip(".").lower() or None
-    with _atomic_path(out) as tmp:
+    with atomic_path(out) as tmp:
         fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight")
     return out
 
@@ -290,7 +274,7 @@ def save_attention_maps(
         arrays["hard_locations"] = np.asarray(hard_locations, dtype=np.int64).reshape(-1)[:t_len]
     if image_size is not None:
         arrays["image_size"] = np.asarray(image_size, dtype=np.int64)
-    with _atomic_path(out) as tmp:
+    with atomic_path(out) as tmp:
         with open(tmp, "wb") as f:  # a file object: numpy appends no extension
             np.savez_compressed(f, **arrays)
     return out

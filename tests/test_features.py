@@ -208,6 +208,15 @@ def test_missing_images_are_reported_with_the_split(records, shapes_root, tmp_pa
         dm.setup("fit")
 
 
+def test_cache_of_another_image_size_is_refused(records, shapes_root, tmp_path):
+    extract_features(frozen_encoder(), [r.path for r in records["val"]], tmp_path,
+                     image_size=16, batch_size=2, shard_size=2)  # the data config says 32
+    dm = CachedFeaturesDataModule(features_dir=str(tmp_path), **data_kwargs(shapes_root))
+    with pytest.raises(FeatureCacheError, match=r"extracted at image_size \[16, 16\], but the "
+                                                r"data config says \[32, 32\]"):
+        dm.setup("validate")
+
+
 def test_captioner_fit_trains_from_the_cache_without_running_the_encoder(
         tiny_checkpoint, shapes_root, tmp_path):
     """`captioner fit` with `data: CachedShapesDataModule`: batches carry features, the CNN

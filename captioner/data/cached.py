@@ -105,7 +105,15 @@ class _CachedFeatures:
     def cache(self) -> FeatureCache:
         """The feature cache (opened on first use)."""
         if self._cache is None:
-            self._cache = FeatureCache(self.features_dir)
+            cache = FeatureCache(self.features_dir)
+            size = self.image_size
+            expected = [size, size] if isinstance(size, int) else [int(v) for v in size]
+            if cache.index.get("image_size") != expected:  # inference would resize otherwise
+                raise FeatureCacheError(
+                    f"the feature cache {self.features_dir} was extracted at image_size "
+                    f"{cache.index.get('image_size')}, but the data config says {expected}: "
+                    "extract it again with this data config, or set image_size to match")
+            self._cache = cache
         return self._cache
 
     def _dataset(self, split: str) -> Dataset[dict[str, Any]]:

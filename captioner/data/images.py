@@ -54,13 +54,24 @@ class ImageLoadError(ValueError):
         reason: What went wrong.
     """
 
-    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
+    def __init__(self, path: str | os.PathLike[str], reason: str | None = None) -> None:
+        if reason is None:  # re-raised from a DataLoader worker: one argument, the whole text
+            path, reason = _from_worker(str(path))
         self.path = Path(path)
         self.reason = reason
         super().__init__(f"cannot load image {self.path}: {reason}")
 
     def __reduce__(self) -> tuple[type, tuple[Path, str]]:  # picklable across DataLoader workers
         return type(self), (self.path, self.reason)
+
+
+def _from_worker(message: str) -> tuple[str, str]:
+    """``(path, reason)`` from the text torch re-raises a worker's error with (its traceback,
+    ending in ``...ImageLoadError: cannot load image PATH: REASON``), or ``("?", message)``."""
+    last = message.strip().splitlines()[-1] if message.strip() else ""
+    _, sep, text = last.partition("ImageLoadError: cannot load image ")
+    path, colon, reason = text.partition(": ")
+    return (path, reason) if sep and colon else ("?", message)
 
 
 def load_image(path: str | os.PathLike[str]) -> Image.Image:
@@ -111,8 +122,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
       on white, not dropped (dropping leaves whatever colour hides under alpha 0, often black);
     * 16-bit (``I;16*``) and 32-bit integer (``I``) greyscale are scaled, ``v * 255 / 65535``,
       not clipped to 255; ``I`` data outside ``[0, 65535]`` is min-max scaled instead;
-    * float (``F``) in ``[0, 1]`` is scaled by 255, otherwise min-max scaled;
-    * ``1``, ``L``, ``P``, ``CMYK``, ``YCbCr``, ... go through PIL's own conversion.
+    * float (``F``) in ``[0, 1]`` is scaled by 255, otherwise min-max scaled; NaN and infinite
+      values take the ends of the finite range, so one bad pixel does not blank the picture;
+    * ``1`` is black and white; in ``1``, ``I;16*`` and ``I`` a PNG transparent grey value
+      (``info["transparency"]``) becomes white, as alpha does in the other modes;
+    * ``L``, ``P``, ``CMYK``, ``YCbCr``, ... go through PIL's own conversion.
 
     Args:
         img: The image (already loaded).
@@ -127,8 +141,13 @@ def to_rgb(img: Image.Image) -> Image.Image:
     has_alpha = mode in _ALPHA_MODES or (mode in ("P", "L", "RGB") and "transparency" in img.info)
     if mode == "RGB" and not has_alpha:
         return img.copy()
-    if mode.startswith("I;16") or mode in ("I", "F"):
-        return Image.fromarray(_to_uint8(np.asarray(img), mode), mode="L").convert("RGB")
+    if mode == "1" or mode.startswith("I;16") or mode in ("I", "F"):
+        values = np.asarray(img)  # (H, W)
+        grey = values.astype(np.uint8) * 255 if mode == "1" else _to_uint8(values, mode)
+        key = img.info.get("transparency")  # a PNG tRNS grey value: those pixels are see-through
+        if isinstance(key, int) and mode != "F":
+            grey = np.where(values == (bool(key) if mode == "1" else key), 255, grey)
+        return Image.fromarray(grey.astype(np.uint8), mode="L").convert("RGB")
     if has_alpha:
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (*_WHITE, 255))
@@ -139,9 +158,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
 def _to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
     """Scale a high-bit-depth greyscale array (H, W) to uint8 (H, W), see :func:`to_rgb`."""
     a = a.astype(np.float64)
-    if a.size == 0:
-        return a.astype(np.uint8)
-    lo, hi = float(a.min()), float(a.max())
+    finite = a[np.isfinite(a)]
+    if finite.size == 0:  # empty, or nothing but NaN / inf
+        return np.zeros(a.shape, dtype=np.uint8)
+    lo, hi = float(finite.min()), float(finite.max())
+    a = np.nan_to_num(a, nan=lo, posinf=hi, neginf=lo)
     if mode == "F":
         scaled = a * 255.0 if lo >= 0.0 and hi <= 1.0 else _minmax(a, lo, hi)
     elif lo >= 0.0 and hi <= 65535.0:  # I;16* always; I when it holds 16-bit data (PNG, TIFF)
@@ -153,7 +174,6 @@ def _to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
 
 def _minmax(a: np.ndarray, lo: float, hi: float) -> np.ndarray:
     """Map ``[lo, hi]`` linearly onto ``[0, 255]`` (a constant array maps to 0)."""
-    a = np.nan_to_num(a, nan=lo, posinf=hi, neginf=lo)
     return (a - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(a)
 
 

@@ -67,7 +67,7 @@ def _read_lines(path: Path) -> list[str]:
     if not path.is_file():
         raise ParallelDataError(f"{path}: file not found")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not text
     except UnicodeDecodeError as e:
         raise ParallelDataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     lines = text.split("\n")

@@ -48,6 +48,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
+from captioner.atomic import atomic_write
+
 __all__ = [
     "CAPTION_WORDS",
     "COLOURS",
@@ -429,9 +431,8 @@ def _render(
 
 
 def _atomic_write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj), encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_write(path) as f:
+        json.dump(obj, f)
 
 
 def _split_paths(root: Path, split: str) -> tuple[Path, Path, Path]:

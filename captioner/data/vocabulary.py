@@ -11,11 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+from captioner.atomic import atomic_write
 
 __all__ = ["Vocabulary", "PAD", "START", "END", "UNK", "SPECIALS"]
 
@@ -211,19 +212,9 @@ class Vocabulary:
         Args:
             path: Destination file; parent folders are created.
         """
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self.to_dict(), f, ensure_ascii=False, indent=0)
-                f.write("\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        with atomic_write(path) as f:
+            json.dump(self.to_dict(), f, ensure_ascii=False, indent=0)
+            f.write("\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Vocabulary:

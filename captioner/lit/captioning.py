@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Callable, Literal
 
 import torch
 
+from captioner.atomic import atomic_write
 from captioner.data.vocabulary import END, PAD, SPECIALS, START, Vocabulary
 from captioner.decoder import AttentionDecoder
 from captioner.encoders.encoder import ImageEncoder
@@ -256,13 +256,11 @@ class CaptioningModule(CaptionerModule):
         out_dir.mkdir(parents=True, exist_ok=True)
         write_coco_results({records[o["index"]].image_id: " ".join(h)
                             for o, h in zip(outputs, hyps)}, out_dir / "test_captions.json")
-        tmp = out_dir / "test_metrics.json.tmp"
         h = self.hparams
         search = {"beam_size": int(h.beam_size), "max_length": int(h.max_length),
                   "length_penalty": float(h.length_penalty)}  # how the captions were decoded
-        tmp.write_text(json.dumps({**{k: float(v) for k, v in scores.items()}, **search},
-                                  indent=2))
-        os.replace(tmp, out_dir / "test_metrics.json")
+        with atomic_write(out_dir / "test_metrics.json") as f:
+            json.dump({**{k: float(v) for k, v in scores.items()}, **search}, f, indent=2)
         log.info("test captions and metrics written to %s", out_dir)
 
     # ---------------------------------------------------------------- optimisation

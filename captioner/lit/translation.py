@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any, Callable, Literal
 
 import torch
 
+from captioner.atomic import atomic_write
 from captioner.data.parallel import detokenize_mt
 from captioner.data.vocabulary import Vocabulary
 from captioner.decoder import AttentionDecoder
@@ -273,9 +273,8 @@ class TranslationModule(CaptionerModule):
         metrics = {**scores, "signature": self.last_bleu.signature,
                    "detail": self.last_bleu.detail, "beam_size": self.hparams.beam_size,
                    "sentences": len(outputs)}
-        tmp = out_dir / "test_metrics.json.tmp"
-        tmp.write_text(json.dumps(metrics, indent=2))
-        os.replace(tmp, out_dir / "test_metrics.json")
+        with atomic_write(out_dir / "test_metrics.json") as f:
+            json.dump(metrics, f, indent=2)
         log.info("test translations and metrics written to %s", out_dir)
 
     # ---------------------------------------------------------------- optimisation

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from PIL import Image
 
 from captioner.data.formats import (
     AnnotationError,
@@ -24,10 +26,20 @@ from captioner.data.formats import (
 )
 
 
-def _touch(folder: Path, *names: str) -> None:
+def _jpeg_bytes() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (3, 5), (200, 30, 30)).save(buffer, "JPEG")
+    return buffer.getvalue()
+
+
+JPEG = _jpeg_bytes()
+
+
+def _touch(folder: Path, *names: str, data: bytes = JPEG) -> None:
+    """Image files (a small valid JPEG unless ``data`` says otherwise)."""
     for name in names:
         (folder / name).parent.mkdir(parents=True, exist_ok=True)
-        (folder / name).write_bytes(b"")
+        (folder / name).write_bytes(data)
 
 
 def _write_json(path: Path, obj: Any) -> Path:
@@ -250,6 +262,74 @@ def test_load_kaggle_flickr8k_header_and_missing_image(tmp_path: Path) -> None:
         load_kaggle_flickr8k(file, tmp_path)
     file.write_text("\ufeffimage,caption\na.jpg,x\n", encoding="utf-8")  # BOM tolerated
     with pytest.raises(AnnotationError, match=r"line 2 \(a.jpg\): image file not found"):
+        load_kaggle_flickr8k(file, tmp_path)
+
+
+# ---------------------------------------------------------------------------- all formats
+def _three_formats(tmp_path: Path, captions: dict[str, str]) -> dict[str, Any]:
+    """The same images and captions as a COCO, a Karpathy and a Kaggle CSV file."""
+    names = list(captions)
+    coco = _write_json(tmp_path / "coco.json", {
+        "images": [{"id": i, "file_name": n} for i, n in enumerate(names)],
+        "annotations": [{"image_id": i, "caption": captions[n]} for i, n in enumerate(names)]})
+    karpathy = _write_json(tmp_path / "karpathy.json", {"images": [
+        {"filename": n, "imgid": i, "split": "train", "sentences": [{"raw": captions[n]}]}
+        for i, n in enumerate(names)]})
+    csv_file = tmp_path / "captions.txt"
+    csv_file.write_text("image,caption\n" + "".join(f'{n},"{captions[n]}"\n' for n in names))
+    return {"coco": lambda **kw: load_coco(coco, tmp_path, **kw),
+            "karpathy": lambda **kw: load_karpathy(karpathy, tmp_path, **kw),
+            "csv": lambda **kw: load_kaggle_flickr8k(csv_file, tmp_path, **kw)}
+
+
+@pytest.mark.parametrize("fmt", ["coco", "karpathy", "csv"])
+def test_skip_bad_drops_images_that_cannot_be_decoded(tmp_path: Path, fmt: str) -> None:
+    _touch(tmp_path, "good.jpg")
+    _touch(tmp_path, "zero.jpg", data=b"")
+    _touch(tmp_path, "cut.jpg", data=JPEG[: len(JPEG) // 2])  # truncated scan data
+    load = _three_formats(tmp_path, {"good.jpg": "a red box", "zero.jpg": "a thing",
+                                     "cut.jpg": "another thing"})[fmt]
+    assert len(load()) == 3  # without skip_bad: decoded when a batch needs them
+    with pytest.warns(AnnotationWarning) as caught:
+        records = load(skip_bad=True)
+    assert [r.path.name for r in records] == ["good.jpg"]
+    assert len(caught) == 1 and "2 x unreadable image" in str(caught[0].message)
+    assert "(zero.jpg): unreadable image: not a recognised image format" in str(caught[0].message)
+
+
+@pytest.mark.parametrize("fmt", ["coco", "karpathy", "csv"])
+def test_a_caption_without_words_is_empty(tmp_path: Path, fmt: str) -> None:
+    _touch(tmp_path, "a.jpg", "b.jpg")
+    load = _three_formats(tmp_path, {"a.jpg": "a dog .", "b.jpg": "... !!! ?"})[fmt]
+    with pytest.raises(AnnotationError, match=r"empty caption: '\.\.\. !!! \?'"):
+        load()
+    with pytest.warns(AnnotationWarning, match="1 x empty caption"):
+        records = load(skip_bad=True)
+    assert [r.path.name for r in records] == ["a.jpg"]
+
+
+def test_malformed_values_name_the_entry(tmp_path: Path) -> None:
+    _touch(tmp_path, "x.jpg", "y.jpg")
+    listed = _write_json(tmp_path / "k.json", {"images": [
+        {"filename": "x.jpg", "split": ["train"], "sentences": [{"raw": "a dog"}]}]})
+    with pytest.raises(AnnotationError, match=r"k.json images\[0\] \(x.jpg\): unknown split"):
+        load_karpathy(listed, tmp_path)
+    twice = _write_json(tmp_path / "d.json", {"images": [
+        {"filename": n, "imgid": 5, "sentences": [{"raw": "a dog"}]} for n in ("x.jpg", "y.jpg")]})
+    with pytest.raises(AnnotationError, match=r"images\[1\] \(y.jpg\): duplicate image id 5"):
+        load_karpathy(twice, tmp_path)
+    coco = tmp_path / "c.json"
+    coco.write_text('{"images": [{"id": 1, "file_name": "x.jpg", "width": NaN, "height": Infinity}],'
+                    ' "annotations": [{"image_id": 1, "caption": "a dog"}]}')
+    (record,) = load_coco(coco, tmp_path)
+    assert record.width is None and record.height is None  # not numbers: unknown size
+
+
+def test_csv_unclosed_quote_is_an_error_not_a_merge(tmp_path: Path) -> None:
+    _touch(tmp_path, "a.jpg", "b.jpg")
+    file = tmp_path / "captions.txt"
+    file.write_text('image,caption\na.jpg,"A dog runs\nb.jpg,A cat sits\n')
+    with pytest.raises(AnnotationError, match="captions.txt line 3: malformed CSV"):
         load_kaggle_flickr8k(file, tmp_path)
 
 

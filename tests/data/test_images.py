@@ -103,6 +103,42 @@ def test_int_and_float_modes(array: np.ndarray, expected: list[int]) -> None:
     assert [_pixel(img, (x, 0))[0] for x in range(3)] == expected
 
 
+def test_float_nan_does_not_blank_the_picture() -> None:
+    img = to_rgb(Image.fromarray(np.array([[np.nan, 0.0, 0.5, 1.0, np.inf]], dtype=np.float32)))
+    assert [_pixel(img, (x, 0))[0] for x in range(5)] == [0, 0, 128, 255, 255]
+    blank = to_rgb(Image.fromarray(np.full((2, 3), np.nan, dtype=np.float32)))
+    assert np.asarray(blank).max() == 0
+
+
+@pytest.mark.parametrize(("bits", "values", "key"), [
+    (1, [0, 1, 0], 0),  # 1-bit grey, black marked transparent
+    (16, [0, 1000, 65535], 1000),  # 16-bit grey, 1000 marked transparent
+])
+def test_png_transparent_grey_value_becomes_white(tmp_path: Path, bits, values, key) -> None:
+    """A tRNS chunk on 1-bit and 16-bit greyscale PNGs (PIL keeps it in info only)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+
+    if bits == 1:
+        row = bytes([int("".join(str(v) for v in values).ljust(8, "0"), 2)])
+    else:
+        row = b"".join(struct.pack(">H", v) for v in values)
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 3, 1, bits, 0, 0, 0, 0))
+           + chunk(b"tRNS", struct.pack(">H", key)) + chunk(b"IDAT", zlib.compress(b"\x00" + row))
+           + chunk(b"IEND", b""))
+    path = tmp_path / f"grey{bits}.png"
+    path.write_bytes(png)
+    with Image.open(path) as raw:
+        assert raw.info["transparency"] == key
+    img = load_image(path)
+    expected = {1: [255, 255, 255], 16: [0, 255, 255]}[bits]  # key pixels white, others scaled
+    assert [_pixel(img, (x, 0))[0] for x in range(3)] == expected
+
+
 def test_bilevel_mode(tmp_path: Path) -> None:
     path = tmp_path / "bits.png"
     im = Image.new("1", (3, 2), 0)
@@ -171,6 +207,24 @@ def test_error_pickles() -> None:
     err = pickle.loads(pickle.dumps(ImageLoadError("a/b.png", "broken")))
     assert isinstance(err, ImageLoadError)
     assert str(err) == "cannot load image a/b.png: broken"
+
+
+def test_error_survives_a_dataloader_worker(tmp_path: Path) -> None:
+    """torch re-raises a worker's exception as ``type(message)``: still an ImageLoadError,
+    with the file and reason."""
+    from torch.utils.data import DataLoader
+
+    from captioner.data.datasets import ImageEvalDataset, collate_images
+    from captioner.data.formats import ImageRecord
+
+    bad = tmp_path / "zero.jpg"
+    bad.write_bytes(b"")
+    loader = DataLoader(ImageEvalDataset([ImageRecord(0, bad, ["x"])], 8), num_workers=1,
+                        collate_fn=collate_images)
+    with pytest.raises(ImageLoadError) as caught:
+        next(iter(loader))
+    assert caught.value.path == bad and caught.value.reason == "not a recognised image format"
+    assert ImageLoadError("no traceback").reason == "no traceback"  # any other one-argument text
 
 
 def test_image_to_tensor_shape_range_and_values() -> None:

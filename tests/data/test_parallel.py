@@ -50,6 +50,13 @@ def test_misaligned_files_name_file_and_line(tmp_path):
     assert f"{tmp_path / 'train.de'}:4" in msg and "4 lines" in msg and "has 3" in msg
 
 
+def test_byte_order_mark_is_not_text(tmp_path):
+    (tmp_path / "a.de").write_bytes("\ufeffZwei Hunde .\r\nEin Mann .\r\n".encode("utf-8"))
+    (tmp_path / "a.en").write_bytes("\ufeffTwo dogs .\nA man .\n".encode("utf-8"))
+    pairs = read_aligned(tmp_path / "a.de", tmp_path / "a.en")
+    assert [list(p) for p in pairs] == [["Zwei Hunde .", "Two dogs ."], ["Ein Mann .", "A man ."]]
+
+
 @pytest.mark.parametrize("bad", ["", "   "])
 def test_empty_line_names_file_and_line(tmp_path, bad):
     write_aligned(tmp_path, "train", TRAIN)

@@ -24,6 +24,10 @@ from captioner.data.tokenize import detokenize, tokenize
         ("dogs,cats;birds", ["dogs", "cats", "birds"]),
         ("snake_case", ["snake", "case"]),
         ("Café naïve", ["café", "naïve"]),
+        ("Cafe\u0301 nai\u0308ve", ["café", "naïve"]),  # decomposed (NFD): the same words
+        ("\u0130stanbul", ["i\u0307stanbul"]),  # the dot that lower() leaves stays in the word
+        ("\u0928\u092e\u0938\u094d\u0924\u0947 \u0926\u0941\u0928\u093f\u092f\u093e",
+         ["\u0928\u092e\u0938\u094d\u0924\u0947", "\u0926\u0941\u0928\u093f\u092f\u093e"]),  # vowel signs
         ("", []),
         ("... !!! ,", []),
     ],
