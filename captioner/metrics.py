@@ -2,8 +2,9 @@
 
 Three groups of functions live here:
 
-* :func:`corpus_bleu` - a quick corpus BLEU-1..4 on token lists (NLTK), handy for validation
-  curves. It is *not* the number papers report.
+* :func:`corpus_bleu` - corpus BLEU-1..4 on token lists (the COCO scorer's BLEU on the package's
+  own tokens), for validation curves. Papers report :func:`coco_caption_scores`, whose BLEU
+  differs from it only by the PTB tokenisation.
 * :func:`coco_caption_scores` - the official ``pycocoevalcap`` protocol used by Xu et al.
   (2015, Section 5) and every later COCO / Flickr paper: Stanford PTB tokenisation of the raw
   strings, then BLEU-1..4, METEOR, ROUGE-L, CIDEr(-D) and optionally SPICE. Parts that need Java
@@ -27,7 +28,6 @@ import shutil
 import subprocess
 import tempfile
 import threading
-import warnings
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,13 +63,13 @@ _PTB_PUNCTUATIONS = frozenset(
 # (e.g. "-lrb-"); the Python fallback reproduces that quirk.
 _PTB_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "{": "-lcb-", "}": "-rcb-", "[": "-lsb-", "]": "-rsb-"}
 _CONTRACTION_RE = re.compile(r"(?<=\w)(n't|'s|'m|'d|'ll|'re|'ve)\b")
-_TOKEN_RE = re.compile(r"n't|'\w+|\w+(?:[-.,/']\w+)*|\.\.\.|--|``|''|[^\w\s]")
+_TOKEN_RE = re.compile(r"<[a-z]+>|n't|'\w+|\w+(?:[-.,/']\w+)*|\.\.\.|--|``|''|[^\w\s]")
 
 _CORENLP_SPICE_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
 
 
 # ---------------------------------------------------------------------------------------------
-# NLTK corpus BLEU
+# Corpus BLEU on token lists
 # ---------------------------------------------------------------------------------------------
 
 
@@ -77,13 +77,19 @@ def corpus_bleu(
     hypotheses: Sequence[Sequence[str]],
     references: Sequence[Sequence[Sequence[str]]],
 ) -> dict[str, float]:
-    """Cumulative corpus BLEU-1..4 with NLTK (Papineni et al., 2002), no smoothing.
+    """Cumulative corpus BLEU-1..4 (Papineni et al., 2002) on token lists, computed by
+    ``pycocoevalcap``'s ``BleuScorer``: the BLEU definition of :func:`coco_caption_scores`,
+    without its Java tokenisation.
 
-    ``bleuN`` uses uniform weights over 1..N-gram precisions (``(1, 0, 0, 0)``,
-    ``(.5, .5, 0, 0)``, ...). Clipped n-gram counts and lengths are summed over the corpus
-    before the geometric mean and the brevity penalty (closest reference length), as in the
-    paper. An empty hypothesis adds nothing to the numerators but its (zero) length and a
-    denominator of one, so it pulls the scores down without crashing; an empty corpus scores 0.
+    Clipped n-gram matches and n-gram counts are summed over the corpus before the geometric
+    mean; a hypothesis of ``c`` tokens contributes ``max(0, c - n + 1)`` n-grams (an empty one
+    adds nothing but its reference length); the brevity penalty uses the closest reference
+    length (the shorter on a tie). As in ``pycocoevalcap``, each precision is
+    ``(matches + 1e-15) / (count + 1e-9)``, so an order without any match scores about
+    ``1e-6 ** (1/n)`` times the rest rather than exactly 0. (Until November 2026 this used
+    NLTK's ``corpus_bleu``, which counts at least one n-gram per hypothesis and order, and so
+    scored corpora with short hypotheses lower; validation figures recorded before then in
+    ``docs/`` used that definition.)
 
     Args:
         hypotheses: one token list per image, e.g. ``[["a", "dog", "runs"], ...]``.
@@ -95,7 +101,7 @@ def corpus_bleu(
     Raises:
         ValueError: if the two lists differ in length or a hypothesis has no reference.
     """
-    from nltk.translate.bleu_score import corpus_bleu as nltk_corpus_bleu
+    from pycocoevalcap.bleu.bleu_scorer import BleuScorer
 
     if len(hypotheses) != len(references):
         raise ValueError(
@@ -107,16 +113,11 @@ def corpus_bleu(
     keys = ("bleu1", "bleu2", "bleu3", "bleu4")
     if not hypotheses or all(len(h) == 0 for h in hypotheses):
         return {k: 0.0 for k in keys}
-    weights = [tuple(1.0 / n if i < n else 0.0 for i in range(4)) for n in range(1, 5)]
-    with warnings.catch_warnings():
-        # NLTK warns for every order with zero matches ("... 0 counts of 3-gram overlaps").
-        warnings.simplefilter("ignore", UserWarning)
-        scores = nltk_corpus_bleu(
-            [[list(r) for r in refs] for refs in references],
-            [list(h) for h in hypotheses],
-            weights=weights,
-        )
-    return {k: float(s) for k, s in zip(keys, scores)}
+    scorer = BleuScorer(n=4)
+    for hyp, refs in zip(hypotheses, references):
+        scorer += (" ".join(hyp), [" ".join(r) for r in refs])  # tokens hold no spaces
+    scores, _ = scorer.compute_score(option="closest", verbose=0)
+    return {k: float(v) for k, v in zip(keys, scores)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,7 +196,9 @@ def _ptb_tokenize(captions: list[str], timeout_s: float) -> list[str]:
     jar = _pycocoevalcap_dir() / "tokenizer" / "stanford-corenlp-3.4.1.jar"
     if not jar.is_file():
         raise FileNotFoundError(f"{jar} not found")
-    text = "\n".join(c.replace("\n", " ") for c in captions)
+    # one line per caption: any line break inside one (\r, \v, \f, U+2028...) would make the
+    # tokenizer split it and shift every later caption onto the wrong image
+    text = "\n".join(" ".join(c.split()) for c in captions)
     fd, tmp = tempfile.mkstemp(suffix=".txt", prefix="ptb_")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -206,7 +209,9 @@ def _ptb_tokenize(captions: list[str], timeout_s: float) -> list[str]:
     finally:
         os.remove(tmp)
     lines = proc.stdout.decode("utf-8").split("\n")
-    if len(lines) < len(captions):
+    if lines and lines[-1] == "" and len(lines) == len(captions) + 1:
+        lines.pop()  # the final newline
+    if len(lines) != len(captions):
         raise RuntimeError(
             f"PTBTokenizer returned {len(lines)} lines for {len(captions)} captions"
         )

@@ -53,8 +53,10 @@ _TOKEN_RE = re.compile(
     r"|[^\w\s]|_"  # every other visible character is a token of its own
 )
 _APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "`": "'"})
-_NO_SPACE_BEFORE = re.compile(r" ([.,!?;:%)\]}])")
-_NO_SPACE_AFTER = re.compile(r"([(\[{]) ")
+_CLOSING = frozenset(".,!?;:%)]}\u201d\u00bb")  # no space before: . , ) ] ” » ...
+_OPENING = frozenset("([{\u201e\u00ab")  # no space after: ( [ „ « ...
+_QUOTE_PAIRS = {'"': '"', "\u201c": "\u201d", "\u201e": "\u201c"}  # opening -> closing
+_POSSESSIVE = re.compile(r"(?<=[sSzZ]) ' (?=\w)")  # "the kids ' toys" -> "the kids' toys"
 
 
 def tokenize_mt(text: str, lowercase: bool = True) -> list[str]:
@@ -77,7 +79,8 @@ def tokenize_mt(text: str, lowercase: bool = True) -> list[str]:
 
 def detokenize_mt(tokens: Sequence[str]) -> str:
     """Join tokens into a sentence: spaces between tokens, none before closing punctuation or
-    after opening brackets (``["a", "dog", "."]`` -> ``"a dog."``).
+    after opening brackets and typographic quotes (``["a", "dog", "."]`` -> ``"a dog."``), and
+    a possessive apostrophe after an ``s`` kept on its word (``"kids' toys"``).
 
     Args:
         tokens: output of :func:`tokenize_mt` or a decoded translation.
@@ -85,8 +88,21 @@ def detokenize_mt(tokens: Sequence[str]) -> str:
     Returns:
         The sentence.
     """
-    text = " ".join(tokens)
-    return _NO_SPACE_AFTER.sub(r"\1", _NO_SPACE_BEFORE.sub(r"\1", text))
+    pieces: list[str] = []
+    glue = True  # no space before the next token (start of sentence, after an opening mark)
+    expected_close: list[str] = []  # the closing quote of each quote still open
+    for token in tokens:
+        if expected_close and token == expected_close[-1]:  # closes the innermost quote
+            expected_close.pop()
+            closing, opening = True, False
+        elif token in _QUOTE_PAIRS:  # “ opens in English, closes German „...“ (handled above)
+            expected_close.append(_QUOTE_PAIRS[token])
+            closing, opening = False, True
+        else:
+            closing, opening = token in _CLOSING, token in _OPENING
+        pieces.append(token if glue or closing else " " + token)
+        glue = opening
+    return _POSSESSIVE.sub("' ", "".join(pieces))
 
 
 # ---------------------------------------------------------------------------------- shared parts
@@ -151,6 +167,7 @@ def sacrebleu_score(hypotheses: Sequence[str], references: Sequence[str],
         raise ValueError(f"{len(hypotheses)} hypotheses but {len(references)} references")
     bleu = BLEU(lowercase=lowercase)
     if not hypotheses:
+        bleu.corpus_score([""], [[""]])  # sacreBLEU fills its signature on a first score
         return BleuScore(0.0, str(bleu.get_signature()), "no sentences")
     result = bleu.corpus_score(list(hypotheses), [list(references)])
     return BleuScore(float(result.score), str(bleu.get_signature()), str(result))

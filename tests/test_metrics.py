@@ -50,17 +50,30 @@ def test_corpus_bleu_hand_computed():
     assert scores["bleu1"] == pytest.approx(bp * 0.8)
     assert scores["bleu2"] == pytest.approx(bp * math.sqrt(0.8 * 0.5))
     assert scores["bleu3"] == pytest.approx(bp * (0.8 * 0.5 / 3) ** (1 / 3))
-    assert scores["bleu4"] == pytest.approx(0.0, abs=1e-9)
+    # no 4-gram match: pycocoevalcap's (0 + 1e-15) / (2 + 1e-9) for p4, not exactly 0
+    assert scores["bleu4"] == pytest.approx(bp * (0.8 * 0.5 / 3 * 0.5e-15) ** (1 / 4))
+    assert scores["bleu4"] < 1e-3
+
+
+def test_corpus_bleu_counts_no_ngrams_a_short_hypothesis_lacks():
+    """A 3-token hypothesis has no 4-gram: it adds 0, not 1, to the 4-gram count (NLTK's
+    corpus_bleu adds 1, which scored this perfect corpus 0.974)."""
+    refs = [[["a", "dog", "runs", "on", "grass"]], [["a", "cat"]], [["two", "red", "birds"]]]
+    hyps = [r[0] for r in refs]  # every hypothesis equals its reference
+    assert corpus_bleu(hyps, refs) == pytest.approx(
+        {"bleu1": 1.0, "bleu2": 1.0, "bleu3": 1.0, "bleu4": 1.0})
 
 
 def test_corpus_bleu_empty_hypotheses_and_corpus():
     ref = [["a", "dog", "runs"]]
     full = corpus_bleu([["a", "dog", "runs"]], [ref])
     with_empty = corpus_bleu([["a", "dog", "runs"], []], [ref, ref])
-    # The empty hypothesis adds one to each denominator and nothing to the numerators, and
-    # halves the hypothesis length: bp = exp(1 - 6/3), p1 = 3/4.
+    # The empty hypothesis adds no n-gram, only its reference length: p1..p3 stay 1 and the
+    # brevity penalty is exp(1 - 6/3); no hypothesis has a 4-gram, so p4 = 1e-15 / 1e-9.
+    bp = math.exp(1 - 6 / 3)
     assert full["bleu1"] == pytest.approx(1.0)
-    assert with_empty["bleu1"] == pytest.approx(math.exp(1 - 6 / 3) * 3 / 4)
+    assert with_empty == pytest.approx({"bleu1": bp, "bleu2": bp, "bleu3": bp,
+                                        "bleu4": bp * 1e-6 ** (1 / 4)})
     assert corpus_bleu([[]], [ref]) == {"bleu1": 0.0, "bleu2": 0.0, "bleu3": 0.0, "bleu4": 0.0}
     assert corpus_bleu([], []) == {"bleu1": 0.0, "bleu2": 0.0, "bleu3": 0.0, "bleu4": 0.0}
     with pytest.raises(ValueError):
@@ -81,8 +94,11 @@ REFS = {
 @pytest.mark.skipif(not java_available(), reason="the official PTB tokenizer and METEOR run on Java; without it the Python fallback is tested separately")
 def test_coco_caption_scores_official_protocol(caplog):
     hyps = {k: v[0] for k, v in REFS.items()}  # perfect hypotheses
+    # line breaks inside a reference (a multi-line CSV caption): were they passed on, the Java
+    # tokenizer would split that line and shift every later caption onto the wrong image
+    refs = {**REFS, 1: [REFS[1][0], "A person rides\r\na brown\u2028horse.\x0c"]}
     with caplog.at_level(logging.WARNING, logger="captioner.metrics"):
-        result = coco_caption_scores(REFS, hyps)  # the only Java call of the suite
+        result = coco_caption_scores(refs, hyps)  # the only Java call of the suite
     assert isinstance(result, EvalResult) and result.tokenizer == "ptb"
     assert all(isinstance(v, float) for v in result.scores.values())
     expected = ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr"]
@@ -116,6 +132,7 @@ def test_coco_caption_scores_mismatched_ids():
 
 
 def test_simple_ptb_tokenize():
+    assert simple_ptb_tokenize("a <unk> on a\r\nmat") == "a <unk> on a mat"  # as PTB: one token
     assert simple_ptb_tokenize("A dog's ball, don't (go)!") == "a dog 's ball do n't -lrb- go -rrb-"
     assert simple_ptb_tokenize('A black-and-white "cat"... on 3.5 mats.') == (
         "a black-and-white cat on 3.5 mats"

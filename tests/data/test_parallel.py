@@ -40,6 +40,28 @@ def test_tokenize_mt_keeps_punctuation_and_detokenize_joins_it_back():
     assert tokenize_mt("Zwei Hunde.", lowercase=False) == ["Zwei", "Hunde", "."]
 
 
+@pytest.mark.parametrize("sentence", [
+    "The kids' toys are “pink”.",  # possessive apostrophe, English typographic quotes
+    'He said "hi" to us (twice)!',
+    "Ein „großer“ Hund läuft.",  # German quotes: „ opens, “ closes
+    "Zwei Hunde, 3.5 m weit; 1,000 Leute: 50%.",
+])
+def test_detokenize_inverts_tokenize_on_raw_sentences(sentence):
+    """A translation that reproduces the tokens of its reference detokenises to the reference,
+    so sacreBLEU (which re-tokenises both) scores it 100."""
+    from captioner.translate import sacrebleu_score
+
+    assert detokenize_mt(tokenize_mt(sentence, lowercase=False)) == sentence
+    assert sacrebleu_score([detokenize_mt(tokenize_mt(sentence))], [sentence]).score == pytest.approx(100)
+
+
+def test_sacrebleu_of_nothing_is_zero_with_a_signature():
+    from captioner.translate import sacrebleu_score
+
+    empty = sacrebleu_score([], [])
+    assert empty.score == 0.0 and "tok:13a" in empty.signature and "case:lc" in empty.signature
+
+
 # ------------------------------------------------------------------------------ file errors
 def test_misaligned_files_name_file_and_line(tmp_path):
     write_aligned(tmp_path, "train", TRAIN)
