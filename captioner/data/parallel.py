@@ -30,6 +30,8 @@ Batches are bucketed by length (:class:`BucketBatchSampler`): training batches a
 shuffled pools of ``batch_size * bucket_factor`` pairs sorted by (target, source) length, so each
 batch holds sentences of similar lengths and the decoder unroll wastes few padded steps;
 evaluation batches come from the whole split sorted by length (``index`` restores the order).
+Under DDP Lightning shards the indices with a ``DistributedSampler`` and each rank buckets its
+own share.
 """
 
 from __future__ import annotations
@@ -43,13 +45,15 @@ from typing import Any, Literal
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import (BatchSampler, DataLoader, Dataset, RandomSampler, Sampler,
+                              SequentialSampler)
 
 from captioner.data.vocabulary import Vocabulary
 from captioner.translate import detokenize_mt, tokenize_mt  # Lightning-free home
 
 __all__ = ["ParallelDataError", "tokenize_mt", "detokenize_mt", "read_aligned", "read_tsv",
-           "ParallelDataset", "collate_parallel", "BucketBatchSampler", "ParallelTextDataModule"]
+           "ParallelDataset", "collate_parallel", "BucketBatchSampler", "EpochRandomSampler",
+           "ParallelTextDataModule"]
 
 log = logging.getLogger(__name__)
 
@@ -189,57 +193,85 @@ def collate_parallel(batch: Sequence[dict[str, Any]], pad_id: int = 0) -> dict[s
     }
 
 
-class BucketBatchSampler(Sampler[list[int]]):
-    """Batches of indices with similar lengths.
+class EpochRandomSampler(RandomSampler):
+    """A permutation of ``range(n)`` drawn from ``seed + epoch``: the same for the same epoch,
+    so resuming an epoch repeats its order (Lightning calls :meth:`set_epoch`)."""
 
-    With ``shuffle``, each epoch permutes the indices (seeded by ``seed + epoch``), cuts the
-    permutation into pools of ``batch_size * bucket_factor``, sorts each pool by ``keys``, cuts
-    it into batches and shuffles the batches; without ``shuffle`` the whole set is sorted by
-    ``keys`` once (``bucket_factor`` is ignored). Every index appears exactly once per epoch.
+    def __init__(self, data_source: Sequence[Any], seed: int = 0) -> None:
+        super().__init__(data_source)
+        self.seed, self.epoch = seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(torch.randperm(len(self.data_source), generator=g).tolist())
+
+
+class BucketBatchSampler(BatchSampler):
+    """Batches of the indices ``sampler`` yields, grouped by similar lengths.
+
+    A shuffling ``sampler`` (:class:`EpochRandomSampler`, ``RandomSampler``, a shuffling
+    ``DistributedSampler``) makes training batches: its indices are cut into pools of
+    ``batch_size * bucket_factor``, each pool is sorted by ``keys`` and cut into batches, and
+    the batches are shuffled (seeded by ``seed`` and the sampler's ``epoch``). Any other sampler
+    makes evaluation batches: all its indices sorted by ``keys``, ``bucket_factor`` ignored.
+    Every index the sampler yields is in exactly one batch.
+
+    As a ``BatchSampler`` with a ``sampler`` argument it works with Lightning's DDP: Lightning
+    rebuilds it around a ``DistributedSampler``, so each rank buckets its own shard (same
+    number of batches on every rank).
 
     Args:
-        keys: one sort key per item, e.g. ``(target length, source length)``.
+        sampler: the indices to batch.
         batch_size: items per batch (the last batch of a pool may be smaller).
-        shuffle: random pools and batch order (training) or one sorted pass (evaluation).
+        drop_last: drop a pool's last batch when it is smaller than ``batch_size``.
+        keys: one sort key per dataset item, e.g. ``(target length, source length)``.
         bucket_factor: pool size in batches.
-        seed: base seed of the shuffling.
+        seed: base seed of the batch order.
     """
 
-    def __init__(self, keys: Sequence[Any], batch_size: int, shuffle: bool = True,
-                 bucket_factor: int = 50, seed: int = 0) -> None:
+    def __init__(self, sampler: Sampler[int] | Sequence[int], batch_size: int,
+                 drop_last: bool = False, *, keys: Sequence[Any], bucket_factor: int = 50,
+                 seed: int = 0) -> None:
         if batch_size < 1 or bucket_factor < 1:
             raise ValueError(f"batch_size and bucket_factor must be >= 1, got {batch_size}, "
                              f"{bucket_factor}")
+        super().__init__(sampler, batch_size, drop_last)
         self.keys = list(keys)
-        self.batch_size, self.shuffle = batch_size, shuffle
         self.bucket_factor, self.seed = bucket_factor, seed
-        self.epoch = 0
 
-    def set_epoch(self, epoch: int) -> None:
-        """Choose the epoch's permutation (Lightning calls this before every epoch)."""
-        self.epoch = epoch
+    @property
+    def shuffle(self) -> bool:
+        """Whether the indices come shuffled (training batches)."""
+        return isinstance(self.sampler, RandomSampler) or bool(getattr(self.sampler, "shuffle",
+                                                                       False))
 
-    def _pools(self) -> list[list[int]]:
-        n = len(self.keys)
-        if not self.shuffle:
-            return [list(range(n))]
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(n, generator=g).tolist()
-        size = self.batch_size * self.bucket_factor
-        return [order[i:i + size] for i in range(0, n, size)]
+    def _pool_size(self) -> int:
+        return self.batch_size * self.bucket_factor if self.shuffle else max(len(self.sampler), 1)
+
+    def _batches_per_pool(self, n: int) -> int:
+        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def __iter__(self) -> Iterator[list[int]]:
+        indices, size = list(self.sampler), self._pool_size()
         batches = []
-        for pool in self._pools():
-            pool = sorted(pool, key=lambda i: self.keys[i])
-            batches += [pool[i:i + self.batch_size] for i in range(0, len(pool), self.batch_size)]
+        for start in range(0, len(indices), size):
+            pool = sorted(indices[start:start + size], key=lambda i: self.keys[i])
+            batches += [pool[i:i + self.batch_size]
+                        for i in range(0, self._batches_per_pool(len(pool)) * self.batch_size,
+                                       self.batch_size)]
         if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch + 1_000_003)
+            epoch = int(getattr(self.sampler, "epoch", 0))
+            g = torch.Generator().manual_seed(self.seed + epoch + 1_000_003)
             batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
         return iter(batches)
 
     def __len__(self) -> int:
-        return sum(math.ceil(len(pool) / self.batch_size) for pool in self._pools())
+        n, size = len(self.sampler), self._pool_size()
+        full, rest = divmod(n, size)
+        return full * self._batches_per_pool(size) + self._batches_per_pool(rest)
 
 
 # ---------------------------------------------------------------------------------- data module
@@ -432,9 +464,9 @@ class ParallelTextDataModule(L.LightningDataModule):
             raise ValueError(f"the {stage} split has no sentence pairs")
         train = stage == "train"
         keys = list(zip(dataset.tgt_lengths.tolist(), dataset.src_lengths.tolist()))
-        sampler = BucketBatchSampler(keys, self.batch_size if train else self.eval_batch_size,
-                                     shuffle=train, bucket_factor=self.bucket_factor,
-                                     seed=self.seed)
+        order = EpochRandomSampler(dataset, self.seed) if train else SequentialSampler(dataset)
+        sampler = BucketBatchSampler(order, self.batch_size if train else self.eval_batch_size,
+                                     keys=keys, bucket_factor=self.bucket_factor, seed=self.seed)
         return DataLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers,
                           collate_fn=collate_parallel, persistent_workers=self.num_workers > 0)
 

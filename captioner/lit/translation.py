@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -40,7 +41,7 @@ from captioner.encoders.text import TextEncoder
 from captioner.config import plain
 from captioner.lit.base import CaptionerModule
 from captioner.lit.optim import adam
-from captioner.losses import doubly_stochastic_penalty, masked_nll
+from captioner.losses import doubly_stochastic_penalty, masked_nll, sentence_log_likelihood
 from captioner.search import SearchResult
 from captioner.translate import TASK, BleuScore, decode, sacrebleu_score
 
@@ -114,7 +115,6 @@ class TranslationModule(CaptionerModule):
         self.decoder = decoder(vocab_size, self.encoder.out_channels)
         self.vocab: Vocabulary | None = None  # target (the name captioning uses)
         self.src_vocab: Vocabulary | None = None
-        self._nll_sum = self._nll_tokens = 0.0
         self.last_bleu: BleuScore | None = None
 
     # ---------------------------------------------------------------- vocabularies
@@ -207,16 +207,20 @@ class TranslationModule(CaptionerModule):
                       min_length=h.min_length, length_penalty=h.length_penalty)
 
     def _eval_step(self, batch: dict[str, torch.Tensor]) -> None:
-        encoded = self.encode(batch)
-        losses = self.loss(batch, encoded)
-        tokens = float(losses["tokens"])
-        per = tokens if self.hparams.loss_reduction == "token" else batch["tgt"].shape[0]
-        self._nll_sum += float(losses["nll"]) * per  # summed NLL of the batch's target tokens
-        self._nll_tokens += tokens
-        result = self.generate(*encoded)
+        """Decode the batch and score its references under teacher forcing; per pair, kept
+        with its ``index`` so that a pair a distributed sampler repeats counts once."""
+        annotations, mask = self.encode(batch)
+        tgt = batch["tgt"]
+        targets = tgt[:, 1:]  # (B, T)
+        out = self.decoder(annotations, tgt, mask, skip_padding=True)
+        pad = self.vocab.pad_id if self.vocab is not None else 0
+        nll = -sentence_log_likelihood(out.token_logits, targets, pad, out.positions)  # (B,)
+        tokens = (targets != pad).sum(1)  # (B,)
+        result = self.generate(annotations, mask)
         for i, index in enumerate(batch["index"].tolist()):
             n = int(result.lengths[i])
-            self._eval_outputs.append({"index": index, "tokens": result.tokens[i, :n].tolist()})
+            self._eval_outputs.append({"index": index, "tokens": result.tokens[i, :n].tolist(),
+                                       "nll": float(nll[i]), "target_tokens": int(tokens[i])})
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch)
@@ -224,17 +228,12 @@ class TranslationModule(CaptionerModule):
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._eval_step(batch)
 
-    def on_validation_epoch_start(self) -> None:
-        super().on_validation_epoch_start()
-        self._nll_sum = self._nll_tokens = 0.0
-
-    on_test_epoch_start = on_validation_epoch_start
-
-    def _perplexity(self) -> float:
-        sums = torch.tensor([self._nll_sum, self._nll_tokens], dtype=torch.float64)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            sums = self.trainer.strategy.reduce(sums.to(self.device), reduce_op="sum").cpu()
-        return float(torch.exp(sums[0] / sums[1].clamp_min(1.0)))
+    @staticmethod
+    def _perplexity(outputs: list[dict[str, Any]]) -> float:
+        """``exp(sum NLL / number of target tokens)`` over the (gathered, unique) pairs."""
+        nll = sum(o["nll"] for o in outputs)
+        tokens = sum(o["target_tokens"] for o in outputs)
+        return math.exp(nll / max(tokens, 1))
 
     def _score(self, stage: str) -> tuple[dict[str, float], list[dict[str, Any]], list[str]]:
         dm = self.trainer.datamodule
@@ -245,7 +244,7 @@ class TranslationModule(CaptionerModule):
                                lowercase=bool(getattr(dm, "lowercase", True)))
         self.last_bleu = bleu
         log.info("%s %s (%s)", stage, bleu.detail, bleu.signature)
-        return {"bleu": bleu.score, "ppl": self._perplexity()}, outputs, hyps
+        return {"bleu": bleu.score, "ppl": self._perplexity(outputs)}, outputs, hyps
 
     def on_validation_epoch_end(self) -> None:
         if self.trainer.sanity_checking:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from captioner.data.parallel import (BucketBatchSampler, ParallelDataError,
+from captioner.data.parallel import (BucketBatchSampler, EpochRandomSampler, ParallelDataError,
                                      ParallelTextDataModule, detokenize_mt, read_aligned,
                                      read_tsv, tokenize_mt)
 
@@ -189,7 +189,8 @@ def _range(keys, batch):
 def test_bucketing_yields_batches_of_similar_lengths():
     rng = random.Random(0)
     keys = [rng.randint(1, 40) for _ in range(997)]
-    sampler = BucketBatchSampler(keys, batch_size=16, bucket_factor=10, seed=3)
+    sampler = BucketBatchSampler(EpochRandomSampler(keys), batch_size=16, keys=keys,
+                                 bucket_factor=10, seed=3)
     batches = list(sampler)
     assert sorted(i for b in batches for i in b) == list(range(997))  # each index once
     assert len(batches) == len(sampler)
@@ -205,12 +206,43 @@ def test_bucketing_yields_batches_of_similar_lengths():
 
 def test_bucketing_is_seeded_per_epoch_and_sorted_without_shuffle():
     keys = [(i * 7) % 23 for i in range(101)]
-    sampler = BucketBatchSampler(keys, batch_size=8, bucket_factor=4, seed=1)
+    order = EpochRandomSampler(keys, seed=1)
+    sampler = BucketBatchSampler(order, batch_size=8, keys=keys, bucket_factor=4, seed=1)
     first = list(sampler)
     assert list(sampler) == first  # same epoch, same batches
-    sampler.set_epoch(1)
+    order.set_epoch(1)  # what Lightning calls on the batch sampler's sampler
     assert list(sampler) != first
-    ordered = BucketBatchSampler(keys, batch_size=8, shuffle=False)
+    ordered = BucketBatchSampler(range(101), batch_size=8, keys=keys)
     flat = [keys[i] for b in ordered for i in b]
     assert flat == sorted(keys) and len(list(ordered)) == len(ordered) == 13
     assert torch.tensor(flat).diff().min() >= 0
+
+
+@pytest.mark.parametrize("shuffle", [True, False])
+def test_bucketing_a_distributed_shard(shuffle):
+    """What Lightning's DDP builds: each rank buckets the indices of its DistributedSampler;
+    the ranks cover every index and make the same number of batches."""
+    from torch.utils.data.distributed import DistributedSampler
+
+    keys = [(i * 5) % 17 for i in range(53)]
+    per_rank = []
+    for rank in range(2):
+        shard = DistributedSampler(keys, num_replicas=2, rank=rank, shuffle=shuffle, seed=4)
+        shard.set_epoch(2)
+        sampler = BucketBatchSampler(shard, batch_size=4, keys=keys, bucket_factor=3, seed=4)
+        assert sampler.shuffle is shuffle
+        batches = list(sampler)
+        assert len(batches) == len(sampler)
+        assert sorted(i for b in batches for i in b) == sorted(shard)
+        per_rank.append(batches)
+    assert len(per_rank[0]) == len(per_rank[1]) == 7  # 27 indices each (one repeated)
+    assert {i for batches in per_rank for b in batches for i in b} == set(range(53))
+    if not shuffle:  # evaluation: each rank's shard sorted by length
+        flat = [keys[i] for b in per_rank[0] for i in b]
+        assert flat == sorted(flat)
+
+
+def test_drop_last_drops_each_pools_short_batch():
+    keys = list(range(23))
+    sampler = BucketBatchSampler(range(23), batch_size=5, drop_last=True, keys=keys)
+    assert [len(b) for b in sampler] == [5, 5, 5, 5] and len(sampler) == 4

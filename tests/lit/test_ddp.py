@@ -1,4 +1,5 @@
-"""Lightning DDP on CPU (2 processes, gloo): metrics over the whole split, same training.
+"""Lightning DDP on CPU (2 processes, gloo): metrics over the whole split, same training;
+translation's bucketed batches under DDP.
 
 One ``captioner fit --trainer.devices 2 --trainer.strategy ddp`` subprocess is compared with the
 same fit in one process. Training is made exactly comparable: the batch is the whole training
@@ -17,7 +18,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
 import yaml
@@ -26,18 +26,6 @@ from captioner.cli import lightning_main
 
 REPO = Path(__file__).resolve().parents[2]
 
-
-class FrozenEncoderInEvalMode(L.Callback):
-    """Puts the frozen backbone blocks in eval mode when training starts.
-
-    Works around a library bug (reported, not in this test's files): ``ImageEncoder`` keeps its
-    frozen blocks in eval mode only when ``.train()`` is called, and Lightning 2.6 never calls
-    it, so a "frozen" backbone normalises with batch statistics (per rank under DDP: different
-    features on each half-batch) and updates its running statistics.
-    """
-
-    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        pl_module.encoder.train()
 
 PAIRS = 78  # training pairs of the set below (20 images)
 
@@ -55,8 +43,7 @@ def config(root: Path, out: Path, devices: int) -> dict:
                        "init_args": {"save_dir": str(out), "name": "logs", "version": 0}},
             "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                            "init_args": {"dirpath": str(out / "ckpt"), "save_last": True,
-                                         "save_top_k": 0}},
-                          {"class_path": "tests.lit.test_ddp.FrozenEncoderInEvalMode"}],
+                                         "save_top_k": 0}}],
         },
         "data": {"class_path": "captioner.data.datamodule.ShapesDataModule",
                  "init_args": {"root": str(root), "num_train": 20, "num_val": 5, "num_test": 2,
@@ -174,3 +161,63 @@ def test_mixed_precision_runs_on_cpu(runs, precision, tmp_path):
     assert cli.trainer.precision == "bf16-mixed"
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
     assert "val/bleu4" in cli.trainer.callback_metrics
+
+
+# ------------------------------------------------------------------------------ translation
+def translation_config(root: Path, out: Path, devices: int) -> dict:
+    from tests.lit.test_translation import model_config
+
+    model = {k: v for k, v in model_config(0, 0).items() if "vocab_size" not in k}
+    return {
+        "seed_everything": 0,
+        "trainer": {"accelerator": "cpu", "devices": devices,
+                    "strategy": "ddp" if devices > 1 else "auto", "max_epochs": 10,
+                    "num_sanity_val_steps": 0, "check_val_every_n_epoch": 10,
+                    "enable_progress_bar": False, "enable_model_summary": False,
+                    "default_root_dir": str(out),
+                    "logger": {"class_path": "lightning.pytorch.loggers.CSVLogger",
+                               "init_args": {"save_dir": str(out), "name": "logs",
+                                             "version": 0}},
+                    "callbacks": [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                                   "init_args": {"dirpath": str(out / "ckpt"),
+                                                 "save_last": True, "save_top_k": 0}}]},
+        "data": {"class_path": "captioner.data.parallel.ParallelTextDataModule",
+                 "init_args": {"root": str(root), "min_freq": 1, "batch_size": 3,
+                               "eval_batch_size": 2}},
+        "model": {"class_path": "captioner.lit.translation.TranslationModule",
+                  "init_args": model},
+    }
+
+
+def test_translation_validates_the_whole_split_under_ddp(tmp_path):
+    """Translation batches come from a bucketing batch sampler: under DDP Lightning shards it
+    (this used to fail: "can't inject a (distributed) sampler into your batch sampler"), and
+    val/bleu and val/ppl are computed over the whole split, the 5th pair (which the
+    distributed sampler repeats on one rank to even the shards) counted once."""
+    from tests.lit.test_translation import PAIRS, write_split
+
+    root = tmp_path / "toy"
+    root.mkdir()
+    write_split(root, "train", PAIRS)
+    write_split(root, "val", PAIRS[:5])
+    write_split(root, "test_2016_flickr", PAIRS[1:])
+    out = {n: tmp_path / f"run{n}" for n in (1, 2)}
+    for n in (1, 2):
+        out[n].mkdir()
+        (out[n] / "config.yaml").write_text(yaml.safe_dump(translation_config(root, out[n], n)))
+    lightning_main(["fit", "--config", str(out[1] / "config.yaml")])
+    ckpt = out[1] / "ckpt" / "last.ckpt"
+    one = lightning_main(["validate", "--config", str(out[1] / "config.yaml"),
+                          "--trainer.logger", "false", "--ckpt_path", str(ckpt)])
+    single = {k: float(v) for k, v in one.trainer.callback_metrics.items()}
+    exe = Path(sys.executable).with_name("captioner")
+    proc = subprocess.run([str(exe), "validate", "--config", str(out[2] / "config.yaml"),
+                           "--ckpt_path", str(ckpt)], capture_output=True, text=True,
+                          timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(out[2] / "logs" / "version_0" / "metrics.csv") as f:
+        (row,) = [r for r in csv.DictReader(f) if r.get("val/ppl")]
+    assert single["val/ppl"] > 1.0 and single["val/bleu"] > 0.0
+    assert float(row["val/ppl"]) == pytest.approx(single["val/ppl"], rel=1e-5)
+    assert float(row["val/bleu"]) == pytest.approx(single["val/bleu"], abs=1e-6)
