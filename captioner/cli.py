@@ -1,6 +1,6 @@
 """The ``captioner`` command.
 
-* ``captioner fit|validate|test|predict --config ...``: LightningCLI (model, data and trainer from
+* ``captioner fit|validate|test --config ...``: LightningCLI (model, data and trainer from
   composable YAML; the vocabulary size is linked from the data module).
 * ``captioner demo``: make the shapes data, train, caption held-out images and draw attention.
 * Inference tools (``caption``, ``evaluate``, ``visualize``...): see :data:`TOOLS`.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import sys
 from typing import Any, Callable
 
-LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
+LIGHTNING_COMMANDS = ("fit", "validate", "test")  # no predict: `captioner caption` does that
 
 
 def _cli_class() -> type:
@@ -21,9 +21,31 @@ def _cli_class() -> type:
     class CaptionerCLI(LightningCLI):
         """LightningCLI with the data -> model vocabulary link and config-carrying checkpoints."""
 
+        _ckpt_meta: dict[str, Any] | None = None
+
+        @staticmethod
+        def subcommands() -> dict[str, set[str]]:
+            return {k: v for k, v in LightningCLI.subcommands().items()
+                    if k in LIGHTNING_COMMANDS}
+
         def add_arguments_to_parser(self, parser) -> None:
             parser.link_arguments("data", "model.init_args.vocab_size",
-                                  compute_fn=lambda dm: dm.vocab_size, apply_on="instantiate")
+                                  compute_fn=self._linked_vocab_size, apply_on="instantiate")
+
+        def _linked_vocab_size(self, dm: Any) -> int:
+            """``V`` for the model: the data module's, after imposing the checkpoint's
+            vocabularies on it when a ``--ckpt_path`` carries them (so that data whose own
+            vocabulary would differ, e.g. another ``min_freq``, still tests the checkpoint)."""
+            meta = self._ckpt_meta or {}
+            vocab, src = meta.get("vocab"), meta.get("src_vocab")
+            if vocab is not None:
+                from captioner.data.vocabulary import Vocabulary
+
+                if src is not None and hasattr(dm, "set_vocabs"):
+                    dm.set_vocabs(Vocabulary.from_dict(src), Vocabulary.from_dict(vocab))
+                elif src is None and hasattr(dm, "set_vocab"):
+                    dm.set_vocab(Vocabulary.from_dict(vocab))
+            return int(dm.vocab_size)
 
         def parse_arguments(self, parser, args) -> None:
             argv = sys.argv[1:] if args is None else args
@@ -31,7 +53,8 @@ def _cli_class() -> type:
             self._model_args = _model_options(argv) if listed else []
             # read before Lightning parses the file, so that a bad file is one clear line
             path = _option_value(argv, "--ckpt_path") if listed else None
-            self._ckpt_model = _saved_model_config(path) if path else None
+            self._ckpt_meta = _checkpoint_meta(path) if path else None
+            self._ckpt_model = _saved_model_config(self._ckpt_meta)
             if self._ckpt_model is not None and not _gives_model(argv):
                 argv = _with_model_first(list(argv), self._ckpt_model)  # no model YAML needed
             super().parse_arguments(parser, argv if listed else args)
@@ -59,8 +82,9 @@ def _cli_class() -> type:
 
             cfg = self.config[self.subcommand] if self.subcommand else self.config
             if self.subcommand and cfg.get("ckpt_path"):
-                if self._ckpt_model is None:  # the path came from a config file
-                    self._ckpt_model = _saved_model_config(cfg.ckpt_path)
+                if self._ckpt_meta is None:  # the path came from a config file
+                    self._ckpt_meta = _checkpoint_meta(cfg.ckpt_path)
+                    self._ckpt_model = _saved_model_config(self._ckpt_meta)
                 self._model_from_checkpoint(cfg.ckpt_path)
                 if self._model_args:
                     self.config = self.parser.parse_args([self.subcommand, *self._model_args],
@@ -71,8 +95,12 @@ def _cli_class() -> type:
                 return
             params = inspect.signature(import_class(model.class_path).__init__).parameters
             if "src_vocab_size" in params and not model.init_args.get("src_vocab_size"):
-                dm = instantiate(data.class_path, plain(data.init_args))
-                model.init_args.src_vocab_size = int(dm.src_vocab_size)
+                saved = (self._ckpt_meta or {}).get("src_vocab")
+                if saved is not None:  # the checkpoint's, imposed on the data too
+                    model.init_args.src_vocab_size = len(saved["itos"])
+                else:
+                    dm = instantiate(data.class_path, plain(data.init_args))
+                    model.init_args.src_vocab_size = int(dm.src_vocab_size)
 
         def _model_from_checkpoint(self, ckpt_path: str) -> None:
             """The checkpoint's saved model config over the parsed one (the vocabulary size
@@ -90,7 +118,14 @@ def _cli_class() -> type:
                               "from the config files instead", stacklevel=2)
 
         def instantiate_classes(self) -> None:
-            super().instantiate_classes()
+            import contextlib
+
+            from captioner.encoders.backbone import architecture_only
+
+            # a checkpoint supplies every weight: no pretrained backbone download for nothing
+            offline = architecture_only() if self._ckpt_meta else contextlib.nullcontext()
+            with offline:
+                super().instantiate_classes()
             cfg = self.config[self.subcommand] if self.subcommand else self.config
             model_cfg = cfg["model"].as_dict() if hasattr(cfg["model"], "as_dict") else dict(
                 cfg["model"])
@@ -104,13 +139,16 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split())[:300]
 
 
-def _saved_model_config(ckpt_path: str) -> dict[str, Any] | None:
-    """The model config saved in a captioner checkpoint, as ``{class_path, init_args}``
-    without ``vocab_size`` (linked from the data module); ``None``: a missing file, which
-    Lightning reports, or a checkpoint without one.
+LIGHTNING_CHECKPOINT_NAMES = ("last", "best", "hpc")  # ckpt_path values Lightning resolves
+
+
+def _checkpoint_meta(ckpt_path: str) -> dict[str, Any] | None:
+    """The captioner metadata of a checkpoint file (model config, vocabularies), ``{}`` for a
+    checkpoint without it, ``None`` for the names Lightning resolves itself (``last``...).
 
     Raises:
-        SystemExit: a file that is not a readable checkpoint, in one line naming it.
+        SystemExit: a missing file, or one that is not a readable checkpoint, in one line
+            naming it.
     """
     from pathlib import Path
 
@@ -118,15 +156,23 @@ def _saved_model_config(ckpt_path: str) -> dict[str, Any] | None:
 
     from captioner.inference import CHECKPOINT_KEY
 
-    if not Path(ckpt_path).is_file():
+    if ckpt_path in LIGHTNING_CHECKPOINT_NAMES or str(ckpt_path).startswith("registry"):
         return None
+    if not Path(ckpt_path).is_file():
+        raise SystemExit(f"{ckpt_path}: checkpoint not found")
     try:
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # not a zip / torch file, truncated, pickled objects
         raise SystemExit(f"{ckpt_path}: not a readable checkpoint ({_one_line(e)})") from None
     if not isinstance(ckpt, dict):
         raise SystemExit(f"{ckpt_path}: not a checkpoint (a {type(ckpt).__name__})")
-    model = (ckpt.get(CHECKPOINT_KEY) or {}).get("model_config") or {}
+    return dict(ckpt.get(CHECKPOINT_KEY) or {})
+
+
+def _saved_model_config(meta: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The model config of :func:`_checkpoint_meta`'s metadata, as ``{class_path, init_args}``
+    without ``vocab_size`` (linked from the data module); ``None`` when there is none."""
+    model = (meta or {}).get("model_config") or {}
     if not model.get("class_path"):
         return None
     init_args = {k: v for k, v in (model.get("init_args") or {}).items() if k != "vocab_size"}
@@ -197,12 +243,20 @@ def lightning_main(args: list[str] | None = None, run: bool = True):
     """Run LightningCLI with captioner's defaults; returns the CLI object."""
     import lightning as L
 
-    return _cli_class()(
-        L.LightningModule, L.LightningDataModule,
-        subclass_mode_model=True, subclass_mode_data=True,
-        save_config_kwargs={"overwrite": True},
-        args=args, run=run,
-    )
+    process_argv = sys.argv
+    if args is not None and list(args) == sys.argv[1:]:
+        args = None  # the command line itself (DDP's launcher re-runs sys.argv in each rank)
+    elif args is not None:  # given in Python: LightningCLI would warn about sys.argv
+        sys.argv = sys.argv[:1]
+    try:
+        return _cli_class()(
+            L.LightningModule, L.LightningDataModule,
+            subclass_mode_model=True, subclass_mode_data=True,
+            save_config_kwargs={"overwrite": True},
+            args=args, run=run,
+        )
+    finally:
+        sys.argv = process_argv
 
 
 def _demo(argv: list[str]) -> int:
@@ -230,9 +284,34 @@ def _load_tools() -> None:
                 raise
 
 
+TOOL_SUMMARIES = {
+    "fit": "train (LightningCLI: --config trainer/data/model YAML, --ckpt_path to resume)",
+    "validate": "validation metrics of a model or checkpoint (LightningCLI)",
+    "test": "COCO-protocol test metrics, captions and metrics files (LightningCLI)",
+    "demo": "make the shapes data, train, caption held-out images, draw the attention",
+    "caption": "caption image files or folders with a checkpoint",
+    "evaluate": "the COCO protocol on a split, with a checkpoint",
+    "visualize": "draw where the model looked for each word of an image's caption",
+    "translate": "translate sentences with a translation checkpoint",
+    "extract-features": "cache a frozen encoder's grids for training without images",
+}
+
+
+def _usage() -> str:
+    names = [*LIGHTNING_COMMANDS, *sorted(TOOLS)]
+    width = max(map(len, names))
+    lines = ["usage: captioner COMMAND [options]   (captioner COMMAND --help for its options)",
+             "", "commands:"]
+    lines += [f"  {n:<{width}}  {TOOL_SUMMARIES.get(n, '')}".rstrip() for n in names]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _load_tools()
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage(), file=sys.stdout if argv else sys.stderr)
+        return 0 if argv else 2
     if argv and argv[0] in TOOLS:
         return int(TOOLS[argv[0]](argv[1:]) or 0)
     if argv and argv[0] not in LIGHTNING_COMMANDS and not argv[0].startswith("-"):

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     from captioner.cli import lightning_main
     from captioner.data.datamodule import ShapesDataModule
     from captioner.inference import Captioner
-    from captioner.metrics import attention_correctness, corpus_bleu
+    from captioner.metrics import attention_correctness, corpus_bleu, json_safe
     from captioner.visualize import plot_attention
 
     out = Path(args.out).resolve()
@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
         for r, c in zip(records, captions):
             f.write(f"{r.path.name}\t{c.text}\t{r.captions[0]}\n")
     with atomic_write(out / "demo_metrics.json") as f:
-        json.dump({"checkpoint": str(best), "test_images": len(records), **scores}, f, indent=2)
+        json.dump(json_safe({"checkpoint": str(best), "test_images": len(records), **scores}),
+                  f, indent=2, allow_nan=False)
 
     print("[demo] 4/4 attention figures", flush=True)
     for r, c in list(zip(records, captions))[: args.figures]:

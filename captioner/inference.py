@@ -17,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +32,7 @@ from torch import nn
 from captioner.data.images import ImageLoadError, find_images, image_to_tensor, load_image
 from captioner.data.vocabulary import END, PAD, SPECIALS, START, Vocabulary
 from captioner.decoder import AttentionDecoder
+from captioner.encoders.backbone import architecture_only
 from captioner.encoders.encoder import ImageEncoder
 from captioner.search import SearchResult, beam_search, greedy_search
 
@@ -66,6 +68,8 @@ def read_checkpoint(path: str | Path, task: str | None = None) -> dict[str, Any]
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive since torch 1.6
+        raise CheckpointError(f"{path}: not a checkpoint file (not a torch.save archive)")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
@@ -97,7 +101,8 @@ def _build_model(init_args: dict[str, Any], vocab_size: int) -> tuple[nn.Module,
     for name, type_ in _PART_TYPES.items():
         parser.add_argument(f"--{name}", type=type_, default=None)
     cfg = parser.parse_object({k: init_args[k] for k in _PART_TYPES if init_args.get(k)})
-    parts = parser.instantiate(cfg)
+    with architecture_only():  # the checkpoint supplies every weight: download nothing
+        parts = parser.instantiate(cfg)
     if parts.encoder is None:
         raise ValueError("the model config has no encoder")
     make_decoder = parts.decoder or AttentionDecoder
@@ -336,7 +341,7 @@ class Captioner:
     def _caption_loaded(self, images: list[Image.Image], paths: Sequence[Path | None],
                         beam_size: int | None, max_length: int | None, min_length: int | None,
                         keep_images: bool) -> list[Caption]:
-        batch = torch.stack([self.preprocess(img.convert("RGB")) for img in images])  # (B, 3, S, S)
+        batch = torch.stack([self.preprocess(img) for img in images])  # (B, 3, S, S)
         captions = self.caption_tensors(batch, beam_size, max_length, min_length)
         for caption, img, path in zip(captions, images, paths):
             caption.image = img if keep_images else None

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -31,6 +32,7 @@ import threading
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -118,6 +120,19 @@ def corpus_bleu(
         scorer += (" ".join(hyp), [" ".join(r) for r in refs])  # tokens hold no spaces
     scores, _ = scorer.compute_score(option="closest", verbose=0)
     return {k: float(v) for k, v in zip(keys, scores)}
+
+
+def json_safe(obj: Any) -> Any:
+    """``obj`` with every NaN or infinite float replaced by ``None`` (JSON ``null``), inside
+    dicts, lists and tuples: metrics files stay valid JSON (RFC 8259 has no NaN) when a score
+    is undefined, e.g. attention correctness of captions without a single box word."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 # ---------------------------------------------------------------------------------------------

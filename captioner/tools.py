@@ -31,7 +31,6 @@ import json
 import logging
 import os
 import sys
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,14 +53,57 @@ class ToolError(Exception):
         self.status = status
 
 
-def _positive(text: str) -> int:
+def _int_at_least(minimum: int, name: str) -> Callable[[str], int]:
+    """An argparse type: an integer ``>= minimum`` (``name`` for messages)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {name}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {name}, got {value}")
+        return value
+
+    return parse
+
+
+_positive = _int_at_least(1, "a positive integer")
+_non_negative = _int_at_least(0, "an integer >= 0")
+
+
+def _device(text: str) -> str:
+    """A torch device that exists here (``cpu``, ``cuda``, ``cuda:1``, ``mps``)."""
+    import torch
+
     try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r} (cpu, cuda, cuda:0...)"
+                                         ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: no CUDA device on this machine")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has "
+                                         f"{torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: MPS is not available on this machine")
+    return text
+
+
+def _figure_errors(path: str) -> contextlib.AbstractContextManager[None]:
+    """Turn the errors of writing a figure (unknown format, bad folder, bad colormap) into a
+    one-line :class:`ToolError`."""
+
+    @contextlib.contextmanager
+    def guard():
+        try:
+            yield
+        except (OSError, ValueError) as e:
+            raise ToolError(f"cannot write the figure {path}: {' '.join(str(e).split())[:300]}"
+                            ) from None
+
+    return guard()
 
 
 def _parser(name: str, description: str) -> argparse.ArgumentParser:
@@ -71,7 +113,7 @@ def _parser(name: str, description: str) -> argparse.ArgumentParser:
                    help="beam size K, 1 = greedy (default: the checkpoint's setting)")
     p.add_argument("--max-length", type=_positive, default=None,
                    help="most decoding steps (default: the checkpoint's setting)")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--device", type=_device, default="cpu", help="torch device (default: cpu)")
     return p
 
 
@@ -241,6 +283,7 @@ def evaluate_split(captioner: Captioner, records: Sequence[ImageRecord], *,
                                  "max": max(n_refs)},
         "beam_size": captioner.search["beam_size"] if beam_size is None else beam_size,
         "max_length": captioner.search["max_length"] if max_length is None else max_length,
+        "length_penalty": captioner.search["length_penalty"],
         "tokenizer": result.tokenizer,
         "decoded_once_per_image": True,
     }
@@ -366,7 +409,8 @@ def _parse_evaluate(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--out", default=None,
                    help="output folder (default: eval_SPLIT beside the checkpoint)")
     p.add_argument("--batch-size", type=_positive, default=32, help="images per batch (32)")
-    p.add_argument("--num-workers", type=int, default=0, help="image loading workers (0)")
+    p.add_argument("--num-workers", type=_non_negative, default=0,
+                   help="image loading workers (0)")
     p.add_argument("--limit", type=_positive, default=None,
                    help="evaluate only the first N images of the split (quick checks)")
     p.add_argument("--no-java", action="store_true",
@@ -431,15 +475,11 @@ def format_table(ev: Evaluation) -> str:
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, ensure_ascii=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from captioner.atomic import atomic_write
+    from captioner.metrics import json_safe
+
+    with atomic_write(path) as f:
+        json.dump(json_safe(obj), f, indent=2, ensure_ascii=False, allow_nan=False)
 
 
 # ================================================================================== visualize
@@ -466,6 +506,8 @@ def _run_visualize(args: argparse.Namespace) -> int:
     from captioner.visualize import plot_attention, save_attention_maps
 
     captioner = _load_captioner(args)
+    if args.stn and not _stn_stages(captioner):  # before anything is written
+        raise ToolError("--stn: the model has no Spatial Transformer stage", EXIT_USAGE)
     try:
         image = load_image(args.image)
     except ImageLoadError as e:
@@ -479,30 +521,38 @@ def _run_visualize(args: argparse.Namespace) -> int:
     hard = getattr(captioner.decoder, "attention_mode", "soft") == "hard"
     # hard attention (argmax rule at test time): the chosen location of each word
     locations = c.alphas[:n].reshape(n, -1).argmax(-1) if hard else None
-    figure = plot_attention(shown, words, c.alphas[:n], captioner.grid_size, args.out,
-                            betas=betas, hard_locations=locations, smooth=not args.no_smooth,
-                            cmap=args.cmap, title=c.text or "(empty caption)")
+    with _figure_errors(args.out):
+        figure = plot_attention(shown, words, c.alphas[:n], captioner.grid_size, args.out,
+                                betas=betas, hard_locations=locations, smooth=not args.no_smooth,
+                                cmap=args.cmap, title=c.text or "(empty caption)")
     print(f"{args.image}\t{c.text}")
     print(f"figure: {figure}")
     if args.stn:
-        print(f"stn: {_draw_stn(captioner, image, args.stn)}")
+        with _figure_errors(args.stn):
+            print(f"stn: {_draw_stn(captioner, image, args.stn)}")
     if args.save_maps:
-        maps = save_attention_maps(args.save_maps, words, c.alphas[:n], captioner.grid_size,
-                                   betas=c.betas[:n], image_size=(image.height, image.width))
+        with _figure_errors(args.save_maps):
+            maps = save_attention_maps(args.save_maps, words, c.alphas[:n],
+                                       captioner.grid_size, betas=c.betas[:n],
+                                       image_size=(image.height, image.width))
         print(f"maps: {maps}")
     return EXIT_OK
+
+
+def _stn_stages(captioner: Captioner) -> list[Any]:
+    from captioner.encoders.stn import SpatialTransformer
+
+    return [s for s in captioner.encoder.stages if isinstance(s, SpatialTransformer)]
 
 
 def _draw_stn(captioner: Captioner, image: Any, out: str) -> Path:
     """Run the encoder once and draw the first Spatial Transformer stage's warp."""
     import torch
 
-    from captioner.encoders.stn import SpatialTransformer, plot_stn
+    from captioner.encoders.stn import plot_stn
 
-    stages = [s for s in captioner.encoder.stages if isinstance(s, SpatialTransformer)]
-    if not stages:
-        raise ToolError("--stn: the model has no Spatial Transformer stage", EXIT_USAGE)
-    batch = captioner.preprocess(image.convert("RGB")).unsqueeze(0)  # (1, 3, S, S)
+    stages = _stn_stages(captioner)
+    batch = captioner.preprocess(image).unsqueeze(0)  # (1, 3, S, S)
     with torch.no_grad():
         captioner.encoder(batch.to(captioner.device))
     stage = stages[0]
@@ -538,8 +588,9 @@ def _parse_extract_features(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--batch-size", type=_positive, default=32, help="images per forward (32)")
     p.add_argument("--shard-size", type=_positive, default=256,
                    help="images per shard, a multiple of --batch-size (256)")
-    p.add_argument("--num-workers", type=int, default=0, help="image loading workers (0)")
-    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--num-workers", type=_non_negative, default=0,
+                   help="image loading workers (0)")
+    p.add_argument("--device", type=_device, default="cpu", help="torch device (default: cpu)")
     p.add_argument("--allow-trainable", action="store_true",
                    help="cache an encoder that has trainable parameters (they then stay frozen)")
     p.add_argument("--shard-delay", type=float, default=0.0, help=argparse.SUPPRESS)  # tests
@@ -688,8 +739,9 @@ def _run_translate(args: argparse.Namespace) -> int:
 
         shown = [t for t in translations if t is not None]
         for t, path in zip(shown, _alignment_paths(args.alignment, len(shown))):
-            figure = plot_alignment(t.source_tokens, t.target_tokens, t.alphas, path,
-                                    title=t.text or "(empty translation)")
+            with _figure_errors(str(path)):
+                figure = plot_alignment(t.source_tokens, t.target_tokens, t.alphas, path,
+                                        title=t.text or "(empty translation)")
             print(f"alignment: {figure}", file=sys.stderr)
     if references is not None:
         bleu = sacrebleu_score(texts, references, lowercase=translator.lowercase)

@@ -33,6 +33,7 @@ from PIL import Image
 from scipy import ndimage
 
 from captioner.atomic import atomic_path
+from captioner.data.images import to_rgb
 
 # Gaussian smoothing of the upsampled map, in grid cells (Xu et al. used sigma = 20 px for
 # 16 px cells with skimage's pyramid_expand; half a cell keeps the cell structure readable).
@@ -57,7 +58,7 @@ def _as_image_array(image: Image.Image | np.ndarray) -> np.ndarray:
     """
     if isinstance(image, Image.Image):
         if image.mode not in ("L", "RGB", "RGBA"):
-            image = image.convert("RGB")
+            image = to_rgb(image)  # 16-bit, palette, CMYK... as the model saw them
         arr = np.asarray(image)
     else:
         arr = np.asarray(image)

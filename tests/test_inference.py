@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -227,8 +228,13 @@ def _variant(tiny_checkpoint: Path, tmp_path: Path, name: str, edit) -> Path:
 def test_random_bytes_and_missing_files_are_not_checkpoints(tmp_path: Path) -> None:
     noise = tmp_path / "noise.ckpt"
     noise.write_bytes(np.random.default_rng(0).bytes(4096))
-    with pytest.raises(CheckpointError, match="noise.ckpt: not a readable PyTorch checkpoint"):
+    with pytest.raises(CheckpointError, match="noise.ckpt: not a checkpoint file"):
         Captioner.from_checkpoint(noise)
+    torn = tmp_path / "torn.ckpt"  # a zip archive, but not one torch can read
+    with zipfile.ZipFile(torn, "w") as z:
+        z.writestr("archive/data.pkl", b"not a pickle")
+    with pytest.raises(CheckpointError, match="torn.ckpt: not a readable PyTorch checkpoint"):
+        Captioner.from_checkpoint(torn)
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         Captioner.from_checkpoint(tmp_path / "nothing.ckpt")
 
@@ -277,3 +283,64 @@ def test_wrong_task_and_broken_config(tiny_checkpoint: Path, tmp_path: Path) -> 
     path = _variant(tiny_checkpoint, tmp_path, "config.ckpt", unknown_backbone)
     with pytest.raises(CheckpointError, match="cannot rebuild the model"):
         Captioner.from_checkpoint(path)
+
+
+def test_a_checkpoint_naming_pretrained_weights_loads_offline(tiny_checkpoint, tmp_path,
+                                                               monkeypatch):
+    """The stored config says ``weights: IMAGENET1K_V1`` (as resnet101_soft.yaml does): the
+    backbone is rebuilt without them (the checkpoint holds every weight), so nothing is
+    downloaded and a machine without internet loads it."""
+    from torchvision.models import ResNet18_Weights
+    from torchvision.models._api import WeightsEnum
+
+    from captioner.lit.captioning import CaptioningModule
+
+    ckpt = torch.load(tiny_checkpoint, weights_only=True)
+    vocab_size = len(ckpt["captioner"]["vocab"]["itos"])
+    encoder = {"class_path": "captioner.encoders.ImageEncoder",
+               "init_args": {"backbone": "resnet18", "weights": None,
+                             "grid_size": list(TINY_GRID)}}
+    torch.manual_seed(0)
+    module = CaptioningModule.from_config({**TINY_MODEL_CONFIG, "encoder": encoder,
+                                           "vocab_size": vocab_size})
+    named = {**encoder, "init_args": {**encoder["init_args"], "weights": "IMAGENET1K_V1"}}
+    ckpt["state_dict"] = module.state_dict()
+    ckpt["captioner"]["model_config"] = {**ckpt["captioner"]["model_config"],
+                                         "init_args": {**TINY_MODEL_CONFIG, "encoder": named,
+                                                       "vocab_size": vocab_size}}
+    path = tmp_path / "resnet.ckpt"
+    torch.save(ckpt, path)
+
+    def no_internet(self, *args, **kwargs):
+        raise RuntimeError(f"download attempted: {self}")
+
+    monkeypatch.setattr(WeightsEnum, "get_state_dict", no_internet)
+    captioner = Captioner.from_checkpoint(path)
+    torch.testing.assert_close(captioner.encoder.body.layer1[0].conv1.weight,
+                               module.encoder.body.layer1[0].conv1.weight)
+    expected = ResNet18_Weights.IMAGENET1K_V1.transforms().mean
+    assert captioner.encoder.mean.flatten().tolist() == pytest.approx(expected)  # the weights'
+    (caption,) = captioner.caption([Image.new("RGB", (40, 30), (200, 20, 20))])
+    assert caption.alphas.shape[1:] == TINY_GRID
+    with pytest.raises(RuntimeError, match="download attempted"):  # outside: they would load
+        CaptioningModule.from_config({**TINY_MODEL_CONFIG, "encoder": named,
+                                      "vocab_size": vocab_size})
+
+
+def test_in_memory_images_of_any_mode_are_seen_as_from_a_file(tiny_checkpoint, tmp_path):
+    """A 16-bit or transparent PIL image passed to ``caption`` is converted as the loader
+    converts files (scaled, composited on white), not by PIL's saturating ``convert``."""
+    captioner = Captioner.from_checkpoint(tiny_checkpoint)
+    seen = []  # the pixels the model gets
+    decode = captioner.caption_tensors
+    captioner.caption_tensors = lambda batch, *a, **k: seen.append(batch) or decode(batch, *a, **k)
+    deep = Image.fromarray(np.tile(np.linspace(0, 65535, 40, dtype=np.uint16), (30, 1)))
+    clear = Image.new("RGBA", (40, 30), (0, 0, 0, 0))
+    for image in (deep, clear):
+        path = tmp_path / f"{image.mode}.png"
+        image.save(path)
+        (in_memory,), (from_file,) = captioner.caption([image]), captioner.caption([path])
+        torch.testing.assert_close(seen[-2], seen[-1])
+        assert in_memory.tokens == from_file.tokens
+    assert seen[-1].min() == 1.0  # transparent: white, not black
+    assert 0.4 < seen[-4].mean() < 0.6  # a 16-bit ramp: scaled, not saturated to white

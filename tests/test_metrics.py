@@ -273,3 +273,13 @@ def test_download_scripts_dry_run(tmp_path, capsys, monkeypatch, name, urls):
         assert url in printed
     assert "image_root:" in printed
     assert not root.exists()
+
+
+def test_json_safe_turns_undefined_scores_into_null():
+    from captioner.metrics import json_safe
+
+    obj = {"BLEU-4": 0.5, "attention_correctness": float("nan"),
+           "nested": [float("inf"), 1, "x", (2.0, float("-inf"))]}
+    text = json.dumps(json_safe(obj), allow_nan=False)
+    assert json.loads(text) == {"BLEU-4": 0.5, "attention_correctness": None,
+                                "nested": [None, 1, "x", [2.0, None]]}

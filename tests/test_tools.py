@@ -48,7 +48,7 @@ def bad_checkpoints(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFact
     ckpt["captioner"]["vocab"] = Vocabulary([*itos, "zebra"]).to_dict()  # one word too many
     vocab = folder / "vocab.ckpt"
     torch.save(ckpt, vocab)
-    return {"noise": (noise, "not a readable PyTorch checkpoint"),
+    return {"noise": (noise, "not a checkpoint file"),
             "plain": (plain, "not a captioner checkpoint"),
             "vocab": (vocab, "vocabulary mismatch")}
 
@@ -140,6 +140,24 @@ def test_usage_errors(capsys, tiny_checkpoint, test_images) -> None:
     assert status == 2 and "positive integer" in err
     status, out, _ = _run(capsys, "visualize", "--help")
     assert status == 0 and "--save-maps" in out
+    for option, value, says in [("--device", "bogus", "not a torch device: 'bogus'"),
+                                ("--device", "cuda:7", "cuda:7: "),
+                                ("--num-workers", "-1", "expected an integer >= 0")]:
+        tool = "evaluate" if option == "--num-workers" else "caption"
+        status, _, err = _run(capsys, tool, "--ckpt", tiny_checkpoint, option, value,
+                              *([test_images[0]] if tool == "caption" else []))
+        assert status == 2 and says in err, err  # argparse usage, no traceback
+
+
+def test_help_lists_every_command(capsys) -> None:
+    status, out, _ = _run(capsys, "--help")
+    assert status == 0
+    for name in ("fit", "validate", "test", "demo", "caption", "evaluate", "visualize",
+                 "translate", "extract-features"):
+        assert f"\n  {name} " in out, name
+    assert "predict" not in out  # Trainer.predict has nothing to run: `caption` does it
+    status, _, err = _run(capsys, "predict")
+    assert status == 2 and "unknown command 'predict'" in err
 
 
 def test_entry_point_in_a_subprocess(tiny_checkpoint, test_images, tmp_path) -> None:
@@ -185,6 +203,7 @@ def test_evaluate_decodes_each_image_once_and_writes_coco_results(
     assert list(metrics["scores"]) == ["BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr"]
     assert set(metrics["skipped"]) == {"PTBTokenizer", "METEOR", "SPICE"}
     assert metrics["protocol"]["images"] == 6 and metrics["protocol"]["beam_size"] == 1
+    assert metrics["protocol"]["length_penalty"] == captioner.search["length_penalty"]
     assert 0.0 <= metrics["attention_correctness"] <= 1.0
     assert 0.0 < metrics["attention_chance"] < 1.0 and metrics["attention_words"] >= 1
     for name in ("METEOR", "SPICE"):
@@ -265,3 +284,19 @@ def test_visualize_bad_image(capsys, tiny_checkpoint, tmp_path) -> None:
     assert err.startswith(f"captioner visualize: error: cannot load image {fake}: ")
     assert err.count("\n") == 1
     assert not (tmp_path / "fig.png").exists()
+
+
+@pytest.mark.parametrize("option, value, says", [
+    ("--out", "fig.unknownext", "cannot write the figure"),
+    ("--out", "/proc/no/such/dir/fig.png", "cannot write the figure"),
+    ("--cmap", "notacmap", "cannot write the figure"),
+    ("--stn", "stn.png", "--stn: the model has no Spatial Transformer stage"),
+])
+def test_visualize_bad_outputs_are_one_line(option, value, says, capsys, tiny_checkpoint,
+                                            test_images, tmp_path) -> None:
+    args = {"--out": str(tmp_path / "fig.png"), option: value}
+    status, _, err = _run(capsys, "visualize", "--ckpt", tiny_checkpoint, test_images[0],
+                          *[x for kv in args.items() for x in kv])
+    assert status == 2 and says in err and err.count("\n") == 1, err
+    if option == "--stn":  # checked before anything is drawn
+        assert not (tmp_path / "fig.png").exists()

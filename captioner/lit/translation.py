@@ -41,6 +41,7 @@ from captioner.encoders.text import TextEncoder
 from captioner.config import plain
 from captioner.lit.base import CaptionerModule
 from captioner.lit.optim import adam
+from captioner.metrics import json_safe
 from captioner.losses import doubly_stochastic_penalty, masked_nll, sentence_log_likelihood
 from captioner.search import SearchResult
 from captioner.translate import TASK, BleuScore, decode, sacrebleu_score
@@ -273,7 +274,7 @@ class TranslationModule(CaptionerModule):
                    "detail": self.last_bleu.detail, "beam_size": self.hparams.beam_size,
                    "sentences": len(outputs)}
         with atomic_write(out_dir / "test_metrics.json") as f:
-            json.dump(metrics, f, indent=2)
+            json.dump(json_safe(metrics), f, indent=2, allow_nan=False)
         log.info("test translations and metrics written to %s", out_dir)
 
     # ---------------------------------------------------------------- optimisation

@@ -128,6 +128,15 @@ def test_test_needs_no_model_config_with_a_checkpoint(shapes_root, tmp_path):
     assert test.model.decoder.hidden_dim == 18 and test.model.hparams.beam_size == 2
     assert list(test.model.encoder.grid_size) == [4, 4]  # the checkpoint's, not a default
     torch.testing.assert_close(test.model.decoder.L_o.weight, fit.model.decoder.L_o.weight)
+    # data whose own vocabulary would differ (min_freq 50 keeps only the specials and a few
+    # words): the checkpoint's vocabulary is imposed on it, instead of a size-mismatch error
+    options = {k: v for k, v in fit.datamodule.hparams.items() if not k.startswith("_")}
+    assert fit.datamodule.vocab != type(fit.datamodule)(**{**options, "min_freq": 50}).vocab
+    other = lightning_main(["test", *no_model, "--data.init_args.min_freq", "50",
+                            "--ckpt_path", ckpt])
+    assert other.model.vocab == other.datamodule.vocab == fit.model.vocab
+    with pytest.raises(SystemExit, match=r"gone\.ckpt: checkpoint not found"):
+        lightning_main(["test", *no_model, "--ckpt_path", str(tmp_path / "gone.ckpt")])
 
 
 def test_option_value_and_whether_a_model_is_given(tmp_path):
@@ -148,12 +157,15 @@ def test_option_value_and_whether_a_model_is_given(tmp_path):
 
 
 def test_saved_model_config_leaves_the_vocabulary_size_to_the_data(tmp_path):
-    from captioner.cli import _saved_model_config
+    from captioner.cli import _checkpoint_meta, _saved_model_config
 
     ckpt = tmp_path / "m.ckpt"
     torch.save({"captioner": {"model_config": {"class_path": "C", "init_args": {
         "vocab_size": 9, "lr": 0.1}}}}, ckpt)
-    assert _saved_model_config(str(ckpt)) == {"class_path": "C", "init_args": {"lr": 0.1}}
+    assert _saved_model_config(_checkpoint_meta(str(ckpt))) == {"class_path": "C",
+                                                               "init_args": {"lr": 0.1}}
     torch.save({"captioner": {}}, tmp_path / "bare.ckpt")
-    assert _saved_model_config(str(tmp_path / "bare.ckpt")) is None
-    assert _saved_model_config(str(tmp_path / "missing.ckpt")) is None
+    assert _saved_model_config(_checkpoint_meta(str(tmp_path / "bare.ckpt"))) is None
+    assert _checkpoint_meta("last") is None  # Lightning resolves these names itself
+    with pytest.raises(SystemExit, match="missing.ckpt: checkpoint not found"):
+        _checkpoint_meta(str(tmp_path / "missing.ckpt"))
