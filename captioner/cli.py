@@ -51,6 +51,8 @@ def _cli_class() -> type:
             argv = sys.argv[1:] if args is None else args
             listed = isinstance(argv, (list, tuple))
             self._model_args = _model_options(argv) if listed else []
+            if listed:
+                _check_config_files(argv)
             # read before Lightning parses the file, so that a bad file is one clear line
             path = _option_value(argv, "--ckpt_path") if listed else None
             self._ckpt_meta = _checkpoint_meta(path) if path else None
@@ -190,6 +192,35 @@ def _option_value(argv: list[str] | tuple[str, ...], name: str) -> str | None:
     return value
 
 
+def _config_files(argv: list[str] | tuple[str, ...]) -> list[str]:
+    """The files of ``--config F`` / ``-c F`` / ``--config=F`` options, in order."""
+    files = []
+    for i, arg in enumerate(map(str, argv)):
+        if arg in ("--config", "-c") and i + 1 < len(argv):
+            files.append(str(argv[i + 1]))
+        elif arg.startswith("--config="):
+            files.append(arg.split("=", 1)[1])
+    return files
+
+
+def _check_config_files(argv: list[str] | tuple[str, ...]) -> None:
+    """A config file that is not valid YAML stops with one line naming it and the place
+    (jsonargparse's own message names neither the file nor a useful line)."""
+    from pathlib import Path
+
+    import yaml
+
+    for path in _config_files(argv):
+        if Path(path).is_file():
+            try:
+                yaml.safe_load(Path(path).read_text())
+            except yaml.YAMLError as e:
+                mark = getattr(e, "problem_mark", None)
+                where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+                problem = getattr(e, "problem", None) or _one_line(e)
+                raise SystemExit(f"{path}{where}: not valid YAML ({problem})") from None
+
+
 def _gives_model(argv: list[str] | tuple[str, ...]) -> bool:
     """Whether a command line names a model: ``--model CONFIG|CLASS``, or a config file with a
     ``model`` section (``--model.init_args.X`` alone names none)."""
@@ -199,10 +230,8 @@ def _gives_model(argv: list[str] | tuple[str, ...]) -> bool:
 
     if any(str(a) == "--model" or str(a).startswith("--model=") for a in argv):
         return True
-    for i, arg in enumerate(map(str, argv)):
-        path = (str(argv[i + 1]) if arg in ("--config", "-c") and i + 1 < len(argv)
-                else arg.split("=", 1)[1] if arg.startswith("--config=") else None)
-        if path and Path(path).is_file():
+    for path in _config_files(argv):
+        if Path(path).is_file():
             try:
                 loaded = yaml.safe_load(Path(path).read_text())
             except (OSError, yaml.YAMLError):

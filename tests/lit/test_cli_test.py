@@ -169,3 +169,11 @@ def test_saved_model_config_leaves_the_vocabulary_size_to_the_data(tmp_path):
     assert _checkpoint_meta("last") is None  # Lightning resolves these names itself
     with pytest.raises(SystemExit, match="missing.ckpt: checkpoint not found"):
         _checkpoint_meta(str(tmp_path / "missing.ckpt"))
+
+
+def test_a_config_file_that_is_not_yaml_is_named(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer:\n  max_epochs: [1, 2\n  foo: 3\n")
+    with pytest.raises(SystemExit, match=r"bad\.yaml line 3, column 6: not valid YAML"):
+        lightning_main(["fit", "--config", str(CONFIGS / "trainer" / "cpu.yaml"),
+                        f"--config={bad}"])
