@@ -12,7 +12,8 @@ rate and seed) on shapes scenes with random rotation (+-40 deg), scale (0.7-1.1)
 
 Every model is evaluated by the same loop on the validation split (greedy decoding):
 
-* BLEU-1..4 (corpus, NLTK);
+* BLEU-1..4 (corpus BLEU, :func:`captioner.metrics.corpus_bleu`: pycocoevalcap's scorer on the
+  package's tokens; runs before 2026-11-24 used NLTK's);
 * attention correctness (Liu et al. 2017, :func:`captioner.metrics.attention_correctness`) and
   its uniform-attention chance level. For the STN model the attention grid lies over the
   *warped* image, so the boxes are mapped into the warped frame first (corners through

@@ -231,9 +231,12 @@ def test_captioner_fit_trains_from_the_cache_without_running_the_encoder(
     paths = [r.path for s in ("train", "val", "test") for r in raw.records(s)]
     extract_features(Captioner.from_checkpoint(tiny_checkpoint).encoder, paths, tmp_path / "c",
                      image_size=32, batch_size=4, shard_size=8)
+    encoder = TINY_MODEL_CONFIG["encoder"]
+    frozen = {**TINY_MODEL_CONFIG,
+              "encoder": {**encoder, "init_args": {**encoder["init_args"], "freeze": True}}}
     config = {
         "model": {"class_path": "captioner.lit.captioning.CaptioningModule",
-                  "init_args": TINY_MODEL_CONFIG},
+                  "init_args": frozen},
         "data": {"class_path": "captioner.data.cached.CachedShapesDataModule",
                  "init_args": {"features_dir": str(tmp_path / "c"), "root": str(shapes_root),
                                **SHAPES_SIZES, "seed": 0, "batch_size": 8}},
@@ -252,3 +255,9 @@ def test_captioner_fit_trains_from_the_cache_without_running_the_encoder(
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
     assert "val/bleu4" in cli.trainer.callback_metrics
     assert cli.model.data_config["datamodule"]["init_args"]["features_dir"] == str(tmp_path / "c")
+    # a trainable encoder cannot learn from cached grids: a clear error, not silent no-training
+    config["model"]["init_args"] = TINY_MODEL_CONFIG  # freeze: false
+    (tmp_path / "trainable.yaml").write_text(yaml.safe_dump(config))
+    cli = lightning_main(["--config", str(tmp_path / "trainable.yaml")], run=False)
+    with pytest.raises(ValueError, match=r"serves cached encoder features .* trainable parameter"):
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)

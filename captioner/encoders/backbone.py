@@ -114,7 +114,7 @@ def _torchvision_weights(name: str, weights: str | None):
     try:
         return enum[weights] if weights != "DEFAULT" else enum.DEFAULT
     except KeyError:
-        valid = ", ".join(["DEFAULT", *enum.__members__])
+        valid = ", ".join(dict.fromkeys(["DEFAULT", *enum.__members__]))  # DEFAULT is an alias
         raise ValueError(f"unknown weights {weights!r} for {name}; valid: {valid}") from None
 
 

@@ -101,6 +101,13 @@ class CaptioningModule(CaptionerModule):
         elif self.vocab != dm.vocab and hasattr(dm, "set_vocab"):
             dm.set_vocab(self.vocab)  # decode with the checkpoint's vocabulary
         self._check_vocab()
+        trainable = [n for n, p in self.encoder.named_parameters() if p.requires_grad]
+        if getattr(dm, "features_dir", None) is not None and trainable and stage == "fit":
+            raise ValueError(
+                f"the data module serves cached encoder features ({dm.features_dir}), but the "
+                f"encoder has {len(trainable)} trainable parameter tensors (e.g. {trainable[0]}: "
+                "freeze: false, finetune_blocks or encoder stages), which would never train; "
+                "use freeze: true and finetune_blocks: 0 without stages, or train from images")
         hp = dict(getattr(dm, "hparams", {}) or {})
         self.data_config = {
             "image_size": hp.get("image_size"),

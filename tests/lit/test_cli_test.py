@@ -30,10 +30,17 @@ def shapes_run(shapes_root: Path, tmp_path: Path, num_train: int, num_test: int,
     ]
 
 
+def last_checkpoint(cli) -> str:
+    """``last.ckpt`` of a fit with configs/trainer/cpu.yaml: the unmonitored checkpoint."""
+    (latest,) = [c for c in cli.trainer.checkpoint_callbacks if c.monitor is None]
+    assert Path(latest.best_model_path).name == "last.ckpt"
+    return latest.best_model_path
+
+
 def test_fit_then_test_writes_coco_results_and_metrics(shapes_root, tmp_path):
     common = shapes_run(shapes_root, tmp_path, num_train=24, num_test=6, batch_size=8)
     fit = lightning_main(["fit", *common, "--trainer.max_epochs", "1"])
-    ckpt = fit.trainer.checkpoint_callback.last_model_path
+    ckpt = last_checkpoint(fit)
     assert Path(ckpt).is_file()
     test = lightning_main(["test", *common, "--ckpt_path", ckpt])
     out = Path(test.trainer.log_dir or test.trainer.default_root_dir)
@@ -66,7 +73,7 @@ def test_test_builds_the_checkpoints_model_and_command_line_options_win(shapes_r
     fit = lightning_main(["fit", *common, "--trainer.max_epochs", "1",
                           "--model.init_args.decoder.init_args.hidden_dim", "20",
                           "--model.init_args.lr", "0.0123"])
-    ckpt = fit.trainer.checkpoint_callback.last_model_path
+    ckpt = last_checkpoint(fit)
     test = lightning_main(["test", *common, "--model.init_args.beam_size", "3",
                            "--model.init_args.max_length=7", "--ckpt_path", ckpt])
     h = test.model.hparams
@@ -112,7 +119,7 @@ def test_test_needs_no_model_config_with_a_checkpoint(shapes_root, tmp_path):
     common = shapes_run(shapes_root, tmp_path, num_train=8, num_test=5, batch_size=4)
     fit = lightning_main(["fit", *common, "--trainer.max_epochs", "1",
                           "--model.init_args.decoder.init_args.hidden_dim", "18"])
-    ckpt = fit.trainer.checkpoint_callback.last_model_path
+    ckpt = last_checkpoint(fit)
     no_model = [  # the trainer and data parts of `common` only
         "--config", str(CONFIGS / "trainer" / "cpu.yaml"),
         "--config", str(CONFIGS / "data" / "shapes.yaml"),
@@ -177,3 +184,16 @@ def test_a_config_file_that_is_not_yaml_is_named(tmp_path):
     with pytest.raises(SystemExit, match=r"bad\.yaml line 3, column 6: not valid YAML"):
         lightning_main(["fit", "--config", str(CONFIGS / "trainer" / "cpu.yaml"),
                         f"--config={bad}"])
+
+
+def test_last_checkpoint_is_the_latest_epoch_best_the_best(shapes_root, tmp_path):
+    """configs/trainer/cpu.yaml: ``last.ckpt`` holds the latest epoch even when the score did
+    not improve (``save_last`` on the monitored callback would leave it at the best epoch, so
+    a resume would redo epochs), ``best-*.ckpt`` the best epoch by val/bleu4."""
+    common = shapes_run(shapes_root, tmp_path, num_train=8, num_test=5, batch_size=4)
+    fit = lightning_main(["fit", *common, "--trainer.max_epochs", "3", "--model.init_args.lr",
+                          "0.0", "--model.init_args.encoder.init_args.freeze", "true"])
+    # nothing learns (lr 0, frozen batch norm): every epoch scores the same, the first stays best
+    best = torch.load(fit.trainer.checkpoint_callback.best_model_path, weights_only=True)
+    last = torch.load(last_checkpoint(fit), weights_only=True)
+    assert last["epoch"] == 2 and best["epoch"] == 0
