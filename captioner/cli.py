@@ -59,7 +59,15 @@ def _cli_class() -> type:
             self._ckpt_model = _saved_model_config(self._ckpt_meta)
             if self._ckpt_model is not None and not _gives_model(argv):
                 argv = _with_model_first(list(argv), self._ckpt_model)  # no model YAML needed
-            super().parse_arguments(parser, argv if listed else args)
+            if args is not None or not listed:
+                super().parse_arguments(parser, argv if listed else args)
+                return
+            process_argv = sys.argv  # the command line itself: LightningCLI warns when it is
+            sys.argv = [sys.argv[0], *argv]  # also given as args, so hand it over as sys.argv
+            try:
+                super().parse_arguments(parser, None)
+            finally:
+                sys.argv = process_argv
 
         def before_instantiate_classes(self) -> None:
             """Two fixes before the classes are built.

@@ -220,7 +220,8 @@ def test_cache_of_another_image_size_is_refused(records, shapes_root, tmp_path):
 def test_captioner_fit_trains_from_the_cache_without_running_the_encoder(
         tiny_checkpoint, shapes_root, tmp_path):
     """`captioner fit` with `data: CachedShapesDataModule`: batches carry features, the CNN
-    never runs, training and validation go through."""
+    never runs, training and validation go through; a cache made by another encoder, or a
+    trainable encoder, is refused."""
     import yaml
 
     from captioner.cli import lightning_main
@@ -229,25 +230,31 @@ def test_captioner_fit_trains_from_the_cache_without_running_the_encoder(
 
     raw = CaptionDataModule(**data_kwargs(shapes_root))
     paths = [r.path for s in ("train", "val", "test") for r in raw.records(s)]
-    extract_features(Captioner.from_checkpoint(tiny_checkpoint).encoder, paths, tmp_path / "c",
-                     image_size=32, batch_size=4, shard_size=8)
     encoder = TINY_MODEL_CONFIG["encoder"]
     frozen = {**TINY_MODEL_CONFIG,
               "encoder": {**encoder, "init_args": {**encoder["init_args"], "freeze": True}}}
-    config = {
-        "model": {"class_path": "captioner.lit.captioning.CaptioningModule",
-                  "init_args": frozen},
-        "data": {"class_path": "captioner.data.cached.CachedShapesDataModule",
-                 "init_args": {"features_dir": str(tmp_path / "c"), "root": str(shapes_root),
-                               **SHAPES_SIZES, "seed": 0, "batch_size": 8}},
-        "trainer": {"accelerator": "cpu", "devices": 1, "max_epochs": 1, "limit_train_batches": 2,
-                    "limit_val_batches": 1,
-                    "num_sanity_val_steps": 0, "logger": False, "enable_checkpointing": False,
-                    "enable_progress_bar": False, "enable_model_summary": False,
-                    "default_root_dir": str(tmp_path)},
-    }
-    (tmp_path / "fit.yaml").write_text(yaml.safe_dump(config))
-    cli = lightning_main(["--config", str(tmp_path / "fit.yaml")], run=False)
+
+    def fit_config(features_dir: Path, model: dict) -> str:
+        config = {
+            "seed_everything": 0,
+            "model": {"class_path": "captioner.lit.captioning.CaptioningModule",
+                      "init_args": model},
+            "data": {"class_path": "captioner.data.cached.CachedShapesDataModule",
+                     "init_args": {"features_dir": str(features_dir), "root": str(shapes_root),
+                                   **SHAPES_SIZES, "seed": 0, "batch_size": 8}},
+            "trainer": {"accelerator": "cpu", "devices": 1, "max_epochs": 1,
+                        "limit_train_batches": 2, "limit_val_batches": 1,
+                        "num_sanity_val_steps": 0, "logger": False,
+                        "enable_checkpointing": False, "enable_progress_bar": False,
+                        "enable_model_summary": False, "default_root_dir": str(tmp_path)},
+        }
+        path = tmp_path / f"{features_dir.name}_{model['encoder']['init_args']['freeze']}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return str(path)
+
+    cli = lightning_main(["--config", fit_config(tmp_path / "c", frozen)], run=False)
+    extract_features(cli.model.encoder, paths, tmp_path / "c", image_size=32, batch_size=4,
+                     shard_size=8)  # this model's own (frozen, seeded) encoder
     calls: list[int] = []
     cli.model.encoder.register_forward_hook(lambda *args: calls.append(1))
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
@@ -255,9 +262,14 @@ def test_captioner_fit_trains_from_the_cache_without_running_the_encoder(
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
     assert "val/bleu4" in cli.trainer.callback_metrics
     assert cli.model.data_config["datamodule"]["init_args"]["features_dir"] == str(tmp_path / "c")
+
+    # a cache extracted by another encoder (the tiny checkpoint's): refused, with both hashes
+    extract_features(Captioner.from_checkpoint(tiny_checkpoint).encoder, paths, tmp_path / "o",
+                     image_size=32, batch_size=4, shard_size=8)
+    cli = lightning_main(["--config", fit_config(tmp_path / "o", frozen)], run=False)
+    with pytest.raises(ValueError, match=r"extracted with another encoder \(fingerprint "):
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     # a trainable encoder cannot learn from cached grids: a clear error, not silent no-training
-    config["model"]["init_args"] = TINY_MODEL_CONFIG  # freeze: false
-    (tmp_path / "trainable.yaml").write_text(yaml.safe_dump(config))
-    cli = lightning_main(["--config", str(tmp_path / "trainable.yaml")], run=False)
+    cli = lightning_main(["--config", fit_config(tmp_path / "c", TINY_MODEL_CONFIG)], run=False)
     with pytest.raises(ValueError, match=r"serves cached encoder features .* trainable parameter"):
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)

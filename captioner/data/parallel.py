@@ -464,7 +464,15 @@ class ParallelTextDataModule(L.LightningDataModule):
             raise ValueError(f"the {stage} split has no sentence pairs")
         train = stage == "train"
         keys = list(zip(dataset.tgt_lengths.tolist(), dataset.src_lengths.tolist()))
-        order = EpochRandomSampler(dataset, self.seed) if train else SequentialSampler(dataset)
+        if train:
+            order: Sampler[int] = EpochRandomSampler(dataset, self.seed)
+            # Lightning draws the first batch of a resumed fit before it calls set_epoch: start
+            # at the epoch the trainer is at, so that a resumed epoch repeats its order
+            trainer = getattr(self, "trainer", None)
+            if trainer is not None:
+                order.set_epoch(trainer.fit_loop.epoch_progress.current.processed)
+        else:
+            order = SequentialSampler(dataset)
         sampler = BucketBatchSampler(order, self.batch_size if train else self.eval_batch_size,
                                      keys=keys, bucket_factor=self.bucket_factor, seed=self.seed)
         return DataLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers,

@@ -6,7 +6,8 @@
   data settings) and the random streams of torch, numpy and Python, so that a checkpoint loads in
   a fresh process from the file alone and resuming continues exactly;
 * the decoded outputs of validation / test gathered across ranks (DDP), each example once;
-* the REINFORCE terms of hard attention (Section 4.1, Eq. 12), whatever the annotations encode.
+* the REINFORCE terms of hard attention (Section 4.1, Eq. 12), whatever the annotations encode;
+* the ``plateau`` learning-rate schedule, stepped with each validation's score.
 
 Plain ``nn.Module``s never import this: only the Lightning wrappers do.
 """
@@ -60,6 +61,37 @@ class CaptionerModule(L.LightningModule):
         module = instantiate(path, copy.deepcopy(init_args))
         module.model_config = {"class_path": path, "init_args": plain(init_args)}
         return module
+
+    # ---------------------------------------------------------------- learning rate
+    def plateau_scheduler(self, optimizer: torch.optim.Optimizer, monitor: str) -> dict[str, Any]:
+        """``configure_optimizers``' return value with a ``ReduceLROnPlateau`` (mode max, the
+        ``plateau_patience`` / ``plateau_factor`` hyperparameters) on ``monitor``.
+
+        The module steps it itself, in :meth:`step_plateau` at the end of each validation, not
+        Lightning at the end of the epoch: the checkpoint written after validation then holds
+        the stepped scheduler (Lightning skips the step that was due when it resumes from such a
+        checkpoint, so a resumed run lost an LR cut), and epochs without validation
+        (``check_val_every_n_epoch > 1``) need no metric.
+        """
+        h = self.hparams
+        scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", patience=h.plateau_patience, factor=h.plateau_factor)
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": scheduler, "monitor": monitor, "strict": False}}
+
+    def step_plateau(self, score: float) -> None:
+        """Step the ``plateau`` scheduler (if any) with this validation's score."""
+        if self._trainer is None:
+            return
+        schedulers = self.lr_schedulers()
+        for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
+            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+                scheduler.step(score)
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+            return  # stepped by step_plateau after each validation
+        super().lr_scheduler_step(scheduler, metric)
 
     # ---------------------------------------------------------------- hard attention
     def hard_samples(self) -> int:

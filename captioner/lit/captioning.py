@@ -115,6 +115,24 @@ class CaptioningModule(CaptionerModule):
                            "init_args": {k: v for k, v in hp.items() if not k.startswith("_")}},
         }
 
+    def on_fit_start(self) -> None:
+        """Training from cached features needs the encoder the cache was extracted with (its
+        fingerprint: weights, buffers and input size), checked once the weights are final
+        (after a checkpoint is restored)."""
+        dm = getattr(self.trainer, "datamodule", None)
+        if getattr(dm, "features_dir", None) is None:
+            return
+        from captioner.features import encoder_fingerprint
+
+        cached = dm.cache.index.get("fingerprint")
+        mine = encoder_fingerprint(self.encoder, dm.image_size)
+        if mine != cached:
+            raise ValueError(
+                f"the feature cache {dm.features_dir} was extracted with another encoder "
+                f"(fingerprint {cached}; this model's is {mine}): its grids are not what this "
+                "model's encoder computes. Extract it with this model's encoder (captioner "
+                "extract-features --config <data and model configs> or --ckpt <checkpoint>)")
+
     def _check_vocab(self) -> None:
         if self.vocab is not None and len(self.vocab) != self.hparams.vocab_size:
             raise ValueError(
@@ -234,6 +252,7 @@ class CaptioningModule(CaptionerModule):
         scores = self._score("val")
         for k, v in scores.items():
             self.log(f"val/{k}", float(v), sync_dist=False, rank_zero_only=False)
+        self.step_plateau(float(scores["bleu4"]))
         self._eval_outputs = []
 
     def on_test_epoch_end(self) -> None:
@@ -283,10 +302,7 @@ class CaptioningModule(CaptionerModule):
         optimizer = adam(groups, h.lr, h.weight_decay, h.get("fused_adam", True),
                          getattr(self, "_trainer", None))
         if h.lr_scheduler == "plateau":
-            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-                optimizer, mode="max", patience=h.plateau_patience, factor=h.plateau_factor)
-            return {"optimizer": optimizer,
-                    "lr_scheduler": {"scheduler": scheduler, "monitor": "val/bleu4"}}
+            return self.plateau_scheduler(optimizer, "val/bleu4")
         return optimizer
 
     # ---------------------------------------------------------------- checkpoints

@@ -254,6 +254,7 @@ class TranslationModule(CaptionerModule):
         scores, _, _ = self._score("val")
         for k, v in scores.items():
             self.log(f"val/{k}", float(v), prog_bar=k == "bleu", rank_zero_only=False)
+        self.step_plateau(float(scores["bleu"]))
         self._eval_outputs = []
 
     def on_test_epoch_end(self) -> None:
@@ -283,10 +284,7 @@ class TranslationModule(CaptionerModule):
         optimizer = adam([p for p in self.parameters() if p.requires_grad], h.lr, h.weight_decay,
                          h.get("fused_adam", True), getattr(self, "_trainer", None))
         if h.lr_scheduler == "plateau":
-            scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(
-                optimizer, mode="max", patience=h.plateau_patience, factor=h.plateau_factor)
-            return {"optimizer": optimizer,
-                    "lr_scheduler": {"scheduler": scheduler, "monitor": "val/bleu"}}
+            return self.plateau_scheduler(optimizer, "val/bleu")
         return optimizer
 
     # ---------------------------------------------------------------- checkpoints

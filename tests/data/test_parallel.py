@@ -246,3 +246,21 @@ def test_drop_last_drops_each_pools_short_batch():
     keys = list(range(23))
     sampler = BucketBatchSampler(range(23), batch_size=5, drop_last=True, keys=keys)
     assert [len(b) for b in sampler] == [5, 5, 5, 5] and len(sampler) == 4
+
+
+def test_a_resumed_training_epoch_repeats_its_order(tmp_path):
+    """Lightning draws the first batch of a resumed fit before calling set_epoch: the loader
+    starts at the trainer's epoch, so resumed epoch 3 is batched as epoch 3 was."""
+    from types import SimpleNamespace
+
+    dm = module(tmp_path, min_freq=1, batch_size=1)
+    fresh = dm.loader("train")
+    fresh.batch_sampler.sampler.set_epoch(3)
+    expected = [b["index"].tolist() for b in fresh]
+    progress = SimpleNamespace(current=SimpleNamespace(processed=3))
+    dm.trainer = SimpleNamespace(fit_loop=SimpleNamespace(epoch_progress=progress))
+    resumed = [b["index"].tolist() for b in dm.loader("train")]
+    assert resumed == expected
+    first = dm.loader("train")
+    first.batch_sampler.sampler.set_epoch(0)
+    assert [b["index"].tolist() for b in first] != expected  # the orders differ by epoch

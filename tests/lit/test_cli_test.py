@@ -197,3 +197,19 @@ def test_last_checkpoint_is_the_latest_epoch_best_the_best(shapes_root, tmp_path
     best = torch.load(fit.trainer.checkpoint_callback.best_model_path, weights_only=True)
     last = torch.load(last_checkpoint(fit), weights_only=True)
     assert last["epoch"] == 2 and best["epoch"] == 0
+
+
+def test_plateau_schedule_steps_at_validation_and_is_saved(shapes_root, tmp_path):
+    """``lr_scheduler: plateau`` is stepped with each validation's val/bleu4, before the
+    checkpoint of that validation is written (so resuming from it keeps the LR cut that was
+    due), and epochs without validation need no metric (check_val_every_n_epoch 2 crashed:
+    "ReduceLROnPlateau conditioned on metric val/bleu4 which is not available")."""
+    common = shapes_run(shapes_root, tmp_path, num_train=8, num_test=5, batch_size=4)
+    fit = lightning_main(["fit", *common, "--trainer.max_epochs", "4",
+                          "--trainer.check_val_every_n_epoch", "2",
+                          "--model.init_args.lr_scheduler", "plateau",
+                          "--model.init_args.plateau_patience", "0"])
+    scheduler = fit.model.lr_schedulers()
+    assert scheduler.last_epoch == 2  # two validations (after epochs 2 and 4)
+    saved = torch.load(last_checkpoint(fit), weights_only=True)["lr_schedulers"][0]
+    assert saved["last_epoch"] == 2 and saved["_last_lr"] == scheduler.get_last_lr()
