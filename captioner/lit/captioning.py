@@ -20,7 +20,7 @@ from captioner.data.vocabulary import END, PAD, SPECIALS, START, Vocabulary
 from captioner.decoder import AttentionDecoder
 from captioner.encoders.encoder import ImageEncoder
 from captioner.lit.base import CaptionerModule
-from captioner.lit.optim import adam
+from captioner.lit.optim import adam, rmsprop
 from captioner.losses import doubly_stochastic_penalty, masked_nll
 from captioner.search import SearchResult, beam_search, greedy_search
 
@@ -41,6 +41,8 @@ class CaptioningModule(CaptionerModule):
         encoder_lr: learning rate of the fine-tuned backbone blocks.
         weight_decay: Adam weight decay.
         fused_adam: Adam's fused kernel (:mod:`captioner.lit.optim`; ``False``: its per-tensor loop).
+        optimizer: ``"adam"`` (the paper's choice for Flickr30k / COCO) or ``"rmsprop"`` (its
+            choice for Flickr8k, as in the authors' code: :func:`captioner.lit.optim.rmsprop`).
         lr_scheduler: ``"none"`` or ``"plateau"`` (reduce on a ``val/bleu4`` plateau).
         plateau_patience: epochs without improvement before the LR is reduced.
         plateau_factor: LR multiplier on a plateau.
@@ -69,6 +71,7 @@ class CaptioningModule(CaptionerModule):
         encoder_lr: float = 1e-4,
         weight_decay: float = 0.0,
         fused_adam: bool = True,
+        optimizer: Literal["adam", "rmsprop"] = "adam",
         lr_scheduler: Literal["none", "plateau"] = "none",
         plateau_patience: int = 2,
         plateau_factor: float = 0.5,
@@ -251,7 +254,8 @@ class CaptioningModule(CaptionerModule):
             return
         scores = self._score("val")
         for k, v in scores.items():
-            self.log(f"val/{k}", float(v), sync_dist=False, rank_zero_only=False)
+            self.log(f"val/{k}", float(v), prog_bar=k == "bleu4", sync_dist=False,
+                     rank_zero_only=False)
         self.step_plateau(float(scores["bleu4"]))
         self._eval_outputs = []
 
@@ -299,8 +303,11 @@ class CaptioningModule(CaptionerModule):
         groups = [{"params": rest, "lr": h.lr}]
         if backbone:
             groups.append({"params": backbone, "lr": h.encoder_lr})
-        optimizer = adam(groups, h.lr, h.weight_decay, h.get("fused_adam", True),
-                         getattr(self, "_trainer", None))
+        if h.get("optimizer", "adam") == "rmsprop":
+            optimizer = rmsprop(groups, h.lr, h.weight_decay)
+        else:
+            optimizer = adam(groups, h.lr, h.weight_decay, h.get("fused_adam", True),
+                             getattr(self, "_trainer", None))
         if h.lr_scheduler == "plateau":
             return self.plateau_scheduler(optimizer, "val/bleu4")
         return optimizer

@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import torch
 
 from captioner.lit.captioning import CaptioningModule
-from captioner.lit.optim import adam
+from captioner.lit.optim import adam, rmsprop
 from tests.lit.test_captioning import model_config
 
 
@@ -53,3 +53,32 @@ def test_the_captioning_module_trains_with_fused_adam_unless_told_not_to():
     assert module.configure_optimizers().defaults["fused"]
     loop = CaptioningModule.from_config({**model_config(20), "fused_adam": False})
     assert not loop.configure_optimizers().defaults["fused"]
+
+
+def test_rmsprop_is_the_authors_update():
+    """Three steps of :func:`rmsprop` against arctic-captions' ``optimizers.rmsprop`` written
+    out (Graves 2013): r_g = .95 r_g + .05 g, r_g2 = .95 r_g2 + .05 g^2,
+    u = .9 u - lr g / sqrt(r_g2 - r_g^2 + 1e-4), p += u. PyTorch adds its eps after the root
+    instead: equal to ~1e-4 relative for gradients of order one."""
+    (p,) = _params(2)[:1]
+    opt = rmsprop([p], lr=1e-2)
+    ref = p.detach().clone().double()
+    r_g, r_g2, u = (torch.zeros_like(ref) for _ in range(3))
+    g = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        grad = torch.randn(p.shape, generator=g) + 2.0  # order one, away from zero
+        p.grad = grad.clone()
+        opt.step()
+        grad = grad.double()
+        r_g, r_g2 = 0.95 * r_g + 0.05 * grad, 0.95 * r_g2 + 0.05 * grad**2
+        u = 0.9 * u - 1e-2 * grad / torch.sqrt(r_g2 - r_g**2 + 1e-4)
+        ref = ref + u
+        torch.testing.assert_close(p.detach().double(), ref, rtol=2e-3, atol=2e-4)
+
+
+def test_module_builds_the_chosen_optimizer():
+    module = CaptioningModule.from_config({**model_config(11, lr=1e-4), "optimizer": "rmsprop"})
+    opt = module.configure_optimizers()
+    assert isinstance(opt, torch.optim.RMSprop)
+    assert opt.defaults["centered"] and opt.defaults["momentum"] == 0.9
+    assert opt.defaults["alpha"] == 0.95 and opt.param_groups[0]["lr"] == 1e-4
