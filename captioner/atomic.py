@@ -15,7 +15,7 @@ Used for checkpoints' companions (vocabularies), feature caches, result files an
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,10 +24,18 @@ from typing import IO, Any
 __all__ = ["atomic_path", "atomic_write"]
 
 
-def _umask() -> int:
-    mask = os.umask(0)  # the only portable way to read it: set and restore
-    os.umask(mask)
-    return mask
+def _create_temp(folder: Path, prefix: str, suffix: str) -> Path:
+    """A new empty file in ``folder``, created with mode ``0o666`` so that the kernel applies
+    the umask (``tempfile.mkstemp`` would give ``0o600``; reading the umask means setting it,
+    which races with other threads)."""
+    for _ in range(100):
+        path = folder / f"{prefix}{secrets.token_hex(6)}{suffix}"
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"no free temporary name in {folder}")
 
 
 @contextmanager
@@ -39,14 +47,12 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=f".tmp{out.suffix}")
-    os.close(fd)
+    tmp = _create_temp(out.parent, f".{out.name}.", f".tmp{out.suffix}")
     try:
-        yield Path(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())
+        yield tmp
         os.replace(tmp, out)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
 
 

@@ -166,8 +166,10 @@ def _checkpoint_meta(ckpt_path: str) -> dict[str, Any] | None:
 
     from captioner.inference import CHECKPOINT_KEY
 
-    if ckpt_path in LIGHTNING_CHECKPOINT_NAMES or str(ckpt_path).startswith("registry"):
-        return None
+    text = str(ckpt_path)
+    if (text in LIGHTNING_CHECKPOINT_NAMES or text.startswith("registry")
+            or text.lower() in ("null", "none", "") or "://" in text):
+        return None  # Lightning's names, no checkpoint (null overrides a config), remote files
     if not Path(ckpt_path).is_file():
         raise SystemExit(f"{ckpt_path}: checkpoint not found")
     try:

@@ -53,10 +53,9 @@ _TOKEN_RE = re.compile(
     r"|[^\w\s]|_"  # every other visible character is a token of its own
 )
 _APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "`": "'"})
-_CLOSING = frozenset(".,!?;:%)]}\u201d\u00bb")  # no space before: . , ) ] ” » ...
-_OPENING = frozenset("([{\u201e\u00ab")  # no space after: ( [ „ « ...
-_QUOTE_PAIRS = {'"': '"', "\u201c": "\u201d", "\u201e": "\u201c"}  # opening -> closing
-_POSSESSIVE = re.compile(r"(?<=[sSzZ]) ' (?=\w)")  # "the kids ' toys" -> "the kids' toys"
+_CLOSING = frozenset(".,!?;:%)]}\u201d")  # no space before: . , ) ] ” ...
+_OPENING = frozenset("([{\u201e")  # no space after: ( [ { „
+_QUOTE_PAIRS = {'"': '"', "'": "'", "\u201c": "\u201d", "\u201e": "\u201c"}  # opening -> closing
 
 
 def tokenize_mt(text: str, lowercase: bool = True) -> list[str]:
@@ -80,7 +79,9 @@ def tokenize_mt(text: str, lowercase: bool = True) -> list[str]:
 def detokenize_mt(tokens: Sequence[str]) -> str:
     """Join tokens into a sentence: spaces between tokens, none before closing punctuation or
     after opening brackets and typographic quotes (``["a", "dog", "."]`` -> ``"a dog."``), and
-    a possessive apostrophe after an ``s`` kept on its word (``"kids' toys"``).
+    a possessive apostrophe after an ``s`` kept on its word (``"kids' toys"``; not when
+    another ``'`` follows, which makes it an opening quote: ``"says 'yes'"``). Guillemets keep
+    their spaces (French spacing, German ``»...«``).
 
     Args:
         tokens: output of :func:`tokenize_mt` or a decoded translation.
@@ -91,8 +92,12 @@ def detokenize_mt(tokens: Sequence[str]) -> str:
     pieces: list[str] = []
     glue = True  # no space before the next token (start of sentence, after an opening mark)
     expected_close: list[str] = []  # the closing quote of each quote still open
-    for token in tokens:
-        if expected_close and token == expected_close[-1]:  # closes the innermost quote
+    tokens = list(tokens)
+    for i, token in enumerate(tokens):
+        if token == "'" and 0 < i < len(tokens) - 1 and tokens[i - 1][-1:] in ("s", "S", "z", "Z") \
+                and tokens[i + 1][:1].isalnum() and "'" not in tokens[i + 1 :]:
+            closing, opening = True, False  # "the kids' toys": on its word
+        elif expected_close and token == expected_close[-1]:  # closes the innermost quote
             expected_close.pop()
             closing, opening = True, False
         elif token in _QUOTE_PAIRS:  # “ opens in English, closes German „...“ (handled above)
@@ -102,7 +107,7 @@ def detokenize_mt(tokens: Sequence[str]) -> str:
             closing, opening = token in _CLOSING, token in _OPENING
         pieces.append(token if glue or closing else " " + token)
         glue = opening
-    return _POSSESSIVE.sub("' ", "".join(pieces))
+    return "".join(pieces)
 
 
 # ---------------------------------------------------------------------------------- shared parts

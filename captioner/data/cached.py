@@ -100,6 +100,7 @@ class _CachedFeatures:
 
     features_dir: str
     _cache: FeatureCache | None
+    decode_images = False  # skip_bad: the images are never read, only their cached grids
 
     @property
     def cache(self) -> FeatureCache:

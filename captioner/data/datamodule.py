@@ -43,6 +43,7 @@ from captioner.data.formats import (
     SPLITS,
     ImageRecord,
     assign_splits,
+    drop_unreadable,
     load_coco,
     load_kaggle_flickr8k,
     load_karpathy,
@@ -77,12 +78,19 @@ class CaptionDataModule(L.LightningDataModule):
         val_fraction: Share of unsplit images (single COCO file, Flickr8k CSV) for validation.
         test_fraction: Share of unsplit images for test.
         split_seed: Seed of the deterministic split of unsplit images.
-        skip_bad: Skip bad annotation entries (empty captions, missing images) with one warning
-            per file, instead of failing.
+        skip_bad: Skip bad annotation entries (empty captions, missing or unreadable images)
+            with one warning per file, instead of failing. Images are decoded once for this
+            (only the ``max_images`` kept, if set).
         max_images: Keep only the first ``max_images`` images of *each* split (quick runs).
         vocab_file: Load the vocabulary from this JSON (:meth:`Vocabulary.save`) instead of
             building it from the training captions.
+
+    Attributes:
+        decode_images: whether ``skip_bad`` decodes the images (``False`` in the cached-feature
+            data modules, which never read them).
     """
+
+    decode_images: bool = True
 
     def __init__(
         self,
@@ -169,13 +177,23 @@ class CaptionDataModule(L.LightningDataModule):
             by_split[record.split or "train"].append(record)
         if self.max_images is not None:
             by_split = {split: rs[: self.max_images] for split, rs in by_split.items()}
+            if self.skip_bad and self.decode_images:  # decode only the images kept
+                by_split = {split: drop_unreadable(rs, str(self.annotations))
+                            for split, rs in by_split.items()}
         return by_split
+
+    @property
+    def _check_images(self) -> bool:
+        """Whether the loaders decode every image with ``skip_bad`` (not when only the first
+        ``max_images`` are kept: those are decoded afterwards)."""
+        return self.decode_images and self.max_images is None
 
     def _parse(self) -> list[ImageRecord]:
         """Read the annotation files into records (splits set where the data defines them)."""
         if self.format != "coco":
             load = load_karpathy if self.format == "karpathy" else load_kaggle_flickr8k
-            return load(self.annotations, self.image_root, skip_bad=self.skip_bad)  # type: ignore[arg-type]
+            return load(self.annotations, self.image_root, skip_bad=self.skip_bad,  # type: ignore[arg-type]
+                        check_images=self._check_images)
         if not isinstance(self.annotations, Mapping):
             return load_coco(
                 self.annotations,
@@ -183,6 +201,7 @@ class CaptionDataModule(L.LightningDataModule):
                 split=None,
                 instances_file=self.instances,  # type: ignore[arg-type]
                 skip_bad=self.skip_bad,
+                check_images=self._check_images,
             )
         records: list[ImageRecord] = []
         for split, file in self.annotations.items():
@@ -192,6 +211,7 @@ class CaptionDataModule(L.LightningDataModule):
                 split=split,
                 instances_file=_per_split(self.instances, split, "instances", optional=True),
                 skip_bad=self.skip_bad,
+                check_images=self._check_images,
             )
         return records
 

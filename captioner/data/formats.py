@@ -50,6 +50,7 @@ __all__ = [
     "load_coco",
     "load_karpathy",
     "load_kaggle_flickr8k",
+    "drop_unreadable",
     "assign_splits",
 ]
 
@@ -177,6 +178,17 @@ def _readable(records: list[ImageRecord], problems: _Problems) -> list[ImageReco
     return kept
 
 
+def drop_unreadable(records: list[ImageRecord], source: str | os.PathLike[str]
+                    ) -> list[ImageRecord]:
+    """The records whose image :func:`~captioner.data.images.load_image` can decode; the others
+    are dropped and counted in one :class:`AnnotationWarning` naming ``source``. (What the
+    loaders do with ``skip_bad`` and ``check_images``, for a subset chosen afterwards.)"""
+    problems = _Problems(Path(source), skip_bad=True)
+    kept = _readable(records, problems)
+    problems.warn()
+    return kept
+
+
 def _read_json(file: Path) -> Any:
     """Parse a JSON file; syntax errors become :class:`AnnotationError` naming the file."""
     if not file.is_file():
@@ -245,6 +257,7 @@ def load_coco(
     split: str | None = None,
     instances_file: str | os.PathLike[str] | None = None,
     skip_bad: bool = False,
+    check_images: bool = True,
 ) -> list[ImageRecord]:
     """Read a COCO captions JSON (and optionally the matching instances JSON).
 
@@ -260,6 +273,9 @@ def load_coco(
         instances_file: Optional instances JSON that fills :attr:`ImageRecord.boxes`.
         skip_bad: Skip (and count in one warning) empty captions, captions of unknown images,
             images without captions and missing image files, instead of raising.
+        check_images: with ``skip_bad``, also decode every image once and skip those that
+            cannot be read (corrupt, truncated, not images); ``False`` leaves that to the
+            caller (:func:`drop_unreadable`).
 
     Returns:
         One record per image, in the order of the ``images`` list.
@@ -324,7 +340,8 @@ def load_coco(
                     height=_optional_int(image.get("height")),
                 )
             )
-    records = _readable(records, problems)
+    if check_images:
+        records = _readable(records, problems)
     problems.warn()
     return records
 
@@ -388,6 +405,7 @@ def load_karpathy(
     json_file: str | os.PathLike[str],
     image_root: str | os.PathLike[str],
     skip_bad: bool = False,
+    check_images: bool = True,
 ) -> list[ImageRecord]:
     """Read a Karpathy split JSON (``dataset_coco.json``, ``dataset_flickr8k.json``, ...).
 
@@ -401,6 +419,9 @@ def load_karpathy(
         image_root: Folder the ``filepath``/``filename`` are relative to.
         skip_bad: Skip (and count in one warning) empty captions, images without captions and
             missing image files, instead of raising.
+        check_images: with ``skip_bad``, also decode every image once and skip those that
+            cannot be read (corrupt, truncated, not images); ``False`` leaves that to the
+            caller (:func:`drop_unreadable`).
 
     Returns:
         One record per image, in file order.
@@ -453,7 +474,8 @@ def load_karpathy(
                     split=None if split is None else _KARPATHY_SPLITS[split],
                 )
             )
-    records = _readable(records, problems)
+    if check_images:
+        records = _readable(records, problems)
     problems.warn()
     return records
 
@@ -477,6 +499,7 @@ def load_kaggle_flickr8k(
     captions_file: str | os.PathLike[str],
     image_dir: str | os.PathLike[str],
     skip_bad: bool = False,
+    check_images: bool = True,
 ) -> list[ImageRecord]:
     """Read the Kaggle Flickr8k ``captions.txt`` (CSV, header ``image,caption``).
 
@@ -490,6 +513,9 @@ def load_kaggle_flickr8k(
         image_dir: Folder holding the images.
         skip_bad: Skip (and count in one warning) rows without a caption, empty captions and
             missing image files, instead of raising.
+        check_images: with ``skip_bad``, also decode every image once and skip those that
+            cannot be read (corrupt, truncated, not images); ``False`` leaves that to the
+            caller (:func:`drop_unreadable`).
 
     Returns:
         One record per image, in order of first appearance.
@@ -544,7 +570,8 @@ def load_kaggle_flickr8k(
             problems.report(where, "image file not found", str(path))
             continue
         records.append(ImageRecord(image_id=len(records), path=path, captions=texts))
-    records = _readable(records, problems)
+    if check_images:
+        records = _readable(records, problems)
     problems.warn()
     return records
 

@@ -70,8 +70,12 @@ def _from_worker(message: str) -> tuple[str, str]:
     ending in ``...ImageLoadError: cannot load image PATH: REASON``), or ``("?", message)``."""
     last = message.strip().splitlines()[-1] if message.strip() else ""
     _, sep, text = last.partition("ImageLoadError: cannot load image ")
-    path, colon, reason = text.partition(": ")
-    return (path, reason) if sep and colon else ("?", message)
+    cuts = [i for i in range(len(text)) if text.startswith(": ", i)]
+    if not sep or not cuts:
+        return "?", message
+    # a path may itself hold ": ": the longest prefix that exists, else the first cut
+    cut = next((i for i in reversed(cuts) if Path(text[:i]).exists()), cuts[0])
+    return text[:cut], text[cut + 2 :]
 
 
 def load_image(path: str | os.PathLike[str]) -> Image.Image:

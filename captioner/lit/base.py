@@ -80,9 +80,15 @@ class CaptionerModule(L.LightningModule):
                 "lr_scheduler": {"scheduler": scheduler, "monitor": monitor, "strict": False}}
 
     def step_plateau(self, score: float) -> None:
-        """Step the ``plateau`` scheduler (if any) with this validation's score."""
-        if self._trainer is None:
-            return
+        """Step the ``plateau`` scheduler (if any) with this validation's score: while
+        fitting, at the validation that ends an epoch (so ``plateau_patience`` counts epochs
+        with ``val_check_interval < 1`` too), or at every validation when validation is
+        scheduled by steps across epochs (``check_val_every_n_epoch: null``)."""
+        trainer = self._trainer
+        if trainer is None or trainer.state.fn != "fit":
+            return  # a validate() after fit() on the same trainer steps nothing
+        if not trainer.is_last_batch and trainer.check_val_every_n_epoch is not None:
+            return  # a validation within the epoch
         schedulers = self.lr_schedulers()
         for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:
             if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):

@@ -127,6 +127,11 @@ class CaptioningModule(CaptionerModule):
             return
         from captioner.features import encoder_fingerprint
 
+        if any(p.dtype != torch.float32 for p in self.encoder.parameters()):
+            log.warning("the encoder runs in %s (true half precision): its fingerprint cannot "
+                        "be compared with the float32 one of the feature cache %s; make sure "
+                        "the cache was extracted with this encoder", self.dtype, dm.features_dir)
+            return
         cached = dm.cache.index.get("fingerprint")
         mine = encoder_fingerprint(self.encoder, dm.image_size)
         if mine != cached:

@@ -234,7 +234,8 @@ class TranslationModule(CaptionerModule):
         """``exp(sum NLL / number of target tokens)`` over the (gathered, unique) pairs."""
         nll = sum(o["nll"] for o in outputs)
         tokens = sum(o["target_tokens"] for o in outputs)
-        return math.exp(nll / max(tokens, 1))
+        mean = nll / max(tokens, 1)
+        return math.exp(mean) if mean < 700 else math.inf  # a diverged model: inf, not a crash
 
     def _score(self, stage: str) -> tuple[dict[str, float], list[dict[str, Any]], list[str]]:
         dm = self.trainer.datamodule

@@ -177,3 +177,34 @@ def test_shapes_datamodule(tmp_path: Path) -> None:
     batch = next(iter(dm.train_dataloader()))
     assert batch["images"].shape == (3, 3, 32, 32)
     dm.prepare_data()  # idempotent
+
+
+def test_skip_bad_decodes_only_the_images_it_keeps(tmp_path: Path, monkeypatch) -> None:
+    """With ``max_images`` only the images kept are decoded (a corrupt one beyond them costs
+    nothing); the cached-feature modules, which never read images, decode none."""
+    import captioner.data.formats as formats
+    from captioner.data.cached import CachedFeaturesDataModule
+
+    images = tmp_path / "imgs"
+    for i in range(6):
+        _image(images / f"{i}.png")
+    (images / "5.png").write_bytes(b"")  # corrupt, the last train image
+    (images / "1.png").write_bytes(b"")  # corrupt, within the first 3
+    csv_file = tmp_path / "captions.txt"
+    csv_file.write_text("image,caption\n" + "".join(f"{i}.png,a dog {i}\n" for i in range(6)))
+    decoded: list[str] = []
+    real = formats._load_error
+    monkeypatch.setattr(formats, "_load_error", lambda p: decoded.append(p.name) or real(p))
+    options = dict(format="flickr8k_csv", annotations=str(csv_file), image_root=str(images),
+                   min_freq=1, val_fraction=0.0, test_fraction=0.0, skip_bad=True, num_workers=0)
+    with pytest.warns(UserWarning, match="1 x unreadable image"):
+        kept = CaptionDataModule(**options, max_images=3).records("train")
+    assert sorted(decoded) == ["0.png", "1.png", "2.png"]
+    assert [r.path.name for r in kept] == ["0.png", "2.png"]
+    decoded.clear()
+    with pytest.warns(UserWarning, match="2 x unreadable image"):
+        assert len(CaptionDataModule(**options).records("train")) == 4
+    assert len(decoded) == 6
+    decoded.clear()
+    cached = CachedFeaturesDataModule(features_dir=str(tmp_path / "cache"), **options)
+    assert len(cached.records("train")) == 6 and decoded == []  # grids only: nothing decoded

@@ -225,6 +225,13 @@ def test_error_survives_a_dataloader_worker(tmp_path: Path) -> None:
         next(iter(loader))
     assert caught.value.path == bad and caught.value.reason == "not a recognised image format"
     assert ImageLoadError("no traceback").reason == "no traceback"  # any other one-argument text
+    odd = tmp_path / "a: b"  # a folder whose name holds ": "
+    odd.mkdir()
+    (odd / "x.png").write_bytes(b"")
+    text = ("Traceback ...\ncaptioner.data.images.ImageLoadError: cannot load image "
+            f"{odd}/x.png: not a recognised image format")
+    err = ImageLoadError(text)
+    assert err.path == odd / "x.png" and err.reason == "not a recognised image format"
 
 
 def test_image_to_tensor_shape_range_and_values() -> None:

@@ -44,6 +44,8 @@ def test_tokenize_mt_keeps_punctuation_and_detokenize_joins_it_back():
     "The kids' toys are “pink”.",  # possessive apostrophe, English typographic quotes
     'He said "hi" to us (twice)!',
     "Ein „großer“ Hund läuft.",  # German quotes: „ opens, “ closes
+    "He says 'yes' to us.",  # single quotes in pairs are quotes, not a possessive
+    "Il dit « oui ».",  # guillemets keep their (French) spacing
     "Zwei Hunde, 3.5 m weit; 1,000 Leute: 50%.",
 ])
 def test_detokenize_inverts_tokenize_on_raw_sentences(sentence):

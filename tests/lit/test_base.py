@@ -59,3 +59,29 @@ def test_gathered_outputs_are_unique_and_ordered_without_ddp():
     assert [o["x"] for o in module._gather_outputs()] == ["a", "b", "c"]
     module.on_test_epoch_start()
     assert module._eval_outputs == []
+
+
+@pytest.mark.parametrize("fn, last_batch, every_n, steps", [
+    ("fit", True, 1, 1),  # the validation that ends an epoch
+    ("fit", False, 1, 0),  # a validation within the epoch (val_check_interval < 1)
+    ("fit", False, None, 1),  # validation scheduled by steps across epochs: every one
+    ("validate", True, 1, 0),  # validate() after fit() on the same trainer
+])
+def test_plateau_steps_once_per_epoch_while_fitting(monkeypatch, fn, last_batch, every_n, steps):
+    from types import SimpleNamespace
+
+    module = CaptioningModule.from_config({**TINY_MODEL_CONFIG, "vocab_size": 9,
+                                           "lr_scheduler": "plateau"})
+    scheduler = module.configure_optimizers()["lr_scheduler"]["scheduler"]
+    trainer = SimpleNamespace(state=SimpleNamespace(fn=fn), is_last_batch=last_batch,
+                              check_val_every_n_epoch=every_n)
+    monkeypatch.setattr(module, "_trainer", trainer, raising=False)
+    monkeypatch.setattr(module, "lr_schedulers", lambda: scheduler)
+    module.step_plateau(0.5)
+    assert scheduler.last_epoch == steps
+
+
+def test_perplexity_of_a_diverged_model_is_inf():
+    outputs = [{"nll": 1e6, "target_tokens": 3}, {"nll": 2.0, "target_tokens": 1}]
+    assert TranslationModule._perplexity(outputs) == float("inf")
+    assert TranslationModule._perplexity(outputs[1:]) == pytest.approx(np.exp(2.0))

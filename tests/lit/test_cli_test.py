@@ -213,3 +213,11 @@ def test_plateau_schedule_steps_at_validation_and_is_saved(shapes_root, tmp_path
     assert scheduler.last_epoch == 2  # two validations (after epochs 2 and 4)
     saved = torch.load(last_checkpoint(fit), weights_only=True)["lr_schedulers"][0]
     assert saved["last_epoch"] == 2 and saved["_last_lr"] == scheduler.get_last_lr()
+
+
+def test_checkpoint_values_lightning_resolves_are_left_to_it():
+    from captioner.cli import _checkpoint_meta
+
+    for value in ("last", "best", "null", "None", "s3://bucket/run/last.ckpt",
+                  "registry:model:latest"):
+        assert _checkpoint_meta(value) is None, value
