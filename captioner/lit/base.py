@@ -82,12 +82,15 @@ class CaptionerModule(L.LightningModule):
     def step_plateau(self, score: float) -> None:
         """Step the ``plateau`` scheduler (if any) with this validation's score: while
         fitting, at the validation that ends an epoch (so ``plateau_patience`` counts epochs
-        with ``val_check_interval < 1`` too), or at every validation when validation is
-        scheduled by steps across epochs (``check_val_every_n_epoch: null``)."""
+        with a fractional ``val_check_interval`` too), or at every validation when validation
+        is scheduled in training batches (an integer ``val_check_interval``, or
+        ``check_val_every_n_epoch: null``): then the patience counts validations."""
         trainer = self._trainer
         if trainer is None or trainer.state.fn != "fit":
             return  # a validate() after fit() on the same trainer steps nothing
-        if not trainer.is_last_batch and trainer.check_val_every_n_epoch is not None:
+        by_batches = (trainer.check_val_every_n_epoch is None
+                      or isinstance(trainer.val_check_interval, int))
+        if not trainer.is_last_batch and not by_batches:
             return  # a validation within the epoch
         schedulers = self.lr_schedulers()
         for scheduler in schedulers if isinstance(schedulers, list) else [schedulers]:

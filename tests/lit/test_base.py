@@ -61,20 +61,22 @@ def test_gathered_outputs_are_unique_and_ordered_without_ddp():
     assert module._eval_outputs == []
 
 
-@pytest.mark.parametrize("fn, last_batch, every_n, steps", [
-    ("fit", True, 1, 1),  # the validation that ends an epoch
-    ("fit", False, 1, 0),  # a validation within the epoch (val_check_interval < 1)
-    ("fit", False, None, 1),  # validation scheduled by steps across epochs: every one
-    ("validate", True, 1, 0),  # validate() after fit() on the same trainer
+@pytest.mark.parametrize("fn, last_batch, every_n, interval, steps", [
+    ("fit", True, 1, 1.0, 1),  # the validation that ends an epoch
+    ("fit", False, 1, 0.5, 0),  # a validation within the epoch (val_check_interval 0.5)
+    ("fit", False, None, 1.0, 1),  # validation scheduled by steps across epochs: every one
+    ("fit", False, 1, 200, 1),  # every 200 training batches: every one
+    ("validate", True, 1, 1.0, 0),  # validate() after fit() on the same trainer
 ])
-def test_plateau_steps_once_per_epoch_while_fitting(monkeypatch, fn, last_batch, every_n, steps):
+def test_plateau_steps_once_per_epoch_while_fitting(monkeypatch, fn, last_batch, every_n,
+                                                    interval, steps):
     from types import SimpleNamespace
 
     module = CaptioningModule.from_config({**TINY_MODEL_CONFIG, "vocab_size": 9,
                                            "lr_scheduler": "plateau"})
     scheduler = module.configure_optimizers()["lr_scheduler"]["scheduler"]
     trainer = SimpleNamespace(state=SimpleNamespace(fn=fn), is_last_batch=last_batch,
-                              check_val_every_n_epoch=every_n)
+                              check_val_every_n_epoch=every_n, val_check_interval=interval)
     monkeypatch.setattr(module, "_trainer", trainer, raising=False)
     monkeypatch.setattr(module, "lr_schedulers", lambda: scheduler)
     module.step_plateau(0.5)
