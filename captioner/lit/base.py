@@ -110,9 +110,12 @@ class CaptionerModule(L.LightningModule):
             return 1
         return int(self.hparams.get("hard_num_samples", 1))
 
-    def hard_attention_loss(self, out: DecoderOutput, targets: torch.Tensor, pad_id: int
-                            ) -> dict[str, torch.Tensor]:
-        r"""The REINFORCE part of Eq. 12 for a training unroll that sampled locations.
+    def add_hard_attention_loss(self, losses: dict[str, torch.Tensor], out: DecoderOutput,
+                                targets: torch.Tensor, pad_id: int) -> None:
+        r"""Add the REINFORCE part of Eq. 12 to ``losses`` for a training unroll that sampled
+        locations: ``losses["loss"]`` grows by it, and the detached ``reinforce``, ``reward``,
+        ``baseline`` and ``entropy`` entries are set (nothing when no location was sampled:
+        evaluation mode, soft attention).
 
         ``loss`` is :func:`~captioner.losses.reinforce_surrogate` with the reward
         ``log p(y | s~, a)`` of each target and the baseline ``b`` of the decoder's
@@ -121,18 +124,17 @@ class CaptionerModule(L.LightningModule):
         Eq. 12 is the ordinary NLL under the sampled locations, which the caller adds.
 
         Args:
+            losses: the caller's losses, with ``"loss"``.
             out: the decoder's training output (``location_log_probs`` and ``sampled`` set).
             targets: ``(B, T)`` target ids.
             pad_id: padding id.
 
-        Returns:
-            ``{}`` when no location was sampled (evaluation mode, soft attention); else
-            ``loss`` (scalar, with gradient) and, detached, ``reward`` (mean over the targets
-            that sampled), ``baseline`` (``b`` used) and ``entropy`` (mean ``H[s]``).
+        ``reward`` is the mean over the targets that sampled (NaN if none did), ``baseline``
+        the ``b`` used and ``entropy`` the mean ``H[s]``.
         """
         hard = getattr(self.decoder, "hard", None)
         if hard is None or out.location_log_probs is None:
-            return {}
+            return
         steps = targets != pad_id  # (B, T)
         reward = sentence_log_likelihood(out.token_logits, targets, pad_id, out.positions)  # (B,)
         log_p_s = (out.location_log_probs * steps).sum(1)  # (B,)
@@ -146,14 +148,15 @@ class CaptionerModule(L.LightningModule):
                                         self.hparams.get("hard_lambda_r", 0.1),
                                         self.hparams.get("hard_lambda_e", 0.002))
         hard.update_baseline(reward[sampled])
-        return {"loss": surrogate,
-                "reward": (reward[sampled].mean().detach() if any_sampled
-                           else reward.new_tensor(float("nan"))),
-                "baseline": baseline.detach(), "entropy": entropy.mean().detach()}
+        losses["loss"] = losses["loss"] + surrogate
+        losses.update(reinforce=surrogate.detach(),
+                      reward=(reward[sampled].mean().detach() if any_sampled
+                              else reward.new_tensor(float("nan"))),
+                      baseline=baseline.detach(), entropy=entropy.mean().detach())
 
     def log_hard_attention(self, losses: dict[str, torch.Tensor], batch_size: int) -> None:
         """Log ``train/reinforce``, ``train/reward``, ``train/baseline``, ``train/entropy``
-        when :meth:`hard_attention_loss` produced them."""
+        when :meth:`add_hard_attention_loss` added them."""
         for key in ("reinforce", "reward", "baseline", "entropy"):
             if key in losses and torch.isfinite(losses[key]):  # reward: NaN if none sampled
                 self.log(f"train/{key}", losses[key], batch_size=batch_size)

@@ -177,11 +177,7 @@ class CaptioningModule(CaptionerModule):
                          out.positions)  # the computed rows, where they are
         dsr = doubly_stochastic_penalty(out.alphas, targets != pad)
         losses = {"loss": nll + self.hparams.doubly_stochastic * dsr, "nll": nll, "dsr": dsr}
-        hard = self.hard_attention_loss(out, targets, pad)
-        if hard:
-            losses["loss"] = losses["loss"] + hard["loss"]
-            losses.update(reinforce=hard["loss"].detach(), reward=hard["reward"],
-                          baseline=hard["baseline"], entropy=hard["entropy"])
+        self.add_hard_attention_loss(losses, out, targets, pad)
         return losses
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:

@@ -156,7 +156,7 @@ class TranslationModule(CaptionerModule):
 
         With hard attention in training mode the pairs are repeated ``hard_num_samples`` times
         and the loss adds the REINFORCE terms of Eq. 12, exactly as in captioning
-        (:meth:`~captioner.lit.base.CaptionerModule.hard_attention_loss`; extra entries
+        (:meth:`~captioner.lit.base.CaptionerModule.add_hard_attention_loss`; extra entries
         ``reinforce``, ``reward``, ``baseline``, ``entropy``).
         """
         annotations, mask = self.encode(batch) if encoded is None else encoded
@@ -179,11 +179,7 @@ class TranslationModule(CaptionerModule):
             dsr = doubly_stochastic_penalty(out.alphas, steps) - (~mask).sum(1).float().mean()
             losses["dsr"] = dsr
             losses["loss"] = nll + self.hparams.doubly_stochastic * dsr
-        hard = self.hard_attention_loss(out, targets, pad)
-        if hard:
-            losses["loss"] = losses["loss"] + hard["loss"]
-            losses.update(reinforce=hard["loss"].detach(), reward=hard["reward"],
-                          baseline=hard["baseline"], entropy=hard["entropy"])
+        self.add_hard_attention_loss(losses, out, targets, pad)
         return losses
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
