@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     ac = attention_correctness(
         [c.alphas.reshape(len(c.tokens), -1)[: len(c.words)] for c in captions], hyps,
         [[(b.category, b.attributes.get("colour", ""), tuple(b.bbox)) for b in r.boxes]
-         for r in records], grid, [(r.height, r.width) for r in records])
+         for r in records], grid, [(r.height, r.width) for r in records],
+        thetas=[c.grid_theta for c in captions])
     scores.update({"attention_correctness": ac["attention_correctness"],
                    "attention_chance": ac["chance"]})
     with open(out / "test_captions.tsv", "w") as f:
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     for r, c in list(zip(records, captions))[: args.figures]:
         words = [*c.words, "<end>"][: len(c.tokens)]
         fig = plot_attention(c.image, words, c.alphas, grid, out / f"attention_{r.path.stem}.png",
-                             betas=c.betas, title=f"{c.text}")
+                             betas=c.betas, title=f"{c.text}", theta=c.grid_theta)
         print(f"  {fig}")
     print("\n[demo] held-out test set (%d images):" % len(records))
     for k in ("bleu1", "bleu2", "bleu3", "bleu4", "attention_correctness", "attention_chance"):

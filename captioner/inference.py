@@ -126,6 +126,9 @@ class Caption:
         betas: ``(T,)`` gate values (ones for a decoder without a gate).
         image: the image as loaded (RGB, EXIF-rotated), or ``None`` when not kept.
         path: the file the image came from, or ``None`` for an in-memory image.
+        grid_theta: ``(2, 3)`` where the attention grid looked in the image when a Spatial
+            Transformer moved the view (:mod:`captioner.grid_frame`), else ``None``: cell
+            ``(r, c)`` then covers the ``(r, c)`` cell of the image.
     """
 
     words: list[str]
@@ -135,6 +138,7 @@ class Caption:
     betas: np.ndarray
     image: Image.Image | None = None
     path: Path | None = None
+    grid_theta: np.ndarray | None = None
 
     @property
     def text(self) -> str:
@@ -318,9 +322,15 @@ class Captioner:
         Returns:
             One :class:`Caption` per image (without ``image`` / ``path``).
         """
-        out = self.generate(self.encoder(images.to(self.device)), beam_size, max_length,
-                            min_length)
-        return self._captions(out)
+        from captioner.grid_frame import encoder_thetas
+
+        annotations = self.encoder(images.to(self.device))  # (B, L, D)
+        thetas = encoder_thetas(self.encoder)  # (B, 2, 3) or None
+        captions = self._captions(self.generate(annotations, beam_size, max_length, min_length))
+        if thetas is not None:
+            for caption, theta in zip(captions, thetas):
+                caption.grid_theta = theta
+        return captions
 
     def generate(self, annotations: torch.Tensor, beam_size: int | None = None,
                  max_length: int | None = None, min_length: int | None = None) -> SearchResult:

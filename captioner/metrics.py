@@ -489,24 +489,36 @@ def _clip(rect: Rect, window: Rect) -> Rect:
             min(rect[2], window[2]), min(rect[3], window[3]))
 
 
+COVERAGE_SAMPLES = 16
+"""Sample points per cell side where a Spatial Transformer moved the view (``16 x 16`` per cell)."""
+
+
 def box_cell_coverage(
-    boxes_xywh: Sequence[BoxXYWH], grid: tuple[int, int], image_size: tuple[int, int]
+    boxes_xywh: Sequence[BoxXYWH], grid: tuple[int, int], image_size: tuple[int, int],
+    theta: np.ndarray | None = None,
 ) -> np.ndarray:
     """Fraction of each attention cell covered by the union of some boxes.
 
     Cell ``(r, c)`` of an ``H x W`` grid over an ``H_img x W_img`` image covers pixels
-    ``[c * W_img / W, (c + 1) * W_img / W) x [r * H_img / H, (r + 1) * H_img / H)``.
+    ``[c * W_img / W, (c + 1) * W_img / W) x [r * H_img / H, (r + 1) * H_img / H)``; the
+    coverage is then exact. With ``theta`` (a Spatial Transformer moved the view:
+    :mod:`captioner.grid_frame`) the cell covers the parallelogram of the image it looked at
+    (parts outside the image show zero padding and cover nothing); the coverage is then the
+    fraction of ``COVERAGE_SAMPLES ** 2`` points spread evenly over the cell that land in a box.
 
     Args:
         boxes_xywh: boxes ``(x, y, width, height)`` in pixels; overlapping boxes count once.
         grid: ``(H, W)``.
         image_size: ``(H_img, W_img)`` in pixels (note: height first, like ``grid``).
+        theta: optional ``(2, 3)`` transform from the grid to the image.
 
     Returns:
         ``(H, W)`` array in ``[0, 1]``: covered area / cell area.
     """
     h, w = grid
     img_h, img_w = image_size
+    if theta is not None:
+        return _sampled_coverage(boxes_xywh, grid, image_size, theta)
     ys = np.linspace(0.0, img_h, h + 1)
     xs = np.linspace(0.0, img_w, w + 1)
     rects = [(x, y, x + bw, y + bh) for x, y, bw, bh in boxes_xywh]
@@ -519,6 +531,26 @@ def box_cell_coverage(
     return cover
 
 
+def _sampled_coverage(boxes_xywh: Sequence[BoxXYWH], grid: tuple[int, int],
+                      image_size: tuple[int, int], theta: np.ndarray) -> np.ndarray:
+    """:func:`box_cell_coverage` through ``theta``, by points spread evenly over each cell."""
+    from captioner.grid_frame import grid_to_image, pixel_centres, to_pixels
+
+    h, w = grid
+    s = COVERAGE_SAMPLES
+    points = pixel_centres((h * s, w * s))  # (H s W s, 2): s x s points per cell
+    xy = to_pixels(grid_to_image(points, theta), image_size)  # (H s W s, 2) image pixels
+    x, y = xy[:, 0], xy[:, 1]
+    inside = np.zeros(len(xy), dtype=bool)
+    img_h, img_w = image_size
+    for bx, by, bw, bh in boxes_xywh:
+        x0, y0 = max(float(bx), 0.0), max(float(by), 0.0)
+        x1, y1 = min(float(bx + bw), float(img_w)), min(float(by + bh), float(img_h))
+        inside |= (x >= x0) & (x < x1) & (y >= y0) & (y < y1)
+    per_cell = inside.reshape(h, s, w, s)  # (H, s, W, s)
+    return per_cell.mean(axis=(1, 3))  # (H, W)
+
+
 def attention_correctness(
     alphas: Sequence[np.ndarray],
     words: Sequence[Sequence[str]],
@@ -526,6 +558,7 @@ def attention_correctness(
     grid: tuple[int, int],
     image_sizes: Sequence[tuple[int, int]],
     object_words: Mapping[str, str] | None = None,
+    thetas: Sequence[np.ndarray | None] | None = None,
 ) -> dict[str, float]:
     """Attention mass inside the box of the object each generated word names.
 
@@ -545,7 +578,12 @@ def attention_correctness(
     * words naming nothing in the image (including hallucinated objects) are not counted.
 
     ``chance`` is what uniform attention would score: the mean, over matched words, of the
-    target region's area as a fraction of the image.
+    target region's area as a fraction of the image (of the cells' mean coverage when a Spatial
+    Transformer moved the view: what the grid shows of the image is then no longer all of it).
+
+    A model with a Spatial Transformer attends over a grid laid on the transformer's *output*;
+    pass each image's grid-to-image transform in ``thetas`` (:meth:`ImageEncoder.grid_theta`,
+    :mod:`captioner.grid_frame`) so that the boxes are met where each cell actually looked.
 
     Args:
         alphas: per image, the attention weights ``(T_i, L)`` with ``L = H * W``, row ``t``
@@ -560,6 +598,7 @@ def attention_correctness(
         object_words: optional map from generated words to the shape / colour names used in
             ``boxes`` (synonyms, plurals: ``{"squares": "square", "crimson": "red"}``); words
             not in it are used as they are.
+        thetas: optional, per image, its ``(2, 3)`` grid-to-image transform or ``None``.
 
     Returns:
         ``{"attention_correctness": mean over matched words, "chance": mean target-area
@@ -575,6 +614,8 @@ def attention_correctness(
             "attention_correctness: alphas, words, boxes and image_sizes differ in length "
             f"({n}, {len(words)}, {len(boxes)}, {len(image_sizes)})"
         )
+    if thetas is not None and len(thetas) != n:
+        raise ValueError(f"attention_correctness: {len(thetas)} thetas for {n} images")
     h, w = grid
     mapping = {k.lower(): v.lower() for k, v in (object_words or {}).items()}
     correct: list[float] = []
@@ -598,10 +639,15 @@ def attention_correctness(
                 continue
             if key not in cache:
                 target = by_name[key]
-                cover = box_cell_coverage(target, grid, (img_h, img_w))
-                image_rect = (0.0, 0.0, float(img_w), float(img_h))
-                rects = [_clip((x, y, x + bw, y + bh), image_rect) for x, y, bw, bh in target]
-                cache[key] = (cover, _union_area(rects) / (img_h * img_w))
+                theta = None if thetas is None else thetas[i]
+                cover = box_cell_coverage(target, grid, (img_h, img_w), theta)
+                if theta is None:
+                    image_rect = (0.0, 0.0, float(img_w), float(img_h))
+                    rects = [_clip((x, y, x + bw, y + bh), image_rect)
+                             for x, y, bw, bh in target]
+                    cache[key] = (cover, _union_area(rects) / (img_h * img_w))
+                else:
+                    cache[key] = (cover, float(cover.mean()))
             cover, area_fraction = cache[key]
             a = alpha[t].reshape(h, w)  # (H, W)
             total = a.sum()

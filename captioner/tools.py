@@ -275,7 +275,8 @@ def evaluate_split(captioner: Captioner, records: Sequence[ImageRecord], *,
             [c.words for c in captions],
             [[(b.category, (b.attributes or {}).get("colour", ""), tuple(b.bbox))
               for b in r.boxes] for r in records],
-            (H, W), [_image_size(r) for r in records])
+            (H, W), [_image_size(r) for r in records],
+            thetas=[c.grid_theta for c in captions])
     n_refs = [len(r.captions) for r in records]
     protocol = {
         "images": len(records),
@@ -518,13 +519,16 @@ def _run_visualize(args: argparse.Namespace) -> int:
     betas = c.betas[:n] if captioner.has_gate else None
     shown = image.copy()
     shown.thumbnail((DISPLAY_MAX_SIDE, DISPLAY_MAX_SIDE))  # keeps the aspect ratio
-    hard = getattr(captioner.decoder, "attention_mode", "soft") == "hard"
-    # hard attention (argmax rule at test time): the chosen location of each word
-    locations = c.alphas[:n].reshape(n, -1).argmax(-1) if hard else None
+    hard = getattr(captioner.decoder, "hard", None)
+    # hard attention with the argmax rule at test time: the one location chosen for each word
+    # (with the expectation rule every location contributes, so no cell is outlined)
+    chosen = hard is not None and getattr(hard, "test_rule", "argmax") == "argmax"
+    locations = c.alphas[:n].reshape(n, -1).argmax(-1) if chosen else None
     with _figure_errors(args.out):
         figure = plot_attention(shown, words, c.alphas[:n], captioner.grid_size, args.out,
                                 betas=betas, hard_locations=locations, smooth=not args.no_smooth,
-                                cmap=args.cmap, title=c.text or "(empty caption)")
+                                cmap=args.cmap, title=c.text or "(empty caption)",
+                                theta=c.grid_theta)
     print(f"{args.image}\t{c.text}")
     print(f"figure: {figure}")
     if args.stn:
@@ -534,7 +538,9 @@ def _run_visualize(args: argparse.Namespace) -> int:
         with _figure_errors(args.save_maps):
             maps = save_attention_maps(args.save_maps, words, c.alphas[:n],
                                        captioner.grid_size, betas=c.betas[:n],
-                                       image_size=(image.height, image.width))
+                                       hard_locations=locations,
+                                       image_size=(image.height, image.width),
+                                       theta=c.grid_theta)
         print(f"maps: {maps}")
     return EXIT_OK
 

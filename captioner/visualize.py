@@ -28,12 +28,13 @@ from pathlib import Path
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
+from matplotlib.patches import Polygon
 from PIL import Image
 from scipy import ndimage
 
 from captioner.atomic import atomic_path
 from captioner.data.images import to_rgb
+from captioner.grid_frame import cell_outline, image_to_grid, pixel_centres, to_pixels
 
 # Gaussian smoothing of the upsampled map, in grid cells (Xu et al. used sigma = 20 px for
 # 16 px cells with skimage's pyramid_expand; half a cell keeps the cell structure readable).
@@ -74,7 +75,8 @@ def _as_image_array(image: Image.Image | np.ndarray) -> np.ndarray:
 
 
 def upsample_attention(
-    alpha: np.ndarray, image_size: tuple[int, int], smooth: bool = True
+    alpha: np.ndarray, image_size: tuple[int, int], smooth: bool = True,
+    theta: np.ndarray | None = None,
 ) -> np.ndarray:
     """Upsample one attention map from its grid to the image, cell-aligned.
 
@@ -83,14 +85,35 @@ def upsample_attention(
     constant, then optional Gaussian smoothing with ``sigma = SMOOTH_SIGMA_CELLS`` cells along
     each axis (so non-square cells get an anisotropic kernel).
 
+    With ``theta`` (a Spatial Transformer moved the view, :mod:`captioner.grid_frame`) that map
+    is the one of the transformer's output; each image pixel then takes the value at the grid
+    point that looked at it (``A^{-1}``), and pixels the view did not show are 0.
+
     Args:
         alpha: ``(H, W)`` attention weights.
         image_size: ``(H_img, W_img)`` in pixels.
         smooth: apply the Gaussian smoothing.
+        theta: optional ``(2, 3)`` transform from the grid to the image.
 
     Returns:
         ``(H_img, W_img)`` float array.
     """
+    on_grid = _upsample_on_grid(alpha, image_size, smooth)  # (H_img, W_img)
+    if theta is None:
+        return on_grid
+    # on_grid is the map over the transformer's output: read it where each pixel was seen
+    where = to_pixels(image_to_grid(pixel_centres(image_size), theta), image_size)
+    rows = where[:, 1].reshape(image_size) - 0.5  # pixel i's centre sits at i + 0.5
+    cols = where[:, 0].reshape(image_size) - 0.5
+    inside = ((rows >= -0.5) & (rows <= image_size[0] - 0.5)
+              & (cols >= -0.5) & (cols <= image_size[1] - 0.5))
+    up = ndimage.map_coordinates(on_grid, [rows, cols], order=1, mode="nearest")
+    return np.where(inside, up, 0.0)
+
+
+def _upsample_on_grid(alpha: np.ndarray, image_size: tuple[int, int],
+                      smooth: bool) -> np.ndarray:
+    """:func:`upsample_attention` of a grid laid on the image as it is."""
     h, w = alpha.shape
     img_h, img_w = image_size
     # Pixel centre (i + 0.5) in grid-cell coordinates, where cell centres sit at integers.
@@ -129,6 +152,7 @@ def plot_attention(
     cols: int = 5,
     title: str | None = None,
     *,
+    theta: np.ndarray | None = None,
     cmap: str = "gray",
     overlay_alpha: float = 0.6,
     dpi: int = 100,
@@ -155,6 +179,9 @@ def plot_attention(
         smooth: Gaussian-smooth the upsampled maps.
         cols: panels per row.
         title: optional figure title.
+        theta: optional ``(2, 3)`` transform from the grid to the image
+            (:attr:`captioner.inference.Caption.grid_theta`): a Spatial Transformer moved the
+            view, and each map (and outlined cell) is drawn where that view lay in the image.
         cmap: matplotlib colormap of the overlay (``"gray"`` as in the paper, or ``"jet"``).
         overlay_alpha: opacity of the attention overlay.
         dpi: resolution of raster outputs.
@@ -187,7 +214,6 @@ def plot_attention(
     axes = fig.subplots(n_rows, n_cols, squeeze=False).reshape(-1)
     extent = (0.0, img_w, img_h, 0.0)  # continuous pixel edges: cell edges land exactly
     gray = {"cmap": "gray", "vmin": 0.0, "vmax": 1.0} if img.ndim == 2 else {}
-    cell_h, cell_w = img_h / h, img_w / w
 
     for ax in axes:
         ax.set_axis_off()
@@ -196,15 +222,15 @@ def plot_attention(
     for t in range(t_len):
         ax = axes[t + 1]
         ax.imshow(img, extent=extent, **gray)
-        up = upsample_attention(maps[t], (img_h, img_w), smooth)  # (H_img, W_img)
+        up = upsample_attention(maps[t], (img_h, img_w), smooth, theta)  # (H_img, W_img)
         ax.imshow(up, cmap=cmap, alpha=overlay_alpha, extent=extent,
                   vmin=0.0, vmax=float(up.max()) if up.max() > 0 else 1.0)
         label = words[t] if betas is None else f"{words[t]} (β={betas[t]:.2f})"
         ax.set_title(label, fontsize=9)
         if hard_locations is not None:
-            r, c = divmod(int(hard_locations[t]), w)
-            ax.add_patch(Rectangle((c * cell_w, r * cell_h), cell_w, cell_h,
-                                   fill=False, edgecolor="red", linewidth=1.5))
+            corners = cell_outline(int(hard_locations[t]), (h, w), theta, (img_h, img_w))
+            ax.add_patch(Polygon(corners, closed=True, fill=False, edgecolor="red",
+                                 linewidth=1.5))
         ax.set_xlim(0, img_w)
         ax.set_ylim(img_h, 0)
     if title:
@@ -223,6 +249,8 @@ class AttentionMaps:
         betas: ``(T,)`` gating scalars, or ``None``.
         hard_locations: ``(T,)`` attended indices into ``L``, or ``None``.
         image_size: ``(H_img, W_img)``, or ``None``.
+        theta: ``(2, 3)`` transform from the grid to the image (a Spatial Transformer moved
+            the view), or ``None``.
     """
 
     words: list[str]
@@ -231,6 +259,7 @@ class AttentionMaps:
     betas: np.ndarray | None = None
     hard_locations: np.ndarray | None = None
     image_size: tuple[int, int] | None = None
+    theta: np.ndarray | None = None
 
 
 def save_attention_maps(
@@ -241,12 +270,14 @@ def save_attention_maps(
     betas: np.ndarray | None = None,
     hard_locations: np.ndarray | None = None,
     image_size: tuple[int, int] | None = None,
+    theta: np.ndarray | None = None,
 ) -> Path:
     """Save attention maps to a compressed ``.npz`` (atomically).
 
     Keys: ``words`` (unicode array), ``alphas`` ``(T, H, W)`` float32, ``grid`` ``(2,)`` and,
     when given, ``betas`` ``(T,)``, ``hard_locations`` ``(T,)`` int64, ``image_size``
-    ``(2,)`` as ``(H_img, W_img)``. Readable with ``np.load(path, allow_pickle=False)``.
+    ``(2,)`` as ``(H_img, W_img)``, ``theta`` ``(2, 3)`` float64. Readable with
+    ``np.load(path, allow_pickle=False)``.
 
     Args:
         path: destination file (``.npz`` is appended if missing).
@@ -256,6 +287,7 @@ def save_attention_maps(
         betas: optional ``(T,)`` gating scalars.
         hard_locations: optional ``(T,)`` attended indices into ``L``.
         image_size: optional ``(H_img, W_img)``.
+        theta: optional ``(2, 3)`` transform from the grid to the image.
 
     Returns:
         The path written.
@@ -275,6 +307,8 @@ def save_attention_maps(
         arrays["hard_locations"] = np.asarray(hard_locations, dtype=np.int64).reshape(-1)[:t_len]
     if image_size is not None:
         arrays["image_size"] = np.asarray(image_size, dtype=np.int64)
+    if theta is not None:
+        arrays["theta"] = np.asarray(theta, dtype=np.float64).reshape(2, 3)
     with atomic_path(out) as tmp:
         with open(tmp, "wb") as f:  # a file object: numpy appends no extension
             np.savez_compressed(f, **arrays)
@@ -303,6 +337,7 @@ def load_attention_maps(path: str | os.PathLike) -> AttentionMaps:
                 if "image_size" in data
                 else None
             ),
+            theta=data["theta"].copy() if "theta" in data else None,
         )
 
 

@@ -16,8 +16,9 @@ Every model is evaluated by the same loop on the validation split (greedy decodi
   package's tokens; runs before 2026-11-24 used NLTK's);
 * attention correctness (Liu et al. 2017, :func:`captioner.metrics.attention_correctness`) and
   its uniform-attention chance level. For the STN model the attention grid lies over the
-  *warped* image, so the boxes are mapped into the warped frame first (corners through
-  ``A_theta^{-1}``, then their axis-aligned bounding box, clipped to the image);
+  *warped* image, so each cell's coverage is measured where it looked in the image
+  (``thetas``, :mod:`captioner.grid_frame`; runs before 2026-11-24 mapped the boxes into the
+  warped frame as axis-aligned bounding boxes instead);
 * for the STN model, how its transform relates to the distortion that made each image: a
   transform that undoes the distortion samples the canonical scene, i.e. ``A_theta`` equals the
   forward distortion in normalised coordinates: rotation (read as
@@ -133,31 +134,11 @@ def train(name: str, args: argparse.Namespace, dm) -> tuple[Any, dict[str, Any]]
                     "stage_parameters": stage_params, "history": history.epochs}
 
 
-def _boxes_in_warped_frame(boxes: list[tuple[str, str, tuple[float, ...]]], theta: np.ndarray,
-                           size: int) -> list[tuple[str, str, tuple[float, ...]]]:
-    """Map pixel boxes of the input image into the STN's output frame (AABB, clipped).
-
-    An input point ``q`` (normalised ``2 X / size - 1``) is seen at output point
-    ``A^{-1} (q - t)``.
-    """
-    lin, t = theta[:, :2], theta[:, 2]
-    inv = np.linalg.inv(lin)
-    out = []
-    for shape, colour, (x, y, w, h) in boxes:
-        corners = np.array([[x, y], [x + w, y], [x, y + h], [x + w, y + h]], float)
-        q = 2.0 * corners / size - 1.0
-        p = (q - t) @ inv.T
-        pix = np.clip((p + 1.0) * size / 2.0, 0.0, size)
-        x0, y0 = pix.min(0)
-        x1, y1 = pix.max(0)
-        out.append((shape, colour, (float(x0), float(y0), float(x1 - x0), float(y1 - y0))))
-    return out
-
-
 @torch.no_grad()
 def evaluate(module, dm) -> dict[str, Any]:
     """Greedy-decode the validation split; BLEU, attention correctness, STN transforms."""
     from captioner.encoders.stn import SpatialTransformer, theta_parameters
+    from captioner.grid_frame import encoder_thetas
     from captioner.metrics import attention_correctness, corpus_bleu
 
     module.eval()
@@ -165,9 +146,11 @@ def evaluate(module, dm) -> dict[str, Any]:
     stns = [s for s in module.encoder.stages if isinstance(s, SpatialTransformer)]
     stn = stns[0] if stns and stns[0].where == "input" else None
     hyps, alphas, boxes, sizes, thetas, ids, indices = [], [], [], [], [], [], []
+    grid_thetas = []
     for batch in dm.val_dataloader():
         images = batch["images"].to(module.device)
         result = module.generate(module.encoder(images))
+        grid_theta = encoder_thetas(module.encoder)  # (b, 2, 3): where each grid looked
         theta = stn.input_theta()[:, 0].cpu().double().numpy() if stn is not None else None
         for i, index in enumerate(batch["index"].tolist()):
             rec = records[index]
@@ -177,16 +160,16 @@ def evaluate(module, dm) -> dict[str, Any]:
             alphas.append(result.alphas[i, : len(hyp)].float().cpu().numpy())
             objs = [(b.category, (b.attributes or {}).get("colour", ""), tuple(b.bbox))
                     for b in rec.boxes]
-            size = images.shape[-1]
             if theta is not None:
-                objs = _boxes_in_warped_frame(objs, theta[i], size)
                 thetas.append(theta[i])
+            grid_thetas.append(None if grid_theta is None else grid_theta[i])
             boxes.append(objs)
             sizes.append((images.shape[-2], images.shape[-1]))
             ids.append(rec.image_id)
             indices.append(index)
     scores: dict[str, Any] = corpus_bleu(hyps, [refs[i] for i in indices])
-    ac = attention_correctness(alphas, hyps, boxes, module.encoder.grid_size, sizes)
+    ac = attention_correctness(alphas, hyps, boxes, module.encoder.grid_size, sizes,
+                               thetas=grid_thetas)
     scores.update(attention_correctness=ac["attention_correctness"],
                   attention_chance=ac["chance"], attention_words=ac["num_words"])
     scores["examples"] = [" ".join(h) for h in hyps[:5]]

@@ -38,22 +38,85 @@ def test_hard_attention_figure_and_one_hot_maps(shapes_root, tmp_path):
     ckpt = _checkpoint(shapes_root, tmp_path, decoder={"attention_mode": "hard"})
     out, maps = tmp_path / "fig.png", tmp_path / "maps.npz"
     assert main(["visualize", "--ckpt", str(ckpt), str(_image(tmp_path)), "--out", str(out),
-                 "--save-maps", str(maps)]) == 0
+                 "--save-maps", str(maps), "--with-end"]) == 0
     assert out.stat().st_size > 0
-    alphas = np.load(maps)["alphas"]  # (T, H, W): one chosen cell per word at test time
-    assert alphas.shape[1:] == (3, 4)
-    if len(alphas):
-        assert np.allclose(alphas.reshape(len(alphas), -1).max(-1), 1.0)
+    saved = np.load(maps)
+    alphas = saved["alphas"]  # (T, H, W): one chosen cell per word at test time
+    assert alphas.shape[1:] == (3, 4) and len(alphas) >= 1  # <end> at least
+    assert np.allclose(alphas.reshape(len(alphas), -1).max(-1), 1.0)
+    # the outlined cells are saved with the maps, and they are the chosen ones
+    np.testing.assert_array_equal(saved["hard_locations"],
+                                  alphas.reshape(len(alphas), -1).argmax(-1))
+
+
+def test_hard_attention_with_the_expectation_rule_outlines_no_cell(shapes_root, tmp_path,
+                                                                     monkeypatch):
+    import captioner.visualize as visualize
+
+    drawn, original = {}, visualize.plot_attention
+
+    def spy(*args, **kwargs):
+        drawn.update(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(visualize, "plot_attention", spy)  # tools imports it when it runs
+    ckpt = _checkpoint(shapes_root, tmp_path,
+                       decoder={"attention_mode": "hard", "hard_test": "expectation"})
+    maps = tmp_path / "maps.npz"
+    assert main(["visualize", "--ckpt", str(ckpt), str(_image(tmp_path)), "--out",
+                 str(tmp_path / "fig.png"), "--save-maps", str(maps), "--with-end"]) == 0
+    assert drawn["hard_locations"] is None
+    saved = np.load(maps)
+    assert "hard_locations" not in saved
+    np.testing.assert_allclose(saved["alphas"].reshape(len(saved["alphas"]), -1).sum(-1), 1.0,
+                               rtol=1e-5)
 
 
 def test_stn_figure(shapes_root, tmp_path):
     stn = {"class_path": "captioner.encoders.SpatialTransformer",
            "init_args": {"where": "input", "transform": "attention"}}
     ckpt = _checkpoint(shapes_root, tmp_path, encoder={"stages": [stn]})
-    out, stn_out = tmp_path / "fig.png", tmp_path / "stn.png"
+    out, stn_out, maps = tmp_path / "fig.png", tmp_path / "stn.png", tmp_path / "maps.npz"
     assert main(["visualize", "--ckpt", str(ckpt), str(_image(tmp_path)), "--out", str(out),
-                 "--stn", str(stn_out)]) == 0
+                 "--stn", str(stn_out), "--save-maps", str(maps)]) == 0
     assert stn_out.stat().st_size > 0
+    # the maps keep where the STN's view lay in the image: its (2, 3) transform
+    from captioner.inference import Captioner
+
+    (caption,) = Captioner.from_checkpoint(ckpt).caption([_image(tmp_path)])
+    assert caption.grid_theta is not None and caption.grid_theta.shape == (2, 3)
+    np.testing.assert_allclose(np.load(maps)["theta"], caption.grid_theta, rtol=1e-6)
+
+
+def test_stn_attention_is_drawn_where_the_view_looked(shapes_root, tmp_path, monkeypatch):
+    """An STN that zooms onto the top-left quarter: the map of a word lands in that quarter."""
+    import torch
+
+    import captioner.visualize as visualize
+    from captioner.inference import Captioner
+
+    stn = {"class_path": "captioner.encoders.SpatialTransformer",
+           "init_args": {"where": "input", "transform": "attention"}}
+    ckpt = _checkpoint(shapes_root, tmp_path, encoder={"stages": [stn]})
+    captioner = Captioner.from_checkpoint(ckpt)
+    regress = captioner.encoder.stages[0].localisation[0][-1]
+    with torch.no_grad():
+        regress.weight.zero_()
+        regress.bias.copy_(torch.tensor([0.5, -0.5, -0.5]))  # s, t_x, t_y
+    (caption,) = captioner.caption([_image(tmp_path)])
+    np.testing.assert_allclose(caption.grid_theta, [[0.5, 0, -0.5], [0, 0.5, -0.5]], atol=1e-6)
+    maps, original = [], visualize.upsample_attention
+
+    def spy(*args, **kwargs):
+        maps.append(original(*args, **kwargs))
+        return maps[-1]
+
+    monkeypatch.setattr(visualize, "upsample_attention", spy)
+    visualize.plot_attention(np.zeros((45, 71, 3)), ["w"], caption.alphas[:1], (3, 4),
+                             tmp_path / "f.png", theta=caption.grid_theta)
+    (up,) = maps  # (45, 71): nothing outside the top-left quarter the view showed
+    assert up[:22, :35].max() > 0 and up[23:].max() == 0 and up[:, 36:].max() == 0
+
 
 
 def test_stn_flag_without_a_stage_is_a_clear_error(tiny_checkpoint, tmp_path, capsys):

@@ -144,6 +144,44 @@ class ImageEncoder(nn.Module):
             x = self.stages[i](x)
         return x
 
+    def grid_theta(self) -> torch.Tensor | None:
+        """Where the grid of the last forward pass looked in the image, or ``None``.
+
+        Stages that move the view (a Spatial Transformer: any stage with an ``input_theta()``
+        method returning ``(B, 1, 2, 3)``) sample their input at ``A [p; 1]`` for each output
+        point ``p``; taken in the order they run, their composite ``A_1 A_2 ... A_n``
+        (:func:`~captioner.encoders.stn.compose_thetas`) maps a normalised point of the
+        attention grid to the normalised image point it shows (:mod:`captioner.grid_frame`).
+
+        Returns:
+            ``(B, 2, 3)``, or ``None`` when no stage moves the view (the grid lies on the
+            image as it is).
+
+        Raises:
+            ValueError: a stage shows several views of one place (``n`` transformers
+                concatenated on channels): a grid cell then looks at ``n`` places at once.
+        """
+        from captioner.encoders.stn import compose_thetas
+
+        names = [name for name, _ in self.body.named_children()]
+        thetas = []
+        for where in ["input", *names, "output"]:
+            for i in self._after[where]:
+                stage = self.stages[i]
+                if not hasattr(stage, "input_theta"):
+                    continue
+                theta = stage.input_theta()  # (B, n', 2, 3)
+                if theta.shape[1] != 1:
+                    raise ValueError(
+                        f"stage {i} ({type(stage).__name__} at {where!r}) concatenates "
+                        f"{theta.shape[1]} views on channels: each grid cell looks at "
+                        f"{theta.shape[1]} places, so attention has no single place in the image"
+                    )
+                thetas.append(theta[:, 0])
+        if not thetas:
+            return None
+        return compose_thetas(torch.stack(thetas, 1))  # (B, 2, 3)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Encode images.
 

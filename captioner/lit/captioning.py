@@ -205,13 +205,19 @@ class CaptioningModule(CaptionerModule):
                            length_penalty=h.length_penalty, **kw)
 
     def _eval_step(self, batch: dict[str, torch.Tensor]) -> None:
-        result = self.generate(self.encode(batch))
+        from captioner.grid_frame import encoder_thetas
+
+        annotations = self.encode(batch)
+        # where each image's grid looked (a Spatial Transformer moved the view), else None
+        thetas = None if "features" in batch else encoder_thetas(self.encoder)
+        result = self.generate(annotations)
         for i, index in enumerate(batch["index"].tolist()):
             n = int(result.lengths[i])
             self._eval_outputs.append({
                 "index": index,
                 "tokens": result.tokens[i, :n].tolist(),
                 "alphas": result.alphas[i, :n].float().cpu(),
+                "theta": None if thetas is None else thetas[i],  # (2, 3)
             })
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -237,7 +243,7 @@ class CaptioningModule(CaptionerModule):
     def _attention_correctness(self, outputs, hyps, records) -> dict[str, float]:
         from captioner.metrics import attention_correctness
 
-        alphas, words, boxes, sizes = [], [], [], []
+        alphas, words, boxes, sizes, thetas = [], [], [], [], []
         for o, hyp in zip(outputs, hyps):
             rec = records[o["index"]]
             alphas.append(o["alphas"][: len(hyp)].numpy())
@@ -245,7 +251,9 @@ class CaptioningModule(CaptionerModule):
             boxes.append([(b.category, (b.attributes or {}).get("colour", ""), tuple(b.bbox))
                           for b in rec.boxes])
             sizes.append((rec.height, rec.width))
-        res = attention_correctness(alphas, words, boxes, self.encoder.grid_size, sizes)
+            thetas.append(o.get("theta"))
+        res = attention_correctness(alphas, words, boxes, self.encoder.grid_size, sizes,
+                                    thetas=thetas)
         return {"attention_correctness": res["attention_correctness"],
                 "attention_chance": res["chance"]}
 

@@ -123,3 +123,40 @@ def test_vocabulary_mismatch_is_a_clear_error(tiny_data, tmp_path):
     module = CaptioningModule.from_config(model_config(dm.vocab_size + 3))
     with pytest.raises(ValueError, match="vocabulary mismatch"):
         trainer(tmp_path, 1).fit(module, datamodule=dm)
+
+
+def test_validation_attention_correctness_reads_the_stns_view(tiny_data, tmp_path):
+    """With an STN, each cell is scored where it looked in the image, not where it sits."""
+    import numpy as np
+
+    from captioner.metrics import attention_correctness
+
+    dm = tiny_dm(tiny_data)
+    dm.setup("validate")
+    cfg = model_config(dm.vocab_size)
+    cfg["encoder"]["init_args"]["stages"] = [{
+        "class_path": "captioner.encoders.SpatialTransformer",
+        "init_args": {"where": "input", "transform": "attention"}}]
+    model = CaptioningModule.from_config(cfg)
+    regress = model.encoder.stages[0].localisation[0][-1]
+    with torch.no_grad():  # a fixed zoom onto the top-left quarter
+        regress.weight.zero_()
+        regress.bias.copy_(torch.tensor([0.5, -0.5, -0.5]))
+    (scores,) = trainer(tmp_path, 1).validate(model, datamodule=dm, verbose=False)
+
+    outputs, hyps = model._last_outputs
+    zoom = np.array([[0.5, 0.0, -0.5], [0.0, 0.5, -0.5]])
+    for o in outputs:
+        np.testing.assert_allclose(o["theta"], zoom, atol=1e-6)
+    records = dm.records("val")
+    args = ([o["alphas"][: len(h)].numpy() for o, h in zip(outputs, hyps)], hyps,
+            [[(b.category, b.attributes.get("colour", ""), tuple(b.bbox))
+              for b in records[o["index"]].boxes] for o in outputs], (3, 3),
+            [(records[o["index"]].height, records[o["index"]].width) for o in outputs])
+    through = attention_correctness(*args, thetas=[zoom] * len(outputs))
+    plain = attention_correctness(*args)
+    assert through["num_words"] >= 1
+    assert scores["val/attention_chance"] == pytest.approx(through["chance"], abs=1e-6)
+    assert scores["val/attention_chance"] != pytest.approx(plain["chance"], abs=1e-3)
+    assert scores["val/attention_correctness"] == pytest.approx(
+        through["attention_correctness"], abs=1e-6)
