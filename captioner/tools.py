@@ -721,10 +721,12 @@ def _run_translate(args: argparse.Namespace) -> int:
     except CheckpointError as e:
         raise ToolError(str(e)) from None
     sentences = args.sentences or [line.rstrip("\r\n") for line in sys.stdin]
+    if sentences and not args.sentences:
+        sentences[0] = sentences[0].removeprefix("\ufeff")  # a byte-order mark is no word
     references = None
     if args.reference:
         try:
-            references = Path(args.reference).read_text(encoding="utf-8").split("\n")
+            references = Path(args.reference).read_text(encoding="utf-8-sig").split("\n")
         except (OSError, UnicodeDecodeError) as e:
             raise ToolError(f"{args.reference}: cannot read references ({e})") from None
         if references and references[-1] == "":

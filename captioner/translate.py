@@ -20,6 +20,7 @@ docstring explains the choices), kept here so that inference never imports Light
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ import numpy as np
 import torch
 from jsonargparse import ArgumentParser
 
-from captioner.data.vocabulary import END, PAD, SPECIALS, START, Vocabulary
+from captioner.data.vocabulary import END, PAD, SPECIALS, START, UNK, Vocabulary
 from captioner.decoder import AttentionDecoder
 from captioner.encoders.text import TextEncoder
 from captioner.inference import CHECKPOINT_KEY, CheckpointError, read_checkpoint
@@ -65,6 +66,9 @@ def tokenize_mt(text: str, lowercase: bool = True) -> list[str]:
         >>> tokenize_mt("A man's T-shirt (red), 3.5 m!")
         ['a', "man's", 't-shirt', '(', 'red', ')', ',', '3.5', 'm', '!']
 
+    The text is put in Unicode NFC form first, as the captioning tokeniser does: a decomposed
+    ``"a" + U+0308`` (macOS, some corpora) is the same word as ``"ä"``.
+
     Args:
         text: a raw sentence.
         lowercase: lowercase the text first.
@@ -72,7 +76,7 @@ def tokenize_mt(text: str, lowercase: bool = True) -> list[str]:
     Returns:
         The tokens in order.
     """
-    text = text.translate(_APOSTROPHES)
+    text = unicodedata.normalize("NFC", text).translate(_APOSTROPHES)
     return _TOKEN_RE.findall(text.lower() if lowercase else text)
 
 
@@ -153,10 +157,18 @@ class BleuScore:
     detail: str
 
 
+UNK_FOR_BLEU = "\u2047"
+"""What ``<unk>`` in a hypothesis is scored as: one token (``⁇``, as SentencePiece writes it)."""
+
+
 def sacrebleu_score(hypotheses: Sequence[str], references: Sequence[str],
                     lowercase: bool = True) -> BleuScore:
     """Corpus BLEU of detokenised hypotheses against raw references (one reference each),
     with sacreBLEU's default ``13a`` tokenisation.
+
+    A ``<unk>`` the model wrote is one wrong word, so it is scored as one token that matches no
+    reference word (:data:`UNK_FOR_BLEU`); ``13a`` would split the literal ``<unk>`` into three
+    (``< unk >``), lengthening the hypothesis and lowering its n-gram precisions.
 
     Args:
         hypotheses: one detokenised translation per sentence.
@@ -174,7 +186,8 @@ def sacrebleu_score(hypotheses: Sequence[str], references: Sequence[str],
     if not hypotheses:
         bleu.corpus_score([""], [[""]])  # sacreBLEU fills its signature on a first score
         return BleuScore(0.0, str(bleu.get_signature()), "no sentences")
-    result = bleu.corpus_score(list(hypotheses), [list(references)])
+    hypotheses = [h.replace(UNK, UNK_FOR_BLEU) for h in hypotheses]
+    result = bleu.corpus_score(hypotheses, [list(references)])
     return BleuScore(float(result.score), str(bleu.get_signature()), str(result))
 
 

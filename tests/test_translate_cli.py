@@ -73,7 +73,7 @@ def test_translate_in_process_one_line_per_sentence(checkpoint, capsys):
 
 def test_translate_beam_alignment_and_reference(checkpoint, capsys, tmp_path):
     ref = tmp_path / "ref.en"
-    ref.write_text("".join(f"{t}\n" for _, t in PAIRS[:2]))
+    ref.write_text("\ufeff" + "".join(f"{t}\n" for _, t in PAIRS[:2]))  # with a BOM
     status = main(["translate", "--ckpt", str(checkpoint), "--beam-size", "3",
                    "--alignment", str(tmp_path / "fig.png"), "--reference", str(ref),
                    PAIRS[0][0], PAIRS[1][0]])
@@ -95,6 +95,23 @@ def test_translate_subprocess_reads_stdin(checkpoint, tmp_path):
     # one output line per input line: a blank line is answered by a blank line
     assert done.stdout.split("\n") == ["the red ball.", "", "a woman reads.", ""]
     assert (tmp_path / "a_1.png").is_file() and (tmp_path / "a_2.png").is_file()
+
+
+def test_translate_drops_a_byte_order_mark_from_stdin(checkpoint, capsys, monkeypatch):
+    import io
+
+    seen = []
+    original = Translator.translate
+
+    def spy(self, sentences, *args, **kwargs):
+        seen.extend(sentences)
+        return original(self, sentences, *args, **kwargs)
+
+    monkeypatch.setattr(Translator, "translate", spy)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\ufeffDer rote Ball.\nEine Frau liest.\n"))
+    assert main(["translate", "--ckpt", str(checkpoint)]) == 0
+    assert seen == ["Der rote Ball.", "Eine Frau liest."]  # a BOM (Windows editors) is no word
+    assert capsys.readouterr().out.splitlines() == ["the red ball.", "a woman reads."]
 
 
 def test_translate_errors_are_one_line(checkpoint, capsys, tmp_path):

@@ -57,6 +57,31 @@ def test_detokenize_inverts_tokenize_on_raw_sentences(sentence):
     assert sacrebleu_score([detokenize_mt(tokenize_mt(sentence))], [sentence]).score == pytest.approx(100)
 
 
+def test_tokenize_mt_reads_decomposed_unicode_as_composed():
+    import unicodedata
+
+    composed = "Zwei Männer überqueren die Straße."
+    decomposed = unicodedata.normalize("NFD", composed)
+    assert decomposed != composed
+    assert tokenize_mt(decomposed) == tokenize_mt(composed) == [
+        "zwei", "männer", "überqueren", "die", "straße", "."]
+
+
+def test_sacrebleu_scores_unk_as_one_wrong_word():
+    from sacrebleu.metrics import BLEU
+
+    from captioner.translate import sacrebleu_score
+
+    ref = ["A man in a red shirt."]
+    with_unk = sacrebleu_score(["a man in a <unk> shirt."], ref)
+    one_wrong = sacrebleu_score(["a man in a blue shirt."], ref)
+    assert with_unk.score == pytest.approx(one_wrong.score)
+    assert "7 ref_len = 7" in with_unk.detail.replace("hyp_len = ", "")  # 7 tokens, not 9
+    # sacreBLEU on the literal text splits it into "< unk >" and scores lower
+    assert BLEU(lowercase=True).corpus_score(["a man in a <unk> shirt."], [ref]).score < \
+        with_unk.score - 10
+
+
 def test_sacrebleu_of_nothing_is_zero_with_a_signature():
     from captioner.translate import sacrebleu_score
 

@@ -1,0 +1,56 @@
+"""Score translation files with captioner's sacreBLEU (``captioner.translate.sacrebleu_score``).
+
+The same BLEU as ``val/bleu``, ``captioner test`` and ``captioner translate --reference``: corpus
+sacreBLEU, ``13a`` tokens, lowercased by default, a ``<unk>`` in a hypothesis scored as one token.
+Each hypothesis file holds one detokenised translation per line of the reference file.
+
+    python scripts/score_translations.py --reference ../shared/data/multi30k/test_2016_flickr.en \
+        runs/multi30k_eval/ep6_beam5.txt --json scores.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from captioner.translate import sacrebleu_score
+
+
+def _lines(path: Path) -> list[str]:
+    lines = path.read_text(encoding="utf-8-sig").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("hypotheses", nargs="+", type=Path, help="translation files")
+    p.add_argument("--reference", required=True, type=Path, help="reference file")
+    p.add_argument("--cased", action="store_true", help="case-sensitive BLEU")
+    p.add_argument("--json", type=Path, default=None, help="write the scores here")
+    args = p.parse_args(argv)
+
+    references = _lines(args.reference)
+    scores = {}
+    for path in args.hypotheses:
+        hypotheses = _lines(path)
+        if len(hypotheses) != len(references):
+            print(f"{path}: {len(hypotheses)} lines for {len(references)} references",
+                  file=sys.stderr)
+            return 2
+        bleu = sacrebleu_score(hypotheses, references, lowercase=not args.cased)
+        unk = sum(h.count("<unk>") for h in hypotheses)
+        scores[str(path)] = {"bleu": bleu.score, "detail": bleu.detail,
+                             "signature": bleu.signature, "unk_in_hypotheses": unk}
+        print(f"{path}\t{bleu.detail}\t<unk>: {unk}")
+    if args.json:
+        args.json.write_text(json.dumps({"reference": str(args.reference), "scores": scores},
+                                        indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
