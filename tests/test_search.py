@@ -12,8 +12,18 @@ IDS = dict(start_id=1, end_id=2, pad_id=0)
 
 @pytest.fixture(scope="module")
 def decoder():
+    """A random decoder whose ``<end>`` is likely enough that hypotheses finish at varied
+    lengths: greedy 2, 1, 15, 15, 2 tokens; beam 5 with ``length_penalty`` 1: 4-5 tokens."""
     torch.manual_seed(3)
-    return AttentionDecoder(V, D, embed_dim=9, hidden_dim=11, dropout=0.0).eval()
+    dec = AttentionDecoder(V, D, embed_dim=9, hidden_dim=11, dropout=0.0).eval()
+    with torch.no_grad():
+        dec.L_o.bias[IDS["end_id"]] += 0.8
+    return dec
+
+
+def test_the_fixture_finishes_some_hypotheses_and_not_others(decoder, annotations):
+    g = greedy_search(decoder, annotations, max_length=15, **IDS)
+    assert (g.lengths < 15).any() and (g.lengths == 15).any()
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +57,9 @@ def test_beam_finds_a_score_at_least_as_good_as_greedy(decoder, annotations):
     b = beam_search(decoder, annotations, beam_size=5, max_length=15, **IDS)
     # greedy hypotheses that ended are in the beam's search space
     ended = g.tokens.gather(1, (g.lengths - 1).unsqueeze(1)).squeeze(1) == 2
+    assert ended.sum() >= 2
     assert (b.scores[ended] >= g.scores[ended] - 1e-4).all()
+    assert (b.scores > g.scores + 1e-3).any()  # and strictly better somewhere
 
 
 def test_scores_are_the_sum_of_token_log_probs(decoder, annotations):
@@ -96,6 +108,7 @@ def test_impossible_settings_are_clear_errors(decoder, annotations, search, kw, 
 def test_never_emits_pad_or_start_and_pads_after_end(decoder, annotations):
     for r in (greedy_search(decoder, annotations, max_length=15, **IDS),
               beam_search(decoder, annotations, beam_size=3, max_length=15, **IDS)):
+        assert (r.lengths < 15).any()  # some rows are padded after their <end>
         for i in range(B):
             n = int(r.lengths[i])
             assert not ((r.tokens[i, :n] == 0) | (r.tokens[i, :n] == 1)).any()
@@ -107,7 +120,8 @@ def test_never_emits_pad_or_start_and_pads_after_end(decoder, annotations):
 def test_length_penalty_prefers_longer_hypotheses(decoder, annotations):
     raw = beam_search(decoder, annotations, beam_size=5, max_length=15, **IDS)
     norm = beam_search(decoder, annotations, beam_size=5, max_length=15, length_penalty=1.0, **IDS)
-    assert norm.lengths.float().mean() >= raw.lengths.float().mean()
+    assert (norm.lengths >= raw.lengths).all()
+    assert norm.lengths.float().mean() > raw.lengths.float().mean() + 1
 
 
 # ---------------------------------------------------------------- annotations shared among beams
@@ -171,3 +185,87 @@ def test_shared_keys_context_and_select_by_hand():
     torch.testing.assert_close(picked.context(alpha[[3, 0, 0]]), expected[[3, 0, 0]])
     moved = state.select_recurrent(torch.tensor([1, 1, 2, 3]))  # beams stay with their image
     assert moved.group == 2 and moved.keys is keys and torch.equal(moved.h, h[[1, 1, 2, 3]])
+
+
+# ---------------------------------------------------------------- against exhaustive search
+T_SMALL, V_SMALL = 4, 6  # every caption of up to 4 tokens over 4 words + <end>: 340 of them
+
+
+def _small_decoder(end_bias: float) -> tuple[AttentionDecoder, torch.Tensor]:
+    torch.manual_seed(0)
+    dec = AttentionDecoder(V_SMALL, D, embed_dim=4, hidden_dim=6, dropout=0.0).eval()
+    with torch.no_grad():
+        dec.L_o.bias[IDS["end_id"]] += end_bias
+    return dec, torch.randn(3, 4, D) * 2
+
+
+def _replay(dec, annotations, tokens):
+    """Teacher-force ``tokens`` on one image: total log-prob, alphas ``(T, L)``, betas."""
+    state, prev, total, alphas, betas = dec.init_state(annotations), torch.tensor([1]), 0.0, [], []
+    with torch.no_grad():
+        for tok in tokens:
+            logp, state, alpha, beta = dec.step(prev, state)
+            total += float(logp[0, tok])
+            alphas.append(alpha[0])
+            betas.append(beta[0])
+            prev = torch.tensor([tok])
+    return total, torch.stack(alphas), torch.stack(betas)
+
+
+@pytest.mark.parametrize("end_bias, min_length, length_penalty",
+                         [(1.0, 2, 0.0), (1.0, 3, 1.0), (0.0, 1, 1.0), (2.0, 2, 0.5)])
+def test_a_wide_beam_returns_the_exhaustive_optimum(end_bias, min_length, length_penalty):
+    """With K larger than every hypothesis set, beam search is exact: compare it with the best
+    of all captions ranked by ``score / length ** length_penalty``."""
+    import itertools
+
+    dec, ann = _small_decoder(end_bias)
+    words = [2, 3, 4, 5]  # <end> and the four words (never <pad> / <start>)
+    for i in range(ann.shape[0]):
+        best = None
+        for n in range(min_length, T_SMALL + 1):
+            for seq in itertools.product(words, repeat=n):
+                if 2 in seq[:-1] or (n < T_SMALL and seq[-1] != 2):
+                    continue  # <end> only last; shorter than T_SMALL only if it ended
+                score = _replay(dec, ann[i:i + 1], seq)[0]
+                if best is None or score / n ** length_penalty > best[0]:
+                    best = (score / n ** length_penalty, score, seq)
+        r = beam_search(dec, ann[i:i + 1], beam_size=64, max_length=T_SMALL,
+                        min_length=min_length, length_penalty=length_penalty, **IDS)
+        n = int(r.lengths[0])
+        assert tuple(r.tokens[0, :n].tolist()) == best[2]
+        assert float(r.scores[0]) == pytest.approx(best[1], abs=1e-4)
+
+
+def test_beam_alphas_and_betas_are_those_of_the_returned_tokens():
+    """After backtracking through the beams, step t's alpha and beta are the ones that produced
+    token t (replayed under teacher forcing)."""
+    torch.manual_seed(1)
+    dec = AttentionDecoder(V, D, embed_dim=4, hidden_dim=6, dropout=0.0).eval()
+    ann = torch.randn(8, L, D) * 2
+    r = beam_search(dec, ann, beam_size=3, max_length=10, length_penalty=1.0, **IDS)
+    assert len(set(r.lengths.tolist())) > 1
+    for i in range(8):
+        n = int(r.lengths[i])
+        score, alphas, betas = _replay(dec, ann[i:i + 1], r.tokens[i, :n].tolist())
+        torch.testing.assert_close(r.alphas[i, :n], alphas)
+        torch.testing.assert_close(r.betas[i, :n], betas)
+        assert float(r.scores[i]) == pytest.approx(score, abs=1e-4)
+
+
+def test_min_length_is_exact_when_end_is_the_likeliest_word():
+    dec, ann = _small_decoder(3.0)
+    for m in (1, 2, 3):
+        for r in (greedy_search(dec, ann, max_length=T_SMALL, min_length=m, **IDS),
+                  beam_search(dec, ann, beam_size=2, max_length=T_SMALL, min_length=m, **IDS)):
+            assert (r.lengths == m).all(), (m, r.lengths)
+
+
+def test_greedy_scores_stop_at_end():
+    dec, ann = _small_decoder(0.3)
+    g = greedy_search(dec, ann, max_length=T_SMALL, **IDS)
+    assert (g.lengths < T_SMALL).any() and (g.lengths == T_SMALL).any()
+    for i in range(ann.shape[0]):
+        n = int(g.lengths[i])
+        replayed = _replay(dec, ann[i:i + 1], g.tokens[i, :n].tolist())[0]
+        assert float(g.scores[i]) == pytest.approx(replayed, abs=1e-4)
