@@ -41,6 +41,23 @@ def test_scalar_gate_is_the_papers_and_vector_gate_is_an_option():
     assert torch.equal(dec(torch.randn(B, L, D), captions()).betas, torch.ones(B, 5))
 
 
+@pytest.mark.parametrize("gate", ["scalar", "vector"])
+def test_gated_context_by_hand(gate):
+    """``z_t = beta_t sum_i alpha_ti a_i`` with ``beta_t = sigmoid(f_beta(h_{t-1}))``
+    (Section 4.2.1); a closed gate removes the context."""
+    dec = make(gate=gate).eval()
+    ann = torch.randn(B, L, D)
+    state = dec.init_state(ann)
+    z, alpha, beta = dec._attend(state)
+    expected_beta = torch.sigmoid(dec.f_beta(state.h))  # (B, 1) or (B, D)
+    torch.testing.assert_close(beta, expected_beta)
+    torch.testing.assert_close(z, expected_beta * torch.einsum("bl,bld->bd", alpha, ann))
+    with torch.no_grad():
+        dec.f_beta.weight.zero_()
+        dec.f_beta.bias.fill_(-30.0)
+    assert dec._attend(state)[0].abs().max() < 1e-10
+
+
 def test_deep_output_layer_matches_eq7_by_hand():
     dec = make(deep_output_activation="identity").eval()
     emb, h, z = torch.randn(B, E), torch.randn(B, N), torch.randn(B, D)

@@ -1,5 +1,6 @@
 """Stochastic hard attention (Xu et al. 2015, Section 4.1): sampling, the REINFORCE estimator
-against the exact gradient by enumeration, and a toy task where the right location is known."""
+against the exact gradient by enumeration, the loss the module adds by hand, and a toy task where
+the right location is known (learnt by hard and by soft attention, and not by uniform weights)."""
 
 import functools
 import math
@@ -194,3 +195,118 @@ def test_hard_attention_learns_to_pick_the_informative_location():
     correct = (out.logits[:, 0].argmax(-1) == batch["captions"][:, 1]).float().mean().item()
     assert picked > 0.8, f"picked the marked location {picked:.0%} of the time (chance 11%)"
     assert correct > 0.8
+
+
+def _toy_module(**decoder_kw) -> CaptioningModule:
+    decoder = functools.partial(
+        AttentionDecoder, embed_dim=8, hidden_dim=16, dropout=0.0, gate="none",
+        attention=functools.partial(AdditiveAttention, attention_dim=16), **decoder_kw)
+    return CaptioningModule(_Features(), decoder, vocab_size=8, doubly_stochastic=0.0)
+
+
+def _train_toy(module: CaptioningModule, g: torch.Generator, steps: int = 150) -> None:
+    optimizer = torch.optim.Adam(module.decoder.parameters(), lr=0.03)
+    module.train()
+    for _ in range(steps):
+        batch, _ = _toy_batch(32, g)
+        loss = module.loss(batch)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def test_soft_attention_learns_to_look_at_the_informative_location():
+    """Soft attention puts its mass on the marked cell; uniform weights (mean pooling) cannot
+    tell the word, so this also fails an attention that ignores its scores."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    module = _toy_module()
+    _train_toy(module, g)
+    module.eval()
+    batch, pos = _toy_batch(300, g)
+    with torch.no_grad():
+        out = module.decoder(batch["features"], batch["captions"])
+    mass = out.alphas[torch.arange(300), 0, pos].mean().item()
+    correct = (out.logits[:, 0].argmax(-1) == batch["captions"][:, 1]).float().mean().item()
+    assert mass > 0.8, f"attention mass on the marked cell {mass:.2f} (uniform: 0.11)"
+    assert correct > 0.9
+
+
+def test_uniform_attention_cannot_solve_the_toy(monkeypatch):
+    """The control for the test above: the same training with every score 0 stays near chance."""
+    monkeypatch.setattr(AdditiveAttention, "score",
+                        lambda self, query, keys, proj_keys, mask=None: torch.zeros(
+                            keys.shape[0], keys.shape[1]))
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    module = _toy_module()
+    _train_toy(module, g)
+    module.eval()
+    batch, _ = _toy_batch(300, g)
+    with torch.no_grad():
+        out = module.decoder(batch["features"], batch["captions"])
+    correct = (out.logits[:, 0].argmax(-1) == batch["captions"][:, 1]).float().mean().item()
+    assert correct < 0.6
+
+
+def _capture_decoder_output(module):
+    seen = {}
+
+    def hook(_module, args, output):
+        seen["annotations"], seen["output"] = args[0], output
+
+    return seen, module.decoder.register_forward_hook(hook)
+
+
+def test_module_reinforce_loss_and_baseline_by_hand():
+    """``CaptioningModule.loss`` adds ``-mean[lambda_r (R - b) sum_t log alpha_{t,s_t} +
+    lambda_e H]`` and moves ``b`` towards the mean reward of the captions that sampled."""
+    torch.manual_seed(5)
+    lambda_r, lambda_e = 0.7, 0.3
+    module = _toy_module(attention_mode="hard", hard_expectation_prob=0.5)
+    module.hparams.update(hard_lambda_r=lambda_r, hard_lambda_e=lambda_e)
+    module.train()
+    g = torch.Generator().manual_seed(2)
+    module.loss(_toy_batch(16, g)[0])  # the first update sets b to a mean reward
+    b_before = module.decoder.hard.baseline.clone()
+    seen, handle = _capture_decoder_output(module)
+    batch, _ = _toy_batch(16, g)
+    losses = module.loss(batch)
+    handle.remove()
+
+    out, targets = seen["output"], batch["captions"][:, 1:]  # (16, 2): word, <end>
+    steps = targets != 0
+    reward = (torch.log_softmax(out.logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+              * steps).sum(1)  # (16,) log p(y | s~, a)
+    log_p_s = (out.location_log_probs * steps).sum(1)  # summed over the caption's steps
+    entropy = attention_entropy(out.alphas, steps)
+    sampled = (out.sampled & steps).any(1)
+    assert 0 < int(sampled.sum()) < 16  # some captions sampled, some used the expectation
+    expected = -(lambda_r * (reward - b_before) * log_p_s + lambda_e * entropy).mean()
+    torch.testing.assert_close(losses["reinforce"], expected.detach())
+    torch.testing.assert_close(losses["baseline"], b_before)
+    torch.testing.assert_close(module.decoder.hard.baseline,
+                               0.9 * b_before + 0.1 * reward[sampled].mean().detach())
+    torch.testing.assert_close(losses["reward"], reward[sampled].mean().detach())
+
+
+def test_hard_num_samples_repeats_each_caption_n_times_in_training_only():
+    """``N`` of Eq. 12: training unrolls each caption N times (B N rows); evaluation once. With
+    the expectation always taken (no sampling) the N copies give the loss of one."""
+    g = torch.Generator().manual_seed(3)
+    batch, _ = _toy_batch(5, g)
+    losses = {}
+    for n in (1, 3):
+        torch.manual_seed(0)
+        module = _toy_module(attention_mode="hard", hard_expectation_prob=1.0)
+        module.hparams.update(hard_num_samples=n)
+        seen, handle = _capture_decoder_output(module)
+        module.train()
+        losses[n] = module.loss(batch)["loss"]
+        assert seen["annotations"].shape[0] == 5 * n
+        module.eval()
+        module.loss(batch)
+        assert seen["annotations"].shape[0] == 5
+        handle.remove()
+    torch.testing.assert_close(losses[3], losses[1])
+

@@ -55,6 +55,28 @@ def test_corpus_bleu_hand_computed():
     assert scores["bleu4"] < 1e-3
 
 
+def test_corpus_bleu_with_several_references_by_hand():
+    """Matches may come from different references; clipping takes each n-gram's largest count
+    in any one reference; the brevity penalty uses the closest reference length."""
+    # unigrams a (ref 1), dog (ref 2), runs (both): p1 = 3/3; bigrams: "dog runs" (ref 2) of 2
+    # closest reference length to c = 3 is ref 2's 3 (ref 1 has 5): BP = 1
+    scores = corpus_bleu([["a", "dog", "runs"]],
+                         [[["a", "cat", "runs", "fast", "today"], ["the", "dog", "runs"]]])
+    assert scores["bleu1"] == pytest.approx(1.0)
+    assert scores["bleu2"] == pytest.approx(math.sqrt(0.5))
+    # "the" x3 clipped to 2 (its count in ref 2) -> p1 = 2/3; "the the" x2 clipped to 1 -> 1/2;
+    # closest length to 3 is 2 (ref 1; ref 2 has 6), shorter than c: BP = 1
+    scores = corpus_bleu([["the", "the", "the"]],
+                         [[["the", "cat"], ["the", "the", "mat", "x", "y", "z"]]])
+    assert scores["bleu1"] == pytest.approx(2 / 3)
+    assert scores["bleu2"] == pytest.approx(math.sqrt(2 / 3 * 1 / 2))
+    # the closest reference, not the shortest: c = 6 against lengths 2 and 7 -> r = 7,
+    # BP = e^(1 - 7/6); every unigram is in the long reference
+    scores = corpus_bleu([["a", "dog", "runs", "on", "green", "grass"]],
+                         [[["a", "dog"], ["a", "dog", "runs", "on", "the", "green", "grass"]]])
+    assert scores["bleu1"] == pytest.approx(math.exp(1 - 7 / 6))
+
+
 def test_corpus_bleu_counts_no_ngrams_a_short_hypothesis_lacks():
     """A 3-token hypothesis has no 4-gram: it adds 0, not 1, to the 4-gram count (NLTK's
     corpus_bleu adds 1, which scored this perfect corpus 0.974)."""
