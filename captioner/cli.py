@@ -362,4 +362,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # ``python -m captioner.cli``: this file runs as ``__main__``, but the tools register into
+    # the imported ``captioner.cli`` (a second copy of this module), so run that one's main
+    from captioner.cli import main as _package_main
+
+    sys.exit(_package_main())

@@ -171,6 +171,16 @@ def test_entry_point_in_a_subprocess(tiny_checkpoint, test_images, tmp_path) -> 
     assert "missing.png: no such file" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.parametrize("module", ["captioner", "captioner.cli"])
+def test_python_dash_m_has_every_command(module, tiny_checkpoint, test_images) -> None:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", module, "caption", "--ckpt",
+                           str(tiny_checkpoint), str(test_images[0])],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"{test_images[0]}\t")
+
+
 # ================================================================================== evaluate
 def _lightning_style_config(tmp_path: Path, shapes_root: Path) -> Path:
     config = {"seed_everything": 0, "trainer": {"max_epochs": 1},
