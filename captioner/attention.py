@@ -7,15 +7,17 @@ and the decoder forms the context ``z = sum_i alpha_i a_i`` by a batched matmul.
 does not depend on the query is computed once per image by :meth:`Attention.project_keys`
 (joeynmt's ``compute_proj_keys``), not at every time step.
 
-Soft attention (Xu et al. 2015, Section 4.2, Eqs. 4-5)::
+Soft attention (Xu et al. 2015, Section 3.1.2, Eqs. 4-5; its deterministic form, Section 4.2)::
 
     e_ti     = f_att(a_i, h_{t-1})
     alpha_ti = exp(e_ti) / sum_k exp(e_tk)          (masked positions: exactly 0)
 
-The family (each class documents its equation; all are registered in
-:data:`ATTENTION_REGISTRY` and usable from YAML as
-``attention: {class_path: captioner.attention.X, init_args: {...}}``; every constructor is
-``(query_dim, key_dim, **hyper)``, i.e. a ``Callable[[int, int], Attention]``):
+The family (each class documents its equation; every constructor is
+``(query_dim, key_dim, **hyper)``, i.e. a ``Callable[[int, int], Attention]``). YAML names a
+score function by its class path, ``attention: {class_path: captioner.attention.X, init_args:
+{...}}``, so a new one is one :class:`Attention` subclass in any module, with no other edit;
+:data:`ATTENTION_REGISTRY` only gives the short names below for Python use
+(:func:`build_attention`):
 
 ==================  ===================================================  =========================
 name                energy / weights                                     paper

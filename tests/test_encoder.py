@@ -12,6 +12,39 @@ def test_registry_lists_the_required_backbones():
     assert required <= set(available_backbones())
 
 
+TINY_BACKBONE = """
+from collections import OrderedDict
+from torch import nn
+from captioner.encoders.backbone import Backbone
+
+def build(weights):
+    assert weights is None
+    body = nn.Sequential(OrderedDict(conv=nn.Conv2d(3, 7, 3, stride=2, padding=1),
+                                     act=nn.ReLU()))
+    return Backbone(body, out_channels=7)
+
+def not_a_backbone(weights):
+    return nn.Identity()
+"""
+
+
+def test_a_backbone_in_any_module_is_named_by_its_dotted_path(tmp_path, monkeypatch):
+    """A new backbone is one builder in one file: no registry edit, reachable from YAML."""
+    (tmp_path / "my_backbones.py").write_text(TINY_BACKBONE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    enc = ImageEncoder("my_backbones.build", grid_size=(3, 5))
+    assert enc(torch.rand(2, 3, 30, 50)).shape == (2, 15, 7)
+    assert "conv" in dict(enc.body.named_children())  # its blocks can host stages
+    with pytest.raises(ValueError, match="cannot import 'nowhere_module'"):
+        build_backbone("nowhere_module.build")
+    with pytest.raises(ValueError, match="has no callable 'missing'"):
+        build_backbone("my_backbones.missing")
+    with pytest.raises(ValueError, match="returned Identity, not a"):
+        build_backbone("my_backbones.not_a_backbone")
+    with pytest.raises(ValueError, match="unknown backbone 'resnet7'; available: .*dotted path"):
+        build_backbone("resnet7")
+
+
 @pytest.mark.parametrize("name,d", [("shapes_cnn", 128), ("resnet18", 512), ("vgg16", 512),
                                     ("efficientnet_lite0", 1280)])
 def test_output_is_B_L_D_for_an_odd_grid(name, d):

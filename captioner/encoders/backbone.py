@@ -91,19 +91,47 @@ def available_backbones() -> list[str]:
 
 
 def build_backbone(name: str, weights: str | None = None) -> Backbone:
-    """Build a registered backbone.
+    """Build a registered backbone, or one named by the dotted path of its builder.
+
+    A new backbone is one builder ``f(weights: str | None) -> Backbone`` in any module: YAML
+    names it ``backbone: mypackage.backbones.build_tiny`` (imported on use), or registers it
+    under a short name with :func:`register_backbone` when its module is imported.
 
     Args:
-        name: registry name, e.g. ``"resnet101"``, ``"vgg19"``, ``"efficientnet_lite0"``.
+        name: registry name, e.g. ``"resnet101"``, ``"vgg19"``, ``"efficientnet_lite0"``, or
+            ``"module.builder"``.
         weights: torchvision weights enum member name (``"IMAGENET1K_V1"``, ``"DEFAULT"``) or
             ``None`` for random initialisation. ``efficientnet_lite0`` accepts ``"IMAGENET"``.
 
     Raises:
-        ValueError: unknown backbone or weights name (the message lists the valid ones).
+        ValueError: unknown backbone or weights name (the message lists the valid ones), or a
+            dotted path that does not name a callable returning a :class:`Backbone`.
     """
-    if name not in _REGISTRY:
-        raise ValueError(f"unknown backbone {name!r}; available: {', '.join(available_backbones())}")
-    return _REGISTRY[name](weights)
+    if name in _REGISTRY:
+        return _REGISTRY[name](weights)
+    if "." not in name:
+        raise ValueError(f"unknown backbone {name!r}; available: {', '.join(available_backbones())}"
+                         " or the dotted path of a builder (mypackage.module.build_backbone)")
+    builder = _import_builder(name)
+    built = builder(weights)
+    if not isinstance(built, Backbone):
+        raise ValueError(f"backbone {name!r} returned {type(built).__name__}, not a "
+                         "captioner.encoders.backbone.Backbone")
+    return built
+
+
+def _import_builder(path: str) -> Callable[[str | None], Backbone]:
+    import importlib
+
+    module_name, _, attr = path.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        raise ValueError(f"backbone {path!r}: cannot import {module_name!r} ({e})") from None
+    builder = getattr(module, attr, None)
+    if not callable(builder):
+        raise ValueError(f"backbone {path!r}: {module_name} has no callable {attr!r}")
+    return builder
 
 
 def _torchvision_weights(name: str, weights: str | None):

@@ -23,9 +23,11 @@ Constructors take hyper-parameters only, typed, so LightningCLI configures a sta
           - class_path: captioner.encoders.non_local.NonLocalBlock
             init_args: {where: layer3}
 
-For direct use a stage also accepts ``in_channels`` and is then built at once. The registry maps
-short names to class paths (imported on first use, so this module imports no stage): a new stage
-is one file plus one :func:`register_stage` call.
+For direct use a stage also accepts ``in_channels`` and is then built at once. YAML names a stage
+by its ``class_path``, so a new stage is one class in one file of any package, with no other
+edit. The registry here only gives short names for Python use (``build_stage("non_local",
+where="layer3")``; imported on first use, so this module imports no stage); :func:`register_stage`
+adds one.
 """
 
 from __future__ import annotations
