@@ -12,15 +12,13 @@ Example::
 
 Also here, shared with :class:`captioner.lit.translation.TranslationModule`: :func:`decode`
 (greedy or batched beam search over masked source annotations) and :func:`sacrebleu_score`
-(corpus BLEU of detokenised output, with sacreBLEU's signature); and the translation tokeniser
-:func:`tokenize_mt` / :func:`detokenize_mt` (re-exported by :mod:`captioner.data.parallel`, whose
-docstring explains the choices), kept here so that inference never imports Lightning.
+(corpus BLEU of detokenised output, with sacreBLEU's signature). The translation tokeniser
+:func:`~captioner.data.tokenize.tokenize_mt` / :func:`~captioner.data.tokenize.detokenize_mt` is
+re-exported here.
 """
 
 from __future__ import annotations
 
-import re
-import unicodedata
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +28,7 @@ import numpy as np
 import torch
 from jsonargparse import ArgumentParser
 
+from captioner.data.tokenize import detokenize_mt, tokenize_mt
 from captioner.data.vocabulary import END, PAD, SPECIALS, START, UNK, Vocabulary
 from captioner.decoder import AttentionDecoder
 from captioner.encoders.text import TextEncoder
@@ -42,76 +41,6 @@ __all__ = ["BleuScore", "Translation", "Translator", "decode", "detokenize_mt",
 TASK = "translation"
 SEARCH_DEFAULTS: dict[str, Any] = {"beam_size": 1, "max_length": 50, "min_length": 1,
                                    "length_penalty": 1.0}
-
-
-# ---------------------------------------------------------------------------------- tokenisation
-# The translation tokeniser lives here, not in captioner.data.parallel, so that inference never
-# imports Lightning (the data module does); see captioner.data.parallel for the choices.
-_ALNUM = r"[^\W_]"  # a letter or a digit, any script
-_TOKEN_RE = re.compile(
-    rf"\d+(?:[.,]\d+)+{_ALNUM}*"  # 3.5, 1,000, 2.5m
-    rf"|{_ALNUM}+(?:['\-]{_ALNUM}+)*"  # man's, t-shirt
-    r"|[^\w\s]|_"  # every other visible character is a token of its own
-)
-_APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'", "`": "'"})
-_CLOSING = frozenset(".,!?;:%)]}\u201d")  # no space before: . , ) ] ” ...
-_OPENING = frozenset("([{\u201e")  # no space after: ( [ { „
-_QUOTE_PAIRS = {'"': '"', "'": "'", "\u201c": "\u201d", "\u201e": "\u201c"}  # opening -> closing
-
-
-def tokenize_mt(text: str, lowercase: bool = True) -> list[str]:
-    """Split a sentence into word and punctuation tokens.
-
-    Example:
-        >>> tokenize_mt("A man's T-shirt (red), 3.5 m!")
-        ['a', "man's", 't-shirt', '(', 'red', ')', ',', '3.5', 'm', '!']
-
-    The text is put in Unicode NFC form first, as the captioning tokeniser does: a decomposed
-    ``"a" + U+0308`` (macOS, some corpora) is the same word as ``"ä"``.
-
-    Args:
-        text: a raw sentence.
-        lowercase: lowercase the text first.
-
-    Returns:
-        The tokens in order.
-    """
-    text = unicodedata.normalize("NFC", text).translate(_APOSTROPHES)
-    return _TOKEN_RE.findall(text.lower() if lowercase else text)
-
-
-def detokenize_mt(tokens: Sequence[str]) -> str:
-    """Join tokens into a sentence: spaces between tokens, none before closing punctuation or
-    after opening brackets and typographic quotes (``["a", "dog", "."]`` -> ``"a dog."``), and
-    a possessive apostrophe after an ``s`` kept on its word (``"kids' toys"``; not when
-    another ``'`` follows, which makes it an opening quote: ``"says 'yes'"``). Guillemets keep
-    their spaces (French spacing, German ``»...«``).
-
-    Args:
-        tokens: output of :func:`tokenize_mt` or a decoded translation.
-
-    Returns:
-        The sentence.
-    """
-    pieces: list[str] = []
-    glue = True  # no space before the next token (start of sentence, after an opening mark)
-    expected_close: list[str] = []  # the closing quote of each quote still open
-    tokens = list(tokens)
-    for i, token in enumerate(tokens):
-        if token == "'" and 0 < i < len(tokens) - 1 and tokens[i - 1][-1:] in ("s", "S", "z", "Z") \
-                and tokens[i + 1][:1].isalnum() and "'" not in tokens[i + 1 :]:
-            closing, opening = True, False  # "the kids' toys": on its word
-        elif expected_close and token == expected_close[-1]:  # closes the innermost quote
-            expected_close.pop()
-            closing, opening = True, False
-        elif token in _QUOTE_PAIRS:  # “ opens in English, closes German „...“ (handled above)
-            expected_close.append(_QUOTE_PAIRS[token])
-            closing, opening = False, True
-        else:
-            closing, opening = token in _CLOSING, token in _OPENING
-        pieces.append(token if glue or closing else " " + token)
-        glue = opening
-    return "".join(pieces)
 
 
 # ---------------------------------------------------------------------------------- shared parts

@@ -6,7 +6,8 @@ annotation formats, splits, vocabulary, references) whose batches carry ``featur
 extract-features``) in place of ``images``; :meth:`CaptioningModule.encode
 <captioner.lit.captioning.CaptioningModule.encode>` then skips the encoder. Valid only for a
 frozen encoder, the one the cache was extracted with (:class:`CachedShapesDataModule` does the
-same for :class:`~captioner.data.datamodule.ShapesDataModule`). In YAML::
+same for :class:`~captioner.data.datamodule.ShapesDataModule`); their datasets are plain
+PyTorch, in :mod:`captioner.data.cached_datasets` (re-exported here). In YAML::
 
     data:
       class_path: captioner.data.cached.CachedFeaturesDataModule
@@ -18,81 +19,18 @@ same for :class:`~captioner.data.datamodule.ShapesDataModule`). In YAML::
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from captioner.data.cached_datasets import (CachedCaptionDataset, CachedImageDataset,
+                                            collate_cached_captions, collate_cached_images)
 from captioner.data.datamodule import CaptionDataModule, DataFormat, ShapesDataModule
-from captioner.data.datasets import (CaptionTrainDataset, ImageEvalDataset, collate_captions,
-                                     collate_images)
-from captioner.data.formats import ImageRecord
-from captioner.data.vocabulary import Vocabulary
 from captioner.features import FeatureCache, FeatureCacheError
 
 __all__ = ["CachedCaptionDataset", "CachedImageDataset", "CachedFeaturesDataModule",
            "CachedShapesDataModule", "collate_cached_captions", "collate_cached_images"]
-
-
-class CachedCaptionDataset(CaptionTrainDataset):
-    """:class:`CaptionTrainDataset` pairs with the image's cached grid instead of its pixels.
-
-    Args:
-        records: the images and their captions.
-        vocab: vocabulary used to encode captions.
-        cache: the feature cache holding every record's image.
-        max_length: longest encoded caption ``T`` (``<start>``/``<end>`` included).
-    """
-
-    def __init__(self, records: Sequence[ImageRecord], vocab: Vocabulary, cache: FeatureCache,
-                 max_length: int = 50) -> None:
-        super().__init__(records, vocab, image_size=1, max_length=max_length)
-        self.cache = cache
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        """Returns ``features`` ``(L, D)`` float16, ``caption`` ``(T,)`` long, ``index`` int."""
-        r = int(self._record_index[i])
-        start, end = self._offsets[i], self._offsets[i + 1]
-        caption = torch.from_numpy(self._ids[start:end].copy())  # (T,)
-        return {"features": self.cache.tensor(self.records[r].path), "caption": caption,
-                "index": r}
-
-
-class CachedImageDataset(ImageEvalDataset):
-    """Each image of ``records`` once, as its cached grid.
-
-    Args:
-        records: the images.
-        cache: the feature cache holding them.
-    """
-
-    def __init__(self, records: Sequence[ImageRecord], cache: FeatureCache) -> None:
-        super().__init__(records, image_size=1)
-        self.cache = cache
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        """Returns ``features`` ``(L, D)`` float16 and ``index`` (= ``i``)."""
-        return {"features": self.cache.tensor(self.records[i].path), "index": i}
-
-
-def _as_images(batch: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{**item, "image": item["features"]} for item in batch]
-
-
-def collate_cached_captions(batch: Sequence[dict[str, Any]], pad_id: int = 0
-                            ) -> dict[str, torch.Tensor]:
-    """:func:`collate_captions` with ``features`` ``(B, L, D)`` in place of ``images``."""
-    out = collate_captions(_as_images(batch), pad_id)
-    out["features"] = out.pop("images")  # (B, L, D)
-    return out
-
-
-def collate_cached_images(batch: Sequence[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """:func:`collate_images` with ``features`` ``(B, L, D)`` in place of ``images``."""
-    out = collate_images(_as_images(batch))
-    out["features"] = out.pop("images")  # (B, L, D)
-    return out
 
 
 class _CachedFeatures:

@@ -1,55 +1,23 @@
-r"""Parallel text for translation: reading, tokenisation, bucketed batches, the data module.
+"""The Lightning data module of parallel text (translation), e.g. Multi30k.
 
-Files (``root`` holds one of two layouts, split names configurable):
-
-* ``format="aligned"`` (the Multi30k layout): ``{root}/{split}.{src_lang}`` and
-  ``{root}/{split}.{tgt_lang}``, one sentence per line, line ``i`` of one the translation of
-  line ``i`` of the other;
-* ``format="tsv"``: ``{root}/{split}.tsv``, one ``source<TAB>target`` pair per line.
-
-Files that disagree in line count, empty lines and malformed TSV rows raise
-:class:`ParallelDataError` naming the file and the (1-based) line.
-
-Tokenisation (:func:`tokenize_mt`). The caption tokeniser :func:`captioner.data.tokenize.tokenize`
-drops punctuation, which translation must produce (almost every Multi30k sentence ends with a
-full stop). :func:`tokenize_mt` keeps each punctuation mark as a token, keeps words with inner
-apostrophes / hyphens and decimal numbers whole, and lowercases by default (as the usual
-Multi30k baselines do). The model's output is detokenised by :func:`detokenize_mt` and scored
-by sacreBLEU against the *raw* reference lines with its own ``13a`` tokenisation, lowercased when
-the data is (the signature then says ``case:lc``); ``13a`` splits punctuation as
-:func:`tokenize_mt` does (keeping ``man's``, ``t-shirt``, ``3.5`` whole), so the score hardly
-depends on how :func:`detokenize_mt` spaces punctuation. (Both functions are defined in
-:mod:`captioner.translate`, which must not import Lightning, and re-exported here.)
-
-Sentences are encoded with one :class:`~captioner.data.vocabulary.Vocabulary` per language,
-built from the training split with ``min_freq``: targets as ``<start> w_1 .. w_n <end>``,
-sources as ``x_1 .. x_S <end>`` (the ``<end>`` annotation marks the sentence end, a place for the
-attention of the final ``<end>`` to go).
-
-Batches are bucketed by length (:class:`BucketBatchSampler`): training batches are drawn from
-shuffled pools of ``batch_size * bucket_factor`` pairs sorted by (target, source) length, so each
-batch holds sentences of similar lengths and the decoder unroll wastes few padded steps;
-evaluation batches come from the whole split sorted by length (``index`` restores the order).
-Under DDP Lightning shards the indices with a ``DistributedSampler`` and each rank buckets its
-own share.
+Reading, tokenisation, datasets and the bucketed batch sampler are plain PyTorch, in
+:mod:`captioner.data.parallel_text` (whose docstring explains the file layouts, tokenisation and
+bucketing); they are re-exported here, where configs and older code import them from.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
-import numpy as np
-import torch
-from torch.utils.data import (BatchSampler, DataLoader, Dataset, RandomSampler, Sampler,
-                              SequentialSampler)
+from torch.utils.data import DataLoader, Sampler, SequentialSampler
 
+from captioner.data.parallel_text import (BucketBatchSampler, EpochRandomSampler,
+                                          ParallelDataError, ParallelDataset, collate_parallel,
+                                          detokenize_mt, read_aligned, read_tsv, tokenize_mt)
 from captioner.data.vocabulary import Vocabulary
-from captioner.translate import detokenize_mt, tokenize_mt  # Lightning-free home
 
 __all__ = ["ParallelDataError", "tokenize_mt", "detokenize_mt", "read_aligned", "read_tsv",
            "ParallelDataset", "collate_parallel", "BucketBatchSampler", "EpochRandomSampler",
@@ -59,219 +27,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_SPLITS: dict[str, str] = {"train": "train", "val": "val", "test": "test_2016_flickr"}
 STAGES: tuple[str, ...] = ("train", "val", "test")
-
-
-class ParallelDataError(ValueError):
-    """Unusable parallel data; the message names the file and line."""
-
-
-# ---------------------------------------------------------------------------------- files
-def _read_lines(path: Path) -> list[str]:
-    """Lines without their newline (a final newline does not make an extra empty line)."""
-    if not path.is_file():
-        raise ParallelDataError(f"{path}: file not found")
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not text
-    except UnicodeDecodeError as e:
-        raise ParallelDataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    return [line.rstrip("\r") for line in lines]
-
-
-def _check_not_empty(text: str, path: Path, line: int, what: str = "line") -> None:
-    if not text.strip():
-        raise ParallelDataError(f"{path}:{line}: empty {what}")
-
-
-def read_aligned(src_path: str | Path, tgt_path: str | Path) -> list[tuple[str, str]]:
-    """Read two line-aligned files into ``(source, target)`` pairs.
-
-    Args:
-        src_path: source sentences, one per line.
-        tgt_path: their translations, line by line.
-
-    Returns:
-        The pairs, stripped of surrounding whitespace.
-
-    Raises:
-        ParallelDataError: a missing file, different line counts (the first line without a
-            counterpart is named) or an empty line.
-    """
-    src_path, tgt_path = Path(src_path), Path(tgt_path)
-    src, tgt = _read_lines(src_path), _read_lines(tgt_path)
-    if len(src) != len(tgt):
-        longer, shorter = (src_path, tgt_path) if len(src) > len(tgt) else (tgt_path, src_path)
-        n = min(len(src), len(tgt))
-        raise ParallelDataError(
-            f"{longer}:{n + 1}: misaligned files: {src_path} has {len(src)} lines but "
-            f"{tgt_path} has {len(tgt)}; line {n + 1} of {longer} has no counterpart in {shorter}")
-    for i, (s, t) in enumerate(zip(src, tgt), start=1):
-        _check_not_empty(s, src_path, i)
-        _check_not_empty(t, tgt_path, i)
-    return [(s.strip(), t.strip()) for s, t in zip(src, tgt)]
-
-
-def read_tsv(path: str | Path) -> list[tuple[str, str]]:
-    """Read ``source<TAB>target`` lines.
-
-    Args:
-        path: the TSV file.
-
-    Returns:
-        The pairs, stripped of surrounding whitespace.
-
-    Raises:
-        ParallelDataError: a missing file, a line without exactly one tab, or an empty side.
-    """
-    path = Path(path)
-    pairs = []
-    for i, line in enumerate(_read_lines(path), start=1):
-        _check_not_empty(line, path, i)
-        fields = line.split("\t")
-        if len(fields) != 2:
-            raise ParallelDataError(
-                f"{path}:{i}: expected 2 tab-separated fields (source, target), got {len(fields)}")
-        _check_not_empty(fields[0], path, i, "source")
-        _check_not_empty(fields[1], path, i, "target")
-        pairs.append((fields[0].strip(), fields[1].strip()))
-    return pairs
-
-
-# ---------------------------------------------------------------------------------- dataset
-class ParallelDataset(Dataset[dict[str, Any]]):
-    """Sentence pairs encoded once into flat id arrays.
-
-    Args:
-        pairs: ``(source, target)`` token lists.
-        src_vocab: source vocabulary (unknown words -> ``<unk>``).
-        tgt_vocab: target vocabulary.
-    """
-
-    def __init__(self, pairs: Sequence[tuple[Sequence[str], Sequence[str]]],
-                 src_vocab: Vocabulary, tgt_vocab: Vocabulary) -> None:
-        src = [[*src_vocab.encode(s, add_start_end=False), src_vocab.end_id] for s, _ in pairs]
-        tgt = [tgt_vocab.encode(t) for _, t in pairs]
-        self.src_lengths = np.asarray([len(s) for s in src], dtype=np.int64)  # (P,) S + 1
-        self.tgt_lengths = np.asarray([len(t) for t in tgt], dtype=np.int64)  # (P,) T + 1
-        self._src_offsets = np.concatenate([[0], np.cumsum(self.src_lengths)])
-        self._tgt_offsets = np.concatenate([[0], np.cumsum(self.tgt_lengths)])
-        self._src = np.asarray([i for s in src for i in s], dtype=np.int64)
-        self._tgt = np.asarray([i for t in tgt for i in t], dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.src_lengths)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        """Returns ``src`` ``(S,)`` (ending in ``<end>``), ``tgt`` ``(T + 1,)`` (``<start>`` ..
-        ``<end>``) and ``index`` ``i``."""
-        s0, s1 = self._src_offsets[i], self._src_offsets[i + 1]
-        t0, t1 = self._tgt_offsets[i], self._tgt_offsets[i + 1]
-        return {"src": torch.from_numpy(self._src[s0:s1].copy()),
-                "tgt": torch.from_numpy(self._tgt[t0:t1].copy()), "index": i}
-
-
-def _pad(seqs: Sequence[torch.Tensor], pad_id: int) -> torch.Tensor:
-    out = torch.full((len(seqs), max(len(s) for s in seqs)), pad_id, dtype=torch.long)
-    for b, s in enumerate(seqs):
-        out[b, : len(s)] = s
-    return out
-
-
-def collate_parallel(batch: Sequence[dict[str, Any]], pad_id: int = 0) -> dict[str, torch.Tensor]:
-    """Right-pad a list of :class:`ParallelDataset` items.
-
-    Returns:
-        ``src`` ``(B, S)``, ``src_lengths`` ``(B,)``, ``tgt`` ``(B, T + 1)``, ``index`` ``(B,)``.
-    """
-    return {
-        "src": _pad([item["src"] for item in batch], pad_id),  # (B, S)
-        "src_lengths": torch.tensor([len(item["src"]) for item in batch], dtype=torch.long),
-        "tgt": _pad([item["tgt"] for item in batch], pad_id),  # (B, T + 1)
-        "index": torch.tensor([item["index"] for item in batch], dtype=torch.long),
-    }
-
-
-class EpochRandomSampler(RandomSampler):
-    """A permutation of ``range(n)`` drawn from ``seed + epoch``: the same for the same epoch,
-    so resuming an epoch repeats its order (Lightning calls :meth:`set_epoch`)."""
-
-    def __init__(self, data_source: Sequence[Any], seed: int = 0) -> None:
-        super().__init__(data_source)
-        self.seed, self.epoch = seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(len(self.data_source), generator=g).tolist())
-
-
-class BucketBatchSampler(BatchSampler):
-    """Batches of the indices ``sampler`` yields, grouped by similar lengths.
-
-    A shuffling ``sampler`` (:class:`EpochRandomSampler`, ``RandomSampler``, a shuffling
-    ``DistributedSampler``) makes training batches: its indices are cut into pools of
-    ``batch_size * bucket_factor``, each pool is sorted by ``keys`` and cut into batches, and
-    the batches are shuffled (seeded by ``seed`` and the sampler's ``epoch``). Any other sampler
-    makes evaluation batches: all its indices sorted by ``keys``, ``bucket_factor`` ignored.
-    Every index the sampler yields is in exactly one batch.
-
-    As a ``BatchSampler`` with a ``sampler`` argument it works with Lightning's DDP: Lightning
-    rebuilds it around a ``DistributedSampler``, so each rank buckets its own shard (same
-    number of batches on every rank).
-
-    Args:
-        sampler: the indices to batch.
-        batch_size: items per batch (the last batch of a pool may be smaller).
-        drop_last: drop a pool's last batch when it is smaller than ``batch_size``.
-        keys: one sort key per dataset item, e.g. ``(target length, source length)``.
-        bucket_factor: pool size in batches.
-        seed: base seed of the batch order.
-    """
-
-    def __init__(self, sampler: Sampler[int] | Sequence[int], batch_size: int,
-                 drop_last: bool = False, *, keys: Sequence[Any], bucket_factor: int = 50,
-                 seed: int = 0) -> None:
-        if batch_size < 1 or bucket_factor < 1:
-            raise ValueError(f"batch_size and bucket_factor must be >= 1, got {batch_size}, "
-                             f"{bucket_factor}")
-        super().__init__(sampler, batch_size, drop_last)
-        self.keys = list(keys)
-        self.bucket_factor, self.seed = bucket_factor, seed
-
-    @property
-    def shuffle(self) -> bool:
-        """Whether the indices come shuffled (training batches)."""
-        return isinstance(self.sampler, RandomSampler) or bool(getattr(self.sampler, "shuffle",
-                                                                       False))
-
-    def _pool_size(self) -> int:
-        return self.batch_size * self.bucket_factor if self.shuffle else max(len(self.sampler), 1)
-
-    def _batches_per_pool(self, n: int) -> int:
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
-
-    def __iter__(self) -> Iterator[list[int]]:
-        indices, size = list(self.sampler), self._pool_size()
-        batches = []
-        for start in range(0, len(indices), size):
-            pool = sorted(indices[start:start + size], key=lambda i: self.keys[i])
-            batches += [pool[i:i + self.batch_size]
-                        for i in range(0, self._batches_per_pool(len(pool)) * self.batch_size,
-                                       self.batch_size)]
-        if self.shuffle:
-            epoch = int(getattr(self.sampler, "epoch", 0))
-            g = torch.Generator().manual_seed(self.seed + epoch + 1_000_003)
-            batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
-        return iter(batches)
-
-    def __len__(self) -> int:
-        n, size = len(self.sampler), self._pool_size()
-        full, rest = divmod(n, size)
-        return full * self._batches_per_pool(size) + self._batches_per_pool(rest)
 
 
 # ---------------------------------------------------------------------------------- data module

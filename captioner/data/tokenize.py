@@ -1,4 +1,4 @@
-"""Word-level caption tokenisation.
+"""Word-level tokenisation: captions (:func:`tokenize`) and translation (:func:`tokenize_mt`).
 
 A small regular-expression tokeniser, so that training, evaluation and inference split text the
 same way without downloading NLTK data (no ``punkt``). The rules:
@@ -17,6 +17,10 @@ same way without downloading NLTK data (no ``punkt``). The rules:
 Example:
     >>> tokenize("A man's red T-shirt, 2 dogs & 3.5 cats.")
     ['a', "man's", 'red', 't-shirt', '2', 'dogs', '3.5', 'cats']
+
+Translation must produce punctuation, so :func:`tokenize_mt` keeps each mark as a token of its
+own (same words and numbers otherwise) and :func:`detokenize_mt` joins a translation back; see
+:mod:`captioner.data.parallel_text` for how they meet sacreBLEU.
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ from __future__ import annotations
 import re
 import sys
 import unicodedata
+from collections.abc import Sequence
 
-__all__ = ["tokenize", "detokenize"]
+__all__ = ["tokenize", "detokenize", "tokenize_mt", "detokenize_mt"]
 
 # ``[^\W_]`` is "a letter or a digit" (``\w`` without the underscore), in any script.
 _ALNUM = r"[^\W_]"
@@ -74,3 +79,70 @@ def detokenize(tokens: list[str]) -> str:
         The tokens joined by single spaces.
     """
     return " ".join(tokens)
+
+
+# ------------------------------------------------------------------------ translation
+# Translation keeps punctuation (see captioner.data.parallel_text for the choices).
+_MT_TOKEN_RE = re.compile(
+    rf"\d+(?:[.,]\d+)+{_ALNUM}*"  # 3.5, 1,000, 2.5m
+    rf"|{_ALNUM}+(?:['\-]{_ALNUM}+)*"  # man's, t-shirt
+    r"|[^\w\s]|_"  # every other visible character is a token of its own
+)
+_MT_CLOSING = frozenset(".,!?;:%)]}\u201d")  # no space before: . , ) ] ” ...
+_MT_OPENING = frozenset("([{\u201e")  # no space after: ( [ { „
+_MT_QUOTE_PAIRS = {'"': '"', "'": "'", "\u201c": "\u201d", "\u201e": "\u201c"}  # opening -> closing
+
+
+def tokenize_mt(text: str, lowercase: bool = True) -> list[str]:
+    """Split a sentence into word and punctuation tokens.
+
+    Example:
+        >>> tokenize_mt("A man's T-shirt (red), 3.5 m!")
+        ['a', "man's", 't-shirt', '(', 'red', ')', ',', '3.5', 'm', '!']
+
+    The text is put in Unicode NFC form first, as the captioning tokeniser does: a decomposed
+    ``"a" + U+0308`` (macOS, some corpora) is the same word as ``"ä"``.
+
+    Args:
+        text: a raw sentence.
+        lowercase: lowercase the text first.
+
+    Returns:
+        The tokens in order.
+    """
+    text = unicodedata.normalize("NFC", text).translate(_APOSTROPHES)
+    return _MT_TOKEN_RE.findall(text.lower() if lowercase else text)
+
+
+def detokenize_mt(tokens: Sequence[str]) -> str:
+    """Join tokens into a sentence: spaces between tokens, none before closing punctuation or
+    after opening brackets and typographic quotes (``["a", "dog", "."]`` -> ``"a dog."``), and
+    a possessive apostrophe after an ``s`` kept on its word (``"kids' toys"``; not when
+    another ``'`` follows, which makes it an opening quote: ``"says 'yes'"``). Guillemets keep
+    their spaces (French spacing, German ``»...«``).
+
+    Args:
+        tokens: output of :func:`tokenize_mt` or a decoded translation.
+
+    Returns:
+        The sentence.
+    """
+    pieces: list[str] = []
+    glue = True  # no space before the next token (start of sentence, after an opening mark)
+    expected_close: list[str] = []  # the closing quote of each quote still open
+    tokens = list(tokens)
+    for i, token in enumerate(tokens):
+        if token == "'" and 0 < i < len(tokens) - 1 and tokens[i - 1][-1:] in ("s", "S", "z", "Z") \
+                and tokens[i + 1][:1].isalnum() and "'" not in tokens[i + 1 :]:
+            closing, opening = True, False  # "the kids' toys": on its word
+        elif expected_close and token == expected_close[-1]:  # closes the innermost quote
+            expected_close.pop()
+            closing, opening = True, False
+        elif token in _MT_QUOTE_PAIRS:  # “ opens in English, closes German „...“ (handled above)
+            expected_close.append(_MT_QUOTE_PAIRS[token])
+            closing, opening = False, True
+        else:
+            closing, opening = token in _MT_CLOSING, token in _MT_OPENING
+        pieces.append(token if glue or closing else " " + token)
+        glue = opening
+    return "".join(pieces)

@@ -34,7 +34,7 @@ from typing import Any, Callable, Literal
 import torch
 
 from captioner.atomic import atomic_write
-from captioner.data.parallel import detokenize_mt
+from captioner.data.tokenize import detokenize_mt
 from captioner.data.vocabulary import Vocabulary
 from captioner.decoder import AttentionDecoder
 from captioner.encoders.text import TextEncoder
