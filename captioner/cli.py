@@ -38,6 +38,15 @@ def _cli_class() -> type:
             vocabulary would differ, e.g. another ``min_freq``, still tests the checkpoint)."""
             meta = self._ckpt_meta or {}
             vocab, src = meta.get("vocab"), meta.get("src_vocab")
+            task = meta.get("task", "captioning")
+            if meta and (task == "translation") != hasattr(dm, "set_vocabs"):
+                from captioner.inference import CheckpointError
+
+                raise CheckpointError(
+                    f"the checkpoint is a {task} model, but the data module "
+                    f"{type(dm).__name__} holds "
+                    f"{'captions' if task == 'translation' else 'parallel text'}: give the "
+                    f"{task} data config")
             if vocab is not None:
                 from captioner.data.vocabulary import Vocabulary
 
@@ -357,8 +366,39 @@ def main(argv: list[str] | None = None) -> int:
         known = ", ".join([*LIGHTNING_COMMANDS, *sorted(TOOLS)])
         print(f"captioner: unknown command {argv[0]!r}; commands: {known}", file=sys.stderr)
         return 2
-    lightning_main(argv)
+    try:
+        lightning_main(argv)
+    except Exception as e:  # noqa: BLE001 - only data errors are answered here, others re-raised
+        cause = _input_error(e)
+        if cause is None:
+            raise
+        print(f"captioner {argv[0]}: {cause}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _input_error(error: BaseException) -> BaseException | None:
+    """The data or checkpoint error behind ``error`` (which LightningCLI / jsonargparse may have
+    wrapped, e.g. when reading the data to link the vocabulary size), or ``None``.
+
+    Such errors already name the file and line or field; their traceback only buries that.
+    """
+    from captioner.config import ConfigError
+    from captioner.data.formats import AnnotationError
+    from captioner.data.images import ImageLoadError
+    from captioner.data.parallel_text import ParallelDataError
+    from captioner.features import FeatureCacheError
+    from captioner.inference import CheckpointError
+
+    kinds = (AnnotationError, ImageLoadError, ParallelDataError, FeatureCacheError,
+             CheckpointError, ConfigError, FileNotFoundError)
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, kinds):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 if __name__ == "__main__":

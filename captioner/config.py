@@ -13,6 +13,10 @@ from typing import Any
 from jsonargparse import ArgumentParser
 
 
+class ConfigError(ValueError):
+    """A configuration that cannot work; the message names the option and what to give."""
+
+
 def plain(obj: Any) -> Any:
     """Recursively turn jsonargparse Namespaces (and tuples) into dicts and lists, so a config
     can be stored in a checkpoint that loads with ``torch.load(weights_only=True)``."""

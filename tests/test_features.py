@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from captioner.config import ConfigError
 from captioner.data.cached import CachedFeaturesDataModule
 from captioner.data.datamodule import CaptionDataModule
 from captioner.data.datasets import CaptionTrainDataset, ImageEvalDataset, collate_captions
@@ -279,3 +280,11 @@ def test_captioner_fit_trains_from_the_cache_without_running_the_encoder(
     cli = lightning_main(["--config", fit_config(tmp_path / "c", TINY_MODEL_CONFIG)], run=False)
     with pytest.raises(ValueError, match=r"serves cached encoder features .* trainable parameter"):
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    # another grid than the cache's: the checkpoint would describe another model than trained
+    other_grid = {**frozen, "encoder": {**frozen["encoder"], "init_args": {
+        **frozen["encoder"]["init_args"], "grid_size": [2, 5]}}}
+    cli = lightning_main(["--config", fit_config(tmp_path / "c", other_grid)], run=False)
+    with pytest.raises(ConfigError, match=r"holds 3 x 4 grids, but this model's encoder pools "
+                                          r"to 2 x 5"):
+        cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 0

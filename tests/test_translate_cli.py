@@ -125,6 +125,27 @@ def test_translate_errors_are_one_line(checkpoint, capsys, tmp_path):
     assert "expected 'translation'" in err and "Traceback" not in err
 
 
+def test_lightning_commands_answer_data_and_checkpoint_mistakes_in_one_line(checkpoint, capsys,
+                                                                           tmp_path):
+    trainer = ["--config", str(CONFIGS / "trainer" / "cpu.yaml"),
+               "--trainer.default_root_dir", str(tmp_path), "--trainer.logger", "false"]
+    # data that is not there (read while the vocabulary size is linked to the model)
+    assert main(["fit", *trainer, "--config", str(CONFIGS / "data" / "multi30k_de_en.yaml"),
+                 "--config", str(CONFIGS / "model" / "multi30k_gru.yaml"),
+                 "--data.init_args.root", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert f"captioner fit: {tmp_path / 'nowhere' / 'train.de'}: file not found" in err
+    assert "Traceback" not in err
+    # a translation checkpoint tested on caption data
+    assert main(["test", *trainer, "--config", str(CONFIGS / "data" / "shapes.yaml"),
+                 "--data.init_args.root", str(tmp_path / "shapes"),
+                 "--ckpt_path", str(checkpoint)]) == 2
+    err = capsys.readouterr().err
+    assert "captioner test: the checkpoint is a translation model, but the data module " \
+           "ShapesDataModule holds captions" in err
+    assert "Traceback" not in err
+
+
 @pytest.mark.parametrize("model_yaml", [True, False])
 def test_lightning_test_builds_the_checkpoints_model(checkpoint, tmp_path, model_yaml):
     """`captioner test --ckpt_path` with the configs (with or without the model's): the encoder

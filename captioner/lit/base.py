@@ -46,6 +46,8 @@ class CaptionerModule(L.LightningModule):
     """
 
     task: str = ""
+    validation_metrics: tuple[str, ...] = ()
+    """The ``val/...`` keys the module logs (without the prefix)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -103,6 +105,29 @@ class CaptionerModule(L.LightningModule):
         super().lr_scheduler_step(scheduler, metric)
 
     # ---------------------------------------------------------------- hard attention
+    def on_fit_start(self) -> None:
+        self.check_monitors()
+
+    def check_monitors(self) -> None:
+        """Refuse, before the first epoch, a callback (``ModelCheckpoint``, ``EarlyStopping``)
+        that monitors a ``val/`` key this module never logs: Lightning would fail only at the
+        end of the first validation, after a whole epoch of training.
+
+        Raises:
+            captioner.config.ConfigError: naming the callback, the key and the valid keys.
+        """
+        from captioner.config import ConfigError
+
+        logged = [f"val/{k}" for k in self.validation_metrics]
+        for callback in self.trainer.callbacks:
+            monitor = getattr(callback, "monitor", None)
+            if isinstance(monitor, str) and monitor.startswith("val/") and monitor not in logged:
+                raise ConfigError(
+                    f"{type(callback).__name__}(monitor={monitor!r}): a {self.task} model logs "
+                    f"{', '.join(logged)}. A model config file can carry trainer settings "
+                    "(configs/model/multi30k_gru.yaml sets its checkpoints and gradient "
+                    "clipping), which a checkpoint does not: give that file again when resuming")
+
     def hard_samples(self) -> int:
         """``N`` of Eq. 12: location sequences sampled per target in this training step (``1``
         outside training or without hard attention)."""

@@ -59,6 +59,8 @@ class CaptioningModule(CaptionerModule):
     """
 
     task = "captioning"
+    validation_metrics = ("bleu1", "bleu2", "bleu3", "bleu4", "attention_correctness",
+                          "attention_chance")
 
     def __init__(
         self,
@@ -122,11 +124,20 @@ class CaptioningModule(CaptionerModule):
         """Training from cached features needs the encoder the cache was extracted with (its
         fingerprint: weights, buffers and input size), checked once the weights are final
         (after a checkpoint is restored)."""
+        super().on_fit_start()
         dm = getattr(self.trainer, "datamodule", None)
         if getattr(dm, "features_dir", None) is None:
             return
+        from captioner.config import ConfigError
         from captioner.features import encoder_fingerprint
 
+        if tuple(dm.cache.grid_size) != tuple(self.encoder.grid_size):
+            (h, w), (h_c, w_c) = self.encoder.grid_size, dm.cache.grid_size
+            raise ConfigError(
+                f"the feature cache {dm.features_dir} holds {h_c} x {w_c} grids, but this "
+                f"model's encoder pools to {h} x {w} (its grid_size): the checkpoint would "
+                "describe another model than the one trained. Set the encoder's grid_size to "
+                f"[{h_c}, {w_c}] or extract the cache with this model")
         if any(p.dtype != torch.float32 for p in self.encoder.parameters()):
             log.warning("the encoder runs in %s (true half precision): its fingerprint cannot "
                         "be compared with the float32 one of the feature cache %s; make sure "
@@ -135,7 +146,7 @@ class CaptioningModule(CaptionerModule):
         cached = dm.cache.index.get("fingerprint")
         mine = encoder_fingerprint(self.encoder, dm.image_size)
         if mine != cached:
-            raise ValueError(
+            raise ConfigError(
                 f"the feature cache {dm.features_dir} was extracted with another encoder "
                 f"(fingerprint {cached}; this model's is {mine}): its grids are not what this "
                 "model's encoder computes. Extract it with this model's encoder (captioner "
@@ -233,6 +244,11 @@ class CaptioningModule(CaptionerModule):
         outputs = self._gather_outputs()
         refs = dm.references(split)
         hyps = [self.vocab.decode(o["tokens"]) for o in outputs]
+        empty = sum(not h for h in hyps)
+        if empty:
+            log.warning("%s: %d of %d decoded captions are empty (<end> chosen first; common for "
+                        "beam search on an undertrained model with length_penalty 0): "
+                        "min_length 2 forbids them", split, empty, len(hyps))
         scores = corpus_bleu(hyps, [refs[o["index"]] for o in outputs])
         records = dm.records(split)
         if any(records[o["index"]].boxes for o in outputs):

@@ -82,6 +82,7 @@ class TranslationModule(CaptionerModule):
     """
 
     task = TASK
+    validation_metrics = ("bleu", "ppl")
 
     def __init__(
         self,

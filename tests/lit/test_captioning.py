@@ -160,3 +160,33 @@ def test_validation_attention_correctness_reads_the_stns_view(tiny_data, tmp_pat
     assert scores["val/attention_chance"] != pytest.approx(plain["chance"], abs=1e-3)
     assert scores["val/attention_correctness"] == pytest.approx(
         through["attention_correctness"], abs=1e-6)
+
+
+def test_a_checkpoint_monitoring_a_key_never_logged_is_refused_before_training(tiny_data,
+                                                                               tmp_path):
+    """``val/bleu`` is the translation model's key: Lightning would fail only after the first
+    epoch; the module refuses at the start of fit."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from captioner.config import ConfigError
+
+    dm = tiny_dm(tiny_data)
+    model = CaptioningModule.from_config(model_config(dm.vocab_size))
+    fit = trainer(tmp_path, 1, callbacks=[ModelCheckpoint(dirpath=tmp_path, monitor="val/bleu")])
+    with pytest.raises(ConfigError, match=r"ModelCheckpoint\(monitor='val/bleu'\): a captioning "
+                                          r"model logs val/bleu1, val/bleu2"):
+        fit.fit(model, datamodule=dm)
+    assert fit.global_step == 0
+
+
+def test_empty_captions_are_reported(tiny_data, tmp_path, caplog):
+    dm = tiny_dm(tiny_data)
+    model = CaptioningModule.from_config(model_config(dm.vocab_size))
+    from captioner.data.vocabulary import END, SPECIALS
+
+    with torch.no_grad():
+        model.decoder.L_o.bias[SPECIALS.index(END)] = 100.0  # <end> is always chosen first
+    with caplog.at_level("WARNING", logger="captioner.lit.captioning"):
+        trainer(tmp_path, 1).validate(model, datamodule=dm, verbose=False)
+    assert "val: 5 of 5 decoded captions are empty" in caplog.text
+
