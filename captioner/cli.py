@@ -62,6 +62,7 @@ def _cli_class() -> type:
             self._model_args = _model_options(argv) if listed else []
             if listed:
                 _check_config_files(argv)
+            self._trainer_counts = _integer_trainer_counts(argv) if listed else {}
             # read before Lightning parses the file, so that a bad file is one clear line
             path = _option_value(argv, "--ckpt_path") if listed else None
             self._ckpt_meta = _checkpoint_meta(path) if path else None
@@ -120,6 +121,13 @@ def _cli_class() -> type:
                 else:
                     dm = instantiate(data.class_path, plain(data.init_args))
                     model.init_args.src_vocab_size = int(dm.src_vocab_size)
+
+        def instantiate_trainer(self, **kwargs: Any):
+            """Trainer options that are a count or a fraction (``limit_val_batches``,
+            ``val_check_interval``...) keep the integer given: LightningCLI reads ``1`` as
+            ``1.0`` (Lightning issue #21259), i.e. 100 % of the batches instead of one."""
+            counts = getattr(self, "_trainer_counts", {})
+            return super().instantiate_trainer(**{**counts, **kwargs})
 
         def _model_from_checkpoint(self, ckpt_path: str) -> None:
             """The checkpoint's saved model config over the parsed one (the vocabulary size
@@ -271,6 +279,41 @@ def _with_model_first(argv: list[str], model: dict[str, Any]) -> list[str]:
     if at is None:
         return argv
     return [*argv[: at + 1], "--model", given, *argv[at + 1 :]]
+
+
+INT_OR_FRACTION = ("limit_train_batches", "limit_val_batches", "limit_test_batches",
+                   "limit_predict_batches", "val_check_interval", "overfit_batches")
+"""Trainer options where an int counts batches and a float is a fraction of them."""
+
+
+def _integer_trainer_counts(argv: list[str] | tuple[str, ...]) -> dict[str, int]:
+    """The :data:`INT_OR_FRACTION` trainer options given as integers, in the config files'
+    ``trainer:`` sections and as ``--trainer.NAME N`` (later ones win, as in LightningCLI)."""
+    from pathlib import Path
+
+    import yaml
+
+    counts: dict[str, int] = {}
+    for path in _config_files(argv):
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except (OSError, yaml.YAMLError):
+            continue  # reported by LightningCLI / _check_config_files
+        trainer = loaded.get("trainer") if isinstance(loaded, dict) else None
+        for key, value in (trainer.items() if isinstance(trainer, dict) else ()):
+            if key in INT_OR_FRACTION:
+                if isinstance(value, int) and not isinstance(value, bool):
+                    counts[key] = value
+                else:
+                    counts.pop(key, None)
+    for key in INT_OR_FRACTION:
+        value = _option_value(argv, f"--trainer.{key}")
+        if value is not None:
+            if value.strip().isdigit():
+                counts[key] = int(value)
+            else:
+                counts.pop(key, None)
+    return counts
 
 
 def _model_options(argv: list[str] | tuple[str, ...]) -> list[str]:

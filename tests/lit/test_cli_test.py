@@ -221,3 +221,19 @@ def test_checkpoint_values_lightning_resolves_are_left_to_it():
     for value in ("last", "best", "null", "None", "s3://bucket/run/last.ckpt",
                   "registry:model:latest"):
         assert _checkpoint_meta(value) is None, value
+
+
+def test_integer_batch_counts_stay_integers(shapes_root, tmp_path):
+    """LightningCLI reads ``limit_val_batches: 1`` as 1.0, i.e. all batches (Lightning #21259);
+    the integer given, in a config file or on the command line, reaches the Trainer."""
+    from captioner.cli import _integer_trainer_counts
+
+    config = tmp_path / "limits.yaml"
+    config.write_text("trainer:\n  limit_val_batches: 1\n  limit_test_batches: 2\n")
+    argv = [*shapes_run(shapes_root, tmp_path, 12, 4, 4), "--config", str(config),
+            "--trainer.limit_train_batches", "1", "--trainer.limit_test_batches", "0.5"]
+    assert _integer_trainer_counts(argv) == {"limit_val_batches": 1, "limit_train_batches": 1}
+    cli = lightning_main(argv, run=False)
+    assert cli.trainer.limit_val_batches == 1 and isinstance(cli.trainer.limit_val_batches, int)
+    assert isinstance(cli.trainer.limit_train_batches, int)
+    assert cli.trainer.limit_test_batches == 0.5
