@@ -9,7 +9,8 @@ Symbols used in every docstring and shape comment of the package
 ``L``       number of annotation vectors, ``L = H * W`` (or ``S`` for text)
 ``S``       source sentence length (translation); plays the role of ``L``
 ``D``       annotation (context) vector size
-``T``       caption / target length in tokens, including ``<start>``/``<end>``
+``T``       decoding steps: tokens predicted per caption / target, ``<end>`` included;
+            with its ``<start>`` a caption is ``T + 1`` tokens
 ``V``       vocabulary size
 ``E``       word-embedding size
 ``N``       LSTM hidden size (the paper's ``n``)

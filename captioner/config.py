@@ -45,20 +45,3 @@ def instantiate(class_path: str, init_args: dict[str, Any]) -> Any:
     parser.add_class_arguments(cls, "obj", fail_untyped=False)
     cfg = parser.parse_object({"obj": init_args})
     return parser.instantiate(cfg).obj
-
-
-def parse_arguments(cls: type, init_args: dict[str, Any], names: list[str]) -> dict[str, Any]:
-    """Instantiate only the named constructor arguments of ``cls`` (e.g. ``encoder``, ``decoder``)
-    from a config dict, without building ``cls`` itself."""
-    import inspect
-    import typing
-
-    sig = inspect.signature(cls.__init__)
-    hints = typing.get_type_hints(cls.__init__)
-    parser = ArgumentParser(exit_on_error=False)
-    for name in names:
-        param = sig.parameters[name]
-        default = None if param.default is inspect.Parameter.empty else param.default
-        parser.add_argument(f"--{name}", type=hints.get(name, param.annotation), default=default)
-    cfg = parser.parse_object({k: init_args[k] for k in names if k in init_args})
-    return {k: v for k, v in vars(parser.instantiate(cfg)).items() if k in names}

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from captioner.atomic import atomic_write
@@ -32,6 +33,10 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv or [])
+    if not (REPO_CONFIGS / "model" / "shapes_soft.yaml").is_file():
+        print(f"captioner demo: the repository's configs are not at {REPO_CONFIGS}; the demo "
+              "runs from a clone installed with `pip install -e .` (see README)", file=sys.stderr)
+        return 2
     import lightning as L
 
     from captioner.cli import lightning_main

@@ -2,7 +2,9 @@ r"""Training objective of soft-attention Show, Attend and Tell (Xu et al. 2015, 
 
 The model is trained end to end by minimising the penalised negative log-likelihood (Eq. 14)::
 
-    L_d = -log P(y | x) + lambda * sum_i^L (1 - sum_t^C alpha_ti)^2
+    L_d = -log P(y | x) + lambda * sum_i^L (1 - sum_t^T alpha_ti)^2
+
+(the paper writes the caption length ``C``; here it is the package's ``T`` decoding steps).
 
 the second term being the *doubly stochastic* regularisation that encourages the model to pay
 equal attention to every part of the image over the course of generation. Padded positions

@@ -555,7 +555,7 @@ def _draw_stn(captioner: Captioner, image: Any, out: str) -> Path:
     """Run the encoder once and draw the first Spatial Transformer stage's warp."""
     import torch
 
-    from captioner.encoders.stn import plot_stn
+    from captioner.visualize import plot_stn
 
     stages = _stn_stages(captioner)
     batch = captioner.preprocess(image).unsqueeze(0)  # (1, 3, S, S)

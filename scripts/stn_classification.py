@@ -52,7 +52,8 @@ from torch.utils.data import DataLoader
 
 from captioner.data.shapes import SHAPES
 from captioner.data.shapes_classification import DistortedShapes
-from captioner.encoders.stn import SpatialTransformer, plot_stn
+from captioner.encoders.stn import SpatialTransformer
+from captioner.visualize import plot_stn
 
 VARIANTS = ("downsampled", "stn", "full")
 

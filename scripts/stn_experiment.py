@@ -204,7 +204,8 @@ def _theta_vs_distortion(thetas: np.ndarray, ids: list[int], dm, theta_parameter
 
 def stn_figure(module, dm, out: Path, count: int) -> Path | None:
     """Validation images with the input STN's sampling grid and the warped output."""
-    from captioner.encoders.stn import SpatialTransformer, plot_stn, theta_parameters
+    from captioner.encoders.stn import SpatialTransformer, theta_parameters
+    from captioner.visualize import plot_stn
 
     stns = [s for s in module.encoder.stages
             if isinstance(s, SpatialTransformer) and s.where == "input"]

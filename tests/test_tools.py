@@ -310,3 +310,14 @@ def test_visualize_bad_outputs_are_one_line(option, value, says, capsys, tiny_ch
     assert status == 2 and says in err and err.count("\n") == 1, err
     if option == "--stn":  # checked before anything is drawn
         assert not (tmp_path / "fig.png").exists()
+
+
+def test_demo_outside_a_clone_says_where_the_configs_are_missing(monkeypatch, tmp_path,
+                                                                  capsys) -> None:
+    import captioner.demo as demo
+
+    monkeypatch.setattr(demo, "REPO_CONFIGS", tmp_path / "configs")
+    status, _, err = _run(capsys, "demo", "--out", str(tmp_path / "out"))
+    assert status == 2
+    assert f"the repository's configs are not at {tmp_path / 'configs'}" in err
+    assert not (tmp_path / "out").exists()  # nothing started

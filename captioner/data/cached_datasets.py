@@ -30,7 +30,7 @@ class CachedCaptionDataset(CaptionTrainDataset):
         records: the images and their captions.
         vocab: vocabulary used to encode captions.
         cache: the feature cache holding every record's image.
-        max_length: longest encoded caption ``T`` (``<start>``/``<end>`` included).
+        max_length: longest encoded caption ``T + 1`` (``<start>``/``<end>`` included).
     """
 
     def __init__(self, records: Sequence[ImageRecord], vocab: Vocabulary, cache: FeatureCache,
@@ -39,10 +39,10 @@ class CachedCaptionDataset(CaptionTrainDataset):
         self.cache = cache
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        """Returns ``features`` ``(L, D)`` float16, ``caption`` ``(T,)`` long, ``index`` int."""
+        """Returns ``features`` ``(L, D)`` float16, ``caption`` ``(T + 1,)`` long, ``index`` int."""
         r = int(self._record_index[i])
         start, end = self._offsets[i], self._offsets[i + 1]
-        caption = torch.from_numpy(self._ids[start:end].copy())  # (T,)
+        caption = torch.from_numpy(self._ids[start:end].copy())  # (T + 1,)
         return {"features": self.cache.tensor(self.records[r].path), "caption": caption,
                 "index": r}
 

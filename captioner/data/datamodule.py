@@ -321,7 +321,7 @@ class CaptionDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader[dict[str, Any]]:
-        """Shuffled caption batches: ``images (B, 3, H, W)``, ``captions (B, T)``, ``lengths
+        """Shuffled caption batches: ``images (B, 3, H, W)``, ``captions (B, T + 1)``, ``lengths
         (B,)``, ``index (B,)``."""
         return self._loader("train", shuffle=True)
 

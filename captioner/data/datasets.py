@@ -36,7 +36,7 @@ class CaptionTrainDataset(Dataset[dict[str, Any]]):
         records: The images and their captions.
         vocab: Vocabulary used to encode captions (unknown words -> ``<unk>``).
         image_size: Side ``S`` of the square ``S x S`` input, or ``(H, W)``.
-        max_length: Longest encoded caption ``T``, ``<start>`` and ``<end>`` included; longer
+        max_length: Longest encoded caption ``T + 1``, ``<start>`` and ``<end>`` included; longer
             captions are cut, keeping ``<end>`` last.
 
     Raises:
@@ -75,10 +75,10 @@ class CaptionTrainDataset(Dataset[dict[str, Any]]):
         return len(self._record_index)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        """Returns ``image`` (3, H, W) float in [0, 1], ``caption`` (T,) long, ``index`` int."""
+        """Returns ``image`` (3, H, W) float in [0, 1], ``caption`` (T + 1,) long, ``index`` int."""
         r = int(self._record_index[i])
         start, end = self._offsets[i], self._offsets[i + 1]
-        caption = torch.from_numpy(self._ids[start:end].copy())  # (T,)
+        caption = torch.from_numpy(self._ids[start:end].copy())  # (T + 1,)
         image = image_to_tensor(load_image(self.records[r].path), self.image_size)  # (3, H, W)
         return {"image": image, "caption": caption, "index": r}
 
@@ -112,11 +112,12 @@ def collate_captions(batch: Sequence[dict[str, Any]], pad_id: int = 0) -> dict[s
         pad_id: Padding id (``Vocabulary.pad_id``).
 
     Returns:
-        ``images`` (B, 3, H, W) float, ``captions`` (B, T) long with ``T`` the longest caption,
-        ``lengths`` (B,) long (tokens incl. ``<start>``/``<end>``), ``index`` (B,) long.
+        ``images`` (B, 3, H, W) float, ``captions`` (B, T + 1) long, ``T + 1`` the longest
+        caption (the others padded with ``pad_id``), ``lengths`` (B,) long (tokens incl.
+        ``<start>``/``<end>``), ``index`` (B,) long.
     """
     lengths = torch.tensor([len(item["caption"]) for item in batch], dtype=torch.long)  # (B,)
-    captions = torch.full((len(batch), int(lengths.max())), pad_id, dtype=torch.long)  # (B, T)
+    captions = torch.full((len(batch), int(lengths.max())), pad_id, dtype=torch.long)  # (B, T + 1)
     for b, item in enumerate(batch):
         captions[b, : lengths[b]] = item["caption"]
     return {

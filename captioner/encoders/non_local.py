@@ -16,10 +16,10 @@ back to ``C``. Pairwise functions (Section 3.2)::
 
     gaussian           f = exp(x_i^T x_j),                 C(x) = sum_j f   (softmax over j)
     embedded_gaussian  f = exp(theta(x_i)^T phi(x_j)),     C(x) = sum_j f   (softmax over j)
-    dot_product        f = theta(x_i)^T phi(x_j),          C(x) = N_j
-    concatenation      f = ReLU(w_f^T [theta(x_i); phi(x_j)]),  C(x) = N_j
+    dot_product        f = theta(x_i)^T phi(x_j),          C(x) = P_j
+    concatenation      f = ReLU(w_f^T [theta(x_i); phi(x_j)]),  C(x) = P_j
 
-where ``N_j`` is the number of positions ``j`` (after sub-sampling). With ``subsample`` a max-pool
+where ``P_j`` is the number of positions ``j`` (after sub-sampling; ``P`` positions ``i``). With ``subsample`` a max-pool
 follows ``phi`` and ``g`` (Section 3.3, "subsampling"): the attention is over ~1/4 of the
 positions (spatial only for video, as in the paper's 3-D models). The concatenation's
 ``w_f^T [a; b] = w_1^T a + w_2^T b`` is evaluated for all pairs by broadcasting.
@@ -33,8 +33,10 @@ Gaussian a bias on ``phi`` adds a constant over ``j`` and cancels, and a bias on
 ``y`` by a constant that the batch norm after ``W_z`` removes (its ``beta`` supplies the shift);
 ``W_z`` has a bias only without batch norm. So every parameter influences the output.
 
-The same implementation serves 1-D ``(B, C, N)`` sequences, 2-D ``(B, C, h, w)`` images and 3-D
-``(B, C, T, h, w)`` videos: the positions are the flattened trailing dimensions.
+The same implementation serves 1-D ``(B, C, P)`` sequences, 2-D ``(B, C, h, w)`` images and 3-D
+``(B, C, F, h, w)`` videos of ``F`` frames: the ``P`` positions are the flattened trailing
+dimensions ``*Z``. (``P``, ``Z`` and ``F`` are local to this module: the package's ``N`` is the
+LSTM size and ``S`` the source length.)
 """
 
 from __future__ import annotations
@@ -58,8 +60,8 @@ _POOL = {1: (nn.MaxPool1d, 2), 2: (nn.MaxPool2d, 2), 3: (nn.MaxPool3d, (1, 2, 2)
 class NonLocalBlock(EncoderStage):
     """Non-local block ``z = W_z y + x`` (Wang et al. 2018, Eq. 1 and 6; see the module docstring).
 
-    Maps ``(B, C, *S)`` to the same shape, with ``S`` one to three position dimensions
-    (``dims``); ``N = prod(S)`` positions attend to ``N_j`` positions (``N_j = N`` unless
+    Maps ``(B, C, *Z)`` to the same shape, with ``Z`` one to three position dimensions
+    (``dims``); ``P = prod(Z)`` positions attend to ``P_j`` positions (``P_j = P`` unless
     ``subsample``).
 
     Args:
@@ -127,40 +129,40 @@ class NonLocalBlock(EncoderStage):
         """Normalised pairwise weights ``f(x_i, x_j) / C(x)``.
 
         Args:
-            x: ``(B, C, *S)``.
+            x: ``(B, C, *Z)``.
 
         Returns:
-            ``(B, N, N_j)``; rows sum to 1 for the (embedded) Gaussian.
+            ``(B, P, P_j)``; rows sum to 1 for the (embedded) Gaussian.
         """
         self._check_built()
-        query = x if self.theta is None else self.theta(x)  # (B, C_q, *S)
-        key = self._sub(x if self.phi is None else self.phi(x))  # (B, C_q, *S_j)
-        q = query.flatten(2).transpose(1, 2)  # (B, N, C_q)
-        k = key.flatten(2)  # (B, C_q, N_j)
+        query = x if self.theta is None else self.theta(x)  # (B, C_q, *Z)
+        key = self._sub(x if self.phi is None else self.phi(x))  # (B, C_q, *Z_j)
+        q = query.flatten(2).transpose(1, 2)  # (B, P, C_q)
+        k = key.flatten(2)  # (B, C_q, P_j)
         n_j = k.shape[-1]
         if self.pairwise in ("gaussian", "embedded_gaussian"):
-            return F.softmax(q @ k, dim=-1)  # (B, N, N_j)
+            return F.softmax(q @ k, dim=-1)  # (B, P, P_j)
         if self.pairwise == "dot_product":
-            return (q @ k) / n_j  # (B, N, N_j)
+            return (q @ k) / n_j  # (B, P, P_j)
         w_theta, w_phi = self.w_f.weight[0].split(self.inner_channels)  # (C_b,), (C_b,)
-        scores = (q @ w_theta).unsqueeze(2) + (w_phi @ k).unsqueeze(1)  # (B, N, N_j)
+        scores = (q @ w_theta).unsqueeze(2) + (w_phi @ k).unsqueeze(1)  # (B, P, P_j)
         return F.relu(scores) / n_j
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, C, *S)`` -> ``z`` ``(B, C, *S)``."""
+        """``(B, C, *Z)`` -> ``z`` ``(B, C, *Z)``."""
         self._check_built()
         if x.dim() != 2 + self.dims or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"NonLocalBlock(dims={self.dims}) built for {self.in_channels} channels expects "
-                f"(B, {self.in_channels}, {', '.join('S' * self.dims)}), got {tuple(x.shape)}"
+                f"(B, {self.in_channels}, {', '.join('Z' * self.dims)}), got {tuple(x.shape)}"
             )
         b, spatial = x.shape[0], x.shape[2:]
-        f = self.attention(x)  # (B, N, N_j)
-        v = self._sub(self.g(x)).flatten(2)  # (B, C_b, N_j)
+        f = self.attention(x)  # (B, P, P_j)
+        v = self._sub(self.g(x)).flatten(2)  # (B, C_b, P_j)
         # y^T = g^T f^T: computed channels-first so y keeps x's memory layout (a transposed
         # layout would make the next convolutions pick other kernels: not bit-identical)
-        y = (v @ f.transpose(1, 2)).view(b, self.inner_channels, *spatial)  # (B, C_b, *S)
-        wy = self.w_z(y)  # (B, C, *S)
+        y = (v @ f.transpose(1, 2)).view(b, self.inner_channels, *spatial)  # (B, C_b, *Z)
+        wy = self.w_z(y)  # (B, C, *Z)
         if self.use_bn:
             wy = self.bn(wy)
         return wy + x

@@ -36,12 +36,8 @@ Shapes use the package symbols with ``C`` channels and ``h x w`` the map at the 
 from __future__ import annotations
 
 import math
-import os
-from collections.abc import Sequence
-from pathlib import Path
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -295,7 +291,7 @@ class SpatialTransformer(EncoderStage):
 
     Attributes:
         last_theta: ``(B, n, 2, 3)`` matrices of the last forward pass (detached), for
-            visualisation (:func:`plot_stn`).
+            visualisation (:func:`captioner.visualize.plot_stn`).
     """
 
     def __init__(
@@ -384,132 +380,6 @@ class SpatialTransformer(EncoderStage):
                 f"num_transformers={self.num_transformers}, combine={self.combine!r}")
 
 
-# ---------------------------------------------------------------------------------------------
-# Visualisation
-# ---------------------------------------------------------------------------------------------
-
-
-def sampling_grid_lines(
-    theta: torch.Tensor | np.ndarray, height: int, width: int, lines: int = 5, points: int = 2
-) -> np.ndarray:
-    """Lines of the output grid mapped into input pixel coordinates.
-
-    The output grid's outline is the square ``[-1, 1]^2`` (with ``align_corners=False`` its edges
-    are the outer pixel edges); its image under ``A_theta`` is the input region sampled. Pixel
-    coordinates follow ``imshow``: pixel centres at integers, the image spans
-    ``[-0.5, width - 0.5] x [-0.5, height - 0.5]``; ``u = ((x_s + 1) width - 1) / 2``.
-
-    Args:
-        theta: one ``(2, 3)`` matrix.
-        height: input ``H``.
-        width: input ``W``.
-        lines: lines per direction (``2``: the outline only); the first and last of each
-            direction are the outline.
-        points: points per line (straight lines need 2).
-
-    Returns:
-        ``(2 * lines, points, 2)`` ``(u, v)`` pixel coordinates; rows ``0`` and ``lines - 1``
-        are the top and bottom edges, rows ``lines`` and ``2 * lines - 1`` the left and right.
-    """
-    a = np.asarray(theta.detach().cpu() if isinstance(theta, torch.Tensor) else theta, float)
-    ticks, along = np.linspace(-1.0, 1.0, lines), np.linspace(-1.0, 1.0, points)
-    horizontal = [np.stack([along, np.full(points, t)], 1) for t in ticks]  # y fixed
-    vertical = [np.stack([np.full(points, t), along], 1) for t in ticks]  # x fixed
-    target = np.stack(horizontal + vertical)  # (2 * lines, points, 2) normalised (x, y)
-    source = target @ a[:, :2].T + a[:, 2]  # (2 * lines, points, 2)
-    scale = np.array([width, height], float)
-    return ((source + 1.0) * scale - 1.0) / 2.0
-
-
-def theta_outline(theta: torch.Tensor | np.ndarray, height: int, width: int) -> np.ndarray:
-    """Corners of the sampled region in input pixel coordinates (see :func:`sampling_grid_lines`).
-
-    Returns:
-        ``(4, 2)`` ``(u, v)``: the images of the output's top-left, top-right, bottom-right and
-        bottom-left corners (the identity gives ``(-0.5, -0.5), (W - 0.5, -0.5), ...``).
-    """
-    edges = sampling_grid_lines(theta, height, width, lines=2, points=2)
-    top, bottom = edges[0], edges[1]
-    return np.stack([top[0], top[1], bottom[1], bottom[0]])
-
-
-_COLOURS = ("#ff7f0e", "#1f77b4", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
-
-
-def plot_stn(
-    images: torch.Tensor | np.ndarray,
-    theta: torch.Tensor | np.ndarray,
-    out_path: str | os.PathLike,
-    output_size: int | tuple[int, int] | None = None,
-    titles: Sequence[str] | None = None,
-    dpi: int = 100,
-) -> Path:
-    """Draw each input with its sampling grid, next to the warped output(s).
-
-    Row ``k``: image ``k`` with the ``n`` sampling grids drawn on it (outline bold, inner grid
-    lines thin, one colour per transformer), then the ``n`` warped outputs ``V = U(A_theta G)``
-    computed from the image itself (the transforms are spatial only, so ``theta`` taken on the
-    normalised input applies unchanged to the ``[0, 1]`` image).
-
-    Args:
-        images: ``(K, 3, H, W)`` (or one ``(3, H, W)``) RGB in ``[0, 1]``.
-        theta: ``(K, n, 2, 3)``, ``(K, 2, 3)`` or one ``(2, 3)`` (e.g.
-            ``SpatialTransformer.input_theta()``).
-        out_path: image file (format from the suffix); written atomically.
-        output_size: ``(h', w')`` of the warped outputs; default the input size.
-        titles: optional title of each row's input panel (e.g. the generated caption).
-        dpi: resolution.
-
-    Returns:
-        ``out_path`` as a ``Path``.
-    """
-    from matplotlib.figure import Figure
-
-    from captioner.visualize import _as_image_array, _save_figure
-
-    imgs = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
-    imgs = imgs.detach().float().cpu()
-    th = torch.as_tensor(np.asarray(theta) if not isinstance(theta, torch.Tensor) else theta)
-    th = th.detach().double().cpu()
-    if imgs.dim() == 3:
-        imgs, th = imgs.unsqueeze(0), th.unsqueeze(0)
-    if th.dim() == 3:
-        th = th.unsqueeze(1)  # (K, 1, 2, 3)
-    if imgs.dim() != 4 or th.dim() != 4 or th.shape[-2:] != (2, 3) or th.shape[0] != imgs.shape[0]:
-        raise ValueError(f"need images (K, 3, H, W) and theta (K, n, 2, 3); got "
-                         f"{tuple(imgs.shape)} and {tuple(th.shape)}")
-    if titles is not None and len(titles) != imgs.shape[0]:
-        raise ValueError(f"{len(titles)} titles for {imgs.shape[0]} images")
-    k_images, n = imgs.shape[0], th.shape[1]
-    h, w = imgs.shape[-2:]
-    size = (output_size, output_size) if isinstance(output_size, int) else output_size
-
-    fig = Figure(figsize=(2.6 * (1 + n), 2.4 * k_images))
-    axes = fig.subplots(k_images, 1 + n, squeeze=False)
-    for row in range(k_images):
-        ax = axes[row, 0]
-        ax.imshow(_as_image_array(imgs[row].numpy()), interpolation="nearest")
-        for t in range(n):
-            colour = _COLOURS[t % len(_COLOURS)]
-            lines = sampling_grid_lines(th[row, t], h, w)
-            for i, line in enumerate(lines):
-                outline = i in (0, len(lines) // 2 - 1, len(lines) // 2, len(lines) - 1)
-                ax.plot(line[:, 0], line[:, 1], color=colour, linewidth=2.0 if outline else 0.6,
-                        alpha=1.0 if outline else 0.7)
-        ax.set_xlim(-0.5 - 0.25 * w, w - 0.5 + 0.25 * w)
-        ax.set_ylim(h - 0.5 + 0.25 * h, -0.5 - 0.25 * h)
-        ax.set_title(titles[row] if titles else "input + sampling grid", fontsize=7)
-        ax.axis("off")
-        warped = warp(imgs[row : row + 1].expand(n, -1, -1, -1), th[row].float(), size)
-        for t in range(n):
-            ax = axes[row, 1 + t]
-            ax.imshow(_as_image_array(warped[t].clamp(0, 1).numpy()), interpolation="nearest")
-            ax.set_title(f"warped {t + 1}" if n > 1 else "warped", fontsize=7,
-                         color=_COLOURS[t % len(_COLOURS)])
-            ax.axis("off")
-    return _save_figure(fig, out_path, dpi)
-
-
 def theta_parameters(theta: torch.Tensor) -> dict[str, torch.Tensor]:
     """Read scale, rotation and translation off affine matrices (for reports).
 
@@ -533,9 +403,6 @@ __all__ = [
     "SpatialTransformer",
     "compose_thetas",
     "params_to_theta",
-    "plot_stn",
-    "sampling_grid_lines",
-    "theta_outline",
     "theta_parameters",
     "warp",
 ]

@@ -17,11 +17,10 @@ from captioner.encoders.stn import (
     SpatialTransformer,
     compose_thetas,
     params_to_theta,
-    plot_stn,
-    theta_outline,
     theta_parameters,
     warp,
 )
+from captioner.visualize import plot_stn, theta_outline
 
 B, C, H, W = 3, 5, 7, 9  # distinct odd sizes
 FAMILIES = list(NUM_PARAMS)
