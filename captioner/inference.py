@@ -165,7 +165,7 @@ class Captioner:
         vocab: the training vocabulary.
         image_size: side of the square input images used in training.
         search: default search settings (``beam_size``, ``max_length``, ``min_length``,
-            ``length_penalty``).
+            ``length_penalty``, ``beam_stop``: see :mod:`captioner.search`).
     """
 
     def __init__(self, encoder: torch.nn.Module, decoder: torch.nn.Module, vocab: Vocabulary,
@@ -173,7 +173,7 @@ class Captioner:
         self.encoder, self.decoder, self.vocab = encoder.eval(), decoder.eval(), vocab
         self.image_size = image_size
         self.search = {"beam_size": 1, "max_length": 20, "min_length": 1, "length_penalty": 0.0,
-                       **(search or {})}
+                       "beam_stop": "k_finished", **(search or {})}
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu") -> "Captioner":
@@ -213,8 +213,8 @@ class Captioner:
             raise CheckpointError(f"{path}: weights do not fit the stored model config "
                                   f"(vocabulary or architecture mismatch): {problem}") from None
         hp = ckpt.get("hyper_parameters") or {}
-        search = {k: hp[k] for k in ("beam_size", "max_length", "min_length", "length_penalty")
-                  if k in hp}
+        search = {k: hp[k] for k in ("beam_size", "max_length", "min_length", "length_penalty",
+                                     "beam_stop") if k in hp}
         image_size = (meta.get("data") or {}).get("image_size") or 224
         return cls(encoder.to(device), decoder.to(device), vocab, int(image_size), search)
 
@@ -346,7 +346,7 @@ class Captioner:
         if k == 1:
             return greedy_search(self.decoder, annotations, **kw)
         return beam_search(self.decoder, annotations, beam_size=k,
-                           length_penalty=s["length_penalty"], **kw)
+                           length_penalty=s["length_penalty"], stop=s["beam_stop"], **kw)
 
     def _caption_loaded(self, images: list[Image.Image], paths: Sequence[Path | None],
                         beam_size: int | None, max_length: int | None, min_length: int | None,

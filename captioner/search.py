@@ -17,13 +17,26 @@ Beam bookkeeping, worked for ``B = 2`` images and ``K = 3``: the ``B * K = 6`` r
 flattened and the best ``2K`` kept; candidate index ``j`` came from beam ``j // V`` with token
 ``j % V``, i.e. from row ``b * K + j // V``. A candidate ending in ``<end>`` that ranks among the
 first ``K`` joins the image's pool of finished hypotheses (kept, never recomputed); the best ``K``
-others continue. An image is done when it has ``K`` finished hypotheses (so ``K = 1`` is exactly
-greedy search).
+others continue.
+
+When an image is done (``stop``):
+
+* ``"k_finished"`` (the default, as in most captioning and NMT code): once it has ``K`` finished
+  hypotheses, so ``K = 1`` is exactly greedy search. A beam still alive might then have gone on
+  to outrank them.
+* ``"exact"``: once no beam still alive can outrank its best finished hypothesis. A log-probability
+  only falls as a hypothesis grows, so an alive beam of score ``s <= 0`` after ``t + 1`` tokens
+  can at best finish with rank ``max(s / (t + 2)^p, s / max_length^p)`` (``p`` the length
+  penalty; ``s`` itself for ``p = 0``). The returned hypothesis is then the best that the beam
+  ever held, whatever its length; with ``p = 0`` this also stops an image as soon as a finished
+  hypothesis beats every alive beam, often before ``K`` have finished. With ``p > 0`` the bound is
+  loose and images tend to run to ``max_length``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
@@ -126,11 +139,12 @@ def beam_search(
     min_length: int = 1,
     length_penalty: float = 0.0,
     mask: torch.Tensor | None = None,
+    stop: Literal["k_finished", "exact"] = "k_finished",
 ) -> SearchResult:
     """Beam search over all images of the batch at once.
 
     Hypotheses are ranked by ``score / length ** length_penalty`` (``0``: raw log-probability,
-    ``1``: mean per-token log-probability).
+    ``1``: mean per-token log-probability); an image stops as ``stop`` says (module docstring).
 
     Args:
         decoder: see module docstring.
@@ -140,8 +154,11 @@ def beam_search(
         max_length: maximum number of steps; min_length: minimum tokens incl. ``<end>``.
         length_penalty: exponent of the length normalisation.
         mask: ``(B, L)`` key mask or ``None``.
+        stop: ``"k_finished"`` or ``"exact"`` (module docstring).
     """
     _check_settings(max_length, beam_size)
+    if stop not in ("k_finished", "exact"):
+        raise ValueError(f"stop must be 'k_finished' or 'exact', got {stop!r}")
     B, L, _ = annotations.shape
     K = beam_size
     dev = annotations.device
@@ -167,6 +184,7 @@ def beam_search(
     fin_alpha = annotations.new_zeros(B, K, max_length, L)
     fin_beta = annotations.new_zeros(B, K, max_length)
     n_fin = torch.zeros(B, dtype=torch.long, device=dev)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)  # images that stopped searching
     offsets = (torch.arange(B, device=dev) * K).unsqueeze(1)  # (B, 1)
 
     def merge(cand_rank, cand_score, cand_len, cand_tok, cand_alpha, cand_beta):
@@ -206,7 +224,6 @@ def beam_search(
         c_beta[:, :, t] = beta[flat_src].view(B, n_cand)
 
         # finished: <end> candidates ranked among the first K, for images still searching
-        done = n_fin >= K  # (B,)
         rank_pos = torch.arange(n_cand, device=dev).unsqueeze(0)  # (1, 2K)
         accept = is_end & (rank_pos < K) & ~done.unsqueeze(1) & torch.isfinite(top_scores)
         if bool(accept.any()):
@@ -216,13 +233,19 @@ def beam_search(
                   torch.where(accept, top_scores, torch.full_like(top_scores, neg_inf)),
                   torch.full_like(token, length), c_tok, c_alpha, c_beta)
             n_fin = n_fin + accept.sum(1)
-        done = n_fin >= K
+
+        # the K best non-<end> candidates would continue
+        cont_scores, cont = torch.where(is_end, torch.full_like(top_scores, neg_inf),
+                                        top_scores).topk(K, dim=1)  # (B, K), best first
+        if stop == "k_finished":
+            done = n_fin >= K
+        else:  # the best rank an alive beam could still finish with (module docstring)
+            best_alive = cont_scores[:, 0].masked_fill(done, neg_inf)  # (B,)
+            bound = torch.maximum(best_alive / (float(t + 2) ** length_penalty),
+                                  best_alive / (float(max_length) ** length_penalty))
+            done = done | (fin_rank.max(dim=1).values >= bound)
         if bool(done.all()) or t == max_length - 1:
             break
-
-        # the K best non-<end> candidates continue
-        cont_scores, cont = torch.where(is_end, torch.full_like(top_scores, neg_inf),
-                                        top_scores).topk(K, dim=1)  # (B, K)
         cont_scores = cont_scores.masked_fill(done.unsqueeze(1), neg_inf)
         sel = cont + torch.arange(B, device=dev).unsqueeze(1) * n_cand  # (B, K) rows of B*2K
         sel = sel.reshape(-1)
@@ -233,15 +256,14 @@ def beam_search(
         prev = token.reshape(-1)[sel]
         state = state.select_recurrent(src.reshape(-1)[sel])
 
-    # images without K finished hypotheses: the alive beams compete as they stand
-    if not bool((n_fin >= K).all()):
+    # images still searching after the last step: the alive beams compete as they stand
+    if t == max_length - 1 and not bool(done.all()):
         steps = t + 1
-        if t == max_length - 1 and not bool(done.all()):
-            # last step: the non-<end> candidates of this step are the alive hypotheses
-            alive_scores = torch.where(is_end, torch.full_like(top_scores, neg_inf), top_scores)
-            alive_scores = alive_scores.masked_fill((n_fin >= K).unsqueeze(1), neg_inf)
-            merge(alive_scores / (float(steps) ** length_penalty), alive_scores,
-                  torch.full_like(token, steps), c_tok, c_alpha, c_beta)
+        # last step: the non-<end> candidates of this step are the alive hypotheses
+        alive_scores = torch.where(is_end, torch.full_like(top_scores, neg_inf), top_scores)
+        alive_scores = alive_scores.masked_fill(done.unsqueeze(1), neg_inf)
+        merge(alive_scores / (float(steps) ** length_penalty), alive_scores,
+              torch.full_like(token, steps), c_tok, c_alpha, c_beta)
 
     best = fin_rank.argmax(dim=1)  # (B,)
     ar = torch.arange(B, device=dev)

@@ -113,6 +113,9 @@ def _parser(name: str, description: str) -> argparse.ArgumentParser:
                    help="beam size K, 1 = greedy (default: the checkpoint's setting)")
     p.add_argument("--max-length", type=_positive, default=None,
                    help="most decoding steps (default: the checkpoint's setting)")
+    p.add_argument("--beam-stop", choices=("k_finished", "exact"), default=None,
+                   help="when beam search stops: once K hypotheses ended, or once no alive beam "
+                        "can outrank the best ended one (default: the checkpoint's setting)")
     p.add_argument("--device", type=_device, default="cpu", help="torch device (default: cpu)")
     return p
 
@@ -149,9 +152,12 @@ def _load_captioner(args: argparse.Namespace) -> Captioner:
     from captioner.inference import Captioner, CheckpointError
 
     try:
-        return Captioner.from_checkpoint(args.ckpt, device=args.device)
+        captioner = Captioner.from_checkpoint(args.ckpt, device=args.device)
     except CheckpointError as e:
         raise ToolError(str(e)) from None
+    if getattr(args, "beam_stop", None):
+        captioner.search["beam_stop"] = args.beam_stop
+    return captioner
 
 
 # ================================================================================== caption
@@ -285,6 +291,7 @@ def evaluate_split(captioner: Captioner, records: Sequence[ImageRecord], *,
         "beam_size": captioner.search["beam_size"] if beam_size is None else beam_size,
         "max_length": captioner.search["max_length"] if max_length is None else max_length,
         "length_penalty": captioner.search["length_penalty"],
+        "beam_stop": captioner.search["beam_stop"],
         "tokenizer": result.tokenizer,
         "decoded_once_per_image": True,
     }
@@ -718,6 +725,8 @@ def _run_translate(args: argparse.Namespace) -> int:
 
     try:
         translator = Translator.from_checkpoint(args.ckpt, device=args.device)
+        if args.beam_stop:
+            translator.search["beam_stop"] = args.beam_stop
     except CheckpointError as e:
         raise ToolError(str(e)) from None
     sentences = args.sentences or [line.rstrip("\r\n") for line in sys.stdin]

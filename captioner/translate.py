@@ -40,13 +40,13 @@ __all__ = ["BleuScore", "Translation", "Translator", "decode", "detokenize_mt",
 
 TASK = "translation"
 SEARCH_DEFAULTS: dict[str, Any] = {"beam_size": 1, "max_length": 50, "min_length": 1,
-                                   "length_penalty": 1.0}
+                                   "length_penalty": 1.0, "beam_stop": "k_finished"}
 
 
 # ---------------------------------------------------------------------------------- shared parts
 def decode(decoder: AttentionDecoder, annotations: torch.Tensor, mask: torch.Tensor, *,
            beam_size: int = 1, max_length: int = 50, min_length: int = 1,
-           length_penalty: float = 1.0) -> SearchResult:
+           length_penalty: float = 1.0, beam_stop: str = "k_finished") -> SearchResult:
     """Greedy (``beam_size == 1``) or batched beam search over source annotations.
 
     Args:
@@ -57,6 +57,7 @@ def decode(decoder: AttentionDecoder, annotations: torch.Tensor, mask: torch.Ten
         max_length: most target tokens, ``<end>`` included.
         min_length: fewest target tokens, ``<end>`` included.
         length_penalty: beam ranking ``score / length ** length_penalty``.
+        beam_stop: ``"k_finished"`` or ``"exact"`` (:mod:`captioner.search`).
 
     Returns:
         The search result; ``alphas`` are ``(B, T, S)``.
@@ -68,7 +69,7 @@ def decode(decoder: AttentionDecoder, annotations: torch.Tensor, mask: torch.Ten
     if beam_size == 1:
         return greedy_search(decoder, annotations, **kw)
     return beam_search(decoder, annotations, beam_size=beam_size, length_penalty=length_penalty,
-                       **kw)
+                       stop=beam_stop, **kw)
 
 
 @dataclass
@@ -187,7 +188,7 @@ class Translator:
         tgt_vocab: target vocabulary.
         lowercase: tokenisation setting of the training data.
         search: default search settings (``beam_size``, ``max_length``, ``min_length``,
-            ``length_penalty``).
+            ``length_penalty``, ``beam_stop``).
     """
 
     def __init__(self, encoder: TextEncoder, decoder: AttentionDecoder, src_vocab: Vocabulary,
@@ -284,7 +285,8 @@ class Translator:
             src, lengths = self.encode_sources([tokens[i] for i in chunk])
             annotations, mask = self.encoder(src, lengths)  # (B, S, D), (B, S)
             out = decode(self.decoder, annotations, mask, beam_size=k, max_length=n_max,
-                         min_length=s["min_length"], length_penalty=s["length_penalty"])
+                         min_length=s["min_length"], length_penalty=s["length_penalty"],
+                         beam_stop=s["beam_stop"])
             for b, i in enumerate(chunk):
                 n, S = int(out.lengths[b]), int(lengths[b])
                 ids = out.tokens[b, :n].tolist()

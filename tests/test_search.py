@@ -269,3 +269,44 @@ def test_greedy_scores_stop_at_end():
         n = int(g.lengths[i])
         replayed = _replay(dec, ann[i:i + 1], g.tokens[i, :n].tolist())[0]
         assert float(g.scores[i]) == pytest.approx(replayed, abs=1e-4)
+
+
+def test_exact_stopping_never_ranks_worse_and_finds_better_hypotheses():
+    """``stop="exact"`` searches until no alive beam can outrank the best finished hypothesis:
+    its result is never ranked below the K-finished rule's, and better where an alive beam
+    would have gone on to win (with a length penalty, longer hypotheses)."""
+    better = 0
+    for seed in range(4):
+        torch.manual_seed(seed)
+        dec = AttentionDecoder(V, D, embed_dim=9, hidden_dim=11, dropout=0.0).eval()
+        with torch.no_grad():
+            dec.L_o.bias[IDS["end_id"]] += 0.5 + seed % 2 * 0.5
+        ann = torch.randn(16, L, D) * 3
+        for k in (2, 3):
+            for penalty in (0.0, 0.5, 1.0):
+                kw = dict(beam_size=k, max_length=12, length_penalty=penalty, **IDS)
+                usual = beam_search(dec, ann, **kw)
+                exact = beam_search(dec, ann, stop="exact", **kw)
+                rank_usual = usual.scores / usual.lengths.float() ** penalty
+                rank_exact = exact.scores / exact.lengths.float() ** penalty
+                assert (rank_exact >= rank_usual - 1e-5).all(), (seed, k, penalty)
+                better += int((rank_exact > rank_usual + 1e-5).sum())
+    assert better >= 5
+    with pytest.raises(ValueError, match="stop must be"):
+        beam_search(dec, ann, beam_size=2, stop="first", **IDS)
+
+
+def test_exact_stopping_with_a_wide_beam_is_the_exhaustive_optimum():
+    import itertools
+
+    dec, ann = _small_decoder(0.0)
+    for i in range(ann.shape[0]):
+        ranks = []
+        for n in range(1, T_SMALL + 1):
+            for seq in itertools.product([2, 3, 4, 5], repeat=n):
+                if 2 in seq[:-1] or (n < T_SMALL and seq[-1] != 2):
+                    continue
+                ranks.append(_replay(dec, ann[i:i + 1], seq)[0] / n)
+        r = beam_search(dec, ann[i:i + 1], beam_size=64, max_length=T_SMALL, length_penalty=1.0,
+                        stop="exact", **IDS)
+        assert float(r.scores[0]) / int(r.lengths[0]) == pytest.approx(max(ranks), abs=1e-4)

@@ -321,3 +321,21 @@ def test_demo_outside_a_clone_says_where_the_configs_are_missing(monkeypatch, tm
     assert status == 2
     assert f"the repository's configs are not at {tmp_path / 'configs'}" in err
     assert not (tmp_path / "out").exists()  # nothing started
+
+
+def test_beam_stop_reaches_the_search(capsys, monkeypatch, tiny_checkpoint, test_images) -> None:
+    import captioner.inference as inference
+
+    seen, original = [], inference.beam_search
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["stop"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "beam_search", spy)
+    for extra, expected in (([], "k_finished"), (["--beam-stop", "exact"], "exact")):
+        status, _, err = _run(capsys, "caption", "--ckpt", tiny_checkpoint, "--beam-size", "2",
+                              *extra, test_images[0])
+        assert status == 0, err
+        assert seen[-1] == expected
+

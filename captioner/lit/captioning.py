@@ -50,6 +50,9 @@ class CaptioningModule(CaptionerModule):
         max_length: maximum caption length (steps) when decoding.
         min_length: minimum caption length (tokens incl. ``<end>``) when decoding.
         length_penalty: exponent of beam search length normalisation.
+        beam_stop: when beam search stops an image: ``"k_finished"`` (``K`` hypotheses ended)
+            or ``"exact"`` (no alive beam can outrank the best ended one; see
+            :mod:`captioner.search`).
         hard_lambda_r: hard attention (``decoder.attention_mode: hard``): weight ``lambda_r`` of
             the REINFORCE term of Eq. 12 (default 0.1, the ``1/10`` of arctic-captions).
         hard_lambda_e: hard attention: weight ``lambda_e`` of the entropy term (default 0.002,
@@ -81,6 +84,7 @@ class CaptioningModule(CaptionerModule):
         max_length: int = 20,
         min_length: int = 1,
         length_penalty: float = 0.0,
+        beam_stop: Literal["k_finished", "exact"] = "k_finished",
         hard_lambda_r: float = 0.1,
         hard_lambda_e: float = 0.002,
         hard_num_samples: int = 1,
@@ -213,7 +217,8 @@ class CaptioningModule(CaptionerModule):
         if k <= 1:
             return greedy_search(self.decoder, annotations, **kw)
         return beam_search(self.decoder, annotations, beam_size=k,
-                           length_penalty=h.length_penalty, **kw)
+                           length_penalty=h.length_penalty,
+                           stop=h.get("beam_stop", "k_finished"), **kw)
 
     def _eval_step(self, batch: dict[str, torch.Tensor]) -> None:
         from captioner.grid_frame import encoder_thetas
@@ -313,7 +318,8 @@ class CaptioningModule(CaptionerModule):
                             for o, h in zip(outputs, hyps)}, out_dir / "test_captions.json")
         h = self.hparams
         search = {"beam_size": int(h.beam_size), "max_length": int(h.max_length),
-                  "length_penalty": float(h.length_penalty)}  # how the captions were decoded
+                  "length_penalty": float(h.length_penalty),
+                  "beam_stop": h.get("beam_stop", "k_finished")}  # how the captions were decoded
         with atomic_write(out_dir / "test_metrics.json") as f:
             json.dump(json_safe({**{k: float(v) for k, v in scores.items()}, **search}), f,
                       indent=2, allow_nan=False)  # an undefined score is null, not NaN

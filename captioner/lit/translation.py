@@ -74,6 +74,8 @@ class TranslationModule(CaptionerModule):
         min_length: fewest target tokens when decoding, ``<end>`` included.
         length_penalty: beam ranking ``score / length ** length_penalty`` (``1``: per-token
             log-probability, the usual length normalisation).
+        beam_stop: when beam search stops a sentence: ``"k_finished"`` or ``"exact"``
+            (:mod:`captioner.search`).
         hard_lambda_r: hard attention (``decoder.attention_mode: hard``): weight ``lambda_r`` of
             the REINFORCE term of Xu et al.'s Eq. 12, as in captioning.
         hard_lambda_e: hard attention: weight ``lambda_e`` of the entropy term.
@@ -102,6 +104,7 @@ class TranslationModule(CaptionerModule):
         max_length: int = 50,
         min_length: int = 1,
         length_penalty: float = 1.0,
+        beam_stop: Literal["k_finished", "exact"] = "k_finished",
         hard_lambda_r: float = 0.1,
         hard_lambda_e: float = 0.002,
         hard_num_samples: int = 1,
@@ -202,7 +205,8 @@ class TranslationModule(CaptionerModule):
         return decode(self.decoder, annotations, mask,
                       beam_size=h.beam_size if beam_size is None else beam_size,
                       max_length=h.max_length if max_length is None else max_length,
-                      min_length=h.min_length, length_penalty=h.length_penalty)
+                      min_length=h.min_length, length_penalty=h.length_penalty,
+                      beam_stop=h.get("beam_stop", "k_finished"))
 
     def _eval_step(self, batch: dict[str, torch.Tensor]) -> None:
         """Decode the batch and score its references under teacher forcing; per pair, kept
@@ -267,11 +271,13 @@ class TranslationModule(CaptionerModule):
                        scores: dict[str, float]) -> None:
         out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "test_translations.txt").write_text("".join(f"{h}\n" for h in hyps),
-                                                       encoding="utf-8")
+        with atomic_write(out_dir / "test_translations.txt") as f:
+            f.write("".join(f"{h}\n" for h in hyps))
+        h = self.hparams
         metrics = {**scores, "signature": self.last_bleu.signature,
-                   "detail": self.last_bleu.detail, "beam_size": self.hparams.beam_size,
-                   "sentences": len(outputs)}
+                   "detail": self.last_bleu.detail, "beam_size": h.beam_size,
+                   "length_penalty": h.length_penalty,
+                   "beam_stop": h.get("beam_stop", "k_finished"), "sentences": len(outputs)}
         with atomic_write(out_dir / "test_metrics.json") as f:
             json.dump(json_safe(metrics), f, indent=2, allow_nan=False)
         log.info("test translations and metrics written to %s", out_dir)

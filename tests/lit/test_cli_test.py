@@ -75,9 +75,10 @@ def test_test_builds_the_checkpoints_model_and_command_line_options_win(shapes_r
                           "--model.init_args.lr", "0.0123"])
     ckpt = last_checkpoint(fit)
     test = lightning_main(["test", *common, "--model.init_args.beam_size", "3",
-                           "--model.init_args.max_length=7", "--ckpt_path", ckpt])
+                           "--model.init_args.max_length=7", "--model.init_args.beam_stop",
+                           "exact", "--ckpt_path", ckpt])
     h = test.model.hparams
-    assert (h.beam_size, h.max_length) == (3, 7)  # the command line's
+    assert (h.beam_size, h.max_length, h.beam_stop) == (3, 7, "exact")  # the command line's
     assert h.lr == 0.0123 and test.model.decoder.hidden_dim == 20  # the checkpoint's
     in_yaml = tmp_path / "ckpt.yaml"  # the checkpoint named in a config file instead
     in_yaml.write_text(f"ckpt_path: {ckpt}\n")
@@ -87,7 +88,7 @@ def test_test_builds_the_checkpoints_model_and_command_line_options_win(shapes_r
                                fit.model.decoder.lstm.weight_hh)  # its weights
     out = Path(test.trainer.log_dir or test.trainer.default_root_dir)
     metrics = json.loads((out / "test_metrics.json").read_text())
-    assert (metrics["beam_size"], metrics["max_length"]) == (3, 7)
+    assert (metrics["beam_size"], metrics["max_length"], metrics["beam_stop"]) == (3, 7, "exact")
     results = json.loads((out / "test_captions.json").read_text())
     assert max(len(r["caption"].split()) for r in results) <= 7
 
