@@ -1,7 +1,8 @@
 r"""Source-sentence encoder for translation (Bahdanau, Cho and Bengio 2015, Section 3.2).
 
 A bidirectional recurrent network reads the source ``x = (x_1, ..., x_S)`` in both directions;
-the annotation of word ``j`` concatenates the two hidden states (Eq. 5 context, Section 3.2)::
+the annotation of word ``j`` concatenates the two hidden states (Section 3.2; the context of
+Eq. 5, Section 3.1, is the attention-weighted sum of these annotations)::
 
     ->h_j = f(->h_{j-1}, E x_j)          <-h_j = f(<-h_{j+1}, E x_j)
     h_j   = [->h_j ; <-h_j]              (D = 2 * hidden_dim)
@@ -23,7 +24,15 @@ Differences from the paper, by design of the shared decoder:
   the whole sentence (``<-h_1`` is one of the averaged halves);
 * recurrent unit: the decoder is Xu et al.'s LSTM with the deep output of Eq. 7 (Bahdanau et al.
   use a gated unit and a maxout deep output, Appendix A.2.2); the encoder here is a GRU (the
-  paper's gated unit) or an LSTM, configurable, with any number of layers.
+  paper's gated unit) or an LSTM, configurable, with any number of layers;
+* deep output: Xu et al.'s Eq. 7 reads the new state ``h_t`` (Bahdanau et al.'s Eq. 4 has
+  ``s_i``, their Appendix A.2.2 ``s_{i-1}``: the paper is not consistent) and adds the previous
+  word's embedding ``E y_{t-1}`` as it is, without Bahdanau et al.'s ``V_o`` projection;
+* PyTorch's GRU (as cuDNN's) applies the reset gate after the recurrent matrix,
+  ``r * (U h + b)``, where the paper's gated unit has ``U (r * h)`` (Appendix A.1.1): a
+  slightly different function, kept for the fused kernels;
+* every source sentence ends with an ``<end>`` token (:mod:`captioner.data.parallel_text`), a
+  place for the attention of the final ``<end>`` to go.
 """
 
 from __future__ import annotations
