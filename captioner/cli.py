@@ -126,7 +126,10 @@ def _cli_class() -> type:
             """Trainer options that are a count or a fraction (``limit_val_batches``,
             ``val_check_interval``...) keep the integer given: LightningCLI reads ``1`` as
             ``1.0`` (Lightning issue #21259), i.e. 100 % of the batches instead of one."""
-            counts = getattr(self, "_trainer_counts", {})
+            cfg = self.config[self.subcommand] if self.subcommand else self.config
+            parsed = cfg.get("trainer") or {}
+            counts = {key: count for key, count in getattr(self, "_trainer_counts", {}).items()
+                      if parsed.get(key) == count}  # only where the parsed value is that count
             return super().instantiate_trainer(**{**counts, **kwargs})
 
         def _model_from_checkpoint(self, ckpt_path: str) -> None:
@@ -287,32 +290,51 @@ INT_OR_FRACTION = ("limit_train_batches", "limit_val_batches", "limit_test_batch
 
 
 def _integer_trainer_counts(argv: list[str] | tuple[str, ...]) -> dict[str, int]:
-    """The :data:`INT_OR_FRACTION` trainer options given as integers, in the config files'
-    ``trainer:`` sections and as ``--trainer.NAME N`` (later ones win, as in LightningCLI)."""
+    """The :data:`INT_OR_FRACTION` trainer options whose last setting is an integer.
+
+    ``argv`` is read in order, as LightningCLI reads it: ``--config F`` (``-c F``,
+    ``--config=F``) and ``--trainer F`` files' ``trainer:`` values, and ``--trainer.NAME V``
+    options; a later setting replaces an earlier one.
+    """
     from pathlib import Path
 
     import yaml
 
-    counts: dict[str, int] = {}
-    for path in _config_files(argv):
+    def load(path: str, section: bool) -> dict:
         try:
             loaded = yaml.safe_load(Path(path).read_text())
         except (OSError, yaml.YAMLError):
-            continue  # reported by LightningCLI / _check_config_files
-        trainer = loaded.get("trainer") if isinstance(loaded, dict) else None
-        for key, value in (trainer.items() if isinstance(trainer, dict) else ()):
-            if key in INT_OR_FRACTION:
-                if isinstance(value, int) and not isinstance(value, bool):
-                    counts[key] = value
-                else:
-                    counts.pop(key, None)
-    for key in INT_OR_FRACTION:
-        value = _option_value(argv, f"--trainer.{key}")
-        if value is not None:
-            if value.strip().isdigit():
-                counts[key] = int(value)
-            else:
-                counts.pop(key, None)
+            return {}  # reported by LightningCLI / _check_config_files
+        if section and isinstance(loaded, dict):
+            loaded = loaded.get("trainer")
+        return loaded if isinstance(loaded, dict) else {}
+
+    counts: dict[str, int] = {}
+
+    def setting(key: str, value: Any) -> None:
+        if key not in INT_OR_FRACTION:
+            return
+        if isinstance(value, str) and value.strip().isdigit():
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            counts[key] = value
+        else:
+            counts.pop(key, None)
+
+    args = [str(a) for a in argv]
+    for i, arg in enumerate(args):
+        name, eq, inline = arg.partition("=")
+        value = inline if eq else (args[i + 1] if i + 1 < len(args) else None)
+        if value is None:
+            continue
+        if name in ("--config", "-c"):
+            for key, v in load(value, section=True).items():
+                setting(key, v)
+        elif name == "--trainer" and not value.startswith("-"):
+            for key, v in load(value, section=False).items():
+                setting(key, v)
+        elif name.startswith("--trainer."):
+            setting(name[len("--trainer."):], value)
     return counts
 
 
@@ -421,10 +443,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _input_error(error: BaseException) -> BaseException | None:
-    """The data or checkpoint error behind ``error`` (which LightningCLI / jsonargparse may have
-    wrapped, e.g. when reading the data to link the vocabulary size), or ``None``.
+    """The data or checkpoint error behind ``error``, or ``None``.
 
-    Such errors already name the file and line or field; their traceback only buries that.
+    Such errors are captioner's own (:class:`AnnotationError`, :class:`ImageLoadError`...) and
+    already name the file and line or field; their traceback only buries that. LightningCLI /
+    jsonargparse may have wrapped one (e.g. read while linking the vocabulary size, as the
+    ``__cause__`` of a ``ValueError``): only explicit causes (``raise ... from``) are followed,
+    so an unrelated error raised while one was being handled keeps its traceback.
     """
     from captioner.config import ConfigError
     from captioner.data.formats import AnnotationError
@@ -434,13 +459,13 @@ def _input_error(error: BaseException) -> BaseException | None:
     from captioner.inference import CheckpointError
 
     kinds = (AnnotationError, ImageLoadError, ParallelDataError, FeatureCacheError,
-             CheckpointError, ConfigError, FileNotFoundError)
+             CheckpointError, ConfigError)
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
         if isinstance(error, kinds):
             return error
         seen.add(id(error))
-        error = error.__cause__ or error.__context__
+        error = error.__cause__
     return None
 
 

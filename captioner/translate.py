@@ -96,9 +96,10 @@ def sacrebleu_score(hypotheses: Sequence[str], references: Sequence[str],
     """Corpus BLEU of detokenised hypotheses against raw references (one reference each),
     with sacreBLEU's default ``13a`` tokenisation.
 
-    A ``<unk>`` the model wrote is one wrong word, so it is scored as one token that matches no
-    reference word (:data:`UNK_FOR_BLEU`); ``13a`` would split the literal ``<unk>`` into three
-    (``< unk >``), lengthening the hypothesis and lowering its n-gram precisions.
+    A ``<unk>`` is one word, so it is scored as one token (:data:`UNK_FOR_BLEU`), in hypotheses
+    and in references (some preprocessed corpora write it there); ``13a`` would split the literal
+    ``<unk>`` into three (``< unk >``), lengthening the sentence and lowering its n-gram
+    precisions. A model's ``<unk>`` matches no reference word unless the reference has one too.
 
     Args:
         hypotheses: one detokenised translation per sentence.
@@ -117,7 +118,8 @@ def sacrebleu_score(hypotheses: Sequence[str], references: Sequence[str],
         bleu.corpus_score([""], [[""]])  # sacreBLEU fills its signature on a first score
         return BleuScore(0.0, str(bleu.get_signature()), "no sentences")
     hypotheses = [h.replace(UNK, UNK_FOR_BLEU) for h in hypotheses]
-    result = bleu.corpus_score(hypotheses, [list(references)])
+    references = [r.replace(UNK, UNK_FOR_BLEU) for r in references]
+    result = bleu.corpus_score(hypotheses, [references])
     return BleuScore(float(result.score), str(bleu.get_signature()), str(result))
 
 

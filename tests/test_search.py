@@ -296,6 +296,62 @@ def test_exact_stopping_never_ranks_worse_and_finds_better_hypotheses():
         beam_search(dec, ann, beam_size=2, stop="first", **IDS)
 
 
+def _never_stopping_beam(dec, ann, k, max_length, min_length, penalty):
+    """Reference: one image, the library's candidate rules (best ``2K``; an ``<end>`` among the
+    first ``K`` ends a hypothesis), but the search runs to ``max_length`` and keeps every ended
+    hypothesis. Returns the best rank ``score / length ** penalty``."""
+    from captioner.search import _constrain
+
+    state = dec.init_state(ann)
+    beams = [((), 0.0)]  # (tokens, score)
+    ended = []
+    for t in range(max_length):
+        prev = torch.tensor([toks[-1] if toks else IDS["start_id"] for toks, _ in beams])
+        rows = state.select(torch.zeros(len(beams), dtype=torch.long)) if t == 0 else state
+        with torch.no_grad():
+            logp, rows, _, _ = dec.step(prev, rows)
+        logp = _constrain(logp, t, min_length, IDS["end_id"], (IDS["pad_id"], IDS["start_id"]))
+        cand = torch.tensor([s for _, s in beams]).unsqueeze(1) + logp  # (n, V)
+        scores, flat = cand.view(-1).topk(min(2 * k, cand.numel()))
+        keep, alive = [], []
+        for rank, (score, j) in enumerate(zip(scores.tolist(), flat.tolist())):
+            b, tok = divmod(j, logp.shape[1])
+            if score == float("-inf"):
+                continue
+            if tok == IDS["end_id"]:
+                if rank < k:
+                    ended.append(score / (t + 1) ** penalty)
+            elif len(alive) < k:
+                alive.append((beams[b][0] + (tok,), score))
+                keep.append(b)
+        if t == max_length - 1:
+            ended += [s / max_length ** penalty for _, s in alive]
+            break
+        beams, state = alive, rows.select(torch.tensor(keep))
+    return max(ended)
+
+
+@pytest.mark.parametrize("penalty", [-0.5, 1.0, 2.0])
+@pytest.mark.parametrize("min_length", [1, 3])
+@pytest.mark.parametrize("end_bias", [1.0, 2.0])
+def test_exact_stopping_equals_a_search_that_never_stops(penalty, min_length, end_bias):
+    """The bound is right for every sign of the length penalty: stopping early never loses the
+    hypothesis a search run to ``max_length`` would return (same beam, same pruning). (A bound
+    without its ``max_length`` term fails here at penalty 2, end bias 2.)"""
+    for seed in range(3):
+        torch.manual_seed(seed)
+        dec = AttentionDecoder(V, D, embed_dim=9, hidden_dim=11, dropout=0.0).eval()
+        with torch.no_grad():
+            dec.L_o.bias[IDS["end_id"]] += end_bias
+        ann = torch.randn(4, L, D) * 3
+        r = beam_search(dec, ann, beam_size=2, max_length=8, min_length=min_length,
+                        length_penalty=penalty, stop="exact", **IDS)
+        for i in range(4):
+            expected = _never_stopping_beam(dec, ann[i:i + 1], 2, 8, min_length, penalty)
+            got = float(r.scores[i]) / int(r.lengths[i]) ** penalty
+            assert got == pytest.approx(expected, abs=1e-4), (seed, i)
+
+
 def test_exact_stopping_with_a_wide_beam_is_the_exhaustive_optimum():
     import itertools
 

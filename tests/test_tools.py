@@ -339,3 +339,28 @@ def test_beam_stop_reaches_the_search(capsys, monkeypatch, tiny_checkpoint, test
         assert status == 0, err
         assert seen[-1] == expected
 
+
+
+def test_only_data_errors_are_shortened_to_one_line() -> None:
+    """``captioner fit/test`` print captioner's own data errors in one line, even wrapped by the
+    argument parser; any other error, even one raised while a missing file was being handled,
+    keeps its traceback."""
+    from captioner.cli import _input_error
+    from captioner.data.formats import AnnotationError
+
+    data = AnnotationError("captions.txt line 3: empty caption")
+    try:
+        try:
+            raise data
+        except AnnotationError as e:  # as jsonargparse re-raises what a link raised
+            raise ValueError("Call to compute_fn of link failed") from e
+    except ValueError as wrapped:
+        assert _input_error(wrapped) is data
+    try:
+        try:
+            open("/nonexistent/optional.json")
+        except FileNotFoundError:
+            None + 1  # a bug while handling it
+    except TypeError as bug:
+        assert _input_error(bug) is None
+    assert _input_error(FileNotFoundError("not ours")) is None

@@ -112,6 +112,10 @@ class AnnotationError(ValueError):
     """An annotation file is malformed; the message names the file and the entry."""
 
 
+class AnnotationFileNotFound(AnnotationError, FileNotFoundError):
+    """An annotation or captions file is missing (also a ``FileNotFoundError``)."""
+
+
 class AnnotationWarning(UserWarning):
     """Bad entries were skipped (``skip_bad=True``); one warning per file with the counts."""
 
@@ -192,7 +196,7 @@ def drop_unreadable(records: list[ImageRecord], source: str | os.PathLike[str]
 def _read_json(file: Path) -> Any:
     """Parse a JSON file; syntax errors become :class:`AnnotationError` naming the file."""
     if not file.is_file():
-        raise FileNotFoundError(f"annotation file not found: {file}")
+        raise AnnotationFileNotFound(f"annotation file not found: {file}")
     try:
         with file.open(encoding="utf-8-sig") as f:
             return json.load(f)
@@ -528,7 +532,7 @@ def load_kaggle_flickr8k(
     file = Path(captions_file)
     image_dir = Path(image_dir)
     if not file.is_file():
-        raise FileNotFoundError(f"captions file not found: {file}")
+        raise AnnotationFileNotFound(f"captions file not found: {file}")
     problems = _Problems(file, skip_bad)
     captions: dict[str, list[str]] = {}
     first_line: dict[str, int] = {}

@@ -111,7 +111,8 @@ class CaptionerModule(L.LightningModule):
     def check_monitors(self) -> None:
         """Refuse, before the first epoch, a callback (``ModelCheckpoint``, ``EarlyStopping``)
         that monitors a ``val/`` key this module never logs: Lightning would fail only at the
-        end of the first validation, after a whole epoch of training.
+        end of the first validation, after a whole epoch of training. A callback told that the
+        key may be missing (``EarlyStopping(strict=False)``) is left alone.
 
         Raises:
             captioner.config.ConfigError: naming the callback, the key and the valid keys.
@@ -121,12 +122,14 @@ class CaptionerModule(L.LightningModule):
         logged = [f"val/{k}" for k in self.validation_metrics]
         for callback in self.trainer.callbacks:
             monitor = getattr(callback, "monitor", None)
+            if getattr(callback, "strict", True) is False:
+                continue
             if isinstance(monitor, str) and monitor.startswith("val/") and monitor not in logged:
                 raise ConfigError(
                     f"{type(callback).__name__}(monitor={monitor!r}): a {self.task} model logs "
-                    f"{', '.join(logged)}. A model config file can carry trainer settings "
-                    "(configs/model/multi30k_gru.yaml sets its checkpoints and gradient "
-                    "clipping), which a checkpoint does not: give that file again when resuming")
+                    f"{', '.join(logged)}. (A model config file can carry trainer settings, as "
+                    "configs/model/multi30k_gru.yaml does with its checkpoints; a checkpoint "
+                    "does not, so resuming with --ckpt_path needs that file again.)")
 
     def hard_samples(self) -> int:
         """``N`` of Eq. 12: location sequences sampled per target in this training step (``1``

@@ -77,6 +77,8 @@ def test_sacrebleu_scores_unk_as_one_wrong_word():
     one_wrong = sacrebleu_score(["a man in a blue shirt."], ref)
     assert with_unk.score == pytest.approx(one_wrong.score)
     assert "7 ref_len = 7" in with_unk.detail.replace("hyp_len = ", "")  # 7 tokens, not 9
+    # a reference <unk> (some corpora keep them) is one token on both sides
+    assert sacrebleu_score(["a <unk> dog."], ["A <unk> dog."]).score == pytest.approx(100)
     # sacreBLEU on the literal text splits it into "< unk >" and scores lower
     assert BLEU(lowercase=True).corpus_score(["a man in a <unk> shirt."], [ref]).score < \
         with_unk.score - 10

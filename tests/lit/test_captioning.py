@@ -177,6 +177,13 @@ def test_a_checkpoint_monitoring_a_key_never_logged_is_refused_before_training(t
                                           r"model logs val/bleu1, val/bleu2"):
         fit.fit(model, datamodule=dm)
     assert fit.global_step == 0
+    # a callback told that its key may be missing is Lightning's business
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    lenient = trainer(tmp_path, 1, limit_train_batches=1, limit_val_batches=1,
+                      callbacks=[EarlyStopping(monitor="val/loss", strict=False)])
+    lenient.fit(model, datamodule=dm)
+    assert lenient.global_step == 1
 
 
 def test_empty_captions_are_reported(tiny_data, tmp_path, caplog):

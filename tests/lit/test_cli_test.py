@@ -238,3 +238,10 @@ def test_integer_batch_counts_stay_integers(shapes_root, tmp_path):
     assert cli.trainer.limit_val_batches == 1 and isinstance(cli.trainer.limit_val_batches, int)
     assert isinstance(cli.trainer.limit_train_batches, int)
     assert cli.trainer.limit_test_batches == 0.5
+    # settings are read in order: a later config file's fraction wins over an earlier int
+    fraction = tmp_path / "fraction.yaml"
+    fraction.write_text("trainer:\n  limit_val_batches: 0.25\n")
+    later = [*shapes_run(shapes_root, tmp_path, 12, 4, 4), "--trainer.limit_val_batches", "3",
+             "--config", str(fraction)]
+    assert "limit_val_batches" not in _integer_trainer_counts(later)
+    assert lightning_main(later, run=False).trainer.limit_val_batches == 0.25
