@@ -28,6 +28,13 @@ def _cli_class() -> type:
             return {k: v for k, v in LightningCLI.subcommands().items()
                     if k in LIGHTNING_COMMANDS}
 
+        def init_parser(self, **kwargs: Any):
+            """A parse error prints its message and the ``--help`` tip, not first the 40 lines
+            of usage of every Trainer option (jsonargparse's default), which bury it."""
+            parser = super().init_parser(**kwargs)
+            parser.print_usage = lambda file=None: None
+            return parser
+
         def add_arguments_to_parser(self, parser) -> None:
             parser.link_arguments("data", "model.init_args.vocab_size",
                                   compute_fn=self._linked_vocab_size, apply_on="instantiate")

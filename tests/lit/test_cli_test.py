@@ -245,3 +245,13 @@ def test_integer_batch_counts_stay_integers(shapes_root, tmp_path):
              "--config", str(fraction)]
     assert "limit_val_batches" not in _integer_trainer_counts(later)
     assert lightning_main(later, run=False).trainer.limit_val_batches == 0.25
+
+
+def test_a_misspelled_option_is_named_without_pages_of_usage(shapes_root, tmp_path, capsys):
+    common = shapes_run(shapes_root, tmp_path, 12, 4, 4)
+    with pytest.raises(SystemExit) as e:
+        lightning_main(["fit", *common, "--model.init_args.beamsize", "3"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "Option 'beamsize' is not accepted" in err and "--help" in err
+    assert "usage:" not in err and len(err.splitlines()) < 20
