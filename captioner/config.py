@@ -8,6 +8,7 @@ with jsonargparse and load the state dicts: no module is ever pickled.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping
 from typing import Any
 
 from jsonargparse import ArgumentParser
@@ -45,3 +46,25 @@ def instantiate(class_path: str, init_args: dict[str, Any]) -> Any:
     parser.add_class_arguments(cls, "obj", fail_untyped=False)
     cfg = parser.parse_object({"obj": init_args})
     return parser.instantiate(cfg).obj
+
+
+def instantiate_arguments(types: Mapping[str, Any], init_args: Mapping[str, Any]) -> dict[str, Any]:
+    """Build some constructor arguments of a module from its stored ``init_args`` (each one a
+    ``class_path`` / ``init_args`` dict, typed as in ``types``), as LightningCLI builds them,
+    without building the module itself (so no Lightning is imported).
+
+    Args:
+        types: argument name -> its type hint in the module's constructor, e.g.
+            ``{"encoder": ImageEncoder, "decoder": Callable[[int, int], AttentionDecoder]}``.
+        init_args: the module's stored init args; other entries are ignored.
+
+    Returns:
+        ``{name: instance or callable}``; ``None`` for an argument ``init_args`` does not give.
+    """
+    parser = ArgumentParser(exit_on_error=False)
+    for name, type_ in types.items():
+        parser.add_argument(f"--{name}", type=type_, default=None)
+    cfg = parser.parse_object({k: init_args[k] for k in types if init_args.get(k)})
+    built = parser.instantiate(cfg)
+    return {name: getattr(built, name, None) for name in types}
+

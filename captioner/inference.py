@@ -25,10 +25,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from jsonargparse import ArgumentParser
 from PIL import Image
 from torch import nn
 
+from captioner.config import instantiate_arguments
 from captioner.data.images import ImageLoadError, find_images, image_to_tensor, load_image
 from captioner.data.vocabulary import END, PAD, SPECIALS, START, Vocabulary
 from captioner.decoder import AttentionDecoder
@@ -85,28 +85,24 @@ def read_checkpoint(path: str | Path, task: str | None = None) -> dict[str, Any]
     return ckpt
 
 
-# Types of ``CaptioningModule``'s ``encoder`` / ``decoder`` arguments, spelled out here so that
-# captioning never imports Lightning (keep in sync with captioner/lit/captioning.py).
-_PART_TYPES: dict[str, Any] = {
+PART_TYPES: dict[str, Any] = {
     "encoder": ImageEncoder,
     "decoder": Callable[[int, int], AttentionDecoder],
 }
+"""Types of ``CaptioningModule``'s ``encoder`` / ``decoder`` arguments, spelled out so that
+captioning never imports Lightning (a test checks them against the module's signature)."""
 
 
 def _build_model(init_args: dict[str, Any], vocab_size: int) -> tuple[nn.Module, nn.Module]:
     """Encoder and decoder from the stored ``CaptioningModule`` init args, as LightningCLI
     builds them (``class_path`` / ``init_args``; the decoder is a callable ``(V, D) -> decoder``,
     :class:`~captioner.decoder.AttentionDecoder` with its defaults when not given)."""
-    parser = ArgumentParser(exit_on_error=False)
-    for name, type_ in _PART_TYPES.items():
-        parser.add_argument(f"--{name}", type=type_, default=None)
-    cfg = parser.parse_object({k: init_args[k] for k in _PART_TYPES if init_args.get(k)})
     with architecture_only():  # the checkpoint supplies every weight: download nothing
-        parts = parser.instantiate(cfg)
-    if parts.encoder is None:
+        parts = instantiate_arguments(PART_TYPES, init_args)
+    if parts["encoder"] is None:
         raise ValueError("the model config has no encoder")
-    make_decoder = parts.decoder or AttentionDecoder
-    return parts.encoder, make_decoder(vocab_size, parts.encoder.out_channels)
+    make_decoder = parts["decoder"] or AttentionDecoder
+    return parts["encoder"], make_decoder(vocab_size, parts["encoder"].out_channels)
 
 
 def _sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

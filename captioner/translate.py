@@ -26,8 +26,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from jsonargparse import ArgumentParser
 
+from captioner.config import instantiate_arguments
 from captioner.data.tokenize import detokenize_mt, tokenize_mt
 from captioner.data.vocabulary import END, PAD, SPECIALS, START, UNK, Vocabulary
 from captioner.decoder import AttentionDecoder
@@ -155,23 +155,21 @@ class Translation:
         return [*self.words, END][: len(self.tokens)]
 
 
-_PART_TYPES: dict[str, Any] = {  # TranslationModule's arguments, without importing Lightning
+PART_TYPES: dict[str, Any] = {
     "encoder": Callable[[int], TextEncoder],
     "decoder": Callable[[int, int], AttentionDecoder],
 }
+"""``TranslationModule``'s ``encoder`` / ``decoder`` argument types, without importing Lightning
+(a test checks them against the module's signature)."""
 
 
 def build_model(init_args: dict[str, Any]) -> tuple[TextEncoder, AttentionDecoder]:
     """Encoder and decoder from stored ``TranslationModule`` init args, as LightningCLI builds
     them (``TextEncoder`` / ``AttentionDecoder`` with their defaults when not given)."""
-    parser = ArgumentParser(exit_on_error=False)
-    for name, type_ in _PART_TYPES.items():
-        parser.add_argument(f"--{name}", type=type_, default=None)
-    cfg = parser.parse_object({k: init_args[k] for k in _PART_TYPES if init_args.get(k)})
-    parts = parser.instantiate(cfg)
-    encoder = (parts.encoder or TextEncoder)(int(init_args["src_vocab_size"]))
-    decoder = (parts.decoder or AttentionDecoder)(int(init_args["vocab_size"]),
-                                                  encoder.out_channels)
+    parts = instantiate_arguments(PART_TYPES, init_args)
+    encoder = (parts["encoder"] or TextEncoder)(int(init_args["src_vocab_size"]))
+    decoder = (parts["decoder"] or AttentionDecoder)(int(init_args["vocab_size"]),
+                                                     encoder.out_channels)
     return encoder, decoder
 
 

@@ -344,3 +344,24 @@ def test_in_memory_images_of_any_mode_are_seen_as_from_a_file(tiny_checkpoint, t
         assert in_memory.tokens == from_file.tokens
     assert seen[-1].min() == 1.0  # transparent: white, not black
     assert 0.4 < seen[-4].mean() < 0.6  # a 16-bit ramp: scaled, not saturated to white
+
+
+@pytest.mark.parametrize("module, part_types", [
+    ("captioner.lit.captioning.CaptioningModule", "captioner.inference.PART_TYPES"),
+    ("captioner.lit.translation.TranslationModule", "captioner.translate.PART_TYPES"),
+])
+def test_inference_rebuilds_parts_typed_as_the_lightning_modules_take_them(module, part_types):
+    """Inference spells out the modules' ``encoder`` / ``decoder`` types so as not to import
+    Lightning; they must stay those of the constructors, or checkpoints would rebuild wrong."""
+    import typing
+
+    from captioner.config import import_class
+
+    hints = typing.get_type_hints(import_class(module).__init__)
+    spelled = import_class(part_types)
+    assert set(spelled) == {"encoder", "decoder"}
+    def normal(t):  # typing.Callable and collections.abc.Callable are the same type hint
+        return (typing.get_origin(t) or t, typing.get_args(t))
+
+    for name, type_ in spelled.items():
+        assert normal(hints[name]) == normal(type_), name
