@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import random
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -195,6 +196,12 @@ class CaptionerModule(L.LightningModule):
 
     def on_test_epoch_start(self) -> None:
         self._eval_outputs = []
+
+    def results_dir(self) -> Path:
+        """Where test results are written: the logger's folder, else the trainer's root. Call it
+        on every rank: under DDP ``trainer.log_dir`` broadcasts rank 0's value, a collective
+        that a rank-0-only call would leave the other ranks out of (rank 0 then fails or hangs)."""
+        return Path(self.trainer.log_dir or self.trainer.default_root_dir)
 
     def _gather_outputs(self) -> list[dict[str, Any]]:
         """All ranks' decoded outputs, each example once, ordered by index."""

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import logging
-from pathlib import Path
 from typing import Any, Callable, Literal
 
 import torch
@@ -297,8 +296,9 @@ class CaptioningModule(CaptionerModule):
         scores.update(coco)
         for k, v in scores.items():
             self.log(f"test/{k}", float(v), sync_dist=False, rank_zero_only=False)
+        out_dir = self.results_dir()  # on every rank: log_dir is a collective under DDP
         if self.trainer.is_global_zero:
-            self._write_results(records, outputs, hyps, scores)
+            self._write_results(out_dir, records, outputs, hyps, scores)
         self._eval_outputs = []
 
     def _coco_scores(self, records, outputs, hyps) -> dict[str, float]:
@@ -309,10 +309,9 @@ class CaptioningModule(CaptionerModule):
         result = coco_caption_scores(refs, res)
         return dict(result.scores)
 
-    def _write_results(self, records, outputs, hyps, scores) -> None:
+    def _write_results(self, out_dir, records, outputs, hyps, scores) -> None:
         from captioner.metrics import json_safe, write_coco_results
 
-        out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         write_coco_results({records[o["index"]].image_id: " ".join(h)
                             for o, h in zip(outputs, hyps)}, out_dir / "test_captions.json")

@@ -263,13 +263,13 @@ class TranslationModule(CaptionerModule):
         scores, outputs, hyps = self._score("test")
         for k, v in scores.items():
             self.log(f"test/{k}", float(v), rank_zero_only=False)
+        out_dir = self.results_dir()  # on every rank: log_dir is a collective under DDP
         if self.trainer.is_global_zero:
-            self._write_results(outputs, hyps, scores)
+            self._write_results(out_dir, outputs, hyps, scores)
         self._eval_outputs = []
 
-    def _write_results(self, outputs: list[dict[str, Any]], hyps: list[str],
+    def _write_results(self, out_dir: Path, outputs: list[dict[str, Any]], hyps: list[str],
                        scores: dict[str, float]) -> None:
-        out_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         with atomic_write(out_dir / "test_translations.txt") as f:
             f.write("".join(f"{h}\n" for h in hyps))

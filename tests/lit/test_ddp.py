@@ -13,6 +13,7 @@ a repeat, which the gathered scoring must drop.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -143,6 +144,30 @@ def test_validate_same_checkpoint_with_one_process_matches_ddp(runs):
     assert_same_scores(one, two)
 
 
+def test_ddp_test_writes_the_results_of_the_whole_split(runs):
+    """`captioner test` with 2 processes: test metrics over the whole split, written once, equal
+    to a 1-process test of the same checkpoint (rank 0 used to ask for the log folder alone,
+    a collective under DDP, and died: no results)."""
+    ckpt = runs["ddp"] / "ckpt" / "last.ckpt"
+    cfg = runs["ddp"] / "config.yaml"
+    exe = Path(sys.executable).with_name("captioner")
+    proc = subprocess.run([str(exe), "test", "--config", str(cfg), "--ckpt_path", str(ckpt),
+                           "--trainer.logger.init_args.version", "7"],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads((runs["ddp"] / "logs" / "version_7" / "test_metrics.json").read_text())
+    cli = lightning_main(["test", "--config", str(cfg), "--trainer.devices", "1",
+                          "--trainer.strategy", "auto", "--trainer.logger", "false",
+                          "--trainer.default_root_dir", str(runs["ddp"] / "one"),
+                          "--ckpt_path", str(ckpt)])
+    one = json.loads((runs["ddp"] / "one" / "test_metrics.json").read_text())
+    assert one["bleu1"] > 0.0 and one.keys() == two.keys()  # 2 test images: words decoded
+    for key in ("bleu1", "bleu4", "BLEU-4", "CIDEr"):
+        assert two[key] == pytest.approx(one[key], abs=1e-9), key
+    assert cli.trainer.callback_metrics["test/bleu1"] == pytest.approx(one["bleu1"])
+
+
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])
 def test_mixed_precision_runs_on_cpu(runs, precision, tmp_path):
     """``--trainer.precision`` selects autocast: the output layer runs in half precision
@@ -221,3 +246,14 @@ def test_translation_validates_the_whole_split_under_ddp(tmp_path):
     assert single["val/ppl"] > 1.0 and single["val/bleu"] > 0.0
     assert float(row["val/ppl"]) == pytest.approx(single["val/ppl"], rel=1e-5)
     assert float(row["val/bleu"]) == pytest.approx(single["val/bleu"], abs=1e-6)
+    # `test` under DDP writes its translations and metrics once (rank 0 used to die asking for
+    # the log folder alone, a collective)
+    proc = subprocess.run([str(exe), "test", "--config", str(out[2] / "config.yaml"),
+                           "--ckpt_path", str(ckpt), "--trainer.logger.init_args.version", "3"],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    written = out[2] / "logs" / "version_3"
+    lines = (written / "test_translations.txt").read_text(encoding="utf-8").splitlines()
+    assert len(lines) == len(PAIRS) - 1  # the whole test split, each pair once
+    assert "bleu" in json.loads((written / "test_metrics.json").read_text())
