@@ -269,6 +269,7 @@ def test_captioner_fit_trains_from_the_cache_without_running_the_encoder(
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
     assert "val/bleu4" in cli.trainer.callback_metrics
     assert cli.model.data_config["datamodule"]["init_args"]["features_dir"] == str(tmp_path / "c")
+    cli.trainer.validate(cli.model, datamodule=cli.datamodule)  # its own cache: checked, accepted
 
     # a cache extracted by another encoder (the tiny checkpoint's): refused, with both hashes
     extract_features(Captioner.from_checkpoint(tiny_checkpoint).encoder, paths, tmp_path / "o",
@@ -276,6 +277,9 @@ def test_captioner_fit_trains_from_the_cache_without_running_the_encoder(
     cli = lightning_main(["--config", fit_config(tmp_path / "o", frozen)], run=False)
     with pytest.raises(ValueError, match=r"extracted with another encoder \(fingerprint "):
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    for run in (cli.trainer.validate, cli.trainer.test):  # scoring it would be as wrong
+        with pytest.raises(ConfigError, match=r"extracted with another encoder"):
+            run(cli.model, datamodule=cli.datamodule)
     # a trainable encoder cannot learn from cached grids: a clear error, not silent no-training
     cli = lightning_main(["--config", fit_config(tmp_path / "c", TINY_MODEL_CONFIG)], run=False)
     with pytest.raises(ValueError, match=r"serves cached encoder features .* trainable parameter"):

@@ -124,10 +124,24 @@ class CaptioningModule(CaptionerModule):
         }
 
     def on_fit_start(self) -> None:
-        """Training from cached features needs the encoder the cache was extracted with (its
-        fingerprint: weights, buffers and input size), checked once the weights are final
-        (after a checkpoint is restored)."""
         super().on_fit_start()
+        self.check_feature_cache()
+
+    def on_validation_start(self) -> None:
+        if self.trainer.state.fn != "fit":  # fit checked once at its start
+            self.check_feature_cache()
+
+    def on_test_start(self) -> None:
+        self.check_feature_cache()
+
+    def check_feature_cache(self) -> None:
+        """Features from a cache must be those of this model's encoder (its fingerprint: weights,
+        buffers and input size; and its grid): checked at the start of fit, validate and test,
+        once the weights are final (after a checkpoint is restored).
+
+        Raises:
+            captioner.config.ConfigError: the cache was made by another encoder or grid.
+        """
         dm = getattr(self.trainer, "datamodule", None)
         if getattr(dm, "features_dir", None) is None:
             return
