@@ -21,18 +21,24 @@ uninterrupted one would and produces the same bytes. The ``fingerprint`` (a hash
 encoder's weights and of the image size) keeps a resumed run from mixing two encoders.
 
 Reading is memory-mapped (``np.load(mmap_mode="r")``): memory stays bounded whatever the size of
-the data set, and DataLoader workers share the page cache.
+the data set, and DataLoader workers share the page cache. At most ``max_open_shards`` maps (and
+their file descriptors) stay open per reader, the least recently used released first.
+
+One extraction writes a folder at a time: it holds an exclusive lock on ``DIR/.lock``, so a
+second one is refused instead of overwriting the first one's shards and index.
 
 No Lightning here; the data-module side is :mod:`captioner.data.cached`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +52,7 @@ __all__ = ["FeatureCache", "FeatureCacheError", "encoder_fingerprint", "extract_
            "image_key", "INDEX_FILE"]
 
 INDEX_FILE = "index.json"
+LOCK_FILE = ".lock"
 FORMAT = 1
 DTYPE = "float16"
 
@@ -92,12 +99,14 @@ class FeatureCache:
     Args:
         directory: a folder written by :func:`extract_features`.
         require_complete: refuse a cache whose extraction has not finished.
+        max_open_shards: shard maps kept open at once (each holds a file descriptor).
 
     Raises:
         FeatureCacheError: no index, an unknown format, or an unfinished extraction.
     """
 
-    def __init__(self, directory: str | os.PathLike[str], require_complete: bool = True) -> None:
+    def __init__(self, directory: str | os.PathLike[str], require_complete: bool = True,
+                 max_open_shards: int = 64) -> None:
         self.directory = Path(directory)
         index_file = self.directory / INDEX_FILE
         if not index_file.is_file():
@@ -111,7 +120,8 @@ class FeatureCache:
             raise FeatureCacheError(f"{self.directory}: the extraction did not finish; run "
                                     "`captioner extract-features` again to complete it")
         self.items: dict[str, list[int]] = self.index["items"]
-        self._shards: dict[int, np.ndarray] = {}
+        self.max_open_shards = max(1, int(max_open_shards))
+        self._shards: OrderedDict[int, np.ndarray] = OrderedDict()  # least recently used first
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -135,9 +145,15 @@ class FeatureCache:
         return [k for k in map(image_key, paths) if k not in self.items]
 
     def _shard(self, shard: int) -> np.ndarray:
-        if shard not in self._shards:  # opened lazily: each DataLoader worker maps its own
-            self._shards[shard] = np.load(self.directory / self.index["shards"][shard],
-                                          mmap_mode="r")
+        if shard in self._shards:
+            self._shards.move_to_end(shard)
+            return self._shards[shard]
+        # opened lazily: each DataLoader worker maps its own; the least recently used map is
+        # dropped (closed, with its descriptor, once no view of it is left)
+        while len(self._shards) >= self.max_open_shards:
+            self._shards.popitem(last=False)
+        self._shards[shard] = np.load(self.directory / self.index["shards"][shard],
+                                      mmap_mode="r")
         return self._shards[shard]
 
     def array(self, path: str | os.PathLike[str]) -> np.ndarray:
@@ -158,7 +174,28 @@ class FeatureCache:
         return torch.from_numpy(np.array(self.array(path)))
 
     def __getstate__(self) -> dict[str, Any]:  # DataLoader workers re-open the maps
-        return {**self.__dict__, "_shards": {}}
+        return {**self.__dict__, "_shards": OrderedDict()}
+
+
+@contextlib.contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    """Hold ``out/.lock`` exclusively (POSIX ``flock``; released if the process dies)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    with open(out / LOCK_FILE, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise FeatureCacheError(
+                f"{out}: another extraction is writing this cache ({out / LOCK_FILE} is "
+                "locked); wait for it to finish, or use another --out folder") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _load_index(out: Path, meta: dict[str, Any]) -> dict[str, Any]:
@@ -213,15 +250,11 @@ def extract_features(
         The finished :class:`FeatureCache`.
 
     Raises:
-        FeatureCacheError: ``out_dir`` holds a cache of another encoder or image size.
+        FeatureCacheError: ``out_dir`` holds a cache of another encoder or image size, or
+            another extraction is writing it.
         ValueError: bad sizes, an encoder without ``grid_size``, features that overflow
             float16.
     """
-    from torch.utils.data import DataLoader
-
-    from captioner.data.datasets import ImageEvalDataset, collate_images
-    from captioner.data.formats import ImageRecord
-
     if batch_size < 1 or shard_size < 1 or shard_size % batch_size:
         raise ValueError(f"shard_size ({shard_size}) must be a positive multiple of batch_size "
                          f"({batch_size}), so that a resumed run encodes the same batches")
@@ -236,6 +269,21 @@ def extract_features(
             "shard_size": shard_size, "image_size": _size_pair(image_size),
             "fingerprint": encoder_fingerprint(encoder, image_size),
             "encoder": encoder_config or {"class": type(encoder).__qualname__}}
+    with _exclusive(out):
+        return _extract(encoder, paths, out, meta, image_size, batch_size, shard_size,
+                        num_workers, device, progress, shard_delay)
+
+
+def _extract(encoder: nn.Module, paths: Sequence[str | os.PathLike[str]], out: Path,
+             meta: dict[str, Any], image_size: int | tuple[int, int], batch_size: int,
+             shard_size: int, num_workers: int, device: str | torch.device,
+             progress: Callable[[str], None] | None, shard_delay: float) -> FeatureCache:
+    """The body of :func:`extract_features`, under the folder's lock."""
+    from torch.utils.data import DataLoader
+
+    from captioner.data.datasets import ImageEvalDataset, collate_images
+    from captioner.data.formats import ImageRecord
+
     index = _load_index(out, meta)
 
     keys = list(dict.fromkeys(image_key(p) for p in paths))  # ordered, without duplicates

@@ -137,6 +137,40 @@ def test_killed_extraction_resumes_to_the_same_cache(tiny_checkpoint, shapes_roo
         np.testing.assert_array_equal(resumed.array(path), ref.array(path))
 
 
+def test_a_second_extraction_into_the_same_folder_is_refused(records, tmp_path):
+    """Two extractions writing one folder would overwrite each other's shards and index; the
+    folder's lock refuses the second (here: the lock held as a running extraction holds it)."""
+    import fcntl
+
+    paths = [r.path for r in records["train"][:4]]
+    with open(tmp_path / ".lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(FeatureCacheError, match="another extraction is writing this cache"):
+            extract_features(frozen_encoder(), paths, tmp_path, image_size=32, batch_size=2,
+                             shard_size=2)
+        assert not (tmp_path / INDEX_FILE).exists()
+    cache = extract_features(frozen_encoder(), paths, tmp_path, image_size=32, batch_size=2,
+                             shard_size=2)  # released: it runs
+    assert len(cache) == 4
+
+
+def test_a_reader_keeps_a_bounded_number_of_shards_open(records, tmp_path):
+    """One map (and file descriptor) per shard would exhaust the descriptors of a large cache:
+    the least recently used are released."""
+    paths = [r.path for r in records["train"][:10]]
+    extract_features(frozen_encoder(), paths, tmp_path, image_size=32, batch_size=2,
+                     shard_size=2)  # 5 shards
+    every = FeatureCache(tmp_path)
+    bounded = FeatureCache(tmp_path, max_open_shards=2)
+    fds = len(os.listdir("/proc/self/fd"))
+    for _ in range(2):
+        for path in paths:
+            assert torch.equal(bounded.tensor(path), every.tensor(path))
+            assert len(bounded._shards) <= 2
+    assert len(every._shards) == 5
+    assert len(os.listdir("/proc/self/fd")) - fds <= 5 + 2  # every's five, bounded's two
+
+
 def test_extract_features_refuses_a_trainable_encoder(tiny_checkpoint, tmp_path, capsys):
     from captioner.cli import main
 
