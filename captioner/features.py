@@ -8,7 +8,8 @@ On disk (``DIR``)::
 
     index.json          {"format", "dtype": "float16", "grid": [H, W], "dim": D, "shard_size",
                          "image_size", "fingerprint", "encoder", "shards": [file, ...],
-                         "items": {image key: [shard, row]}, "complete": bool}
+                         "items": {image key: [shard, row]}, "complete": bool,
+                         "unreadable": {image key: reason}}
     shard_00000.npy     (n, L, D) float16, n <= shard_size images, rows in extraction order
     shard_00001.npy     ...
 
@@ -124,6 +125,11 @@ class FeatureCache:
         self._shards: OrderedDict[int, np.ndarray] = OrderedDict()  # least recently used first
 
     @property
+    def unreadable(self) -> dict[str, str]:
+        """Images an extraction with ``skip_unreadable`` could not decode: key -> reason."""
+        return dict(self.index.get("unreadable") or {})
+
+    @property
     def grid_size(self) -> tuple[int, int]:
         """``(H, W)`` of the stored grids."""
         h, w = self.index["grid"]
@@ -198,6 +204,20 @@ def _exclusive(out: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _drop_unreadable(keys: list[str], unreadable: dict[str, str]) -> list[str]:
+    """``keys`` whose image decodes; the others go into ``unreadable`` with the reason."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from captioner.data.formats import image_load_error
+
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        errors = list(pool.map(image_load_error, map(Path, keys)))
+    for key, error in zip(keys, errors):
+        if error is not None:
+            unreadable[key] = error
+    return [k for k, error in zip(keys, errors) if error is None]
+
+
 def _load_index(out: Path, meta: dict[str, Any]) -> dict[str, Any]:
     """The existing index of ``out`` if it matches ``meta`` (resume), else a fresh one."""
     index_file = out / INDEX_FILE
@@ -226,6 +246,7 @@ def extract_features(
     encoder_config: dict[str, Any] | None = None,
     progress: Callable[[str], None] | None = None,
     shard_delay: float = 0.0,
+    skip_unreadable: bool = False,
 ) -> FeatureCache:
     """Encode images once and store their annotation grids, resuming an interrupted run.
 
@@ -245,6 +266,10 @@ def extract_features(
         encoder_config: stored in the index for the record (e.g. the ``class_path`` config).
         progress: called with one line per finished shard.
         shard_delay: seconds to sleep after each shard (tests interrupt the run there).
+        skip_unreadable: decode each image first and, where
+            :func:`~captioner.data.images.load_image` cannot, record it under ``unreadable``
+            in the index instead of stopping (what ``skip_bad`` data does; the cached data
+            modules then leave the same images out).
 
     Returns:
         The finished :class:`FeatureCache`.
@@ -271,13 +296,14 @@ def extract_features(
             "encoder": encoder_config or {"class": type(encoder).__qualname__}}
     with _exclusive(out):
         return _extract(encoder, paths, out, meta, image_size, batch_size, shard_size,
-                        num_workers, device, progress, shard_delay)
+                        num_workers, device, progress, shard_delay, skip_unreadable)
 
 
 def _extract(encoder: nn.Module, paths: Sequence[str | os.PathLike[str]], out: Path,
              meta: dict[str, Any], image_size: int | tuple[int, int], batch_size: int,
              shard_size: int, num_workers: int, device: str | torch.device,
-             progress: Callable[[str], None] | None, shard_delay: float) -> FeatureCache:
+             progress: Callable[[str], None] | None, shard_delay: float,
+             skip_unreadable: bool) -> FeatureCache:
     """The body of :func:`extract_features`, under the folder's lock."""
     from torch.utils.data import DataLoader
 
@@ -287,10 +313,19 @@ def _extract(encoder: nn.Module, paths: Sequence[str | os.PathLike[str]], out: P
     index = _load_index(out, meta)
 
     keys = list(dict.fromkeys(image_key(p) for p in paths))  # ordered, without duplicates
-    todo = [k for k in keys if k not in index["items"]]
+    unreadable: dict[str, str] = index.setdefault("unreadable", {})
+    todo = [k for k in keys if k not in index["items"] and k not in unreadable]
+    if skip_unreadable and todo:
+        todo = _drop_unreadable(todo, unreadable)
+        index["complete"] = False
+        _write_json(out / INDEX_FILE, index)  # the unreadable ones are known from now on
+        if unreadable:
+            (progress or (lambda line: None))(
+                f"{len(unreadable)} unreadable images left out (e.g. "
+                f"{next(iter(unreadable))}: {next(iter(unreadable.values()))})")
     say = progress or (lambda line: None)
     if not todo:
-        if not index["complete"]:
+        if not index["complete"] or not (out / INDEX_FILE).is_file():
             index["complete"] = True
             _write_json(out / INDEX_FILE, index)
         say(f"{len(keys)} images already cached in {out}")

@@ -661,6 +661,9 @@ def _run_extract_features(args: argparse.Namespace) -> int:
         image_size = None
     dm, source = _build_data_module(args)
     image_size = getattr(dm, "image_size", None) or image_size or 224
+    skip_bad = bool(getattr(dm, "skip_bad", False))
+    if skip_bad:  # the extraction decodes each image and records the unreadable ones
+        dm.decode_images = False
     trainable = [n for n, p in encoder.named_parameters() if p.requires_grad]
     if trainable and not args.allow_trainable:
         raise ToolError(f"the encoder has {len(trainable)} trainable parameter tensors (e.g. "
@@ -682,6 +685,7 @@ def _run_extract_features(args: argparse.Namespace) -> int:
             encoder, paths, args.out, image_size=image_size, batch_size=args.batch_size,
             shard_size=args.shard_size, num_workers=args.num_workers, device=args.device,
             encoder_config=encoder_config, shard_delay=args.shard_delay,
+            skip_unreadable=skip_bad,
             progress=lambda line: print(f"captioner extract-features: {line}", file=sys.stderr,
                                         flush=True))
     except (FeatureCacheError, ValueError) as e:

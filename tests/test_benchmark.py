@@ -165,6 +165,10 @@ def test_quick_run_at_tiny_sizes_writes_every_figure(bm, tmp_path):
     whole = result["whole_hidden_layer_parity"]
     assert whole["greedy_tokens_equal"] and whole["beam3_tokens_equal"]
     assert result["bf16"]["loss_rel_diff"] < 0.05
+    bf16 = result["bf16"]  # throughput is measured even without native bf16, beside fp32
+    assert bf16["train_captions_per_s"] > 0 and bf16["fp32_train_captions_per_s"] > 0
+    assert bf16["train_bf16_over_fp32_time"] == pytest.approx(  # figures rounded in the JSON
+        bf16["fp32_train_captions_per_s"] / bf16["train_captions_per_s"], rel=1e-2)
     assert result["load_settings"]["num_workers"] == 2  # the data module's default
 
 

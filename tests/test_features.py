@@ -326,3 +326,65 @@ def test_captioner_fit_trains_from_the_cache_without_running_the_encoder(
                                           r"to 2 x 5"):
         cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     assert cli.trainer.global_step == 0
+
+
+def test_skip_bad_leaves_out_the_same_images_raw_and_cached(tmp_path, capsys):
+    """With ``skip_bad`` the raw-image module decodes every image and drops the unreadable ones
+    before drawing the splits; the extraction records them and the cached module drops the same,
+    so both train on the same images and splits (a cached run used to keep the corrupt image,
+    draw other splits, then ask for an extraction that could not read it)."""
+    import yaml
+    from PIL import Image
+
+    from captioner.cli import main
+    from tests.conftest import TINY_MODEL_CONFIG
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(12):
+        Image.fromarray((rng.random((40, 48, 3)) * 255).astype("uint8")).save(images / f"{i}.png")
+    (images / "4.png").write_bytes(b"not an image at all")
+    (tmp_path / "captions.txt").write_text(
+        "image,caption\n" + "".join(f"{i}.png,a red square number {i}\n" for i in range(12)))
+    data = {"format": "flickr8k_csv", "annotations": str(tmp_path / "captions.txt"),
+            "image_root": str(images), "image_size": 32, "min_freq": 1, "val_fraction": 0.25,
+            "test_fraction": 0.25, "skip_bad": True, "num_workers": 0, "batch_size": 4}
+    encoder = TINY_MODEL_CONFIG["encoder"]
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "data": {"class_path": "captioner.data.datamodule.CaptionDataModule", "init_args": data},
+        "model": {"class_path": "captioner.lit.captioning.CaptioningModule", "init_args": {
+            **TINY_MODEL_CONFIG,
+            "encoder": {**encoder, "init_args": {**encoder["init_args"], "freeze": True}}}}}))
+    out = tmp_path / "cache"
+    with pytest.warns(UserWarning, match="1 x unreadable image"):
+        raw = {s: [r.path.name for r in CaptionDataModule(**data).records(s)]
+               for s in ("train", "val", "test")}
+    assert "4.png" not in sum(raw.values(), [])
+    assert main(["extract-features", "--config", str(config), "--out", str(out)]) == 0
+    assert "1 unreadable images left out" in capsys.readouterr().err
+    cache = FeatureCache(out)
+    assert list(cache.unreadable) == [image_key(images / "4.png")] and len(cache) == 11
+    with pytest.warns(UserWarning, match="left out 1 images the feature extraction could not"):
+        cached_dm = CachedFeaturesDataModule(features_dir=str(out), **data)
+        cached = {s: [r.path.name for r in cached_dm.records(s)] for s in raw}
+    assert cached == raw
+
+    # the same through the API, resumed: the unreadable image is recorded once, not retried
+    import captioner.data.formats as formats
+
+    paths = [images / f"{i}.png" for i in range(12)]
+    first = extract_features(frozen_encoder(), paths[:6], tmp_path / "api", image_size=32,
+                             batch_size=2, shard_size=2, skip_unreadable=True)
+    assert list(first.unreadable) == [image_key(images / "4.png")]
+    decoded: list[str] = []
+    real = formats.image_load_error
+    formats.image_load_error = lambda path: decoded.append(path.name) or real(path)
+    try:
+        again = extract_features(frozen_encoder(), paths, tmp_path / "api", image_size=32,
+                                 batch_size=2, shard_size=2, skip_unreadable=True)
+    finally:
+        formats.image_load_error = real
+    assert "4.png" not in decoded and len(decoded) == 6  # only the images not seen before
+    assert len(again) == 11 and list(again.unreadable) == [image_key(images / "4.png")]

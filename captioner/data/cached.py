@@ -19,6 +19,8 @@ PyTorch, in :mod:`captioner.data.cached_datasets` (re-exported here). In YAML::
 from __future__ import annotations
 
 import functools
+import warnings
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -27,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from captioner.data.cached_datasets import (CachedCaptionDataset, CachedImageDataset,
                                             collate_cached_captions, collate_cached_images)
 from captioner.data.datamodule import CaptionDataModule, DataFormat, ShapesDataModule
+from captioner.data.formats import AnnotationWarning, ImageRecord
 from captioner.features import FeatureCache, FeatureCacheError
 
 __all__ = ["CachedCaptionDataset", "CachedImageDataset", "CachedFeaturesDataModule",
@@ -54,6 +57,23 @@ class _CachedFeatures:
                     "extract it again with this data config, or set image_size to match")
             self._cache = cache
         return self._cache
+
+    def _usable(self, records: list[ImageRecord]) -> list[ImageRecord]:
+        """With ``skip_bad``, the records whose image the extraction found unreadable
+        (``captioner extract-features`` with a ``skip_bad`` data config) are left out before
+        the splits are drawn, as the raw-image module leaves them out after decoding them: both
+        paths then train on the same images and splits."""
+        from captioner.features import INDEX_FILE, image_key
+
+        if not self.skip_bad or not (Path(self.features_dir) / INDEX_FILE).is_file():
+            return records  # no cache yet: reading it (when a batch is made) will say so
+
+        unreadable = self.cache.unreadable
+        kept = [r for r in records if image_key(r.path) not in unreadable]
+        if len(kept) < len(records):
+            warnings.warn(f"{self.features_dir}: left out {len(records) - len(kept)} images the "
+                          "feature extraction could not read", AnnotationWarning, stacklevel=2)
+        return kept
 
     def _dataset(self, split: str) -> Dataset[dict[str, Any]]:
         if split not in self._datasets:

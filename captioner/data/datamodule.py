@@ -170,7 +170,7 @@ class CaptionDataModule(L.LightningDataModule):
 
     def _load_records(self) -> dict[str, list[ImageRecord]]:
         """Parse the annotations, split unsplit images, apply ``max_images``."""
-        records = self._parse()
+        records = self._usable(self._parse())
         records = assign_splits(records, self.val_fraction, self.test_fraction, self.split_seed)
         by_split: dict[str, list[ImageRecord]] = {split: [] for split in SPLITS}
         for record in records:
@@ -181,6 +181,11 @@ class CaptionDataModule(L.LightningDataModule):
                 by_split = {split: drop_unreadable(rs, str(self.annotations))
                             for split, rs in by_split.items()}
         return by_split
+
+    def _usable(self, records: list[ImageRecord]) -> list[ImageRecord]:
+        """The parsed records to split and use (all of them here; the cached-feature modules
+        leave out the images their extraction found unreadable, as ``skip_bad`` does here)."""
+        return records
 
     @property
     def _check_images(self) -> bool:

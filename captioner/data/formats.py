@@ -46,11 +46,13 @@ __all__ = [
     "Box",
     "ImageRecord",
     "AnnotationError",
+    "AnnotationFileNotFound",
     "AnnotationWarning",
     "load_coco",
     "load_karpathy",
     "load_kaggle_flickr8k",
     "drop_unreadable",
+    "image_load_error",
     "assign_splits",
 ]
 
@@ -154,7 +156,7 @@ class _Problems:
 
 
 # ---------------------------------------------------------------------------- JSON helpers
-def _load_error(path: Path) -> str | None:
+def image_load_error(path: Path) -> str | None:
     """Why :func:`~captioner.data.images.load_image` rejects ``path``, or ``None``."""
     try:
         load_image(path)
@@ -172,7 +174,7 @@ def _readable(records: list[ImageRecord], problems: _Problems) -> list[ImageReco
     if not problems.skip_bad or not records:
         return records
     with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        errors = list(pool.map(_load_error, [r.path for r in records]))
+        errors = list(pool.map(image_load_error, [r.path for r in records]))
     kept = []
     for record, error in zip(records, errors):
         if error is None:

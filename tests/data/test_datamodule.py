@@ -193,8 +193,8 @@ def test_skip_bad_decodes_only_the_images_it_keeps(tmp_path: Path, monkeypatch) 
     csv_file = tmp_path / "captions.txt"
     csv_file.write_text("image,caption\n" + "".join(f"{i}.png,a dog {i}\n" for i in range(6)))
     decoded: list[str] = []
-    real = formats._load_error
-    monkeypatch.setattr(formats, "_load_error", lambda p: decoded.append(p.name) or real(p))
+    real = formats.image_load_error
+    monkeypatch.setattr(formats, "image_load_error", lambda p: decoded.append(p.name) or real(p))
     options = dict(format="flickr8k_csv", annotations=str(csv_file), image_root=str(images),
                    min_freq=1, val_fraction=0.0, test_fraction=0.0, skip_bad=True, num_workers=0)
     with pytest.warns(UserWarning, match="1 x unreadable image"):
