@@ -78,6 +78,7 @@ def test_vocabulary_and_feature_cache_are_readable_by_others(tmp_path, umask_022
     out = tmp_path / "cache"
     extract_features(Frozen().eval(), images, out, image_size=4, batch_size=2, shard_size=2)
     files = sorted(out.iterdir())
-    assert [p.name for p in files] == ["index.json", "shard_00000.npy", "shard_00001.npy"]
+    assert [p.name for p in files] == [".lock", "index.json", "shard_00000.npy",
+                                       "shard_00001.npy"]  # .lock: the extraction's lock
     assert all(_mode(p) == umask_022 for p in files)
     assert FeatureCache(out).tensor(images[2]).shape == (1, 3)
