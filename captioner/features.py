@@ -206,12 +206,9 @@ def _exclusive(out: Path) -> Iterator[None]:
 
 def _drop_unreadable(keys: list[str], unreadable: dict[str, str]) -> list[str]:
     """``keys`` whose image decodes; the others go into ``unreadable`` with the reason."""
-    from concurrent.futures import ThreadPoolExecutor
+    from captioner.data.formats import image_load_errors
 
-    from captioner.data.formats import image_load_error
-
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        errors = list(pool.map(image_load_error, map(Path, keys)))
+    errors = image_load_errors([Path(k) for k in keys])
     for key, error in zip(keys, errors):
         if error is not None:
             unreadable[key] = error

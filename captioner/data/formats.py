@@ -31,6 +31,7 @@ import math
 import os
 import warnings
 from collections import Counter
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +54,7 @@ __all__ = [
     "load_kaggle_flickr8k",
     "drop_unreadable",
     "image_load_error",
+    "image_load_errors",
     "assign_splits",
 ]
 
@@ -165,6 +167,12 @@ def image_load_error(path: Path) -> str | None:
     return None
 
 
+def image_load_errors(paths: Sequence[Path]) -> list[str | None]:
+    """:func:`image_load_error` of each path, decoded in threads (Pillow releases the GIL)."""
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        return list(pool.map(image_load_error, paths))
+
+
 def _readable(records: list[ImageRecord], problems: _Problems) -> list[ImageRecord]:
     """With ``skip_bad``, decode every image once and drop (and count) those that cannot be
     read: corrupt, truncated or not images at all. Threads, as Pillow decodes without the GIL;
@@ -173,8 +181,7 @@ def _readable(records: list[ImageRecord], problems: _Problems) -> list[ImageReco
     :class:`~captioner.data.images.ImageLoadError` naming the file."""
     if not problems.skip_bad or not records:
         return records
-    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
-        errors = list(pool.map(image_load_error, [r.path for r in records]))
+    errors = image_load_errors([r.path for r in records])
     kept = []
     for record, error in zip(records, errors):
         if error is None:
