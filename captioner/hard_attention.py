@@ -126,6 +126,8 @@ class HardAttention(nn.Module):
             locations = torch.multinomial(probs.detach().float(), 1).squeeze(1)  # (B,)
             if use_expectation is None:
                 use_expectation = self.draw_expectation(B, alpha.device)
+            # rows that use the expectation report its argmax, as at test time
+            locations = torch.where(use_expectation, probs.argmax(-1), locations)  # (B,)
         else:
             locations = probs.argmax(-1)  # (B,)
             use_expectation = torch.full((B,), self.test_rule == "expectation",
@@ -150,7 +152,7 @@ class HardAttention(nn.Module):
         """
         if rewards.numel() == 0:
             return
-        mean = rewards.detach().float().mean().to(self.baseline.dtype)
+        mean = rewards.detach().to(self.baseline.dtype).mean()  # float64 stays float64
         if bool(self.baseline_started):
             self.baseline.mul_(self.baseline_decay).add_((1.0 - self.baseline_decay) * mean)
         else:

@@ -104,7 +104,7 @@ def greedy_search(
     state = decoder.init_state(annotations, mask)
     prev = annotations.new_full((B,), start_id, dtype=torch.long)
     finished = torch.zeros(B, dtype=torch.bool, device=annotations.device)
-    scores = annotations.new_zeros(B, dtype=torch.float)
+    scores = annotations.new_zeros(B, dtype=torch.promote_types(annotations.dtype, torch.float))
     lengths = torch.zeros(B, dtype=torch.long, device=annotations.device)
     tokens, alphas, betas = [], [], []
     for t in range(max_length):

@@ -50,6 +50,8 @@ def test_context_is_the_annotation_at_the_sampled_location_or_the_expectation():
     assert sel.weights[1].sum() == 1 and sel.weights[1, sel.locations[1]] == 1
     assert sel.sampled.tolist() == [False, True, False]
     assert sel.log_probs[0] == 0 and sel.log_probs[2] == 0
+    # rows that used the expectation report its argmax (the draw is not what they used)
+    assert sel.locations[[0, 2]].tolist() == alpha[[0, 2]].argmax(-1).tolist()
 
 
 @pytest.mark.parametrize("rule", ["argmax", "expectation"])
@@ -81,6 +83,10 @@ def test_moving_average_baseline_by_hand():
     hard.update_baseline(torch.tensor([]))  # nothing sampled: unchanged
     assert hard.baseline.item() == pytest.approx(-4.7)
     assert "baseline" in hard.state_dict()
+    hard64 = HardAttention().double()  # a float64 model keeps its baseline in float64
+    rewards = torch.tensor([-18.869461482123, -1.0], dtype=torch.float64)
+    hard64.update_baseline(rewards)
+    assert hard64.baseline.item() == rewards.mean().item()
 
 
 def test_entropy_and_surrogate_by_hand():
@@ -309,3 +315,36 @@ def test_hard_num_samples_repeats_each_caption_n_times_in_training_only():
         handle.remove()
     torch.testing.assert_close(losses[3], losses[1])
 
+
+
+def test_token_reduction_divides_every_term_by_the_token_count():
+    """``loss_reduction: token`` divides the NLL, ``lambda`` times the penalty and the REINFORCE
+    terms, each summed over the captions, by the number of target tokens; ``sentence`` divides
+    the same sum by ``B``. So ``loss_token * N_tok == loss_sentence * B`` for the same draws, with
+    captions of different lengths (a per-caption penalty left as a mean over ``B`` breaks it)."""
+    g = torch.Generator().manual_seed(4)
+    batch, _ = _toy_batch(6, g)
+    word = batch["captions"][:, 1]
+    captions = torch.zeros(6, 5, dtype=torch.long)  # <start> word x n <end> <pad>...
+    for i, n in enumerate([1, 3, 2, 1, 3, 2]):
+        captions[i, 0], captions[i, 1:1 + n], captions[i, 1 + n] = 1, word[i], 2
+    batch = {"features": batch["features"], "captions": captions}
+    tokens = int((captions[:, 1:] != 0).sum())  # 18 targets
+
+    torch.manual_seed(0)
+    module = _toy_module(attention_mode="hard", hard_expectation_prob=0.5)
+    module.hparams.update(doubly_stochastic=0.3, hard_lambda_r=0.7, hard_lambda_e=0.2)
+    module.train()
+    hard_state = {k: v.clone() for k, v in module.decoder.hard.state_dict().items()}
+    losses = {}
+    for reduction in ("sentence", "token"):
+        module.decoder.hard.load_state_dict(hard_state)  # the same baseline for both
+        module.hparams.loss_reduction = reduction
+        torch.manual_seed(1)  # the same locations for both
+        losses[reduction] = module.loss(batch)
+    sentence, token = losses["sentence"], losses["token"]
+    assert float(sentence["reinforce"]) != 0 and float(sentence["dsr"].detach()) != 0
+    for key in ("dsr", "reinforce", "reward"):  # the logged terms are per caption in both
+        torch.testing.assert_close(token[key], sentence[key])
+    torch.testing.assert_close(token["nll"] * tokens, sentence["nll"] * 6)
+    torch.testing.assert_close(token["loss"] * tokens, sentence["loss"] * 6)

@@ -271,6 +271,20 @@ def test_greedy_scores_stop_at_end():
         assert float(g.scores[i]) == pytest.approx(replayed, abs=1e-4)
 
 
+def test_float64_decoders_score_in_float64():
+    """A float64 model's search accumulates its scores in float64 (not float32): greedy and beam
+    scores equal the replayed float64 sums to 1e-12."""
+    dec, ann = _small_decoder(0.3)
+    dec, ann = dec.double(), ann.double()
+    for result in (greedy_search(dec, ann, max_length=T_SMALL, **IDS),
+                   beam_search(dec, ann, beam_size=2, max_length=T_SMALL, **IDS)):
+        assert result.scores.dtype == torch.float64
+        for i in range(ann.shape[0]):
+            n = int(result.lengths[i])
+            replayed = _replay(dec, ann[i:i + 1], result.tokens[i, :n].tolist())[0]
+            assert float(result.scores[i]) == pytest.approx(replayed, abs=1e-12, rel=0)
+
+
 def test_exact_stopping_never_ranks_worse_and_finds_better_hypotheses():
     """``stop="exact"`` searches until no alive beam can outrank the best finished hypothesis:
     its result is never ranked below the K-finished rule's, and better where an alive beam

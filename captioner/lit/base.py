@@ -139,6 +139,24 @@ class CaptionerModule(L.LightningModule):
             return 1
         return int(self.hparams.get("hard_num_samples", 1))
 
+    def caption_term_scale(self, targets: torch.Tensor, pad_id: int) -> torch.Tensor | float:
+        """The factor that puts a per-target mean (the doubly stochastic penalty, the REINFORCE
+        terms) on the NLL's normaliser, so that every term of the loss is divided by the same
+        count: ``1`` with ``loss_reduction: sentence`` (all are means over the ``B`` targets);
+        ``B / N_tok`` with ``token``, where the NLL is a mean over the ``N_tok`` target tokens,
+        so that the loss is ``sum_b (nll_b + lambda dsr_b + reinforce_b) / N_tok`` and
+        ``lambda``, ``lambda_r`` and ``lambda_e`` keep their meaning relative to the likelihood
+        whatever the targets' length.
+
+        Args:
+            targets: ``(B, T)`` target ids.
+            pad_id: padding id.
+        """
+        if self.hparams.get("loss_reduction", "sentence") != "token":
+            return 1.0
+        tokens = (targets != pad_id).sum().clamp_min(1)
+        return targets.shape[0] / tokens.to(torch.get_default_dtype())
+
     def add_hard_attention_loss(self, losses: dict[str, torch.Tensor], out: DecoderOutput,
                                 targets: torch.Tensor, pad_id: int) -> None:
         r"""Add the REINFORCE part of Eq. 12 to ``losses`` for a training unroll that sampled
@@ -177,7 +195,7 @@ class CaptionerModule(L.LightningModule):
                                         self.hparams.get("hard_lambda_r", 0.1),
                                         self.hparams.get("hard_lambda_e", 0.002))
         hard.update_baseline(reward[sampled])
-        losses["loss"] = losses["loss"] + surrogate
+        losses["loss"] = losses["loss"] + self.caption_term_scale(targets, pad_id) * surrogate
         losses.update(reinforce=surrogate.detach(),
                       reward=(reward[sampled].mean().detach() if any_sampled
                               else reward.new_tensor(float("nan"))),

@@ -35,7 +35,10 @@ class CaptioningModule(CaptionerModule):
             ``class_path: captioner.decoder.AttentionDecoder`` with its ``init_args``.
         vocab_size: ``V``, linked from the data module by the CLI.
         doubly_stochastic: ``lambda`` of the doubly stochastic regularisation (Eq. 14).
-        loss_reduction: ``"sentence"`` (paper: ``-log P(y|x)`` per caption) or ``"token"``.
+        loss_reduction: ``"sentence"`` (paper: ``-log P(y|x)`` per caption) or ``"token"``
+            (every term of the loss, the penalty and hard attention's REINFORCE terms too,
+            divided by the number of target tokens instead of captions:
+            :meth:`~captioner.lit.base.CaptionerModule.caption_term_scale`).
         lr: learning rate of the decoder (and encoder stages).
         encoder_lr: learning rate of the fine-tuned backbone blocks.
         weight_decay: Adam weight decay.
@@ -204,7 +207,9 @@ class CaptioningModule(CaptionerModule):
         nll = masked_nll(out.token_logits, targets, pad, self.hparams.loss_reduction,
                          out.positions)  # the computed rows, where they are
         dsr = doubly_stochastic_penalty(out.alphas, targets != pad)
-        losses = {"loss": nll + self.hparams.doubly_stochastic * dsr, "nll": nll, "dsr": dsr}
+        scale = self.caption_term_scale(targets, pad)  # 1, or B / tokens with "token"
+        losses = {"loss": nll + self.hparams.doubly_stochastic * scale * dsr, "nll": nll,
+                  "dsr": dsr}
         self.add_hard_attention_loss(losses, out, targets, pad)
         return losses
 

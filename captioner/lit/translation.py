@@ -62,7 +62,9 @@ class TranslationModule(CaptionerModule):
         doubly_stochastic: ``lambda`` of the doubly stochastic penalty of Xu et al. (Eq. 14)
             over real source words; ``0`` (default) for text, where a target sentence need not
             attend to every source word equally.
-        loss_reduction: ``"token"`` (mean NLL per target token, default) or ``"sentence"``.
+        loss_reduction: ``"token"`` (mean NLL per target token, default; the penalty and
+            hard attention's REINFORCE terms are divided by the same token count:
+            :meth:`~captioner.lit.base.CaptionerModule.caption_term_scale`) or ``"sentence"``.
         lr: Adam learning rate.
         weight_decay: Adam weight decay.
         fused_adam: Adam's fused kernel (:mod:`captioner.lit.optim`; ``False``: its per-tensor loop).
@@ -180,9 +182,10 @@ class TranslationModule(CaptionerModule):
         if self.hparams.doubly_stochastic > 0:
             # padded source positions get exactly zero weight, so each adds exactly
             # (1 - 0)^2 = 1 to the shared penalty: remove that constant
-            dsr = doubly_stochastic_penalty(out.alphas, steps) - (~mask).sum(1).float().mean()
+            dsr = doubly_stochastic_penalty(out.alphas, steps) - (~mask).sum(1).to(out.alphas.dtype).mean()
             losses["dsr"] = dsr
-            losses["loss"] = nll + self.hparams.doubly_stochastic * dsr
+            scale = self.caption_term_scale(targets, pad)  # 1, or B / tokens with "token"
+            losses["loss"] = nll + self.hparams.doubly_stochastic * scale * dsr
         self.add_hard_attention_loss(losses, out, targets, pad)
         return losses
 
