@@ -25,6 +25,28 @@ def build(weights):
 
 def not_a_backbone(weights):
     return nn.Identity()
+
+
+class Only40(nn.Module):  # takes 40 x 40 images only, as a ViT takes one size
+
+    def forward(self, x):
+        assert x.shape[-2:] == (40, 40), f"40 x 40 only, not {tuple(x.shape[-2:])}"
+        return x
+
+
+ASKED = []  # what load_pretrained() said to each build
+
+
+def build_fixed_size(weights):
+    from captioner.encoders.backbone import load_pretrained
+
+    ASKED.append(load_pretrained())
+    body = nn.Sequential(OrderedDict(check=Only40(), conv=nn.Conv2d(3, 7, 3, stride=2, padding=1),
+                                     act=nn.ReLU()))
+    return Backbone(body, out_channels=7, probe_size=PROBE)
+
+
+PROBE = 40
 """
 
 
@@ -43,6 +65,32 @@ def test_a_backbone_in_any_module_is_named_by_its_dotted_path(tmp_path, monkeypa
         build_backbone("my_backbones.not_a_backbone")
     with pytest.raises(ValueError, match="unknown backbone 'resnet7'; available: .*dotted path"):
         build_backbone("resnet7")
+
+
+def test_builders_are_told_whether_to_load_pretrained_weights_and_probe_at_their_size(
+        tmp_path, monkeypatch):
+    """A builder of its own asks ``load_pretrained()`` (false while a checkpoint is loaded, so
+    that it loads offline), and the channel probe for a stage between blocks runs at the
+    backbone's ``probe_size``; stages at ``input`` / ``output`` need no probe."""
+    from captioner.encoders.backbone import architecture_only
+    from captioner.encoders.non_local import NonLocalBlock
+
+    (tmp_path / "fixed_backbones.py").write_text(TINY_BACKBONE)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import fixed_backbones
+
+    enc = ImageEncoder("fixed_backbones.build_fixed_size", weights="pretrained.pt", grid_size=3,
+                       stages=[NonLocalBlock(where="conv", subsample=False)])
+    assert enc(torch.rand(2, 3, 40, 40)).shape == (2, 9, 7)
+    with architecture_only():
+        ImageEncoder("fixed_backbones.build_fixed_size", weights="pretrained.pt")
+    assert fixed_backbones.ASKED == [True, False]
+    monkeypatch.setattr(fixed_backbones, "PROBE", 64)  # a wrong size breaks a stage between
+    with pytest.raises(AssertionError, match="40 x 40 only"):  # blocks, not one at the output
+        ImageEncoder("fixed_backbones.build_fixed_size", stages=[NonLocalBlock(where="conv")])
+    enc = ImageEncoder("fixed_backbones.build_fixed_size", grid_size=3,
+                       stages=[NonLocalBlock(where="output")])
+    assert enc(torch.rand(2, 3, 40, 40)).shape == (2, 9, 7)
 
 
 @pytest.mark.parametrize("name,d", [("shapes_cnn", 128), ("resnet18", 512), ("vgg16", 512),

@@ -53,7 +53,7 @@ from captioner.data.vocabulary import Vocabulary
 
 __all__ = ["CaptionDataModule", "ShapesDataModule"]
 
-DataFormat = Literal["coco", "karpathy", "flickr8k_csv"]
+DataFormat = Literal["coco", "karpathy", "flickr8k_csv", "custom"]
 
 
 class CaptionDataModule(L.LightningDataModule):
@@ -61,7 +61,8 @@ class CaptionDataModule(L.LightningDataModule):
 
     Args:
         format: ``"coco"`` (captions JSON, optional instances JSON), ``"karpathy"`` (one split
-            JSON such as ``dataset_coco.json``) or ``"flickr8k_csv"`` (Kaggle ``captions.txt``).
+            JSON such as ``dataset_coco.json``), ``"flickr8k_csv"`` (Kaggle ``captions.txt``) or
+            ``"custom"``: read by a subclass's :meth:`parse_records` (see below).
         annotations: The annotation file; for ``coco`` also a mapping split -> captions JSON
             (keys among ``train``/``val``/``test``; a split left out is empty).
         image_root: Image folder (Karpathy: the root its ``filepath`` is relative to); for
@@ -88,6 +89,11 @@ class CaptionDataModule(L.LightningDataModule):
     Attributes:
         decode_images: whether ``skip_bad`` decodes the images (``False`` in the cached-feature
             data modules, which never read them).
+
+    A new annotation format is a subclass that overrides :meth:`parse_records` and is given
+    ``format: custom`` (in YAML: ``data: {class_path: mypackage.MyData, init_args: {format:
+    custom, annotations: ..., image_root: ...}}``); splitting, ``max_images``, the vocabulary,
+    ``skip_bad``'s image check and the loaders are this class's.
     """
 
     decode_images: bool = True
@@ -114,12 +120,15 @@ class CaptionDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        if format not in ("coco", "karpathy", "flickr8k_csv"):
+        if format not in ("coco", "karpathy", "flickr8k_csv", "custom"):
             raise ValueError(f"unknown data format {format!r}")
+        if format == "custom" and type(self).parse_records is CaptionDataModule.parse_records:
+            raise ValueError(f"{type(self).__name__}: format 'custom' is for a subclass that "
+                             "overrides parse_records()")
         per_split = isinstance(annotations, Mapping) or isinstance(image_root, Mapping)
-        if format != "coco" and per_split:
+        if format not in ("coco", "custom") and per_split:
             raise ValueError(f"format {format!r} takes a single annotation file and image folder")
-        if format != "coco" and instances is not None:
+        if format not in ("coco", "custom") and instances is not None:
             raise ValueError("instances (object boxes) are only read for format 'coco'")
         if isinstance(annotations, Mapping):
             _check_split_keys(annotations, "annotations")
@@ -170,7 +179,10 @@ class CaptionDataModule(L.LightningDataModule):
 
     def _load_records(self) -> dict[str, list[ImageRecord]]:
         """Parse the annotations, split unsplit images, apply ``max_images``."""
-        records = self._usable(self._parse())
+        records = self.parse_records()
+        if self.format == "custom" and self.skip_bad and self._check_images:
+            records = drop_unreadable(records, str(self.annotations))  # as the loaders do
+        records = self._usable(records)
         records = assign_splits(records, self.val_fraction, self.test_fraction, self.split_seed)
         by_split: dict[str, list[ImageRecord]] = {split: [] for split in SPLITS}
         for record in records:
@@ -193,8 +205,17 @@ class CaptionDataModule(L.LightningDataModule):
         ``max_images`` are kept: those are decoded afterwards)."""
         return self.decode_images and self.max_images is None
 
-    def _parse(self) -> list[ImageRecord]:
-        """Read the annotation files into records (splits set where the data defines them)."""
+    def parse_records(self) -> list[ImageRecord]:
+        """Read the annotation files into records (``split`` set where the data defines it,
+        ``None`` for images that :func:`~captioner.data.formats.assign_splits` should split).
+
+        The hook for a new annotation format: a subclass reads ``self.annotations`` and
+        ``self.image_root`` (and its own arguments) and returns
+        :class:`~captioner.data.formats.ImageRecord` s. Raise
+        :class:`~captioner.data.formats.AnnotationError` naming the file and line for bad
+        entries (or skip them when ``self.skip_bad``); with ``skip_bad`` the images are then
+        decoded once and the unreadable ones dropped for it.
+        """
         if self.format != "coco":
             load = load_karpathy if self.format == "karpathy" else load_kaggle_flickr8k
             return load(self.annotations, self.image_root, skip_bad=self.skip_bad,  # type: ignore[arg-type]
@@ -444,6 +465,6 @@ class ShapesDataModule(CaptionDataModule):
         self.instances = {split: str(p[1]) for split, p in paths.items()}
         self.image_root = {split: str(p[2]) for split, p in paths.items()}
 
-    def _parse(self) -> list[ImageRecord]:
+    def parse_records(self) -> list[ImageRecord]:
         self._generate()
-        return super()._parse()
+        return super().parse_records()

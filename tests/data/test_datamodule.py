@@ -208,3 +208,42 @@ def test_skip_bad_decodes_only_the_images_it_keeps(tmp_path: Path, monkeypatch) 
     decoded.clear()
     cached = CachedFeaturesDataModule(features_dir=str(tmp_path / "cache"), **options)
     assert len(cached.records("train")) == 6 and decoded == []  # grids only: nothing decoded
+
+
+class JsonLinesData(CaptionDataModule):
+    """A new annotation format in one method: one JSON object per line, ``{"image", "caption"}``."""
+
+    def parse_records(self):
+        from captioner.data.formats import ImageRecord
+
+        by_image: dict[str, list[str]] = {}
+        for line in Path(self.annotations).read_text().splitlines():
+            entry = json.loads(line)
+            by_image.setdefault(entry["image"], []).append(entry["caption"])
+        return [ImageRecord(i, Path(self.image_root) / name, captions)
+                for i, (name, captions) in enumerate(by_image.items())]
+
+
+def test_a_new_format_is_one_overridden_method(tmp_path: Path) -> None:
+    """``format: custom`` with ``parse_records`` overridden: the base class splits, builds the
+    vocabulary and loads; ``skip_bad`` drops the unreadable images for it. ``custom`` without
+    the override is refused."""
+    images = tmp_path / "imgs"
+    for i in range(7):
+        _image(images / f"{i}.png", (30 * i, 10, 10))
+    (images / "6.png").write_bytes(b"not an image")
+    lines = [json.dumps({"image": f"{i}.png", "caption": f"a red dog number {i}"})
+             for i in range(7) for _ in range(2)]
+    (tmp_path / "captions.jsonl").write_text("\n".join(lines))
+    options = dict(format="custom", annotations=str(tmp_path / "captions.jsonl"),
+                   image_root=str(images), min_freq=1, val_fraction=0.0, test_fraction=2 / 6,
+                   batch_size=3, num_workers=0, skip_bad=True)
+    dm = JsonLinesData(**options)
+    with pytest.warns(UserWarning, match="1 x unreadable image"):
+        sizes = [len(dm.records(s)) for s in ("train", "val", "test")]
+    assert sizes == [4, 0, 2]
+    assert "number" in dm.vocab.stoi
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["images"].shape[0] == 3 and batch["captions"][0, 0] == dm.vocab.start_id
+    with pytest.raises(ValueError, match="overrides parse_records"):
+        CaptionDataModule(**{**options, "format": "custom"})

@@ -98,6 +98,39 @@ def test_checkpoint_round_trip_in_a_fresh_process(tiny_data, tmp_path):
     assert abs(there["score"] - here.score) < 1e-4
 
 
+def test_lightning_load_from_checkpoint_rebuilds_the_module(tiny_data, tmp_path):
+    """``CaptioningModule.load_from_checkpoint`` rebuilds the module from the checkpoint's model
+    config (Lightning's own loader cannot: the encoder and decoder are not hyperparameters), with
+    its weights and vocabulary, and init args can be replaced; a module built by hand warns
+    when saved that its checkpoints cannot be rebuilt."""
+    dm = tiny_dm(tiny_data)
+    module = CaptioningModule.from_config(model_config(dm.vocab_size))
+    tr = trainer(tmp_path, 1, limit_train_batches=1, limit_val_batches=0)
+    tr.fit(module, datamodule=dm)
+    path = tmp_path / "model.ckpt"
+    tr.save_checkpoint(path)
+    loaded = CaptioningModule.load_from_checkpoint(path, beam_size=4)
+    assert loaded.hparams.beam_size == 4 and loaded.vocab == dm.vocab
+    expected = module.state_dict()
+    assert loaded.state_dict().keys() == expected.keys()
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, expected[k]), k
+    with pytest.raises(ValueError, match="translation"):  # another task's loader refuses it
+        from captioner.lit.translation import TranslationModule
+
+        TranslationModule.load_from_checkpoint(path)
+
+    by_hand = CaptioningModule(module.encoder, lambda v, d: module.decoder, vocab_size=dm.vocab_size)
+    tr = trainer(tmp_path / "by_hand", 1, limit_train_batches=1, limit_val_batches=0)
+    with pytest.warns(UserWarning, match="built by hand"):
+        tr.fit(by_hand, datamodule=dm)
+        tr.save_checkpoint(tmp_path / "by_hand.ckpt")
+    from captioner.inference import CheckpointError
+
+    with pytest.raises(CheckpointError, match="no model config"):
+        CaptioningModule.load_from_checkpoint(tmp_path / "by_hand.ckpt")
+
+
 def test_resume_from_epoch_end_checkpoint_reproduces_the_uninterrupted_run(tiny_data, tmp_path):
     def run(epochs, ckpt_path=None, root=tmp_path / "a"):
         L.seed_everything(7, workers=True)

@@ -218,6 +218,9 @@ def test_checkpoint_carries_config_and_both_vocabularies(fitted):
     assert Vocabulary.from_dict(meta["src_vocab"]) == dm.src_vocab
     assert Vocabulary.from_dict(meta["vocab"]) == dm.vocab
     assert meta["data"]["lowercase"] is True
+    loaded = TranslationModule.load_from_checkpoint(path)  # Lightning's loader, rebuilt
+    assert loaded.src_vocab == dm.src_vocab and loaded.vocab == dm.vocab
+    assert all(torch.equal(v, module.state_dict()[k]) for k, v in loaded.state_dict().items())
     # a fresh Translator decodes exactly as the trained module
     translator = Translator.from_checkpoint(path)
     module.eval()
