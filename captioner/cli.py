@@ -396,7 +396,7 @@ def register_tool(name: str, fn: Callable[[list[str]], Any]) -> None:
 def _load_tools() -> None:
     import importlib
 
-    for module in ("captioner.tools",):
+    for module in ("captioner.commands",):
         try:
             importlib.import_module(module)
         except ModuleNotFoundError as e:

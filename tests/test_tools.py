@@ -1,4 +1,4 @@
-"""Tests for the ``captioner caption | evaluate | visualize`` sub-commands (captioner.tools).
+"""Tests for the ``captioner caption | evaluate | visualize`` sub-commands (captioner.commands).
 
 The commands run in-process through :func:`captioner.cli.main` (output captured with capsys);
 one test runs the installed ``captioner`` entry point in a subprocess.

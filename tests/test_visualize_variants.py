@@ -59,7 +59,7 @@ def test_hard_attention_with_the_expectation_rule_outlines_no_cell(shapes_root, 
         drawn.update(kwargs)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(visualize, "plot_attention", spy)  # tools imports it when it runs
+    monkeypatch.setattr(visualize, "plot_attention", spy)  # the command imports it when it runs
     ckpt = _checkpoint(shapes_root, tmp_path,
                        decoder={"attention_mode": "hard", "hard_test": "expectation"})
     maps = tmp_path / "maps.npz"

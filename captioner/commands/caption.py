@@ -1,0 +1,48 @@
+"""``captioner caption --ckpt M.ckpt [--beam-size K] [--max-length N] [--batch-size B] [--json]
+PATH...``: caption image files and folders (recursively), ``path<TAB>caption`` per line or a
+JSON array."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from captioner.cli import register_tool
+from captioner.commands.common import (EXIT_INPUT_ERROR, EXIT_OK, load_captioner, make_tool,
+                                       positive_int, tool_parser)
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    p = tool_parser("caption", "Caption image files and folders (searched recursively).")
+    p.add_argument("paths", nargs="+", metavar="PATH", help="image files and/or folders")
+    p.add_argument("--batch-size", type=positive_int, default=16, help="images per batch (16)")
+    p.add_argument("--json", action="store_true",
+                   help="print a JSON array of {image, caption, words, tokens, score}")
+    return p.parse_args(argv)
+
+
+def _run(args: argparse.Namespace) -> int:
+    captioner = load_captioner(args)
+    captions, errors = captioner.caption_paths(
+        args.paths, beam_size=args.beam_size, max_length=args.max_length,
+        batch_size=args.batch_size)
+    for path, reason in errors:
+        print(f"captioner caption: {path}: {reason}", file=sys.stderr)
+    if args.json:
+        rows = [{"image": str(c.path), "caption": c.text, "words": c.words, "tokens": c.tokens,
+                 "score": c.score} for c in captions]
+        print(json.dumps(rows, indent=1, ensure_ascii=False))
+    else:
+        for c in captions:
+            print(f"{c.path}\t{c.text}")
+    sys.stdout.flush()
+    if errors:
+        print(f"captioner caption: {len(errors)} path(s) not captioned, {len(captions)} captioned",
+              file=sys.stderr)
+        return EXIT_INPUT_ERROR
+    return EXIT_OK
+
+
+main = make_tool("caption", _parse, _run)
+register_tool("caption", main)

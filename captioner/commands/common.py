@@ -1,0 +1,230 @@
+"""What the ``captioner`` inference commands share: the exit statuses, the one-line
+:class:`ToolError`, argument types, the common options (``--ckpt``, ``--beam-size``...), the
+wrapper that turns errors into exit statuses, and checkpoint / data-config loading."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from captioner.inference import Captioner
+
+EXIT_OK, EXIT_INPUT_ERROR, EXIT_USAGE = 0, 1, 2
+
+
+class ToolError(Exception):
+    """An expected failure: printed as one line, with an exit status."""
+
+    def __init__(self, message: str, status: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def int_at_least(minimum: int, name: str) -> Callable[[str], int]:
+    """An argparse type: an integer ``>= minimum`` (``name`` for messages)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {name}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {name}, got {value}")
+        return value
+
+    return parse
+
+
+positive_int = int_at_least(1, "a positive integer")
+non_negative_int = int_at_least(0, "an integer >= 0")
+
+
+def device_arg(text: str) -> str:
+    """A torch device that exists here (``cpu``, ``cuda``, ``cuda:1``, ``mps``)."""
+    import torch
+
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"not a torch device: {text!r} (cpu, cuda, cuda:0...)"
+                                         ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: no CUDA device on this machine")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has "
+                                         f"{torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: MPS is not available on this machine")
+    return text
+
+
+def figure_errors(path: str) -> contextlib.AbstractContextManager[None]:
+    """Turn the errors of writing a figure (unknown format, bad folder, bad colormap) into a
+    one-line :class:`ToolError`."""
+
+    @contextlib.contextmanager
+    def guard():
+        try:
+            yield
+        except (OSError, ValueError) as e:
+            raise ToolError(f"cannot write the figure {path}: {' '.join(str(e).split())[:300]}"
+                            ) from None
+
+    return guard()
+
+
+def tool_parser(name: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"captioner {name}", description=description)
+    p.add_argument("--ckpt", required=True, help="captioner checkpoint (.ckpt)")
+    p.add_argument("--beam-size", type=positive_int, default=None,
+                   help="beam size K, 1 = greedy (default: the checkpoint's setting)")
+    p.add_argument("--max-length", type=positive_int, default=None,
+                   help="most decoding steps (default: the checkpoint's setting)")
+    p.add_argument("--beam-stop", choices=("k_finished", "exact"), default=None,
+                   help="when beam search stops: once K hypotheses ended, or once no alive beam "
+                        "can outrank the best ended one (default: the checkpoint's setting)")
+    p.add_argument("--device", type=device_arg, default="cpu", help="torch device (default: cpu)")
+    return p
+
+
+def make_tool(name: str, parse: Callable[[list[str]], argparse.Namespace],
+          run: Callable[[argparse.Namespace], int]) -> Callable[[list[str]], int]:
+    """Wrap ``run`` so that argparse exits and expected errors become exit statuses."""
+
+    def main(argv: list[str]) -> int:
+        try:
+            args = parse(list(argv))
+        except SystemExit as e:  # argparse: --help (0) or a usage error (2), already printed
+            return e.code if isinstance(e.code, int) else EXIT_OK if e.code is None else EXIT_USAGE
+        try:
+            return run(args)
+        except ToolError as e:
+            print_error(name, str(e))
+            return e.status
+        except BrokenPipeError:  # `captioner caption ... | head`
+            with contextlib.suppress(OSError):
+                sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the final flush
+            return EXIT_OK
+
+    main.__name__ = f"{name}_main"
+    main.__doc__ = f"``captioner {name} ...``; returns the exit status."
+    return main
+
+
+def print_error(tool: str, message: str) -> None:
+    print(f"captioner {tool}: error: {message}", file=sys.stderr)
+
+
+def load_captioner(args: argparse.Namespace) -> Captioner:
+    from captioner.inference import Captioner, CheckpointError
+
+    try:
+        captioner = Captioner.from_checkpoint(args.ckpt, device=args.device)
+    except CheckpointError as e:
+        raise ToolError(str(e)) from None
+    if getattr(args, "beam_stop", None):
+        captioner.search["beam_stop"] = args.beam_stop
+    return captioner
+
+
+def write_json(path: Path, obj: Any) -> None:
+    from captioner.atomic import atomic_write
+    from captioner.metrics import json_safe
+
+    with atomic_write(path) as f:
+        json.dump(json_safe(obj), f, indent=2, ensure_ascii=False, allow_nan=False)
+
+
+def load_data_config(files: Sequence[str | Path]) -> dict[str, Any]:
+    """The ``data`` section (``class_path`` / ``init_args``) of YAML config files.
+
+    Each file is either a LightningCLI config with a ``data:`` key or a bare
+    ``class_path``/``init_args`` mapping. Later files override earlier ones (``init_args``
+    merged key by key; a new ``class_path`` starts from empty ``init_args``).
+
+    Raises:
+        ToolError: unreadable YAML or no data section.
+    """
+    import yaml
+
+    merged: dict[str, Any] = {}
+    for file in files:
+        try:
+            doc = yaml.safe_load(Path(file).read_text(encoding="utf-8"))
+        except (OSError, yaml.YAMLError) as e:
+            raise ToolError(f"{file}: cannot read the config ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        section = doc.get("data", doc) if isinstance(doc, dict) else None
+        if not isinstance(section, dict):
+            continue
+        class_path = section.get("class_path", merged.get("class_path"))
+        if class_path is None:
+            continue
+        if class_path != merged.get("class_path"):
+            merged = {"class_path": class_path, "init_args": {}}
+        merged["init_args"].update(section.get("init_args") or {})
+    if not merged:
+        raise ToolError("no data section (data: class_path/init_args) in "
+                        + ", ".join(map(str, files)))
+    return merged
+
+
+def data_config_from_checkpoint(ckpt: dict[str, Any]) -> dict[str, Any] | None:
+    """The data module config a checkpoint remembers, or ``None``.
+
+    Looked up in order: ``ckpt["captioner"]["data"]["datamodule"]`` (``class_path`` /
+    ``init_args``); Lightning's ``datamodule_hyper_parameters`` with the ``_class_path`` that
+    LightningCLI records; the same hyper-parameters with the class found by the name under which
+    Lightning saved the data module's state (a class of :mod:`captioner.data.datamodule`).
+    """
+    import lightning as L
+
+    from captioner.data import datamodule as dm_module
+
+    stored = ((ckpt.get("captioner") or {}).get("data") or {}).get("datamodule")
+    if isinstance(stored, dict) and stored.get("class_path"):
+        return {"class_path": stored["class_path"],
+                "init_args": dict(stored.get("init_args") or {})}
+    hparams = ckpt.get("datamodule_hyper_parameters")
+    if not isinstance(hparams, dict):
+        return None
+    class_path = hparams.get("_class_path")
+    if class_path is None:
+        for name, cls in inspect.getmembers(dm_module, inspect.isclass):
+            if issubclass(cls, L.LightningDataModule) and name in ckpt:
+                class_path = f"{cls.__module__}.{cls.__qualname__}"
+                break
+    if class_path is None:
+        return None
+    return {"class_path": class_path,
+            "init_args": {k: v for k, v in hparams.items() if not k.startswith("_")}}
+
+
+def build_data_module(args: argparse.Namespace) -> tuple[Any, str]:
+    from captioner.config import import_class, instantiate
+    from captioner.inference import read_checkpoint
+
+    if args.config:
+        cfg = load_data_config(args.config)
+        source = ", ".join(args.config)
+    else:
+        cfg = data_config_from_checkpoint(read_checkpoint(args.ckpt))
+        source = f"{args.ckpt} (stored data config)"
+        if cfg is None:
+            raise ToolError(f"{args.ckpt} stores no data config: pass --config data.yaml")
+    try:
+        cls = import_class(cfg["class_path"])
+        accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        init_args = {k: v for k, v in cfg["init_args"].items() if k in accepted}
+        return instantiate(cfg["class_path"], init_args), source
+    except Exception as e:  # noqa: BLE001 - jsonargparse / constructor errors: one line
+        raise ToolError(f"cannot build the data module from {source}: "
+                        f"{' '.join(str(e).split())[:300]}") from None

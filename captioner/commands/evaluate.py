@@ -1,0 +1,78 @@
+"""``captioner evaluate --ckpt M.ckpt [--config data.yaml] [--split test] [--out DIR]``: decode
+every image of a split once and score it with the official COCO caption protocol
+(:func:`captioner.evaluation.evaluate_split`); writes the COCO results file and the metrics JSON."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from captioner.cli import register_tool
+from captioner.commands.common import (EXIT_INPUT_ERROR, EXIT_OK, ToolError, build_data_module,
+                                       load_captioner, make_tool, non_negative_int, positive_int,
+                                       tool_parser, write_json)
+from captioner.evaluation import evaluate_split, format_table
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    p = tool_parser("evaluate", "Decode every image of a split once and score it with the official "
+                            "COCO caption protocol (pycocoevalcap).")
+    p.add_argument("--config", action="append", default=[], metavar="YAML",
+                   help="data config (LightningCLI YAML with a data: section); repeatable; "
+                        "default: the data config stored in the checkpoint")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--out", default=None,
+                   help="output folder (default: eval_SPLIT beside the checkpoint)")
+    p.add_argument("--batch-size", type=positive_int, default=32, help="images per batch (32)")
+    p.add_argument("--num-workers", type=non_negative_int, default=0,
+                   help="image loading workers (0)")
+    p.add_argument("--limit", type=positive_int, default=None,
+                   help="evaluate only the first N images of the split (quick checks)")
+    p.add_argument("--no-java", action="store_true",
+                   help="skip the Java parts (Python tokenizer; no METEOR / SPICE)")
+    p.add_argument("--no-spice", action="store_true", help="skip SPICE")
+    return p.parse_args(argv)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from captioner.data.formats import AnnotationError
+    from captioner.data.images import ImageLoadError
+    from captioner.metrics import write_coco_results
+
+    captioner = load_captioner(args)
+    dm, source = build_data_module(args)
+    try:
+        records = dm.records(args.split)
+    except (AnnotationError, OSError, ValueError) as e:
+        raise ToolError(f"cannot read the {args.split} split ({source}): "
+                        f"{' '.join(str(e).split())[:300]}", EXIT_INPUT_ERROR) from None
+    records = records[: args.limit] if args.limit else records
+    if not records:
+        raise ToolError(f"the {args.split} split of {source} has no images", EXIT_INPUT_ERROR)
+    print(f"captioner evaluate: {len(records)} {args.split} images ({source})", file=sys.stderr)
+    try:
+        ev = evaluate_split(captioner, records, beam_size=args.beam_size,
+                            max_length=args.max_length, batch_size=args.batch_size,
+                            num_workers=args.num_workers,
+                            use_java=False if args.no_java else None,
+                            use_spice=False if args.no_spice else None)
+    except ImageLoadError as e:
+        raise ToolError(str(e), EXIT_INPUT_ERROR) from None
+    for part, reason in ev.skipped.items():
+        print(f"captioner evaluate: {part} skipped: {reason}", file=sys.stderr)
+
+    out = Path(args.out) if args.out else Path(args.ckpt).resolve().parent / f"eval_{args.split}"
+    results = out / f"captions_{args.split}.json"
+    metrics = out / f"metrics_{args.split}.json"
+    write_coco_results(ev.captions, results)
+    report = {"checkpoint": str(Path(args.ckpt).resolve()), "split": args.split,
+              "data": source, **ev.to_dict()}
+    write_json(metrics, report)
+    print(format_table(ev))
+    print(f"\ncaptions (COCO results format): {results}\nmetrics: {metrics}")
+    return EXIT_OK
+
+
+main = make_tool("evaluate", _parse, _run)
+register_tool("evaluate", main)
