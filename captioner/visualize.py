@@ -118,20 +118,30 @@ def upsample_attention(
     return np.where(inside, up, 0.0)
 
 
+def _interp_matrix(n_out: int, n_in: int) -> np.ndarray:
+    """``(n_out, n_in)`` linear interpolation weights, cell centres at their pixel positions,
+    edges held constant (``map_coordinates(order=1, mode="nearest")`` along one axis)."""
+    pos = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+    i0 = np.floor(pos).astype(int)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    frac = pos - i0
+    m = np.zeros((n_out, n_in))
+    np.add.at(m, (np.arange(n_out), i0), 1 - frac)
+    np.add.at(m, (np.arange(n_out), i1), frac)
+    return m
+
+
 def _upsample_on_grid(alpha: np.ndarray, image_size: tuple[int, int],
                       smooth: bool) -> np.ndarray:
-    """:func:`upsample_attention` of a grid laid on the image as it is."""
+    """:func:`upsample_attention` of a grid laid on the image as it is: bilinear upsampling and
+    the Gaussian are both separable and linear, so the map is ``R_y alpha R_x^T``."""
     h, w = alpha.shape
     img_h, img_w = image_size
-    # Pixel centre (i + 0.5) in grid-cell coordinates, where cell centres sit at integers.
-    rows = (np.arange(img_h) + 0.5) * h / img_h - 0.5
-    cols = (np.arange(img_w) + 0.5) * w / img_w - 0.5
-    rr, cc = np.meshgrid(rows, cols, indexing="ij")  # (H_img, W_img) each
-    up = ndimage.map_coordinates(alpha.astype(np.float64), [rr, cc], order=1, mode="nearest")
+    ry, rx = _interp_matrix(img_h, h), _interp_matrix(img_w, w)
     if smooth:
-        sigma = (SMOOTH_SIGMA_CELLS * img_h / h, SMOOTH_SIGMA_CELLS * img_w / w)
-        up = ndimage.gaussian_filter(up, sigma=sigma, mode="nearest")
-    return up
+        ry = ndimage.gaussian_filter1d(ry, SMOOTH_SIGMA_CELLS * img_h / h, axis=0, mode="nearest")
+        rx = ndimage.gaussian_filter1d(rx, SMOOTH_SIGMA_CELLS * img_w / w, axis=0, mode="nearest")
+    return ry @ alpha.astype(np.float64) @ rx.T
 
 
 def _check_alphas(alphas: np.ndarray, grid: tuple[int, int], num_words: int) -> np.ndarray:

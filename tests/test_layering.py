@@ -41,3 +41,14 @@ def test_plain_modules_import_without_lightning():
     count, *failed = proc.stdout.strip().split("\n")
     assert int(count) > 30  # the walk found the package
     assert [f for f in failed if f] == [], "plain modules that import Lightning"
+
+
+def test_inference_does_not_import_torchvision():
+    """Captioning from a checkpoint starts without torchvision (about 2 s of imports, which
+    pulls in torch._dynamo): only the torchvision backbones import it, when they are built."""
+    script = ("import sys, captioner.inference, captioner.evaluation, captioner.commands\n"
+              "print('torchvision' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"

@@ -47,6 +47,28 @@ def test_upsample_attention_shape_and_cell_alignment():
     assert smoothed.shape == (IMG_H, IMG_W) and smoothed.max() < up.max()
 
 
+@pytest.mark.parametrize("smooth", [False, True])
+def test_upsampling_is_bilinear_then_gaussian(smooth):
+    """The separable form (``R_y alpha R_x^T``) equals bilinear interpolation at the pixel
+    centres (edges held) followed by a Gaussian of ``SMOOTH_SIGMA_CELLS`` cells, computed
+    directly with scipy on the full image."""
+    from scipy import ndimage
+
+    from captioner.visualize import SMOOTH_SIGMA_CELLS
+
+    alpha = np.random.default_rng(2).random(GRID)
+    for img_h, img_w in ((IMG_H, IMG_W), (11, 97), (64, 9)):
+        rows = (np.arange(img_h) + 0.5) * GRID[0] / img_h - 0.5
+        cols = (np.arange(img_w) + 0.5) * GRID[1] / img_w - 0.5
+        rr, cc = np.meshgrid(rows, cols, indexing="ij")  # (H_img, W_img) each
+        expected = ndimage.map_coordinates(alpha, [rr, cc], order=1, mode="nearest")
+        if smooth:
+            sigma = (SMOOTH_SIGMA_CELLS * img_h / GRID[0], SMOOTH_SIGMA_CELLS * img_w / GRID[1])
+            expected = ndimage.gaussian_filter(expected, sigma=sigma, mode="nearest")
+        got = upsample_attention(alpha, (img_h, img_w), smooth=smooth)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-12)
+
+
 def test_plot_attention_soft_with_betas(tmp_path, image, alphas):
     betas = np.array([0.83, 0.5, 0.91, 0.1])
     out = plot_attention(image, WORDS, alphas, GRID, tmp_path / "soft.png", betas=betas,

@@ -36,7 +36,6 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torchvision import models
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -157,6 +156,8 @@ def _torchvision_weights(name: str, weights: str | None):
     """Resolve a weights enum member by name, with a clear error listing valid names."""
     if weights is None:
         return None
+    from torchvision import models
+
     enum = models.get_model_weights(name)
     try:
         return enum[weights] if weights != "DEFAULT" else enum.DEFAULT
@@ -174,6 +175,8 @@ def _norm_from(w) -> tuple[tuple[float, ...], tuple[float, ...]]:
 
 def _make_resnet(name: str, out_channels: int) -> Callable[[str | None], Backbone]:
     def build(weights: str | None) -> Backbone:
+        from torchvision import models
+
         w = _torchvision_weights(name, weights)
         net = getattr(models, name)(weights=w if load_pretrained() else None)
         stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
@@ -193,6 +196,8 @@ for _name, _d in [("resnet18", 512), ("resnet34", 512), ("resnet50", 2048), ("re
 
 def _make_vgg(name: str) -> Callable[[str | None], Backbone]:
     def build(weights: str | None) -> Backbone:
+        from torchvision import models
+
         w = _torchvision_weights(name, weights)
         features = getattr(models, name)(weights=w if load_pretrained() else None).features
         layers = list(features.children())[:-1]  # drop the last max-pool: conv5_4 + ReLU (14x14)
