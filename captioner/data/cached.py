@@ -30,6 +30,7 @@ from captioner.data.cached_datasets import (CachedCaptionDataset, CachedImageDat
                                             collate_cached_captions, collate_cached_images)
 from captioner.data.datamodule import CaptionDataModule, DataFormat, ShapesDataModule
 from captioner.data.formats import AnnotationWarning, ImageRecord
+from captioner.data.samplers import epoch_sampler, loader_generator, run_seed
 from captioner.features import FeatureCache, FeatureCacheError
 
 __all__ = ["CachedCaptionDataset", "CachedImageDataset", "CachedFeaturesDataModule",
@@ -97,10 +98,12 @@ class _CachedFeatures:
             raise ValueError("the training split has no images")
         collate = (functools.partial(collate_cached_captions, pad_id=self.vocab.pad_id)
                    if split == "train" else collate_cached_images)
+        seed = run_seed()  # the order is a function of (seed, epoch): resuming repeats it
         return DataLoader(
             dataset,
             batch_size=self.batch_size if split == "train" else self.eval_batch_size,
-            shuffle=shuffle,
+            sampler=epoch_sampler(dataset, seed, self.trainer) if shuffle else None,
+            generator=loader_generator(seed),
             num_workers=self.num_workers,
             collate_fn=collate,
             persistent_workers=self.num_workers > 0,

@@ -48,6 +48,7 @@ from captioner.data.formats import (
     load_kaggle_flickr8k,
     load_karpathy,
 )
+from captioner.data.samplers import epoch_sampler, loader_generator, run_seed
 from captioner.data.tokenize import tokenize
 from captioner.data.vocabulary import Vocabulary
 
@@ -336,10 +337,12 @@ class CaptionDataModule(L.LightningDataModule):
             if split == "train"
             else collate_images
         )
+        seed = run_seed()  # the order is a function of (seed, epoch): resuming repeats it
         return DataLoader(
             dataset,
             batch_size=self.batch_size if split == "train" else self.eval_batch_size,
-            shuffle=shuffle,
+            sampler=epoch_sampler(dataset, seed, self.trainer) if shuffle else None,
+            generator=loader_generator(seed),
             num_workers=self.num_workers,
             collate_fn=collate,
             persistent_workers=self.num_workers > 0,

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader, Sampler, SequentialSampler
 from captioner.data.parallel_text import (BucketBatchSampler, EpochRandomSampler,
                                           ParallelDataError, ParallelDataset, collate_parallel,
                                           detokenize_mt, read_aligned, read_tsv, tokenize_mt)
+from captioner.data.samplers import epoch_sampler, loader_generator
 from captioner.data.vocabulary import Vocabulary
 
 __all__ = ["ParallelDataError", "tokenize_mt", "detokenize_mt", "read_aligned", "read_tsv",
@@ -220,18 +221,14 @@ class ParallelTextDataModule(L.LightningDataModule):
         train = stage == "train"
         keys = list(zip(dataset.tgt_lengths.tolist(), dataset.src_lengths.tolist()))
         if train:
-            order: Sampler[int] = EpochRandomSampler(dataset, self.seed)
-            # Lightning draws the first batch of a resumed fit before it calls set_epoch: start
-            # at the epoch the trainer is at, so that a resumed epoch repeats its order
-            trainer = getattr(self, "trainer", None)
-            if trainer is not None:
-                order.set_epoch(trainer.fit_loop.epoch_progress.current.processed)
+            order: Sampler[int] = epoch_sampler(dataset, self.seed, getattr(self, "trainer", None))
         else:
             order = SequentialSampler(dataset)
         sampler = BucketBatchSampler(order, self.batch_size if train else self.eval_batch_size,
                                      keys=keys, bucket_factor=self.bucket_factor, seed=self.seed)
         return DataLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers,
-                          collate_fn=collate_parallel, persistent_workers=self.num_workers > 0)
+                          collate_fn=collate_parallel, persistent_workers=self.num_workers > 0,
+                          generator=loader_generator(self.seed))  # nothing from the global RNG
 
     def train_dataloader(self) -> DataLoader[dict[str, Any]]:
         """Shuffled, bucketed training batches."""

@@ -48,6 +48,7 @@ import numpy as np
 import torch
 from torch.utils.data import BatchSampler, Dataset, RandomSampler, Sampler
 
+from captioner.data.samplers import EpochRandomSampler
 from captioner.data.tokenize import detokenize_mt, tokenize_mt
 from captioner.data.vocabulary import Vocabulary
 
@@ -184,22 +185,6 @@ def collate_parallel(batch: Sequence[dict[str, Any]], pad_id: int = 0) -> dict[s
         "tgt": _pad([item["tgt"] for item in batch], pad_id),  # (B, T + 1)
         "index": torch.tensor([item["index"] for item in batch], dtype=torch.long),
     }
-
-
-class EpochRandomSampler(RandomSampler):
-    """A permutation of ``range(n)`` drawn from ``seed + epoch``: the same for the same epoch,
-    so resuming an epoch repeats its order (Lightning calls :meth:`set_epoch`)."""
-
-    def __init__(self, data_source: Sequence[Any], seed: int = 0) -> None:
-        super().__init__(data_source)
-        self.seed, self.epoch = seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        return iter(torch.randperm(len(self.data_source), generator=g).tolist())
 
 
 class BucketBatchSampler(BatchSampler):

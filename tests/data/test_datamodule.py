@@ -85,6 +85,21 @@ def test_dataloaders(tmp_path: Path) -> None:
     assert not dm.test_dataloader().dataset  # no test annotations given: empty
 
 
+def test_loaders_take_nothing_from_the_global_generator(tmp_path: Path) -> None:
+    """The training order is a function of (seed, epoch) and the loaders have their own
+    generator: iterating takes nothing from the global torch generator (which checkpoints save
+    for dropout), so resuming with persistent workers is exact."""
+    dm = _per_split_module(tmp_path, num_workers=0)
+    state = torch.get_rng_state()
+    first = [b["index"].tolist() for b in dm.train_dataloader()]
+    list(dm.val_dataloader())
+    assert torch.equal(torch.get_rng_state(), state)
+    again = dm.train_dataloader()
+    assert [b["index"].tolist() for b in again] == first  # same seed and epoch: same order
+    again.sampler.set_epoch(1)
+    assert sorted(sum(first, [])) == sorted(sum([b["index"].tolist() for b in again], []))
+
+
 def test_persistent_workers_flag(tmp_path: Path) -> None:
     dm = _per_split_module(tmp_path, num_workers=1)
     assert dm.train_dataloader().persistent_workers  # not iterated: no worker is started

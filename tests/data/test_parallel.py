@@ -293,3 +293,13 @@ def test_a_resumed_training_epoch_repeats_its_order(tmp_path):
     first = dm.loader("train")
     first.batch_sampler.sampler.set_epoch(0)
     assert [b["index"].tolist() for b in first] != expected  # the orders differ by epoch
+
+
+def test_loaders_take_nothing_from_the_global_generator(tmp_path):
+    """Each new iterator used to draw its workers' base seed from the global torch generator,
+    so that a resumed fit (a new iterator where persistent workers reused theirs) drifted."""
+    dm = module(tmp_path, min_freq=1, batch_size=2)
+    state = torch.get_rng_state()
+    for stage in ("train", "val"):
+        list(dm.loader(stage))
+    assert torch.equal(torch.get_rng_state(), state)
