@@ -130,7 +130,8 @@ def test_padded_steps_ablation_computes_the_padding_and_keeps_loss_and_gradients
 def test_quick_run_at_tiny_sizes_writes_every_figure(bm, tmp_path):
     out = tmp_path / "bench.json"
     result = bm.main(["--tiny", "--quick", "--baseline", "--ablations", "--bf16",
-                      "--threads", "1", "--json", str(out)])
+                      "--threads", "1", "--json", str(out),
+                      "--data", ""])  # generated JPEGs, as on a clean clone (not ../shared/data)
     assert json.loads(out.read_text()) == result
     rates = ["train_captions_per_s", "beam_k3_fixed20_images_per_s",
              "beam_k5_fixed20_images_per_s", "greedy_b32_fixed20_images_per_s"]

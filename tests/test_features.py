@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -91,12 +92,6 @@ def test_cache_refuses_other_encoder_unfinished_and_bad_shards(records, tmp_path
         FeatureCache(tmp_path, require_complete=False).array(paths[3])
 
 
-def _extract_cli(argv: list[str]) -> None:
-    from captioner.cli import main
-
-    os._exit(main(argv))
-
-
 def test_killed_extraction_resumes_to_the_same_cache(tiny_checkpoint, shapes_root, tmp_path,
                                                      capsys):
     """SIGKILL a `captioner extract-features` process after its first shard, run the command
@@ -107,17 +102,18 @@ def test_killed_extraction_resumes_to_the_same_cache(tiny_checkpoint, shapes_roo
     out = tmp_path / "killed"
     argv = ["extract-features", "--ckpt", str(tiny_checkpoint), "--out", str(out),
             "--split", "train,val", "--batch-size", "2", "--shard-size", "4", "--allow-trainable"]
-    # a forked child: the same code as the `captioner` executable without its import time
-    child = multiprocessing.get_context("fork").Process(
-        target=_extract_cli, args=([*argv, "--shard-delay", "60"],))
-    child.start()
+    # a separate process (a fork after torch's OpenMP threads ran can hang in the child)
+    child = subprocess.Popen([sys.executable, "-m", "captioner", *argv, "--shard-delay", "60"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                             env={**os.environ, "OMP_NUM_THREADS": "1",
+                                  "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     index_file = out / INDEX_FILE
-    deadline = time.monotonic() + 60
-    while not index_file.is_file() and time.monotonic() < deadline and child.is_alive():
+    deadline = time.monotonic() + 120
+    while not index_file.is_file() and time.monotonic() < deadline and child.poll() is None:
         time.sleep(0.05)
-    os.kill(child.pid, signal.SIGKILL)  # asleep after its first shard
-    child.join()
-    assert child.exitcode == -signal.SIGKILL
+    child.kill()  # SIGKILL, asleep after its first shard
+    _, err = child.communicate()
+    assert child.returncode == -signal.SIGKILL, err.decode()[-2000:]
     partial = json.loads(index_file.read_text())
     assert not partial["complete"] and partial["shards"] == ["shard_00000.npy"]
     assert len(partial["items"]) == 4

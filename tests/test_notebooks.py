@@ -24,6 +24,8 @@ def _execute(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path
         if cell.cell_type == "code":
             assert cell.outputs == [] and cell.execution_count is None
     workdir = tmp_path / "work"
+    for name in ("CAPTIONER_NB_CKPT", "CAPTIONER_NB_DATA_CONFIG"):  # a user's own model
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("CAPTIONER_NB_FAST", "1")
     monkeypatch.setenv("CAPTIONER_NB_WORKDIR", str(workdir))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # tiny tensors: threads only oversubscribe

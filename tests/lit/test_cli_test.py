@@ -9,13 +9,18 @@ import torch
 from pycocotools.coco import COCO
 
 from captioner.cli import lightning_main
+from tests.conftest import SHAPES_SIZES
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 
 
 def shapes_run(shapes_root: Path, tmp_path: Path, num_train: int, num_test: int,
                batch_size: int) -> list[str]:
-    """Options shared by ``fit`` and ``test`` on the tiny shapes data."""
+    """Options shared by ``fit`` and ``test`` on the tiny shapes data (other sizes than the
+    session's set are made in a folder of their own: regenerating ``shapes_root`` would change
+    the data the other test files read)."""
+    if (num_train, num_test) != (SHAPES_SIZES["num_train"], SHAPES_SIZES["num_test"]):
+        shapes_root = shapes_root.parent / f"shapes_{num_train}_{num_test}"
     return [
         "--config", str(CONFIGS / "trainer" / "cpu.yaml"),
         "--config", str(CONFIGS / "data" / "shapes.yaml"),

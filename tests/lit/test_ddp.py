@@ -137,6 +137,9 @@ def test_validate_same_checkpoint_with_one_process_matches_ddp(runs):
     cfg = runs["ddp"] / "config.yaml"
     cli = lightning_main(["validate", "--config", str(cfg), "--trainer.devices", "1",
                           "--trainer.strategy", "auto", "--trainer.logger", "false",
+                          # its own folder: without a logger the config is saved there, and
+                          # the DDP run's config.yaml must stay a 2-process one for the others
+                          "--trainer.default_root_dir", str(runs["ddp"] / "validate_one"),
                           "--data.init_args.batch_size", "3", "--ckpt_path", str(ckpt)])
     one = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
     two = val_scores(runs["ddp"])[-1]
@@ -151,14 +154,14 @@ def test_ddp_test_writes_the_results_of_the_whole_split(runs):
     ckpt = runs["ddp"] / "ckpt" / "last.ckpt"
     cfg = runs["ddp"] / "config.yaml"
     exe = Path(sys.executable).with_name("captioner")
-    # no logger: the results go to default_root_dir (trainer.log_dir is still a broadcast);
-    # the fit's config.yaml may have been rewritten by another test's validate
+    # no logger: the results go to default_root_dir (trainer.log_dir is still a broadcast)
     proc = subprocess.run([str(exe), "test", "--config", str(cfg), "--ckpt_path", str(ckpt),
                            "--trainer.logger", "false",
                            "--trainer.default_root_dir", str(runs["ddp"] / "two")],
                           capture_output=True, text=True, timeout=300,
                           env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "MEMBER: 2/2" in proc.stdout + proc.stderr  # two processes ran it
     two = json.loads((runs["ddp"] / "two" / "test_metrics.json").read_text())
     cli = lightning_main(["test", "--config", str(cfg), "--trainer.devices", "1",
                           "--trainer.strategy", "auto", "--trainer.logger", "false",
