@@ -221,7 +221,8 @@ class ParallelTextDataModule(L.LightningDataModule):
         train = stage == "train"
         keys = list(zip(dataset.tgt_lengths.tolist(), dataset.src_lengths.tolist()))
         if train:
-            order: Sampler[int] = epoch_sampler(dataset, self.seed, getattr(self, "trainer", None))
+            order: Sampler[int] = epoch_sampler(dataset, self.seed, getattr(self, "trainer", None),
+                                                distributed=False)  # Lightning replaces it (DDP)
         else:
             order = SequentialSampler(dataset)
         sampler = BucketBatchSampler(order, self.batch_size if train else self.eval_batch_size,

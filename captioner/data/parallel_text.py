@@ -233,6 +233,7 @@ class BucketBatchSampler(BatchSampler):
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def __iter__(self) -> Iterator[list[int]]:
+        epoch = int(getattr(self.sampler, "epoch", 0))  # before a pass moves it on
         indices, size = list(self.sampler), self._pool_size()
         batches = []
         for start in range(0, len(indices), size):
@@ -241,7 +242,6 @@ class BucketBatchSampler(BatchSampler):
                         for i in range(0, self._batches_per_pool(len(pool)) * self.batch_size,
                                        self.batch_size)]
         if self.shuffle:
-            epoch = int(getattr(self.sampler, "epoch", 0))
             g = torch.Generator().manual_seed(self.seed + epoch + 1_000_003)
             batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
         return iter(batches)

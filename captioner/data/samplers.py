@@ -15,12 +15,14 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import RandomSampler
+from torch.utils.data import DistributedSampler, RandomSampler, Sampler
 
 
 class EpochRandomSampler(RandomSampler):
     """A permutation of ``range(n)`` drawn from ``seed + epoch``: the same for the same epoch,
-    so resuming an epoch repeats its order (Lightning calls :meth:`set_epoch`)."""
+    so resuming an epoch repeats its order (Lightning calls :meth:`set_epoch` before each
+    epoch). Each pass moves on to the next epoch, so a loop of its own over the loader gets a
+    new order every pass without calling :meth:`set_epoch`."""
 
     def __init__(self, data_source: Sequence[Any], seed: int = 0) -> None:
         super().__init__(data_source)
@@ -30,24 +32,35 @@ class EpochRandomSampler(RandomSampler):
         self.epoch = epoch
 
     def __iter__(self) -> Iterator[int]:
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        g = torch.Generator().manual_seed((self.seed + self.epoch) % 2**63)
+        self.epoch += 1  # the next pass, unless set_epoch says otherwise
         return iter(torch.randperm(len(self.data_source), generator=g).tolist())
 
 
 def run_seed() -> int:
     """The run's seed: ``seed_everything``'s (``PL_GLOBAL_SEED``, as Lightning's distributed
-    sampler uses), ``0`` without one."""
-    return int(os.environ.get("PL_GLOBAL_SEED", 0))
+    sampler uses; LightningCLI always sets one), else torch's initial seed (random for each
+    process unless ``torch.manual_seed`` was called)."""
+    seed = os.environ.get("PL_GLOBAL_SEED")
+    return int(seed) if seed is not None else torch.initial_seed() % 2**32
 
 
-def epoch_sampler(data_source: Sequence[Any], seed: int, trainer: Any = None
-                  ) -> EpochRandomSampler:
-    """An :class:`EpochRandomSampler` at the epoch ``trainer`` is at (Lightning draws the first
-    batch of a resumed fit before it calls ``set_epoch``: without this the resumed epoch would
-    start with epoch 0's order)."""
-    sampler = EpochRandomSampler(data_source, seed)
-    if trainer is not None:
-        sampler.set_epoch(trainer.fit_loop.epoch_progress.current.processed)
+def epoch_sampler(data_source: Sequence[Any], seed: int, trainer: Any = None,
+                  distributed: bool = True) -> Sampler[int]:
+    """The training sampler, at the epoch ``trainer`` is at (Lightning draws the first batch of a
+    resumed fit before it calls ``set_epoch``: without this the resumed epoch would start with
+    epoch 0's order): an :class:`EpochRandomSampler`, or with several processes (and
+    ``distributed``) the ``DistributedSampler`` Lightning would put in its place (same seed), so
+    that Lightning keeps it and its epoch. (``distributed=False`` for a sampler inside a batch
+    sampler: Lightning rebuilds those with a sampler of its own under DDP.)"""
+    epoch = trainer.fit_loop.epoch_progress.current.processed if trainer is not None else 0
+    sampler: EpochRandomSampler | DistributedSampler
+    if distributed and trainer is not None and getattr(trainer, "world_size", 1) > 1:
+        sampler = DistributedSampler(data_source, num_replicas=trainer.world_size,  # type: ignore[arg-type]
+                                     rank=trainer.global_rank, shuffle=True, seed=seed)
+    else:
+        sampler = EpochRandomSampler(data_source, seed)
+    sampler.set_epoch(epoch)
     return sampler
 
 

@@ -68,7 +68,7 @@ class CaptionerModule(L.LightningModule):
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: str | Path, map_location: Any = None,
                              hparams_file: str | Path | None = None, strict: bool | None = None,
-                             **kwargs: Any) -> "CaptionerModule":
+                             weights_only: bool | None = None, **kwargs: Any) -> "CaptionerModule":
         """Lightning's loader, for captioner's checkpoints (``captioner fit``, or a module built
         with :meth:`from_config`): the module is rebuilt from the model config the checkpoint
         carries (Lightning's own loader rebuilds from ``hyper_parameters`` alone, which cannot
@@ -76,10 +76,13 @@ class CaptionerModule(L.LightningModule):
         fetched: the checkpoint supplies them), with its weights, vocabularies and data settings.
 
         Args:
-            checkpoint_path: the ``.ckpt`` file.
-            map_location: device to move the module to (``None``: CPU).
+            checkpoint_path: the ``.ckpt`` file (a path; file objects are not read).
+            map_location: device to move the module to (``"cuda:0"``, a ``torch.device``, a
+                CUDA index; ``None``: CPU). Mappings and functions are refused.
             hparams_file: not supported (the checkpoint holds the config); must be ``None``.
             strict: load the state dict strictly (default ``True``).
+            weights_only: accepted for Lightning's signature; captioner checkpoints are always
+                read with ``weights_only=True`` (they hold no pickled objects).
             **kwargs: init args that replace the stored ones (``beam_size=5``...).
 
         Raises:
@@ -91,6 +94,11 @@ class CaptionerModule(L.LightningModule):
 
         if hparams_file is not None:
             raise ValueError("captioner checkpoints carry their config: hparams_file is not used")
+        if map_location is not None and not isinstance(map_location, (str, int, torch.device)):
+            raise ValueError("map_location: give a device (\"cpu\", \"cuda:0\", torch.device); "
+                             "the module is built on CPU and moved there")
+        if not isinstance(checkpoint_path, (str, Path)):
+            raise TypeError("checkpoint_path: give the .ckpt file's path")
         ckpt = read_checkpoint(checkpoint_path, task=cls.task)
         meta = ckpt[CHECKPOINT_KEY]
         if not meta["model_config"].get("init_args"):
@@ -176,7 +184,7 @@ class CaptionerModule(L.LightningModule):
             return 1
         return int(self.hparams.get("hard_num_samples", 1))
 
-    def caption_term_scale(self, targets: torch.Tensor, pad_id: int) -> torch.Tensor | float:
+    def caption_term_scale(self, targets: torch.Tensor, pad_id: int) -> float:
         """The factor that puts a per-target mean (the doubly stochastic penalty, the REINFORCE
         terms) on the NLL's normaliser, so that every term of the loss is divided by the same
         count: ``1`` with ``loss_reduction: sentence`` (all are means over the ``B`` targets);
@@ -191,8 +199,7 @@ class CaptionerModule(L.LightningModule):
         """
         if self.hparams.get("loss_reduction", "sentence") != "token":
             return 1.0
-        tokens = (targets != pad_id).sum().clamp_min(1)
-        return targets.shape[0] / tokens.to(torch.get_default_dtype())
+        return targets.shape[0] / max(int((targets != pad_id).sum()), 1)  # exact in any dtype
 
     def add_hard_attention_loss(self, losses: dict[str, torch.Tensor], out: DecoderOutput,
                                 targets: torch.Tensor, pad_id: int) -> None:

@@ -96,8 +96,32 @@ def test_loaders_take_nothing_from_the_global_generator(tmp_path: Path) -> None:
     assert torch.equal(torch.get_rng_state(), state)
     again = dm.train_dataloader()
     assert [b["index"].tolist() for b in again] == first  # same seed and epoch: same order
-    again.sampler.set_epoch(1)
-    assert sorted(sum(first, [])) == sorted(sum([b["index"].tolist() for b in again], []))
+    second = [b["index"].tolist() for b in again]  # a loop of one's own: the next epoch's
+    assert second != first and sorted(sum(second, [])) == sorted(sum(first, []))
+    again.sampler.set_epoch(1)  # what Lightning does before epoch 1
+    assert [b["index"].tolist() for b in again] == second
+
+
+def test_several_processes_get_the_distributed_sampler_at_the_trainers_epoch(tmp_path: Path
+                                                                             ) -> None:
+    """Under DDP the training sampler is the ``DistributedSampler`` Lightning would make (same
+    seed), already at the trainer's epoch: Lightning keeps it, so a resumed epoch is not
+    replayed with epoch 0's order (Lightning's own sampler starts at epoch 0 and the first
+    batch is drawn before its set_epoch)."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import DistributedSampler
+
+    dm = _per_split_module(tmp_path, batch_size=1)
+    progress = SimpleNamespace(current=SimpleNamespace(processed=2))
+    dm.trainer = SimpleNamespace(fit_loop=SimpleNamespace(epoch_progress=progress),
+                                 world_size=2, global_rank=1)
+    sampler = dm.train_dataloader().sampler
+    assert isinstance(sampler, DistributedSampler) and sampler.epoch == 2
+    expected = DistributedSampler(dm._dataset("train"), num_replicas=2, rank=1, shuffle=True,
+                                  seed=sampler.seed)
+    expected.set_epoch(2)
+    assert list(sampler) == list(expected)
 
 
 def test_persistent_workers_flag(tmp_path: Path) -> None:

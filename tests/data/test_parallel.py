@@ -238,9 +238,12 @@ def test_bucketing_is_seeded_per_epoch_and_sorted_without_shuffle():
     order = EpochRandomSampler(keys, seed=1)
     sampler = BucketBatchSampler(order, batch_size=8, keys=keys, bucket_factor=4, seed=1)
     first = list(sampler)
+    order.set_epoch(0)
     assert list(sampler) == first  # same epoch, same batches
     order.set_epoch(1)  # what Lightning calls on the batch sampler's sampler
-    assert list(sampler) != first
+    second = list(sampler)
+    assert second != first
+    assert list(sampler) not in (first, second)  # without set_epoch: the next epoch
     ordered = BucketBatchSampler(range(101), batch_size=8, keys=keys)
     flat = [keys[i] for b in ordered for i in b]
     assert flat == sorted(keys) and len(list(ordered)) == len(ordered) == 13

@@ -115,6 +115,10 @@ def test_lightning_load_from_checkpoint_rebuilds_the_module(tiny_data, tmp_path)
     assert loaded.state_dict().keys() == expected.keys()
     for k, v in loaded.state_dict().items():
         assert torch.equal(v, expected[k]), k
+    assert CaptioningModule.load_from_checkpoint(path, map_location="cpu", weights_only=True
+                                                 ).vocab == dm.vocab  # Lightning's arguments
+    with pytest.raises(ValueError, match="map_location: give a device"):
+        CaptioningModule.load_from_checkpoint(path, map_location={"cuda:0": "cpu"})
     with pytest.raises(ValueError, match="translation"):  # another task's loader refuses it
         from captioner.lit.translation import TranslationModule
 

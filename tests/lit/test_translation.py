@@ -108,6 +108,22 @@ def test_doubly_stochastic_penalty_counts_real_source_words_only():
         model_config(len(src_vocab), len(tgt_vocab))).loss(b)  # off by default
 
 
+def test_token_reduction_divides_the_penalty_by_the_token_count_too():
+    """``loss_reduction: token`` (the default here): ``loss * N_tok == loss_sentence * B``, the
+    doubly stochastic penalty included (a penalty left as a mean over ``B`` breaks it)."""
+    src_vocab, tgt_vocab = vocabularies()
+    torch.manual_seed(1)
+    module = TranslationModule.from_config(
+        model_config(len(src_vocab), len(tgt_vocab), doubly_stochastic=0.7)).eval()
+    b = batch_of([PAIRS[0], PAIRS[3], PAIRS[4]], src_vocab, tgt_vocab)  # targets of 3 lengths
+    tokens = int((b["tgt"][:, 1:] != 0).sum())
+    token = module.loss(b)
+    module.hparams.loss_reduction = "sentence"
+    sentence = module.loss(b)
+    assert float(sentence["dsr"]) > 0
+    torch.testing.assert_close(token["loss"] * tokens, sentence["loss"] * 3)
+
+
 @pytest.mark.parametrize("samples", [1, 3])
 def test_hard_attention_trains_the_attention_through_reinforce(samples):
     # every location sampled (no expectation steps): only Eq. 12's REINFORCE term reaches the
