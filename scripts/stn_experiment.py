@@ -263,8 +263,8 @@ def write_report(results: dict[str, Any], out: Path) -> None:
         for key, v in stn.items():
             lines.append(f"| {key} | {v['pearson_r']:+.3f} | {v['mae']:.3f} | "
                          f"{v['mae_identity']:.3f} | {v['mean']:+.3f} | {v['std']:.3f} |")
-    lines += ["", "Attention correctness of `stn_input` is measured in the warped frame (boxes "
-              "mapped through the inverse transform, axis-aligned bounding boxes).", ""]
+    lines += ["", "Attention correctness of `stn_input` scores each grid cell where it looked in "
+              "the image (captioner.grid_frame: the cell mapped through the STN's transform).", ""]
     tmp = out / "results.md.tmp"
     tmp.write_text("\n".join(lines))
     os.replace(tmp, out / "results.md")
