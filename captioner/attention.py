@@ -340,17 +340,21 @@ class LocationAttention(Attention):
         query_dim: ``N``.
         key_dim: ``D`` (unused).
         num_positions: ``L``.
+        bias: add a learned bias ``b`` (``softmax(W_a h + b)``, a prior over positions); Eq. 8
+            has none (the default). Models trained before 2026-11-24 had it: load them with
+            ``bias: true``.
 
     Raises:
         ValueError: at run time, when the keys do not have ``num_positions`` positions.
     """
 
-    def __init__(self, query_dim: int, key_dim: int, num_positions: int = 196) -> None:
+    def __init__(self, query_dim: int, key_dim: int, num_positions: int = 196,
+                 bias: bool = False) -> None:
         super().__init__(query_dim, key_dim)
         if num_positions <= 0:
             raise ValueError(f"num_positions must be positive, got {num_positions}")
         self.num_positions = num_positions
-        self.location = nn.Linear(query_dim, num_positions)  # W_a: N -> L
+        self.location = nn.Linear(query_dim, num_positions, bias=bias)  # W_a: N -> L
 
     def score(
         self, query: torch.Tensor, keys: torch.Tensor, proj_keys: torch.Tensor | None
@@ -454,13 +458,19 @@ class _LocalAttention(Attention):
         delta = self.offsets(query, keys, mask, step)  # (B, L, k)
         in_window = (delta.detach().abs() <= self.window).all(dim=-1)  # (B, L)
         valid = in_window if mask is None else in_window & mask
+        fell_back = None
         if mask is not None:  # a window over padding only: fall back to all valid positions
-            valid = torch.where(valid.any(-1, keepdim=True), valid, mask)
+            fell_back = ~valid.any(-1, keepdim=True)  # (B, 1)
+            valid = torch.where(fell_back, mask, valid)
         alpha = masked_softmax(self.score(query, keys, proj_keys), valid)  # (B, L)
         if self.gaussian:
-            alpha = alpha * torch.exp(-(delta**2).sum(-1) / (2 * self.sigma**2))
+            weighted = alpha * torch.exp(-(delta**2).sum(-1) / (2 * self.sigma**2))
             if self.renormalize:
-                alpha = alpha / alpha.sum(-1, keepdim=True).clamp_min(torch.finfo(alpha.dtype).tiny)
+                weighted = weighted / weighted.sum(-1, keepdim=True).clamp_min(
+                    torch.finfo(alpha.dtype).tiny)
+            # a row that fell back keeps the plain weights: its centre lies in the padding, so
+            # the Gaussian around it would leave the valid positions almost no weight
+            alpha = weighted if fell_back is None else torch.where(fell_back, alpha, weighted)
         return alpha
 
 
@@ -514,7 +524,9 @@ class LocalPredictiveAttention(_LocalAttention):
 
     with ``align`` the score's softmax over the window ``|s + 1/2 - p_t| <= D_w``,
     ``sigma = D_w / 2`` and ``S`` the number of valid positions of each row. Not renormalised
-    (as in the paper) unless ``renormalize``.
+    (as in the paper) unless ``renormalize``. The valid positions of a masked row must come
+    first (right padding, as :class:`~captioner.encoders.text.TextEncoder` pads): ``p_t`` is
+    placed in ``[0, S]``.
 
     Args:
         query_dim: ``N``.

@@ -269,6 +269,25 @@ class AttentionDecoder(nn.Module):
             self.hard = HardAttention(hard_expectation_prob, hard_expectation_per, hard_test)
 
     # ------------------------------------------------------------------ state
+    def use_grid(self, grid_size: tuple[int, int]) -> None:
+        """Give an attention that reads the grid's layout (one with a ``grid_size``:
+        :class:`~captioner.attention.LocalAttention2d`) the encoder's ``(H, W)`` when it has none,
+        and refuse another: ``L = H W`` alone cannot tell a 4 x 9 grid from a 6 x 6 one, or
+        ``(3, 5)`` from ``(5, 3)``, and a window laid on the wrong grid is scattered cells.
+
+        Raises:
+            ValueError: the attention was built for another grid.
+        """
+        attention_grid = getattr(self.attention, "grid_size", False)
+        if attention_grid is False:
+            return  # the attention does not read the layout
+        if attention_grid is None:
+            self.attention.grid_size = tuple(grid_size)
+        elif tuple(attention_grid) != tuple(grid_size):
+            raise ValueError(f"{type(self.attention).__name__}(grid_size={tuple(attention_grid)}) "
+                             f"but the encoder's grid is {tuple(grid_size)}: give the attention "
+                             "the encoder's grid_size, or none")
+
     def init_state(self, annotations: torch.Tensor, mask: torch.Tensor | None = None) -> DecoderState:
         """Initial state from the annotations.
 

@@ -102,7 +102,9 @@ def _build_model(init_args: dict[str, Any], vocab_size: int) -> tuple[nn.Module,
     if parts["encoder"] is None:
         raise ValueError("the model config has no encoder")
     make_decoder = parts["decoder"] or AttentionDecoder
-    return parts["encoder"], make_decoder(vocab_size, parts["encoder"].out_channels)
+    decoder = make_decoder(vocab_size, parts["encoder"].out_channels)
+    decoder.use_grid(parts["encoder"].grid_size)
+    return parts["encoder"], decoder
 
 
 def _sub_state(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:

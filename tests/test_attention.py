@@ -212,6 +212,10 @@ def test_location_attention_ignores_content_and_checks_the_number_of_positions()
     torch.testing.assert_close(attn(query, torch.randn_like(keys)), attn(query, keys))
     with pytest.raises(ValueError, match="num_positions=7.*L=9"):
         attn(query, torch.randn(B, 9, D))
+    # Eq. 8 has no bias: a zero query attends uniformly (a bias is an option, a learned prior)
+    assert attn.location.bias is None
+    torch.testing.assert_close(attn(torch.zeros(B, N), keys), torch.full((B, L), 1 / L))
+    assert LocationAttention(N, D, num_positions=L, bias=True).location.bias.shape == (L,)
 
 
 def test_no_attention_is_uniform_and_provides_no_context():
@@ -328,4 +332,9 @@ def test_local_2d_window_over_padding_only_falls_back_to_the_valid_cells():
     mask = torch.zeros(B, 15, dtype=torch.bool)
     mask[:, 14] = True  # only cell (2, 4), outside the window
     alpha = attn(query, keys, mask=mask)
-    assert torch.isfinite(alpha).all() and (alpha[:, :14] == 0).all() and (alpha[:, 14] > 0).all()
+    assert torch.isfinite(alpha).all() and (alpha[:, :14] == 0).all()
+    # the fallback's weights are not damped by the Gaussian around the centre in the padding
+    # (exp(-(2^2 + 4^2) / 0.5) ~ 4e-18 of them was left): the one valid cell gets them all
+    torch.testing.assert_close(alpha[:, 14], torch.ones(B))
+    context = torch.bmm(alpha.unsqueeze(1), keys).squeeze(1)  # (B, D)
+    torch.testing.assert_close(context, keys[:, 14])

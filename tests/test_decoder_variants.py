@@ -281,3 +281,24 @@ def test_attention_variants_are_reachable_from_config():
     assert isinstance(decoder.attention, LocalAttention2d) and decoder.hard is not None
     assert isinstance(decoder.attention.align, ScaledDotProductAttention)
     assert decoder.attention.grid_size == (3, 3)
+
+
+def test_the_2d_local_attention_takes_the_encoders_grid_or_refuses_another():
+    """``L = H W`` alone cannot tell a 4 x 9 grid from 6 x 6 (it was inferred square) nor
+    ``(3, 5)`` from ``(5, 3)``: the module gives the attention the encoder's grid when it has
+    none and refuses a different one."""
+    from captioner.attention import LocalAttention2d
+    from captioner.encoders.encoder import ImageEncoder
+
+    def module(encoder_grid, attention_grid):
+        decoder = functools.partial(
+            AttentionDecoder, embed_dim=4, hidden_dim=6, dropout=0.0,
+            attention=functools.partial(LocalAttention2d, window=1, position_dim=3,
+                                        grid_size=attention_grid))
+        encoder = ImageEncoder("shapes_cnn", weights=None, grid_size=encoder_grid)
+        return CaptioningModule(encoder, decoder, vocab_size=9)
+
+    assert module((4, 9), None).decoder.attention.grid_size == (4, 9)
+    assert module((3, 5), (3, 5)).decoder.attention.grid_size == (3, 5)
+    with pytest.raises(ValueError, match=r"grid_size=\(5, 3\).*encoder's grid is \(3, 5\)"):
+        module((3, 5), (5, 3))

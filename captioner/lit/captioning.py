@@ -100,6 +100,8 @@ class CaptioningModule(CaptionerModule):
             )
         self.encoder = encoder
         self.decoder = decoder(vocab_size, encoder.out_channels)
+        if getattr(encoder, "grid_size", None) is not None:
+            self.decoder.use_grid(encoder.grid_size)
         self.vocab: Vocabulary | None = None
 
     # ---------------------------------------------------------------- vocabulary
