@@ -150,9 +150,12 @@ class HeatmapLocalisation(nn.Module):
     With features ``F = trunk(U)`` ``(B, c, h_f, w_f)`` (two 3x3 conv + leaky ReLU layers, a
     2x2 max-pool between), one heat map per transformer ``k``::
 
-        p^k_ij = softmax_ij(v_k^T F_ij + b_k),   t^k_x = sum_ij p^k_ij x_j,   t^k_y = sum_ij p^k_ij y_i
+        p^k_ij = softmax_ij(v_k^T F_{c(i, j)} + b_k),   t^k_x = sum_ij p^k_ij x_j,   t^k_y = sum_ij p^k_ij y_i
 
-    with ``x_j = (2 j + 1) / w_f - 1`` and ``y_i = (2 i + 1) / h_f - 1`` the pixel centres in the
+    over the pixels ``(i, j)`` of the input ``U`` ``(h, w)``, each given the logit of the feature
+    cell ``c(i, j)`` that pools it (so a cell is placed where its pixels are, also when the 2x2
+    pool's last cell covers a single row or column of an odd-sized map), with
+    ``x_j = (2 j + 1) / w - 1`` and ``y_i = (2 i + 1) / h - 1`` the pixel centres in the
     sampler's normalised coordinates (``align_corners=False``), and the remaining parameters
     (scale, rotation or the linear part of ``A``) ``W mean_ij F_ij + b``. ``v_k, b_k, W`` start
     at zero and ``b`` at the identity's parameters, so the map starts uniform, ``t = 0`` and the
@@ -202,19 +205,27 @@ class HeatmapLocalisation(nn.Module):
                 self.regress.bias.copy_(identity[self._others].repeat(count))
 
     def heatmap(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``p`` ``(B, n, h_f, w_f)`` (each map sums to 1) and the features' mean ``(B, c)``."""
+        """``p`` ``(B, n, h, w)`` over the input's pixels (each map sums to 1; a feature cell's
+        logit spread over the pixels it pools) and the features' mean ``(B, c)``."""
         features = self.trunk(x)  # (B, c, h_f, w_f)
         logits = self.heat(features)  # (B, n, h_f, w_f)
-        return torch.softmax(logits.flatten(2), -1).view_as(logits), features.mean((2, 3))
+        (h, w), (h_f, w_f) = x.shape[-2:], logits.shape[-2:]
+        rows = torch.arange(h, device=x.device) // -(-h // h_f)  # (h,) the cell pooling row i
+        cols = torch.arange(w, device=x.device) // -(-w // w_f)  # (w,)
+        pixel_logits = logits[:, :, rows][:, :, :, cols]  # (B, n, h, w)
+        p = torch.softmax(pixel_logits.flatten(2), -1).view_as(pixel_logits)  # (B, n, h, w)
+        return p, features.mean((2, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p, pooled = self.heatmap(x)  # (B, n, h_f, w_f), (B, c)
-        b, n, h_f, w_f = p.shape
-        # in float64, so that a uniform map gives t = 0 to ~1e-17 (the exact identity)
-        xs = (2 * torch.arange(w_f, device=x.device, dtype=torch.float64) + 1) / w_f - 1
-        ys = (2 * torch.arange(h_f, device=x.device, dtype=torch.float64) + 1) / h_f - 1
-        tx = (p.sum(2).double() * xs).sum(-1).to(p.dtype)  # (B, n)
-        ty = (p.sum(3).double() * ys).sum(-1).to(p.dtype)  # (B, n)
+        p, pooled = self.heatmap(x)  # (B, n, h, w), (B, c)
+        b, n, h, w = p.shape
+        # marginals and sums in float64, so that a uniform map gives t = 0 to ~1e-17 (the
+        # exact identity; float32 column sums differ in their last bit on large maps)
+        pd = p.double()
+        xs = (2 * torch.arange(w, device=x.device, dtype=torch.float64) + 1) / w - 1  # (w,)
+        ys = (2 * torch.arange(h, device=x.device, dtype=torch.float64) + 1) / h - 1  # (h,)
+        tx = (pd.sum(2) * xs).sum(-1).to(p.dtype)  # (B, n)
+        ty = (pd.sum(3) * ys).sum(-1).to(p.dtype)  # (B, n)
         others = None if self.regress is None else self.regress(pooled).view(b, n, -1)
         # under CUDA autocast the softmax is float32 while the linear layer is float16
         dtype = p.dtype if others is None else torch.promote_types(p.dtype, others.dtype)

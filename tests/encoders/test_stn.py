@@ -64,11 +64,31 @@ def test_identity_at_initialisation_several_transformers(transform: str) -> None
     torch.testing.assert_close(out, torch.cat([x, x], 1), atol=1e-6, rtol=0)
 
 
-def test_identity_on_a_large_image_is_exact() -> None:
-    # float32 grids would be off by ~1e-5 at 224 px; warp samples in float64
+@pytest.mark.parametrize("localization", ["conv", "heatmap"])
+def test_identity_on_a_large_image_is_exact(localization: str) -> None:
+    # float32 grids would be off by ~1e-5 at 224 px; warp samples in float64, and the heat
+    # map's marginals are summed in float64 (float32 column sums left t_x ~1e-8, 1e-5 out)
     x = torch.rand(1, 3, 224, 224)
-    stn = SpatialTransformer(in_channels=3)
-    torch.testing.assert_close(stn(x), x, atol=1e-6, rtol=0)
+    stn = SpatialTransformer(in_channels=3, localization=localization, transform="translation")
+    torch.testing.assert_close(stn(x), x, atol=1e-6 if localization == "conv" else 0, rtol=0)
+
+
+def test_heatmap_points_at_the_pixels_a_cell_pools_on_odd_sizes() -> None:
+    """The 2x2 pool (ceil mode) of a 7 x 9 map makes 4 x 5 cells, the last ones a single row /
+    column: a sharp detector on the object covering rows 2-3 and columns 4-5 (cell (1, 2))
+    points at those pixels' centre, x = 10/9 - 1, y = 6/7 - 1 (placing cells at
+    (2 j + 1) / w_f - 1 gave x = 0, half a pixel to one pixel off)."""
+    loc = HeatmapLocalisation(in_channels=2, hidden=2, transform="translation", count=1)
+    loc.trunk = torch.nn.MaxPool2d(2, ceil_mode=True)  # (B, 2, 7, 9) -> (B, 2, 4, 5)
+    with torch.no_grad():
+        loc.heat.weight.zero_()
+        loc.heat.weight[0, 0] = 200.0
+    x = torch.zeros(1, 2, 7, 9)
+    x[0, 0, 2:4, 4:6] = 1.0
+    torch.testing.assert_close(loc(x), torch.tensor([[10 / 9 - 1, 6 / 7 - 1]]))
+    x = torch.zeros(1, 2, 7, 9)
+    x[0, 0, 6, 8] = 1.0  # the corner cell pools one pixel: its centre
+    torch.testing.assert_close(loc(x), torch.tensor([[17 / 9 - 1, 13 / 7 - 1]]))
 
 
 def test_params_to_theta_hand_values() -> None:
