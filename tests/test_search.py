@@ -134,15 +134,20 @@ class CopiedKeysDecoder(AttentionDecoder):
 
 @pytest.mark.parametrize("k", [2, 3, 4])
 @pytest.mark.parametrize("masked", [False, True])
-def test_shared_beam_keys_decode_as_copied_keys(decoder, annotations, k, masked):
+@pytest.mark.parametrize("min_length", [1, 12])
+def test_shared_beam_keys_decode_as_copied_keys(decoder, annotations, k, masked, min_length):
+    """Also with every beam alive for all 12 steps (min_length 12): with the default the
+    fixture's beams end after a few tokens, and a fault in later steps could go unseen."""
     copied = CopiedKeysDecoder(V, D, embed_dim=9, hidden_dim=11, dropout=0.0).eval()
     copied.load_state_dict(decoder.state_dict())
     mask = None
     if masked:  # ragged source lengths, as in translation
         mask = torch.ones(B, L, dtype=torch.bool)
         mask[0, 4:] = mask[3, 2:] = False
-    a = beam_search(decoder, annotations, beam_size=k, mask=mask, max_length=12, **IDS)
-    b = beam_search(copied, annotations, beam_size=k, mask=mask, max_length=12, **IDS)
+    kw = dict(beam_size=k, mask=mask, max_length=12, min_length=min_length, **IDS)
+    a = beam_search(decoder, annotations, **kw)
+    b = beam_search(copied, annotations, **kw)
+    assert min_length == 1 or (a.lengths == 12).all()
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.lengths, b.lengths)
     torch.testing.assert_close(a.scores, b.scores, rtol=0, atol=1e-5)
     torch.testing.assert_close(a.alphas, b.alphas, rtol=0, atol=1e-6)
