@@ -313,24 +313,27 @@ class CaptioningModule(CaptionerModule):
         scores = self._score("test")
         outputs, hyps = self._last_outputs
         records = self.trainer.datamodule.records("test")
-        coco = self._coco_scores(records, outputs, hyps)
+        coco, protocol = self._coco_scores(records, outputs, hyps)
         scores.update(coco)
         for k, v in scores.items():
             self.log(f"test/{k}", float(v), sync_dist=False, rank_zero_only=False)
         out_dir = self.results_dir()  # on every rank: log_dir is a collective under DDP
         if self.trainer.is_global_zero:
-            self._write_results(out_dir, records, outputs, hyps, scores)
+            self._write_results(out_dir, records, outputs, hyps, scores, protocol)
         self._eval_outputs = []
 
-    def _coco_scores(self, records, outputs, hyps) -> dict[str, float]:
+    def _coco_scores(self, records, outputs, hyps) -> tuple[dict[str, float], dict[str, Any]]:
+        """The COCO metrics, and how they were obtained (``tokenizer``; ``skipped`` parts with
+        the reason, e.g. SPICE without its jars), as ``captioner evaluate`` records them."""
         from captioner.metrics import coco_caption_scores
 
         refs = {records[o["index"]].image_id: list(records[o["index"]].captions) for o in outputs}
         res = {records[o["index"]].image_id: " ".join(h) for o, h in zip(outputs, hyps)}
         result = coco_caption_scores(refs, res)
-        return dict(result.scores)
+        return dict(result.scores), {"tokenizer": result.tokenizer,
+                                     "skipped": dict(result.skipped)}
 
-    def _write_results(self, out_dir, records, outputs, hyps, scores) -> None:
+    def _write_results(self, out_dir, records, outputs, hyps, scores, protocol) -> None:
         from captioner.metrics import json_safe, write_coco_results
 
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -341,8 +344,9 @@ class CaptioningModule(CaptionerModule):
                   "length_penalty": float(h.length_penalty),
                   "beam_stop": h.get("beam_stop", "k_finished")}  # how the captions were decoded
         with atomic_write(out_dir / "test_metrics.json") as f:
-            json.dump(json_safe({**{k: float(v) for k, v in scores.items()}, **search}), f,
-                      indent=2, allow_nan=False)  # an undefined score is null, not NaN
+            json.dump(json_safe({**{k: float(v) for k, v in scores.items()}, **search,
+                                 **protocol}),
+                      f, indent=2, allow_nan=False)  # an undefined score is null, not NaN
         log.info("test captions and metrics written to %s", out_dir)
 
     # ---------------------------------------------------------------- optimisation

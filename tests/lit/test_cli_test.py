@@ -54,6 +54,10 @@ def test_fit_then_test_writes_coco_results_and_metrics(shapes_root, tmp_path):
         assert key in metrics and 0.0 <= metrics[key] <= 10.0
     if shutil.which("java"):
         assert "METEOR" in metrics
+    # how the figures were obtained, as `captioner evaluate` records it
+    assert metrics["tokenizer"] == ("ptb" if shutil.which("java") else "python")
+    assert isinstance(metrics["skipped"], dict)  # part -> why (SPICE without its jars)
+    assert ("METEOR" in metrics["skipped"]) == (shutil.which("java") is None)
     results = json.loads((out / "test_captions.json").read_text())
     assert len(results) == 6  # every test image decoded exactly once
     gt = COCO(str(shapes_root / "annotations" / "captions_test.json"))
