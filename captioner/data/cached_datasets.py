@@ -37,14 +37,15 @@ class CachedCaptionDataset(CaptionTrainDataset):
                  max_length: int = 50) -> None:
         super().__init__(records, vocab, image_size=1, max_length=max_length)
         self.cache = cache
+        self._locations = cache.locate(r.path for r in self.records)  # (R, 2) shard, row
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         """Returns ``features`` ``(L, D)`` float16, ``caption`` ``(T + 1,)`` long, ``index`` int."""
         r = int(self._record_index[i])
         start, end = self._offsets[i], self._offsets[i + 1]
         caption = torch.from_numpy(self._ids[start:end].copy())  # (T + 1,)
-        return {"features": self.cache.tensor(self.records[r].path), "caption": caption,
-                "index": r}
+        shard, row = self._locations[r]
+        return {"features": self.cache.tensor_at(shard, row), "caption": caption, "index": r}
 
 
 class CachedImageDataset(ImageEvalDataset):
@@ -58,10 +59,12 @@ class CachedImageDataset(ImageEvalDataset):
     def __init__(self, records: Sequence[ImageRecord], cache: FeatureCache) -> None:
         super().__init__(records, image_size=1)
         self.cache = cache
+        self._locations = cache.locate(r.path for r in self.records)  # (R, 2) shard, row
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         """Returns ``features`` ``(L, D)`` float16 and ``index`` (= ``i``)."""
-        return {"features": self.cache.tensor(self.records[i].path), "index": i}
+        shard, row = self._locations[i]
+        return {"features": self.cache.tensor_at(shard, row), "index": i}
 
 
 def _as_images(batch: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
