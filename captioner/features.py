@@ -73,6 +73,22 @@ class FeatureCacheError(ValueError):
     """A cache that is missing, incomplete, or does not match the request."""
 
 
+class NotInCache(KeyError):
+    """Images a :class:`FeatureCache` does not hold.
+
+    Attributes:
+        missing: their keys (:func:`image_key`), in the order asked.
+    """
+
+    def __init__(self, directory: Path, missing: list[str]) -> None:
+        super().__init__(f"{missing[0]} is not in the feature cache {directory}"
+                         + (f" (nor {len(missing) - 1} more images)" if len(missing) > 1 else ""))
+        self.missing = missing
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
 def image_key(path: str | os.PathLike[str]) -> str:
     """The cache key of an image file: its resolved absolute path."""
     return str(Path(path).resolve())
@@ -182,22 +198,24 @@ class FeatureCache:
         resolved here once, not at every read).
 
         Raises:
-            KeyError: an image is not in the cache.
+            NotInCache: images not in the cache (all of them listed), a ``KeyError``.
         """
-        rows = []
-        for path in paths:
-            key = image_key(path)
-            try:
-                rows.append(self.items[key])
-            except KeyError:
-                raise KeyError(f"{key} is not in the feature cache {self.directory}") from None
+        rows, missing = [], []
+        for key in map(image_key, paths):
+            found = self.items.get(key)
+            if found is None:
+                missing.append(key)
+            else:
+                rows.append(found)
+        if missing:
+            raise NotInCache(self.directory, missing)
         return np.asarray(rows, dtype=np.int64).reshape(-1, 2)  # (n, 2)
 
     def array(self, path: str | os.PathLike[str]) -> np.ndarray:
         """The stored ``(L, D)`` float16 grid of an image (a read-only memory-mapped view).
 
         Raises:
-            KeyError: the image is not in the cache.
+            NotInCache: the image is not in the cache (a ``KeyError``).
         """
         (shard, row), = self.locate([path])
         return self._shard(int(shard))[row]

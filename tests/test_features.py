@@ -218,6 +218,9 @@ def test_datasets_resolve_paths_once_and_readers_keep_every_shard_open(records, 
     assert features.default_open_shards(10**9) >= 64
     dataset = CachedImageDataset(records["train"][:6], cache)
     expected = [cache.tensor(p) for p in paths]
+    with pytest.raises(features.NotInCache, match="nor 1 more") as missing:  # all listed
+        cache.locate([paths[0], tmp_path / "a.png", tmp_path / "b.png"])
+    assert missing.value.missing == [image_key(tmp_path / "a.png"), image_key(tmp_path / "b.png")]
     monkeypatch.setattr(features, "image_key", lambda path: pytest.fail("resolved per item"))
     for i in (4, 0, 5, 2):
         assert torch.equal(dataset[i]["features"], expected[i])

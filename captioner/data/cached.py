@@ -31,7 +31,7 @@ from captioner.data.cached_datasets import (CachedCaptionDataset, CachedImageDat
 from captioner.data.datamodule import CaptionDataModule, DataFormat, ShapesDataModule
 from captioner.data.formats import AnnotationWarning, ImageRecord
 from captioner.data.samplers import epoch_sampler, loader_generator, run_seed
-from captioner.features import FeatureCache, FeatureCacheError
+from captioner.features import FeatureCache, FeatureCacheError, NotInCache
 
 __all__ = ["CachedCaptionDataset", "CachedImageDataset", "CachedFeaturesDataModule",
            "CachedShapesDataModule", "collate_cached_captions", "collate_cached_images"]
@@ -79,17 +79,17 @@ class _CachedFeatures:
     def _dataset(self, split: str) -> Dataset[dict[str, Any]]:
         if split not in self._datasets:
             records = self.records(split)
-            missing = self.cache.missing(r.path for r in records)
-            if missing:
+            try:  # the datasets locate every image once (each path resolved once)
+                if split == "train":
+                    self._datasets[split] = CachedCaptionDataset(
+                        records, self.vocab, self.cache, self.max_caption_length)
+                else:
+                    self._datasets[split] = CachedImageDataset(records, self.cache)
+            except NotInCache as e:
                 raise FeatureCacheError(
-                    f"{len(missing)} of the {len(records)} {split} images are not in the "
-                    f"feature cache {self.features_dir} (first: {missing[0]}); run `captioner "
-                    f"extract-features --split {split}` with this data config")
-            if split == "train":
-                self._datasets[split] = CachedCaptionDataset(records, self.vocab, self.cache,
-                                                             self.max_caption_length)
-            else:
-                self._datasets[split] = CachedImageDataset(records, self.cache)
+                    f"{len(e.missing)} of the {len(records)} {split} images are not in the "
+                    f"feature cache {self.features_dir} (first: {e.missing[0]}); run `captioner "
+                    f"extract-features --split {split}` with this data config") from None
         return self._datasets[split]
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader[dict[str, Any]]:
