@@ -20,10 +20,10 @@ stored once. Shards and the index are written atomically (a temporary file, then
 quadratic: 81 s of index writes for COCO's 482 shards). An interrupted extraction leaves a
 consistent cache of whole shards and, run again, continues after the last shard the index
 records (at most that interval's work is redone; a shard written after it is overwritten with
-the same bytes). One DataLoader feeds every shard (its workers are not restarted per shard). Shard boundaries
-coincide with batch boundaries, so a resumed extraction encodes exactly the batches an
-uninterrupted one would and produces the same bytes. The ``fingerprint`` (a hash of the
-encoder's weights and of the image size) keeps a resumed run from mixing two encoders.
+the same bytes). One DataLoader feeds every shard (its workers are not restarted per shard).
+Shard boundaries coincide with batch boundaries, so a resumed extraction encodes exactly the
+batches an uninterrupted one would and produces the same bytes. The ``fingerprint`` (a hash of
+the encoder's weights and of the image size) keeps a resumed run from mixing two encoders.
 
 Reading is memory-mapped (``np.load(mmap_mode="r")``): memory stays bounded whatever the size of
 the data set, and DataLoader workers share the page cache. At most ``max_open_shards`` maps (and
