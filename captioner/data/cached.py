@@ -23,14 +23,12 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from captioner.data.cached_datasets import (CachedCaptionDataset, CachedImageDataset,
                                             collate_cached_captions, collate_cached_images)
 from captioner.data.datamodule import CaptionDataModule, DataFormat, ShapesDataModule
 from captioner.data.formats import AnnotationWarning, ImageRecord
-from captioner.data.samplers import epoch_sampler, loader_generator, run_seed
 from captioner.features import FeatureCache, FeatureCacheError, NotInCache
 
 __all__ = ["CachedCaptionDataset", "CachedImageDataset", "CachedFeaturesDataModule",
@@ -92,23 +90,10 @@ class _CachedFeatures:
                     f"extract-features --split {split}` with this data config") from None
         return self._datasets[split]
 
-    def _loader(self, split: str, shuffle: bool) -> DataLoader[dict[str, Any]]:
-        dataset = self._dataset(split)
-        if split == "train" and len(dataset) == 0:  # type: ignore[arg-type]
-            raise ValueError("the training split has no images")
-        collate = (functools.partial(collate_cached_captions, pad_id=self.vocab.pad_id)
-                   if split == "train" else collate_cached_images)
-        seed = run_seed()  # the order is a function of (seed, epoch): resuming repeats it
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size if split == "train" else self.eval_batch_size,
-            sampler=epoch_sampler(dataset, seed, self.trainer) if shuffle else None,
-            generator=loader_generator(seed),
-            num_workers=self.num_workers,
-            collate_fn=collate,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
+    def _collate(self, split: str) -> Any:
+        if split == "train":
+            return functools.partial(collate_cached_captions, pad_id=self.vocab.pad_id)
+        return collate_cached_images
 
 
 class CachedFeaturesDataModule(_CachedFeatures, CaptionDataModule):

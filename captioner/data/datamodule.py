@@ -328,15 +328,17 @@ class CaptionDataModule(L.LightningDataModule):
                 self._datasets[split] = ImageEvalDataset(self.records(split), self.image_size)
         return self._datasets[split]
 
+    def _collate(self, split: str) -> Any:
+        """The batch function of ``split``'s loader."""
+        if split == "train":
+            return functools.partial(collate_captions, pad_id=self.vocab.pad_id)
+        return collate_images
+
     def _loader(self, split: str, shuffle: bool) -> DataLoader[dict[str, Any]]:
         dataset = self._dataset(split)
         if split == "train" and len(dataset) == 0:  # type: ignore[arg-type]
             raise ValueError("the training split has no images")
-        collate = (
-            functools.partial(collate_captions, pad_id=self.vocab.pad_id)
-            if split == "train"
-            else collate_images
-        )
+        collate = self._collate(split)
         seed = run_seed()  # the order is a function of (seed, epoch): resuming repeats it
         return DataLoader(
             dataset,
