@@ -177,10 +177,6 @@ class FeatureCache:
     def __contains__(self, path: object) -> bool:
         return isinstance(path, (str, os.PathLike)) and image_key(path) in self.items
 
-    def missing(self, paths: Iterable[str | os.PathLike[str]]) -> list[str]:
-        """The keys of ``paths`` that the cache does not hold."""
-        return [k for k in map(image_key, paths) if k not in self.items]
-
     def _shard(self, shard: int) -> np.ndarray:
         if shard in self._shards:
             self._shards.move_to_end(shard)
