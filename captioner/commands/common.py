@@ -143,15 +143,14 @@ def write_json(path: Path, obj: Any) -> None:
         json.dump(json_safe(obj), f, indent=2, ensure_ascii=False, allow_nan=False)
 
 
-def load_data_config(files: Sequence[str | Path]) -> dict[str, Any]:
-    """The ``data`` section (``class_path`` / ``init_args``) of YAML config files.
-
-    Each file is either a LightningCLI config with a ``data:`` key or a bare
-    ``class_path``/``init_args`` mapping. Later files override earlier ones (``init_args``
-    merged key by key; a new ``class_path`` starts from empty ``init_args``).
+def merged_class_config(files: Sequence[str | Path],
+                        section: Callable[[Any], Any]) -> dict[str, Any]:
+    """``{"class_path", "init_args"}`` of the section ``section(doc)`` picks in each YAML file,
+    later files overriding earlier ones (``init_args`` merged key by key; a new ``class_path``
+    starts from empty ``init_args``); ``{}`` when no file has one.
 
     Raises:
-        ToolError: unreadable YAML or no data section.
+        ToolError: unreadable YAML.
     """
     import yaml
 
@@ -162,15 +161,29 @@ def load_data_config(files: Sequence[str | Path]) -> dict[str, Any]:
         except (OSError, yaml.YAMLError) as e:
             raise ToolError(f"{file}: cannot read the config ({type(e).__name__}: "
                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
-        section = doc.get("data", doc) if isinstance(doc, dict) else None
-        if not isinstance(section, dict):
+        part = section(doc) if isinstance(doc, dict) else None
+        if not isinstance(part, dict):
             continue
-        class_path = section.get("class_path", merged.get("class_path"))
+        class_path = part.get("class_path", merged.get("class_path"))
         if class_path is None:
             continue
         if class_path != merged.get("class_path"):
             merged = {"class_path": class_path, "init_args": {}}
-        merged["init_args"].update(section.get("init_args") or {})
+        merged["init_args"].update(part.get("init_args") or {})
+    return merged
+
+
+def load_data_config(files: Sequence[str | Path]) -> dict[str, Any]:
+    """The ``data`` section (``class_path`` / ``init_args``) of YAML config files.
+
+    Each file is either a LightningCLI config with a ``data:`` key or a bare
+    ``class_path``/``init_args`` mapping; later files override earlier ones
+    (:func:`merged_class_config`).
+
+    Raises:
+        ToolError: unreadable YAML or no data section.
+    """
+    merged = merged_class_config(files, lambda doc: doc.get("data", doc))
     if not merged:
         raise ToolError("no data section (data: class_path/init_args) in "
                         + ", ".join(map(str, files)))

@@ -11,8 +11,8 @@ from typing import Any
 
 from captioner.cli import register_tool
 from captioner.commands.common import (EXIT_INPUT_ERROR, EXIT_OK, ToolError, build_data_module,
-                                       device_arg, load_captioner, make_tool, non_negative_int,
-                                       positive_int)
+                                       device_arg, load_captioner, make_tool, merged_class_config,
+                                       non_negative_int, positive_int)
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -46,30 +46,15 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 
 def load_model_encoder_config(files: Sequence[str | Path]) -> dict[str, Any]:
-    """The ``model.init_args.encoder`` section (``class_path`` / ``init_args``) of YAML files.
-
-    Later files override earlier ones (``init_args`` merged key by key).
+    """The ``model.init_args.encoder`` section (``class_path`` / ``init_args``) of YAML files,
+    later files overriding earlier ones (:func:`~captioner.commands.common.merged_class_config`).
 
     Raises:
         ToolError: unreadable YAML or no encoder in any ``model:`` section.
     """
-    import yaml
-
-    merged: dict[str, Any] = {}
-    for file in files:
-        try:
-            doc = yaml.safe_load(Path(file).read_text(encoding="utf-8"))
-        except (OSError, yaml.YAMLError) as e:
-            raise ToolError(f"{file}: cannot read the config ({type(e).__name__})") from None
-        model = doc.get("model") if isinstance(doc, dict) else None
-        encoder = ((model or {}).get("init_args") or {}).get("encoder")
-        if not isinstance(encoder, dict):
-            continue
-        class_path = encoder.get("class_path", merged.get("class_path"))
-        if class_path != merged.get("class_path"):
-            merged = {"class_path": class_path, "init_args": {}}
-        merged["init_args"].update(encoder.get("init_args") or {})
-    if not merged.get("class_path"):
+    merged = merged_class_config(
+        files, lambda doc: ((doc.get("model") or {}).get("init_args") or {}).get("encoder"))
+    if not merged:
         raise ToolError("no model encoder (model: init_args: encoder: class_path) in "
                         + ", ".join(map(str, files)))
     return merged
