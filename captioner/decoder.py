@@ -212,6 +212,10 @@ class AttentionDecoder(nn.Module):
     #: weights (same numerics; kept so that ``scripts/benchmark.py`` measures the gain).
     fused_recurrent: bool = True
 
+    #: ``((dtype, device, data pointer, version), lstm.weight_ih cast to dtype)``: see
+    #: :meth:`_input_weights` (a plain attribute, not part of the state dict)
+    _autocast_weight: tuple[tuple, torch.Tensor] | None = None
+
     def __init__(
         self,
         vocab_size: int,
@@ -304,7 +308,17 @@ class AttentionDecoder(nn.Module):
             h, c = torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean))  # (B, N)
         else:
             h = c = mean.new_zeros(mean.shape[0], self.hidden_dim)
-        return DecoderState(h, c, annotations, self.attention.project_keys(annotations), mask)
+        keys, device = annotations, annotations.device.type
+        if torch.is_autocast_enabled(device) and self._keys_feed_context_only():
+            # every step's context would cast the (B, L, D) keys to the autocast dtype again
+            keys = annotations.to(torch.get_autocast_dtype(device))  # (B, L, D), cast once
+        return DecoderState(h, c, keys, self.attention.project_keys(annotations), mask)
+
+    def _keys_feed_context_only(self) -> bool:
+        """Whether the annotations, once projected, are read only by the context ``z_t``
+        (soft attention whose module scores from the projected keys alone)."""
+        return (self.use_context and self.hard is None
+                and not getattr(self.attention, "reads_keys", True))
 
     def expand_beams(self, state: DecoderState, k: int) -> DecoderState:
         """The state of ``k`` hypotheses per image, image-major (what beam search starts from).
@@ -314,16 +328,29 @@ class AttentionDecoder(nn.Module):
         attention whose module scores from the projected keys alone
         (:attr:`captioner.attention.Attention.reads_keys` false, e.g. the paper's additive
         attention). Otherwise every row gets its own copy."""
-        share = (k > 1 and self.use_context and self.hard is None
-                 and state.proj_keys is not None
-                 and not getattr(self.attention, "reads_keys", True))
+        share = k > 1 and state.proj_keys is not None and self._keys_feed_context_only()
         return state.repeat_rows(k, share_keys=share)
 
     # ------------------------------------------------------------------ one step
+    def _input_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(W_e (4N, E), W_z (4N, D))``: the word and context parts of ``lstm.weight_ih``.
+
+        Under autocast without autograd (search) they are views of the weight cast to the
+        autocast dtype once per update of the weight: autocast caches the casts of whole leaf
+        parameters only, so it would cast these views again at every step (4N x (E + D) values,
+        2048 x 2560 at COCO scale)."""
+        w = self.lstm.weight_ih  # (4N, E + D)
+        device = w.device.type
+        if torch.is_autocast_enabled(device) and not torch.is_grad_enabled():
+            key = (torch.get_autocast_dtype(device), w.device, w.data_ptr(), w._version)
+            if self._autocast_weight is None or self._autocast_weight[0] != key:
+                self._autocast_weight = (key, w.detach().to(key[0]))
+            w = self._autocast_weight[1]
+        return w[:, : self.embed_dim], w[:, self.embed_dim :]
+
     def _input_gates_from_words(self, emb: torch.Tensor) -> torch.Tensor:
         """The embedding part of the LSTM input transform ``W_e E y + b`` (any leading dims)."""
-        w = self.lstm.weight_ih[:, : self.embed_dim]  # (4N, E)
-        return F.linear(emb, w, self.lstm.bias_ih + self.lstm.bias_hh)
+        return F.linear(emb, self._input_weights()[0], self.lstm.bias_ih + self.lstm.bias_hh)
 
     def _attend(self, state: DecoderState) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Context ``z_t`` ``(B, D)``, ``alpha_t`` ``(B, L)`` and gate ``beta_t`` ``(B, 1|D)``
@@ -369,7 +396,7 @@ class AttentionDecoder(nn.Module):
         if recurrent is not None:
             gates = word_gates + recurrent(torch.cat([z, state.h], dim=1))  # (B, 4N)
         else:
-            w_z = self.lstm.weight_ih[:, self.embed_dim :]  # (4N, D)
+            w_z = self._input_weights()[1]  # (4N, D)
             gates = (word_gates + F.linear(z, w_z)
                      + F.linear(state.h, self.lstm.weight_hh))  # (B, 4N)
         i, f, g, o = gates.chunk(4, dim=1)  # torch.nn.LSTMCell gate order

@@ -37,8 +37,9 @@ stay meaningful.
 * ``--ab ABLATION`` measures training of ours against one training ablation alone, interleaved
   in alternating order, and reports the ratio of every round: for effects of a few per cent,
   which the shared machine's noise hides in a three-repeat run, give it many ``--repeats``.
-* ``--bf16`` adds CPU autocast bf16 throughput of training and greedy decoding, with the loss
-  parity against fp32 on the same batch (dropout off).
+* ``--bf16`` adds CPU autocast bf16 throughput of training, beam search and greedy decoding
+  (and of the encoders), each measured in the same rounds as fp32, with the loss parity against
+  fp32 on the same batch (dropout off).
 
 Usage::
 
@@ -88,6 +89,8 @@ LENGTH_DISTRIBUTION: dict[int, float] = {
 }
 PAD_ID, START_ID, END_ID = 0, 1, 2  # captioner.data.vocabulary.SPECIALS order
 SEED = 0
+#: the decoding keys (``{key}_fixed20_images_per_s``) and their beam sizes (1: greedy)
+DECODE_KEYS = {"beam_k3": 3, "beam_k5": 5, "greedy_b32": 1}
 
 
 @dataclass(frozen=True)
@@ -640,7 +643,7 @@ def bench_decoders(s: Sizes, device: torch.device, baseline: bool,
 
     # decoding: 32 images, exactly `steps` steps
     decode: dict[str, dict[str, float]] = {name: {} for name in impls}
-    for beam, key in ((3, "beam_k3"), (5, "beam_k5"), (1, "greedy_b32")):
+    for key, beam in DECODE_KEYS.items():
         tasks, items = {}, {}
         for name, (dec, _) in impls.items():
             if name in TRAIN_ABLATIONS:
@@ -709,7 +712,7 @@ def bench_ab(s: Sizes, device: torch.device, name: str, log: Callable[[str], Non
                        "ablated_train_captions_per_s": train.pop("ablated_per_s"), **train})
     if ablation.decodes:
         result["decode"] = {}
-        for beam, key in ((3, "beam_k3"), (5, "beam_k5"), (1, "greedy_b32")):
+        for key, beam in DECODE_KEYS.items():
             tasks = {impl: functools.partial(decode_library, d, work.annotations, beam, s.steps)
                      for impl, d in (("ours", ours), (name, dec))}
             log(f"A/B decoding {key}: ours against {name} ({s.repeats} repeats)")
@@ -743,50 +746,58 @@ def bench_bf16(s: Sizes, device: torch.device, log: Callable[[str], None]) -> di
             f"{fp32:.1f} in fp32 on this CPU (no native bf16 matmul: no AMX / AVX512-BF16); "
             f"one timed round each after {warmup} warm-up")
     opt = library_adam(dec.parameters())
-    log(f"bf16: training and greedy decoding, against fp32 in the same rounds ({repeats})")
-    times = interleaved({
+    log(f"bf16: training and decoding, against fp32 in the same rounds ({repeats})")
+    tasks: dict[str, Callable[[], Any]] = {
         "train_fp32": functools.partial(train_pass, dec, opt, work, ours_loss, False),
-        "train_bf16": functools.partial(train_pass, dec, opt, work, ours_loss, True),
-        "greedy_fp32": lambda: decode_library(dec, ann, 1, s.steps),
-        "greedy_bf16": lambda: _autocast_decode(dec, ann, s.steps),
-    }, warmup, repeats, device)
-    captions = s.batch * s.train_batches
-    out["train_captions_per_s"] = rate(captions, times["train_bf16"])
-    out["greedy_b32_fixed20_images_per_s"] = rate(s.batch, times["greedy_bf16"])
-    out["fp32_train_captions_per_s"] = rate(captions, times["train_fp32"])
-    out["fp32_greedy_b32_fixed20_images_per_s"] = rate(s.batch, times["greedy_fp32"])
-    out["train_bf16_over_fp32_time"] = out["fp32_train_captions_per_s"] / out["train_captions_per_s"]
-    out["greedy_bf16_over_fp32_time"] = (out["fp32_greedy_b32_fixed20_images_per_s"]
-                                         / out["greedy_b32_fixed20_images_per_s"])
+        "train_bf16": functools.partial(train_pass, dec, opt, work, ours_loss, True)}
+    for key, beam in DECODE_KEYS.items():
+        tasks[f"{key}_fp32"] = functools.partial(decode_library, dec, ann, beam, s.steps)
+        tasks[f"{key}_bf16"] = functools.partial(_autocast_decode, dec, ann, beam, s.steps)
+    times = interleaved(tasks, warmup, repeats, device)
+    figures = {"train_captions_per_s": ("train", s.batch * s.train_batches)}
+    figures.update({f"{key}_fixed20_images_per_s": (key, s.batch) for key in DECODE_KEYS})
+    for name, (task, items) in figures.items():
+        out[name] = rate(items, times[f"{task}_bf16"])
+        out[f"fp32_{name}"] = rate(items, times[f"{task}_fp32"])
+        out[f"{task}_bf16_over_fp32_time"] = out[f"fp32_{name}"] / out[name]
     return out
 
 
-def _autocast_decode(dec: AttentionDecoder, ann: torch.Tensor, steps: int) -> None:
+def _autocast_decode(dec: AttentionDecoder, ann: torch.Tensor, beam: int, steps: int) -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        decode_library(dec, ann, 1, steps)
+        decode_library(dec, ann, beam, steps)
 
 
-def bench_encoders(s: Sizes, device: torch.device, log: Callable[[str], None]
-                   ) -> dict[str, float]:
-    """Frozen CNN forward (no grad), batch ``encode_batch``: images per second."""
+def bench_encoders(s: Sizes, device: torch.device, log: Callable[[str], None],
+                   bf16: bool = False) -> tuple[dict[str, float], dict[str, float]]:
+    """Frozen CNN forward (no grad), batch ``encode_batch``: images per second in fp32, and with
+    ``bf16`` under CPU autocast bf16 too, measured in the same rounds (else ``{}``)."""
     from captioner.encoders.encoder import ImageEncoder
 
     out: dict[str, float] = {}
+    out_bf16: dict[str, float] = {}
     for name, size, grid in (("resnet101", s.resnet_size, 14),
                              ("efficientnet_lite0", s.efficientnet_size, 7)):
-        log(f"encoder {name} at {size} x {size}")
+        log(f"encoder {name} at {size} x {size}" + (", fp32 and bf16" if bf16 else ""))
         enc = ImageEncoder(name, weights=None, grid_size=grid).to(device).eval()
         images = torch.rand(s.encode_batch, 3, size, size,
                             generator=torch.Generator().manual_seed(SEED)).to(device)
 
         @torch.no_grad()
-        def forward(enc: nn.Module = enc, images: torch.Tensor = images) -> None:
-            enc(images)
+        def forward(autocast: bool = False, enc: nn.Module = enc,
+                    images: torch.Tensor = images) -> None:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                enc(images)
 
-        times = interleaved({"enc": forward}, 1, s.encode_repeats, device)["enc"]
-        out[f"{name}_{size}"] = rate(s.encode_batch, times)
+        tasks = {"fp32": forward}
+        if bf16:
+            tasks["bf16"] = functools.partial(forward, True)
+        times = interleaved(tasks, 1, s.encode_repeats, device)
+        out[f"{name}_{size}"] = rate(s.encode_batch, times["fp32"])
+        if bf16:
+            out_bf16[f"{name}_{size}"] = rate(s.encode_batch, times["bf16"])
         del enc
-    return out
+    return out, out_bf16
 
 
 def _generated_jpegs(folder: Path, n: int, tiny: bool) -> list[Path]:
@@ -961,7 +972,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.bf16:
         result["bf16"] = bench_bf16(s, device, log)
     if "encode" not in skip:
-        result["encode_images_per_s"] = bench_encoders(s, device, log)
+        result["encode_images_per_s"], encode_bf16 = bench_encoders(s, device, log, args.bf16)
+        if args.bf16:
+            result["bf16"]["encode_images_per_s"] = encode_bf16
     if "load" not in skip:
         data = Path(args.data) if args.data else None
         result["load_images_per_s"], result["load_settings"] = bench_loading(s, data, log)

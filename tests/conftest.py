@@ -23,8 +23,24 @@ from typing import Any
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 torch.set_num_threads(int(os.environ.get("CAPTIONER_TEST_THREADS", "1")))
+
+class CastCounter(TorchDispatchMode):
+    """Counts the dtype casts (``aten._to_copy``) of tensors of the given shapes, per shape:
+    ``with CastCounter([(4, 5)]) as casts: ...; casts.counts[(4, 5)]``."""
+
+    def __init__(self, shapes) -> None:
+        super().__init__()
+        self.counts = {tuple(shape): 0 for shape in shapes}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        shape = tuple(args[0].shape) if args and isinstance(args[0], torch.Tensor) else None
+        if func is torch.ops.aten._to_copy.default and shape in self.counts:
+            self.counts[shape] += 1
+        return func(*args, **(kwargs or {}))
+
 
 SHAPES_SIZES = {"num_train": 24, "num_val": 6, "num_test": 6, "image_size": 32}
 TINY_GRID = (3, 4)  # (H, W): deliberately not square

@@ -167,9 +167,12 @@ def test_quick_run_at_tiny_sizes_writes_every_figure(bm, tmp_path):
     assert whole["greedy_tokens_equal"] and whole["beam3_tokens_equal"]
     assert result["bf16"]["loss_rel_diff"] < 0.05
     bf16 = result["bf16"]  # throughput is measured even without native bf16, beside fp32
-    assert bf16["train_captions_per_s"] > 0 and bf16["fp32_train_captions_per_s"] > 0
-    assert bf16["train_bf16_over_fp32_time"] == pytest.approx(  # figures rounded in the JSON
-        bf16["fp32_train_captions_per_s"] / bf16["train_captions_per_s"], rel=1e-2)
+    for key, task in zip(rates, ["train", "beam_k3", "beam_k5", "greedy_b32"]):
+        assert bf16[key] > 0 and bf16[f"fp32_{key}"] > 0, key
+        assert bf16[f"{task}_bf16_over_fp32_time"] == pytest.approx(  # rounded in the JSON
+            bf16[f"fp32_{key}"] / bf16[key], rel=1e-2)
+    assert bf16["encode_images_per_s"].keys() == result["encode_images_per_s"].keys()
+    assert all(v > 0 for v in bf16["encode_images_per_s"].values())
     assert result["load_settings"]["num_workers"] == 2  # the data module's default
 
 

@@ -5,6 +5,7 @@ import torch
 
 from captioner.decoder import AttentionDecoder
 from captioner.search import beam_search, greedy_search
+from tests.conftest import CastCounter
 
 B, L, D, V = 5, 7, 5, 13
 IDS = dict(start_id=1, end_id=2, pad_id=0)
@@ -385,3 +386,37 @@ def test_exact_stopping_with_a_wide_beam_is_the_exhaustive_optimum():
         r = beam_search(dec, ann[i:i + 1], beam_size=64, max_length=T_SMALL, length_penalty=1.0,
                         stop="exact", **IDS)
         assert float(r.scores[0]) / int(r.lengths[0]) == pytest.approx(max(ranks), abs=1e-4)
+
+
+def test_autocast_search_casts_the_lstm_weight_and_keys_once_and_scores_as_autocast(annotations):
+    """Under autocast, search casts ``lstm.weight_ih`` once (autocast caches only whole leaf
+    parameters, so it would cast the word and context views of it at every step) and the keys
+    once (not at every step's context); the scores are bit-identical to autocast's per-step
+    casts (the step with autograd on, which does not cache), and a change of the weights is
+    seen by the next search."""
+    torch.manual_seed(5)
+    E, N, T = 9, 11, 6
+    dec = AttentionDecoder(V, D, embed_dim=E, hidden_dim=N, dropout=0.0).eval()
+    weight_shapes = [(4 * N, E), (4 * N, D), (4 * N, E + D)]
+    with torch.autocast("cpu", dtype=torch.bfloat16), CastCounter(
+            weight_shapes + [(B, L, D)]) as casts:
+        greedy_search(dec, annotations, max_length=T, min_length=T, **IDS)
+    assert sum(casts.counts[s] for s in weight_shapes) == 1
+    assert casts.counts[(B, L, D)] <= 2  # the keys for the context, and the key projection
+
+    def unroll(grad: bool) -> torch.Tensor:
+        """Log-probs ``(T, B, V)`` of ``T`` greedy steps under autocast."""
+        with torch.autocast("cpu", dtype=torch.bfloat16), torch.set_grad_enabled(grad):
+            state, tokens, out = dec.init_state(annotations), torch.full((B,), 1), []
+            for _ in range(T):
+                log_probs, state, _, _ = dec.step(tokens, state)
+                tokens = log_probs.argmax(-1)
+                out.append(log_probs.detach())
+        return torch.stack(out)
+
+    assert torch.equal(unroll(False), unroll(True))
+    before = unroll(False)
+    with torch.no_grad():
+        dec.lstm.weight_ih.mul_(-1.0)  # what an optimiser step or load_state_dict does
+    after = unroll(False)
+    assert not torch.equal(after, before) and torch.equal(after, unroll(True))

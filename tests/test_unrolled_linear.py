@@ -8,6 +8,7 @@ import torch
 from captioner.attention import AdditiveAttention, CosineAttention, NoAttention
 from captioner.decoder import AttentionDecoder
 from captioner.unrolled_linear import UnrolledLinear
+from tests.conftest import CastCounter
 
 B, L, D, V, E, N, A, T = 3, 7, 5, 13, 9, 11, 17, 6
 
@@ -49,17 +50,42 @@ def test_a_weight_that_is_a_function_of_parameters_gets_its_gradient_once():
     assert torch.allclose(q.grad, ref[1], rtol=1e-5, atol=1e-6)
 
 
-def test_no_grad_frozen_weight_and_autocast_are_plain_matmuls():
+def test_no_grad_and_frozen_weight_are_plain_matmuls():
     w = torch.randn(3, 3)  # frozen: no custom node
     x = torch.randn(B, 3, requires_grad=True)
     assert UnrolledLinear(w)(x).grad_fn.name() != "_SummedWeightGradBackward"
     wg = w.clone().requires_grad_()
     with torch.no_grad():
         assert UnrolledLinear(wg)(x).grad_fn is None
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = UnrolledLinear(wg)(x)
-    assert y.dtype == torch.bfloat16 and "SummedWeightGrad" not in y.grad_fn.name()
     assert "SummedWeightGrad" in UnrolledLinear(wg)(x).grad_fn.name()
+
+
+def test_autocast_casts_the_weight_once_per_unroll_and_matches_autocasts_gradient():
+    """Under autocast the weight (a concatenation: not a leaf, so autocast's cache misses it)
+    is cast once, not at every step; outputs are in the autocast dtype, and the input and
+    weight gradients equal those of autocast's own per-step ``mm`` up to bf16 rounding."""
+    torch.manual_seed(2)
+    K = 8
+    p, q = torch.randn(K, 3, requires_grad=True), torch.randn(K, K - 3, requires_grad=True)
+    x0, u = torch.randn(B, K, requires_grad=True), torch.randn(T, B, K)
+
+    def run(linear):
+        p.grad = q.grad = x0.grad = None
+        with torch.autocast("cpu", dtype=torch.bfloat16), CastCounter([(K, K)]) as casts:
+            total = recurrence(linear, x0, T, u)
+        total.backward()
+        return casts.counts[(K, K)], float(total.detach()), torch.cat([p.grad, q.grad], 1), x0.grad.clone()
+
+    casts, total, grad_w, grad_x = run(UnrolledLinear(torch.cat([p, q], 1)))
+    ref_casts, ref_total, ref_w, ref_x = run(lambda x: x.mm(torch.cat([p, q], 1).t()))
+    assert (casts, ref_casts) == (1, T)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = UnrolledLinear(torch.cat([p, q], 1))(x0)
+    assert y.dtype == torch.bfloat16 and "SummedWeightGrad" in y.grad_fn.name()
+    assert total == pytest.approx(ref_total, rel=1e-2)
+    assert grad_w.abs().sum() > 0
+    assert torch.allclose(grad_w, ref_w, rtol=3e-2, atol=3e-2 * ref_w.abs().max().item())
+    assert torch.allclose(grad_x, ref_x, rtol=3e-2, atol=3e-2 * ref_x.abs().max().item())
 
 
 def _decoder(attention, mode: str) -> AttentionDecoder:
