@@ -22,6 +22,8 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.utilities import GradClipAlgorithmType
 
 from captioner.config import instantiate, plain
 from captioner.decoder import DecoderOutput
@@ -149,6 +151,25 @@ class CaptionerModule(L.LightningModule):
         if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
             return  # stepped by step_plateau after each validation
         super().lr_scheduler_step(scheduler, metric)
+
+    def configure_gradient_clipping(self, optimizer: torch.optim.Optimizer,
+                                    gradient_clip_val: float | None = None,
+                                    gradient_clip_algorithm: str | None = None) -> None:
+        """Lightning's clipping (``--trainer.gradient_clip_val``), also for the fused Adam under
+        autocast without a gradient scaler (``bf16-mixed``).
+
+        Lightning's mixed-precision plugin refuses to clip for any optimiser that unscales
+        gradients inside its step (the fused Adam of :func:`captioner.lit.optim.adam`), scaler or
+        not. Only a scaler (``16-mixed`` on CUDA, where the modules use Adam's loop) makes that
+        unsafe; without one the gradients are the true float32 gradients, clipped here by the
+        plugin's base class, as in a float32 run."""
+        plugin = self.trainer.precision_plugin
+        if (gradient_clip_val and isinstance(plugin, MixedPrecision) and plugin.scaler is None
+                and getattr(optimizer, "_step_supports_amp_scaling", False)):
+            algorithm = GradClipAlgorithmType(gradient_clip_algorithm or "norm")
+            Precision.clip_gradients(plugin, optimizer, gradient_clip_val, algorithm)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ---------------------------------------------------------------- hard attention
     def on_fit_start(self) -> None:

@@ -18,7 +18,10 @@ faster: ``scripts/benchmark.py --ab loop_adam``, BENCHMARKS.md); three-repeat ru
 tell the two apart. The results agree to float rounding (tests/lit/test_optim.py).
 
 Fused Adam unscales gradients inside its step, so Lightning cannot clip the gradients of a run
-with a gradient scaler (``16-mixed`` on CUDA): there the loop is used.
+with a gradient scaler (``16-mixed`` on CUDA): there the loop is used. Without a scaler
+(``bf16-mixed``) the fused kernel stays, and the training modules clip its gradients themselves
+(:meth:`captioner.lit.base.CaptionerModule.configure_gradient_clipping`), which Lightning's
+mixed-precision plugin would refuse.
 """
 
 from __future__ import annotations

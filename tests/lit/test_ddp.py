@@ -19,6 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 import yaml
@@ -192,6 +193,41 @@ def test_mixed_precision_runs_on_cpu(runs, precision, tmp_path):
     assert cli.trainer.precision == "bf16-mixed"
     assert torch.isfinite(cli.trainer.callback_metrics["train/loss"])
     assert "val/bleu4" in cli.trainer.callback_metrics
+
+
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_bf16_mixed_clips_the_gradients_of_the_fused_adam(runs, algorithm, tmp_path):
+    """``configs/trainer/cpu.yaml`` clips gradients; under ``bf16-mixed`` Lightning's plugin
+    refused to clip for the fused Adam (a RuntimeError at the first step). The clipping now
+    happens: the gradients each step applied (read after the step, as Lightning computes them
+    in the closure the step calls) are within the limit."""
+    clip = 1e-3
+    norms: list[float] = []
+
+    class Watch(L.Callback):
+        def on_train_start(self, trainer, pl_module):
+            opt = trainer.optimizers[0]
+            assert opt.defaults["fused"]
+
+            def record(optimizer, args, kwargs):
+                grads = [p.grad for g in optimizer.param_groups for p in g["params"]
+                         if p.grad is not None]
+                norms.append(float(torch.linalg.vector_norm(torch.stack(
+                    [torch.linalg.vector_norm(g) for g in grads])) if algorithm == "norm"
+                    else max(float(g.abs().max()) for g in grads)))
+            opt.register_step_post_hook(record)
+
+    cli = lightning_main(["--config", str(runs["single"] / "config.yaml"),
+                          "--trainer.precision", "bf16-mixed", "--trainer.max_epochs", "1",
+                          "--trainer.gradient_clip_val", str(clip),
+                          "--trainer.gradient_clip_algorithm", algorithm,
+                          "--trainer.logger", "false", "--trainer.callbacks", "[]",
+                          "--trainer.enable_checkpointing", "false",
+                          "--trainer.default_root_dir", str(tmp_path),
+                          "--trainer.limit_val_batches", "0"], run=False)
+    cli.trainer.callbacks.append(Watch())
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert norms and all(0 < n <= clip * 1.001 for n in norms), norms
 
 
 # ------------------------------------------------------------------------------ translation
