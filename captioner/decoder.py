@@ -46,8 +46,9 @@ instead of a ``(B, T, V)`` grid that is mostly copies and zeros.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Callable, Literal
+from typing import Callable, Iterator, Literal
 
 import torch
 import torch.nn.functional as F
@@ -212,9 +213,9 @@ class AttentionDecoder(nn.Module):
     #: weights (same numerics; kept so that ``scripts/benchmark.py`` measures the gain).
     fused_recurrent: bool = True
 
-    #: ``((dtype, device, data pointer, version), lstm.weight_ih cast to dtype)``: see
-    #: :meth:`_input_weights` (a plain attribute, not part of the state dict)
-    _autocast_weight: tuple[tuple, torch.Tensor] | None = None
+    #: ``lstm.weight_ih`` in the autocast dtype inside :meth:`frozen_weights`, else ``None``
+    #: (a plain attribute, not part of the state dict)
+    _autocast_weight: torch.Tensor | None = None
 
     def __init__(
         self,
@@ -332,20 +333,40 @@ class AttentionDecoder(nn.Module):
         return state.repeat_rows(k, share_keys=share)
 
     # ------------------------------------------------------------------ one step
-    def _input_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(W_e (4N, E), W_z (4N, D))``: the word and context parts of ``lstm.weight_ih``.
+    @contextmanager
+    def frozen_weights(self) -> Iterator[None]:
+        """A block in which the weights do not change (one search: :mod:`captioner.search`
+        runs in one). Under autocast every weight is cast to the autocast dtype once for the
+        whole block instead of at every step: autocast's cache holds casts of leaf parameters
+        only, and Lightning's ``bf16-mixed`` switches it off, so each step would cast the
+        output layer (``V x E``), ``L_z`` and the views of ``lstm.weight_ih`` (4N x (E + D),
+        2048 x 2560 at COCO scale) again. Outside autocast it does nothing.
 
-        Under autocast without autograd (search) they are views of the weight cast to the
-        autocast dtype once per update of the weight: autocast caches the casts of whole leaf
-        parameters only, so it would cast these views again at every step (4N x (E + D) values,
-        2048 x 2560 at COCO scale)."""
+        The casts are dropped when the block ends (and autocast's cache cleared), so a weight
+        updated afterwards, in place or by a fused optimiser that does not bump the tensor's
+        version, is cast afresh by the next block.
+        """
+        device = self.lstm.weight_ih.device.type
+        if not torch.is_autocast_enabled(device):
+            yield
+            return
+        dtype = torch.get_autocast_dtype(device)
+        self._autocast_weight = self.lstm.weight_ih.to(dtype)  # (4N, E + D)
+        try:
+            with torch.autocast(device, dtype=dtype, cache_enabled=True):
+                yield
+        finally:
+            self._autocast_weight = None
+            torch.clear_autocast_cache()
+
+    def _input_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(W_e (4N, E), W_z (4N, D))``: the word and context parts of ``lstm.weight_ih``
+        (views of its cast inside :meth:`frozen_weights` under autocast)."""
         w = self.lstm.weight_ih  # (4N, E + D)
-        device = w.device.type
-        if torch.is_autocast_enabled(device) and not torch.is_grad_enabled():
-            key = (torch.get_autocast_dtype(device), w.device, w.data_ptr(), w._version)
-            if self._autocast_weight is None or self._autocast_weight[0] != key:
-                self._autocast_weight = (key, w.detach().to(key[0]))
-            w = self._autocast_weight[1]
+        cast = self._autocast_weight
+        if (cast is not None and torch.is_autocast_enabled(w.device.type)
+                and cast.dtype == torch.get_autocast_dtype(w.device.type)):
+            w = cast
         return w[:, : self.embed_dim], w[:, self.embed_dim :]
 
     def _input_gates_from_words(self, emb: torch.Tensor) -> torch.Tensor:

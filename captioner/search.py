@@ -5,8 +5,9 @@ Both work with any decoder exposing ``init_state(annotations, mask) -> state`` a
 a state with ``select(index)`` / ``select_recurrent(index)`` (see :mod:`captioner.decoder`);
 beam search starts from ``decoder.expand_beams(state, K)`` where the decoder has it (the
 library's shares each image's annotations among its ``K`` hypotheses), else from
-``state.select`` of each row ``K`` times.
-No Lightning here.
+``state.select`` of each row ``K`` times. A search runs inside ``decoder.frozen_weights()`` where
+the decoder has it (:meth:`captioner.decoder.AttentionDecoder.frozen_weights`: under autocast,
+each weight cast once per search). No Lightning here.
 
 Length conventions: a *step* emits one token; ``<end>`` counts as a token. ``<end>`` is forbidden
 while fewer than ``min_length`` tokens (``<end>`` included) would result, and decoding stops after
@@ -35,8 +36,10 @@ When an image is done (``stop``):
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 
@@ -78,7 +81,21 @@ def _constrain(log_probs: torch.Tensor, step: int, min_length: int, end_id: int,
     return log_probs
 
 
+def _frozen_decoder_weights(search: Callable[..., SearchResult]) -> Callable[..., SearchResult]:
+    """Run ``search`` inside ``decoder.frozen_weights()`` where the decoder has it (under
+    autocast the library's decoder then casts each weight once per search, not per step)."""
+
+    @functools.wraps(search)
+    def run(decoder, *args, **kwargs) -> SearchResult:
+        scope = getattr(decoder, "frozen_weights", contextlib.nullcontext)
+        with scope():
+            return search(decoder, *args, **kwargs)
+
+    return run
+
+
 @torch.no_grad()
+@_frozen_decoder_weights
 def greedy_search(
     decoder,
     annotations: torch.Tensor,
@@ -127,6 +144,7 @@ def greedy_search(
 
 
 @torch.no_grad()
+@_frozen_decoder_weights
 def beam_search(
     decoder,
     annotations: torch.Tensor,
