@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from captioner.attention import AdditiveAttention, Attention
+from captioner.autocast import autocast_dtype
 from captioner.hard_attention import HardAttention, HardSelection
 from captioner.losses import at_least_float32
 from captioner.unrolled_linear import UnrolledLinear
@@ -309,10 +310,10 @@ class AttentionDecoder(nn.Module):
             h, c = torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean))  # (B, N)
         else:
             h = c = mean.new_zeros(mean.shape[0], self.hidden_dim)
-        keys, device = annotations, annotations.device.type
-        if torch.is_autocast_enabled(device) and self._keys_feed_context_only():
+        keys, dtype = annotations, autocast_dtype(annotations)
+        if dtype is not None and self._keys_feed_context_only():
             # every step's context would cast the (B, L, D) keys to the autocast dtype again
-            keys = annotations.to(torch.get_autocast_dtype(device))  # (B, L, D), cast once
+            keys = annotations.to(dtype)  # (B, L, D), cast once
         return DecoderState(h, c, keys, self.attention.project_keys(annotations), mask)
 
     def _keys_feed_context_only(self) -> bool:
@@ -340,17 +341,17 @@ class AttentionDecoder(nn.Module):
         whole block instead of at every step: autocast's cache holds casts of leaf parameters
         only, and Lightning's ``bf16-mixed`` switches it off, so each step would cast the
         output layer (``V x E``), ``L_z`` and the views of ``lstm.weight_ih`` (4N x (E + D),
-        2048 x 2560 at COCO scale) again. Outside autocast it does nothing.
+        2048 x 2560 at COCO scale) again. Outside autocast, or for a float64 decoder (which
+        autocast leaves alone), it does nothing.
 
         The casts are dropped when the block ends (and autocast's cache cleared), so a weight
         updated afterwards, in place or by a fused optimiser that does not bump the tensor's
         version, is cast afresh by the next block.
         """
-        device = self.lstm.weight_ih.device.type
-        if not torch.is_autocast_enabled(device):
+        device, dtype = self.lstm.weight_ih.device.type, autocast_dtype(self.lstm.weight_ih)
+        if dtype is None:
             yield
             return
-        dtype = torch.get_autocast_dtype(device)
         self._autocast_weight = self.lstm.weight_ih.to(dtype)  # (4N, E + D)
         try:
             with torch.autocast(device, dtype=dtype, cache_enabled=True):
@@ -364,8 +365,7 @@ class AttentionDecoder(nn.Module):
         (views of its cast inside :meth:`frozen_weights` under autocast)."""
         w = self.lstm.weight_ih  # (4N, E + D)
         cast = self._autocast_weight
-        if (cast is not None and torch.is_autocast_enabled(w.device.type)
-                and cast.dtype == torch.get_autocast_dtype(w.device.type)):
+        if cast is not None and cast.dtype == autocast_dtype(w):
             w = cast
         return w[:, : self.embed_dim], w[:, self.embed_dim :]
 

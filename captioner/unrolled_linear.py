@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from captioner.autocast import autocast_dtype
+
 
 class _SummedWeightGrad(torch.autograd.Function):
     """``y = x W^T``; the weight gradient of all steps of one :class:`UnrolledLinear` at once."""
@@ -60,7 +62,8 @@ class UnrolledLinear:
     it is a plain matmul.
 
     Under autocast the weight is cast to the autocast dtype once, at the first call, and every
-    step multiplies in that dtype (as autocast's ``mm`` would). Autocast itself would cast the
+    step multiplies in that dtype (as autocast's ``mm`` would; a float64 weight, which autocast
+    leaves alone, is not cast). Autocast itself would cast the
     weight again at every step: it caches casts of leaf parameters only, and ``weight`` is
     usually a concatenation (a ``(2048, 2560)`` copy per step at COCO scale). The deferred
     weight gradient is then one GEMM in the autocast dtype, which flows back through the one
@@ -87,9 +90,8 @@ class UnrolledLinear:
         """``(B, K) -> (B, M)``."""
         if not torch.is_grad_enabled() or not self.weight.requires_grad:
             return x.mm(self.weight.t())
-        weight, device = self.weight, x.device.type
-        if torch.is_autocast_enabled(device):
-            dtype = torch.get_autocast_dtype(device)
+        weight, dtype = self.weight, autocast_dtype(self.weight)
+        if dtype is not None:
             if self._cast is None or self._cast.dtype != dtype:
                 self._cast = self.weight.to(dtype)  # once per unroll
             weight, x = self._cast, x.to(dtype)

@@ -7,6 +7,7 @@ import torch
 
 from captioner.attention import AdditiveAttention, CosineAttention, NoAttention
 from captioner.decoder import AttentionDecoder
+from captioner.search import greedy_search
 from captioner.unrolled_linear import UnrolledLinear
 from tests.conftest import CastCounter
 
@@ -123,3 +124,25 @@ def test_decoder_fused_unroll_equals_the_sliced_one(attention, mode):
     assert g_f.keys() == g_s.keys() and "lstm.weight_hh" in g_f
     for name in g_f:
         assert torch.allclose(g_f[name], g_s[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_a_float64_decoder_under_autocast_stays_float64():
+    """Autocast leaves float64 tensors alone; the casts the decoder makes on its behalf (the
+    fused recurrent weight, the keys, the search's weights) follow the same rule, so a float64
+    decoder computes under autocast exactly what it computes without it."""
+    torch.manual_seed(3)
+    dec = _decoder(functools.partial(AdditiveAttention, attention_dim=A), "soft").double()
+    ann = torch.randn(B, L, D, dtype=torch.float64)
+    cap = torch.randint(4, V, (B, T + 1))
+    cap[:, 0] = 1
+    runs = []
+    for autocast in (False, True):
+        dec.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = dec(ann, cap).logits.square().mean()
+            scores = greedy_search(dec, ann, start_id=1, end_id=2, max_length=T).scores
+        loss.backward()
+        runs.append((loss.detach(), scores, dec.lstm.weight_ih.grad.clone()))
+    (loss, scores, grad), (loss_ac, scores_ac, grad_ac) = runs
+    assert loss_ac.dtype == torch.float64 and torch.equal(loss_ac, loss)
+    assert torch.equal(scores_ac, scores) and torch.equal(grad_ac, grad)
