@@ -51,6 +51,8 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import functools
 import inspect
 import json
@@ -760,12 +762,40 @@ def bench_bf16(s: Sizes, device: torch.device, log: Callable[[str], None]) -> di
         out[name] = rate(items, times[f"{task}_bf16"])
         out[f"fp32_{name}"] = rate(items, times[f"{task}_fp32"])
         out[f"{task}_bf16_over_fp32_time"] = out[f"fp32_{name}"] / out[name]
+    out["lightning_autocast"] = bench_lightning_autocast(s, dec, ann, warmup, repeats, device, log)
     return out
 
 
-def _autocast_decode(dec: AttentionDecoder, ann: torch.Tensor, beam: int, steps: int) -> None:
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+def _autocast_decode(dec: AttentionDecoder, ann: torch.Tensor, beam: int, steps: int,
+                     cache_enabled: bool = True) -> None:
+    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=cache_enabled):
         decode_library(dec, ann, beam, steps)
+
+
+def bench_lightning_autocast(s: Sizes, dec: AttentionDecoder, ann: torch.Tensor, warmup: int,
+                             repeats: int, device: torch.device, log: Callable[[str], None]
+                             ) -> dict[str, dict[str, float]]:
+    """Greedy and beam 3 under Lightning's ``bf16-mixed`` autocast (its cache switched off, as
+    in validation), with the search's :meth:`AttentionDecoder.frozen_weights` block (each weight
+    cast once per search) against a copy of the decoder without it (every weight cast at every
+    step), interleaved: images per second and the block's speed-up."""
+    per_step = copy.deepcopy(dec)
+    per_step.frozen_weights = contextlib.nullcontext  # the ablation: no block
+    log(f"bf16 under Lightning's autocast (no cache): search with and without its block "
+        f"({repeats})")
+    tasks = {}
+    for key in ("greedy_b32", "beam_k3"):
+        for name, d in (("frozen_weights", dec), ("per_step_casts", per_step)):
+            tasks[f"{key}/{name}"] = functools.partial(_autocast_decode, d, ann, DECODE_KEYS[key],
+                                                       s.steps, False)
+    times = interleaved(tasks, warmup, repeats, device)
+    out: dict[str, dict[str, float]] = {}
+    for key in ("greedy_b32", "beam_k3"):
+        fast, slow = (rate(s.batch, times[f"{key}/{n}"])
+                      for n in ("frozen_weights", "per_step_casts"))
+        out[key] = {"frozen_weights_images_per_s": fast, "per_step_casts_images_per_s": slow,
+                    "speedup": fast / slow}
+    return out
 
 
 def bench_encoders(s: Sizes, device: torch.device, log: Callable[[str], None],

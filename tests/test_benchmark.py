@@ -172,6 +172,10 @@ def test_quick_run_at_tiny_sizes_writes_every_figure(bm, tmp_path):
         assert bf16[f"{task}_bf16_over_fp32_time"] == pytest.approx(  # rounded in the JSON
             bf16[f"fp32_{key}"] / bf16[key], rel=1e-2)
     assert bf16["encode_images_per_s"].keys() == result["encode_images_per_s"].keys()
+    for key in ("greedy_b32", "beam_k3"):
+        block = bf16["lightning_autocast"][key]
+        assert block["speedup"] == pytest.approx(block["frozen_weights_images_per_s"]
+                                                 / block["per_step_casts_images_per_s"], rel=1e-2)
     assert all(v > 0 for v in bf16["encode_images_per_s"].values())
     assert result["load_settings"]["num_workers"] == 2  # the data module's default
 
