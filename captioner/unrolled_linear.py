@@ -63,11 +63,11 @@ class UnrolledLinear:
 
     Under autocast the weight is cast to the autocast dtype once, at the first call, and every
     step multiplies in that dtype (as autocast's ``mm`` would; a float64 weight, which autocast
-    leaves alone, is not cast). Autocast itself would cast the
-    weight again at every step: it caches casts of leaf parameters only, and ``weight`` is
-    usually a concatenation (a ``(2048, 2560)`` copy per step at COCO scale). The deferred
-    weight gradient is then one GEMM in the autocast dtype, which flows back through the one
-    cast to the float32 parameters.
+    leaves alone, is not cast). Autocast itself would cast the weight again at every step: it
+    caches casts of leaf parameters only, and ``weight`` is usually a concatenation (a
+    ``(2048, 2560)`` copy per step at COCO scale). The deferred weight gradient is then one
+    GEMM in the autocast dtype, which flows back through the one cast to the float32
+    parameters.
 
     Args:
         weight: ``(M, K)``, typically a contiguous concatenation of parameters.
