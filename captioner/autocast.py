@@ -1,4 +1,6 @@
-"""Autocast's rule for which tensors it casts, for code that casts once on its behalf.
+"""Autocast: its rule for which tensors it casts, for code that casts once on its behalf, and
+the ``precision`` setting of inference (:class:`captioner.inference.Captioner`,
+:class:`captioner.translate.Translator`, the commands' ``--precision``).
 
 Autocast casts a floating point tensor to its dtype for a matmul unless it is float64
 (``at::autocast::is_eligible``). The decoder casts a few tensors once per unroll or per search
@@ -8,6 +10,9 @@ float64 model under autocast stays float64 as it would without those casts.
 """
 
 from __future__ import annotations
+
+import contextlib
+import warnings
 
 import torch
 
@@ -20,3 +25,34 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
             or x.dtype == torch.float64):
         return None
     return torch.get_autocast_dtype(device)
+
+
+#: the precisions the inference classes and commands accept (``--precision``)
+PRECISIONS = ("32", "bf16")
+
+
+def check_precision(precision: str, device: torch.device | str) -> str:
+    """``precision`` itself, checked: one of :data:`PRECISIONS`; ``"bf16"`` on a CPU without
+    native bf16 (no AVX512-BF16 / AMX, where bf16 matmuls are emulated, many times slower
+    than float32) is accepted with a warning.
+
+    Raises:
+        ValueError: another value, named with the allowed ones.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if (precision == "bf16" and torch.device(device).type == "cpu"
+            and not torch.ops.mkldnn._is_mkldnn_bf16_supported()):
+        warnings.warn("precision bf16 on a CPU without native bf16 (no AVX512-BF16 or AMX): "
+                      "many times slower than float32 here", stacklevel=2)
+    return precision
+
+
+def inference_autocast(device: torch.device, precision: str
+                       ) -> contextlib.AbstractContextManager[None]:
+    """Autocast in bfloat16 on ``device`` for ``precision`` ``"bf16"`` (the encoder's and the
+    decoder's matmuls and convolutions in bf16, softmaxes and search scores in float32);
+    nothing for ``"32"``."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from captioner.autocast import check_precision, inference_autocast
 from captioner.config import instantiate_arguments
 from captioner.data.tokenize import detokenize_mt, tokenize_mt
 from captioner.data.vocabulary import END, PAD, SPECIALS, START, UNK, Vocabulary
@@ -189,18 +190,23 @@ class Translator:
         lowercase: tokenisation setting of the training data.
         search: default search settings (``beam_size``, ``max_length``, ``min_length``,
             ``length_penalty``, ``beam_stop``).
+        precision: ``"32"`` (float32) or ``"bf16"`` (bfloat16 autocast, as
+            :class:`captioner.inference.Captioner`).
     """
 
     def __init__(self, encoder: TextEncoder, decoder: AttentionDecoder, src_vocab: Vocabulary,
                  tgt_vocab: Vocabulary, lowercase: bool = True,
-                 search: dict[str, Any] | None = None) -> None:
+                 search: dict[str, Any] | None = None, precision: str = "32") -> None:
         self.encoder, self.decoder = encoder.eval(), decoder.eval()
         self.src_vocab, self.tgt_vocab, self.lowercase = src_vocab, tgt_vocab, lowercase
         self.search = {**SEARCH_DEFAULTS, **(search or {})}
+        self.precision = check_precision(precision, self.device)
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu") -> "Translator":
-        """Rebuild the model from a translation checkpoint alone.
+    def from_checkpoint(cls, path: str | Path, device: str | torch.device = "cpu",
+                        precision: str = "32") -> "Translator":
+        """Rebuild the model from a translation checkpoint alone (``precision``: see the
+        class).
 
         Raises:
             CheckpointError: unreadable file, not a translation checkpoint, a config that
@@ -236,7 +242,8 @@ class Translator:
         hp = ckpt.get("hyper_parameters") or {}
         search = {k: hp[k] for k in SEARCH_DEFAULTS if k in hp}
         lowercase = bool((meta.get("data") or {}).get("lowercase", True))
-        return cls(encoder.to(device), decoder.to(device), src_vocab, tgt_vocab, lowercase, search)
+        return cls(encoder.to(device), decoder.to(device), src_vocab, tgt_vocab, lowercase, search,
+                   precision)
 
     @property
     def device(self) -> torch.device:
@@ -283,10 +290,11 @@ class Translator:
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             src, lengths = self.encode_sources([tokens[i] for i in chunk])
-            annotations, mask = self.encoder(src, lengths)  # (B, S, D), (B, S)
-            out = decode(self.decoder, annotations, mask, beam_size=k, max_length=n_max,
-                         min_length=s["min_length"], length_penalty=s["length_penalty"],
-                         beam_stop=s["beam_stop"])
+            with inference_autocast(self.device, self.precision):
+                annotations, mask = self.encoder(src, lengths)  # (B, S, D), (B, S)
+                out = decode(self.decoder, annotations, mask, beam_size=k, max_length=n_max,
+                             min_length=s["min_length"], length_penalty=s["length_penalty"],
+                             beam_stop=s["beam_stop"])
             for b, i in enumerate(chunk):
                 n, S = int(out.lengths[b]), int(lengths[b])
                 ids = out.tokens[b, :n].tolist()

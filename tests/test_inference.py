@@ -365,3 +365,40 @@ def test_inference_rebuilds_parts_typed_as_the_lightning_modules_take_them(modul
 
     for name, type_ in spelled.items():
         assert normal(hints[name]) == normal(type_), name
+
+
+def _output_dtypes(captioner: Captioner, images: list[Path], **kw) -> tuple[set, list[Caption]]:
+    """The dtypes of the encoder's output and the output layer's logits while captioning."""
+    seen: set[torch.dtype] = set()
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.add(o.dtype))
+             for m in (captioner.encoder, captioner.decoder.L_o)]
+    try:
+        return seen, captioner.caption(images, **kw)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def test_bf16_precision_runs_the_model_in_bf16_and_reports_in_float32(
+        tiny_checkpoint: Path, captioner: Captioner, test_images: list[Path]) -> None:
+    bf16 = Captioner.from_checkpoint(tiny_checkpoint, precision="bf16")
+    assert bf16.precision == "bf16" and captioner.precision == "32"
+    for model, dtype in ((captioner, torch.float32), (bf16, torch.bfloat16)):
+        for beam in (1, 3):
+            seen, caps = _output_dtypes(model, test_images, beam_size=beam)
+            assert seen == {dtype}, (model.precision, beam)
+            assert len(caps) == len(test_images)
+            for c in caps:
+                assert c.alphas.dtype == np.float32 and isinstance(c.score, float)
+                assert np.allclose(c.alphas.sum(axis=(1, 2)), 1.0, atol=2e-2)
+    with torch.no_grad():  # the model itself is left in float32
+        assert all(p.dtype == torch.float32 for p in bf16.decoder.parameters())
+
+
+def test_unknown_precision_is_refused_and_emulated_bf16_warns(tiny_checkpoint: Path,
+                                                              monkeypatch) -> None:
+    with pytest.raises(ValueError, match=r"precision must be one of 32, bf16, got '16'"):
+        Captioner.from_checkpoint(tiny_checkpoint, precision="16")
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    with pytest.warns(UserWarning, match="without native bf16"):
+        Captioner.from_checkpoint(tiny_checkpoint, precision="bf16")

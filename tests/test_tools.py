@@ -85,6 +85,19 @@ def test_caption_json_with_beam(capsys, tiny_checkpoint, captioner, test_images)
         assert row["score"] == pytest.approx(c.score, abs=1e-5)
 
 
+def test_caption_precision_bf16_matches_the_api_and_unknown_is_a_usage_error(
+        capsys, tiny_checkpoint, test_images) -> None:
+    status, out, err = _run(capsys, "caption", "--ckpt", tiny_checkpoint, "--json",
+                            "--precision", "bf16", *test_images[:3])
+    assert status == 0, err
+    expected = Captioner.from_checkpoint(tiny_checkpoint, precision="bf16").caption(
+        test_images[:3])
+    assert [r["caption"] for r in json.loads(out)] == [c.text for c in expected]
+    status, _, err = _run(capsys, "caption", "--ckpt", tiny_checkpoint, "--precision", "16",
+                          *test_images[:1])
+    assert status == 2 and "--precision: invalid choice: '16'" in err
+
+
 def test_caption_reports_bad_paths_and_captions_the_others(capsys, tiny_checkpoint,
                                                            test_images, tmp_path) -> None:
     full = tmp_path / "full.jpg"
@@ -236,13 +249,14 @@ def test_evaluate_uses_the_checkpoints_data_config_and_skips_java_when_missing(
         capsys, monkeypatch, tiny_checkpoint, tmp_path) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))  # no java on PATH
     status, out, err = _run(capsys, "evaluate", "--ckpt", tiny_checkpoint, "--split", "val",
-                            "--limit", "3", "--out", tmp_path)
+                            "--limit", "3", "--out", tmp_path, "--precision", "bf16")
     assert status == 0, err
     assert "stored data config" in err
     assert err.count("METEOR skipped: Java not found on PATH") == 1
     assert err.count("SPICE skipped: Java not found on PATH") == 1
     metrics = json.loads((tmp_path / "metrics_val.json").read_text())
     assert metrics["protocol"]["images"] == 3 and metrics["tokenizer"] == "python"
+    assert metrics["precision"] == "bf16"
     assert len(json.loads((tmp_path / "captions_val.json").read_text())) == 3
 
 

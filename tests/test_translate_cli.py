@@ -71,6 +71,18 @@ def test_translate_in_process_one_line_per_sentence(checkpoint, capsys):
     assert lines == [t.lower() for _, t in PAIRS]  # memorised, detokenised, lowercased
 
 
+def test_translate_in_bf16_runs_the_model_in_bf16(checkpoint, capsys):
+    sources = [s for s, _ in PAIRS]
+    translator = Translator.from_checkpoint(checkpoint, precision="bf16")
+    seen: set[torch.dtype] = set()
+    translator.decoder.L_o.register_forward_hook(lambda m, i, o: seen.add(o.dtype))
+    texts = [t.text for t in translator.translate(sources, beam_size=2)]
+    assert seen == {torch.bfloat16} and len(texts) == len(sources)
+    assert main(["translate", "--ckpt", str(checkpoint), "--precision", "bf16", "--beam-size",
+                 "2", *sources]) == 0
+    assert capsys.readouterr().out.splitlines() == texts
+
+
 def test_translate_beam_alignment_and_reference(checkpoint, capsys, tmp_path):
     ref = tmp_path / "ref.en"
     ref.write_text("\ufeff" + "".join(f"{t}\n" for _, t in PAIRS[:2]))  # with a BOM

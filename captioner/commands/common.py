@@ -82,6 +82,8 @@ def figure_errors(path: str) -> contextlib.AbstractContextManager[None]:
 
 
 def tool_parser(name: str, description: str) -> argparse.ArgumentParser:
+    from captioner.autocast import PRECISIONS
+
     p = argparse.ArgumentParser(prog=f"captioner {name}", description=description)
     p.add_argument("--ckpt", required=True, help="captioner checkpoint (.ckpt)")
     p.add_argument("--beam-size", type=positive_int, default=None,
@@ -92,6 +94,10 @@ def tool_parser(name: str, description: str) -> argparse.ArgumentParser:
                    help="when beam search stops: once K hypotheses ended, or once no alive beam "
                         "can outrank the best ended one (default: the checkpoint's setting)")
     p.add_argument("--device", type=device_arg, default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--precision", choices=PRECISIONS, default="32",
+                   help="32 (default), or bf16: bfloat16 autocast, about 2x faster on CPUs with "
+                        "AVX512-BF16 or AMX (many times slower without), results may differ "
+                        "slightly")
     return p
 
 
@@ -127,7 +133,8 @@ def load_captioner(args: argparse.Namespace) -> Captioner:
     from captioner.inference import Captioner, CheckpointError
 
     try:
-        captioner = Captioner.from_checkpoint(args.ckpt, device=args.device)
+        captioner = Captioner.from_checkpoint(args.ckpt, device=args.device,
+                                              precision=getattr(args, "precision", "32"))
     except CheckpointError as e:
         raise ToolError(str(e)) from None
     if getattr(args, "beam_stop", None):

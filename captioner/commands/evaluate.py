@@ -67,7 +67,7 @@ def _run(args: argparse.Namespace) -> int:
     metrics = out / f"metrics_{args.split}.json"
     write_coco_results(ev.captions, results)
     report = {"checkpoint": str(Path(args.ckpt).resolve()), "split": args.split,
-              "data": source, **ev.to_dict()}
+              "data": source, "precision": args.precision, **ev.to_dict()}
     write_json(metrics, report)
     print(format_table(ev))
     print(f"\ncaptions (COCO results format): {results}\nmetrics: {metrics}")

@@ -40,7 +40,8 @@ def _run(args: argparse.Namespace) -> int:
     from captioner.translate import Translator, sacrebleu_score
 
     try:
-        translator = Translator.from_checkpoint(args.ckpt, device=args.device)
+        translator = Translator.from_checkpoint(args.ckpt, device=args.device,
+                                                precision=args.precision)
         if args.beam_stop:
             translator.search["beam_stop"] = args.beam_stop
     except CheckpointError as e:
