@@ -50,9 +50,10 @@ def check_precision(precision: str, device: torch.device | str) -> str:
 
 def inference_autocast(device: torch.device, precision: str
                        ) -> contextlib.AbstractContextManager[None]:
-    """Autocast in bfloat16 on ``device`` for ``precision`` ``"bf16"`` (the encoder's and the
-    decoder's matmuls and convolutions in bf16, softmaxes and search scores in float32);
-    nothing for ``"32"``."""
+    """Autocast in bfloat16 on ``device`` for ``precision`` ``"bf16"``: the matmuls and
+    convolutions of the encoder and the decoder run in bf16, and the elementwise operations on
+    their outputs (the attention softmax, the LSTM cell) follow in bf16; the output
+    log-softmax and the search scores are float32. Nothing for ``"32"``."""
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()

@@ -146,3 +146,32 @@ def test_a_float64_decoder_under_autocast_stays_float64():
     (loss, scores, grad), (loss_ac, scores_ac, grad_ac) = runs
     assert loss_ac.dtype == torch.float64 and torch.equal(loss_ac, loss)
     assert torch.equal(scores_ac, scores) and torch.equal(grad_ac, grad)
+
+
+def test_autocast_keys_cast_once_only_where_no_gradient_flows_to_them():
+    """The keys are cast to bf16 once for every step's context only when the annotations get
+    no gradient; for a trained encoder's output the steps' gradients must reach it summed in
+    float32 as through autocast's own per-step casts (bit-identical to them), not summed in
+    bf16."""
+    torch.manual_seed(4)
+    dec = _decoder(functools.partial(AdditiveAttention, attention_dim=A), "soft")
+    x = torch.randn(B, L, D, requires_grad=True)
+    cap = torch.randint(4, V, (B, 3 * T + 1))
+    cap[:, 0] = 1
+
+    def annotation_grad(per_step_casts: bool) -> torch.Tensor:
+        x.grad = None
+        if per_step_casts:
+            dec._keys_feed_context_only = lambda: False  # the keys cast by autocast, per step
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+                dec(x * 1.0, cap).logits.float().logsumexp(-1).sum().backward()
+        finally:
+            dec.__dict__.pop("_keys_feed_context_only", None)
+        return x.grad.clone()
+
+    assert torch.equal(annotation_grad(False), annotation_grad(True))
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        assert dec.init_state(x).keys.dtype == torch.bfloat16  # no gradient: cast once
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert dec.init_state(x).keys.dtype == torch.float32

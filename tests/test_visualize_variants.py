@@ -4,6 +4,7 @@ import copy
 
 import lightning as L
 import numpy as np
+import pytest
 from PIL import Image
 
 from captioner.cli import main
@@ -72,20 +73,33 @@ def test_hard_attention_with_the_expectation_rule_outlines_no_cell(shapes_root, 
                                rtol=1e-5)
 
 
-def test_stn_figure(shapes_root, tmp_path):
+@pytest.mark.parametrize("precision", ["32", "bf16"])
+def test_stn_figure(shapes_root, tmp_path, monkeypatch, precision):
+    """The STN figure, and the maps' transform, are those of the pass that captioned the
+    image, in either precision (the figure's pass once ran in float32 whatever --precision)."""
+    import captioner.visualize as visualize
+
+    drawn = []
+    plot_stn = visualize.plot_stn
+    monkeypatch.setattr(visualize, "plot_stn",
+                        lambda images, theta, out: drawn.append(theta) or plot_stn(images, theta,
+                                                                                    out))
     stn = {"class_path": "captioner.encoders.SpatialTransformer",
            "init_args": {"where": "input", "transform": "attention"}}
     ckpt = _checkpoint(shapes_root, tmp_path, encoder={"stages": [stn]})
     out, stn_out, maps = tmp_path / "fig.png", tmp_path / "stn.png", tmp_path / "maps.npz"
     assert main(["visualize", "--ckpt", str(ckpt), str(_image(tmp_path)), "--out", str(out),
-                 "--stn", str(stn_out), "--save-maps", str(maps)]) == 0
+                 "--stn", str(stn_out), "--save-maps", str(maps), "--precision", precision]) == 0
     assert stn_out.stat().st_size > 0
     # the maps keep where the STN's view lay in the image: its (2, 3) transform
     from captioner.inference import Captioner
 
-    (caption,) = Captioner.from_checkpoint(ckpt).caption([_image(tmp_path)])
+    model = Captioner.from_checkpoint(ckpt, precision=precision)
+    (caption,) = model.caption([_image(tmp_path)])
     assert caption.grid_theta is not None and caption.grid_theta.shape == (2, 3)
     np.testing.assert_allclose(np.load(maps)["theta"], caption.grid_theta, rtol=1e-6)
+    (theta,) = drawn
+    np.testing.assert_array_equal(theta.reshape(2, 3).double().numpy(), caption.grid_theta)
 
 
 def test_stn_attention_is_drawn_where_the_view_looked(shapes_root, tmp_path, monkeypatch):

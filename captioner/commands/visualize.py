@@ -86,12 +86,13 @@ def _draw_stn(captioner: Captioner, image: Any, out: str) -> Path:
     """Run the encoder once and draw the first Spatial Transformer stage's warp."""
     import torch
 
+    from captioner.autocast import inference_autocast
     from captioner.visualize import plot_stn
 
     stages = _stn_stages(captioner)
     batch = captioner.preprocess(image).unsqueeze(0)  # (1, 3, S, S)
-    with torch.no_grad():
-        captioner.encoder(batch.to(captioner.device))
+    with torch.no_grad(), inference_autocast(captioner.device, captioner.precision):
+        captioner.encoder(batch.to(captioner.device))  # as when captioning: the same warp
     stage = stages[0]
     theta = stage.input_theta() if hasattr(stage, "input_theta") else stage.last_theta[:, 0]
     return Path(plot_stn(batch, theta.cpu(), out))
