@@ -39,7 +39,8 @@ stay meaningful.
   which the shared machine's noise hides in a three-repeat run, give it many ``--repeats``.
 * ``--bf16`` adds CPU autocast bf16 throughput of training, beam search and greedy decoding
   (and of the encoders), each measured in the same rounds as fp32, with the loss parity against
-  fp32 on the same batch (dropout off).
+  fp32 on the same batch (dropout off), and search under Lightning's ``bf16-mixed`` autocast
+  (cache off) with and without ``AttentionDecoder.frozen_weights``.
 
 Usage::
 
