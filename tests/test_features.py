@@ -443,3 +443,42 @@ def test_skip_bad_leaves_out_the_same_images_raw_and_cached(tmp_path, capsys):
         formats.image_load_error = real
     assert "4.png" not in decoded and len(decoded) == 6  # only the images not seen before
     assert len(again) == 11 and list(again.unreadable) == [image_key(images / "4.png")]
+
+
+def test_bf16_extraction_is_recorded_and_never_mixed_with_float32(records, tmp_path):
+    """``precision="bf16"`` runs the encoder under bf16 autocast: grids within bf16 rounding of
+    float32's (not equal), the precision written to the index, and a resumed run of the other
+    precision refused by name; an index from before the field counts as float32."""
+    paths = [r.path for r in records["val"][:4]]
+    fp32 = extract_features(frozen_encoder(), paths[:2], tmp_path / "a", image_size=32,
+                            batch_size=2, shard_size=2)
+    bf16 = extract_features(frozen_encoder(), paths[:2], tmp_path / "b", image_size=32,
+                            batch_size=2, shard_size=2, precision="bf16")
+    assert fp32.index["precision"] == "32" and bf16.index["precision"] == "bf16"
+    a, b = (torch.stack([c.tensor(p) for p in paths[:2]]).float() for c in (fp32, bf16))
+    assert not torch.equal(a, b)
+    torch.testing.assert_close(b, a, rtol=5e-2, atol=5e-2 * float(a.abs().max()))
+    with pytest.raises(FeatureCacheError, match=r"another precision \('bf16', now '32'\)"):
+        extract_features(frozen_encoder(), paths, tmp_path / "b", image_size=32, batch_size=2,
+                         shard_size=2)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        extract_features(frozen_encoder(), paths, tmp_path / "c", image_size=32, batch_size=2,
+                         shard_size=2, precision="16")
+    index = json.loads((tmp_path / "a" / INDEX_FILE).read_text())
+    del index["precision"]  # a cache written before the field: resumed as float32
+    (tmp_path / "a" / INDEX_FILE).write_text(json.dumps(index))
+    resumed = extract_features(frozen_encoder(), paths, tmp_path / "a", image_size=32,
+                               batch_size=2, shard_size=2)
+    assert len(resumed) == 4 and resumed.index["precision"] == "32"
+
+
+def test_extract_features_command_takes_the_precision(tiny_checkpoint, tmp_path, capsys):
+    from captioner.cli import main
+
+    status = main(["extract-features", "--ckpt", str(tiny_checkpoint), "--out", str(tmp_path),
+                   "--allow-trainable", "--split", "val", "--precision", "bf16"])
+    assert status == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / INDEX_FILE).read_text())["precision"] == "bf16"
+    status = main(["extract-features", "--ckpt", str(tiny_checkpoint), "--out", str(tmp_path),
+                   "--allow-trainable", "--split", "val"])
+    assert status == 2 and "another precision ('bf16', now '32')" in capsys.readouterr().err

@@ -16,6 +16,8 @@ from captioner.commands.common import (EXIT_INPUT_ERROR, EXIT_OK, ToolError, bui
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
+    from captioner.autocast import PRECISIONS
+
     p = argparse.ArgumentParser(
         prog="captioner extract-features",
         description="Run the frozen encoder once over a data set and store the annotation grids "
@@ -38,6 +40,10 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--device", type=device_arg, default="cpu", help="torch device (default: cpu)")
     p.add_argument("--allow-trainable", action="store_true",
                    help="cache an encoder that has trainable parameters (they then stay frozen)")
+    p.add_argument("--precision", choices=PRECISIONS, default="32",
+                   help="32 (default), or bf16: the encoder under bfloat16 autocast, about 2x "
+                        "faster on CPUs with AVX512-BF16 or AMX; the grids differ from float32's "
+                        "(5.5%% of their norm for EfficientNet-Lite0)")
     p.add_argument("--shard-delay", type=float, default=0.0, help=argparse.SUPPRESS)  # tests
     args = p.parse_args(argv)
     if not args.config and not args.ckpt:
@@ -102,7 +108,7 @@ def _run(args: argparse.Namespace) -> int:
             encoder, paths, args.out, image_size=image_size, batch_size=args.batch_size,
             shard_size=args.shard_size, num_workers=args.num_workers, device=args.device,
             encoder_config=encoder_config, shard_delay=args.shard_delay,
-            skip_unreadable=skip_bad,
+            skip_unreadable=skip_bad, precision=args.precision,
             progress=lambda line: print(f"captioner extract-features: {line}", file=sys.stderr,
                                         flush=True))
     except (FeatureCacheError, ValueError) as e:

@@ -165,6 +165,10 @@ class CaptioningModule(CaptionerModule):
                         "be compared with the float32 one of the feature cache %s; make sure "
                         "the cache was extracted with this encoder", self.dtype, dm.features_dir)
             return
+        if dm.cache.index.get("precision", "32") != "32":
+            log.info("the feature cache %s was extracted in %s: its grids differ from what "
+                     "this encoder computes in float32 by the network's %s error",
+                     dm.features_dir, dm.cache.index["precision"], dm.cache.index["precision"])
         cached = dm.cache.index.get("fingerprint")
         mine = encoder_fingerprint(self.encoder, dm.image_size)
         if mine != cached:
