@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Sampler, SequentialSampler
 from captioner.data.parallel_text import (BucketBatchSampler, EpochRandomSampler,
                                           ParallelDataError, ParallelDataset, collate_parallel,
                                           detokenize_mt, read_aligned, read_tsv, tokenize_mt)
-from captioner.data.samplers import epoch_sampler, loader_generator
+from captioner.data.samplers import epoch_sampler, loader_generator, trainer_epoch
 from captioner.data.vocabulary import Vocabulary
 
 __all__ = ["ParallelDataError", "tokenize_mt", "detokenize_mt", "read_aligned", "read_tsv",
@@ -220,13 +220,16 @@ class ParallelTextDataModule(L.LightningDataModule):
             raise ValueError(f"the {stage} split has no sentence pairs")
         train = stage == "train"
         keys = list(zip(dataset.tgt_lengths.tolist(), dataset.src_lengths.tolist()))
+        trainer = getattr(self, "trainer", None)
         if train:
-            order: Sampler[int] = epoch_sampler(dataset, self.seed, getattr(self, "trainer", None),
+            order: Sampler[int] = epoch_sampler(dataset, self.seed, trainer,
                                                 distributed=False)  # Lightning replaces it (DDP)
         else:
             order = SequentialSampler(dataset)
+        # Lightning rebuilds the batch sampler under DDP with these arguments, `epoch` included
         sampler = BucketBatchSampler(order, self.batch_size if train else self.eval_batch_size,
-                                     keys=keys, bucket_factor=self.bucket_factor, seed=self.seed)
+                                     keys=keys, bucket_factor=self.bucket_factor, seed=self.seed,
+                                     epoch=trainer_epoch(trainer))
         return DataLoader(dataset, batch_sampler=sampler, num_workers=self.num_workers,
                           collate_fn=collate_parallel, persistent_workers=self.num_workers > 0,
                           generator=loader_generator(self.seed))  # nothing from the global RNG

@@ -199,7 +199,10 @@ class BucketBatchSampler(BatchSampler):
 
     As a ``BatchSampler`` with a ``sampler`` argument it works with Lightning's DDP: Lightning
     rebuilds it around a ``DistributedSampler``, so each rank buckets its own shard (same
-    number of batches on every rank).
+    number of batches on every rank). Lightning rebuilds it with the arguments it was made
+    with, ``epoch`` included, so the new ``DistributedSampler`` starts at that epoch too: a
+    fit resumed at epoch ``e`` draws its first batches before Lightning calls ``set_epoch``,
+    and would otherwise replay epoch 0's order.
 
     Args:
         sampler: the indices to batch.
@@ -208,17 +211,21 @@ class BucketBatchSampler(BatchSampler):
         keys: one sort key per dataset item, e.g. ``(target length, source length)``.
         bucket_factor: pool size in batches.
         seed: base seed of the batch order.
+        epoch: the epoch to start at: passed to the sampler's ``set_epoch`` when it has one
+            (the training loop's epoch for a resumed fit).
     """
 
     def __init__(self, sampler: Sampler[int] | Sequence[int], batch_size: int,
                  drop_last: bool = False, *, keys: Sequence[Any], bucket_factor: int = 50,
-                 seed: int = 0) -> None:
+                 seed: int = 0, epoch: int = 0) -> None:
         if batch_size < 1 or bucket_factor < 1:
             raise ValueError(f"batch_size and bucket_factor must be >= 1, got {batch_size}, "
                              f"{bucket_factor}")
         super().__init__(sampler, batch_size, drop_last)
         self.keys = list(keys)
         self.bucket_factor, self.seed = bucket_factor, seed
+        if callable(getattr(sampler, "set_epoch", None)):
+            sampler.set_epoch(epoch)  # type: ignore[union-attr]
 
     @property
     def shuffle(self) -> bool:

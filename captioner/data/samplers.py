@@ -45,6 +45,12 @@ def run_seed() -> int:
     return int(seed) if seed is not None else torch.initial_seed() % 2**32
 
 
+def trainer_epoch(trainer: Any = None) -> int:
+    """The epoch ``trainer``'s fit loop is at (the epochs it has finished: a resumed fit's
+    first epoch), 0 without a trainer."""
+    return trainer.fit_loop.epoch_progress.current.processed if trainer is not None else 0
+
+
 def epoch_sampler(data_source: Sequence[Any], seed: int, trainer: Any = None,
                   distributed: bool = True) -> Sampler[int]:
     """The training sampler, at the epoch ``trainer`` is at (Lightning draws the first batch of a
@@ -53,7 +59,7 @@ def epoch_sampler(data_source: Sequence[Any], seed: int, trainer: Any = None,
     ``distributed``) the ``DistributedSampler`` Lightning would put in its place (same seed), so
     that Lightning keeps it and its epoch. (``distributed=False`` for a sampler inside a batch
     sampler: Lightning rebuilds those with a sampler of its own under DDP.)"""
-    epoch = trainer.fit_loop.epoch_progress.current.processed if trainer is not None else 0
+    epoch = trainer_epoch(trainer)
     sampler: EpochRandomSampler | DistributedSampler
     if distributed and trainer is not None and getattr(trainer, "world_size", 1) > 1:
         sampler = DistributedSampler(data_source, num_replicas=trainer.world_size,  # type: ignore[arg-type]

@@ -298,6 +298,42 @@ def test_a_resumed_training_epoch_repeats_its_order(tmp_path):
     assert [b["index"].tolist() for b in first] != expected  # the orders differ by epoch
 
 
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_resumed_ddp_epoch_repeats_its_order_on_each_rank(tmp_path, rank):
+    """Under DDP Lightning rebuilds the bucketing batch sampler around a ``DistributedSampler``
+    of its own, at epoch 0, and draws a resumed fit's first batches before it calls
+    ``set_epoch``: the rebuilt sampler starts at the trainer's epoch (``BucketBatchSampler``'s
+    ``epoch``, kept by the rebuild), so each rank's resumed epoch 3 is batched as epoch 3 of
+    the uninterrupted fit was; it used to replay epoch 0's. Lightning's own rebuild is used."""
+    from types import SimpleNamespace
+
+    from lightning.fabric.utilities.data import _replace_dunder_methods, _set_sampler_epoch
+    from lightning.pytorch.trainer.states import RunningStage
+    from lightning.pytorch.utilities.data import _update_dataloader
+    from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
+
+    dm = module(tmp_path, min_freq=1, batch_size=1)
+
+    def rank_batches(trainer_epoch: int, set_epoch: int | None = None) -> list[list[int]]:
+        progress = SimpleNamespace(current=SimpleNamespace(processed=trainer_epoch))
+        dm.trainer = SimpleNamespace(fit_loop=SimpleNamespace(epoch_progress=progress))
+        with _replace_dunder_methods(DataLoader, "dataset"), _replace_dunder_methods(BatchSampler):
+            loader = dm.loader("train")  # as Lightning requests it
+        shard = DistributedSampler(loader.dataset, num_replicas=2, rank=rank, shuffle=True,
+                                   seed=dm.seed)  # what Lightning injects (at epoch 0)
+        loader = _update_dataloader(loader, shard, mode=RunningStage.TRAINING)
+        assert loader.batch_sampler.sampler is shard
+        if set_epoch is not None:
+            _set_sampler_epoch(loader, set_epoch)  # the fit loop, before an epoch's iterator
+        return [b["index"].tolist() for b in loader]
+
+    uninterrupted = rank_batches(0, set_epoch=3)  # epoch 3's iterator in the uninterrupted fit
+    resumed = rank_batches(3)  # a fit resumed at epoch 3: its first iterator, no set_epoch yet
+    assert resumed == uninterrupted
+    assert rank_batches(0) != uninterrupted  # epoch 0's order is another (what was replayed)
+    assert len(resumed) == (len(dm.dataset("train")) + 1) // 2  # this rank's shard only
+
+
 def test_loaders_take_nothing_from_the_global_generator(tmp_path):
     """Each new iterator used to draw its workers' base seed from the global torch generator,
     so that a resumed fit (a new iterator where persistent workers reused theirs) drifted."""
