@@ -17,6 +17,12 @@ of ``r_0`` is complete only after the backward of step 1 has run, and so on by i
 autograd engine runs a node only when all of its incoming gradients are ready, so the node of
 step 0 is the last of the unroll's nodes; it computes ``dW`` and returns it. The later steps
 return ``None`` for the weight. Only first-order gradients are supported (no double backward).
+
+A backward pass that does not reach step 0 (``torch.autograd.grad`` with respect to, say, the
+word embeddings of later steps, a saliency probe; or a pass that raised) leaves its steps'
+pairs behind; each pair is tagged with the backward pass (autograd's graph task) that stored it,
+and step 0 sums only those of its own pass, so such a pass cannot leak into the next one's
+``dW``.
 """
 
 from __future__ import annotations
@@ -43,10 +49,12 @@ class _SummedWeightGrad(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         grad_weight = None
         if ctx.needs_input_grad[1]:
-            ctx.store.append((grad, x))
+            task = torch._C._current_graph_task_id()  # this backward pass
+            ctx.store.append((task, grad, x))
             if ctx.first:  # the last node of the unroll to run: see the module docstring
-                grads = torch.cat([g for g, _ in ctx.store])  # (T B, M)
-                inputs = torch.cat([i for _, i in ctx.store])  # (T B, K)
+                pairs = [(g, i) for k, g, i in ctx.store if k == task]  # stale passes dropped
+                grads = torch.cat([g for g, _ in pairs])  # (T B, M)
+                inputs = torch.cat([i for _, i in pairs])  # (T B, K)
                 grad_weight = grads.t().mm(inputs)  # (M, K)
                 ctx.store.clear()
         grad_x = grad.mm(weight) if ctx.needs_input_grad[0] else None  # (B, K)
