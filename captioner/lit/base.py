@@ -319,6 +319,9 @@ class CaptionerModule(L.LightningModule):
                                       "model_config": plain(self.model_config),
                                       "data": self.data_config, **self.checkpoint_meta()}
         checkpoint["rng_states"] = rng_states()
+        per_rank = all_ranks_rng_states(checkpoint["rng_states"])
+        if per_rank is not None:
+            checkpoint["rng_states_per_rank"] = per_rank
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         meta = checkpoint.get(CHECKPOINT_KEY)
@@ -331,21 +334,64 @@ class CaptionerModule(L.LightningModule):
         self.model_config = self.model_config or meta.get("model_config")
         self.data_config = meta.get("data") or {}
         if "rng_states" in checkpoint:  # resuming continues the random streams exactly
-            set_rng_states(checkpoint["rng_states"])
+            set_rng_states(own_rng_states(checkpoint))
 
 
 def rng_states() -> dict[str, Any]:
-    """The random states of torch, numpy and Python, as plain types and tensors only (so that
-    checkpoints load with ``torch.load(weights_only=True)``)."""
+    """The random states of torch (CPU, and the current CUDA device's generator where CUDA is in
+    use: dropout and hard attention's sampling draw from it on a GPU), numpy and Python, as plain
+    types and tensors only (so that checkpoints load with ``torch.load(weights_only=True)``).
+
+    Under DDP the ranks' streams drift apart (dropout over batches of other shapes draws other
+    numbers of values), so a checkpoint also keeps every rank's (:func:`all_ranks_rng_states`)
+    and each rank restores its own (:func:`own_rng_states`)."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"torch": torch.get_rng_state(),
-            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
-            "python": random.getstate()}
+    states = {"torch": torch.get_rng_state(),
+              "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+              "python": random.getstate()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        states["cuda"] = torch.cuda.get_rng_state()  # (the current device's)
+    return states
+
+
+def _process_group() -> tuple[int, int] | None:
+    """``(rank, world size)`` of the initialised process group, ``None`` without one."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    return dist.get_rank(), dist.get_world_size()
+
+
+def all_ranks_rng_states(states: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """Every rank's :func:`rng_states` (rank order), gathered from ``states`` of each rank: a
+    collective, so every rank must call it (Lightning builds a checkpoint on every rank and
+    rank 0 writes it). ``None`` in a single process."""
+    group = _process_group()
+    if group is None or group[1] == 1:
+        return None
+    import torch.distributed as dist
+
+    gathered: list[Any] = [None] * group[1]
+    dist.all_gather_object(gathered, states)
+    return gathered
+
+
+def own_rng_states(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The random states this process resumes from: its rank's where the checkpoint has one per
+    rank from a run of the same number of processes, else the writer's (rank 0's)."""
+    per_rank, group = checkpoint.get("rng_states_per_rank"), _process_group()
+    if per_rank is not None and group is not None and len(per_rank) == group[1]:
+        return per_rank[group[0]]
+    return checkpoint["rng_states"]
 
 
 def set_rng_states(states: dict[str, Any]) -> None:
-    """Restore what :func:`rng_states` saved."""
+    """Restore what :func:`rng_states` saved (a CUDA state on a machine without CUDA is
+    skipped: a GPU run resumed on a CPU cannot repeat its GPU streams)."""
     torch.set_rng_state(states["torch"])
     name, keys, pos, has_gauss, gauss = states["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(states["python"])
+    if "cuda" in states and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])  # the current device (each rank's own)

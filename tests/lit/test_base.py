@@ -26,6 +26,43 @@ def test_rng_states_round_trip_through_a_weights_only_load(tmp_path):
     assert np.array_equal(np.random.rand(3), expected[1]) and random.random() == expected[2]
 
 
+def test_rng_states_keep_the_cuda_generator_where_cuda_is_in_use(tmp_path, monkeypatch):
+    """On a GPU, dropout and hard attention draw from the device's generator: its state is saved
+    and restored with the others (mocked here: no GPU in the tests), and a CPU-only machine
+    skips it."""
+    device_state = torch.arange(16, dtype=torch.uint8)
+    restored: list[torch.Tensor] = []
+    assert "cuda" not in rng_states() or torch.cuda.is_initialized()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": device_state.clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s, device="cuda": restored.append(s))
+    torch.save(rng_states(), tmp_path / "rng.pt")
+    saved = torch.load(tmp_path / "rng.pt", weights_only=True)
+    assert torch.equal(saved["cuda"], device_state)
+    set_rng_states(saved)
+    assert len(restored) == 1 and torch.equal(restored[0], device_state)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU-only machine
+    set_rng_states(saved)
+    assert len(restored) == 1
+
+
+def test_each_rank_resumes_from_its_own_random_states(monkeypatch):
+    """A checkpoint of a DDP run keeps every rank's states; a process resumes from its rank's
+    when the number of processes matches, else (and in a single process) from rank 0's."""
+    import captioner.lit.base as base
+
+    ckpt = {"rng_states": "rank 0", "rng_states_per_rank": ["rank 0", "rank 1"]}
+    monkeypatch.setattr(base, "_process_group", lambda: (1, 2))
+    assert base.own_rng_states(ckpt) == "rank 1"
+    monkeypatch.setattr(base, "_process_group", lambda: (1, 3))  # resumed on 3 processes
+    assert base.own_rng_states(ckpt) == "rank 0"
+    monkeypatch.setattr(base, "_process_group", lambda: None)
+    assert base.own_rng_states(ckpt) == "rank 0"
+    assert base.own_rng_states({"rng_states": "rank 0"}) == "rank 0"
+    assert base.all_ranks_rng_states({"torch": torch.get_rng_state()}) is None
+
+
 def test_checkpoint_meta_of_each_task_and_the_task_check():
     vocab = Vocabulary.build([["a", "b"], ["c"]])
     captioning = CaptioningModule.from_config({**TINY_MODEL_CONFIG, "vocab_size": len(vocab)})

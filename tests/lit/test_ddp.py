@@ -302,12 +302,17 @@ def test_translation_validates_the_whole_split_under_ddp(tmp_path):
 
 
 def test_translation_resumed_under_ddp_trains_as_the_uninterrupted_fit(tmp_path):
-    """3 epochs of translation under DDP against 2 epochs and a resumed third: the same
-    weights. The resumed fit used to train its first epoch on epoch 0's batch order (Lightning
-    rebuilds the bucketing batch sampler around a distributed sampler of its own at epoch 0 and
-    draws the first batches before ``set_epoch``): 0.045 apart at the largest weight. (With
-    these 6 pairs epochs 0 and 1 happen to share their order on both ranks, so the resumed
-    epoch is epoch 2, whose order differs.)"""
+    """3 epochs of translation under DDP, with dropout, against 2 epochs and a resumed third:
+    the same weights. Two defects made them differ:
+
+    * the resumed fit trained its first epoch on epoch 0's batch order (Lightning rebuilds the
+      bucketing batch sampler around a distributed sampler of its own at epoch 0 and draws the
+      first batches before ``set_epoch``): 0.045 apart at the largest weight without dropout.
+      (With these 6 pairs epochs 0 and 1 happen to share their order on both ranks, so the
+      resumed epoch is epoch 2, whose order differs.)
+    * rank 1 resumed on rank 0's random streams, the only ones the checkpoint held, while its
+      own had drifted (its batches' dropout drew other numbers of values): 0.056 apart with the
+      batch order fixed."""
     from tests.lit.test_translation import PAIRS, write_split
 
     root = tmp_path / "toy"
@@ -321,6 +326,7 @@ def test_translation_resumed_under_ddp_trains_as_the_uninterrupted_fit(tmp_path)
         cfg = translation_config(root, out, 2)
         cfg["trainer"].update(max_epochs=epochs, check_val_every_n_epoch=100)
         cfg["data"]["init_args"]["batch_size"] = 1  # 3 batches per rank and epoch: order matters
+        cfg["model"]["init_args"]["decoder"]["init_args"]["dropout"] = 0.3
         (out / "config.yaml").write_text(yaml.safe_dump(cfg))
         proc = subprocess.run([str(exe), "fit", "--config", str(out / "config.yaml"), *extra],
                               capture_output=True, text=True, timeout=300,
