@@ -151,6 +151,9 @@ class AdditiveAttention(Attention):
     with ``2 (W_a a_i + b)`` cached by :meth:`project_keys`. The energies agree with the
     ``tanh`` form to float32 rounding (``sum_k w_k`` is shared by all ``i``, so the weights
     ``alpha`` do not even see that term); ``tanh_via_sigmoid=False`` computes ``tanh`` itself.
+    The shift enters the ``w^T`` GEMV as its bias, so in bf16 the energies are rounded once at
+    their own scale, not after a cancellation against ``sum_k w_k`` (their error is then close
+    to the ``tanh`` form's).
 
     Without autograd (search over ``B K`` hypotheses) the hidden layer of all rows, e.g.
     ``(160, 196, 512)`` = 64 MB at beam 5, would be written to memory, squashed and read back
@@ -189,7 +192,10 @@ class AdditiveAttention(Attention):
             return self.energy(torch.tanh(proj_keys + q)).squeeze(-1)
         squashed = torch.add(proj_keys, q, alpha=2.0).sigmoid_()  # (..., L, A)
         w = self.energy.weight  # (1, A)
-        return 2.0 * self.energy(squashed).squeeze(-1) - w.sum()
+        # w^T sigma - sum_k w_k / 2 in one GEMV (the shift as its bias): in bf16 the output is
+        # rounded once, at the scale of e; subtracting sum_k w_k after rounding w^T sigma would
+        # lose e's digits to the cancellation when |sum_k w_k| >> |e|
+        return 2.0 * F.linear(squashed, w, -0.5 * w.sum().reshape(1)).squeeze(-1)
 
     def score(
         self, query: torch.Tensor, keys: torch.Tensor, proj_keys: torch.Tensor | None
@@ -464,7 +470,8 @@ class _LocalAttention(Attention):
             valid = torch.where(fell_back, mask, valid)
         alpha = masked_softmax(self.score(query, keys, proj_keys), valid)  # (B, L)
         if self.gaussian:
-            weighted = alpha * torch.exp(-(delta**2).sum(-1) / (2 * self.sigma**2))
+            gauss = torch.exp(-(delta**2).sum(-1) / (2 * self.sigma**2))  # (B, L)
+            weighted = alpha * gauss.to(alpha.dtype)
             if self.renormalize:
                 weighted = weighted / weighted.sum(-1, keepdim=True).clamp_min(
                     torch.finfo(alpha.dtype).tiny)
@@ -474,11 +481,23 @@ class _LocalAttention(Attention):
         return alpha
 
 
+def _coordinate_dtype(keys: torch.Tensor) -> torch.dtype:
+    """Positions, centres and lengths are at least float32: bf16 cannot hold ``s + 1/2`` for
+    ``s >= 128`` (nor float16 for ``s >= 1024``), which would move the window's edges."""
+    return torch.promote_types(keys.dtype, torch.float32)
+
+
+def _positions(n: int, keys: torch.Tensor) -> torch.Tensor:
+    """Coordinates ``s + 1/2`` of ``n`` positions, ``(n,)`` (:func:`_coordinate_dtype`)."""
+    return torch.arange(n, device=keys.device, dtype=_coordinate_dtype(keys)) + 0.5
+
+
 def _lengths(keys: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-    """Number of valid positions ``S`` of each row, ``(B, 1)`` float."""
+    """Number of valid positions ``S`` of each row, ``(B, 1)`` (:func:`_coordinate_dtype`)."""
+    dtype = _coordinate_dtype(keys)
     if mask is None:
-        return keys.new_full((keys.shape[0], 1), float(keys.shape[1]))
-    return mask.sum(-1, keepdim=True).to(keys.dtype)
+        return keys.new_full((keys.shape[0], 1), float(keys.shape[1]), dtype=dtype)
+    return mask.sum(-1, keepdim=True).to(dtype)
 
 
 class LocalMonotonicAttention(_LocalAttention):
@@ -511,7 +530,7 @@ class LocalMonotonicAttention(_LocalAttention):
             raise ValueError("local-m attention needs the decoding step: call it with step=t")
         last = _lengths(keys, mask) - 1  # (B, 1)
         p = last.clamp(max=float(step)) + 0.5  # (B, 1)
-        s = torch.arange(keys.shape[1], device=keys.device, dtype=keys.dtype) + 0.5  # (L,)
+        s = _positions(keys.shape[1], keys)  # (L,)
         return (s.unsqueeze(0) - p).unsqueeze(-1)  # (B, L, 1)
 
 
@@ -549,13 +568,14 @@ class LocalPredictiveAttention(_LocalAttention):
 
     def centre(self, query: torch.Tensor, keys: torch.Tensor,
                mask: torch.Tensor | None) -> torch.Tensor:
-        """Predicted centre ``p_t`` ``(B, 1)`` in ``[0, S]``."""
-        return _lengths(keys, mask) * torch.sigmoid(self.v_p(torch.tanh(self.W_p(query))))
+        """Predicted centre ``p_t`` ``(B, 1)`` in ``[0, S]`` (at least float32)."""
+        logit = self.v_p(torch.tanh(self.W_p(query)))  # (B, 1)
+        return _lengths(keys, mask) * torch.sigmoid(logit.to(_coordinate_dtype(keys)))
 
     def offsets(self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None,
                 step: int | None) -> torch.Tensor:
         p = self.centre(query, keys, mask)  # (B, 1)
-        s = torch.arange(keys.shape[1], device=keys.device, dtype=keys.dtype) + 0.5  # (L,)
+        s = _positions(keys.shape[1], keys)  # (L,)
         return (s.unsqueeze(0) - p).unsqueeze(-1)  # (B, L, 1)
 
 
@@ -613,17 +633,18 @@ class LocalAttention2d(_LocalAttention):
         return side, side
 
     def centre(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        """Predicted centre ``(p_r, p_c)`` ``(B, 2)`` in ``[0, H] x [0, W]``."""
+        """Predicted centre ``(p_r, p_c)`` ``(B, 2)`` in ``[0, H] x [0, W]`` (at least
+        float32)."""
         h, w = self.grid(keys.shape[1])
-        scale = keys.new_tensor([float(h), float(w)])  # (2,)
-        return scale * torch.sigmoid(self.V_p(torch.tanh(self.W_p(query))))  # (B, 2)
+        dtype = _coordinate_dtype(keys)
+        scale = keys.new_tensor([float(h), float(w)], dtype=dtype)  # (2,)
+        return scale * torch.sigmoid(self.V_p(torch.tanh(self.W_p(query))).to(dtype))  # (B, 2)
 
     def offsets(self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None,
                 step: int | None) -> torch.Tensor:
         h, w = self.grid(keys.shape[1])
         p = self.centre(query, keys)  # (B, 2)
-        rows = torch.arange(h, device=keys.device, dtype=keys.dtype) + 0.5  # (H,)
-        cols = torch.arange(w, device=keys.device, dtype=keys.dtype) + 0.5  # (W,)
+        rows, cols = _positions(h, keys), _positions(w, keys)  # (H,), (W,)
         coords = torch.stack(torch.meshgrid(rows, cols, indexing="ij"), -1)  # (H, W, 2)
         coords = coords.reshape(h * w, 2)  # (L, 2), row-major like the annotations
         return coords.unsqueeze(0) - p.unsqueeze(1)  # (B, L, 2)
