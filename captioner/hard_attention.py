@@ -46,7 +46,8 @@ class HardSelection:
     Attributes:
         context: ``(B, D)`` the context before the gate: ``a_{s_t}`` or ``sum_i alpha_i a_i``.
         weights: ``(B, L)`` the weights the context was formed with: one-hot rows for a chosen
-            location, ``alpha`` rows where the expectation was used.
+            location, ``alpha`` normalised to sum to 1 (:func:`normalize_weights`; ``alpha``
+            itself unless it comes from local-p) where the expectation was used.
         locations: ``(B,)`` the chosen ``s_t`` (the argmax where the expectation was used).
         log_probs: ``(B,)`` ``log p(s_t | a)`` of sampled locations, ``0`` elsewhere.
         sampled: ``(B,)`` bool, ``True`` where ``s_t`` was sampled.
