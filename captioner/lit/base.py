@@ -253,13 +253,16 @@ class CaptionerModule(L.LightningModule):
         entropy = attention_entropy(out.alphas, steps)  # (B,)
         sampled = (out.sampled & steps).any(1)  # (B,)
         any_sampled = bool(sampled.any())
+        # the mini-batch's mean reward; under DDP the whole batch's, over every rank (each rank
+        # would otherwise track its own share, and DDP's buffer broadcast keeps rank 0's alone)
+        batch_reward = mean_over_ranks(reward[sampled].detach())  # (1,), or (0,): none sampled
         baseline = hard.baseline.clone()
-        if not bool(hard.baseline_started) and any_sampled:
-            baseline = reward[sampled].mean().detach()
+        if not bool(hard.baseline_started) and batch_reward.numel():
+            baseline = batch_reward[0]
         surrogate = reinforce_surrogate(reward, log_p_s, entropy, baseline,
                                         self.hparams.get("hard_lambda_r", 0.1),
                                         self.hparams.get("hard_lambda_e", 0.002))
-        hard.update_baseline(reward[sampled])
+        hard.update_baseline(batch_reward)
         losses["loss"] = losses["loss"] + self.caption_term_scale(targets, pad_id) * surrogate
         losses.update(reinforce=surrogate.detach(),
                       reward=(reward[sampled].mean().detach() if any_sampled
@@ -375,6 +378,20 @@ def all_ranks_rng_states(states: dict[str, Any]) -> list[dict[str, Any]] | None:
     gathered: list[Any] = [None] * group[1]
     dist.all_gather_object(gathered, states)
     return gathered
+
+
+def mean_over_ranks(values: torch.Tensor) -> torch.Tensor:
+    """The mean of every rank's ``values`` ``(n,)`` (``n`` may differ between ranks and be 0),
+    as ``(1,)``, or ``(0,)`` when no rank has any. A collective under DDP, so every rank must
+    call it; ``values.mean()`` in a single process."""
+    group = _process_group()
+    if group is None or group[1] == 1:
+        return values.mean().reshape(1) if values.numel() else values.reshape(0)
+    import torch.distributed as dist
+
+    stats = torch.stack([values.sum(), values.new_tensor(float(values.numel()))])  # (2,)
+    dist.all_reduce(stats)  # sums over the ranks
+    return (stats[:1] / stats[1]) if bool(stats[1] > 0) else values.reshape(0)
 
 
 def own_rng_states(checkpoint: dict[str, Any]) -> dict[str, Any]:

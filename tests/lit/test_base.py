@@ -124,3 +124,11 @@ def test_perplexity_of_a_diverged_model_is_inf():
     outputs = [{"nll": 1e6, "target_tokens": 3}, {"nll": 2.0, "target_tokens": 1}]
     assert TranslationModule._perplexity(outputs) == float("inf")
     assert TranslationModule._perplexity(outputs[1:]) == pytest.approx(np.exp(2.0))
+
+
+def test_mean_over_ranks_in_one_process_is_the_mean():
+    from captioner.lit.base import mean_over_ranks
+
+    torch.testing.assert_close(mean_over_ranks(torch.tensor([1.0, 2.0, 6.0])),
+                               torch.tensor([3.0]))
+    assert mean_over_ranks(torch.tensor([])).shape == (0,)

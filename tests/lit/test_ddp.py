@@ -342,3 +342,56 @@ def test_translation_resumed_under_ddp_trains_as_the_uninterrupted_fit(tmp_path)
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+# ------------------------------------------------------------------------------ hard attention
+def _hard_attention_rank(rank: int, port: int, out: str) -> None:
+    """One rank of a 2-process gloo group: a hard-attention translation loss on this rank's
+    share of the batch (rank 0: 3 pairs, rank 1: 2); writes the rewards and the baseline."""
+    import torch.distributed as dist
+
+    from tests.lit.test_translation import PAIRS, batch_of, model_config, vocabularies
+    from captioner.lit.translation import TranslationModule
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2)
+    try:
+        torch.manual_seed(3)  # the same model on both ranks
+        src_vocab, tgt_vocab = vocabularies()
+        config = model_config(len(src_vocab), len(tgt_vocab))
+        config["decoder"]["init_args"].update(attention_mode="hard", hard_expectation_prob=0.0)
+        module = TranslationModule.from_config(config).train()
+        module.src_vocab, module.vocab = src_vocab, tgt_vocab
+        share = PAIRS[:3] if rank == 0 else PAIRS[3:5]
+        rewards, baselines = [], []
+        for _ in range(2):  # the first update sets b, the second moves it
+            losses = module.loss(batch_of(share, src_vocab, tgt_vocab))
+            rewards.append(losses["reward"].item())  # this rank's mean
+            baselines.append(module.decoder.hard.baseline.item())
+        torch.save({"rewards": rewards, "n": len(share), "baselines": baselines},
+                   Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def test_hard_attention_baseline_averages_the_rewards_of_every_rank(tmp_path):
+    """Under DDP the REINFORCE baseline ``b`` moves with the whole batch's mean reward (all
+    ranks'), as in one process; each rank used to track its own share, and DDP's buffer
+    broadcast then kept rank 0's alone."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_hard_attention_rank, args=(port, str(tmp_path)), nprocs=2)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert ranks[0]["baselines"] == ranks[1]["baselines"]
+    assert ranks[0]["rewards"][0] != pytest.approx(ranks[1]["rewards"][0])  # shares differ
+    # the mean over all 5 sampled targets (the ranks' means weighted by their counts): b is
+    # set to the first, then b <- 0.9 b + 0.1 mean
+    means = [sum(r["rewards"][i] * r["n"] for r in ranks) / sum(r["n"] for r in ranks)
+             for i in range(2)]
+    assert ranks[0]["baselines"][0] == pytest.approx(means[0], rel=1e-5)
+    assert ranks[0]["baselines"][1] == pytest.approx(0.9 * means[0] + 0.1 * means[1], rel=1e-5)
