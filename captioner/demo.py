@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         thetas=[c.grid_theta for c in captions])
     scores.update({"attention_correctness": ac["attention_correctness"],
                    "attention_chance": ac["chance"]})
-    with open(out / "test_captions.tsv", "w") as f:
+    with atomic_write(out / "test_captions.tsv") as f:
         for r, c in zip(records, captions):
             f.write(f"{r.path.name}\t{c.text}\t{r.captions[0]}\n")
     with atomic_write(out / "demo_metrics.json") as f:

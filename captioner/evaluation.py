@@ -104,7 +104,7 @@ def evaluate_split(captioner: Captioner, records: Sequence[ImageRecord], *,
             [c.words for c in captions],
             [[(b.category, (b.attributes or {}).get("colour", ""), tuple(b.bbox))
               for b in r.boxes] for r in records],
-            (H, W), [_image_size(r) for r in records],
+            (H, W), [image_size(r) for r in records],
             thetas=[c.grid_theta for c in captions])
     n_refs = [len(r.captions) for r in records]
     protocol = {
@@ -122,8 +122,9 @@ def evaluate_split(captioner: Captioner, records: Sequence[ImageRecord], *,
                       attention, protocol)
 
 
-def _image_size(record: ImageRecord) -> tuple[int, int]:
-    """``(H_img, W_img)`` of a record, from the annotation or the file header."""
+def image_size(record: ImageRecord) -> tuple[int, int]:
+    """``(H_img, W_img)`` of a record, from the annotation or, where it gives none (COCO's
+    ``width`` / ``height`` are optional), the file header."""
     if record.height and record.width:
         return int(record.height), int(record.width)
     from PIL import Image

@@ -286,6 +286,7 @@ class CaptioningModule(CaptionerModule):
         return scores
 
     def _attention_correctness(self, outputs, hyps, records) -> dict[str, float]:
+        from captioner.evaluation import image_size
         from captioner.metrics import attention_correctness
 
         alphas, words, boxes, sizes, thetas = [], [], [], [], []
@@ -295,7 +296,7 @@ class CaptioningModule(CaptionerModule):
             words.append(hyp)
             boxes.append([(b.category, (b.attributes or {}).get("colour", ""), tuple(b.bbox))
                           for b in rec.boxes])
-            sizes.append((rec.height, rec.width))
+            sizes.append(image_size(rec))  # (H_img, W_img)
             thetas.append(o.get("theta"))
         res = attention_correctness(alphas, words, boxes, self.encoder.grid_size, sizes,
                                     thetas=thetas)

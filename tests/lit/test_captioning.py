@@ -204,6 +204,24 @@ def test_validation_attention_correctness_reads_the_stns_view(tiny_data, tmp_pat
         through["attention_correctness"], abs=1e-6)
 
 
+def test_attention_correctness_reads_image_sizes_the_annotations_leave_out(tiny_data, tmp_path):
+    """COCO's ``width`` / ``height`` are optional: without them validation's attention
+    correctness (boxes in pixels) crashed with a TypeError; it now reads the file header, as
+    ``captioner evaluate`` does, and scores as with the annotated sizes."""
+    import dataclasses
+
+    dm = tiny_dm(tiny_data)
+    dm.setup("validate")
+    model = CaptioningModule.from_config(model_config(dm.vocab_size))
+    trainer(tmp_path, 1).validate(model, datamodule=dm, verbose=False)
+    outputs, hyps = model._last_outputs
+    records = dm.records("val")
+    assert all(r.height and r.width and r.boxes for r in records)
+    bare = [dataclasses.replace(r, height=None, width=None) for r in records]
+    assert model._attention_correctness(outputs, hyps, bare) == \
+        model._attention_correctness(outputs, hyps, records)
+
+
 def test_a_checkpoint_monitoring_a_key_never_logged_is_refused_before_training(tiny_data,
                                                                                tmp_path):
     """``val/bleu`` is the translation model's key: Lightning would fail only after the first
