@@ -462,11 +462,12 @@ def _input_error(error: BaseException) -> BaseException | None:
     from captioner.data.formats import AnnotationError
     from captioner.data.images import ImageLoadError
     from captioner.data.parallel_text import ParallelDataError
+    from captioner.data.vocabulary import VocabularyError
     from captioner.features import FeatureCacheError
     from captioner.inference import CheckpointError
 
     kinds = (AnnotationError, ImageLoadError, ParallelDataError, FeatureCacheError,
-             CheckpointError, ConfigError)
+             CheckpointError, ConfigError, VocabularyError)
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
         if isinstance(error, kinds):

@@ -7,6 +7,7 @@ one test runs the installed ``captioner`` entry point in a subprocess.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -378,3 +379,43 @@ def test_only_data_errors_are_shortened_to_one_line() -> None:
     except TypeError as bug:
         assert _input_error(bug) is None
     assert _input_error(FileNotFoundError("not ours")) is None
+
+
+@pytest.mark.parametrize("option, value, says", [
+    ("vocab_file", "{tmp}/missing_vocab.json", "{tmp}/missing_vocab.json: no such vocabulary file"),
+    ("vocab_file", "{tmp}/bad_vocab.json", "{tmp}/bad_vocab.json: not a valid vocabulary file"),
+    ("max_images", "0", "max_images must be >= 1"),
+    ("val_fraction", "0.9", "val_fraction and test_fraction must be >= 0 with a sum < 1"),
+])
+def test_fit_names_bad_data_options_in_one_line(capsys, tmp_path, option, value, says) -> None:
+    """A missing or broken vocabulary file, ``max_images: 0`` (accepted until then) and
+    fractions that leave nothing to train on were raw tracebacks through jsonargparse."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(4):
+        Image.new("RGB", (8, 8), (60 * i, 0, 0)).save(images / f"{i}.jpg")
+    (tmp_path / "captions.txt").write_text(
+        "image,caption\n" + "".join(f"{i}.jpg,a red square {i}\n" for i in range(4)))
+    (tmp_path / "bad_vocab.json").write_text("{not json")
+    data = {"data": {"class_path": "captioner.data.datamodule.CaptionDataModule",
+                     "init_args": {"format": "flickr8k_csv",
+                                   "annotations": str(tmp_path / "captions.txt"),
+                                   "image_root": str(images), "image_size": 16,
+                                   "num_workers": 0, "min_freq": 1, "val_fraction": 0.25,
+                                   "test_fraction": 0.25}},
+            "trainer": {"accelerator": "cpu", "max_epochs": 1, "logger": False,
+                        "enable_checkpointing": False, "enable_progress_bar": False,
+                        "default_root_dir": str(tmp_path / "run")}}
+    (tmp_path / "data.yaml").write_text(yaml.safe_dump(data))
+    model = Path(__file__).resolve().parents[1] / "configs" / "model" / "shapes_soft.yaml"
+    logging.disable(logging.INFO)  # Lightning's "Seed set" goes to a handler of an older capture
+    try:
+        status, _, err = _run(capsys, "fit", "--config", str(tmp_path / "data.yaml"), "--config",
+                              str(model), f"--data.init_args.{option}",
+                              value.format(tmp=tmp_path))
+    finally:
+        logging.disable(logging.NOTSET)
+    assert status == 2, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("captioner fit: ") and says.format(tmp=tmp_path) in last, err
+    assert "Traceback" not in err

@@ -33,6 +33,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from captioner.config import ConfigError
 from captioner.data.datasets import (
     CaptionTrainDataset,
     ImageEvalDataset,
@@ -122,24 +123,30 @@ class CaptionDataModule(L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         if format not in ("coco", "karpathy", "flickr8k_csv", "custom"):
-            raise ValueError(f"unknown data format {format!r}")
+            raise ConfigError(f"unknown data format {format!r}")
         if format == "custom" and type(self).parse_records is CaptionDataModule.parse_records:
-            raise ValueError(f"{type(self).__name__}: format 'custom' is for a subclass that "
-                             "overrides parse_records()")
+            raise ConfigError(f"{type(self).__name__}: format 'custom' is for a subclass that "
+                              "overrides parse_records()")
         per_split = isinstance(annotations, Mapping) or isinstance(image_root, Mapping)
         if format not in ("coco", "custom") and per_split:
-            raise ValueError(f"format {format!r} takes a single annotation file and image folder")
+            raise ConfigError(f"format {format!r} takes a single annotation file and image folder")
         if format not in ("coco", "custom") and instances is not None:
-            raise ValueError("instances (object boxes) are only read for format 'coco'")
+            raise ConfigError("instances (object boxes) are only read for format 'coco'")
         if isinstance(annotations, Mapping):
             _check_split_keys(annotations, "annotations")
             for name, value in (("image_root", image_root), ("instances", instances)):
                 if isinstance(value, Mapping):
                     _check_split_keys(value, name)
         elif isinstance(image_root, Mapping) or isinstance(instances, Mapping):
-            raise ValueError("per-split image_root/instances need per-split annotations too")
+            raise ConfigError("per-split image_root/instances need per-split annotations too")
+        if max_images is not None and max_images < 1:
+            raise ConfigError(f"max_images must be >= 1 (images per split) or null, got "
+                              f"{max_images}")
+        if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
+            raise ConfigError("val_fraction and test_fraction must be >= 0 with a sum < 1 (the "
+                              f"rest trains), got {val_fraction} and {test_fraction}")
         if max_caption_length < 2:
-            raise ValueError(f"max_caption_length must be >= 2, got {max_caption_length}")
+            raise ConfigError(f"max_caption_length must be >= 2, got {max_caption_length}")
         self.format = format
         self.annotations = annotations
         self.image_root = image_root
@@ -268,7 +275,9 @@ class CaptionDataModule(L.LightningDataModule):
             else:
                 train = self.records("train")
                 if not train:
-                    raise ValueError("cannot build a vocabulary: the training split is empty")
+                    raise ConfigError("cannot build a vocabulary: the training split is empty "
+                                      "(check the annotations' splits, val_fraction and "
+                                      "test_fraction, or give vocab_file)")
                 self._vocab = Vocabulary.build(
                     (tokenize(c) for record in train for c in record.captions),
                     min_freq=self.min_freq,
@@ -373,7 +382,7 @@ def _check_split_keys(mapping: Mapping[str, str], name: str) -> None:
     """Per-split mappings may only use the split names."""
     unknown = set(mapping) - set(SPLITS)
     if unknown:
-        raise ValueError(f"{name}: unknown split names {sorted(unknown)}, expected {list(SPLITS)}")
+        raise ConfigError(f"{name}: unknown split names {sorted(unknown)}, expected {list(SPLITS)}")
 
 
 def _per_split(

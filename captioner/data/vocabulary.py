@@ -18,13 +18,22 @@ from typing import Any
 
 from captioner.atomic import atomic_write
 
-__all__ = ["Vocabulary", "PAD", "START", "END", "UNK", "SPECIALS"]
+__all__ = ["Vocabulary", "VocabularyError", "VocabularyFileNotFound", "PAD", "START", "END",
+           "UNK", "SPECIALS"]
 
 PAD = "<pad>"
 START = "<start>"
 END = "<end>"
 UNK = "<unk>"
 SPECIALS: tuple[str, ...] = (PAD, START, END, UNK)
+
+
+class VocabularyError(ValueError):
+    """A vocabulary file cannot be read; the message names the file."""
+
+
+class VocabularyFileNotFound(VocabularyError, FileNotFoundError):
+    """A vocabulary file is missing (also a ``FileNotFoundError``)."""
 
 
 class Vocabulary:
@@ -227,13 +236,16 @@ class Vocabulary:
             The vocabulary.
 
         Raises:
-            FileNotFoundError: If the file does not exist.
-            ValueError: If it is not valid vocabulary JSON; the message names the file.
+            VocabularyFileNotFound: If the file does not exist (a ``FileNotFoundError``).
+            VocabularyError: If it is not valid vocabulary JSON (a ``ValueError``); the
+                message names the file.
         """
         path = Path(path)
         try:
             with path.open(encoding="utf-8") as f:
                 data = json.load(f)
             return cls.from_dict(data)
+        except FileNotFoundError as e:
+            raise VocabularyFileNotFound(f"{path}: no such vocabulary file") from e
         except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
-            raise ValueError(f"{path}: not a valid vocabulary file: {e}") from e
+            raise VocabularyError(f"{path}: not a valid vocabulary file: {e}") from e
