@@ -382,7 +382,10 @@ def _extract(encoder: nn.Module, paths: Sequence[str | os.PathLike[str]], out: P
 
     keys = list(dict.fromkeys(image_key(p) for p in paths))  # ordered, without duplicates
     unreadable: dict[str, str] = index.setdefault("unreadable", {})
-    todo = [k for k in keys if k not in index["items"] and k not in unreadable]
+    # without skip_unreadable an image an earlier run found unreadable is read again: it is
+    # cached if it was repaired, else its error stops the run, naming it
+    todo = [k for k in keys
+            if k not in index["items"] and (k not in unreadable or not skip_unreadable)]
     if skip_unreadable and todo:
         todo = _drop_unreadable(todo, unreadable)
         index["complete"] = False
@@ -424,6 +427,7 @@ def _extract(encoder: nn.Module, paths: Sequence[str | os.PathLike[str]], out: P
         index["shards"].append(name)
         for row, key in enumerate(chunk):
             index["items"][key] = [len(index["shards"]) - 1, row]
+            unreadable.pop(key, None)  # repaired since an earlier run
         index["complete"] = start + shard_size >= len(todo)
         now = time.monotonic()
         if last_write is None or index["complete"] or now - last_write >= INDEX_WRITE_INTERVAL:

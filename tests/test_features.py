@@ -482,3 +482,44 @@ def test_extract_features_command_takes_the_precision(tiny_checkpoint, tmp_path,
     status = main(["extract-features", "--ckpt", str(tiny_checkpoint), "--out", str(tmp_path),
                    "--allow-trainable", "--split", "val"])
     assert status == 2 and "another precision ('bf16', now '32')" in capsys.readouterr().err
+
+
+def test_without_skip_unreadable_an_image_found_unreadable_is_read_again(tmp_path):
+    """An image a ``skip_unreadable`` run recorded as unreadable is read again by a run without
+    it: its error names it (the run used to report it "already cached" and exit 0), and once
+    repaired it is cached. A data module that keeps it (no ``skip_bad``) names the cause."""
+    from PIL import Image
+
+    from captioner.data.images import ImageLoadError
+
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray((rng.random((40, 48, 3)) * 255).astype("uint8")).save(images / f"{i}.png")
+    good = (images / "2.png").read_bytes()
+    (images / "2.png").write_bytes(b"truncated")
+    paths = [images / f"{i}.png" for i in range(4)]
+    out = tmp_path / "cache"
+    kw = dict(image_size=32, batch_size=2, shard_size=2)
+    first = extract_features(frozen_encoder(), paths, out, skip_unreadable=True, **kw)
+    assert list(first.unreadable) == [image_key(images / "2.png")] and len(first) == 3
+
+    (tmp_path / "captions.txt").write_text(
+        "image,caption\n" + "".join(f"{i}.png,a red square number {i}\n" for i in range(4)))
+    data = {"format": "flickr8k_csv", "annotations": str(tmp_path / "captions.txt"),
+            "image_root": str(images), "image_size": 32, "min_freq": 1, "val_fraction": 0.25,
+            "test_fraction": 0.25, "num_workers": 0, "batch_size": 4}
+    dm = CachedFeaturesDataModule(features_dir=str(out), **data)
+    split = next(s for s in ("train", "val", "test")
+                 if any(r.path.name == "2.png" for r in dm.records(s)))
+    with pytest.raises(FeatureCacheError, match=r"could not be read when the feature cache .*"
+                                                r"2\.png.*skip_bad: true"):
+        dm.setup("fit" if split != "test" else "test")
+        dm._dataset(split)
+
+    with pytest.raises(ImageLoadError, match=r"2\.png"):
+        extract_features(frozen_encoder(), paths, out, **kw)
+    (images / "2.png").write_bytes(good)  # repaired
+    again = extract_features(frozen_encoder(), paths, out, **kw)
+    assert len(again) == 4 and again.unreadable == {}

@@ -84,6 +84,15 @@ class _CachedFeatures:
                 else:
                     self._datasets[split] = CachedImageDataset(records, self.cache)
             except NotInCache as e:
+                unreadable = self.cache.unreadable  # key -> reason
+                bad = [key for key in e.missing if key in unreadable]
+                if bad:  # an extraction with skip_bad left them out; this config keeps them
+                    raise FeatureCacheError(
+                        f"{len(bad)} of the {len(records)} {split} images could not be read "
+                        f"when the feature cache {self.features_dir} was extracted (first: "
+                        f"{bad[0]}: {unreadable[bad[0]]}); repair or "
+                        "remove them and run `captioner extract-features` again, or set "
+                        "skip_bad: true in the data config to leave them out") from None
                 raise FeatureCacheError(
                     f"{len(e.missing)} of the {len(records)} {split} images are not in the "
                     f"feature cache {self.features_dir} (first: {e.missing[0]}); run `captioner "
