@@ -273,6 +273,13 @@ def test_evaluate_errors(capsys, tiny_checkpoint, bad_checkpoints, tmp_path) -> 
     bad.write_text("data:\n  class_path: captioner.data.datamodule.Nope\n")
     status, _, err = _run(capsys, "evaluate", "--ckpt", tiny_checkpoint, "--config", bad)
     assert status == 2 and "cannot build the data module" in err
+    # a misspelt option used to be dropped silently (another split scored)
+    typo = tmp_path / "typo.yaml"
+    data = shapes_data_config(tmp_path / "shapes")
+    data["init_args"]["sed"] = 5
+    typo.write_text(yaml.safe_dump({"data": data}))
+    status, _, err = _run(capsys, "evaluate", "--ckpt", tiny_checkpoint, "--config", typo)
+    assert status == 2 and "ShapesDataModule has no option sed (its options: " in err, err
     path, reason = bad_checkpoints["vocab"]
     status, _, err = _run(capsys, "evaluate", "--ckpt", path)
     assert status == 2 and reason in err and err.count("\n") == 1

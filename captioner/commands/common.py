@@ -243,7 +243,16 @@ def build_data_module(args: argparse.Namespace) -> tuple[Any, str]:
     try:
         cls = import_class(cfg["class_path"])
         accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
-        init_args = {k: v for k, v in cfg["init_args"].items() if k in accepted}
+    except Exception as e:  # noqa: BLE001 - jsonargparse / import errors: one line
+        raise ToolError(f"cannot build the data module from {source}: "
+                        f"{' '.join(str(e).split())[:300]}") from None
+    unknown = sorted(set(cfg["init_args"]) - accepted)
+    if unknown and args.config:  # a misspelt option would silently score another split
+        raise ToolError(f"{source}: {cls.__name__} has no option {', '.join(unknown)} (its "
+                        f"options: {', '.join(sorted(accepted))})")
+    # a checkpoint's stored config may hold options of an older version of the class: dropped
+    init_args = {k: v for k, v in cfg["init_args"].items() if k in accepted}
+    try:
         return instantiate(cfg["class_path"], init_args), source
     except Exception as e:  # noqa: BLE001 - jsonargparse / constructor errors: one line
         raise ToolError(f"cannot build the data module from {source}: "
