@@ -425,6 +425,22 @@ def test_skip_bad_leaves_out_the_same_images_raw_and_cached(tmp_path, capsys):
         cached_dm = CachedFeaturesDataModule(features_dir=str(out), **data)
         cached = {s: [r.path.name for r in cached_dm.records(s)] for s in raw}
     assert cached == raw
+    # max_images too: the splits are drawn before the unreadable image is left out, so they
+    # are the same raw and cached, and a max_images above the split sizes changes nothing
+    # (the raw module used to split with the unreadable image counted, the cached without)
+    for max_images in (100, 2):
+        with pytest.warns(UserWarning):
+            raw_m = CaptionDataModule(**data, max_images=max_images)
+            cached_m = CachedFeaturesDataModule(features_dir=str(out), **data,
+                                                max_images=max_images)
+            kept = [{s: [r.path.name for r in dm.records(s)] for s in raw}
+                    for dm in (raw_m, cached_m)]
+        assert kept[0] == kept[1], max_images
+        if max_images == 100:
+            assert kept[0] == raw
+        else:  # the first 2 of each split, the unreadable one then left out
+            assert all(kept[0][s] == raw[s][: len(kept[0][s])] for s in raw)
+            assert sorted(len(v) for v in kept[0].values()) == [1, 2, 2]
 
     # the same through the API, resumed: the unreadable image is recorded once, not retried
     import captioner.data.formats as formats

@@ -57,14 +57,14 @@ class _CachedFeatures:
             self._cache = cache
         return self._cache
 
-    def _usable(self, records: list[ImageRecord]) -> list[ImageRecord]:
-        """With ``skip_bad``, the records whose image the extraction found unreadable
-        (``captioner extract-features`` with a ``skip_bad`` data config) are left out before
-        the splits are drawn, as the raw-image module leaves them out after decoding them: both
-        paths then train on the same images and splits."""
+    def _readable(self, records: list[ImageRecord]) -> list[ImageRecord]:
+        """With ``skip_bad``, a split's records without those whose image the extraction found
+        unreadable (``captioner extract-features`` with a ``skip_bad`` data config), as the
+        raw-image module leaves them out after decoding them: both paths then train on the same
+        images and splits."""
         from captioner.features import INDEX_FILE, image_key
 
-        if not self.skip_bad or not (Path(self.features_dir) / INDEX_FILE).is_file():
+        if not (Path(self.features_dir) / INDEX_FILE).is_file():
             return records  # no cache yet: reading it (when a batch is made) will say so
 
         unreadable = self.cache.unreadable

@@ -83,7 +83,8 @@ class CaptionDataModule(L.LightningDataModule):
         split_seed: Seed of the deterministic split of unsplit images.
         skip_bad: Skip bad annotation entries (empty captions, missing or unreadable images)
             with one warning per file, instead of failing. Images are decoded once for this
-            (only the ``max_images`` kept, if set).
+            (only the ``max_images`` kept, if set), after the splits are drawn, so that the
+            unreadable ones never move another image to another split.
         max_images: Keep only the first ``max_images`` images of *each* split (quick runs).
         vocab_file: Load the vocabulary from this JSON (:meth:`Vocabulary.save`) instead of
             building it from the training captions.
@@ -186,32 +187,27 @@ class CaptionDataModule(L.LightningDataModule):
         return self._records[split]
 
     def _load_records(self) -> dict[str, list[ImageRecord]]:
-        """Parse the annotations, split unsplit images, apply ``max_images``."""
+        """Parse the annotations, split unsplit images, apply ``max_images``, then (``skip_bad``)
+        leave out each split's unreadable images. Splitting comes first, so the splits depend
+        on the annotations alone, not on which images turn out unreadable (nor on
+        ``max_images``' order of work), and are the same for the raw-image and cached-feature
+        modules."""
         records = self.parse_records()
-        if self.format == "custom" and self.skip_bad and self._check_images:
-            records = drop_unreadable(records, str(self.annotations))  # as the loaders do
-        records = self._usable(records)
         records = assign_splits(records, self.val_fraction, self.test_fraction, self.split_seed)
         by_split: dict[str, list[ImageRecord]] = {split: [] for split in SPLITS}
         for record in records:
             by_split[record.split or "train"].append(record)
         if self.max_images is not None:
             by_split = {split: rs[: self.max_images] for split, rs in by_split.items()}
-            if self.skip_bad and self.decode_images:  # decode only the images kept
-                by_split = {split: drop_unreadable(rs, str(self.annotations))
-                            for split, rs in by_split.items()}
+        if self.skip_bad:  # decode only the images kept
+            by_split = {split: self._readable(rs) for split, rs in by_split.items()}
         return by_split
 
-    def _usable(self, records: list[ImageRecord]) -> list[ImageRecord]:
-        """The parsed records to split and use (all of them here; the cached-feature modules
-        leave out the images their extraction found unreadable, as ``skip_bad`` does here)."""
-        return records
-
-    @property
-    def _check_images(self) -> bool:
-        """Whether the loaders decode every image with ``skip_bad`` (not when only the first
-        ``max_images`` are kept: those are decoded afterwards)."""
-        return self.decode_images and self.max_images is None
+    def _readable(self, records: list[ImageRecord]) -> list[ImageRecord]:
+        """With ``skip_bad``, the records of one split whose image decodes (each decoded once
+        here; none when ``decode_images`` is off). The cached-feature modules leave out instead
+        the images their extraction found unreadable."""
+        return drop_unreadable(records, str(self.annotations)) if self.decode_images else records
 
     def parse_records(self) -> list[ImageRecord]:
         """Read the annotation files into records (``split`` set where the data defines it,
@@ -227,7 +223,7 @@ class CaptionDataModule(L.LightningDataModule):
         if self.format != "coco":
             load = load_karpathy if self.format == "karpathy" else load_kaggle_flickr8k
             return load(self.annotations, self.image_root, skip_bad=self.skip_bad,  # type: ignore[arg-type]
-                        check_images=self._check_images)
+                        check_images=False)  # decoded after the split
         if not isinstance(self.annotations, Mapping):
             return load_coco(
                 self.annotations,
@@ -235,7 +231,7 @@ class CaptionDataModule(L.LightningDataModule):
                 split=None,
                 instances_file=self.instances,  # type: ignore[arg-type]
                 skip_bad=self.skip_bad,
-                check_images=self._check_images,
+                check_images=False,  # decoded after the split (_load_records)
             )
         records: list[ImageRecord] = []
         for split, file in self.annotations.items():
@@ -245,7 +241,7 @@ class CaptionDataModule(L.LightningDataModule):
                 split=split,
                 instances_file=_per_split(self.instances, split, "instances", optional=True),
                 skip_bad=self.skip_bad,
-                check_images=self._check_images,
+                check_images=False,  # decoded after the split (_load_records)
             )
         return records
 
