@@ -132,12 +132,17 @@ def _cli_class() -> type:
         def instantiate_trainer(self, **kwargs: Any):
             """Trainer options that are a count or a fraction (``limit_val_batches``,
             ``val_check_interval``...) keep the integer given: LightningCLI reads ``1`` as
-            ``1.0`` (Lightning issue #21259), i.e. 100 % of the batches instead of one."""
+            ``1.0`` (Lightning issue #21259), i.e. 100 % of the batches instead of one. The
+            trainer writes its checkpoints atomically (:mod:`captioner.lit.checkpoint_io`)."""
+            from captioner.lit.checkpoint_io import use_atomic_checkpoints
+
             cfg = self.config[self.subcommand] if self.subcommand else self.config
             parsed = cfg.get("trainer") or {}
             counts = {key: count for key, count in getattr(self, "_trainer_counts", {}).items()
                       if parsed.get(key) == count}  # only where the parsed value is that count
-            return super().instantiate_trainer(**{**counts, **kwargs})
+            trainer = super().instantiate_trainer(**{**counts, **kwargs})
+            use_atomic_checkpoints(trainer)
+            return trainer
 
         def _model_from_checkpoint(self, ckpt_path: str) -> None:
             """The checkpoint's saved model config over the parsed one (the vocabulary size
