@@ -11,6 +11,7 @@ Images are decoded in ``__getitem__`` (inside DataLoader workers) by
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,7 +19,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from captioner.data.formats import ImageRecord
+from captioner.data.formats import AnnotationWarning, ImageRecord
 from captioner.data.images import image_to_tensor, load_image
 from captioner.data.tokenize import tokenize
 from captioner.data.vocabulary import Vocabulary
@@ -37,7 +38,8 @@ class CaptionTrainDataset(Dataset[dict[str, Any]]):
         vocab: Vocabulary used to encode captions (unknown words -> ``<unk>``).
         image_size: Side ``S`` of the square ``S x S`` input, or ``(H, W)``.
         max_length: Longest encoded caption ``T + 1``, ``<start>`` and ``<end>`` included; longer
-            captions are cut, keeping ``<end>`` last.
+            captions are cut, keeping ``<end>`` last (counted in one
+            :class:`~captioner.data.formats.AnnotationWarning`).
 
     Raises:
         ValueError: If ``max_length < 2``.
@@ -59,14 +61,21 @@ class CaptionTrainDataset(Dataset[dict[str, Any]]):
         record_index: list[int] = []
         lengths: list[int] = []
         ids: list[int] = []
+        cut, longest = 0, 0
         for r, record in enumerate(self.records):
             for caption in record.captions:
                 encoded = vocab.encode(tokenize(caption))
                 if len(encoded) > max_length:
+                    cut, longest = cut + 1, max(longest, len(encoded))
                     encoded = [*encoded[: max_length - 1], vocab.end_id]
                 record_index.append(r)
                 lengths.append(len(encoded))
                 ids.extend(encoded)
+        if cut:
+            warnings.warn(f"{cut} of {len(lengths)} training captions are longer than "
+                          f"max_caption_length = {max_length} tokens (<start> and <end> "
+                          f"included; the longest has {longest}) and are cut",
+                          AnnotationWarning, stacklevel=2)
         self._record_index = np.asarray(record_index, dtype=np.int64)  # (P,) pairs
         self._offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])  # (P + 1,)
         self._ids = np.asarray(ids, dtype=np.int64)  # (sum of T,)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import pytest
@@ -40,7 +41,12 @@ def _vocab() -> Vocabulary:
 
 
 def test_train_dataset_items(tmp_path: Path) -> None:
-    ds = CaptionTrainDataset(_records(tmp_path), _vocab(), SIZE, max_length=6)
+    with pytest.warns(UserWarning, match=r"1 of 4 training captions are longer than "
+                                         r"max_caption_length = 6 .*the longest has 10"):
+        ds = CaptionTrainDataset(_records(tmp_path), _vocab(), SIZE, max_length=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # none cut: no warning
+        CaptionTrainDataset(_records(tmp_path), _vocab(), SIZE, max_length=10)
     assert len(ds) == 4  # one item per caption
     item = ds[0]
     assert item["image"].shape == (3, 11, 7) and item["image"].dtype == torch.float32
