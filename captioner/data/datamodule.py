@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -42,6 +43,7 @@ from captioner.data.datasets import (
 )
 from captioner.data.formats import (
     SPLITS,
+    AnnotationWarning,
     ImageRecord,
     assign_splits,
     drop_unreadable,
@@ -197,6 +199,7 @@ class CaptionDataModule(L.LightningDataModule):
         by_split: dict[str, list[ImageRecord]] = {split: [] for split in SPLITS}
         for record in records:
             by_split[record.split or "train"].append(record)
+        _warn_of_shared_images(by_split, self.annotations)
         if self.max_images is not None:
             by_split = {split: rs[: self.max_images] for split, rs in by_split.items()}
         if self.skip_bad:  # decode only the images kept
@@ -372,6 +375,24 @@ class CaptionDataModule(L.LightningDataModule):
     def predict_dataloader(self) -> DataLoader[dict[str, Any]]:
         """The test images once each, in order (as :meth:`test_dataloader`)."""
         return self._loader("test", shuffle=False)
+
+
+def _warn_of_shared_images(by_split: Mapping[str, list[ImageRecord]], source: Any) -> None:
+    """One :class:`AnnotationWarning` if an image file is in more than one split (per-split
+    annotation files that share images, or one file listing an image under two ids): the
+    scores of one split would then be measured on images of another."""
+    first_split: dict[Path, str] = {}
+    shared: list[tuple[Path, str, str]] = []
+    for split, records in by_split.items():
+        for record in records:
+            seen = first_split.setdefault(record.path, split)
+            if seen != split:
+                shared.append((record.path, seen, split))
+    if shared:
+        path, a, b = shared[0]
+        warnings.warn(f"{source}: {len(shared)} images are in more than one split (first: "
+                      f"{path}, in {a} and {b}); the scores of one split would be measured on "
+                      "images of another", AnnotationWarning, stacklevel=3)
 
 
 def _check_split_keys(mapping: Mapping[str, str], name: str) -> None:

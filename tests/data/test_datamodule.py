@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,24 @@ def _per_split_module(tmp_path: Path, **kwargs: object) -> CaptionDataModule:
         image_root={"train": train_dir, "val": val_dir},
         **options,  # type: ignore[arg-type]
     )
+
+
+def test_an_image_in_two_splits_is_warned_of(tmp_path: Path) -> None:
+    """Per-split COCO files that share an image leak it from training into validation."""
+    train_json, train_dir = _coco_split(tmp_path, "train", TRAIN)
+    (tmp_path / "val.json").write_text(json.dumps({
+        "images": [{"id": 0, "file_name": "t1.png"}, {"id": 1, "file_name": "t2.png"}],
+        "annotations": [{"id": 0, "image_id": 0, "caption": "a cat"},
+                        {"id": 1, "image_id": 1, "caption": "a dog"}]}))
+    options = dict(format="coco", image_size=9, num_workers=0, min_freq=1)
+    shared = CaptionDataModule(annotations={"train": train_json, "val": str(tmp_path / "val.json")},
+                               image_root={"train": train_dir, "val": train_dir}, **options)
+    with pytest.warns(UserWarning, match=r"2 images are in more than one split \(first: "
+                                         r".*t1\.png, in train and val\)"):
+        shared.records("val")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _per_split_module(tmp_path / "separate").records("val")  # no image shared: silent
 
 
 def test_vocab_size_right_after_construction(tmp_path: Path) -> None:
