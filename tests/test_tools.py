@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -20,6 +21,7 @@ import yaml
 from PIL import Image
 
 from captioner.cli import main
+from captioner.data.datamodule import ShapesDataModule
 from captioner.data.vocabulary import Vocabulary
 from captioner.inference import Captioner
 from tests.conftest import TINY_GRID, shapes_data_config
@@ -426,3 +428,29 @@ def test_fit_names_bad_data_options_in_one_line(capsys, tmp_path, option, value,
     last = err.strip().splitlines()[-1]
     assert last.startswith("captioner fit: ") and says.format(tmp=tmp_path) in last, err
     assert "Traceback" not in err
+
+
+class KwargsShapes(ShapesDataModule):
+    """A data module subclass that passes ``**kwargs`` on to its base (jsonargparse follows
+    the ``super()`` call; the signature alone names only ``marker``)."""
+
+    def __init__(self, marker: int = 0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.marker = marker
+
+
+def test_evaluate_config_of_a_kwargs_subclass_is_not_refused(tmp_path) -> None:
+    """The unknown-option check skips a class whose signature ends in ``**kwargs``: its base's
+    options reach the base (they are not unknown)."""
+    import argparse
+
+    from captioner.commands.common import build_data_module
+
+    data = shapes_data_config(tmp_path / "shapes")
+    data["class_path"] = "tests.test_tools.KwargsShapes"
+    data["init_args"]["marker"] = 7
+    config = tmp_path / "kw.yaml"
+    config.write_text(yaml.safe_dump({"data": data}))
+    dm, _ = build_data_module(argparse.Namespace(config=[str(config)], ckpt=None))
+    assert isinstance(dm, ShapesDataModule) and dm.marker == 7
+    assert dm.batch_size == data["init_args"]["batch_size"]

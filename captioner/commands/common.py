@@ -242,16 +242,19 @@ def build_data_module(args: argparse.Namespace) -> tuple[Any, str]:
             raise ToolError(f"{args.ckpt} stores no data config: pass --config data.yaml")
     try:
         cls = import_class(cfg["class_path"])
-        accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+        params = inspect.signature(cls.__init__).parameters
+        accepted = set(params) - {"self"}
+        # a subclass passing **kwargs on to its base takes what the base takes: not checked
+        open_ended = any(p.kind is p.VAR_KEYWORD for p in params.values())
     except Exception as e:  # noqa: BLE001 - jsonargparse / import errors: one line
         raise ToolError(f"cannot build the data module from {source}: "
                         f"{' '.join(str(e).split())[:300]}") from None
     unknown = sorted(set(cfg["init_args"]) - accepted)
-    if unknown and args.config:  # a misspelt option would silently score another split
+    if unknown and args.config and not open_ended:  # a misspelt option: another split
         raise ToolError(f"{source}: {cls.__name__} has no option {', '.join(unknown)} (its "
                         f"options: {', '.join(sorted(accepted))})")
     # a checkpoint's stored config may hold options of an older version of the class: dropped
-    init_args = {k: v for k, v in cfg["init_args"].items() if k in accepted}
+    init_args = {k: v for k, v in cfg["init_args"].items() if k in accepted or open_ended}
     try:
         return instantiate(cfg["class_path"], init_args), source
     except Exception as e:  # noqa: BLE001 - jsonargparse / constructor errors: one line

@@ -57,7 +57,7 @@ class _CachedFeatures:
             self._cache = cache
         return self._cache
 
-    def _readable(self, records: list[ImageRecord]) -> list[ImageRecord]:
+    def _readable(self, records: list[ImageRecord], split: str) -> list[ImageRecord]:
         """With ``skip_bad``, a split's records without those whose image the extraction found
         unreadable (``captioner extract-features`` with a ``skip_bad`` data config), as the
         raw-image module leaves them out after decoding them: both paths then train on the same

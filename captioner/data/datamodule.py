@@ -85,8 +85,9 @@ class CaptionDataModule(L.LightningDataModule):
         split_seed: Seed of the deterministic split of unsplit images.
         skip_bad: Skip bad annotation entries (empty captions, missing or unreadable images)
             with one warning per file, instead of failing. Images are decoded once for this
-            (only the ``max_images`` kept, if set), after the splits are drawn, so that the
-            unreadable ones never move another image to another split.
+            (only the ``max_images`` kept, if set), after the splits are drawn, so that an
+            unreadable one never moves another image to another split (a missing file, left
+            out as the annotations are read, still can).
         max_images: Keep only the first ``max_images`` images of *each* split (quick runs).
         vocab_file: Load the vocabulary from this JSON (:meth:`Vocabulary.save`) instead of
             building it from the training captions.
@@ -190,10 +191,10 @@ class CaptionDataModule(L.LightningDataModule):
 
     def _load_records(self) -> dict[str, list[ImageRecord]]:
         """Parse the annotations, split unsplit images, apply ``max_images``, then (``skip_bad``)
-        leave out each split's unreadable images. Splitting comes first, so the splits depend
-        on the annotations alone, not on which images turn out unreadable (nor on
-        ``max_images``' order of work), and are the same for the raw-image and cached-feature
-        modules."""
+        leave out each split's unreadable images. Splitting comes first, so the splits do not
+        depend on which images turn out unreadable (corrupt, truncated; missing files are left
+        out by the loaders, before), and are the same for the raw-image and cached-feature
+        modules, with or without ``max_images``."""
         records = self.parse_records()
         records = assign_splits(records, self.val_fraction, self.test_fraction, self.split_seed)
         by_split: dict[str, list[ImageRecord]] = {split: [] for split in SPLITS}
@@ -203,14 +204,18 @@ class CaptionDataModule(L.LightningDataModule):
         if self.max_images is not None:
             by_split = {split: rs[: self.max_images] for split, rs in by_split.items()}
         if self.skip_bad:  # decode only the images kept
-            by_split = {split: self._readable(rs) for split, rs in by_split.items()}
+            by_split = {split: self._readable(rs, split) for split, rs in by_split.items()}
         return by_split
 
-    def _readable(self, records: list[ImageRecord]) -> list[ImageRecord]:
-        """With ``skip_bad``, the records of one split whose image decodes (each decoded once
+    def _readable(self, records: list[ImageRecord], split: str) -> list[ImageRecord]:
+        """With ``skip_bad``, the records of ``split`` whose image decodes (each decoded once
         here; none when ``decode_images`` is off). The cached-feature modules leave out instead
         the images their extraction found unreadable."""
-        return drop_unreadable(records, str(self.annotations)) if self.decode_images else records
+        if not self.decode_images:
+            return records
+        source = (self.annotations.get(split, self.annotations)  # the split's own file
+                  if isinstance(self.annotations, Mapping) else self.annotations)
+        return drop_unreadable(records, str(source))
 
     def parse_records(self) -> list[ImageRecord]:
         """Read the annotation files into records (``split`` set where the data defines it,

@@ -337,7 +337,9 @@ class CaptionerModule(L.LightningModule):
         self.model_config = self.model_config or meta.get("model_config")
         self.data_config = meta.get("data") or {}
         if "rng_states" in checkpoint:  # resuming continues the random streams exactly
-            set_rng_states(own_rng_states(checkpoint))
+            trainer = self._trainer  # the device it runs on: no CUDA state for a CPU run
+            set_rng_states(own_rng_states(checkpoint), cuda=None if trainer is None else
+                           trainer.strategy.root_device.type == "cuda")
 
 
 def rng_states() -> dict[str, Any]:
@@ -403,12 +405,13 @@ def own_rng_states(checkpoint: dict[str, Any]) -> dict[str, Any]:
     return checkpoint["rng_states"]
 
 
-def set_rng_states(states: dict[str, Any]) -> None:
-    """Restore what :func:`rng_states` saved (a CUDA state on a machine without CUDA is
-    skipped: a GPU run resumed on a CPU cannot repeat its GPU streams)."""
+def set_rng_states(states: dict[str, Any], cuda: bool | None = None) -> None:
+    """Restore what :func:`rng_states` saved. A CUDA state is restored where ``cuda`` (default:
+    where CUDA is available), so a run resumed on the CPU does not start CUDA, and a GPU run
+    resumed on a CPU cannot repeat its GPU streams."""
     torch.set_rng_state(states["torch"])
     name, keys, pos, has_gauss, gauss = states["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
     random.setstate(states["python"])
-    if "cuda" in states and torch.cuda.is_available():
+    if "cuda" in states and (torch.cuda.is_available() if cuda is None else cuda):
         torch.cuda.set_rng_state(states["cuda"])  # the current device (each rank's own)

@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from fsspec.core import strip_protocol
 from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
@@ -35,7 +36,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
-        with atomic_write(path, "wb") as f:
+        with atomic_write(strip_protocol(str(path)), "wb") as f:  # file:///x -> /x
             torch.save(checkpoint, f)
 
 

@@ -42,6 +42,8 @@ def test_rng_states_keep_the_cuda_generator_where_cuda_is_in_use(tmp_path, monke
     assert torch.equal(saved["cuda"], device_state)
     set_rng_states(saved)
     assert len(restored) == 1 and torch.equal(restored[0], device_state)
+    set_rng_states(saved, cuda=False)  # a run on the CPU of a GPU machine: CUDA not started
+    assert len(restored) == 1
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # a CPU-only machine
     set_rng_states(saved)
     assert len(restored) == 1

@@ -89,3 +89,13 @@ def test_fit_installs_it_and_keeps_another_plugin(shapes_root, tmp_path):
     cli.trainer.strategy.checkpoint_io = other
     use_atomic_checkpoints(cli.trainer)
     assert cli.trainer.strategy.checkpoint_io is other
+
+
+def test_a_file_url_is_written_where_it_points(tmp_path, monkeypatch):
+    """``file:///dir/last.ckpt`` (a direct ``trainer.save_checkpoint`` call) lands in
+    ``/dir``, as with Lightning's writer; it was written under ``./file:/dir``."""
+    monkeypatch.chdir(tmp_path)
+    target = tmp_path / "ckpts" / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint(NEW, f"file://{target}")
+    assert torch.equal(saved(target), NEW["w"])
+    assert not (tmp_path / "file:").exists()
