@@ -3,8 +3,9 @@
 Both work with any decoder exposing ``init_state(annotations, mask) -> state`` and
 ``step(prev_tokens (B,), state) -> (log_probs (B, V), state, alpha (B, L), beta (B,))``, and
 a state with ``select(index)`` / ``select_recurrent(index)`` (see :mod:`captioner.decoder`);
-beam search starts from ``decoder.expand_beams(state, K)`` where the decoder has it (the
-library's shares each image's annotations among its ``K`` hypotheses), else from
+beam search runs step 0 once per image (an image's ``K`` hypotheses all read ``<start>`` from
+the same state) and then goes on from ``decoder.expand_beams(state, K)`` where the decoder has it
+(the library's shares each image's annotations among its ``K`` hypotheses), else from
 ``state.select`` of each row ``K`` times. A search runs inside ``decoder.frozen_weights()`` where
 the decoder has it (:meth:`captioner.decoder.AttentionDecoder.frozen_weights`: under autocast,
 each weight cast once per search). No Lightning here.
@@ -182,12 +183,17 @@ def beam_search(
     dev = annotations.device
     neg_inf = float("-inf")
 
+    # step 0 runs once per image: its K hypotheses all read <start> from the same state, and the
+    # K-fold rows are made only afterwards (a K-th of step 0's cost; identical results)
     state = decoder.init_state(annotations, mask)
+    first = decoder.step(torch.full((B,), start_id, dtype=torch.long, device=dev), state)
+    rows = torch.arange(B, device=dev).repeat_interleave(K)  # (B*K,): row b*K+k <- image b
+    log_probs, state, alpha, beta = first[0][rows], first[1], first[2][rows], first[3][rows]
     if hasattr(decoder, "expand_beams"):  # may share an image's annotations among its beams
         state = decoder.expand_beams(state, K)
     else:
-        state = state.select(torch.arange(B, device=dev).repeat_interleave(K))  # (B*K,) rows
-    prev = torch.full((B * K,), start_id, dtype=torch.long, device=dev)
+        state = state.select(rows)  # (B*K,) rows
+    prev = None  # the tokens read at step t >= 1
     beam_scores = torch.full((B, K), neg_inf, device=dev)
     beam_scores[:, 0] = 0.0  # only the first beam is alive at t = 0
     tok_hist = torch.full((B * K, max_length), pad_id, dtype=torch.long, device=dev)
@@ -222,7 +228,8 @@ def beam_search(
             fin_beta, cand_beta)
 
     for t in range(max_length):
-        log_probs, state, alpha, beta = decoder.step(prev, state)  # (B*K, V), ..., (B*K, L), (B*K,)
+        if t > 0:  # (B*K, V), state, (B*K, L), (B*K,)
+            log_probs, state, alpha, beta = decoder.step(prev, state)
         log_probs = _constrain(log_probs, t, min_length, end_id, (pad_id, start_id))
         V = log_probs.shape[-1]
         cand = (beam_scores.view(B * K, 1) + log_probs).view(B, K * V)  # (B, K*V)

@@ -157,6 +157,35 @@ def test_shared_beam_keys_decode_as_copied_keys(decoder, annotations, k, masked,
     torch.testing.assert_close(a.alphas, b.alphas, rtol=0, atol=1e-6)
 
 
+class ProtocolOnlyDecoder:
+    """The search protocol alone (no ``expand_beams``, no ``frozen_weights``), recording the
+    rows of every step."""
+
+    def __init__(self, decoder):
+        self.decoder, self.rows = decoder, []
+
+    def init_state(self, annotations, mask=None):
+        return self.decoder.init_state(annotations, mask)
+
+    def step(self, prev, state):
+        self.rows.append(prev.shape[0])
+        return self.decoder.step(prev, state)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_step_zero_runs_once_per_image_and_the_beams_follow(decoder, annotations, k):
+    """Step 0 reads ``<start>`` from one state per image: it runs on ``B`` rows, the later
+    steps on ``B K``; the protocol's ``select`` path decodes as ``expand_beams`` does."""
+    kw = dict(beam_size=k, max_length=6, min_length=6, **IDS)
+    plain = ProtocolOnlyDecoder(decoder)
+    a, b = beam_search(plain, annotations, **kw), beam_search(decoder, annotations, **kw)
+    assert plain.rows == [B] + [B * k] * 5
+    assert torch.equal(a.tokens, b.tokens)
+    torch.testing.assert_close(a.scores, b.scores, rtol=0, atol=1e-5)
+    first = decoder.step(torch.full((B,), IDS["start_id"]), decoder.init_state(annotations))
+    torch.testing.assert_close(b.alphas[:, 0], first[2])  # every image's step-0 attention
+
+
 def test_expand_beams_shares_annotations_only_where_the_score_does_not_read_them(annotations):
     torch.manual_seed(0)
     additive = AttentionDecoder(V, D, embed_dim=9, hidden_dim=11).eval()
