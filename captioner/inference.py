@@ -30,7 +30,8 @@ from torch import nn
 
 from captioner.autocast import check_precision, inference_autocast
 from captioner.config import instantiate_arguments
-from captioner.data.images import ImageLoadError, find_images, image_to_tensor, load_image
+from captioner.data.images import (ImageLoadError, find_images, image_to_tensor, load_image,
+                                    upright_rgb)
 from captioner.data.vocabulary import END, PAD, SPECIALS, START, Vocabulary
 from captioner.decoder import AttentionDecoder
 from captioner.encoders.backbone import architecture_only
@@ -238,7 +239,8 @@ class Captioner:
     @property
     def has_gate(self) -> bool:
         """Whether the decoder has the gating scalar ``beta`` (Section 4.2.1)."""
-        return getattr(self.decoder, "gate", "none") != "none"
+        return (getattr(self.decoder, "gate", "none") != "none"
+                and getattr(self.decoder, "use_context", True))  # Show and Tell has no beta
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """RGB image -> ``(3, S, S)`` in ``[0, 1]`` at the training resolution."""
@@ -252,7 +254,8 @@ class Captioner:
         """Caption images (paths or PIL images), batched, in the order given.
 
         Args:
-            images: one image or a list of them (file paths or PIL images of any mode).
+            images: one image or a list of them (file paths or PIL images of any mode; a PIL
+                image is turned by its EXIF orientation and converted as a file would be).
             beam_size: ``K``; ``1`` is greedy search (default: the checkpoint's setting).
             max_length: most decoding steps (default: the checkpoint's setting).
             min_length: fewest tokens, ``<end>`` included.
@@ -270,7 +273,9 @@ class Captioner:
         results: list[Caption] = []
         for start in range(0, len(images), batch_size):
             chunk = list(images[start:start + batch_size])
-            loaded = [img if isinstance(img, Image.Image) else load_image(img) for img in chunk]
+            # in-memory images as if read from a file: EXIF-rotated, RGB
+            loaded = [upright_rgb(img) if isinstance(img, Image.Image) else load_image(img)
+                      for img in chunk]
             paths = [None if isinstance(img, Image.Image) else Path(img) for img in chunk]
             results.extend(self._caption_loaded(loaded, paths, beam_size, max_length,
                                                 min_length, keep_images))

@@ -346,6 +346,26 @@ def test_in_memory_images_of_any_mode_are_seen_as_from_a_file(tiny_checkpoint, t
     assert 0.4 < seen[-4].mean() < 0.6  # a 16-bit ramp: scaled, not saturated to white
 
 
+def test_in_memory_images_are_turned_by_their_exif_orientation(tiny_checkpoint, tmp_path):
+    """A PIL image with an EXIF orientation is captioned as its file is: turned upright (a
+    30 x 50 photo stored sideways is seen and kept 50 x 30)."""
+    captioner = Captioner.from_checkpoint(tiny_checkpoint)
+    seen = []  # the pixels the model gets
+    decode = captioner.caption_tensors
+    captioner.caption_tensors = lambda batch, *a, **k: seen.append(batch) or decode(batch, *a, **k)
+    pixels = np.random.default_rng(0).integers(0, 255, (50, 30, 3), dtype=np.uint8)  # (H, W, 3)
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90 degrees clockwise to display
+    path = tmp_path / "sideways.png"
+    Image.fromarray(pixels).save(path, exif=exif)
+    with Image.open(path) as opened:
+        (in_memory,) = captioner.caption([opened])
+    (from_file,) = captioner.caption([path])
+    torch.testing.assert_close(seen[0], seen[1])
+    assert in_memory.image.size == from_file.image.size == (50, 30)  # W x H, upright
+    assert in_memory.image.mode == "RGB" and in_memory.tokens == from_file.tokens
+
+
 @pytest.mark.parametrize("module, part_types", [
     ("captioner.lit.captioning.CaptioningModule", "captioner.inference.PART_TYPES"),
     ("captioner.lit.translation.TranslationModule", "captioner.translate.PART_TYPES"),

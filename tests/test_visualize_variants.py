@@ -138,3 +138,51 @@ def test_stn_flag_without_a_stage_is_a_clear_error(tiny_checkpoint, tmp_path, ca
                    "--out", str(tmp_path / "f.png"), "--stn", str(tmp_path / "s.png")])
     assert status != 0
     assert "Spatial Transformer" in capsys.readouterr().err
+
+
+def _ending_at_once(ckpt, tmp_path):
+    """The checkpoint with ``<end>`` made the likeliest first word (an empty caption)."""
+    import torch
+
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    end = state["captioner"]["vocab"]["itos"].index("<end>")
+    state["state_dict"]["decoder.L_o.bias"][end] += 100.0
+    path = tmp_path / "ends.ckpt"
+    torch.save(state, path)
+    return path
+
+
+def test_hard_attention_figure_of_an_empty_caption(shapes_root, tmp_path):
+    """An undertrained model may emit ``<end>`` first: the figure and the maps of zero words
+    are written (the chosen cells of no step), not a reshape error."""
+    ckpt = _ending_at_once(_checkpoint(shapes_root, tmp_path, decoder={"attention_mode": "hard"}),
+                           tmp_path)
+    out, maps = tmp_path / "fig.png", tmp_path / "maps.npz"
+    assert main(["visualize", "--ckpt", str(ckpt), str(_image(tmp_path)), "--out", str(out),
+                 "--save-maps", str(maps)]) == 0
+    saved = np.load(maps)
+    assert saved["alphas"].shape == (0, 3, 4) and saved["hard_locations"].shape == (0,)
+    assert out.stat().st_size > 0
+
+
+def test_show_and_tell_has_no_gate_to_draw_or_save(shapes_root, tmp_path, monkeypatch):
+    """Without attention there is no ``f_beta`` (whatever ``gate`` says): no beta in the
+    titles or the saved maps."""
+    import captioner.visualize as visualize
+    from captioner.inference import Captioner
+
+    drawn, original = {}, visualize.plot_attention
+
+    def spy(*args, **kwargs):
+        drawn.update(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(visualize, "plot_attention", spy)
+    ckpt = _checkpoint(shapes_root, tmp_path, decoder={
+        "attention": "captioner.attention.NoAttention", "gate": "scalar"})
+    captioner = Captioner.from_checkpoint(ckpt)
+    assert captioner.decoder.gate == "scalar" and not captioner.has_gate
+    maps = tmp_path / "maps.npz"
+    assert main(["visualize", "--ckpt", str(ckpt), str(_image(tmp_path)), "--out",
+                 str(tmp_path / "fig.png"), "--save-maps", str(maps), "--with-end"]) == 0
+    assert drawn["betas"] is None and "betas" not in np.load(maps)

@@ -54,7 +54,8 @@ def _run(args: argparse.Namespace) -> int:
     # hard attention with the argmax rule at test time: the one location chosen for each word
     # (with the expectation rule every location contributes, so no cell is outlined)
     chosen = hard is not None and getattr(hard, "test_rule", "argmax") == "argmax"
-    locations = c.alphas[:n].reshape(n, -1).argmax(-1) if chosen else None
+    H, W = captioner.grid_size
+    locations = c.alphas[:n].reshape(n, H * W).argmax(-1) if chosen else None  # (n,)
     with figure_errors(args.out):
         figure = plot_attention(shown, words, c.alphas[:n], captioner.grid_size, args.out,
                                 betas=betas, hard_locations=locations, smooth=not args.no_smooth,
@@ -68,7 +69,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.save_maps:
         with figure_errors(args.save_maps):
             maps = save_attention_maps(args.save_maps, words, c.alphas[:n],
-                                       captioner.grid_size, betas=c.betas[:n],
+                                       captioner.grid_size, betas=betas,
                                        hard_locations=locations,
                                        image_size=(image.height, image.width),
                                        theta=c.grid_theta)

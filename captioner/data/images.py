@@ -101,10 +101,7 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
     try:
         with Image.open(path) as img:
             img.load()
-            try:
-                upright = ImageOps.exif_transpose(img)
-            except Exception:  # malformed EXIF must not cost us the picture: keep it as stored
-                upright = img.copy()
+            upright = _exif_upright(img)
     except UnidentifiedImageError:
         raise ImageLoadError(path, "not a recognised image format") from None
     except Image.DecompressionBombError as e:
@@ -117,6 +114,24 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
         return to_rgb(upright)
     except (ValueError, OSError) as e:
         raise ImageLoadError(path, f"cannot convert mode {upright.mode!r} to RGB ({e})") from None
+
+
+def _exif_upright(img: Image.Image) -> Image.Image:
+    """``img`` turned as its EXIF orientation says (a new image either way)."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:  # malformed EXIF must not cost us the picture: keep it as stored
+        return img.copy()
+
+
+def upright_rgb(img: Image.Image) -> Image.Image:
+    """An in-memory image as :func:`load_image` would give it from a file: EXIF orientation
+    applied, then :func:`to_rgb` (a new image; ``img`` is left as it is).
+
+    Raises:
+        ValueError: a mode that cannot be converted to RGB.
+    """
+    return to_rgb(_exif_upright(img))
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
