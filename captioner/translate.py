@@ -20,7 +20,7 @@ re-exported here.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -131,11 +131,15 @@ class Translation:
 
     Attributes:
         source: the input sentence.
-        source_tokens: its tokens as the encoder saw them, ``<end>`` last (``S`` of them).
+        source_tokens: its tokens as tokenised for the model (lower-cased where it was
+            trained so), ``<end>`` last (``S`` of them); words outside the source vocabulary
+            keep their form here.
         words: generated target words (``<end>`` removed, ``<unk>`` kept).
         tokens: ``(T,)`` generated ids, ``<end>`` included when emitted.
         score: total log-probability of ``tokens``.
         alphas: ``(T, S)`` attention of each generated token over ``source_tokens``.
+        source_unknown: ``(S,)`` whether the encoder read ``source_tokens[s]`` as ``<unk>``
+            (a word outside the source vocabulary).
     """
 
     source: str
@@ -144,11 +148,19 @@ class Translation:
     tokens: list[int]
     score: float
     alphas: np.ndarray
+    source_unknown: list[bool] = field(default_factory=list)
 
     @property
     def text(self) -> str:
         """The detokenised translation."""
         return detokenize_mt(self.words)
+
+    @property
+    def source_labels(self) -> list[str]:
+        """``source_tokens`` with the words read as ``<unk>`` marked (``"zebra (<unk>)"``), as
+        alignment figures label them."""
+        unknown = self.source_unknown or [False] * len(self.source_tokens)
+        return [f"{w} ({UNK})" if u else w for w, u in zip(self.source_tokens, unknown)]
 
     @property
     def target_tokens(self) -> list[str]:
@@ -301,5 +313,6 @@ class Translator:
                 results[i] = Translation(
                     source=sentences[i], source_tokens=tokens[i],
                     words=self.tgt_vocab.decode(ids), tokens=ids, score=float(out.scores[b]),
-                    alphas=out.alphas[b, :n, :S].float().cpu().numpy())  # (T, S)
+                    alphas=out.alphas[b, :n, :S].float().cpu().numpy(),  # (T, S)
+                    source_unknown=(src[b, :S] == self.src_vocab.unk_id).tolist())
         return results  # type: ignore[return-value]

@@ -106,7 +106,23 @@ def test_translate_subprocess_reads_stdin(checkpoint, tmp_path):
     assert done.returncode == 0, done.stderr
     # one output line per input line: a blank line is answered by a blank line
     assert done.stdout.split("\n") == ["the red ball.", "", "a woman reads.", ""]
-    assert (tmp_path / "a_1.png").is_file() and (tmp_path / "a_2.png").is_file()
+    # figures are named by input line: the blank second line has none
+    assert (tmp_path / "a_1.png").is_file() and (tmp_path / "a_3.png").is_file()
+    assert not (tmp_path / "a_2.png").exists()
+
+
+def test_alignment_labels_mark_the_source_words_read_as_unk(checkpoint, tmp_path, monkeypatch):
+    import captioner.visualize as visualize
+
+    labels = []
+    monkeypatch.setattr(visualize, "plot_alignment",
+                        lambda source, *a, **k: labels.append(source) or a[2])
+    (t,) = Translator.from_checkpoint(checkpoint).translate(["Der rote Zebraball."])
+    assert t.source_tokens == ["der", "rote", "zebraball", ".", "<end>"]
+    assert t.source_unknown == [False, False, True, False, False]
+    assert main(["translate", "--ckpt", str(checkpoint), "--alignment",
+                 str(tmp_path / "fig.png"), "Der rote Zebraball."]) == 0
+    assert labels == [["der", "rote", "zebraball (<unk>)", ".", "<end>"]]
 
 
 def test_translate_drops_a_byte_order_mark_from_stdin(checkpoint, capsys, monkeypatch):

@@ -22,17 +22,19 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--batch-size", type=positive_int, default=64, help="sentences per batch (64)")
     p.add_argument("--alignment", default=None, metavar="FIG",
                    help="draw the attention of each translation, source x target words "
-                        "(Bahdanau et al. 2015, Fig. 3); several sentences: FIG_1.png, FIG_2.png")
+                        "(Bahdanau et al. 2015, Fig. 3; source words outside the vocabulary marked '(<unk>)'); "
+                        "several sentences: FIG_<input line>.png (FIG_1.png, FIG_2.png, ...; "
+                        "none for a blank line)")
     p.add_argument("--reference", default=None, metavar="FILE",
                    help="reference translations, one per input line: print sacreBLEU on stderr")
     return p.parse_args(argv)
 
 
-def _alignment_paths(out: str, n: int) -> list[Path]:
+def _alignment_path(out: str, line: int, lines: int) -> Path:
+    """``FIG`` itself for a single input sentence, else ``FIG_<line>`` (1-based input line, so
+    that a blank line, which has no figure, does not shift the names of those after it)."""
     path = Path(out)
-    if n == 1:
-        return [path]
-    return [path.with_name(f"{path.stem}_{i}{path.suffix}") for i in range(1, n + 1)]
+    return path if lines == 1 else path.with_name(f"{path.stem}_{line}{path.suffix}")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -71,10 +73,12 @@ def _run(args: argparse.Namespace) -> int:
     if args.alignment:
         from captioner.visualize import plot_alignment
 
-        shown = [t for t in translations if t is not None]
-        for t, path in zip(shown, _alignment_paths(args.alignment, len(shown))):
+        for line, t in enumerate(translations, 1):
+            if t is None:  # a blank input line
+                continue
+            path = _alignment_path(args.alignment, line, len(translations))
             with figure_errors(str(path)):
-                figure = plot_alignment(t.source_tokens, t.target_tokens, t.alphas, path,
+                figure = plot_alignment(t.source_labels, t.target_tokens, t.alphas, path,
                                         title=t.text or "(empty translation)")
             print(f"alignment: {figure}", file=sys.stderr)
     if references is not None:
