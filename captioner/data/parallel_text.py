@@ -16,7 +16,8 @@ Files that disagree in line count, empty lines and malformed TSV rows raise
 Tokenisation (:func:`tokenize_mt`). The caption tokeniser :func:`captioner.data.tokenize.tokenize`
 drops punctuation, which translation must produce (almost every Multi30k sentence ends with a
 full stop). :func:`tokenize_mt` keeps each punctuation mark as a token, keeps words with inner
-apostrophes / hyphens and decimal numbers whole, and lowercases by default (as the usual
+apostrophes / hyphens, a word-final hyphen before a space (German ``Obst- und``) and decimal
+numbers whole, keeps combining marks inside their words, and lowercases by default (as the usual
 Multi30k baselines do). The model's output is detokenised by :func:`detokenize_mt` and scored
 by sacreBLEU against the *raw* reference lines with its own ``13a`` tokenisation, lowercased when
 the data is (the signature then says ``case:lc``); ``13a`` splits punctuation as

@@ -47,6 +47,9 @@ def test_tokenize_mt_keeps_punctuation_and_detokenize_joins_it_back():
     "He says 'yes' to us.",  # single quotes in pairs are quotes, not a possessive
     "Il dit « oui ».",  # guillemets keep their (French) spacing
     "Zwei Hunde, 3.5 m weit; 1,000 Leute: 50%.",
+    "Ein Obst- und Gemüsestand.",  # a suspended hyphen stays on its word (13a keeps it)
+    "एक आदमी सड़क पर चल रहा है।",  # vowel signs and a nukta inside words; the danda closes
+    "ผู้ชาย กำลัง เดิน อยู่ ที่ บ้าน",  # Thai vowels and tone marks inside their words
 ])
 def test_detokenize_inverts_tokenize_on_raw_sentences(sentence):
     """A translation that reproduces the tokens of its reference detokenises to the reference,
@@ -55,6 +58,13 @@ def test_detokenize_inverts_tokenize_on_raw_sentences(sentence):
 
     assert detokenize_mt(tokenize_mt(sentence, lowercase=False)) == sentence
     assert sacrebleu_score([detokenize_mt(tokenize_mt(sentence))], [sentence]).score == pytest.approx(100)
+
+
+def test_tokenize_mt_keeps_combining_marks_in_their_word():
+    assert tokenize_mt("एक आदमी सड़क पर चल रहा है।") == [
+        "एक", "आदमी", "सड़क", "पर", "चल", "रहा", "है", "।"]
+    assert tokenize_mt("Obst- und Gemüse-Stand") == ["obst-", "und", "gemüse-stand"]
+    assert tokenize_mt("a - b, well-") == ["a", "-", "b", ",", "well", "-"]
 
 
 def test_tokenize_mt_reads_decomposed_unicode_as_composed():
