@@ -230,6 +230,7 @@ def test_evaluate_decodes_each_image_once_and_writes_coco_results(
     assert set(metrics["skipped"]) == {"PTBTokenizer", "METEOR", "SPICE"}
     assert metrics["protocol"]["images"] == 6 and metrics["protocol"]["beam_size"] == 1
     assert metrics["protocol"]["length_penalty"] == captioner.search["length_penalty"]
+    assert metrics["protocol"]["min_length"] == captioner.search["min_length"]
     assert 0.0 <= metrics["attention_correctness"] <= 1.0
     assert 0.0 < metrics["attention_chance"] < 1.0 and metrics["attention_words"] >= 1
     for name in ("METEOR", "SPICE"):
@@ -390,6 +391,17 @@ def test_only_data_errors_are_shortened_to_one_line() -> None:
     assert _input_error(FileNotFoundError("not ours")) is None
 
 
+def _red_squares(tmp_path: Path, n: int) -> Path:
+    """``n`` small JPEGs in ``tmp_path/images`` and their ``captions.txt`` (Kaggle CSV layout)."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(n):
+        Image.new("RGB", (8, 8), (240 * i // n, 0, 0)).save(images / f"{i}.jpg")
+    (tmp_path / "captions.txt").write_text(
+        "image,caption\n" + "".join(f"{i}.jpg,a red square {i}\n" for i in range(n)))
+    return images
+
+
 @pytest.mark.parametrize("option, value, says", [
     ("vocab_file", "{tmp}/missing_vocab.json", "{tmp}/missing_vocab.json: no such vocabulary file"),
     ("vocab_file", "{tmp}/bad_vocab.json", "{tmp}/bad_vocab.json: not a valid vocabulary file"),
@@ -399,12 +411,7 @@ def test_only_data_errors_are_shortened_to_one_line() -> None:
 def test_fit_names_bad_data_options_in_one_line(capsys, tmp_path, option, value, says) -> None:
     """A missing or broken vocabulary file, ``max_images: 0`` (accepted until then) and
     fractions that leave nothing to train on were raw tracebacks through jsonargparse."""
-    images = tmp_path / "images"
-    images.mkdir()
-    for i in range(4):
-        Image.new("RGB", (8, 8), (60 * i, 0, 0)).save(images / f"{i}.jpg")
-    (tmp_path / "captions.txt").write_text(
-        "image,caption\n" + "".join(f"{i}.jpg,a red square {i}\n" for i in range(4)))
+    images = _red_squares(tmp_path, 4)
     (tmp_path / "bad_vocab.json").write_text("{not json")
     data = {"data": {"class_path": "captioner.data.datamodule.CaptionDataModule",
                      "init_args": {"format": "flickr8k_csv",
@@ -454,3 +461,42 @@ def test_evaluate_config_of_a_kwargs_subclass_is_not_refused(tmp_path) -> None:
     dm, _ = build_data_module(argparse.Namespace(config=[str(config)], ckpt=None))
     assert isinstance(dm, ShapesDataModule) and dm.marker == 7
     assert dm.batch_size == data["init_args"]["batch_size"]
+
+
+def test_evaluate_refuses_a_config_that_puts_training_images_in_the_split(
+        capsys, tiny_checkpoint, tmp_path) -> None:
+    """``--config`` with another ``split_seed`` than the checkpoint was trained with draws
+    another test split, holding training images: refused (naming one), scored only with
+    ``--allow-training-images`` and then recorded; the stored split settings pass."""
+    images = _red_squares(tmp_path, 20)
+    data = {"class_path": "captioner.data.datamodule.CaptionDataModule",
+            "init_args": {"format": "flickr8k_csv", "annotations": str(tmp_path / "captions.txt"),
+                          "image_root": str(images), "image_size": 16, "num_workers": 0,
+                          "min_freq": 1, "val_fraction": 0.25, "test_fraction": 0.25,
+                          "split_seed": 0}}
+    ckpt = torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)
+    ckpt["captioner"]["data"]["datamodule"] = data  # as if trained on these images, seed 0
+    trained = tmp_path / "trained.ckpt"
+    torch.save(ckpt, trained)
+    for seed in (0, 1):
+        data["init_args"]["split_seed"] = seed
+        (tmp_path / f"seed{seed}.yaml").write_text(yaml.safe_dump({"data": data}))
+    evaluate = ["evaluate", "--ckpt", trained, "--no-java", "--out", tmp_path / "eval"]
+
+    status, _, err = _run(capsys, *evaluate, "--config", tmp_path / "seed1.yaml")
+    assert status == 1 and "are in the checkpoint's training split (e.g." in err, err
+    assert f"{images}{os.sep}" in err and "--allow-training-images" in err
+    assert not (tmp_path / "eval").exists()  # nothing scored
+
+    status, _, err = _run(capsys, *evaluate, "--config", tmp_path / "seed1.yaml",
+                          "--allow-training-images")
+    assert status == 0 and "WARNING" in err, err
+    recorded = json.loads((tmp_path / "eval" / "metrics_test.json").read_text())
+    overlap = recorded["training_images_in_split"]
+    assert overlap["checked"] and 0 < overlap["images"] <= recorded["protocol"]["images"]
+
+    status, _, err = _run(capsys, *evaluate, "--config", tmp_path / "seed0.yaml",
+                          "--batch-size", "3")  # a loader option only: the same split
+    assert status == 0 and "WARNING" not in err, err
+    recorded = json.loads((tmp_path / "eval" / "metrics_test.json").read_text())
+    assert recorded["training_images_in_split"]["images"] == 0

@@ -5,8 +5,10 @@ every image of a split once and score it with the official COCO caption protocol
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from captioner.cli import register_tool
 from captioner.commands.common import (EXIT_INPUT_ERROR, EXIT_OK, ToolError, build_data_module,
@@ -32,7 +34,53 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-java", action="store_true",
                    help="skip the Java parts (Python tokenizer; no METEOR / SPICE)")
     p.add_argument("--no-spice", action="store_true", help="skip SPICE")
+    p.add_argument("--allow-training-images", action="store_true",
+                   help="score the split even where --config puts images of the checkpoint's "
+                        "own training split in it (refused by default)")
     return p.parse_args(argv)
+
+
+# data options that change how batches are loaded, never which images a split holds
+_LOADER_OPTIONS = frozenset({"batch_size", "eval_batch_size", "num_workers", "pin_memory",
+                             "persistent_workers"})
+
+
+def training_overlap(args: argparse.Namespace, records: list) -> dict[str, Any]:
+    """Which evaluated images the checkpoint trained on, where ``--config`` replaces the data
+    config the checkpoint stores (another ``split_seed`` or fractions put training images in
+    the test split, and the scores are then inflated).
+
+    Returns:
+        ``{"checked": bool, "reason": str, "images": int, "example": str | None}``:
+        ``images`` of ``records`` lie in the stored config's training split.
+    """
+    from captioner.commands.common import data_config_from_checkpoint, load_data_config
+    from captioner.inference import read_checkpoint
+
+    result: dict[str, Any] = {"checked": False, "images": 0, "example": None}
+    if not args.config or args.split == "train":
+        return {**result, "reason": "the checkpoint's own data config" if not args.config
+                else "the training split itself"}
+    stored = data_config_from_checkpoint(read_checkpoint(args.ckpt))
+    if stored is None:
+        return {**result, "reason": "the checkpoint stores no data config"}
+    given = load_data_config(args.config)
+
+    def split_defining(cfg: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        return cfg["class_path"], {k: v for k, v in cfg["init_args"].items()
+                                   if k not in _LOADER_OPTIONS}
+
+    if split_defining(given) == split_defining(stored):
+        return {**result, "checked": True, "reason": "the same split settings as the checkpoint's"}
+    try:
+        stored_dm, _ = build_data_module(argparse.Namespace(config=[], ckpt=args.ckpt))
+        trained = {os.path.realpath(r.path) for r in stored_dm.records("train")}
+    except Exception as e:  # noqa: BLE001 - ToolError too: the stored data may be elsewhere
+        return {**result, "reason": "could not read the checkpoint's training split "
+                                    f"({' '.join(str(e).split())[:200]})"}
+    seen = [r for r in records if os.path.realpath(r.path) in trained]
+    return {"checked": True, "reason": "compared with the checkpoint's training split",
+            "images": len(seen), "example": str(seen[0].path) if seen else None}
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -51,6 +99,19 @@ def _run(args: argparse.Namespace) -> int:
     if not records:
         raise ToolError(f"the {args.split} split of {source} has no images", EXIT_INPUT_ERROR)
     print(f"captioner evaluate: {len(records)} {args.split} images ({source})", file=sys.stderr)
+    overlap = training_overlap(args, records)
+    if not overlap["checked"] and args.config:
+        print(f"captioner evaluate: not checked against the training split: {overlap['reason']}",
+              file=sys.stderr)
+    if overlap["images"]:
+        message = (f"{overlap['images']} of the {len(records)} {args.split} images of {source} "
+                   f"are in the checkpoint's training split (e.g. {overlap['example']}): its "
+                   "split settings differ from the ones it was trained with")
+        if not args.allow_training_images:
+            raise ToolError(f"{message}; the scores would be inflated. Evaluate with the "
+                            "checkpoint's own data config (no --config) or the same split "
+                            "settings, or pass --allow-training-images", EXIT_INPUT_ERROR)
+        print(f"captioner evaluate: WARNING: {message}", file=sys.stderr)
     try:
         ev = evaluate_split(captioner, records, beam_size=args.beam_size,
                             max_length=args.max_length, batch_size=args.batch_size,
@@ -67,7 +128,8 @@ def _run(args: argparse.Namespace) -> int:
     metrics = out / f"metrics_{args.split}.json"
     write_coco_results(ev.captions, results)
     report = {"checkpoint": str(Path(args.ckpt).resolve()), "split": args.split,
-              "data": source, "precision": args.precision, **ev.to_dict()}
+              "data": source, "precision": args.precision,
+              "training_images_in_split": overlap, **ev.to_dict()}
     write_json(metrics, report)
     print(format_table(ev))
     print(f"\ncaptions (COCO results format): {results}\nmetrics: {metrics}")

@@ -345,9 +345,15 @@ class CaptioningModule(CaptionerModule):
         write_coco_results({records[o["index"]].image_id: " ".join(h)
                             for o, h in zip(outputs, hyps)}, out_dir / "test_captions.json")
         h = self.hparams
+        n_refs = [len(records[o["index"]].captions) for o in outputs]
         search = {"beam_size": int(h.beam_size), "max_length": int(h.max_length),
+                  "min_length": int(h.get("min_length", 1)),
                   "length_penalty": float(h.length_penalty),
-                  "beam_stop": h.get("beam_stop", "k_finished")}  # how the captions were decoded
+                  "beam_stop": h.get("beam_stop", "k_finished"),  # how the captions were decoded
+                  "precision": str(self.trainer.precision),  # bf16 moves the scores a little
+                  "images": len(outputs),
+                  "references_per_image": {"min": min(n_refs), "mean": sum(n_refs) / len(n_refs),
+                                           "max": max(n_refs)}}
         with atomic_write(out_dir / "test_metrics.json") as f:
             json.dump(json_safe({**{k: float(v) for k, v in scores.items()}, **search,
                                  **protocol}),

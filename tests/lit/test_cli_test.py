@@ -58,6 +58,9 @@ def test_fit_then_test_writes_coco_results_and_metrics(shapes_root, tmp_path):
     assert metrics["tokenizer"] == ("ptb" if shutil.which("java") else "python")
     assert isinstance(metrics["skipped"], dict)  # part -> why (SPICE without its jars)
     assert ("METEOR" in metrics["skipped"]) == (shutil.which("java") is None)
+    assert metrics["min_length"] == 1 and metrics["precision"] == "32-true"
+    assert metrics["images"] == 6  # each test image once
+    assert metrics["references_per_image"]["min"] >= 1
     results = json.loads((out / "test_captions.json").read_text())
     assert len(results) == 6  # every test image decoded exactly once
     gt = COCO(str(shapes_root / "annotations" / "captions_test.json"))

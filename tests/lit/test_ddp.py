@@ -170,6 +170,7 @@ def test_ddp_test_writes_the_results_of_the_whole_split(runs):
                           "--ckpt_path", str(ckpt)])
     one = json.loads((runs["ddp"] / "one" / "test_metrics.json").read_text())
     assert one["bleu1"] > 0.0 and one.keys() == two.keys()  # 2 test images: words decoded
+    assert one["images"] == two["images"] == 2  # each once, not once per rank
     for key in ("bleu1", "bleu4", "BLEU-4", "CIDEr"):
         assert two[key] == pytest.approx(one[key], abs=1e-9), key
     assert cli.trainer.callback_metrics["test/bleu1"] == pytest.approx(one["bleu1"])
