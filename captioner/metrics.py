@@ -432,16 +432,21 @@ def coco_caption_scores(
     return EvalResult(scores=ordered, skipped=skipped, tokenizer=tokenizer)
 
 
-def write_coco_results(hypotheses: Mapping[int, str], path: str | os.PathLike) -> None:
+def write_coco_results(hypotheses: Mapping[int, str], path: str | os.PathLike,
+                       files: Mapping[int, str | os.PathLike] | None = None) -> None:
     """Write captions in the COCO results format, atomically.
 
     The file is ``[{"image_id": int, "caption": str}, ...]`` sorted by id, as expected by
-    ``pycocotools.coco.COCO.loadRes`` and the COCO evaluation server. It is written to a
-    temporary file in the same directory and moved into place with ``os.replace``.
+    ``pycocotools.coco.COCO.loadRes`` and the COCO evaluation server (with ``files``, each row
+    also names its image: ``"file_name"``, which ``loadRes`` carries along; ids of formats
+    without their own, such as the Kaggle CSV layout, are running indices that only the file
+    ties back to an image). It is written to a temporary file in the same directory and moved
+    into place with ``os.replace``.
 
     Args:
         hypotheses: COCO image id (an int, or a string of digits) -> generated caption.
         path: destination ``.json`` file; parent directories are created.
+        files: image id -> image file, for the ``"file_name"`` of each row.
 
     Raises:
         ValueError: if an id is not an integer.
@@ -453,6 +458,8 @@ def write_coco_results(hypotheses: Mapping[int, str], path: str | os.PathLike) -
         except (TypeError, ValueError):
             raise ValueError(f"write_coco_results: image id {k!r} is not an integer") from None
         rows.append({"image_id": image_id, "caption": str(caption)})
+        if files is not None:
+            rows[-1]["file_name"] = str(files[k])
     rows.sort(key=lambda r: r["image_id"])
     with atomic_write(path) as f:
         json.dump(rows, f, ensure_ascii=False)

@@ -247,6 +247,7 @@ def test_evaluate_decodes_each_image_once_and_writes_coco_results(
     for image_id, file_name in records.items():
         (row,) = res.imgToAnns[image_id]
         assert row["caption"] == captioner.caption(images_dir / file_name)[0].text
+        assert Path(row["file_name"]) == images_dir / file_name  # the row names its image
 
 
 def test_evaluate_uses_the_checkpoints_data_config_and_skips_java_when_missing(

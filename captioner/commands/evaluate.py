@@ -126,7 +126,7 @@ def _run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path(args.ckpt).resolve().parent / f"eval_{args.split}"
     results = out / f"captions_{args.split}.json"
     metrics = out / f"metrics_{args.split}.json"
-    write_coco_results(ev.captions, results)
+    write_coco_results(ev.captions, results, files={r.image_id: r.path for r in records})
     report = {"checkpoint": str(Path(args.ckpt).resolve()), "split": args.split,
               "data": source, "precision": args.precision,
               "training_images_in_split": overlap, **ev.to_dict()}

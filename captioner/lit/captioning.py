@@ -343,7 +343,9 @@ class CaptioningModule(CaptionerModule):
 
         out_dir.mkdir(parents=True, exist_ok=True)
         write_coco_results({records[o["index"]].image_id: " ".join(h)
-                            for o, h in zip(outputs, hyps)}, out_dir / "test_captions.json")
+                            for o, h in zip(outputs, hyps)}, out_dir / "test_captions.json",
+                           files={records[o["index"]].image_id: records[o["index"]].path
+                                  for o in outputs})
         h = self.hparams
         n_refs = [len(records[o["index"]].captions) for o in outputs]
         search = {"beam_size": int(h.beam_size), "max_length": int(h.max_length),

@@ -66,6 +66,8 @@ def test_fit_then_test_writes_coco_results_and_metrics(shapes_root, tmp_path):
     gt = COCO(str(shapes_root / "annotations" / "captions_test.json"))
     res = gt.loadRes(str(out / "test_captions.json"))
     assert sorted(res.getImgIds()) == sorted(gt.getImgIds())
+    files = {img["id"]: img["file_name"] for img in gt.dataset["images"]}
+    assert all(Path(r["file_name"]).name == files[r["image_id"]] for r in results)
     assert (metrics["beam_size"], metrics["max_length"]) == (1, 20)  # the config's
     # a saved model config this version cannot parse: a warning, the config files' model
     ckpt_data = torch.load(ckpt, weights_only=True)
