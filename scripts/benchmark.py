@@ -33,7 +33,9 @@ stay meaningful.
   ``torch.optim.Adam``'s per-tensor loop instead of its fused kernel, search forming the
   attention hidden layer of all hypotheses at once instead of a few rows at a time, beam
   search copying an image's annotations for each hypothesis instead of sharing them
-  (``copied_beam_keys``), search on one image at a time.
+  (``copied_beam_keys``), search on one image at a time; and one opt-in option measured the
+  same way, ``compiled_score`` (``AdditiveAttention(compile_search=True)``: the search's
+  energies from one ``torch.compile``\ d loop; its ``ours_speedup`` below 1 is its gain).
 * ``--ab ABLATION`` measures training of ours against one training ablation alone, interleaved
   in alternating order, and reports the ratio of every round: for effects of a few per cent,
   which the shared machine's noise hides in a three-repeat run, give it many ``--repeats``.
@@ -498,6 +500,12 @@ def whole_hidden_layer_attention(attention_dim: int) -> Callable[[int, int], Add
     return additive_attention(attention_dim, chunk_elements=0)
 
 
+def compiled_score_attention(attention_dim: int) -> Callable[[int, int], AdditiveAttention]:
+    """Not an ablation but the opt-in option (``compile_search=True``): the search's energies
+    from one ``torch.compile``\ d loop. Its ``ours_speedup`` below 1 is the option's gain."""
+    return additive_attention(attention_dim, compile_search=True)
+
+
 def grid_loss(decoder, annotations, captions, lengths) -> torch.Tensor:
     """Ablation: the objective of :func:`library_loss` scored on the ``(B, T, V)`` grid
     (:attr:`DecoderOutput.logits`: the computed rows scattered among zeros, ``log_softmax`` over
@@ -538,6 +546,7 @@ ABLATIONS: dict[str, Ablation] = {
     "loop_adam": Ablation(fused_adam=False, decodes=False),  # torch.optim.Adam's default
     "whole_hidden_layer": Ablation(attention=whole_hidden_layer_attention, trains=False),
     "copied_beam_keys": Ablation(CopiedBeamKeysDecoder, trains=False),
+    "compiled_score": Ablation(attention=compiled_score_attention, trains=False),  # opt-in
 }
 #: ablations that change decoding only (training is the same code as ours)
 DECODE_ABLATIONS = ("per_image_decoding",
@@ -632,7 +641,7 @@ def bench_decoders(s: Sizes, device: torch.device, baseline: bool,
             result[f"{name}_parity"] = training_parity(ours, other, work, loss_fn)
         result["tanh_hidden_parity"].update(decode_parity(s, ours, impls["tanh_hidden"][0],
                                                           work))
-        for name in ("whole_hidden_layer", "copied_beam_keys"):
+        for name in ("whole_hidden_layer", "copied_beam_keys", "compiled_score"):
             result[f"{name}_parity"] = decode_parity(s, ours, impls[name][0], work)
         impls["per_image_decoding"] = (ours, ours_loss)
 

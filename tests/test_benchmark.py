@@ -165,6 +165,9 @@ def test_quick_run_at_tiny_sizes_writes_every_figure(bm, tmp_path):
     assert copied["beam3_score_max_abs_diff"] < 1e-4
     whole = result["whole_hidden_layer_parity"]
     assert whole["greedy_tokens_equal"] and whole["beam3_tokens_equal"]
+    assert set(result["ablations"]["compiled_score"]["ours_speedup"]) == set(rates[1:])
+    fused = result["compiled_score_parity"]
+    assert fused["greedy_tokens_equal"] and fused["beam3_tokens_equal"]
     assert result["bf16"]["loss_rel_diff"] < 0.05
     bf16 = result["bf16"]  # throughput is measured even without native bf16, beside fp32
     for key, task in zip(rates, ["train", "beam_k3", "beam_k5", "greedy_b32"]):

@@ -88,6 +88,23 @@ def test_caption_json_with_beam(capsys, tiny_checkpoint, captioner, test_images)
         assert row["score"] == pytest.approx(c.score, abs=1e-5)
 
 
+def test_caption_compile_search_matches_the_eager_captions(capsys, monkeypatch, tiny_checkpoint,
+                                                          captioner, test_images) -> None:
+    from captioner import attention
+    from captioner.compiled import CompiledOrEager
+
+    switched = []
+    monkeypatch.setattr(attention, "_FUSED_ENERGIES", CompiledOrEager(
+        lambda *a: switched.append(1) or attention.fused_energies(*a)))  # compiled, counted
+    status, out, err = _run(capsys, "caption", "--ckpt", tiny_checkpoint, "--json",
+                            "--beam-size", "3", "--compile-search", *test_images[:3])
+    assert status == 0 and "RuntimeWarning" not in err, err
+    assert switched  # the search's energies came from the compiled function
+    expected = captioner.caption(test_images[:3], beam_size=3)
+    for row, c in zip(json.loads(out), expected):
+        assert row["tokens"] == c.tokens and row["score"] == pytest.approx(c.score, abs=1e-5)
+
+
 def test_caption_precision_bf16_matches_the_api_and_unknown_is_a_usage_error(
         capsys, tiny_checkpoint, test_images) -> None:
     status, out, err = _run(capsys, "caption", "--ckpt", tiny_checkpoint, "--json",

@@ -98,7 +98,20 @@ def tool_parser(name: str, description: str) -> argparse.ArgumentParser:
                    help="32 (default), or bf16: bfloat16 autocast, about 2x faster on CPUs with "
                         "AVX512-BF16 or AMX (many times slower without), results may differ "
                         "slightly")
+    p.add_argument("--compile-search", action="store_true",
+                   help="fuse the additive attention's search energies with torch.compile "
+                        "(beam search 1.05-1.3x faster on CPU; compiles for seconds first, "
+                        "needs a C++ compiler, else runs as without)")
     return p
+
+
+def compile_search(args: argparse.Namespace, decoder: Any) -> None:
+    """Apply ``--compile-search`` to a loaded decoder (a note where it has no effect)."""
+    from captioner.attention import set_compile_search
+
+    if getattr(args, "compile_search", False) and not set_compile_search(decoder):
+        print("note: --compile-search: the model has no additive attention; nothing to "
+              "compile", file=sys.stderr)
 
 
 def make_tool(name: str, parse: Callable[[list[str]], argparse.Namespace],
@@ -139,6 +152,7 @@ def load_captioner(args: argparse.Namespace) -> Captioner:
         raise ToolError(str(e)) from None
     if getattr(args, "beam_stop", None):
         captioner.search["beam_stop"] = args.beam_stop
+    compile_search(args, captioner.decoder)
     return captioner
 
 

@@ -129,6 +129,7 @@ def _run(args: argparse.Namespace) -> int:
     write_coco_results(ev.captions, results, files={r.image_id: r.path for r in records})
     report = {"checkpoint": str(Path(args.ckpt).resolve()), "split": args.split,
               "data": source, "precision": args.precision,
+              "compile_search": args.compile_search,
               "training_images_in_split": overlap, **ev.to_dict()}
     write_json(metrics, report)
     print(format_table(ev))

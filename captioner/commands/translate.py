@@ -10,8 +10,8 @@ import sys
 from pathlib import Path
 
 from captioner.cli import register_tool
-from captioner.commands.common import (EXIT_OK, ToolError, figure_errors, make_tool, positive_int,
-                                       tool_parser)
+from captioner.commands.common import (EXIT_OK, ToolError, compile_search, figure_errors,
+                                       make_tool, positive_int, tool_parser)
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -46,6 +46,7 @@ def _run(args: argparse.Namespace) -> int:
                                                 precision=args.precision)
         if args.beam_stop:
             translator.search["beam_stop"] = args.beam_stop
+        compile_search(args, translator.decoder)
     except CheckpointError as e:
         raise ToolError(str(e)) from None
     sentences = args.sentences or [line.rstrip("\r\n") for line in sys.stdin]
