@@ -22,9 +22,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--batch-size", type=positive_int, default=64, help="sentences per batch (64)")
     p.add_argument("--alignment", default=None, metavar="FIG",
                    help="draw the attention of each translation, source x target words "
-                        "(Bahdanau et al. 2015, Fig. 3; source words outside the vocabulary marked '(<unk>)'); "
-                        "several sentences: FIG_<input line>.png (FIG_1.png, FIG_2.png, ...; "
-                        "none for a blank line)")
+                        "(Bahdanau et al. 2015, Fig. 3; source words outside the vocabulary "
+                        "marked '(<unk>)'); several sentences: FIG_<input line>.png (FIG_1.png, "
+                        "FIG_2.png, ...; none for a blank line)")
     p.add_argument("--reference", default=None, metavar="FILE",
                    help="reference translations, one per input line: print sacreBLEU on stderr")
     return p.parse_args(argv)
