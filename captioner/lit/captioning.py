@@ -40,13 +40,17 @@ class CaptioningModule(CaptionerModule):
             divided by the number of target tokens instead of captions:
             :meth:`~captioner.lit.base.CaptionerModule.caption_term_scale`).
         lr: learning rate of the decoder (and encoder stages).
-        encoder_lr: learning rate of the fine-tuned backbone blocks.
+        encoder_lr: learning rate of every trained backbone parameter: the blocks
+            ``finetune_blocks`` unfreezes in a pretrained backbone, or the whole backbone
+            with ``freeze: false`` (a CNN trained from scratch, as the shapes configs do; they
+            set it explicitly). Encoder stages (Spatial Transformer, Non-local) train at ``lr``.
         weight_decay: Adam weight decay.
         fused_adam: Adam's fused kernel (:mod:`captioner.lit.optim`; ``False``: its per-tensor loop).
         optimizer: ``"adam"`` (the paper's choice for Flickr30k / COCO) or ``"rmsprop"`` (its
             choice for Flickr8k, as in the authors' code: :func:`captioner.lit.optim.rmsprop`).
         lr_scheduler: ``"none"`` or ``"plateau"`` (reduce on a ``val/bleu4`` plateau).
-        plateau_patience: epochs without improvement before the LR is reduced.
+        plateau_patience: epoch-end validations without improvement before the LR is reduced
+            (with ``check_val_every_n_epoch: k`` each counts ``k`` epochs).
         plateau_factor: LR multiplier on a plateau.
         beam_size: beam size at validation / test (``1``: greedy).
         max_length: maximum caption length (steps) when decoding.
@@ -93,6 +97,8 @@ class CaptioningModule(CaptionerModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["encoder", "decoder"])
+        if hard_num_samples < 1:
+            raise ValueError(f"hard_num_samples must be >= 1, got {hard_num_samples}")
         if vocab_size <= 0:
             raise ValueError(
                 "vocab_size must be positive: it is linked from the data module by the CLI; "

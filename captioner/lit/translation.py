@@ -69,7 +69,8 @@ class TranslationModule(CaptionerModule):
         weight_decay: Adam weight decay.
         fused_adam: Adam's fused kernel (:mod:`captioner.lit.optim`; ``False``: its per-tensor loop).
         lr_scheduler: ``"none"`` or ``"plateau"`` (reduce on a ``val/bleu`` plateau).
-        plateau_patience: epochs without improvement before the LR is reduced.
+        plateau_patience: epoch-end validations without improvement before the LR is reduced
+            (with ``check_val_every_n_epoch: k`` each counts ``k`` epochs).
         plateau_factor: LR multiplier on a plateau.
         beam_size: beam size at validation / test (``1``: greedy).
         max_length: most target tokens when decoding, ``<end>`` included.
@@ -113,6 +114,8 @@ class TranslationModule(CaptionerModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["encoder", "decoder"])
+        if hard_num_samples < 1:
+            raise ValueError(f"hard_num_samples must be >= 1, got {hard_num_samples}")
         if vocab_size <= 0 or src_vocab_size <= 0:
             raise ValueError(
                 "vocab_size and src_vocab_size must be positive: the CLI links them from the "

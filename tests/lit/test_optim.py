@@ -82,3 +82,30 @@ def test_module_builds_the_chosen_optimizer():
     assert isinstance(opt, torch.optim.RMSprop)
     assert opt.defaults["centered"] and opt.defaults["momentum"] == 0.9
     assert opt.defaults["alpha"] == 0.95 and opt.param_groups[0]["lr"] == 1e-4
+
+
+def test_param_groups_backbone_at_encoder_lr_stages_and_decoder_at_lr():
+    """A backbone trained from scratch (``freeze: false``) trains at ``encoder_lr``, every
+    parameter exactly once; an encoder stage (here a Non-local block) trains at ``lr``."""
+    config = model_config(20, lr=2e-3)
+    config["encoder"]["init_args"]["stages"] = [
+        {"class_path": "captioner.encoders.non_local.NonLocalBlock",
+         "init_args": {"where": "output"}}]
+    module = CaptioningModule.from_config({**config, "encoder_lr": 3e-4})
+    groups = module.configure_optimizers().param_groups
+    by_lr = {g["lr"]: {id(p) for p in g["params"]} for g in groups}
+    assert set(by_lr) == {2e-3, 3e-4}
+    body = {id(p) for p in module.encoder.body.parameters()}
+    assert body and by_lr[3e-4] == body
+    stage = {id(p) for p in module.encoder.stages.parameters()}
+    decoder = {id(p) for p in module.decoder.parameters()}
+    assert stage and stage | decoder <= by_lr[2e-3]
+    every = [id(p) for g in groups for p in g["params"]]
+    assert len(every) == len(set(every)) == sum(1 for _ in module.parameters())
+
+
+def test_hard_num_samples_below_one_is_refused():
+    import pytest
+
+    with pytest.raises(ValueError, match="hard_num_samples must be >= 1, got 0"):
+        CaptioningModule.from_config({**model_config(20), "hard_num_samples": 0})
