@@ -14,10 +14,13 @@ from typing import Any, Callable
 
 
 class CompiledOrEager:
-    """``fn`` compiled with ``torch.compile(fn, **options)`` on the first call; if compiling or
-    running the compiled code raises, a ``RuntimeWarning`` names the error once and ``fn``
-    runs eagerly for the rest of the process (an error of ``fn`` itself is then raised by the
-    eager call, as it would be without compiling).
+    """``fn`` compiled with ``torch.compile(fn, **options)`` on the first call.
+
+    Where the compiled call raises, ``fn`` runs eagerly on the same arguments: if that raises
+    too, the error is the arguments' (a shape mismatch, out of memory) and is raised, compiling
+    staying on; otherwise compiling failed (no C++ compiler, no Triton, an unsupported op), a
+    ``RuntimeWarning`` says why once, and calls on that device and dtype run eagerly from then
+    on (``failed`` maps ``(device type, dtype)`` of the first tensor argument to the reason).
 
     Args:
         fn: the function; its arguments are tensors and Python constants.
@@ -27,19 +30,33 @@ class CompiledOrEager:
     def __init__(self, fn: Callable[..., Any], **options: Any) -> None:
         self.fn, self.options = fn, options
         self._compiled: Callable[..., Any] | None = None
-        self.failed: str | None = None  # why compiling failed, once it has
+        self.failed: dict[tuple[str, Any] | None, str] = {}
 
     def __call__(self, *args: Any) -> Any:
-        if self.failed is None:
-            try:
-                if self._compiled is None:
-                    import torch
+        key = _key(args)
+        if key in self.failed:
+            return self.fn(*args)
+        try:
+            if self._compiled is None:
+                import torch
 
-                    self._compiled = torch.compile(self.fn, **self.options)
-                return self._compiled(*args)
-            except Exception as e:  # noqa: BLE001 - no compiler, unsupported op, ...: eager
-                first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-                self.failed = f"{type(e).__name__}: {first}"
-                warnings.warn(f"torch.compile of {self.fn.__name__} failed ({self.failed}); "
-                              "running it eagerly", RuntimeWarning, stacklevel=2)
-        return self.fn(*args)
+                self._compiled = torch.compile(self.fn, **self.options)
+            return self._compiled(*args)
+        except Exception as e:  # noqa: BLE001 - no compiler, unsupported op, ...: eager
+            out = self.fn(*args)  # raises where the arguments are at fault
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            self.failed[key] = f"{type(e).__name__}: {first}"
+            warnings.warn(f"torch.compile of {self.fn.__name__} failed on {key} "
+                          f"({self.failed[key]}); running it eagerly there", RuntimeWarning,
+                          stacklevel=2)
+            return out
+
+
+def _key(args: tuple[Any, ...]) -> tuple[str, Any] | None:
+    """``(device type, dtype)`` of the first tensor among ``args``, else ``None``."""
+    import torch
+
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            return a.device.type, a.dtype
+    return None

@@ -449,7 +449,7 @@ def write_coco_results(hypotheses: Mapping[int, str], path: str | os.PathLike,
         files: image id -> image file, for the ``"file_name"`` of each row.
 
     Raises:
-        ValueError: if an id is not an integer.
+        ValueError: if an id is not an integer, or ``files`` has none for it.
     """
     rows = []
     for k, caption in hypotheses.items():
@@ -459,7 +459,10 @@ def write_coco_results(hypotheses: Mapping[int, str], path: str | os.PathLike,
             raise ValueError(f"write_coco_results: image id {k!r} is not an integer") from None
         rows.append({"image_id": image_id, "caption": str(caption)})
         if files is not None:
-            rows[-1]["file_name"] = str(files[k])
+            file = files.get(k, files.get(image_id))  # type: ignore[call-overload]
+            if file is None:
+                raise ValueError(f"write_coco_results: no file for image id {k!r}")
+            rows[-1]["file_name"] = str(file)
     rows.sort(key=lambda r: r["image_id"])
     with atomic_write(path) as f:
         json.dump(rows, f, ensure_ascii=False)

@@ -35,12 +35,24 @@ def test_a_failed_compile_warns_once_and_runs_eagerly(monkeypatch):
     monkeypatch.setattr(torch, "compile", no_compiler)
     calls = []
     fused = CompiledOrEager(lambda x: calls.append(x) or x + 1, dynamic=True)
-    with pytest.warns(RuntimeWarning, match="InvalidCxxCompiler: no working C.. compiler found"):
+    with pytest.warns(RuntimeWarning, match=r"on None \(RuntimeError: InvalidCxxCompiler: no working C\+\+ compiler"):
         assert fused(1) == 2
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no second warning
         assert fused(2) == 3
-    assert calls == [1, 2] and fused.failed.startswith("RuntimeError")
+    assert calls == [1, 2] and fused.failed[None].startswith("RuntimeError")
+
+
+def test_an_error_of_the_arguments_is_raised_and_compiling_stays_on(monkeypatch):
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **options: compiled.append(1) or fn)
+    add = CompiledOrEager(lambda a, b: a + b)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "compile failed" warning
+        with pytest.raises(RuntimeError, match="must match the size"):
+            add(torch.ones(3), torch.ones(5))
+        torch.testing.assert_close(add(torch.ones(3), torch.ones(3)), torch.full((3,), 2.0))
+    assert add.failed == {} and compiled == [1]
 
 
 def test_compiled_search_decodes_as_the_eager_search(monkeypatch):
@@ -60,7 +72,7 @@ def test_compiled_search_decodes_as_the_eager_search(monkeypatch):
         compiled = [beam_search(dec, annotations, beam_size=3, **kw),
                     greedy_search(dec, annotations, **kw),
                     beam_search(dec, annotations[:4], beam_size=3, **kw)]
-    assert attention_module._FUSED_ENERGIES.failed is None
+    assert attention_module._FUSED_ENERGIES.failed == {}
     assert attention_module._FUSED_ENERGIES._compiled is not None  # it did compile
     for a, b in zip(eager, compiled):
         assert torch.equal(a.tokens, b.tokens) and torch.equal(a.lengths, b.lengths)

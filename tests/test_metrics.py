@@ -192,6 +192,12 @@ def test_write_coco_results_loadable_by_coco(tmp_path):
     assert res.imgToAnns[7][0]["caption"] == "a bird"
     with pytest.raises(ValueError, match="abc"):
         write_coco_results({"abc": "x"}, out)
+    # with the files: each row names its image ("7" found under the integer id too)
+    write_coco_results({11: "a dog", "7": "a bird"}, out, files={11: "d/11.jpg", 7: "d/7.jpg"})
+    assert [r["file_name"] for r in json.loads(out.read_text())] == ["d/7.jpg", "d/11.jpg"]
+    assert coco.loadRes(str(out)).imgToAnns[7][0]["file_name"] == "d/7.jpg"
+    with pytest.raises(ValueError, match="no file for image id 11"):
+        write_coco_results({11: "a dog"}, out, files={7: "d/7.jpg"})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -96,10 +96,15 @@ def test_caption_compile_search_matches_the_eager_captions(capsys, monkeypatch, 
     switched = []
     monkeypatch.setattr(attention, "_FUSED_ENERGIES", CompiledOrEager(
         lambda *a: switched.append(1) or attention.fused_energies(*a)))  # compiled, counted
-    status, out, err = _run(capsys, "caption", "--ckpt", tiny_checkpoint, "--json",
-                            "--beam-size", "3", "--compile-search", *test_images[:3])
-    assert status == 0 and "RuntimeWarning" not in err, err
-    assert switched  # the search's energies came from the compiled function
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a failed compile would warn
+        status, out, err = _run(capsys, "caption", "--ckpt", tiny_checkpoint, "--json",
+                                "--beam-size", "3", "--compile-search", *test_images[:3])
+    assert status == 0, err
+    assert switched  # the search's energies came from the fused function...
+    assert attention._FUSED_ENERGIES.failed == {}  # ...compiled
     expected = captioner.caption(test_images[:3], beam_size=3)
     for row, c in zip(json.loads(out), expected):
         assert row["tokens"] == c.tokens and row["score"] == pytest.approx(c.score, abs=1e-5)
@@ -498,7 +503,9 @@ def test_evaluate_refuses_a_config_that_puts_training_images_in_the_split(
     torch.save(ckpt, trained)
     for seed in (0, 1):
         data["init_args"]["split_seed"] = seed
-        (tmp_path / f"seed{seed}.yaml").write_text(yaml.safe_dump({"data": data}))
+        loader = {"batch_size": 3} if seed == 0 else {}  # a loader option: not the split
+        (tmp_path / f"seed{seed}.yaml").write_text(yaml.safe_dump(
+            {"data": {**data, "init_args": {**data["init_args"], **loader}}}))
     evaluate = ["evaluate", "--ckpt", trained, "--no-java", "--out", tmp_path / "eval"]
 
     status, _, err = _run(capsys, *evaluate, "--config", tmp_path / "seed1.yaml")
@@ -513,8 +520,30 @@ def test_evaluate_refuses_a_config_that_puts_training_images_in_the_split(
     overlap = recorded["training_images_in_split"]
     assert overlap["checked"] and 0 < overlap["images"] <= recorded["protocol"]["images"]
 
-    status, _, err = _run(capsys, *evaluate, "--config", tmp_path / "seed0.yaml",
-                          "--batch-size", "3")  # a loader option only: the same split
+    status, _, err = _run(capsys, *evaluate, "--config", tmp_path / "seed0.yaml")
     assert status == 0 and "WARNING" not in err, err
     recorded = json.loads((tmp_path / "eval" / "metrics_test.json").read_text())
-    assert recorded["training_images_in_split"]["images"] == 0
+    assert recorded["training_images_in_split"] == {
+        "checked": True, "images": 0, "example": None,
+        "reason": "the same split settings as the checkpoint's"}
+
+
+def test_evaluate_overlap_check_never_regenerates_generated_data(capsys, tiny_checkpoint,
+                                                                 tmp_path) -> None:
+    """A shapes checkpoint evaluated with ``--config`` of another seed under the same root: the
+    check must not build the stored set (which would regenerate the root under the evaluated
+    split's feet); it reports that generated splits cannot share images."""
+    root = tmp_path / "shapes"
+    ckpt = torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)
+    ckpt["captioner"]["data"]["datamodule"] = shapes_data_config(root)  # seed 0
+    trained = tmp_path / "trained.ckpt"
+    torch.save(ckpt, trained)
+    given = shapes_data_config(root)
+    given["init_args"]["seed"] = 1
+    (tmp_path / "seed1.yaml").write_text(yaml.safe_dump({"data": given}))
+    status, _, err = _run(capsys, "evaluate", "--ckpt", trained, "--config",
+                          tmp_path / "seed1.yaml", "--no-java", "--out", tmp_path / "eval")
+    assert status == 0, err
+    assert "not checked against the training split: generated data" in err
+    manifest = json.loads((root / "manifest.json").read_text())
+    assert manifest["parameters"]["seed"] == 1  # the evaluated set, untouched

@@ -100,7 +100,7 @@ def tool_parser(name: str, description: str) -> argparse.ArgumentParser:
                         "slightly")
     p.add_argument("--compile-search", action="store_true",
                    help="fuse the additive attention's search energies with torch.compile "
-                        "(beam search 1.05-1.3x faster on CPU; compiles for seconds first, "
+                        "(beam search 1.08-1.3x faster on CPU; compiles for seconds first, "
                         "needs a C++ compiler, else runs as without)")
     return p
 

@@ -72,9 +72,14 @@ def training_overlap(args: argparse.Namespace, records: list) -> dict[str, Any]:
 
     if split_defining(given) == split_defining(stored):
         return {**result, "checked": True, "reason": "the same split settings as the checkpoint's"}
+    from captioner.data.datamodule import ShapesDataModule
+
     try:
         stored_dm, _ = build_data_module(argparse.Namespace(config=[], ckpt=args.ckpt))
-        trained = {os.path.realpath(r.path) for r in stored_dm.records("train")}
+        if isinstance(stored_dm, ShapesDataModule):  # reading it would generate it anew
+            return {**result, "reason": "generated data: each split is generated apart"}
+        # the split as drawn, from the annotations alone (no image decoded, nothing written)
+        trained = {os.path.realpath(r.path) for r in stored_dm.split_records()["train"]}
     except Exception as e:  # noqa: BLE001 - ToolError too: the stored data may be elsewhere
         return {**result, "reason": "could not read the checkpoint's training split "
                                     f"({' '.join(str(e).split())[:200]})"}

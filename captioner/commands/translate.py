@@ -30,11 +30,12 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _alignment_path(out: str, line: int, lines: int) -> Path:
-    """``FIG`` itself for a single input sentence, else ``FIG_<line>`` (1-based input line, so
-    that a blank line, which has no figure, does not shift the names of those after it)."""
+def _alignment_path(out: str, line: int, sentences: int) -> Path:
+    """``FIG`` itself when one sentence is translated (blank lines aside), else
+    ``FIG_<line>`` (the 1-based input line, so that a blank line, which has no figure, does
+    not shift the names of those after it)."""
     path = Path(out)
-    return path if lines == 1 else path.with_name(f"{path.stem}_{line}{path.suffix}")
+    return path if sentences == 1 else path.with_name(f"{path.stem}_{line}{path.suffix}")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -77,7 +78,7 @@ def _run(args: argparse.Namespace) -> int:
         for line, t in enumerate(translations, 1):
             if t is None:  # a blank input line
                 continue
-            path = _alignment_path(args.alignment, line, len(translations))
+            path = _alignment_path(args.alignment, line, len(todo))
             with figure_errors(str(path)):
                 figure = plot_alignment(t.source_labels, t.target_tokens, t.alphas, path,
                                         title=t.text or "(empty translation)")

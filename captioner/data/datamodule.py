@@ -195,16 +195,28 @@ class CaptionDataModule(L.LightningDataModule):
         depend on which images turn out unreadable (corrupt, truncated; missing files are left
         out by the loaders, before), and are the same for the raw-image and cached-feature
         modules, with or without ``max_images``."""
+        by_split = self.split_records(warn=True)
+        if self.skip_bad:  # decode only the images kept
+            by_split = {split: self._readable(rs, split) for split, rs in by_split.items()}
+        return by_split
+
+    def split_records(self, warn: bool = False) -> dict[str, list[ImageRecord]]:
+        """The splits as drawn: the annotations parsed, unsplit images split, ``max_images``
+        applied, before ``skip_bad`` leaves out unreadable images (no image is decoded here;
+        :meth:`records` is what training and evaluation read).
+
+        Args:
+            warn: warn of images that are in more than one split.
+        """
         records = self.parse_records()
         records = assign_splits(records, self.val_fraction, self.test_fraction, self.split_seed)
         by_split: dict[str, list[ImageRecord]] = {split: [] for split in SPLITS}
         for record in records:
             by_split[record.split or "train"].append(record)
-        _warn_of_shared_images(by_split, self.annotations)
+        if warn:
+            _warn_of_shared_images(by_split, self.annotations)
         if self.max_images is not None:
             by_split = {split: rs[: self.max_images] for split, rs in by_split.items()}
-        if self.skip_bad:  # decode only the images kept
-            by_split = {split: self._readable(rs, split) for split, rs in by_split.items()}
         return by_split
 
     def _readable(self, records: list[ImageRecord], split: str) -> list[ImageRecord]:

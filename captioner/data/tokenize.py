@@ -85,7 +85,7 @@ def detokenize(tokens: list[str]) -> str:
 # Translation keeps punctuation (see captioner.data.parallel_text for the choices).
 _MT_TOKEN_RE = re.compile(
     rf"\d+(?:[.,]\d+)+{_ALNUM}*"  # 3.5, 1,000, 2.5m
-    rf"|{_WORD}(?:-(?=\s))?"  # man's, t-shirt, marks kept in the word; German "Obst- und"
+    rf"|{_WORD}(?:-(?=[\s,;]|$))?"  # man's, t-shirt, marks kept; German "Obst- und", "Kinder-,"
     r"|[^\w\s]|_"  # every other visible character is a token of its own
 )
 _MT_CLOSING = frozenset(".,!?;:%)]}\u201d\u0964\u0965")  # no space before: . , ) ] ” । ॥
@@ -103,9 +103,10 @@ def tokenize_mt(text: str, lowercase: bool = True) -> list[str]:
     The text is put in Unicode NFC form first, as the captioning tokeniser does: a decomposed
     ``"a" + U+0308`` (macOS, some corpora) is the same word as ``"ä"``. Combining marks that
     have no precomposed form (Devanagari vowel signs, Thai tone marks) stay inside their word,
-    and a hyphen that ends a word before a space stays on it (German ``"Obst- und Gemüsestand"``
-    -> ``"obst-"``, ``"und"``, ...), as sacreBLEU's 13a tokenizer keeps it: detokenised output
-    then scores as its reference does.
+    and a hyphen that ends a word (before a space, a comma, a semicolon or the end) stays on it
+    (German ``"Obst- und Gemüsestand"`` -> ``"obst-"``, ``"und"``, ...; ``"Kinder-, Jugend-"``),
+    as sacreBLEU's 13a tokenizer keeps it: detokenised output then scores as its reference
+    does.
 
     Args:
         text: a raw sentence.

@@ -48,6 +48,7 @@ def test_tokenize_mt_keeps_punctuation_and_detokenize_joins_it_back():
     "Il dit « oui ».",  # guillemets keep their (French) spacing
     "Zwei Hunde, 3.5 m weit; 1,000 Leute: 50%.",
     "Ein Obst- und Gemüsestand.",  # a suspended hyphen stays on its word (13a keeps it)
+    "Kinder-, Jugend- und Obst-",  # before a comma and at the end too
     "एक आदमी सड़क पर चल रहा है।",  # vowel signs and a nukta inside words; the danda closes
     "ผู้ชาย กำลัง เดิน อยู่ ที่ บ้าน",  # Thai vowels and tone marks inside their words
 ])
@@ -64,7 +65,8 @@ def test_tokenize_mt_keeps_combining_marks_in_their_word():
     assert tokenize_mt("एक आदमी सड़क पर चल रहा है।") == [
         "एक", "आदमी", "सड़क", "पर", "चल", "रहा", "है", "।"]
     assert tokenize_mt("Obst- und Gemüse-Stand") == ["obst-", "und", "gemüse-stand"]
-    assert tokenize_mt("a - b, well-") == ["a", "-", "b", ",", "well", "-"]
+    assert tokenize_mt("a - b, well-") == ["a", "-", "b", ",", "well-"]
+    assert tokenize_mt("Kinder-, Jugend- und") == ["kinder-", ",", "jugend-", "und"]
 
 
 def test_tokenize_mt_reads_decomposed_unicode_as_composed():
