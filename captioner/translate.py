@@ -19,6 +19,7 @@ re-exported here.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ import torch
 
 from captioner.autocast import check_precision, inference_autocast
 from captioner.config import instantiate_arguments
-from captioner.data.tokenize import detokenize_mt, tokenize_mt
+from captioner.data.tokenize import MT_TOKENIZER_VERSION, detokenize_mt, tokenize_mt
 from captioner.data.vocabulary import END, PAD, SPECIALS, START, UNK, Vocabulary
 from captioner.decoder import AttentionDecoder
 from captioner.encoders.text import TextEncoder
@@ -168,6 +169,18 @@ class Translation:
         return [*self.words, END][: len(self.tokens)]
 
 
+def check_tokenizer_version(data_config: dict[str, Any], source: str | Path) -> None:
+    """Warn where a checkpoint's vocabularies were built with another :func:`tokenize_mt`
+    version than this one (checkpoints without the field: version 1)."""
+    stored = int(data_config.get("tokenizer_version", 1))
+    if stored != MT_TOKENIZER_VERSION:
+        warnings.warn(
+            f"{source}: its vocabularies were built with tokenize_mt version {stored}, this is "
+            f"version {MT_TOKENIZER_VERSION} (see captioner.data.tokenize.MT_TOKENIZER_VERSION): "
+            "words whose tokens changed (combining marks, word-final hyphens) are read "
+            "differently, often as <unk>; retrain for exact figures", UserWarning, stacklevel=3)
+
+
 PART_TYPES: dict[str, Any] = {
     "encoder": Callable[[int], TextEncoder],
     "decoder": Callable[[int, int], AttentionDecoder],
@@ -254,6 +267,7 @@ class Translator:
         hp = ckpt.get("hyper_parameters") or {}
         search = {k: hp[k] for k in SEARCH_DEFAULTS if k in hp}
         lowercase = bool((meta.get("data") or {}).get("lowercase", True))
+        check_tokenizer_version(meta.get("data") or {}, path)
         return cls(encoder.to(device), decoder.to(device), src_vocab, tgt_vocab, lowercase, search,
                    precision)
 

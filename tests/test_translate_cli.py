@@ -201,3 +201,26 @@ def test_lightning_test_builds_the_checkpoints_model(checkpoint, tmp_path, model
     assert cli.model.decoder.hidden_dim == 26 and cli.model.hparams.beam_size == 3
     assert cli.model.hparams.src_vocab_size == 25 and cli.model.hparams.vocab_size == 24
     assert cli.trainer.callback_metrics["test/bleu"] > 50  # it memorised the six pairs
+
+
+def test_a_checkpoint_of_another_tokenizer_version_is_warned_of(checkpoint, tmp_path):
+    """Checkpoints record the ``tokenize_mt`` version their vocabularies were built with; one
+    from before (no field: version 1) loads with a warning naming both versions."""
+    import warnings
+
+    import torch
+
+    from captioner.data.tokenize import MT_TOKENIZER_VERSION
+
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    assert ckpt["captioner"]["data"]["tokenizer_version"] == MT_TOKENIZER_VERSION
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the current version: silent
+        Translator.from_checkpoint(checkpoint)
+    del ckpt["captioner"]["data"]["tokenizer_version"]
+    old = tmp_path / "old.ckpt"
+    torch.save(ckpt, old)
+    with pytest.warns(UserWarning, match=f"old.ckpt: its vocabularies were built with "
+                                         f"tokenize_mt version 1, this is version "
+                                         f"{MT_TOKENIZER_VERSION}"):
+        Translator.from_checkpoint(old)

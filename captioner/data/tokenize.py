@@ -83,6 +83,10 @@ def detokenize(tokens: list[str]) -> str:
 
 # ------------------------------------------------------------------------ translation
 # Translation keeps punctuation (see captioner.data.parallel_text for the choices).
+#: Version of :func:`tokenize_mt`, recorded in translation checkpoints: 1 split words at
+#: combining marks and word-final hyphens; 2 keeps both in the word (a model trained on 1 reads
+#: such words differently now, often as ``<unk>``).
+MT_TOKENIZER_VERSION = 2
 _MT_TOKEN_RE = re.compile(
     rf"\d+(?:[.,]\d+)+{_ALNUM}*"  # 3.5, 1,000, 2.5m
     rf"|{_WORD}(?:-(?=[\s,;]|$))?"  # man's, t-shirt, marks kept; German "Obst- und", "Kinder-,"

@@ -34,7 +34,7 @@ from typing import Any, Callable, Literal
 import torch
 
 from captioner.atomic import atomic_write
-from captioner.data.tokenize import detokenize_mt
+from captioner.data.tokenize import MT_TOKENIZER_VERSION, detokenize_mt
 from captioner.data.vocabulary import Vocabulary
 from captioner.decoder import AttentionDecoder
 from captioner.encoders.text import TextEncoder
@@ -44,7 +44,8 @@ from captioner.lit.optim import adam
 from captioner.metrics import json_safe
 from captioner.losses import doubly_stochastic_penalty, masked_nll, sentence_log_likelihood
 from captioner.search import SearchResult
-from captioner.translate import TASK, BleuScore, decode, sacrebleu_score
+from captioner.translate import (TASK, BleuScore, check_tokenizer_version, decode,
+                                 sacrebleu_score)
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +141,7 @@ class TranslationModule(CaptionerModule):
         hp = dict(getattr(dm, "hparams", {}) or {})
         self.data_config = {
             "lowercase": bool(getattr(dm, "lowercase", True)),
+            "tokenizer_version": MT_TOKENIZER_VERSION,  # how the vocabularies' words were cut
             "datamodule": {"class_path": f"{type(dm).__module__}.{type(dm).__qualname__}",
                            "init_args": {k: v for k, v in hp.items() if not k.startswith("_")}},
         }
@@ -309,6 +311,7 @@ class TranslationModule(CaptionerModule):
                 "src_vocab": self.src_vocab.to_dict() if self.src_vocab is not None else None}
 
     def restore_meta(self, meta: dict[str, Any]) -> None:
+        check_tokenizer_version(meta.get("data") or {}, "the checkpoint")
         if meta.get("vocab") is not None and meta.get("src_vocab") is not None:
             self.vocab = Vocabulary.from_dict(meta["vocab"])
             self.src_vocab = Vocabulary.from_dict(meta["src_vocab"])
