@@ -38,6 +38,11 @@ def _cli_class() -> type:
         def add_arguments_to_parser(self, parser) -> None:
             parser.link_arguments("data", "model.init_args.vocab_size",
                                   compute_fn=self._linked_vocab_size, apply_on="instantiate")
+            parser.add_argument(
+                "--allow_training_images", type=bool, default=False,
+                help="test / validate: evaluate even where the data config puts images of the "
+                     "--ckpt_path checkpoint's own training split in the evaluated split "
+                     "(refused by default: the scores would be inflated)")
 
         def _linked_vocab_size(self, dm: Any) -> int:
             """``V`` for the model: the data module's, after imposing the checkpoint's
@@ -85,6 +90,16 @@ def _cli_class() -> type:
                 super().parse_arguments(parser, None)
             finally:
                 sys.argv = process_argv
+
+        def _parse_ckpt_path(self) -> None:
+            """Lightning parses a checkpoint's ``hyper_parameters`` as the model config; those
+            of a module trained through the Python API (``CaptioningModule.from_config`` and a
+            plain ``Trainer``) carry no ``_class_path`` and fail to parse as a model
+            ("Parsing of ckpt_path hyperparameters failed!"). A checkpoint with captioner's
+            saved model config needs neither: :meth:`before_instantiate_classes` applies
+            that config, which holds every hyperparameter."""
+            if self._ckpt_model is None:
+                super()._parse_ckpt_path()
 
         def before_instantiate_classes(self) -> None:
             """Two fixes before the classes are built.
@@ -173,6 +188,47 @@ def _cli_class() -> type:
                 cfg["model"])
             model_cfg.setdefault("init_args", {})["vocab_size"] = int(self.model.hparams.vocab_size)
             self.model.model_config = model_cfg
+            if self.subcommand in ("test", "validate") and self._ckpt_meta:
+                self._check_training_overlap(cfg)
+
+        def _check_training_overlap(self, cfg: Any) -> None:
+            """``test`` / ``validate`` of a checkpoint with a data config whose split settings
+            differ from the stored ones: the evaluated split must not hold training images
+            (:func:`captioner.commands.common.training_overlap`); the result goes to the
+            module's ``training_images_in_split`` (written to ``test_metrics.json``).
+
+            Raises:
+                captioner.config.ConfigError: training images in the split, naming one,
+                    unless ``--allow_training_images true``.
+            """
+            import logging
+
+            from captioner.commands.common import training_overlap
+            from captioner.config import ConfigError, plain
+            from captioner.data.datamodule import ShapesDataModule
+
+            dm = self.datamodule
+            if not hasattr(dm, "split_records") or isinstance(dm, ShapesDataModule):
+                return  # parallel text (fixed split files) or generated images
+            split = "test" if self.subcommand == "test" else "val"
+            stored = ((self._ckpt_meta or {}).get("data") or {}).get("datamodule")
+            records = dm.split_records()[split]
+            overlap = training_overlap(stored, plain(cfg["data"]), records)
+            self.model.training_images_in_split = overlap
+            log = logging.getLogger(__name__)
+            if not overlap["checked"]:
+                log.warning("%s: not checked against the training split: %s", split,
+                            overlap["reason"])
+            if not overlap["images"]:
+                return
+            message = (f"{overlap['images']} of the {len(records)} {split} images are in the "
+                       f"checkpoint's training split (e.g. {overlap['example']}): the data "
+                       "config's split settings differ from the ones it was trained with")
+            if not cfg.get("allow_training_images"):
+                raise ConfigError(f"{message}; the scores would be inflated. Give the data "
+                                  "config the checkpoint was trained with, or pass "
+                                  "--allow_training_images true")
+            log.warning("%s", message)
 
     return CaptionerCLI
 

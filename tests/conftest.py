@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 import torch
+from PIL import Image
 from torch.utils._python_dispatch import TorchDispatchMode
 
 torch.set_num_threads(int(os.environ.get("CAPTIONER_TEST_THREADS", "1")))
@@ -105,3 +106,41 @@ def tiny_checkpoint(shapes_root: Path, tmp_path_factory: pytest.TempPathFactory)
     path = out / "tiny.ckpt"
     trainer.save_checkpoint(path)
     return path
+
+
+def red_squares(tmp_path: Path, n: int) -> Path:
+    """``n`` small JPEGs in ``tmp_path/images`` and their ``captions.txt`` (Kaggle CSV layout)."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(n):
+        Image.new("RGB", (8, 8), (240 * i // n, 0, 0)).save(images / f"{i}.jpg")
+    (tmp_path / "captions.txt").write_text(
+        "image,caption\n" + "".join(f"{i}.jpg,a red square {i}\n" for i in range(n)))
+    return images
+
+
+def red_squares_checkpoint(tiny_checkpoint: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """``tiny_checkpoint`` re-saved as if trained on :func:`red_squares` (20 images, Kaggle CSV
+    layout) split with ``split_seed`` 0, and the data configs ``seed0.yaml`` (the stored split
+    settings, one loader option changed) and ``seed1.yaml`` (another split) in ``tmp_path``.
+
+    Returns:
+        ``(checkpoint, images folder)``.
+    """
+    import yaml
+
+    images = red_squares(tmp_path, 20)
+    data = {"class_path": "captioner.data.datamodule.CaptionDataModule",
+            "init_args": {"format": "flickr8k_csv", "annotations": str(tmp_path / "captions.txt"),
+                          "image_root": str(images), "image_size": 16, "num_workers": 0,
+                          "min_freq": 1, "val_fraction": 0.25, "test_fraction": 0.25,
+                          "split_seed": 0}}
+    ckpt = torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)
+    ckpt["captioner"]["data"]["datamodule"] = data
+    trained = tmp_path / "trained.ckpt"
+    torch.save(ckpt, trained)
+    for seed in (0, 1):
+        loader = {"batch_size": 3} if seed == 0 else {}  # a loader option: not the split
+        (tmp_path / f"seed{seed}.yaml").write_text(yaml.safe_dump({"data": {
+            **data, "init_args": {**data["init_args"], "split_seed": seed, **loader}}}))
+    return trained, images

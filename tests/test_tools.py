@@ -24,7 +24,7 @@ from captioner.cli import main
 from captioner.data.datamodule import ShapesDataModule
 from captioner.data.vocabulary import Vocabulary
 from captioner.inference import Captioner
-from tests.conftest import TINY_GRID, shapes_data_config
+from tests.conftest import TINY_GRID, red_squares, red_squares_checkpoint, shapes_data_config
 
 H, W = TINY_GRID
 
@@ -414,17 +414,6 @@ def test_only_data_errors_are_shortened_to_one_line() -> None:
     assert _input_error(FileNotFoundError("not ours")) is None
 
 
-def _red_squares(tmp_path: Path, n: int) -> Path:
-    """``n`` small JPEGs in ``tmp_path/images`` and their ``captions.txt`` (Kaggle CSV layout)."""
-    images = tmp_path / "images"
-    images.mkdir()
-    for i in range(n):
-        Image.new("RGB", (8, 8), (240 * i // n, 0, 0)).save(images / f"{i}.jpg")
-    (tmp_path / "captions.txt").write_text(
-        "image,caption\n" + "".join(f"{i}.jpg,a red square {i}\n" for i in range(n)))
-    return images
-
-
 @pytest.mark.parametrize("option, value, says", [
     ("vocab_file", "{tmp}/missing_vocab.json", "{tmp}/missing_vocab.json: no such vocabulary file"),
     ("vocab_file", "{tmp}/bad_vocab.json", "{tmp}/bad_vocab.json: not a valid vocabulary file"),
@@ -434,7 +423,7 @@ def _red_squares(tmp_path: Path, n: int) -> Path:
 def test_fit_names_bad_data_options_in_one_line(capsys, tmp_path, option, value, says) -> None:
     """A missing or broken vocabulary file, ``max_images: 0`` (accepted until then) and
     fractions that leave nothing to train on were raw tracebacks through jsonargparse."""
-    images = _red_squares(tmp_path, 4)
+    images = red_squares(tmp_path, 4)
     (tmp_path / "bad_vocab.json").write_text("{not json")
     data = {"data": {"class_path": "captioner.data.datamodule.CaptionDataModule",
                      "init_args": {"format": "flickr8k_csv",
@@ -491,21 +480,7 @@ def test_evaluate_refuses_a_config_that_puts_training_images_in_the_split(
     """``--config`` with another ``split_seed`` than the checkpoint was trained with draws
     another test split, holding training images: refused (naming one), scored only with
     ``--allow-training-images`` and then recorded; the stored split settings pass."""
-    images = _red_squares(tmp_path, 20)
-    data = {"class_path": "captioner.data.datamodule.CaptionDataModule",
-            "init_args": {"format": "flickr8k_csv", "annotations": str(tmp_path / "captions.txt"),
-                          "image_root": str(images), "image_size": 16, "num_workers": 0,
-                          "min_freq": 1, "val_fraction": 0.25, "test_fraction": 0.25,
-                          "split_seed": 0}}
-    ckpt = torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)
-    ckpt["captioner"]["data"]["datamodule"] = data  # as if trained on these images, seed 0
-    trained = tmp_path / "trained.ckpt"
-    torch.save(ckpt, trained)
-    for seed in (0, 1):
-        data["init_args"]["split_seed"] = seed
-        loader = {"batch_size": 3} if seed == 0 else {}  # a loader option: not the split
-        (tmp_path / f"seed{seed}.yaml").write_text(yaml.safe_dump(
-            {"data": {**data, "init_args": {**data["init_args"], **loader}}}))
+    trained, images = red_squares_checkpoint(tiny_checkpoint, tmp_path)
     evaluate = ["evaluate", "--ckpt", trained, "--no-java", "--out", tmp_path / "eval"]
 
     status, _, err = _run(capsys, *evaluate, "--config", tmp_path / "seed1.yaml")

@@ -243,7 +243,8 @@ def data_config_from_checkpoint(ckpt: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def build_data_module(args: argparse.Namespace) -> tuple[Any, str]:
-    from captioner.config import import_class, instantiate
+    """The data module of ``--config`` files, else the one the checkpoint ``--ckpt`` stores,
+    and a description of where its config came from."""
     from captioner.inference import read_checkpoint
 
     if args.config:
@@ -254,6 +255,24 @@ def build_data_module(args: argparse.Namespace) -> tuple[Any, str]:
         source = f"{args.ckpt} (stored data config)"
         if cfg is None:
             raise ToolError(f"{args.ckpt} stores no data config: pass --config data.yaml")
+    return instantiate_data_config(cfg, source, strict=bool(args.config)), source
+
+
+def instantiate_data_config(cfg: dict[str, Any], source: str, strict: bool) -> Any:
+    """The data module of ``cfg`` (``class_path`` / ``init_args``).
+
+    Args:
+        cfg: the config.
+        source: where it comes from, for messages.
+        strict: refuse options the class does not take (a misspelt option of a config file
+            would silently draw another split); otherwise (a checkpoint's stored config, which
+            may hold options of an older version of the class) they are dropped.
+
+    Raises:
+        ToolError: the class cannot be imported or built, or (``strict``) an unknown option.
+    """
+    from captioner.config import import_class, instantiate
+
     try:
         cls = import_class(cfg["class_path"])
         params = inspect.signature(cls.__init__).parameters
@@ -264,13 +283,68 @@ def build_data_module(args: argparse.Namespace) -> tuple[Any, str]:
         raise ToolError(f"cannot build the data module from {source}: "
                         f"{' '.join(str(e).split())[:300]}") from None
     unknown = sorted(set(cfg["init_args"]) - accepted)
-    if unknown and args.config and not open_ended:  # a misspelt option: another split
+    if unknown and strict and not open_ended:
         raise ToolError(f"{source}: {cls.__name__} has no option {', '.join(unknown)} (its "
                         f"options: {', '.join(sorted(accepted))})")
-    # a checkpoint's stored config may hold options of an older version of the class: dropped
     init_args = {k: v for k, v in cfg["init_args"].items() if k in accepted or open_ended}
     try:
-        return instantiate(cfg["class_path"], init_args), source
+        return instantiate(cfg["class_path"], init_args)
     except Exception as e:  # noqa: BLE001 - jsonargparse / constructor errors: one line
         raise ToolError(f"cannot build the data module from {source}: "
                         f"{' '.join(str(e).split())[:300]}") from None
+
+
+# data options that change how batches are loaded, never which images a split holds
+LOADER_OPTIONS = frozenset({"batch_size", "eval_batch_size", "num_workers", "pin_memory",
+                            "persistent_workers"})
+
+
+def training_overlap(stored: dict[str, Any] | None, given: dict[str, Any],
+                     records: Sequence[Any]) -> dict[str, Any]:
+    """Which of the evaluated ``records`` the checkpoint trained on, where the data config
+    ``given`` replaces the one it stores (another ``split_seed`` or other fractions put
+    training images in the evaluated split, and the scores are then inflated).
+
+    Args:
+        stored: the checkpoint's data config (:func:`data_config_from_checkpoint`), or ``None``.
+        given: the data config the records were drawn with.
+        records: the evaluated split's :class:`~captioner.data.formats.ImageRecord` s.
+
+    Returns:
+        ``{"checked": bool, "reason": str, "images": int, "example": str | None}``:
+        ``images`` of ``records`` lie in the stored config's training split, which is drawn
+        from the annotations alone (no image decoded, nothing written).
+    """
+    from captioner.data.datamodule import ShapesDataModule
+
+    result: dict[str, Any] = {"checked": False, "images": 0, "example": None}
+    if stored is None:
+        return {**result, "reason": "the checkpoint stores no data config"}
+
+    def split_defining(cfg: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+        """The options that define the splits, defaults filled in (a YAML names a few, a
+        checkpoint or a parsed command line all)."""
+        from captioner.config import import_class
+
+        try:
+            params = inspect.signature(import_class(cfg["class_path"]).__init__).parameters
+            defaults = {k: p.default for k, p in params.items()
+                        if p.default is not inspect.Parameter.empty}
+        except Exception:  # noqa: BLE001 - compared as given; building it reports the error
+            defaults = {}
+        return cfg["class_path"], {k: v for k, v in {**defaults, **cfg["init_args"]}.items()
+                                   if k not in LOADER_OPTIONS}
+
+    if split_defining(given) == split_defining(stored):
+        return {**result, "checked": True, "reason": "the same split settings as the checkpoint's"}
+    try:
+        stored_dm = instantiate_data_config(stored, "the checkpoint's data config", strict=False)
+        if isinstance(stored_dm, ShapesDataModule):  # reading it would generate it anew
+            return {**result, "reason": "generated data: each split is generated apart"}
+        trained = {os.path.realpath(r.path) for r in stored_dm.split_records()["train"]}
+    except Exception as e:  # noqa: BLE001 - ToolError too: the stored data may be elsewhere
+        return {**result, "reason": "could not read the checkpoint's training split "
+                                    f"({' '.join(str(e).split())[:200]})"}
+    seen = [r for r in records if os.path.realpath(r.path) in trained]
+    return {"checked": True, "reason": "compared with the checkpoint's training split",
+            "images": len(seen), "example": str(seen[0].path) if seen else None}

@@ -5,15 +5,15 @@ every image of a split once and score it with the official COCO caption protocol
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from captioner.cli import register_tool
 from captioner.commands.common import (EXIT_INPUT_ERROR, EXIT_OK, ToolError, build_data_module,
-                                       load_captioner, make_tool, non_negative_int, positive_int,
-                                       tool_parser, write_json)
+                                       data_config_from_checkpoint, load_captioner,
+                                       load_data_config, make_tool, non_negative_int,
+                                       positive_int, tool_parser, training_overlap, write_json)
 from captioner.evaluation import evaluate_split, format_table
 
 
@@ -40,52 +40,17 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-# data options that change how batches are loaded, never which images a split holds
-_LOADER_OPTIONS = frozenset({"batch_size", "eval_batch_size", "num_workers", "pin_memory",
-                             "persistent_workers"})
-
-
-def training_overlap(args: argparse.Namespace, records: list) -> dict[str, Any]:
-    """Which evaluated images the checkpoint trained on, where ``--config`` replaces the data
-    config the checkpoint stores (another ``split_seed`` or fractions put training images in
-    the test split, and the scores are then inflated).
-
-    Returns:
-        ``{"checked": bool, "reason": str, "images": int, "example": str | None}``:
-        ``images`` of ``records`` lie in the stored config's training split.
-    """
-    from captioner.commands.common import data_config_from_checkpoint, load_data_config
+def _training_overlap(args: argparse.Namespace, records: list) -> dict[str, Any]:
+    """:func:`~captioner.commands.common.training_overlap` of ``--config`` against the data
+    config the checkpoint stores (nothing to check without ``--config`` or on ``train``)."""
     from captioner.inference import read_checkpoint
 
-    result: dict[str, Any] = {"checked": False, "images": 0, "example": None}
     if not args.config or args.split == "train":
-        return {**result, "reason": "the checkpoint's own data config" if not args.config
+        return {"checked": False, "images": 0, "example": None,
+                "reason": "the checkpoint's own data config" if not args.config
                 else "the training split itself"}
-    stored = data_config_from_checkpoint(read_checkpoint(args.ckpt))
-    if stored is None:
-        return {**result, "reason": "the checkpoint stores no data config"}
-    given = load_data_config(args.config)
-
-    def split_defining(cfg: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-        return cfg["class_path"], {k: v for k, v in cfg["init_args"].items()
-                                   if k not in _LOADER_OPTIONS}
-
-    if split_defining(given) == split_defining(stored):
-        return {**result, "checked": True, "reason": "the same split settings as the checkpoint's"}
-    from captioner.data.datamodule import ShapesDataModule
-
-    try:
-        stored_dm, _ = build_data_module(argparse.Namespace(config=[], ckpt=args.ckpt))
-        if isinstance(stored_dm, ShapesDataModule):  # reading it would generate it anew
-            return {**result, "reason": "generated data: each split is generated apart"}
-        # the split as drawn, from the annotations alone (no image decoded, nothing written)
-        trained = {os.path.realpath(r.path) for r in stored_dm.split_records()["train"]}
-    except Exception as e:  # noqa: BLE001 - ToolError too: the stored data may be elsewhere
-        return {**result, "reason": "could not read the checkpoint's training split "
-                                    f"({' '.join(str(e).split())[:200]})"}
-    seen = [r for r in records if os.path.realpath(r.path) in trained]
-    return {"checked": True, "reason": "compared with the checkpoint's training split",
-            "images": len(seen), "example": str(seen[0].path) if seen else None}
+    return training_overlap(data_config_from_checkpoint(read_checkpoint(args.ckpt)),
+                            load_data_config(args.config), records)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -104,7 +69,7 @@ def _run(args: argparse.Namespace) -> int:
     if not records:
         raise ToolError(f"the {args.split} split of {source} has no images", EXIT_INPUT_ERROR)
     print(f"captioner evaluate: {len(records)} {args.split} images ({source})", file=sys.stderr)
-    overlap = training_overlap(args, records)
+    overlap = _training_overlap(args, records)
     if not overlap["checked"] and args.config:
         print(f"captioner evaluate: not checked against the training split: {overlap['reason']}",
               file=sys.stderr)

@@ -362,6 +362,9 @@ class CaptioningModule(CaptionerModule):
                   "images": len(outputs),
                   "references_per_image": {"min": min(n_refs), "mean": sum(n_refs) / len(n_refs),
                                            "max": max(n_refs)}}
+        overlap = getattr(self, "training_images_in_split", None)  # set by the CLI
+        if overlap is not None:
+            search["training_images_in_split"] = overlap
         with atomic_write(out_dir / "test_metrics.json") as f:
             json.dump(json_safe({**{k: float(v) for k, v in scores.items()}, **search,
                                  **protocol}),

@@ -269,3 +269,52 @@ def test_a_misspelled_option_is_named_without_pages_of_usage(shapes_root, tmp_pa
     err = capsys.readouterr().err
     assert "Option 'beamsize' is not accepted" in err and "--help" in err
     assert "usage:" not in err and len(err.splitlines()) < 20
+
+
+def test_test_refuses_a_data_config_that_puts_training_images_in_the_split(
+        capsys, tiny_checkpoint, tmp_path) -> None:
+    """``captioner test --ckpt_path`` with a data config of another ``split_seed`` than the
+    checkpoint was trained with draws another test split, holding training images: refused
+    (naming one) as ``captioner evaluate --config`` refuses it, run only with
+    ``--allow_training_images true`` and then recorded in ``test_metrics.json``; the stored
+    split settings (a loader option aside) pass, and ``validate`` is checked alike. The
+    checkpoint comes from a plain ``Trainer`` (the Python API): it tests without a model config
+    file, from the model config captioner saved (Lightning's own parse of its
+    ``hyper_parameters`` failed on it)."""
+    import logging
+
+    from captioner.cli import main
+    from tests.conftest import red_squares_checkpoint
+
+    trained, images = red_squares_checkpoint(tiny_checkpoint, tmp_path)
+
+    def run(command: str, seed: int, *extra: str) -> tuple[int, str, dict | None]:
+        out = tmp_path / f"{command}_{seed}_{len(extra)}"
+        logging.disable(logging.INFO)  # Lightning's "Seed set" goes to an older capture
+        try:
+            status = main([command, "--config", str(tmp_path / f"seed{seed}.yaml"),
+                           "--ckpt_path", str(trained), "--trainer.accelerator", "cpu",
+                           "--trainer.logger", "false", "--trainer.enable_progress_bar",
+                           "false", "--trainer.default_root_dir", str(out), *extra])
+        finally:
+            logging.disable(logging.NOTSET)
+        err = capsys.readouterr().err
+        metrics = out / "test_metrics.json"
+        return status, err, json.loads(metrics.read_text()) if metrics.is_file() else None
+
+    for command in ("test", "validate"):
+        status, err, metrics = run(command, 1)
+        split = "test" if command == "test" else "val"
+        assert status == 2 and f"captioner {command}: " in err, err
+        assert f"{split} images are in the checkpoint's training split (e.g. {images}" in err
+        assert "--allow_training_images true" in err and metrics is None
+    status, err, metrics = run("test", 1, "--allow_training_images", "true")
+    assert status == 0, err
+    overlap = metrics["training_images_in_split"]
+    assert overlap["checked"] and 0 < overlap["images"] <= metrics["images"]
+    assert Path(overlap["example"]).parent == images
+    status, err, metrics = run("test", 0)
+    assert status == 0, err
+    assert metrics["training_images_in_split"] == {
+        "checked": True, "images": 0, "example": None,
+        "reason": "the same split settings as the checkpoint's"}
