@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_path", "atomic_write"]
+__all__ = ["atomic_path", "atomic_write", "remove_leftovers"]
 
 
 def _create_temp(folder: Path, prefix: str, suffix: str) -> Path:
@@ -54,6 +54,34 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    _fsync_folder(out.parent)  # the rename itself survives a power loss
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Flush a folder's entries to disk (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def remove_leftovers(folder: str | os.PathLike[str], name_glob: str) -> list[Path]:
+    """Delete the temporary files that hard-killed atomic writes of files named ``name_glob``
+    (a glob, e.g. ``"shard_*.npy"``) left in ``folder``; returns them.
+
+    Only for a writer that holds the folder exclusively: another writer's temporary file in
+    use would be deleted under it.
+    """
+    leftovers = sorted(Path(folder).glob(f".{name_glob}.*.tmp*"))
+    for path in leftovers:
+        path.unlink(missing_ok=True)
+    return leftovers
 
 
 @contextmanager

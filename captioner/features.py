@@ -7,14 +7,19 @@ images and stores the grids; :class:`FeatureCache` reads them back.
 On disk (``DIR``)::
 
     index.json          {"format", "dtype": "float16", "grid": [H, W], "dim": D, "shard_size",
-                         "image_size", "fingerprint", "precision", "encoder", "shards": [...],
-                         "items": {image key: [shard, row]}, "complete": bool,
+                         "image_size", "fingerprint", "fingerprints": {"bfloat16", "float16"},
+                         "precision", "encoder", "shards": [...],
+                         "items": {image key: [shard, row]},
+                         "files": {image key: [size, mtime_ns]}, "complete": bool,
                          "unreadable": {image key: reason}}
     shard_00000.npy     (n, L, D) float16, n <= shard_size images, rows in extraction order
     shard_00001.npy     ...
 
 An image's key is its resolved path (:func:`image_key`), so an image shared by several splits is
-stored once. Shards and the index are written atomically (a temporary file, then
+stored once. Its file's size and modification time when it was encoded are kept under ``files``:
+an image rewritten since (a data set regenerated or re-downloaded in place, a file repaired) no
+longer matches its grid, and reading or resuming the cache refuses it, naming the file (a file
+deleted since is not an error: the cache is then the only copy of its grid). Shards and the index are written atomically (a temporary file, then
 ``os.replace``); the index after the first shard, then at most every
 :data:`INDEX_WRITE_INTERVAL` seconds, and at the end (rewriting it after every shard was
 quadratic: 81 s of index writes for COCO's 482 shards). An interrupted extraction leaves a
@@ -59,11 +64,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from captioner.atomic import atomic_write
+from captioner.atomic import atomic_write, remove_leftovers
 from captioner.autocast import check_precision, inference_autocast
 
-__all__ = ["FeatureCache", "FeatureCacheError", "encoder_fingerprint", "extract_features",
-           "image_key", "INDEX_FILE"]
+__all__ = ["FeatureCache", "FeatureCacheError", "changed_files", "encoder_fingerprint",
+           "extract_features", "file_signature", "image_key", "INDEX_FILE"]
 
 INDEX_FILE = "index.json"
 LOCK_FILE = ".lock"
@@ -99,14 +104,24 @@ def image_key(path: str | os.PathLike[str]) -> str:
     return str(Path(path).resolve())
 
 
-def encoder_fingerprint(encoder: nn.Module, image_size: int | Sequence[int]) -> str:
+def encoder_fingerprint(encoder: nn.Module, image_size: int | Sequence[int],
+                        dtype: torch.dtype | None = None) -> str:
     """A short hash of an encoder's weights and buffers and of the input size.
 
     Two extractions with the same fingerprint produce the same features (on the same machine).
+
+    Args:
+        encoder: the encoder.
+        image_size: its input side ``S`` or ``(H, W)``.
+        dtype: hash the floating-point tensors cast to this dtype: the fingerprint the same
+            encoder has once converted to it (``bf16-true`` / ``16-true`` training), stored at
+            extraction so that such a run can check the cache too.
     """
     digest = hashlib.sha256(json.dumps(_size_pair(image_size)).encode())
     for name, tensor in sorted(encoder.state_dict().items()):
         digest.update(name.encode())
+        if dtype is not None and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
         flat = tensor.detach().cpu().reshape(-1).contiguous()
         digest.update(flat.view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
@@ -114,6 +129,54 @@ def encoder_fingerprint(encoder: nn.Module, image_size: int | Sequence[int]) -> 
 
 def _size_pair(size: int | Sequence[int]) -> list[int]:
     return [int(size), int(size)] if isinstance(size, int) else [int(s) for s in size]
+
+
+def _read_index(index_file: Path) -> dict[str, Any]:
+    """The parsed ``index.json``.
+
+    Raises:
+        FeatureCacheError: it is not readable JSON holding an object, naming the file.
+    """
+    try:
+        index = json.loads(index_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise FeatureCacheError(f"{index_file}: not a readable feature cache index ({e}); "
+                                "delete the cache folder and extract it again") from None
+    if not isinstance(index, dict):
+        raise FeatureCacheError(f"{index_file}: not a feature cache index (a JSON "
+                                f"{type(index).__name__})")
+    return index
+
+
+def file_signature(path: str | os.PathLike[str]) -> list[int] | None:
+    """``[size, mtime_ns]`` of a file, ``None`` when it does not exist (any more)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return [int(st.st_size), int(st.st_mtime_ns)]
+
+
+def changed_files(index: dict[str, Any], keys: Iterable[str]) -> list[str]:
+    """The keys among ``keys`` whose image file differs (size or modification time) from when
+    it was encoded; files deleted since, and caches written before signatures were kept, pass."""
+    files = index.get("files") or {}
+    changed = []
+    for key in keys:
+        stored = files.get(key)
+        if stored is not None:
+            now = file_signature(key)
+            if now is not None and now != list(stored):
+                changed.append(key)
+    return changed
+
+
+def _changed_error(directory: Path, changed: list[str], total: int) -> FeatureCacheError:
+    return FeatureCacheError(
+        f"{len(changed)} of {total} images changed since they were cached in {directory} "
+        f"(first: {changed[0]}: its size or modification time differs): the cached grids are "
+        "not those of the images now. Extract the cache again (a new --out folder, or delete "
+        "this one)")
 
 
 def _write_json(path: Path, obj: Any) -> None:
@@ -147,7 +210,7 @@ class FeatureCache:
         if not index_file.is_file():
             raise FeatureCacheError(f"{self.directory}: no feature cache ({INDEX_FILE} missing); "
                                     "run `captioner extract-features` first")
-        self.index: dict[str, Any] = json.loads(index_file.read_text(encoding="utf-8"))
+        self.index: dict[str, Any] = _read_index(index_file)
         if self.index.get("format") != FORMAT:
             raise FeatureCacheError(f"{index_file}: unknown cache format "
                                     f"{self.index.get('format')!r}")
@@ -190,26 +253,47 @@ class FeatureCache:
         # dropped (closed, with its descriptor, once no view of it is left)
         while len(self._shards) >= self.max_open_shards:
             self._shards.popitem(last=False)
-        self._shards[shard] = np.load(self.directory / self.index["shards"][shard],
-                                      mmap_mode="r")
+        path = self.directory / self.index["shards"][shard]
+        try:
+            array = np.load(path, mmap_mode="r")
+        except FileNotFoundError:
+            raise FeatureCacheError(f"{path}: shard missing from the feature cache "
+                                    f"{self.directory}; extract it again") from None
+        except (OSError, ValueError) as e:  # truncated, not .npy, pickled objects
+            raise FeatureCacheError(f"{path}: not a readable shard ({e}); extract the feature "
+                                    "cache again") from None
+        h, w = self.grid_size
+        if array.dtype != np.dtype(DTYPE) or array.ndim != 3 or array.shape[1:] != (h * w,
+                                                                                     self.dim):
+            raise FeatureCacheError(
+                f"{path}: a {array.dtype} array of shape {tuple(array.shape)}, not the (n, "
+                f"{h * w}, {self.dim}) {DTYPE} grids the index describes; extract the feature "
+                "cache again")
+        self._shards[shard] = array
         return self._shards[shard]
 
     def locate(self, paths: Iterable[str | os.PathLike[str]]) -> np.ndarray:
         """``(n, 2)`` int64 ``(shard, row)`` of each image, for :meth:`tensor_at` (the paths are
-        resolved here once, not at every read).
+        resolved, and the files compared with their signatures, here once, not at every read).
 
         Raises:
             NotInCache: images not in the cache (all of them listed), a ``KeyError``.
+            FeatureCacheError: images whose file changed since they were encoded
+                (:func:`changed_files`).
         """
-        rows, missing = [], []
+        rows, missing, keys = [], [], []
         for key in map(image_key, paths):
             found = self.items.get(key)
             if found is None:
                 missing.append(key)
             else:
-                rows.append(found)
+                rows.append(found[:2])
+                keys.append(key)
         if missing:
             raise NotInCache(self.directory, missing)
+        changed = changed_files(self.index, keys)
+        if changed:
+            raise _changed_error(self.directory, changed, len(keys))
         return np.asarray(rows, dtype=np.int64).reshape(-1, 2)  # (n, 2)
 
     def array(self, path: str | os.PathLike[str]) -> np.ndarray:
@@ -284,7 +368,7 @@ def _load_index(out: Path, meta: dict[str, Any]) -> dict[str, Any]:
     index_file = out / INDEX_FILE
     if not index_file.is_file():
         return {**meta, "shards": [], "items": {}, "complete": False}
-    index = json.loads(index_file.read_text(encoding="utf-8"))
+    index = _read_index(index_file)
     index.setdefault("precision", "32")  # caches from before the field: float32
     for field in ("format", "dtype", "grid", "dim", "shard_size", "image_size", "fingerprint",
                   "precision"):
@@ -292,6 +376,7 @@ def _load_index(out: Path, meta: dict[str, Any]) -> dict[str, Any]:
             raise FeatureCacheError(
                 f"{out} holds a cache made with another {field} ({index.get(field)!r}, now "
                 f"{meta[field]!r}); use a new --out folder or delete this one")
+    index["fingerprints"] = meta["fingerprints"]  # of the same weights (added to older ones)
     return index
 
 
@@ -361,6 +446,8 @@ def extract_features(
     meta = {"format": FORMAT, "dtype": DTYPE, "grid": grid, "dim": int(encoder.out_channels),
             "shard_size": shard_size, "image_size": _size_pair(image_size),
             "fingerprint": encoder_fingerprint(encoder, image_size), "precision": precision,
+            "fingerprints": {str(d).removeprefix("torch."): encoder_fingerprint(
+                encoder, image_size, d) for d in (torch.bfloat16, torch.float16)},
             "encoder": encoder_config or {"class": type(encoder).__qualname__}}
     with _exclusive(out):
         return _extract(encoder, paths, out, meta, image_size, batch_size, shard_size,
@@ -379,8 +466,14 @@ def _extract(encoder: nn.Module, paths: Sequence[str | os.PathLike[str]], out: P
     from captioner.data.formats import ImageRecord
 
     index = _load_index(out, meta)
+    remove_leftovers(out, "shard_*.npy")  # a hard-killed run's partial files (we hold the lock)
+    remove_leftovers(out, INDEX_FILE)
 
     keys = list(dict.fromkeys(image_key(p) for p in paths))  # ordered, without duplicates
+    changed = changed_files(index, [k for k in keys if k in index["items"]])
+    if changed:
+        raise _changed_error(out, changed, len(keys))
+    files = index.setdefault("files", {})
     unreadable: dict[str, str] = index.setdefault("unreadable", {})
     # without skip_unreadable an image an earlier run found unreadable is read again: it is
     # cached if it was repaired, else its error stops the run, naming it
@@ -419,14 +512,19 @@ def _extract(encoder: nn.Module, paths: Sequence[str | os.PathLike[str]], out: P
             grids.append(annotations.to(torch.float16).cpu().numpy())
         shard = np.concatenate(grids)  # (n, L, D)
         assert len(shard) == len(chunk), (len(shard), len(chunk))
-        if not np.isfinite(shard).all():
-            raise ValueError("features overflow float16 (|x| > 65504): this encoder's outputs "
-                             "cannot be cached in half precision")
+        finite = np.isfinite(shard).reshape(len(shard), -1).all(axis=1)  # (n,)
+        if not finite.all():
+            row = int(np.flatnonzero(~finite)[0])
+            what = ("NaN" if np.isnan(shard[row]).any() else
+                    "values beyond float16's range (|x| > 65504)")
+            raise ValueError(f"{chunk[row]}: the encoder's features hold {what}; this "
+                             "encoder's outputs cannot be cached in half precision")
         name = f"shard_{len(index['shards']):05d}.npy"
         _write_shard(out / name, shard)
         index["shards"].append(name)
         for row, key in enumerate(chunk):
             index["items"][key] = [len(index["shards"]) - 1, row]
+            files[key] = file_signature(key)
             unreadable.pop(key, None)  # repaired since an earlier run
         index["complete"] = start + shard_size >= len(todo)
         now = time.monotonic()

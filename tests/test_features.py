@@ -539,3 +539,194 @@ def test_without_skip_unreadable_an_image_found_unreadable_is_read_again(tmp_pat
     (images / "2.png").write_bytes(good)  # repaired
     again = extract_features(frozen_encoder(), paths, out, **kw)
     assert len(again) == 4 and again.unreadable == {}
+
+
+def _random_pngs(folder: Path, n: int, seed: int = 0) -> list[Path]:
+    """``n`` random 40 x 48 PNGs ``0.png``... in ``folder``."""
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = [folder / f"{i}.png" for i in range(n)]
+    for path in paths:
+        Image.fromarray((rng.random((40, 48, 3)) * 255).astype("uint8")).save(path)
+    return paths
+
+
+def test_images_rewritten_since_extraction_are_refused(tmp_path):
+    """An image file rewritten at the same path (a data set regenerated or re-downloaded in
+    place) no longer matches its cached grid: reading the cache for it and resuming the
+    extraction are refused, naming it; a file deleted since is not an error (the cache is then
+    its only copy). Other content of the same size is caught by its modification time."""
+    paths = _random_pngs(tmp_path / "images", 4)
+    out = tmp_path / "cache"
+    kw = dict(image_size=32, batch_size=2, shard_size=2)
+    cache = extract_features(frozen_encoder(), paths, out, **kw)
+    index = json.loads((out / INDEX_FILE).read_text())
+    assert index["files"][image_key(paths[1])] == [paths[1].stat().st_size,
+                                                   paths[1].stat().st_mtime_ns]
+    assert cache.locate(paths).tolist() == [[0, 0], [0, 1], [1, 0], [1, 1]]
+
+    _random_pngs(tmp_path / "other", 2, seed=1)[1].replace(paths[1])  # new content, same name
+    with pytest.raises(FeatureCacheError, match=rf"1 of 4 images changed since they were cached "
+                                                rf"in {out} \(first: {paths[1]}"):
+        FeatureCache(out).locate(paths)
+    with pytest.raises(FeatureCacheError, match=rf"first: {paths[1]}"):
+        extract_features(frozen_encoder(), paths, out, **kw)  # a resume would mix the two
+    with pytest.raises(FeatureCacheError, match=r"changed since"):
+        FeatureCache(out).array(paths[1])
+    FeatureCache(out).locate(paths[2:])  # the unchanged ones still read
+
+    paths[1].unlink()  # deleted: the cached grid is its only copy
+    assert FeatureCache(out).locate(paths).shape == (4, 2)
+    st = paths[2].stat()
+    os.utime(paths[2], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # same bytes, touched
+    with pytest.raises(FeatureCacheError, match=rf"first: {paths[2]}"):
+        FeatureCache(out).locate(paths)
+
+
+def test_an_unfinished_cache_resumes_through_a_cached_skip_bad_config(tmp_path, capsys):
+    """``extract-features --config`` with the cached data module's own config (``skip_bad``):
+    reading its records used to open the cache as finished, so after an interrupted
+    extraction every rerun failed with "the extraction did not finish; run ... again"."""
+    import yaml
+
+    from captioner.cli import main
+    from tests.conftest import TINY_MODEL_CONFIG
+
+    images = tmp_path / "images"
+    _random_pngs(images, 6)
+    (images / "5.png").write_bytes(b"corrupt")
+    (tmp_path / "captions.txt").write_text(
+        "image,caption\n" + "".join(f"{i}.png,a square number {i}\n" for i in range(6)))
+    out = tmp_path / "cache"
+    encoder = TINY_MODEL_CONFIG["encoder"]
+    config = tmp_path / "cached.yaml"
+    config.write_text(yaml.safe_dump({
+        "seed_everything": 0,
+        "data": {"class_path": "captioner.data.cached.CachedFeaturesDataModule", "init_args": {
+            "features_dir": str(out), "format": "flickr8k_csv",
+            "annotations": str(tmp_path / "captions.txt"), "image_root": str(images),
+            "image_size": 32, "min_freq": 1, "val_fraction": 0.2, "test_fraction": 0.2,
+            "skip_bad": True, "num_workers": 0}},
+        "model": {"class_path": "captioner.lit.captioning.CaptioningModule", "init_args": {
+            **TINY_MODEL_CONFIG, "encoder": {**encoder, "init_args": {
+                **encoder["init_args"], "weights": None, "freeze": True}}}}}))
+    extract = ["extract-features", "--config", str(config), "--out", str(out),
+               "--batch-size", "2", "--shard-size", "2"]
+    assert main(extract) == 0, capsys.readouterr().err
+    index = json.loads((out / INDEX_FILE).read_text())
+    assert len(index["items"]) == 5 and index["complete"]
+    # as if killed after its first shard: the index records one shard and is unfinished
+    first = {k: v for k, v in index["items"].items() if v[0] == 0}
+    (out / INDEX_FILE).write_text(json.dumps({**index, "items": first, "shards": ["shard_00000.npy"],
+                                              "complete": False}))
+    with pytest.warns(UserWarning, match="left out 1 images"):
+        assert main(extract) == 0, capsys.readouterr().err
+    again = FeatureCache(out)
+    assert again.index["complete"] and len(again) == 5
+    assert again.index["fingerprint"] == index["fingerprint"]  # seed_everything: same weights
+
+
+def test_config_seed_reads_the_last_integer_seed(tmp_path):
+    from captioner.commands.extract_features import config_seed
+
+    files = []
+    for i, text in enumerate(["seed_everything: 3\n", "data: {}\n", "seed_everything: 5\n",
+                              "seed_everything: true\n"]):
+        files.append(tmp_path / f"{i}.yaml")
+        files[-1].write_text(text)
+    assert config_seed(files[:2]) == 3 and config_seed(files[:3]) == 5
+    assert config_seed(files) is None and config_seed(files[1:2]) is None
+
+
+def test_true_half_precision_encoders_are_checked_against_the_cache(tmp_path):
+    """Under ``bf16-true`` / ``16-true`` the encoder's weights are cast: the cache keeps the
+    fingerprints of its encoder cast to those dtypes, so the check still refuses another
+    encoder's cache (it used to only warn and train on it)."""
+    import copy
+    from types import SimpleNamespace
+
+    from captioner.features import encoder_fingerprint
+    from captioner.lit.captioning import CaptioningModule
+    from tests.conftest import TINY_MODEL_CONFIG
+
+    paths = _random_pngs(tmp_path / "images", 2)
+    encoder = TINY_MODEL_CONFIG["encoder"]
+    frozen = {**TINY_MODEL_CONFIG, "vocab_size": 11, "encoder": {
+        **encoder, "init_args": {**encoder["init_args"], "weights": None, "freeze": True}}}
+    torch.manual_seed(0)
+    module = CaptioningModule.from_config(frozen)
+    torch.manual_seed(1)
+    other = CaptioningModule.from_config(frozen)
+    for name, model in (("mine", module), ("other", other)):
+        extract_features(model.encoder, paths, tmp_path / name, image_size=32, batch_size=2,
+                         shard_size=2)
+    index = json.loads((tmp_path / "mine" / INDEX_FILE).read_text())
+    for dtype in (torch.bfloat16, torch.float16):
+        cast = copy.deepcopy(module.encoder).to(dtype)
+        assert index["fingerprints"][str(dtype)[6:]] == encoder_fingerprint(cast, 32)
+        assert encoder_fingerprint(cast, 32) != index["fingerprint"]
+    module.encoder.to(torch.bfloat16)
+    for name in ("mine", "other"):
+        dm = SimpleNamespace(features_dir=str(tmp_path / name), image_size=32,
+                             cache=FeatureCache(tmp_path / name))
+        module._trainer = SimpleNamespace(datamodule=dm)
+        if name == "mine":
+            module.check_feature_cache()  # its own cache, in bf16: accepted
+        else:
+            with pytest.raises(ConfigError, match="extracted with another encoder"):
+                module.check_feature_cache()
+
+
+def test_broken_index_shards_and_overflow_name_the_file(tmp_path):
+    """A truncated shard or index, and features float16 cannot hold, are errors naming the
+    shard, the index or the image (they were numpy / json errors naming nothing); a hard-killed
+    write's temporary files are removed when the extraction is resumed."""
+    from torch import nn
+
+    paths = _random_pngs(tmp_path / "images", 4)
+    out = tmp_path / "cache"
+    kw = dict(image_size=32, batch_size=2, shard_size=2)
+    extract_features(frozen_encoder(), paths, out, **kw)
+    shard = out / "shard_00001.npy"
+    good = shard.read_bytes()
+    shard.write_bytes(good[: len(good) // 2])
+    with pytest.raises(FeatureCacheError, match=rf"{shard}: not a readable shard"):
+        FeatureCache(out).tensor(paths[2])
+    np.save(shard, np.zeros((2, 4, 4), dtype=np.float32))
+    with pytest.raises(FeatureCacheError, match=rf"{shard}: a float32 array of shape \(2, 4, 4\)"):
+        FeatureCache(out).tensor(paths[2])
+    shard.write_bytes(good)
+    FeatureCache(out).tensor(paths[2])
+
+    leftovers = [out / ".shard_00002.npy.0123456789ab.tmp.npy",
+                 out / ".index.json.0123456789ab.tmp.json"]
+    for path in leftovers:
+        path.write_bytes(b"partial")
+    extract_features(frozen_encoder(), paths, out, **kw)  # resumed (nothing left to do)
+    assert not any(path.exists() for path in leftovers)
+
+    index_file = out / INDEX_FILE
+    index_file.write_text(index_file.read_text()[:50])
+    with pytest.raises(FeatureCacheError, match=rf"{index_file}: not a readable feature cache"):
+        FeatureCache(out)
+    with pytest.raises(FeatureCacheError, match=rf"{index_file}: not a readable feature cache"):
+        extract_features(frozen_encoder(), paths, out, **kw)
+
+    class Spiked(nn.Module):
+        """The frozen encoder with one image's features set to ``value``."""
+
+        def __init__(self, value: float) -> None:
+            super().__init__()
+            self.inner, self.value = frozen_encoder(), value
+            self.grid_size, self.out_channels = self.inner.grid_size, self.inner.out_channels
+
+        def forward(self, images: torch.Tensor) -> torch.Tensor:
+            out = self.inner(images).clone()
+            out[1, 0, 0] = self.value
+            return out
+
+    for value, what in ((1e6, "values beyond float16's range"), (float("nan"), "NaN")):
+        with pytest.raises(ValueError, match=rf"{paths[1]}: the encoder's features hold {what}"):
+            extract_features(Spiked(value), paths, tmp_path / f"spiked{value}", **kw)

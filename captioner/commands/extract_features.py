@@ -66,7 +66,18 @@ def load_model_encoder_config(files: Sequence[str | Path]) -> dict[str, Any]:
     return merged
 
 
+def config_seed(files: Sequence[str | Path]) -> int | None:
+    """The integer ``seed_everything`` of YAML config files (the last one given), or ``None``
+    (none, or ``true``: LightningCLI's random seed)."""
+    merged = merged_class_config(files, lambda doc: {"class_path": "seed", "init_args": {
+        "seed": doc["seed_everything"]}} if "seed_everything" in doc else None)
+    seed = (merged.get("init_args") or {}).get("seed")
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) else None
+
+
 def _run(args: argparse.Namespace) -> int:
+    import torch
+
     from captioner.config import instantiate
     from captioner.data.images import ImageLoadError
     from captioner.features import FeatureCacheError, extract_features
@@ -77,6 +88,9 @@ def _run(args: argparse.Namespace) -> int:
         encoder_config: dict[str, Any] = {"checkpoint": str(Path(args.ckpt).resolve())}
     else:
         encoder_config = load_model_encoder_config(args.config)
+        seed = config_seed(args.config)
+        if seed is not None:  # randomly initialised weights (weights: null) are then the same
+            torch.manual_seed(seed)  # at every run, so that a resumed extraction matches
         try:
             encoder = instantiate(encoder_config["class_path"], encoder_config["init_args"])
         except Exception as e:  # noqa: BLE001 - jsonargparse / constructor errors: one line

@@ -66,8 +66,9 @@ class _CachedFeatures:
 
         if not (Path(self.features_dir) / INDEX_FILE).is_file():
             return records  # no cache yet: reading it (when a batch is made) will say so
-
-        unreadable = self.cache.unreadable
+        # an unfinished cache too: `captioner extract-features` reads these records to resume
+        # it (opening it for batches refuses it, saying so)
+        unreadable = FeatureCache(self.features_dir, require_complete=False).unreadable
         kept = [r for r in records if image_key(r.path) not in unreadable]
         if len(kept) < len(records):
             warnings.warn(f"{self.features_dir}: left out {len(records) - len(kept)} images the "

@@ -166,16 +166,21 @@ class CaptioningModule(CaptionerModule):
                 f"model's encoder pools to {h} x {w} (its grid_size): the checkpoint would "
                 "describe another model than the one trained. Set the encoder's grid_size to "
                 f"[{h_c}, {w_c}] or extract the cache with this model")
-        if any(p.dtype != torch.float32 for p in self.encoder.parameters()):
-            log.warning("the encoder runs in %s (true half precision): its fingerprint cannot "
-                        "be compared with the float32 one of the feature cache %s; make sure "
-                        "the cache was extracted with this encoder", self.dtype, dm.features_dir)
-            return
+        cached = dm.cache.index.get("fingerprint")
+        dtypes = {p.dtype for p in self.encoder.parameters() if p.is_floating_point()}
+        if dtypes - {torch.float32}:  # bf16-true / 16-true: the fingerprint of the cast weights
+            name = str(next(iter(dtypes - {torch.float32}))).removeprefix("torch.")
+            cached = (dm.cache.index.get("fingerprints") or {}).get(name)
+            if cached is None:
+                log.warning("the encoder runs in %s (true half precision) and the feature cache "
+                            "%s, extracted before such fingerprints were kept, has none to "
+                            "compare with; make sure the cache was extracted with this encoder",
+                            name, dm.features_dir)
+                return
         if dm.cache.index.get("precision", "32") != "32":
             log.info("the feature cache %s was extracted in %s: its grids differ from what "
                      "this encoder computes in float32 by the network's %s error",
                      dm.features_dir, dm.cache.index["precision"], dm.cache.index["precision"])
-        cached = dm.cache.index.get("fingerprint")
         mine = encoder_fingerprint(self.encoder, dm.image_size)
         if mine != cached:
             raise ConfigError(
