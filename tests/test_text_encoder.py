@@ -73,6 +73,10 @@ def test_empty_sentence_and_bad_options_raise():
     enc = make()
     with pytest.raises(ValueError, match="at least one token"):
         enc(torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"lengths up to 4 given for tokens of 3 columns"):
+        enc(torch.ones(2, 3, dtype=torch.long), torch.tensor([3, 4]))  # was a RuntimeError
+    with pytest.raises(ValueError, match=r"empty batch"):
+        enc(torch.ones(0, 3, dtype=torch.long))  # was "Cannot pack empty tensors"
     with pytest.raises(ValueError, match="rnn"):
         TextEncoder(V, rnn="transformer")  # type: ignore[arg-type]
 

@@ -60,6 +60,8 @@ class ImageEncoder(nn.Module):
         self.register_buffer("mean", torch.tensor(built.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(built.std).view(1, 3, 1, 1), persistent=False)
         self.grid = (grid_size, grid_size) if isinstance(grid_size, int) else tuple(grid_size)
+        if len(self.grid) != 2 or any(int(g) < 1 for g in self.grid):
+            raise ValueError(f"grid_size must be H or (H, W) with H, W >= 1, got {grid_size}")
         self.pool = nn.AdaptiveAvgPool2d(self.grid)
         self.stages = nn.ModuleList(stages)
         self._place_stages(built.out_channels)

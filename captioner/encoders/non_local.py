@@ -28,10 +28,22 @@ Identity at initialisation (Section 4.1): batch norm after ``W_z`` with its scal
 initialised to zero (without batch norm, ``W_z`` itself is zero-initialised), so ``z = x`` and
 the block can be inserted into a pretrained network.
 
-The 1x1 convolutions ``theta``, ``phi``, ``g`` have no bias: under the softmax of the (embedded)
-Gaussian a bias on ``phi`` adds a constant over ``j`` and cancels, and a bias on ``g`` shifts
-``y`` by a constant that the batch norm after ``W_z`` removes (its ``beta`` supplies the shift);
-``W_z`` has a bias only without batch norm. So every parameter influences the output.
+The 1x1 convolutions ``theta``, ``phi``, ``g`` have biases where they change the output, as the
+paper's released code has them (zero-initialised); the block once dropped them all, a smaller
+family of functions:
+
+* a bias ``b`` on ``theta`` adds ``b^T phi(x_j)``, which varies with ``j``: a learned prior over
+  the attended positions, kept for every pairwise function with ``theta``;
+* under the softmax (``gaussian``, ``embedded_gaussian``) a bias on ``phi`` adds a constant over
+  ``j`` and cancels, and a bias on ``g`` shifts ``y`` by a constant (the rows of ``f / C`` sum
+  to 1) that ``W_z``'s bias or the batch norm's ``beta`` already supplies: neither has one;
+* without it (``dot_product``, ``concatenation``) the rows of ``f / C`` do not sum to 1, so
+  biases on ``phi`` and ``g`` change ``y``: both have one.
+
+So every parameter influences the output. ``embedding_bias=False`` drops them all (the block's
+behaviour up to 2026-11-24, whose checkpoints load into the default block with zero biases,
+i.e. the same function). ``W_z`` has a bias only without batch norm (whose ``beta`` is the
+shift).
 
 The same implementation serves 1-D ``(B, C, P)`` sequences, 2-D ``(B, C, h, w)`` images and 3-D
 ``(B, C, F, h, w)`` videos of ``F`` frames: the ``P`` positions are the flattened trailing
@@ -71,6 +83,8 @@ class NonLocalBlock(EncoderStage):
         subsample: max-pool ``phi`` and ``g`` by 2 on each spatial dimension.
         dims: number of position dimensions: 1 (sequence), 2 (image), 3 (video ``T x h x w``).
         use_bn: batch norm after ``W_z`` (zero ``gamma``); otherwise ``W_z`` is zero-initialised.
+        embedding_bias: biases on ``theta``, ``phi`` and ``g`` where they change the output
+            (module docstring).
         in_channels: ``C``; build at once (direct use). ``ImageEncoder`` builds stages itself.
     """
 
@@ -82,6 +96,7 @@ class NonLocalBlock(EncoderStage):
         subsample: bool = False,
         dims: Literal[1, 2, 3] = 2,
         use_bn: bool = True,
+        embedding_bias: bool = True,
         in_channels: int | None = None,
     ) -> None:
         super().__init__(where, in_channels)
@@ -97,6 +112,8 @@ class NonLocalBlock(EncoderStage):
         self.subsample = subsample
         self.dims = dims
         self.use_bn = use_bn
+        self.embedding_bias = embedding_bias
+        self.register_load_state_dict_pre_hook(_zero_embedding_biases)
         self._build_pending()
 
     def _build(self, in_channels: int) -> int:
@@ -104,9 +121,14 @@ class NonLocalBlock(EncoderStage):
         inner = max(1, in_channels // self.reduction)
         self.inner_channels = inner
         embed = self.pairwise != "gaussian"  # the Gaussian uses x itself
-        self.theta = conv(in_channels, inner, 1, bias=False) if embed else None
-        self.phi = conv(in_channels, inner, 1, bias=False) if embed else None
-        self.g = conv(in_channels, inner, 1, bias=False)
+        bias = self.embedding_bias
+        softmax = self.pairwise in ("gaussian", "embedded_gaussian")  # phi's bias would cancel
+        self.theta = conv(in_channels, inner, 1, bias=bias) if embed else None
+        self.phi = conv(in_channels, inner, 1, bias=bias and not softmax) if embed else None
+        self.g = conv(in_channels, inner, 1, bias=bias and not softmax)
+        for layer in (self.theta, self.phi, self.g):
+            if layer is not None and layer.bias is not None:
+                nn.init.zeros_(layer.bias)  # as the released code; the weights are random
         if self.pairwise == "concatenation":
             self.w_f = nn.Linear(2 * inner, 1, bias=False)  # w_f^T [theta_i; phi_j]
         if self.subsample:
@@ -169,7 +191,19 @@ class NonLocalBlock(EncoderStage):
 
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, pairwise={self.pairwise!r}, reduction={self.reduction}, "
-                f"subsample={self.subsample}, dims={self.dims}, use_bn={self.use_bn}")
+                f"subsample={self.subsample}, dims={self.dims}, use_bn={self.use_bn}, "
+                f"embedding_bias={self.embedding_bias}")
+
+
+def _zero_embedding_biases(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """``load_state_dict`` pre-hook: a state dict of a block without embedding biases (saved
+    before they existed) loads with zero biases, which computes the same function."""
+    for name in ("theta", "phi", "g"):
+        layer = getattr(module, name, None)
+        key = f"{prefix}{name}.bias"
+        if (getattr(layer, "bias", None) is not None and key not in state_dict
+                and f"{prefix}{name}.weight" in state_dict):
+            state_dict[key] = torch.zeros_like(layer.bias)
 
 
 __all__ = ["PAIRWISE", "NonLocalBlock"]

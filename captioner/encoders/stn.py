@@ -326,6 +326,9 @@ class SpatialTransformer(EncoderStage):
             raise ValueError(f"unknown combine {combine!r}; valid: concat, sequence")
         if num_transformers < 1:
             raise ValueError(f"num_transformers must be >= 1, got {num_transformers}")
+        if loc_hidden < 1 or loc_pool < 1:  # loc_pool 0 would ignore the input entirely
+            raise ValueError(f"loc_hidden and loc_pool must be >= 1, got {loc_hidden} and "
+                             f"{loc_pool}")
         if combine == "concat" and num_transformers > 1 and where != "output":
             raise ValueError(
                 f"{num_transformers} transformers concatenated on channels give "

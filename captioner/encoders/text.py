@@ -104,13 +104,20 @@ class TextEncoder(nn.Module):
             (exactly zero at padding), ``mask`` ``True`` at real tokens.
 
         Raises:
-            ValueError: for a sentence of length 0 (nothing to attend to).
+            ValueError: an empty batch, a sentence of length 0 (nothing to attend to) or
+                ``lengths`` beyond the ``S`` columns of ``tokens``.
         """
         B, S = tokens.shape
+        if B == 0:
+            raise ValueError("an empty batch of source sentences (B = 0)")
         if lengths is None:
             lengths = (tokens != self.pad_id).sum(1)  # (B,)
+        lengths = lengths.to(tokens.device)
         if bool((lengths < 1).any()):
             raise ValueError("every source sentence needs at least one token")
+        if bool((lengths > S).any()):
+            raise ValueError(f"lengths up to {int(lengths.max())} given for tokens of {S} "
+                             "columns (B, S)")
         mask = torch.arange(S, device=tokens.device).unsqueeze(0) < lengths.unsqueeze(1)  # (B, S)
         emb = self.dropout(self.embedding(tokens))  # (B, S, E)
         packed = pack_padded_sequence(emb, lengths.cpu(), batch_first=True, enforce_sorted=False)

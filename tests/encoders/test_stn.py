@@ -275,6 +275,9 @@ def test_concat_away_from_output_is_rejected() -> None:
         SpatialTransformer(where="input", num_transformers=2, combine="concat")
     with pytest.raises(ValueError, match="unknown transform"):
         SpatialTransformer(transform="projective")  # type: ignore[arg-type]
+    for bad in ({"loc_pool": 0}, {"loc_hidden": 0}):  # loc_pool 0: theta ignored the input
+        with pytest.raises(ValueError, match="loc_hidden and loc_pool must be >= 1"):
+            SpatialTransformer(**bad)
 
 
 def test_build_once_and_unbuilt_forward() -> None:
