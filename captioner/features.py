@@ -7,7 +7,8 @@ images and stores the grids; :class:`FeatureCache` reads them back.
 On disk (``DIR``)::
 
     index.json          {"format", "dtype": "float16", "grid": [H, W], "dim": D, "shard_size",
-                         "image_size", "fingerprint", "fingerprints": {"bfloat16", "float16"},
+                         "image_size", "fingerprint", "fingerprint_version",
+                         "fingerprints": {"bfloat16", "float16"},
                          "precision", "encoder", "shards": [...],
                          "items": {image key: [shard, row]},
                          "files": {image key: [size, mtime_ns]}, "complete": bool,
@@ -27,8 +28,9 @@ consistent cache of whole shards and, run again, continues after the last shard 
 records (at most that interval's work is redone; a shard written after it is overwritten with
 the same bytes). One DataLoader feeds every shard (its workers are not restarted per shard).
 Shard boundaries coincide with batch boundaries, so a resumed extraction encodes exactly the
-batches an uninterrupted one would and produces the same bytes. The ``fingerprint`` (a hash of
-the encoder's weights and of the image size) keeps a resumed run from mixing two encoders, and
+batches an uninterrupted one would and produces the same bytes. The ``fingerprint`` (a hash of the
+encoder's weights, settings and input size: :func:`encoder_fingerprint`) keeps a resumed run from
+mixing two encoders, and
 ``precision`` (``"32"``, or ``"bf16"``: the encoder run under bfloat16 autocast, about 2x faster
 on CPUs with native bf16; the grids then carry the network's bf16 error, 5.5 % of their norm for
 EfficientNet-Lite0 on Flickr8k) from mixing two precisions; an index without it (written before
@@ -74,6 +76,8 @@ INDEX_FILE = "index.json"
 LOCK_FILE = ".lock"
 FORMAT = 1
 DTYPE = "float16"
+FINGERPRINT_VERSION = 2
+"""The definition of :func:`encoder_fingerprint` new caches are written with."""
 INDEX_WRITE_INTERVAL = 30.0
 """Seconds between two writes of ``index.json`` during an extraction (after the first shard and
 at the end it is always written)."""
@@ -105,8 +109,12 @@ def image_key(path: str | os.PathLike[str]) -> str:
 
 
 def encoder_fingerprint(encoder: nn.Module, image_size: int | Sequence[int],
-                        dtype: torch.dtype | None = None) -> str:
-    """A short hash of an encoder's weights and buffers and of the input size.
+                        dtype: torch.dtype | None = None,
+                        version: int = FINGERPRINT_VERSION) -> str:
+    """A short hash of what an encoder computes: the input size, and its weights and buffers
+    (version 1), plus (version 2) the buffers a state dict leaves out (the input normalisation)
+    and every submodule's class and settings (``extra_repr``: a stage's sub-sampling, output
+    size or place, which change the features without any weight changing).
 
     Two extractions with the same fingerprint produce the same features (on the same machine).
 
@@ -116,9 +124,16 @@ def encoder_fingerprint(encoder: nn.Module, image_size: int | Sequence[int],
         dtype: hash the floating-point tensors cast to this dtype: the fingerprint the same
             encoder has once converted to it (``bf16-true`` / ``16-true`` training), stored at
             extraction so that such a run can check the cache too.
+        version: the definition; a cache is compared under the one it was written with
+            (``fingerprint_version`` of its index; 1 where absent).
     """
     digest = hashlib.sha256(json.dumps(_size_pair(image_size)).encode())
-    for name, tensor in sorted(encoder.state_dict().items()):
+    tensors = dict(encoder.state_dict())
+    if version >= 2:
+        for name, module in encoder.named_modules():
+            digest.update(f"{name}:{type(module).__qualname__}({module.extra_repr()})".encode())
+        tensors = {**dict(encoder.named_buffers()), **tensors}
+    for name, tensor in sorted(tensors.items()):
         digest.update(name.encode())
         if dtype is not None and tensor.is_floating_point():
             tensor = tensor.to(dtype)
@@ -363,6 +378,15 @@ def _drop_unreadable(keys: list[str], unreadable: dict[str, str]) -> list[str]:
     return [k for k, error in zip(keys, errors) if error is None]
 
 
+def _existing_fingerprint_version(out: Path) -> int:
+    """The fingerprint definition of the cache in ``out`` (1 for caches from before versions),
+    :data:`FINGERPRINT_VERSION` where there is none yet."""
+    index_file = out / INDEX_FILE
+    if not index_file.is_file():
+        return FINGERPRINT_VERSION
+    return int(_read_index(index_file).get("fingerprint_version", 1))
+
+
 def _load_index(out: Path, meta: dict[str, Any]) -> dict[str, Any]:
     """The existing index of ``out`` if it matches ``meta`` (resume), else a fresh one."""
     index_file = out / INDEX_FILE
@@ -370,8 +394,9 @@ def _load_index(out: Path, meta: dict[str, Any]) -> dict[str, Any]:
         return {**meta, "shards": [], "items": {}, "complete": False}
     index = _read_index(index_file)
     index.setdefault("precision", "32")  # caches from before the field: float32
+    index.setdefault("fingerprint_version", 1)
     for field in ("format", "dtype", "grid", "dim", "shard_size", "image_size", "fingerprint",
-                  "precision"):
+                  "fingerprint_version", "precision"):
         if index.get(field) != meta[field]:
             raise FeatureCacheError(
                 f"{out} holds a cache made with another {field} ({index.get(field)!r}, now "
@@ -443,11 +468,13 @@ def extract_features(
     encoder = encoder.to(device).eval()
     check_precision(precision, device)
     grid = [int(g) for g in encoder.grid_size]
+    version = _existing_fingerprint_version(out)  # a resumed cache keeps its definition
     meta = {"format": FORMAT, "dtype": DTYPE, "grid": grid, "dim": int(encoder.out_channels),
             "shard_size": shard_size, "image_size": _size_pair(image_size),
-            "fingerprint": encoder_fingerprint(encoder, image_size), "precision": precision,
+            "fingerprint": encoder_fingerprint(encoder, image_size, version=version),
+            "fingerprint_version": version, "precision": precision,
             "fingerprints": {str(d).removeprefix("torch."): encoder_fingerprint(
-                encoder, image_size, d) for d in (torch.bfloat16, torch.float16)},
+                encoder, image_size, d, version) for d in (torch.bfloat16, torch.float16)},
             "encoder": encoder_config or {"class": type(encoder).__qualname__}}
     with _exclusive(out):
         return _extract(encoder, paths, out, meta, image_size, batch_size, shard_size,

@@ -730,3 +730,40 @@ def test_broken_index_shards_and_overflow_name_the_file(tmp_path):
     for value, what in ((1e6, "values beyond float16's range"), (float("nan"), "NaN")):
         with pytest.raises(ValueError, match=rf"{paths[1]}: the encoder's features hold {what}"):
             extract_features(Spiked(value), paths, tmp_path / f"spiked{value}", **kw)
+
+
+def test_fingerprint_covers_settings_and_normalisation_and_keeps_old_caches(records, tmp_path):
+    """Two encoders with equal weights that compute different features (a non-local stage
+    with and without sub-sampling; another input normalisation, a buffer the state dict leaves
+    out) have different fingerprints (version 2); a cache written under version 1 (no
+    ``fingerprint_version`` in its index) is still checked, and resumed, under version 1."""
+    from captioner.encoders.non_local import NonLocalBlock
+    from captioner.features import FINGERPRINT_VERSION, encoder_fingerprint
+
+    def with_stage(subsample: bool) -> ImageEncoder:
+        torch.manual_seed(0)
+        return ImageEncoder("shapes_cnn", grid_size=GRID, freeze=True,
+                            stages=[NonLocalBlock(subsample=subsample)])
+
+    a, b = with_stage(False), with_stage(True)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(),
+                                                 b.state_dict().values()))
+    assert encoder_fingerprint(a, 32) != encoder_fingerprint(b, 32)
+    assert encoder_fingerprint(a, 32, version=1) == encoder_fingerprint(b, 32, version=1)
+    c = frozen_encoder()
+    d = frozen_encoder()
+    d.mean.fill_(0.25)
+    assert encoder_fingerprint(c, 32) != encoder_fingerprint(d, 32)
+
+    paths = [r.path for r in records["val"][:4]]
+    out = tmp_path / "old"
+    extract_features(frozen_encoder(), paths[:2], out, image_size=32, batch_size=2, shard_size=2)
+    index = json.loads((out / INDEX_FILE).read_text())
+    assert index["fingerprint_version"] == FINGERPRINT_VERSION == 2
+    del index["fingerprint_version"]  # as written before versions
+    index["fingerprint"] = encoder_fingerprint(frozen_encoder(), 32, version=1)
+    (out / INDEX_FILE).write_text(json.dumps(index))
+    cache = extract_features(frozen_encoder(), paths, out, image_size=32, batch_size=2,
+                             shard_size=2)  # resumed under its own definition
+    assert len(cache) == 4 and cache.index["fingerprint_version"] == 1
+    assert cache.index["fingerprint"] == index["fingerprint"]

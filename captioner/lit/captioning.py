@@ -181,7 +181,8 @@ class CaptioningModule(CaptionerModule):
             log.info("the feature cache %s was extracted in %s: its grids differ from what "
                      "this encoder computes in float32 by the network's %s error",
                      dm.features_dir, dm.cache.index["precision"], dm.cache.index["precision"])
-        mine = encoder_fingerprint(self.encoder, dm.image_size)
+        mine = encoder_fingerprint(self.encoder, dm.image_size,
+                                   version=int(dm.cache.index.get("fingerprint_version", 1)))
         if mine != cached:
             raise ConfigError(
                 f"the feature cache {dm.features_dir} was extracted with another encoder "
