@@ -27,7 +27,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -450,6 +450,20 @@ def theta_outline(theta: torch.Tensor | np.ndarray, height: int, width: int) -> 
 _COLOURS = ("#ff7f0e", "#1f77b4", "#2ca02c", "#d62728", "#9467bd", "#8c564b")
 
 
+def stn_views(images: Any, theta: Any, size: tuple[int, int] | None = None,
+              fill: Sequence[float] | None = None) -> Any:
+    """The warped views ``V = U(A_theta G)`` of ``(n, 3, H, W)`` images under ``(n, 2, 3)``
+    transforms, ``(n, 3, h', w')``, showing ``fill`` (RGB, default black) where the grid samples
+    outside the image (:func:`plot_stn`)."""
+    import torch
+
+    from captioner.encoders.stn import warp
+
+    pad = (torch.zeros(3) if fill is None else torch.as_tensor(
+        np.asarray(fill, dtype=np.float32)).flatten()).view(1, 3, 1, 1)
+    return warp(images - pad, theta, size) + pad  # the sampler's zero padding, shifted: fill
+
+
 def plot_stn(
     images: torch.Tensor | np.ndarray,
     theta: torch.Tensor | np.ndarray,
@@ -457,6 +471,7 @@ def plot_stn(
     output_size: int | tuple[int, int] | None = None,
     titles: Sequence[str] | None = None,
     dpi: int = 100,
+    fill: Sequence[float] | None = None,
 ) -> Path:
     """Draw each input with a Spatial Transformer's sampling grid, next to the warped
     output(s) (Jaderberg et al. 2015, Fig. 3).
@@ -474,13 +489,14 @@ def plot_stn(
         output_size: ``(h', w')`` of the warped outputs; default the input size.
         titles: optional title of each row's input panel (e.g. the generated caption).
         dpi: resolution.
+        fill: the RGB colour in ``[0, 1]`` shown where the grid samples outside the input;
+            default black. A stage at ``"input"`` samples the *normalised* image, whose zero
+            padding is the normalisation mean: pass ``encoder.mean`` to show what it sees.
 
     Returns:
         ``out_path`` as a ``Path``.
     """
     import torch
-
-    from captioner.encoders.stn import warp
 
     imgs = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
     imgs = imgs.detach().float().cpu()
@@ -515,7 +531,8 @@ def plot_stn(
         ax.set_ylim(h - 0.5 + 0.25 * h, -0.5 - 0.25 * h)
         ax.set_title(titles[row] if titles else "input + sampling grid", fontsize=7)
         ax.axis("off")
-        warped = warp(imgs[row : row + 1].expand(n, -1, -1, -1), th[row].float(), size)
+        warped = stn_views(imgs[row : row + 1].expand(n, -1, -1, -1), th[row].float(), size,
+                           fill)
         for t in range(n):
             ax = axes[row, 1 + t]
             ax.imshow(_as_image_array(warped[t].clamp(0, 1).numpy()), interpolation="nearest")

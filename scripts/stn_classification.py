@@ -291,7 +291,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                       for i in range(k)]
             results["stn_figure"] = str(plot_stn(test_set.images[:k].float() / 255.0,
                                                  theta[:k], args.out / "stn_warps.png",
-                                                 output_size=args.view, titles=titles))
+                                                 output_size=args.view, titles=titles,
+                                                 fill=(0.5, 0.5, 0.5)))  # 0 in [-1, 1] pixels
         (args.out / "results.json").write_text(json.dumps(results, indent=1))
     (args.out / "results.md").write_text(_markdown(results))
     print(_markdown(results))

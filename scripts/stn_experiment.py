@@ -228,8 +228,9 @@ def stn_figure(module, dm, out: Path, count: int) -> Path | None:
         titles.append(f"{' '.join(words)[:40]}\n"
                       f"data: rot {d['angle']:+.0f} s {d['scale']:.2f} | "
                       f"STN: rot {read['rotation_deg'][i]:+.0f} s {read['scale'][i]:.2f}")
+    fill = module.encoder.mean.flatten().cpu() if stns[0].where == "input" else None
     return plot_stn(images.cpu(), theta.cpu(), out / "stn_warps.png",
-                    output_size=stns[0].output_size, titles=titles, dpi=110)
+                    output_size=stns[0].output_size, titles=titles, dpi=110, fill=fill)
 
 
 def write_report(results: dict[str, Any], out: Path) -> None:

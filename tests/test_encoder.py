@@ -195,3 +195,24 @@ def test_bad_grid_size_is_refused_at_construction():
         with pytest.raises(ValueError, match="grid_size must be H or"):
             ImageEncoder("shapes_cnn", grid_size=bad)
     assert ImageEncoder("shapes_cnn", grid_size=(1, 3)).grid_size == (1, 3)
+
+
+def test_a_frozen_backbone_without_its_pretrained_weights_is_warned_of():
+    """``weights`` defaults to ``None`` and ``freeze`` to ``True``: a config that leaves out
+    ``weights:`` trained on frozen random features without a word. Not warned: a backbone
+    trained (``freeze: false``), one without pretrained weights (``shapes_cnn``), or one whose
+    weights a checkpoint supplies (``architecture_only``)."""
+    import warnings
+
+    from captioner.encoders.backbone import architecture_only
+
+    with pytest.warns(UserWarning, match=r"resnet18 is built without pretrained weights .* "
+                                         r"5 of its 5 blocks are frozen"):
+        ImageEncoder("resnet18")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ImageEncoder("resnet18", freeze=False)
+        ImageEncoder("shapes_cnn")
+        with architecture_only():
+            ImageEncoder("resnet18", weights="IMAGENET1K_V1")
+            ImageEncoder("resnet18")  # loading a checkpoint that was trained from scratch

@@ -79,11 +79,11 @@ def test_stn_figure(shapes_root, tmp_path, monkeypatch, precision):
     image, in either precision (the figure's pass once ran in float32 whatever --precision)."""
     import captioner.visualize as visualize
 
-    drawn = []
+    drawn, fills = [], []
     plot_stn = visualize.plot_stn
     monkeypatch.setattr(visualize, "plot_stn",
-                        lambda images, theta, out: drawn.append(theta) or plot_stn(images, theta,
-                                                                                    out))
+                        lambda images, theta, out, fill: drawn.append(theta) or fills.append(
+                            fill) or plot_stn(images, theta, out, fill=fill))
     stn = {"class_path": "captioner.encoders.SpatialTransformer",
            "init_args": {"where": "input", "transform": "attention"}}
     ckpt = _checkpoint(shapes_root, tmp_path, encoder={"stages": [stn]})
@@ -91,6 +91,8 @@ def test_stn_figure(shapes_root, tmp_path, monkeypatch, precision):
     assert main(["visualize", "--ckpt", str(ckpt), str(_image(tmp_path)), "--out", str(out),
                  "--stn", str(stn_out), "--save-maps", str(maps), "--precision", precision]) == 0
     assert stn_out.stat().st_size > 0
+    # an input stage pads the normalised image with zeros: drawn in the normalisation's mean
+    np.testing.assert_allclose(np.asarray(fills[0]), [0.5, 0.5, 0.5])  # shapes_cnn's mean
     # the maps keep where the STN's view lay in the image: its (2, 3) transform
     from captioner.inference import Captioner
 

@@ -96,7 +96,9 @@ def _draw_stn(captioner: Captioner, image: Any, out: str) -> Path:
         captioner.encoder(batch.to(captioner.device))  # as when captioning: the same warp
     stage = stages[0]
     theta = stage.input_theta() if hasattr(stage, "input_theta") else stage.last_theta[:, 0]
-    return Path(plot_stn(batch, theta.cpu(), out))
+    # at the input the stage pads the normalised image with zeros: the normalisation mean
+    fill = captioner.encoder.mean.flatten().cpu() if stage.where == "input" else None
+    return Path(plot_stn(batch, theta.cpu(), out, fill=fill))
 
 
 main = make_tool("visualize", _parse, _run)

@@ -53,6 +53,8 @@ class Backbone:
         probe_size: side of the zero image run through the blocks to find each block's
             channel count when an encoder stage sits between blocks (a backbone that takes
             only one input size, such as a ViT, sets it).
+        has_pretrained: pretrained weights exist for it (a frozen one built without them
+            computes random features, which :class:`~captioner.encoders.ImageEncoder` warns of).
     """
 
     body: nn.Sequential
@@ -60,6 +62,7 @@ class Backbone:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     probe_size: int = 64
+    has_pretrained: bool = False
 
 
 _REGISTRY: dict[str, Callable[[str | None], Backbone]] = {}
@@ -184,7 +187,7 @@ def _make_resnet(name: str, out_channels: int) -> Callable[[str | None], Backbon
             stem=stem, layer1=net.layer1, layer2=net.layer2, layer3=net.layer3, layer4=net.layer4
         )
         mean, std = _norm_from(w)
-        return Backbone(nn.Sequential(blocks), out_channels, mean, std)
+        return Backbone(nn.Sequential(blocks), out_channels, mean, std, has_pretrained=True)
 
     return build
 
@@ -210,7 +213,7 @@ def _make_vgg(name: str) -> Callable[[str | None], Backbone]:
                 current = []
         blocks[f"conv{len(blocks) + 1}"] = nn.Sequential(*current)
         mean, std = _norm_from(w)
-        return Backbone(nn.Sequential(blocks), 512, mean, std)
+        return Backbone(nn.Sequential(blocks), 512, mean, std, has_pretrained=True)
 
     return build
 
@@ -276,7 +279,8 @@ def _efficientnet_lite0(weights: str | None) -> Backbone:
     for i, block in enumerate(net._blocks):
         blocks[f"block{i}"] = _MBBlock(block, rate * i / n)
     blocks["head"] = _EfficientNetHead(net)
-    return Backbone(nn.Sequential(blocks), 1280, (127 / 255,) * 3, (128 / 255,) * 3)
+    return Backbone(nn.Sequential(blocks), 1280, (127 / 255,) * 3, (128 / 255,) * 3,
+                    has_pretrained=True)
 
 
 @register_backbone("shapes_cnn")

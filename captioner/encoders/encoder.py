@@ -22,12 +22,13 @@ the name of a backbone block) mapping ``(B, C, h, w)`` to ``(B, C', h', w')``. I
 from __future__ import annotations
 
 from collections import defaultdict
+import warnings
 from collections.abc import Sequence
 
 import torch
 from torch import nn
 
-from captioner.encoders.backbone import available_backbones, build_backbone
+from captioner.encoders.backbone import available_backbones, build_backbone, load_pretrained
 
 
 class ImageEncoder(nn.Module):
@@ -72,6 +73,11 @@ class ImageEncoder(nn.Module):
                 f"finetune_blocks={finetune_blocks} but {backbone} has {len(block_names)} blocks"
             )
         self.frozen_blocks = set(block_names[: len(block_names) - finetune_blocks]) if freeze else set()
+        if self.frozen_blocks and weights is None and built.has_pretrained and load_pretrained():
+            warnings.warn(f"{backbone} is built without pretrained weights (weights: null) and "
+                          f"{len(self.frozen_blocks)} of its {len(block_names)} blocks are frozen: "
+                          "they stay random. Name its weights (e.g. weights: DEFAULT), or train "
+                          "it (freeze: false)", UserWarning, stacklevel=2)
         for name, block in self.body.named_children():
             block.requires_grad_(name not in self.frozen_blocks)
         self.train()  # frozen blocks (and their batch-norm statistics) start in eval mode

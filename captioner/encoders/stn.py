@@ -25,6 +25,12 @@ Transformation families (the paper's constrained transformations, Sections 3.2 a
     similarity   (4)  A = [s cos r, -s sin r, tx; s sin r, s cos r, ty]
     translation  (2)  A = [1, 0, tx; 0, 1, ty]
 
+On a map that is not square (``h != w``) the normalised coordinates stretch the axes by
+``w / 2`` and ``h / 2`` pixels, so a rotation ``r`` of ``similarity`` (or ``affine``) is rigid
+only on square maps, as in the paper's experiments: in pixels it is rotated and sheared
+(:func:`theta_parameters` reads ``r`` in normalised units too). Captioning inputs are square
+by default (``image_size: S``).
+
 ``A`` maps *output* coordinates to *input* coordinates, so ``s < 1`` zooms in (the output shows
 a region of side ``s`` of the input) and ``tx > 0`` moves the content left by ``tx * w / 2``
 pixels. The last localisation layer has zero weights and the identity parameters as its bias,
@@ -395,7 +401,8 @@ class SpatialTransformer(EncoderStage):
 
 
 def theta_parameters(theta: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Read scale, rotation and translation off affine matrices (for reports).
+    """Read scale, rotation and translation off affine matrices (for reports), in normalised
+    coordinates (on a non-square map the pixel rotation differs: module docstring).
 
     Args:
         theta: ``(..., 2, 3)``.

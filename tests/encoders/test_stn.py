@@ -357,3 +357,23 @@ def test_stn_learns_to_centre_a_blob(localization: str) -> None:
         r = torch.corrcoef(torch.stack([shift[:, axis], expected[:, axis]]))[0, 1]
         assert r > 0.95, (axis, float(r))
     assert (shift - expected).norm(dim=-1).mean() * 20 < 2.5  # pixels; identity: ~9
+
+
+def test_stn_views_show_the_padding_colour_the_network_sees() -> None:
+    """A stage at the input warps the *normalised* image, whose zero padding is the mean
+    colour: the drawn view (``fill=mean``) shows that colour outside the image, not black,
+    and inside it the plain warp."""
+    from captioner.visualize import stn_views
+
+    torch.manual_seed(5)
+    images = torch.rand(1, 3, 9, 13)
+    theta = params_to_theta(torch.tensor([[2.0, 0.0, 0.0]]), "attention")  # zoom out: borders
+    mean = (0.5, 0.25, 0.75)
+    shown = stn_views(images, theta, fill=mean)
+    black = stn_views(images, theta)
+    torch.testing.assert_close(black, warp(images, theta))
+    corner = shown[0, :, 0, 0]  # samples far outside the image
+    torch.testing.assert_close(corner, torch.tensor(mean))
+    assert black[0, :, 0, 0].abs().max() == 0
+    centre = (slice(None), slice(None), 4, 6)
+    torch.testing.assert_close(shown[centre], black[centre])  # inside: the same warp
