@@ -85,6 +85,11 @@ class NonLocalBlock(EncoderStage):
         use_bn: batch norm after ``W_z`` (zero ``gamma``); otherwise ``W_z`` is zero-initialised.
         embedding_bias: biases on ``theta``, ``phi`` and ``g`` where they change the output
             (module docstring).
+        scale: (Embedded) Gaussian: divide the logits ``theta(x_i)^T phi(x_j)`` by
+            ``sqrt(C_q)`` (``C_q`` = ``C_b``, or ``C`` for the Gaussian) before the softmax, as the
+            released code can (``use_scale``) and scaled dot-product attention does; Eq. 2-3
+            have no scale (the default). It keeps the logits of wide bottlenecks in range
+            under 16-bit precision.
         in_channels: ``C``; build at once (direct use). ``ImageEncoder`` builds stages itself.
     """
 
@@ -97,6 +102,7 @@ class NonLocalBlock(EncoderStage):
         dims: Literal[1, 2, 3] = 2,
         use_bn: bool = True,
         embedding_bias: bool = True,
+        scale: bool = False,
         in_channels: int | None = None,
     ) -> None:
         super().__init__(where, in_channels)
@@ -113,6 +119,10 @@ class NonLocalBlock(EncoderStage):
         self.dims = dims
         self.use_bn = use_bn
         self.embedding_bias = embedding_bias
+        if scale and pairwise not in ("gaussian", "embedded_gaussian"):
+            raise ValueError(f"scale applies to the softmax of the (embedded) Gaussian, not to "
+                             f"{pairwise} (normalised by C(x) = P_j)")
+        self.scale = scale
         self.register_load_state_dict_pre_hook(_zero_embedding_biases)
         self._build_pending()
 
@@ -163,7 +173,10 @@ class NonLocalBlock(EncoderStage):
         k = key.flatten(2)  # (B, C_q, P_j)
         n_j = k.shape[-1]
         if self.pairwise in ("gaussian", "embedded_gaussian"):
-            return F.softmax(q @ k, dim=-1)  # (B, P, P_j)
+            logits = q @ k  # (B, P, P_j)
+            if self.scale:  # the released code's option: logits / sqrt(C_q)
+                logits = logits * q.shape[-1] ** -0.5
+            return F.softmax(logits, dim=-1)  # (B, P, P_j)
         if self.pairwise == "dot_product":
             return (q @ k) / n_j  # (B, P, P_j)
         w_theta, w_phi = self.w_f.weight[0].split(self.inner_channels)  # (C_b,), (C_b,)
@@ -192,7 +205,7 @@ class NonLocalBlock(EncoderStage):
     def extra_repr(self) -> str:
         return (f"{super().extra_repr()}, pairwise={self.pairwise!r}, reduction={self.reduction}, "
                 f"subsample={self.subsample}, dims={self.dims}, use_bn={self.use_bn}, "
-                f"embedding_bias={self.embedding_bias}")
+                f"embedding_bias={self.embedding_bias}, scale={self.scale}")
 
 
 def _zero_embedding_biases(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:

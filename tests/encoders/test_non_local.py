@@ -227,3 +227,20 @@ def test_a_state_dict_without_embedding_biases_loads_as_the_same_function(pairwi
     torch.testing.assert_close(new(x), old(x))
     assert (new(x) - x).abs().max() > 0.1  # not the identity start
     assert new.theta is None or torch.count_nonzero(new.theta.bias) == 0
+
+
+def test_scaled_logits_option() -> None:
+    """``scale=True``: softmax of ``theta^T phi / sqrt(C_b)`` (the released code's
+    ``use_scale``), computed here by hand; the default (Eq. 2) is unscaled; other pairwise
+    functions refuse it."""
+    torch.manual_seed(6)
+    x = torch.randn(B, C, H, W)
+    plain = NonLocalBlock(reduction=1, in_channels=C)
+    scaled = NonLocalBlock(reduction=1, scale=True, in_channels=C)
+    scaled.load_state_dict(plain.state_dict())
+    q = plain.theta(x).flatten(2).transpose(1, 2)  # (B, P, C_b)
+    k = plain.phi(x).flatten(2)  # (B, C_b, P)
+    torch.testing.assert_close(plain.attention(x), torch.softmax(q @ k, -1))
+    torch.testing.assert_close(scaled.attention(x), torch.softmax(q @ k / math.sqrt(C), -1))
+    with pytest.raises(ValueError, match="scale applies to the softmax"):
+        NonLocalBlock(pairwise="dot_product", scale=True)
