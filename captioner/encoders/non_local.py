@@ -28,22 +28,21 @@ Identity at initialisation (Section 4.1): batch norm after ``W_z`` with its scal
 initialised to zero (without batch norm, ``W_z`` itself is zero-initialised), so ``z = x`` and
 the block can be inserted into a pretrained network.
 
-The 1x1 convolutions ``theta``, ``phi``, ``g`` have biases where they change the output, as the
-paper's released code has them (zero-initialised); the block once dropped them all, a smaller
-family of functions:
+The embeddings are linear maps, ``theta(x_i) = W_theta x_i``, ``phi(x_j) = W_phi x_j``,
+``g(x_j) = W_g x_j`` (Section 3.2): 1x1 convolutions without bias, the default. The paper's
+released code gives them biases; ``embedding_bias=True`` adds those that change the output
+(zero-initialised), a larger family of functions:
 
 * a bias ``b`` on ``theta`` adds ``b^T phi(x_j)``, which varies with ``j``: a learned prior over
-  the attended positions, kept for every pairwise function with ``theta``;
+  the attended positions, added for every pairwise function with ``theta``;
 * under the softmax (``gaussian``, ``embedded_gaussian``) a bias on ``phi`` adds a constant over
   ``j`` and cancels, and a bias on ``g`` shifts ``y`` by a constant (the rows of ``f / C`` sum
-  to 1) that ``W_z``'s bias or the batch norm's ``beta`` already supplies: neither has one;
+  to 1) that ``W_z``'s bias or the batch norm's ``beta`` already supplies: neither gets one;
 * without it (``dot_product``, ``concatenation``) the rows of ``f / C`` do not sum to 1, so
-  biases on ``phi`` and ``g`` change ``y``: both have one.
+  biases on ``phi`` and ``g`` change ``y``: both get one.
 
-So every parameter influences the output. ``embedding_bias=False`` drops them all (the block's
-behaviour up to 2026-11-24, whose checkpoints load into the default block with zero biases,
-i.e. the same function). ``W_z`` has a bias only without batch norm (whose ``beta`` is the
-shift).
+So every parameter influences the output. ``W_z`` has a bias only without batch norm (whose
+``beta`` is the shift).
 
 The same implementation serves 1-D ``(B, C, P)`` sequences, 2-D ``(B, C, h, w)`` images and 3-D
 ``(B, C, F, h, w)`` videos of ``F`` frames: the ``P`` positions are the flattened trailing
@@ -83,8 +82,8 @@ class NonLocalBlock(EncoderStage):
         subsample: max-pool ``phi`` and ``g`` by 2 on each spatial dimension.
         dims: number of position dimensions: 1 (sequence), 2 (image), 3 (video ``T x h x w``).
         use_bn: batch norm after ``W_z`` (zero ``gamma``); otherwise ``W_z`` is zero-initialised.
-        embedding_bias: biases on ``theta``, ``phi`` and ``g`` where they change the output
-            (module docstring).
+        embedding_bias: biases on ``theta``, ``phi`` and ``g`` where they change the output, as
+            in the released code (module docstring); the paper's maps have none.
         scale: (Embedded) Gaussian: divide the logits ``theta(x_i)^T phi(x_j)`` by
             ``sqrt(C_q)`` (``C_q`` = ``C_b``, or ``C`` for the Gaussian) before the softmax, as the
             released code can (``use_scale``) and scaled dot-product attention does; Eq. 2-3
@@ -101,7 +100,7 @@ class NonLocalBlock(EncoderStage):
         subsample: bool = False,
         dims: Literal[1, 2, 3] = 2,
         use_bn: bool = True,
-        embedding_bias: bool = True,
+        embedding_bias: bool = False,
         scale: bool = False,
         in_channels: int | None = None,
     ) -> None:
@@ -123,7 +122,6 @@ class NonLocalBlock(EncoderStage):
             raise ValueError(f"scale applies to the softmax of the (embedded) Gaussian, not to "
                              f"{pairwise} (normalised by C(x) = P_j)")
         self.scale = scale
-        self.register_load_state_dict_pre_hook(_zero_embedding_biases)
         self._build_pending()
 
     def _build(self, in_channels: int) -> int:
@@ -138,7 +136,7 @@ class NonLocalBlock(EncoderStage):
         self.g = conv(in_channels, inner, 1, bias=bias and not softmax)
         for layer in (self.theta, self.phi, self.g):
             if layer is not None and layer.bias is not None:
-                nn.init.zeros_(layer.bias)  # as the released code; the weights are random
+                nn.init.zeros_(layer.bias)  # as the released code
         if self.pairwise == "concatenation":
             self.w_f = nn.Linear(2 * inner, 1, bias=False)  # w_f^T [theta_i; phi_j]
         if self.subsample:
@@ -206,17 +204,6 @@ class NonLocalBlock(EncoderStage):
         return (f"{super().extra_repr()}, pairwise={self.pairwise!r}, reduction={self.reduction}, "
                 f"subsample={self.subsample}, dims={self.dims}, use_bn={self.use_bn}, "
                 f"embedding_bias={self.embedding_bias}, scale={self.scale}")
-
-
-def _zero_embedding_biases(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
-    """``load_state_dict`` pre-hook: a state dict of a block without embedding biases (saved
-    before they existed) loads with zero biases, which computes the same function."""
-    for name in ("theta", "phi", "g"):
-        layer = getattr(module, name, None)
-        key = f"{prefix}{name}.bias"
-        if (getattr(layer, "bias", None) is not None and key not in state_dict
-                and f"{prefix}{name}.weight" in state_dict):
-            state_dict[key] = torch.zeros_like(layer.bias)
 
 
 __all__ = ["PAIRWISE", "NonLocalBlock"]
