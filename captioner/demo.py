@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from captioner.atomic import atomic_write
+from captioner.commands.common import non_negative_int, positive_int
 
 REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -23,10 +24,13 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="captioner demo", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="demo_output", help="output folder (default: demo_output)")
-    p.add_argument("--epochs", type=int, default=6, help="training epochs (default: 6)")
-    p.add_argument("--num-train", type=int, default=3000, help="training images (default: 3000)")
-    p.add_argument("--num-test", type=int, default=200, help="held-out test images (default: 200)")
-    p.add_argument("--figures", type=int, default=4, help="attention figures to draw (default: 4)")
+    p.add_argument("--epochs", type=positive_int, default=6, help="training epochs (default: 6)")
+    p.add_argument("--num-train", type=positive_int, default=3000,
+                   help="training images (default: 3000)")
+    p.add_argument("--num-test", type=positive_int, default=200,
+                   help="held-out test images (default: 200)")
+    p.add_argument("--figures", type=non_negative_int, default=4,
+                   help="attention figures to draw (default: 4)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 

@@ -398,9 +398,12 @@ def _load_index(out: Path, meta: dict[str, Any]) -> dict[str, Any]:
     for field in ("format", "dtype", "grid", "dim", "shard_size", "image_size", "fingerprint",
                   "fingerprint_version", "precision"):
         if index.get(field) != meta[field]:
+            hint = ("; an encoder with randomly initialised weights (weights: null) differs from "
+                    "run to run unless the config sets seed_everything" if field == "fingerprint"
+                    else "")
             raise FeatureCacheError(
                 f"{out} holds a cache made with another {field} ({index.get(field)!r}, now "
-                f"{meta[field]!r}); use a new --out folder or delete this one")
+                f"{meta[field]!r}){hint}; use a new --out folder or delete this one")
     index["fingerprints"] = meta["fingerprints"]  # of the same weights (added to older ones)
     return index
 

@@ -25,6 +25,9 @@ from typing import Any
 
 import yaml
 
+from captioner.atomic import atomic_write
+from captioner.metrics import json_safe
+
 ROOT = Path(__file__).resolve().parents[1]
 BASE_MODEL = ROOT / "configs" / "model" / "shapes_soft.yaml"
 BASE_DATA = ROOT / "configs" / "data" / "shapes.yaml"
@@ -109,10 +112,13 @@ def markdown(rows: list[tuple[str, str, dict[str, float]]], args: argparse.Names
         "| variant | attention | val BLEU-4 | attention correctness | chance | train time (s) |",
         "|---|---|---:|---:|---:|---:|",
     ]
+    def number(value: float | None, digits: int) -> str:  # undefined (null): no box words
+        return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
     for name, description, r in rows:
-        lines.append(f"| {name} | {description} | {r['bleu4']:.4f} | "
-                     f"{r['attention_correctness']:.3f} | {r['attention_chance']:.3f} | "
-                     f"{r['seconds']:.0f} |")
+        lines.append(f"| {name} | {description} | {number(r['bleu4'], 4)} | "
+                     f"{number(r['attention_correctness'], 3)} | "
+                     f"{number(r['attention_chance'], 3)} | {number(r['seconds'], 0)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -158,9 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"   {json.dumps(result)}", flush=True)
         results[name] = result
         rows = [(n, table[n][0], results[n]) for n in table if n in results]  # table order
-        args.out.parent.mkdir(parents=True, exist_ok=True)  # rewrite after each variant
-        args.out.write_text(markdown(rows, args))
-        raw_path.write_text(json.dumps(dict((n, r) for n, _, r in rows), indent=2))
+        with atomic_write(args.out) as f:  # rewritten after each variant, whole or not at all
+            f.write(markdown(rows, args))
+        with atomic_write(raw_path) as f:  # an undefined score is null (valid JSON), not NaN
+            json.dump(json_safe(dict((n, r) for n, _, r in rows)), f, indent=2, allow_nan=False)
     print(markdown(rows, args))
     return 0
 

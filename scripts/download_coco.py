@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import socket
 import sys
 import time
 import urllib.error
@@ -140,8 +141,8 @@ def download(url: str, dest: Path, retries: int = 5, timeout: float = 60.0) -> P
                 break
             raise
         except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
-            if attempt == retries:
-                raise
+            if attempt == retries or isinstance(getattr(exc, "reason", None), socket.gaierror):
+                raise  # the last attempt, or a host name that does not resolve (no network)
             print(f"  network error ({exc}); retry {attempt}/{retries - 1} in {2 ** attempt} s")
             time.sleep(2**attempt)
     os.replace(part, dest)
@@ -175,6 +176,39 @@ def extract(path: Path, target: Path) -> None:
     marker.touch()
 
 
+def _dry_run_step(archive: Archive, zip_path: Path, target: Path) -> str:
+    """What a real run would do first for ``archive``, given what is on disk."""
+    part = zip_path.with_name(zip_path.name + ".part")
+    if (target / f".{archive.filename}.extracted").exists():
+        return f"already extracted in {target}: nothing to do"
+    if zip_path.exists():
+        return f"already downloaded: {zip_path}"
+    if part.exists():
+        return (f"GET {archive.url} ({archive.size_hint}), resuming {part} at "
+                f"{_human(part.stat().st_size)}")
+    return f"GET {archive.url} ({archive.size_hint}) -> {zip_path}"
+
+
+def run(archives: list[Archive], root: Path, **options) -> int:
+    """:func:`fetch_all`, with a failure told in one line (exit status 1) instead of a
+    traceback: no network, an HTTP error, a corrupt archive, a full disk."""
+    try:
+        fetch_all(archives, root, **options)
+    except urllib.error.HTTPError as exc:
+        print(f"error: {exc.url}: HTTP {exc.code} {exc.reason}", file=sys.stderr)
+    except urllib.error.URLError as exc:
+        print(f"error: cannot download ({exc.reason}); check the network connection and run "
+              "again (finished archives and partial downloads are kept)", file=sys.stderr)
+    except (zipfile.BadZipFile, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+    else:
+        return 0
+    downloads = root / "downloads"
+    if downloads.is_dir() and not any(downloads.iterdir()):
+        downloads.rmdir()  # nothing downloaded: leave no empty folder behind
+    return 1
+
+
 def fetch_all(
     archives: list[Archive], root: Path, *, dry_run: bool, crc: bool, keep_zips: bool
 ) -> None:
@@ -184,9 +218,10 @@ def fetch_all(
         zip_path = downloads / archive.filename
         target = root / archive.extract_to if archive.extract_to else root
         if dry_run:
-            print(f"[dry-run] {archive.key}: GET {archive.url} ({archive.size_hint}) -> {zip_path}")
-            print(f"[dry-run]   verify zip{' CRCs' if crc else ''}, extract -> {target}"
-                  f"{'' if keep_zips else ', delete the zip'}")
+            print(f"[dry-run] {archive.key}: {_dry_run_step(archive, zip_path, target)}")
+            if not (target / f".{archive.filename}.extracted").exists():
+                print(f"[dry-run]   verify zip{' CRCs' if crc else ''}, extract -> {target}"
+                      f"{'' if keep_zips else ', delete the zip'}")
             continue
         if (target / f".{archive.filename}.extracted").exists():
             print(f"{archive.key}: already extracted in {target}")
@@ -247,8 +282,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     chosen = [a for a in COCO_ARCHIVES if not args.only or a.key in args.only]
-    fetch_all(chosen, args.root, dry_run=args.dry_run, crc=not args.no_crc,
-              keep_zips=args.keep_zips)
+    if run(chosen, args.root, dry_run=args.dry_run, crc=not args.no_crc,
+           keep_zips=args.keep_zips):
+        return 1
     print()
     print(_config_lines(args.root))
     return 0

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from download_coco import Archive, fetch_all  # noqa: E402
+from download_coco import Archive, run  # noqa: E402
 
 _RELEASE = "https://github.com/jbrownlee/Datasets/releases/download/Flickr8k"
 FLICKR8K_ARCHIVES: tuple[Archive, ...] = (
@@ -55,8 +55,9 @@ def _config_lines(root: Path, karpathy: bool) -> str:
         "#   annotations: <dir>/captions.txt",
         "#   image_root: <dir>/images",
     ]
-    if not karpathy:
-        lines.insert(0, "# (without --karpathy there is no split file: use --karpathy)")
+    if not karpathy:  # Flickr8k.token.txt and the split lists are in no format read here
+        lines.insert(0, "# (without --karpathy no annotation file captioner reads was fetched: "
+                        "run again with --karpathy for dataset_flickr8k.json)")
     return "\n".join(lines)
 
 
@@ -78,8 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     archives = list(FLICKR8K_ARCHIVES) + ([KARPATHY] if args.karpathy else [])
-    fetch_all(archives, args.root, dry_run=args.dry_run, crc=not args.no_crc,
-              keep_zips=args.keep_zips)
+    if run(archives, args.root, dry_run=args.dry_run, crc=not args.no_crc,
+           keep_zips=args.keep_zips):
+        return 1
     print()
     print(_config_lines(args.root, args.karpathy))
     return 0

@@ -50,9 +50,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 
+from captioner.atomic import atomic_write
 from captioner.data.shapes import SHAPES
 from captioner.data.shapes_classification import DistortedShapes
 from captioner.encoders.stn import SpatialTransformer
+from captioner.metrics import json_safe
 from captioner.visualize import plot_stn
 
 VARIANTS = ("downsampled", "stn", "full")
@@ -293,8 +295,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                                  theta[:k], args.out / "stn_warps.png",
                                                  output_size=args.view, titles=titles,
                                                  fill=(0.5, 0.5, 0.5)))  # 0 in [-1, 1] pixels
-        (args.out / "results.json").write_text(json.dumps(results, indent=1))
-    (args.out / "results.md").write_text(_markdown(results))
+        with atomic_write(args.out / "results.json") as f:  # after each variant: whole files
+            json.dump(json_safe(results), f, indent=1, allow_nan=False)
+    with atomic_write(args.out / "results.md") as f:
+        f.write(_markdown(results))
     print(_markdown(results))
     return results
 

@@ -216,3 +216,21 @@ def test_a_frozen_backbone_without_its_pretrained_weights_is_warned_of():
         with architecture_only():
             ImageEncoder("resnet18", weights="IMAGENET1K_V1")
             ImageEncoder("resnet18")  # loading a checkpoint that was trained from scratch
+
+
+def test_weights_null_from_the_command_line_means_none():
+    """``--model.init_args.encoder.init_args.weights null`` reaches the builder as the string
+    ``"None"``: it failed with "unknown weights 'None'" (the efficientnet message even listed
+    ``null`` as valid); it now builds without weights, as ``weights: null`` in YAML does."""
+    import warnings
+
+    from captioner.encoders.backbone import build_backbone
+
+    for text in ("None", "null", "NULL", ""):
+        assert build_backbone("efficientnet_lite0", text).out_channels == 1280
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # frozen without weights: warned of, not refused
+            enc = ImageEncoder("resnet18", weights=text, grid_size=3)
+        assert enc.grid_size == (3, 3)
+    with pytest.raises(ValueError, match="unknown weights 'Nonsense'"):
+        build_backbone("resnet18", "Nonsense")

@@ -5,12 +5,9 @@ The last section dry-runs the dataset download scripts (no network is touched).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -267,40 +264,6 @@ def test_attention_correctness_several_matches_use_union_and_synonyms():
     assert none["num_words"] == 0 and math.isnan(none["attention_correctness"])
     with pytest.raises(ValueError):
         attention_correctness([np.ones((1, 14))], [["red"]], boxes, GRID, [IMAGE])
-
-
-# ---------------------------------------------------------------------------------------------
-# dataset download scripts (dry run only; no network)
-# ---------------------------------------------------------------------------------------------
-
-SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-
-
-def _load_script(name: str, monkeypatch: pytest.MonkeyPatch):
-    spec = importlib.util.spec_from_file_location(f"_script_{name}", SCRIPTS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up
-    monkeypatch.setattr(sys, "path", list(sys.path))  # the flickr script extends sys.path
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.mark.parametrize(
-    ("name", "urls"),
-    [
-        ("download_coco", ["images.cocodataset.org/zips/train2014.zip",
-                           "annotations_trainval2014.zip", "caption_datasets.zip"]),
-        ("download_flickr8k", ["Flickr8k_Dataset.zip", "Flickr8k_text.zip"]),
-    ],
-)
-def test_download_scripts_dry_run(tmp_path, capsys, monkeypatch, name, urls):
-    root = tmp_path / "data"
-    assert _load_script(name, monkeypatch).main(["--root", str(root), "--dry-run"]) == 0
-    printed = capsys.readouterr().out
-    for url in urls:
-        assert url in printed
-    assert "image_root:" in printed
-    assert not root.exists()
 
 
 def test_json_safe_turns_undefined_scores_into_null():

@@ -371,6 +371,17 @@ def test_demo_outside_a_clone_says_where_the_configs_are_missing(monkeypatch, tm
     assert not (tmp_path / "out").exists()  # nothing started
 
 
+@pytest.mark.parametrize("option", ["--epochs", "--num-train", "--num-test"])
+def test_demo_refuses_empty_runs(capsys, tmp_path, option) -> None:
+    """``--epochs 0`` ended in "checkpoint not found: ." (no best checkpoint), ``--num-train 0``
+    in a vocabulary traceback, ``--num-test 0`` scored nothing and "succeeded"."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["demo", "--out", str(tmp_path / "out"), option, "0"])
+    assert exit_.value.code == 2
+    assert f"argument {option}: expected a positive integer, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_beam_stop_reaches_the_search(capsys, monkeypatch, tiny_checkpoint, test_images) -> None:
     import captioner.inference as inference
 

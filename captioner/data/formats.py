@@ -545,6 +545,7 @@ def load_kaggle_flickr8k(
     problems = _Problems(file, skip_bad)
     captions: dict[str, list[str]] = {}
     first_line: dict[str, int] = {}
+    end = 1  # the last line of the last record read
     try:
         with file.open(encoding="utf-8-sig", newline="") as f:
             reader = csv.reader(f, strict=True)  # an unclosed quote is an error, not a merge
@@ -570,8 +571,10 @@ def load_kaggle_flickr8k(
                 else:
                     captions.setdefault(image, []).append(caption)
                     first_line.setdefault(image, line)
-    except csv.Error as e:
-        raise AnnotationError(f"{file} line {reader.line_num}: malformed CSV: {e}") from None
+    except csv.Error as e:  # the record starts after the last one read (an unclosed quote
+        # runs to the end of the file: reader.line_num would name the last line)
+        raise AnnotationError(f"{file} line {end + 1}: malformed CSV (the record starting "
+                              f"there, read to line {reader.line_num}): {e}") from None
     except UnicodeDecodeError as e:
         raise AnnotationError(f"{file}: not UTF-8 text: {e}") from None
 

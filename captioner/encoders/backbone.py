@@ -128,6 +128,7 @@ def build_backbone(name: str, weights: str | None = None) -> Backbone:
         ValueError: unknown backbone or weights name (the message lists the valid ones), or a
             dotted path that does not name a callable returning a :class:`Backbone`.
     """
+    weights = no_weights_as_none(weights)
     if name in _REGISTRY:
         return _REGISTRY[name](weights)
     if "." not in name:
@@ -139,6 +140,15 @@ def build_backbone(name: str, weights: str | None = None) -> Backbone:
         raise ValueError(f"backbone {name!r} returned {type(built).__name__}, not a "
                          "captioner.encoders.backbone.Backbone")
     return built
+
+
+def no_weights_as_none(weights: str | None) -> str | None:
+    """``None`` for the strings that mean no weights (``"None"``, ``"null"``, ``""``): a
+    nested ``--model.init_args.encoder.init_args.weights null`` reaches the builder as the
+    string ``"None"`` (jsonargparse), where ``weights: null`` in YAML gives ``None``."""
+    if isinstance(weights, str) and weights.strip().lower() in ("none", "null", ""):
+        return None
+    return weights
 
 
 def _import_builder(path: str) -> Callable[[str | None], Backbone]:

@@ -28,7 +28,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from captioner.encoders.backbone import available_backbones, build_backbone, load_pretrained
+from captioner.encoders.backbone import (available_backbones, build_backbone, load_pretrained,
+                                         no_weights_as_none)
 
 
 class ImageEncoder(nn.Module):
@@ -54,6 +55,7 @@ class ImageEncoder(nn.Module):
         finetune_blocks: int = 0,
     ) -> None:
         super().__init__()
+        weights = no_weights_as_none(weights)
         built = build_backbone(backbone, weights)
         self.backbone_name = backbone
         self.body = built.body

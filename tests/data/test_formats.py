@@ -329,7 +329,13 @@ def test_csv_unclosed_quote_is_an_error_not_a_merge(tmp_path: Path) -> None:
     _touch(tmp_path, "a.jpg", "b.jpg")
     file = tmp_path / "captions.txt"
     file.write_text('image,caption\na.jpg,"A dog runs\nb.jpg,A cat sits\n')
-    with pytest.raises(AnnotationError, match="captions.txt line 3: malformed CSV"):
+    with pytest.raises(AnnotationError, match=r"captions.txt line 2: malformed CSV \(the record "
+                                              r"starting there, read to line 3\)"):
+        load_kaggle_flickr8k(file, tmp_path)
+    # the quote opens on line 3 of 8: named there, not at the end of the file
+    file.write_text("image,caption\na.jpg,A dog\nb.jpg,\"A cat\n" + "a.jpg,A dog\n" * 5)
+    with pytest.raises(AnnotationError, match=r"captions.txt line 3: malformed CSV \(the record "
+                                              r"starting there, read to line 8\)"):
         load_kaggle_flickr8k(file, tmp_path)
 
 
