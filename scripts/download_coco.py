@@ -22,6 +22,7 @@ The small helpers below (``download``, ``verify_zip``, ``extract``) are reused b
 from __future__ import annotations
 
 import argparse
+import http.client
 import os
 import shutil
 import socket
@@ -140,7 +141,8 @@ def download(url: str, dest: Path, retries: int = 5, timeout: float = 60.0) -> P
             if exc.code == 416 and have:  # nothing left to fetch
                 break
             raise
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+        except (urllib.error.URLError, TimeoutError, ConnectionError,
+                http.client.IncompleteRead) as exc:  # a chunked response cut short too
             if attempt == retries or isinstance(getattr(exc, "reason", None), socket.gaierror):
                 raise  # the last attempt, or a host name that does not resolve (no network)
             print(f"  network error ({exc}); retry {attempt}/{retries - 1} in {2 ** attempt} s")

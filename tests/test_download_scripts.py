@@ -99,3 +99,32 @@ def test_failures_are_one_line_without_retrying_an_unknown_host(tmp_path, capsys
     assert zip_path.with_name(zip_path.name + ".corrupt").exists() and not zip_path.exists()
     with pytest.raises(zipfile.BadZipFile):  # what the one line replaced
         script.verify_zip(zip_path.with_name(zip_path.name + ".corrupt"))
+
+
+def test_a_response_cut_short_is_retried(tmp_path, monkeypatch):
+    """``http.client.IncompleteRead`` (a chunked response cut short) is a network error like
+    the others: retried, resuming, instead of ending the run."""
+    import http.client
+    import io
+
+    script = _load_script("download_coco", monkeypatch)
+    monkeypatch.setattr(script.time, "sleep", lambda seconds: None)
+    payload = b"0123456789" * 10
+    attempts = []
+
+    class Response(io.BytesIO):
+        status = 200
+        headers: dict = {}
+
+        def read(self, size=-1):
+            if len(attempts) == 1:
+                raise http.client.IncompleteRead(b"01234")
+            return super().read(size)
+
+    def urlopen(request, timeout=None):
+        attempts.append(request.full_url)
+        return Response(payload)
+
+    monkeypatch.setattr(script.urllib.request, "urlopen", urlopen)
+    dest = script.download("https://example.org/a.zip", tmp_path / "a.zip")
+    assert len(attempts) == 2 and dest.read_bytes() == payload
