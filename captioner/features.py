@@ -167,9 +167,14 @@ def file_signature(path: str | os.PathLike[str]) -> list[int] | None:
     """``[size, mtime_ns]`` of a file, ``None`` when it does not exist (any more)."""
     try:
         st = os.stat(path)
-    except FileNotFoundError:
+    except OSError:  # gone, or out of reach (another user's folder): nothing to compare
         return None
     return [int(st.st_size), int(st.st_mtime_ns)]
+
+
+MTIME_TOLERANCE_NS = 2_000_000_000
+"""Modification times closer than this count as equal: tar, zip and ``scp -p`` keep them only
+to the second (FAT to 2 s), so a copied data set keeps its cache."""
 
 
 def changed_files(index: dict[str, Any], keys: Iterable[str]) -> list[str]:
@@ -181,7 +186,8 @@ def changed_files(index: dict[str, Any], keys: Iterable[str]) -> list[str]:
         stored = files.get(key)
         if stored is not None:
             now = file_signature(key)
-            if now is not None and now != list(stored):
+            if now is not None and (now[0] != stored[0]
+                                    or abs(now[1] - stored[1]) >= MTIME_TOLERANCE_NS):
                 changed.append(key)
     return changed
 

@@ -143,8 +143,10 @@ def download(url: str, dest: Path, retries: int = 5, timeout: float = 60.0) -> P
             raise
         except (urllib.error.URLError, TimeoutError, ConnectionError,
                 http.client.IncompleteRead) as exc:  # a chunked response cut short too
-            if attempt == retries or isinstance(getattr(exc, "reason", None), socket.gaierror):
-                raise  # the last attempt, or a host name that does not resolve (no network)
+            reason = getattr(exc, "reason", None)
+            if attempt == retries or (isinstance(reason, socket.gaierror)
+                                      and reason.errno == socket.EAI_NONAME):
+                raise  # the last attempt, or a host name that does not exist
             print(f"  network error ({exc}); retry {attempt}/{retries - 1} in {2 ** attempt} s")
             time.sleep(2**attempt)
     os.replace(part, dest)
@@ -201,8 +203,9 @@ def run(archives: list[Archive], root: Path, **options) -> int:
     except urllib.error.URLError as exc:
         print(f"error: cannot download ({exc.reason}); check the network connection and run "
               "again (finished archives and partial downloads are kept)", file=sys.stderr)
-    except (zipfile.BadZipFile, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (zipfile.BadZipFile, OSError, http.client.HTTPException) as exc:
+        print(f"error: {exc!r}" if isinstance(exc, http.client.HTTPException) else f"error: {exc}",
+              file=sys.stderr)
     else:
         return 0
     downloads = root / "downloads"

@@ -569,6 +569,8 @@ def test_images_rewritten_since_extraction_are_refused(tmp_path):
     assert cache.locate(paths).tolist() == [[0, 0], [0, 1], [1, 0], [1, 1]]
 
     _random_pngs(tmp_path / "other", 2, seed=1)[1].replace(paths[1])  # new content, same name
+    st = paths[1].stat()  # written later than the cache (within 2 s it would pass as the same)
+    os.utime(paths[1], ns=(st.st_atime_ns, st.st_mtime_ns + 5 * 10**9))
     with pytest.raises(FeatureCacheError, match=rf"1 of 4 images changed since they were cached "
                                                 rf"in {out} \(first: {paths[1]}"):
         FeatureCache(out).locate(paths)
@@ -581,7 +583,9 @@ def test_images_rewritten_since_extraction_are_refused(tmp_path):
     paths[1].unlink()  # deleted: the cached grid is its only copy
     assert FeatureCache(out).locate(paths).shape == (4, 2)
     st = paths[2].stat()
-    os.utime(paths[2], ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # same bytes, touched
+    os.utime(paths[2], ns=(st.st_atime_ns, st.st_mtime_ns - st.st_mtime_ns % 10**9))
+    FeatureCache(out).locate(paths)  # mtime cut to the second (tar, zip, scp -p): unchanged
+    os.utime(paths[2], ns=(st.st_atime_ns, st.st_mtime_ns + 10 * 10**9))  # same bytes, touched
     with pytest.raises(FeatureCacheError, match=rf"first: {paths[2]}"):
         FeatureCache(out).locate(paths)
 

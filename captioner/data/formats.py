@@ -545,7 +545,7 @@ def load_kaggle_flickr8k(
     problems = _Problems(file, skip_bad)
     captions: dict[str, list[str]] = {}
     first_line: dict[str, int] = {}
-    end = 1  # the last line of the last record read
+    end = 0  # the last line of the last record read (the header is line 1)
     try:
         with file.open(encoding="utf-8-sig", newline="") as f:
             reader = csv.reader(f, strict=True)  # an unclosed quote is an error, not a merge

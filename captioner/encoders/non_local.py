@@ -171,10 +171,9 @@ class NonLocalBlock(EncoderStage):
         k = key.flatten(2)  # (B, C_q, P_j)
         n_j = k.shape[-1]
         if self.pairwise in ("gaussian", "embedded_gaussian"):
-            logits = q @ k  # (B, P, P_j)
-            if self.scale:  # the released code's option: logits / sqrt(C_q)
-                logits = logits * q.shape[-1] ** -0.5
-            return F.softmax(logits, dim=-1)  # (B, P, P_j)
+            if self.scale:  # the released code's option: logits / sqrt(C_q), scaled before
+                q = q * q.shape[-1] ** -0.5  # the product so that 16-bit q @ k stays in range
+            return F.softmax(q @ k, dim=-1)  # (B, P, P_j)
         if self.pairwise == "dot_product":
             return (q @ k) / n_j  # (B, P, P_j)
         w_theta, w_phi = self.w_f.weight[0].split(self.inner_channels)  # (C_b,), (C_b,)

@@ -337,6 +337,9 @@ def test_csv_unclosed_quote_is_an_error_not_a_merge(tmp_path: Path) -> None:
     with pytest.raises(AnnotationError, match=r"captions.txt line 3: malformed CSV \(the record "
                                               r"starting there, read to line 8\)"):
         load_kaggle_flickr8k(file, tmp_path)
+    file.write_text('image,"caption\na.jpg,A dog\n')  # the header itself
+    with pytest.raises(AnnotationError, match=r"captions.txt line 1: malformed CSV"):
+        load_kaggle_flickr8k(file, tmp_path)
 
 
 # ---------------------------------------------------------------------------- splits
