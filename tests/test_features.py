@@ -390,16 +390,12 @@ def test_skip_bad_leaves_out_the_same_images_raw_and_cached(tmp_path, capsys):
     so both train on the same images and splits (a cached run used to keep the corrupt image,
     draw other splits, then ask for an extraction that could not read it)."""
     import yaml
-    from PIL import Image
 
     from captioner.cli import main
     from tests.conftest import TINY_MODEL_CONFIG
 
     images = tmp_path / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(12):
-        Image.fromarray((rng.random((40, 48, 3)) * 255).astype("uint8")).save(images / f"{i}.png")
+    _random_pngs(images, 12)
     (images / "4.png").write_bytes(b"not an image at all")
     (tmp_path / "captions.txt").write_text(
         "image,caption\n" + "".join(f"{i}.png,a red square number {i}\n" for i in range(12)))
@@ -505,15 +501,11 @@ def test_without_skip_unreadable_an_image_found_unreadable_is_read_again(tmp_pat
     """An image a ``skip_unreadable`` run recorded as unreadable is read again by a run without
     it: its error names it (the run used to report it "already cached" and exit 0), and once
     repaired it is cached. A data module that keeps it (no ``skip_bad``) names the cause."""
-    from PIL import Image
 
     from captioner.data.images import ImageLoadError
 
     images = tmp_path / "images"
-    images.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(4):
-        Image.fromarray((rng.random((40, 48, 3)) * 255).astype("uint8")).save(images / f"{i}.png")
+    _random_pngs(images, 4)
     good = (images / "2.png").read_bytes()
     (images / "2.png").write_bytes(b"truncated")
     paths = [images / f"{i}.png" for i in range(4)]

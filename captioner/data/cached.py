@@ -68,7 +68,8 @@ class _CachedFeatures:
             return records  # no cache yet: reading it (when a batch is made) will say so
         # an unfinished cache too: `captioner extract-features` reads these records to resume
         # it (opening it for batches refuses it, saying so)
-        unreadable = FeatureCache(self.features_dir, require_complete=False).unreadable
+        cache = self._cache or FeatureCache(self.features_dir, require_complete=False)
+        unreadable = cache.unreadable
         kept = [r for r in records if image_key(r.path) not in unreadable]
         if len(kept) < len(records):
             warnings.warn(f"{self.features_dir}: left out {len(records) - len(kept)} images the "
