@@ -76,7 +76,7 @@ def _cli_class() -> type:
                 _check_config_files(argv)
             self._trainer_counts = _integer_trainer_counts(argv) if listed else {}
             # read before Lightning parses the file, so that a bad file is one clear line
-            path = _option_value(argv, "--ckpt_path") if listed else None
+            path = _ckpt_path_option(argv) if listed else None
             self._ckpt_meta = _checkpoint_meta(path) if path else None
             self._ckpt_model = _saved_model_config(self._ckpt_meta)
             if self._ckpt_model is not None and not _gives_model(argv):
@@ -98,6 +98,10 @@ def _cli_class() -> type:
             ("Parsing of ckpt_path hyperparameters failed!"). A checkpoint with captioner's
             saved model config needs neither: :meth:`before_instantiate_classes` applies
             that config, which holds every hyperparameter."""
+            cfg = self.config[self.config.subcommand] if self.config.get("subcommand") else {}
+            if self._ckpt_meta is None and cfg.get("ckpt_path"):  # given in a config file
+                self._ckpt_meta = _checkpoint_meta(cfg.ckpt_path)
+                self._ckpt_model = _saved_model_config(self._ckpt_meta)
             if self._ckpt_model is None:
                 super()._parse_ckpt_path()
 
@@ -203,7 +207,9 @@ def _cli_class() -> type:
             """
             import logging
 
-            from captioner.commands.common import training_overlap
+            import torch
+
+            from captioner.commands.common import data_config_from_checkpoint, training_overlap
             from captioner.config import ConfigError, plain
             from captioner.data.datamodule import ShapesDataModule
 
@@ -211,9 +217,11 @@ def _cli_class() -> type:
             if not hasattr(dm, "split_records") or isinstance(dm, ShapesDataModule):
                 return  # parallel text (fixed split files) or generated images
             split = "test" if self.subcommand == "test" else "val"
-            stored = ((self._ckpt_meta or {}).get("data") or {}).get("datamodule")
+            # read by _checkpoint_meta already: mapped, not read again
+            ckpt = torch.load(cfg["ckpt_path"], map_location="cpu", weights_only=True, mmap=True)
             records = dm.split_records()[split]
-            overlap = training_overlap(stored, plain(cfg["data"]), records)
+            overlap = training_overlap(data_config_from_checkpoint(ckpt), plain(cfg["data"]),
+                                       records, split)
             self.model.training_images_in_split = overlap
             log = logging.getLogger(__name__)
             if not overlap["checked"]:
@@ -279,15 +287,29 @@ def _saved_model_config(meta: dict[str, Any] | None) -> dict[str, Any] | None:
     return {"class_path": model["class_path"], "init_args": init_args}
 
 
-def _option_value(argv: list[str] | tuple[str, ...], name: str) -> str | None:
-    """The value of option ``name`` (``--name V`` or ``--name=V``; the last one wins)."""
-    value = None
-    for i, arg in enumerate(map(str, argv)):
-        if arg == name and i + 1 < len(argv):
-            value = str(argv[i + 1])
-        elif arg.startswith(name + "="):
-            value = arg[len(name) + 1 :]
-    return value
+def _ckpt_path_option(argv: list[str] | tuple[str, ...]) -> str | None:
+    """The checkpoint of ``--ckpt_path V`` or of a config file's ``ckpt_path:``, whichever
+    comes last in ``argv`` (as LightningCLI reads them), or ``None``."""
+    from pathlib import Path
+
+    import yaml
+
+    path, args = None, [str(a) for a in argv]
+    for i, arg in enumerate(args):
+        name, eq, inline = arg.partition("=")
+        value = inline if eq else (args[i + 1] if i + 1 < len(args) else None)
+        if value is None:
+            continue
+        if name == "--ckpt_path":
+            path = value
+        elif name in ("--config", "-c"):
+            try:
+                loaded = yaml.safe_load(Path(value).read_text())
+            except (OSError, yaml.YAMLError):
+                continue  # reported by LightningCLI / _check_config_files
+            if isinstance(loaded, dict) and loaded.get("ckpt_path") is not None:
+                path = str(loaded["ckpt_path"])
+    return path
 
 
 def _config_files(argv: list[str] | tuple[str, ...]) -> list[str]:

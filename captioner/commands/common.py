@@ -300,20 +300,27 @@ LOADER_OPTIONS = frozenset({"batch_size", "eval_batch_size", "num_workers", "pin
 
 
 def training_overlap(stored: dict[str, Any] | None, given: dict[str, Any],
-                     records: Sequence[Any]) -> dict[str, Any]:
+                     records: Sequence[Any], split: str) -> dict[str, Any]:
     """Which of the evaluated ``records`` the checkpoint trained on, where the data config
     ``given`` replaces the one it stores (another ``split_seed`` or other fractions put
     training images in the evaluated split, and the scores are then inflated).
+
+    Only the overlap that the change of config brings counts: an image that the stored config
+    already put in both its training split and its ``split`` (annotation files that share
+    images, warned of when the data is set up) is in the data itself, and evaluating with the
+    stored config would score it too; such images are counted apart (``already_shared``).
 
     Args:
         stored: the checkpoint's data config (:func:`data_config_from_checkpoint`), or ``None``.
         given: the data config the records were drawn with.
         records: the evaluated split's :class:`~captioner.data.formats.ImageRecord` s.
+        split: the evaluated split's name (``"val"`` or ``"test"``).
 
     Returns:
-        ``{"checked": bool, "reason": str, "images": int, "example": str | None}``:
-        ``images`` of ``records`` lie in the stored config's training split, which is drawn
-        from the annotations alone (no image decoded, nothing written).
+        ``{"checked": bool, "reason": str, "images": int, "example": str | None}``, plus
+        ``already_shared`` (int) where the splits were compared: ``images`` of ``records`` lie
+        in the stored config's training split and not in its ``split``; the stored splits are
+        drawn from the annotations alone (no image decoded, nothing written).
     """
     from captioner.data.datamodule import ShapesDataModule
 
@@ -341,10 +348,14 @@ def training_overlap(stored: dict[str, Any] | None, given: dict[str, Any],
         stored_dm = instantiate_data_config(stored, "the checkpoint's data config", strict=False)
         if isinstance(stored_dm, ShapesDataModule):  # reading it would generate it anew
             return {**result, "reason": "generated data: each split is generated apart"}
-        trained = {os.path.realpath(r.path) for r in stored_dm.split_records()["train"]}
+        stored_splits = stored_dm.split_records()
+        trained = {os.path.realpath(r.path) for r in stored_splits["train"]}
+        evaluated = {os.path.realpath(r.path) for r in stored_splits.get(split, ())}
     except Exception as e:  # noqa: BLE001 - ToolError too: the stored data may be elsewhere
         return {**result, "reason": "could not read the checkpoint's training split "
                                     f"({' '.join(str(e).split())[:200]})"}
-    seen = [r for r in records if os.path.realpath(r.path) in trained]
+    in_training = [r for r in records if os.path.realpath(r.path) in trained]
+    seen = [r for r in in_training if os.path.realpath(r.path) not in evaluated]
     return {"checked": True, "reason": "compared with the checkpoint's training split",
-            "images": len(seen), "example": str(seen[0].path) if seen else None}
+            "images": len(seen), "example": str(seen[0].path) if seen else None,
+            "already_shared": len(in_training) - len(seen)}

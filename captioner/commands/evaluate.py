@@ -50,7 +50,7 @@ def _training_overlap(args: argparse.Namespace, records: list) -> dict[str, Any]
                 "reason": "the checkpoint's own data config" if not args.config
                 else "the training split itself"}
     return training_overlap(data_config_from_checkpoint(read_checkpoint(args.ckpt)),
-                            load_data_config(args.config), records)
+                            load_data_config(args.config), records, args.split)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from pycocotools.coco import COCO
 
 from captioner.cli import lightning_main
@@ -161,14 +162,19 @@ def test_test_needs_no_model_config_with_a_checkpoint(shapes_root, tmp_path):
         lightning_main(["test", *no_model, "--ckpt_path", str(tmp_path / "gone.ckpt")])
 
 
-def test_option_value_and_whether_a_model_is_given(tmp_path):
-    from captioner.cli import _gives_model, _option_value, _with_model_first
+def test_ckpt_path_option_and_whether_a_model_is_given(tmp_path):
+    from captioner.cli import _ckpt_path_option, _gives_model, _with_model_first
 
-    argv = ["test", "--ckpt_path", "a.ckpt", "--x", "1", "--ckpt_path=b.ckpt"]
-    assert _option_value(argv, "--ckpt_path") == "b.ckpt" and _option_value(argv, "--y") is None
     data, model = tmp_path / "data.yaml", tmp_path / "model.yaml"
     data.write_text("data:\n  class_path: x\n")
     model.write_text("model:\n  class_path: y\n")
+    argv = ["test", "--ckpt_path", "a.ckpt", "--x", "1", "--ckpt_path=b.ckpt"]
+    assert _ckpt_path_option(argv) == "b.ckpt" and _ckpt_path_option(["test"]) is None
+    in_file = tmp_path / "ckpt.yaml"
+    in_file.write_text("ckpt_path: c.ckpt\n")
+    # the last setting wins, a config file's as a command line option's
+    assert _ckpt_path_option([*argv, "-c", str(in_file), "--config", str(data)]) == "c.ckpt"
+    assert _ckpt_path_option(["test", f"--config={in_file}", "--ckpt_path", "d.ckpt"]) == "d.ckpt"
     assert not _gives_model(["test", "--config", str(data), "--model.init_args.beam_size", "3"])
     assert _gives_model(["test", "--config", str(data), "-c", str(model)])
     assert _gives_model(["test", "--model", "m.yaml"])
@@ -288,19 +294,22 @@ def test_test_refuses_a_data_config_that_puts_training_images_in_the_split(
 
     trained, images = red_squares_checkpoint(tiny_checkpoint, tmp_path)
 
-    def run(command: str, seed: int, *extra: str) -> tuple[int, str, dict | None]:
-        out = tmp_path / f"{command}_{seed}_{len(extra)}"
+    def run_with(argv: list[str], out: Path) -> tuple[int, str, dict | None]:
         logging.disable(logging.INFO)  # Lightning's "Seed set" goes to an older capture
         try:
-            status = main([command, "--config", str(tmp_path / f"seed{seed}.yaml"),
-                           "--ckpt_path", str(trained), "--trainer.accelerator", "cpu",
-                           "--trainer.logger", "false", "--trainer.enable_progress_bar",
-                           "false", "--trainer.default_root_dir", str(out), *extra])
+            status = main([*argv, "--trainer.accelerator", "cpu", "--trainer.logger", "false",
+                           "--trainer.enable_progress_bar", "false",
+                           "--trainer.default_root_dir", str(out)])
         finally:
             logging.disable(logging.NOTSET)
         err = capsys.readouterr().err
         metrics = out / "test_metrics.json"
         return status, err, json.loads(metrics.read_text()) if metrics.is_file() else None
+
+    def run(command: str, seed: int, *extra: str) -> tuple[int, str, dict | None]:
+        return run_with([command, "--config", str(tmp_path / f"seed{seed}.yaml"),
+                         "--ckpt_path", str(trained), *extra],
+                        tmp_path / f"{command}_{seed}_{len(extra)}")
 
     for command in ("test", "validate"):
         status, err, metrics = run(command, 1)
@@ -318,3 +327,63 @@ def test_test_refuses_a_data_config_that_puts_training_images_in_the_split(
     assert metrics["training_images_in_split"] == {
         "checked": True, "images": 0, "example": None,
         "reason": "the same split settings as the checkpoint's"}
+
+    # the checkpoint named by a config file's ckpt_path (Lightning's hparams parse failed on
+    # it there too), and stored data settings found only in Lightning's own
+    # datamodule_hyper_parameters (as evaluate reads them): still refused
+    ckpt = torch.load(trained, weights_only=True)
+    data = ckpt["captioner"]["data"].pop("datamodule")
+    ckpt["datamodule_hyper_parameters"] = {**data["init_args"], "_class_path": data["class_path"]}
+    lightning_only = tmp_path / "lightning_only.ckpt"
+    torch.save(ckpt, lightning_only)
+    (tmp_path / "ckpt.yaml").write_text(f"ckpt_path: {lightning_only}\n")
+    status, err, _ = run_with(["test", "--config", str(tmp_path / "ckpt.yaml"), "--config",
+                               str(tmp_path / "seed1.yaml")], tmp_path / "from_yaml")
+    assert status == 2 and "test images are in the checkpoint's training split" in err, err
+
+
+def test_overlap_counts_only_what_the_config_change_brings(tmp_path) -> None:
+    """Images that the stored data config itself puts in both the training and the evaluated
+    split (a Karpathy file listing them twice) are in the data: changing an option that does
+    not define the split (``image_size``) must not count them as training images, while an
+    image that another annotation file moves from training to test still counts."""
+    from captioner.commands.common import training_overlap
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(10):
+        Image.new("RGB", (8, 8), (20 * i, 0, 0)).save(images / f"{i}.jpg")
+
+    def karpathy(name: str, splits: list[tuple[int, str]]) -> str:
+        entries = [{"filename": f"{i}.jpg", "split": split, "imgid": n,
+                    "sentences": [{"raw": f"a red square {i}"}]}
+                   for n, (i, split) in enumerate(splits)]
+        (tmp_path / name).write_text(json.dumps({"images": entries}))
+        return str(tmp_path / name)
+
+    shared = [(0, "train"), (0, "test"), (1, "train"), (1, "test")]
+    stored_file = karpathy("stored.json", [*shared, *[(i, "train") for i in range(2, 8)],
+                                           (8, "test"), (9, "test")])
+    moved_file = karpathy("moved.json", [*shared, *[(i, "train") for i in (2, 4, 5, 6, 7)],
+                                         (3, "test"), (8, "test"), (9, "test")])
+
+    def config(file: str, size: int) -> dict:
+        return {"class_path": "captioner.data.datamodule.CaptionDataModule",
+                "init_args": {"format": "karpathy", "annotations": file,
+                              "image_root": str(images), "image_size": size, "min_freq": 1}}
+
+    def test_split(cfg: dict) -> list:
+        from captioner.commands.common import instantiate_data_config
+
+        with pytest.warns(UserWarning, match="2 images are in more than one split"):
+            return instantiate_data_config(cfg, "test", strict=True).split_records(
+                warn=True)["test"]
+
+    stored = config(stored_file, 16)
+    resized = config(stored_file, 24)
+    overlap = training_overlap(stored, resized, test_split(resized), "test")
+    assert overlap["checked"] and overlap["images"] == 0 and overlap["already_shared"] == 2
+    moved = config(moved_file, 16)
+    overlap = training_overlap(stored, moved, test_split(moved), "test")
+    assert (overlap["images"], overlap["already_shared"]) == (1, 2)
+    assert overlap["example"] == str(images / "3.jpg")
