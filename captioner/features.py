@@ -393,11 +393,12 @@ def _existing_fingerprint_version(out: Path) -> int:
     return int(_read_index(index_file).get("fingerprint_version", 1))
 
 
-def _load_index(out: Path, meta: dict[str, Any]) -> dict[str, Any]:
-    """The existing index of ``out`` if it matches ``meta`` (resume), else a fresh one."""
+def _load_index(out: Path, meta: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """The existing index of ``out`` if it matches ``meta`` (resume), else a fresh one, and
+    whether it lacked the 16-bit ``fingerprints`` (written before they were stored)."""
     index_file = out / INDEX_FILE
     if not index_file.is_file():
-        return {**meta, "shards": [], "items": {}, "complete": False}
+        return {**meta, "shards": [], "items": {}, "complete": False}, True
     index = _read_index(index_file)
     index.setdefault("precision", "32")  # caches from before the field: float32
     index.setdefault("fingerprint_version", 1)
@@ -410,8 +411,9 @@ def _load_index(out: Path, meta: dict[str, Any]) -> dict[str, Any]:
             raise FeatureCacheError(
                 f"{out} holds a cache made with another {field} ({index.get(field)!r}, now "
                 f"{meta[field]!r}){hint}; use a new --out folder or delete this one")
+    added = index.get("fingerprints") != meta["fingerprints"]
     index["fingerprints"] = meta["fingerprints"]  # of the same weights (added to older ones)
-    return index
+    return index, added
 
 
 @torch.no_grad()
@@ -501,7 +503,7 @@ def _extract(encoder: nn.Module, paths: Sequence[str | os.PathLike[str]], out: P
     from captioner.data.datasets import ImageEvalDataset, collate_images
     from captioner.data.formats import ImageRecord
 
-    index = _load_index(out, meta)
+    index, fingerprints_added = _load_index(out, meta)
     remove_leftovers(out, "shard_*.npy")  # a hard-killed run's partial files (we hold the lock)
     remove_leftovers(out, INDEX_FILE)
 
@@ -524,8 +526,8 @@ def _extract(encoder: nn.Module, paths: Sequence[str | os.PathLike[str]], out: P
                 f"{len(unreadable)} unreadable images left out (e.g. "
                 f"{next(iter(unreadable))}: {next(iter(unreadable.values()))})")
     say = progress or (lambda line: None)
-    if not todo:
-        if not index["complete"] or not (out / INDEX_FILE).is_file():
+    if not todo:  # written where it is new, was left unfinished or lacked fingerprints
+        if not index["complete"] or fingerprints_added or not (out / INDEX_FILE).is_file():
             index["complete"] = True
             _write_json(out / INDEX_FILE, index)
         say(f"{len(keys)} images already cached in {out}")

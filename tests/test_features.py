@@ -664,6 +664,13 @@ def test_true_half_precision_encoders_are_checked_against_the_cache(tmp_path):
         cast = copy.deepcopy(module.encoder).to(dtype)
         assert index["fingerprints"][str(dtype)[6:]] == encoder_fingerprint(cast, 32)
         assert encoder_fingerprint(cast, 32) != index["fingerprint"]
+    # a complete cache written before the 16-bit fingerprints were stored gets them when its
+    # extraction is run again, though no image is left to encode
+    older = {k: v for k, v in index.items() if k != "fingerprints"}
+    (tmp_path / "mine" / INDEX_FILE).write_text(json.dumps(older))
+    extract_features(module.encoder, paths, tmp_path / "mine", image_size=32, batch_size=2,
+                     shard_size=2)
+    assert json.loads((tmp_path / "mine" / INDEX_FILE).read_text()) == index
     module.encoder.to(torch.bfloat16)
     for name in ("mine", "other"):
         dm = SimpleNamespace(features_dir=str(tmp_path / name), image_size=32,

@@ -174,7 +174,8 @@ class CaptioningModule(CaptionerModule):
             if cached is None:
                 log.warning("the encoder runs in %s (true half precision) and the feature cache "
                             "%s, extracted before such fingerprints were kept, has none to "
-                            "compare with; make sure the cache was extracted with this encoder",
+                            "compare with; make sure the cache was extracted with this "
+                            "encoder (running its extract-features again adds them)",
                             name, dm.features_dir)
                 return
         if dm.cache.index.get("precision", "32") != "32":
