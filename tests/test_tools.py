@@ -287,6 +287,38 @@ def test_evaluate_uses_the_checkpoints_data_config_and_skips_java_when_missing(
     assert len(json.loads((tmp_path / "captions_val.json").read_text())) == 3
 
 
+def test_stored_relative_data_paths_resolve_from_the_training_folder(
+        capsys, monkeypatch, tiny_checkpoint, shapes_root, tmp_path) -> None:
+    """A checkpoint remembers the folder it was trained in: its data config's relative paths
+    (``root: shapes``) resolve from there when the checkpoint is evaluated from elsewhere (they
+    named nothing from the new folder); a path that exists from here is left alone."""
+    import os
+
+    from captioner.commands.common import data_config_from_checkpoint
+
+    ckpt = torch.load(tiny_checkpoint, weights_only=True)
+    stored = ckpt["captioner"]["data"]["datamodule"]
+    assert stored["working_dir"] == os.getcwd()  # where the fixture trained
+    stored["working_dir"] = str(shapes_root.parent)
+    stored["init_args"]["root"] = shapes_root.name
+    moved = tmp_path / "moved.ckpt"
+    torch.save(ckpt, moved)
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "here").mkdir(parents=True)
+    monkeypatch.chdir(elsewhere)
+    status, _, err = _run(capsys, "evaluate", "--ckpt", moved, "--split", "val", "--limit", "2",
+                          "--out", tmp_path / "out", "--no-java")
+    assert status == 0, err
+    assert json.loads((tmp_path / "out" / "metrics_val.json").read_text())[
+        "protocol"]["images"] == 2
+    ckpt["captioner"]["data"]["datamodule"]["init_args"].update(
+        root="here", annotations={"train": "here", "val": "nowhere"})
+    (shapes_root.parent / "nowhere").mkdir(exist_ok=True)
+    init_args = data_config_from_checkpoint(ckpt)["init_args"]
+    assert init_args["root"] == "here"  # exists from here: as stored
+    assert init_args["annotations"] == {"train": "here", "val": str(shapes_root.parent / "nowhere")}
+
+
 def test_evaluate_errors(capsys, tiny_checkpoint, bad_checkpoints, tmp_path) -> None:
     status, _, err = _run(capsys, "evaluate", "--ckpt", tiny_checkpoint, "--config",
                           tmp_path / "none.yaml")

@@ -218,6 +218,10 @@ def data_config_from_checkpoint(ckpt: dict[str, Any]) -> dict[str, Any] | None:
     ``init_args``); Lightning's ``datamodule_hyper_parameters`` with the ``_class_path`` that
     LightningCLI records; the same hyper-parameters with the class found by the name under which
     Lightning saved the data module's state (a class of :mod:`captioner.data.datamodule`).
+
+    A relative path of captioner's stored config (``annotations: ../data/captions.txt``) is
+    relative to the folder the training ran in (its ``working_dir``): where it names nothing
+    from here but something from there, it is made to point there.
     """
     import lightning as L
 
@@ -226,7 +230,8 @@ def data_config_from_checkpoint(ckpt: dict[str, Any]) -> dict[str, Any] | None:
     stored = ((ckpt.get("captioner") or {}).get("data") or {}).get("datamodule")
     if isinstance(stored, dict) and stored.get("class_path"):
         return {"class_path": stored["class_path"],
-                "init_args": dict(stored.get("init_args") or {})}
+                "init_args": _from_working_dir(dict(stored.get("init_args") or {}),
+                                               stored.get("working_dir"))}
     hparams = ckpt.get("datamodule_hyper_parameters")
     if not isinstance(hparams, dict):
         return None
@@ -240,6 +245,24 @@ def data_config_from_checkpoint(ckpt: dict[str, Any]) -> dict[str, Any] | None:
         return None
     return {"class_path": class_path,
             "init_args": {k: v for k, v in hparams.items() if not k.startswith("_")}}
+
+
+def _from_working_dir(init_args: dict[str, Any], working_dir: str | None) -> dict[str, Any]:
+    """``init_args`` with each relative path that exists only under ``working_dir`` (in a
+    mapping too: per-split files) joined to it; other values as they are."""
+    if not working_dir or os.path.realpath(working_dir) == os.path.realpath(os.getcwd()):
+        return init_args
+
+    def resolved(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: resolved(v) for k, v in value.items()}
+        if (isinstance(value, str) and value and not os.path.isabs(value)
+                and not os.path.exists(value)
+                and os.path.exists(os.path.join(working_dir, value))):
+            return os.path.join(working_dir, value)
+        return value
+
+    return {k: v if k == "format" else resolved(v) for k, v in init_args.items()}
 
 
 def build_data_module(args: argparse.Namespace) -> tuple[Any, str]:

@@ -15,6 +15,7 @@ Plain ``nn.Module``s never import this: only the Lightning wrappers do.
 from __future__ import annotations
 
 import copy
+import os
 import random
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,17 @@ from captioner.config import instantiate, plain
 from captioner.decoder import DecoderOutput
 from captioner.inference import CHECKPOINT_FORMAT, CHECKPOINT_KEY
 from captioner.losses import attention_entropy, reinforce_surrogate, sentence_log_likelihood
+
+
+def datamodule_record(dm: Any) -> dict[str, Any]:
+    """How a checkpoint remembers its data module: ``class_path``, ``init_args`` (the
+    module's hyperparameters) and ``working_dir``, the folder relative paths among them are
+    relative to (:func:`captioner.commands.common.data_config_from_checkpoint` resolves them
+    from there when the checkpoint is used elsewhere)."""
+    hp = dict(getattr(dm, "hparams", {}) or {})
+    return {"class_path": f"{type(dm).__module__}.{type(dm).__qualname__}",
+            "init_args": {k: v for k, v in hp.items() if not k.startswith("_")},
+            "working_dir": os.getcwd()}
 
 
 class CaptionerModule(L.LightningModule):

@@ -18,7 +18,7 @@ from captioner.atomic import atomic_write
 from captioner.data.vocabulary import END, PAD, SPECIALS, START, Vocabulary
 from captioner.decoder import AttentionDecoder
 from captioner.encoders.encoder import ImageEncoder
-from captioner.lit.base import CaptionerModule
+from captioner.lit.base import CaptionerModule, datamodule_record
 from captioner.lit.optim import adam, rmsprop
 from captioner.losses import doubly_stochastic_penalty, masked_nll
 from captioner.search import SearchResult, beam_search, greedy_search
@@ -127,12 +127,9 @@ class CaptioningModule(CaptionerModule):
                 f"encoder has {len(trainable)} trainable parameter tensors (e.g. {trainable[0]}: "
                 "freeze: false, finetune_blocks or encoder stages), which would never train; "
                 "use freeze: true and finetune_blocks: 0 without stages, or train from images")
-        hp = dict(getattr(dm, "hparams", {}) or {})
-        self.data_config = {
-            "image_size": hp.get("image_size"),
-            "datamodule": {"class_path": f"{type(dm).__module__}.{type(dm).__qualname__}",
-                           "init_args": {k: v for k, v in hp.items() if not k.startswith("_")}},
-        }
+        record = datamodule_record(dm)
+        self.data_config = {"image_size": record["init_args"].get("image_size"),
+                            "datamodule": record}
 
     def on_fit_start(self) -> None:
         super().on_fit_start()

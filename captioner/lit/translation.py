@@ -39,7 +39,7 @@ from captioner.data.vocabulary import Vocabulary
 from captioner.decoder import AttentionDecoder
 from captioner.encoders.text import TextEncoder
 from captioner.config import plain
-from captioner.lit.base import CaptionerModule
+from captioner.lit.base import CaptionerModule, datamodule_record
 from captioner.lit.optim import adam
 from captioner.metrics import json_safe
 from captioner.losses import doubly_stochastic_penalty, masked_nll, sentence_log_likelihood
@@ -138,12 +138,10 @@ class TranslationModule(CaptionerModule):
         elif (self.src_vocab, self.vocab) != (dm.src_vocab, dm.tgt_vocab):
             dm.set_vocabs(self.src_vocab, self.vocab)  # decode with the checkpoint's vocabularies
         self._check_vocabs()
-        hp = dict(getattr(dm, "hparams", {}) or {})
         self.data_config = {
             "lowercase": bool(getattr(dm, "lowercase", True)),
             "tokenizer_version": MT_TOKENIZER_VERSION,  # how the vocabularies' words were cut
-            "datamodule": {"class_path": f"{type(dm).__module__}.{type(dm).__qualname__}",
-                           "init_args": {k: v for k, v in hp.items() if not k.startswith("_")}},
+            "datamodule": datamodule_record(dm),
         }
 
     def _check_vocabs(self) -> None:
