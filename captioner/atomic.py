@@ -50,11 +50,21 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = _create_temp(out.parent, f".{out.name}.", f".tmp{out.suffix}")
     try:
         yield tmp
+        _fsync_file(tmp)  # the caller's writer closed it; its data reach the disk first
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_folder(out.parent)  # the rename itself survives a power loss
+
+
+def _fsync_file(path: Path) -> None:
+    """Flush a written file's data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -97,6 +107,4 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "w",
     """
     with atomic_path(path) as tmp:
         with open(tmp, mode, encoding=None if "b" in mode else encoding) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+            yield f  # closed here, then flushed to disk by atomic_path

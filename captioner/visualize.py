@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -50,8 +51,12 @@ if TYPE_CHECKING:
 
 def _save_figure(fig: Figure, path: str | os.PathLike, dpi: int) -> Path:
     out = Path(path)
+    if out.is_dir():
+        raise IsADirectoryError(f"{out} is a folder; give a file name such as "
+                                f"{out / 'attention.png'}")
     FigureCanvasAgg(fig)  # attach the Agg canvas explicitly
-    fmt = out.suffix.lstrip(".").lower() or None
+    # no suffix: matplotlib's default format (the temporary file's own suffix would be read)
+    fmt = out.suffix.lstrip(".").lower() or matplotlib.rcParams["savefig.format"]
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight")
     return out

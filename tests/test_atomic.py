@@ -82,3 +82,23 @@ def test_vocabulary_and_feature_cache_are_readable_by_others(tmp_path, umask_022
                                        "shard_00001.npy"]  # .lock: the extraction's lock
     assert all(_mode(p) == umask_022 for p in files)
     assert FeatureCache(out).tensor(images[2]).shape == (1, 3)
+
+
+def test_atomic_path_flushes_the_file_to_disk_before_moving_it(tmp_path, monkeypatch):
+    """The temporary file is fsynced before the rename, and the folder after it (a figure or
+    ``.npz`` renamed into place could otherwise be empty after a power loss)."""
+    synced = []
+    fsync = os.fsync
+
+    def spy(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", spy)
+    with atomic_path(tmp_path / "c.npz") as tmp:
+        np.savez(tmp, x=np.arange(3))
+    assert synced == [str(tmp), str(tmp_path)]
+    synced.clear()
+    with atomic_write(tmp_path / "d.json") as f:
+        f.write("{}")
+    assert len(synced) == 2 and synced[1] == str(tmp_path)  # once each, not twice

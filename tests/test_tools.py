@@ -145,6 +145,32 @@ def test_caption_reports_bad_paths_and_captions_the_others(capsys, tiny_checkpoi
     assert "4 path(s) not captioned, 2 captioned" in err
 
 
+def test_caption_of_a_file_name_that_is_not_utf8(monkeypatch, tiny_checkpoint, test_images,
+                                                  tmp_path) -> None:
+    """A file name that is not valid UTF-8 (``b\\xff.png``) is written back as its bytes on a
+    strict UTF-8 stdout (it was a UnicodeEncodeError that lost the captions after it, and all
+    of ``--json``), and escaped in the JSON, which stays valid."""
+    import io
+    import shutil
+
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    odd = folder / os.fsdecode(b"b\xff.png")
+    for path in (folder / "a.png", odd, folder / "c.png"):
+        shutil.copy(test_images[0], path)
+    for extra in ([], ["--json"]):
+        stdout = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", write_through=True)
+        monkeypatch.setattr(sys, "stdout", stdout)  # strict, as on a UTF-8 terminal
+        assert main(["caption", "--ckpt", str(tiny_checkpoint), *extra, str(folder)]) == 0
+        raw = stdout.buffer.getvalue()
+        if extra:
+            assert [r["image"] for r in json.loads(raw)] == [
+                str(folder / "a.png"), str(odd), str(folder / "c.png")]
+        else:
+            lines = raw.splitlines()
+            assert len(lines) == 3 and lines[1].startswith(os.fsencode(odd) + b"\t")
+
+
 def test_caption_of_odd_images(capsys, tiny_checkpoint, test_images, tmp_path) -> None:
     src = Image.open(test_images[0]).convert("RGB")
     src.convert("L").save(tmp_path / "grey.png")
@@ -365,6 +391,16 @@ def test_visualize_writes_figure_and_maps_for_any_aspect_ratio(
     np.testing.assert_allclose(saved.betas, expected.word_betas, atol=1e-6)
 
 
+def test_visualize_out_without_an_extension_is_a_png(capsys, tiny_checkpoint, test_images,
+                                                    tmp_path) -> None:
+    """matplotlib's default format (it read the temporary file's ``.tmp`` suffix: "Format
+    'tmp' is not supported")."""
+    status, _, err = _run(capsys, "visualize", "--ckpt", tiny_checkpoint, test_images[0],
+                          "--out", tmp_path / "figure")
+    assert status == 0, err
+    assert (tmp_path / "figure").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_visualize_bad_image(capsys, tiny_checkpoint, tmp_path) -> None:
     fake = tmp_path / "fake.png"
     fake.write_bytes(b"GIF89a broken")
@@ -378,6 +414,7 @@ def test_visualize_bad_image(capsys, tiny_checkpoint, tmp_path) -> None:
 
 @pytest.mark.parametrize("option, value, says", [
     ("--out", "fig.unknownext", "cannot write the figure"),
+    ("--out", "/tmp", "/tmp is a folder; give a file name such as /tmp/attention.png"),
     ("--out", "/proc/no/such/dir/fig.png", "cannot write the figure"),
     ("--cmap", "notacmap", "cannot write the figure"),
     ("--stn", "stn.png", "--stn: the model has no Spatial Transformer stage"),

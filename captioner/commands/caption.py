@@ -32,7 +32,12 @@ def _run(args: argparse.Namespace) -> int:
     if args.json:
         rows = [{"image": str(c.path), "caption": c.text, "words": c.words, "tokens": c.tokens,
                  "score": c.score} for c in captions]
-        print(json.dumps(rows, indent=1, ensure_ascii=False))
+        text = json.dumps(rows, indent=1, ensure_ascii=False)
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # a path that is not UTF-8: escaped, so the JSON stays valid
+            text = json.dumps(rows, indent=1)
+        print(text)
     else:
         for c in captions:
             print(f"{c.path}\t{c.text}")

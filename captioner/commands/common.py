@@ -119,6 +119,12 @@ def make_tool(name: str, parse: Callable[[list[str]], argparse.Namespace],
     """Wrap ``run`` so that argparse exits and expected errors become exit statuses."""
 
     def main(argv: list[str]) -> int:
+        # a file name that is not valid UTF-8 reaches Python with surrogates: written back as
+        # the bytes it had, not a UnicodeEncodeError that loses the remaining output
+        reconfigure = getattr(sys.stdout, "reconfigure", None)
+        if reconfigure is not None:
+            with contextlib.suppress(ValueError, OSError):
+                reconfigure(errors="surrogateescape")
         try:
             args = parse(list(argv))
         except SystemExit as e:  # argparse: --help (0) or a usage error (2), already printed

@@ -108,6 +108,8 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
         raise ImageLoadError(
             path, f"image too large ({e}); raise PIL.Image.MAX_IMAGE_PIXELS to accept it"
         ) from None
+    except (PermissionError, FileNotFoundError) as e:  # unreadable, or removed meanwhile
+        raise ImageLoadError(path, f"cannot read the file ({e.strerror})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
         raise ImageLoadError(path, f"truncated or corrupt image data ({e})") from None
     try:

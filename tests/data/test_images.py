@@ -183,6 +183,21 @@ def test_non_image_file(tmp_path: Path) -> None:
         load_image(path)
 
 
+def test_unreadable_file_is_not_called_corrupt(tmp_path: Path, monkeypatch) -> None:
+    """A file that cannot be opened (permissions; root ignores chmod, so the open is made to
+    fail) is reported as unreadable, not as truncated or corrupt image data."""
+    path = tmp_path / "locked.jpg"
+    Image.new("RGB", (4, 4)).save(path)
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(Image, "open", refuse)
+    with pytest.raises(ImageLoadError, match=r"locked.jpg: cannot read the file \(Permission "
+                                             r"denied\)$"):
+        load_image(path)
+
+
 def test_truncated_jpeg(tmp_path: Path) -> None:
     path = tmp_path / "cut.jpg"
     noise = np.random.default_rng(0).integers(0, 256, (48, 64, 3), dtype=np.uint8)
