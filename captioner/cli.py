@@ -59,6 +59,9 @@ def _cli_class() -> type:
                     f"{type(dm).__name__} holds "
                     f"{'captions' if task == 'translation' else 'parallel text'}: give the "
                     f"{task} data config")
+            stored = ((meta.get("data") or {}).get("datamodule") or {}).get("init_args")
+            if stored and hasattr(dm, "check_trained_with"):
+                dm.check_trained_with(stored, "the --ckpt_path checkpoint")
             if vocab is not None:
                 from captioner.data.vocabulary import Vocabulary
 

@@ -15,14 +15,9 @@ import json
 import sys
 from pathlib import Path
 
+from captioner.atomic import atomic_write
+from captioner.data.parallel_text import ParallelDataError, read_lines
 from captioner.translate import sacrebleu_score
-
-
-def _lines(path: Path) -> list[str]:
-    lines = path.read_text(encoding="utf-8-sig").split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,10 +28,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None, help="write the scores here")
     args = p.parse_args(argv)
 
-    references = _lines(args.reference)
+    try:
+        references = read_lines(args.reference)
+        hypotheses_of = {path: read_lines(path) for path in args.hypotheses}
+    except ParallelDataError as e:  # missing, or not UTF-8: one line naming file and line
+        print(e, file=sys.stderr)
+        return 2
     scores = {}
     for path in args.hypotheses:
-        hypotheses = _lines(path)
+        hypotheses = hypotheses_of[path]
         if len(hypotheses) != len(references):
             print(f"{path}: {len(hypotheses)} lines for {len(references)} references",
                   file=sys.stderr)
@@ -47,8 +47,9 @@ def main(argv: list[str] | None = None) -> int:
                              "signature": bleu.signature, "unk_in_hypotheses": unk}
         print(f"{path}\t{bleu.detail}\t<unk>: {unk}")
     if args.json:
-        args.json.write_text(json.dumps({"reference": str(args.reference), "scores": scores},
-                                        indent=2) + "\n")
+        with atomic_write(args.json) as f:
+            f.write(json.dumps({"reference": str(args.reference), "scores": scores},
+                               indent=2) + "\n")
     return 0
 
 

@@ -136,10 +136,19 @@ def test_translate_drops_a_byte_order_mark_from_stdin(checkpoint, capsys, monkey
         return original(self, sentences, *args, **kwargs)
 
     monkeypatch.setattr(Translator, "translate", spy)
-    monkeypatch.setattr(sys, "stdin", io.StringIO("\ufeffDer rote Ball.\nEine Frau liest.\n"))
+    def stdin(raw: bytes) -> io.TextIOWrapper:  # read as UTF-8 whatever the locale says
+        return io.TextIOWrapper(io.BytesIO(raw), encoding="ascii", errors="strict")
+
+    monkeypatch.setattr(sys, "stdin", stdin("\ufeffDer rote Ball.\nEine Frau liest.\n".encode()))
     assert main(["translate", "--ckpt", str(checkpoint)]) == 0
     assert seen == ["Der rote Ball.", "Eine Frau liest."]  # a BOM (Windows editors) is no word
     assert capsys.readouterr().out.splitlines() == ["the red ball.", "a woman reads."]
+    # Latin-1 text: one line naming the line (was a source word made of a surrogate, and with
+    # --alignment a matplotlib traceback)
+    monkeypatch.setattr(sys, "stdin", stdin(b"Ein Hund.\nEin \xe4Hund.\n"))
+    assert main(["translate", "--ckpt", str(checkpoint), "--alignment", "a.png"]) == 2
+    err = capsys.readouterr().err
+    assert "captioner translate: error: stdin:2: not UTF-8 text" in err and err.count("\n") == 1
 
 
 def test_translate_errors_are_one_line(checkpoint, capsys, tmp_path):
@@ -172,6 +181,33 @@ def test_lightning_commands_answer_data_and_checkpoint_mistakes_in_one_line(chec
     assert "captioner test: the checkpoint is a translation model, but the data module " \
            "ShapesDataModule holds captions" in err
     assert "Traceback" not in err
+    # the de->en checkpoint on en->de data: its vocabularies would read English as <unk>
+    data = tmp_path / "toy"
+    data.mkdir()
+    for split in ("train", "val", "test_2016_flickr"):
+        (data / f"{split}.de").write_text("".join(f"{s}\n" for s, _ in PAIRS), encoding="utf-8")
+        (data / f"{split}.en").write_text("".join(f"{t}\n" for _, t in PAIRS), encoding="utf-8")
+    en_de = ["--config", str(CONFIGS / "data" / "multi30k_en_de.yaml"),
+             "--data.init_args.root", str(data)]
+    assert main(["test", *trainer, *en_de, "--ckpt_path", str(checkpoint)]) == 2
+    err = capsys.readouterr().err
+    assert ("captioner test: the --ckpt_path checkpoint was trained on data with src_lang 'de' "
+            "(this data: 'en'), tgt_lang 'en' (this data: 'de')") in err
+    assert "Traceback" not in err
+    # a checkpoint whose source vocabulary lost a word: one line, not a traceback
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    ckpt["captioner"]["src_vocab"]["itos"].pop()
+    torch.save(ckpt, tmp_path / "short_vocab.ckpt")
+    de_en = ["--config", str(CONFIGS / "data" / "multi30k_de_en.yaml"),
+             "--data.init_args.root", str(data)]
+    assert main(["test", *trainer, *de_en, "--ckpt_path", str(tmp_path / "short_vocab.ckpt")]) == 2
+    err = capsys.readouterr().err  # its fingerprint no longer matches
+    assert "vocabulary fingerprint mismatch" in err and "Traceback" not in err, err
+    del ckpt["captioner"]["src_vocab"]["fingerprint"]
+    torch.save(ckpt, tmp_path / "short_vocab.ckpt")
+    assert main(["test", *trainer, *de_en, "--ckpt_path", str(tmp_path / "short_vocab.ckpt")]) == 2
+    err = capsys.readouterr().err
+    assert "source vocabulary mismatch" in err and "Traceback" not in err, err
 
 
 @pytest.mark.parametrize("model_yaml", [True, False])
@@ -224,3 +260,20 @@ def test_a_checkpoint_of_another_tokenizer_version_is_warned_of(checkpoint, tmp_
                                          f"tokenize_mt version 1, this is version "
                                          f"{MT_TOKENIZER_VERSION}"):
         Translator.from_checkpoint(old)
+
+
+def test_a_loaded_module_refuses_data_of_another_case(checkpoint, tmp_path):
+    """Through the Python API too (``load_from_checkpoint`` and a ``Trainer``): the module's
+    setup compares the data with the settings its checkpoint stores."""
+    from types import SimpleNamespace
+
+    from captioner.config import ConfigError
+    from captioner.data.parallel import ParallelTextDataModule
+    from captioner.lit.translation import TranslationModule
+
+    module = TranslationModule.load_from_checkpoint(checkpoint)
+    module._trainer = SimpleNamespace(datamodule=ParallelTextDataModule(str(tmp_path),
+                                                                         lowercase=False))
+    with pytest.raises(ConfigError, match=r"the checkpoint was trained on data with lowercase "
+                                          r"True \(this data: False\)"):
+        module.setup("test")

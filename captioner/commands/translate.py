@@ -38,7 +38,19 @@ def _alignment_path(out: str, line: int, sentences: int) -> Path:
     return path if sentences == 1 else path.with_name(f"{path.stem}_{line}{path.suffix}")
 
 
+def _stdin_lines() -> list[str]:
+    """The lines of standard input, decoded as UTF-8 whatever the locale (a stray byte is an
+    error naming its line, not a source word made of a surrogate)."""
+    from captioner.data.parallel_text import decode_lines
+
+    buffer = getattr(sys.stdin, "buffer", None)
+    raw = buffer.read() if buffer is not None else sys.stdin.read().encode("utf-8",
+                                                                           "surrogateescape")
+    return decode_lines(raw, "stdin")
+
+
 def _run(args: argparse.Namespace) -> int:
+    from captioner.data.parallel_text import ParallelDataError, read_lines
     from captioner.inference import CheckpointError
     from captioner.translate import Translator, sacrebleu_score
 
@@ -50,17 +62,12 @@ def _run(args: argparse.Namespace) -> int:
         compile_search(args, translator.decoder)
     except CheckpointError as e:
         raise ToolError(str(e)) from None
-    sentences = args.sentences or [line.rstrip("\r\n") for line in sys.stdin]
-    if sentences and not args.sentences:
-        sentences[0] = sentences[0].removeprefix("\ufeff")  # a byte-order mark is no word
-    references = None
-    if args.reference:
-        try:
-            references = Path(args.reference).read_text(encoding="utf-8-sig").split("\n")
-        except (OSError, UnicodeDecodeError) as e:
-            raise ToolError(f"{args.reference}: cannot read references ({e})") from None
-        if references and references[-1] == "":
-            references.pop()
+    try:
+        sentences = args.sentences or _stdin_lines()
+        references = read_lines(args.reference) if args.reference else None
+    except ParallelDataError as e:
+        raise ToolError(str(e)) from None
+    if references is not None:
         if len(references) != len(sentences):
             raise ToolError(f"{args.reference}: {len(references)} reference lines for "
                             f"{len(sentences)} sentences")

@@ -14,6 +14,7 @@ from typing import Any, Literal
 import lightning as L
 from torch.utils.data import DataLoader, Sampler, SequentialSampler
 
+from captioner.config import ConfigError
 from captioner.data.parallel_text import (BucketBatchSampler, EpochRandomSampler,
                                           ParallelDataError, ParallelDataset, collate_parallel,
                                           detokenize_mt, read_aligned, read_tsv, tokenize_mt)
@@ -107,6 +108,32 @@ class ParallelTextDataModule(L.LightningDataModule):
             return (self.root / f"{stem}.tsv",)
         return (self.root / f"{stem}.{self.src_lang}", self.root / f"{stem}.{self.tgt_lang}")
 
+    def check_trained_with(self, stored: dict[str, Any], source: str) -> None:
+        """Refuse to serve a checkpoint data of another language pair or case handling than
+        it was trained on: its vocabularies would read the sources as mostly ``<unk>``, and
+        the output would be scored against references in another language or case.
+
+        Args:
+            stored: the data module options the checkpoint stores (``init_args``); options
+                it lacks are not compared.
+            source: the checkpoint, for the message.
+
+        Raises:
+            captioner.config.ConfigError: ``src_lang``, ``tgt_lang`` or ``lowercase`` differ.
+        """
+        differ = [f"{name} {stored[name]!r} (this data: {getattr(self, name)!r})"
+                  for name in ("src_lang", "tgt_lang", "lowercase")
+                  if name in stored and stored[name] != getattr(self, name)]
+        if differ:
+            raise ConfigError(f"{source} was trained on data with {', '.join(differ)}: give "
+                              "the data config it was trained with")
+
+    def _where(self, stage: str) -> str:
+        """The file(s) of a stage for messages."""
+        if stage not in self.splits:
+            return f"{self.root} (splits has no {stage!r} file stem)"
+        return ", ".join(map(str, self.files(stage)))
+
     def pairs(self, stage: str) -> list[tuple[str, str]]:
         """Raw ``(source, target)`` sentences of ``"train"``, ``"val"`` or ``"test"`` (read once;
         empty for a stage without a file stem); eval batches' ``index`` points into this list."""
@@ -147,7 +174,9 @@ class ParallelTextDataModule(L.LightningDataModule):
     def _build_vocabs(self) -> None:
         train = self._training_pairs()
         if not train:
-            raise ValueError("cannot build the vocabularies: the training split is empty")
+            raise ParallelDataError(f"{self._where('train')}: cannot build the vocabularies: "
+                                    "the training split has no sentence pairs (within "
+                                    f"max_len={self.max_len})")
         kw = dict(min_freq=self.min_freq, max_size=self.max_vocab_size)
         self._src_vocab = Vocabulary.build((s for s, _ in train), **kw)
         self._tgt_vocab = Vocabulary.build((t for _, t in train), **kw)
@@ -217,7 +246,8 @@ class ParallelTextDataModule(L.LightningDataModule):
         """Bucketed batches of :func:`collate_parallel` (shuffled for ``"train"`` only)."""
         dataset = self.dataset(stage)
         if len(dataset) == 0:
-            raise ValueError(f"the {stage} split has no sentence pairs")
+            raise ParallelDataError(f"{self._where(stage)}: the {stage} split has no sentence "
+                                    "pairs")
         train = stage == "train"
         keys = list(zip(dataset.tgt_lengths.tolist(), dataset.src_lengths.tolist()))
         trainer = getattr(self, "trainer", None)

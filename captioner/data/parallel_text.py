@@ -40,6 +40,7 @@ own share.
 
 from __future__ import annotations
 
+import codecs
 import math
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -53,7 +54,8 @@ from captioner.data.samplers import EpochRandomSampler
 from captioner.data.tokenize import detokenize_mt, tokenize_mt
 from captioner.data.vocabulary import Vocabulary
 
-__all__ = ["ParallelDataError", "tokenize_mt", "detokenize_mt", "read_aligned", "read_tsv",
+__all__ = ["ParallelDataError", "decode_lines", "read_lines", "tokenize_mt", "detokenize_mt",
+           "read_aligned", "read_tsv",
            "ParallelDataset", "collate_parallel", "BucketBatchSampler", "EpochRandomSampler"]
 
 class ParallelDataError(ValueError):
@@ -61,18 +63,42 @@ class ParallelDataError(ValueError):
 
 
 # ---------------------------------------------------------------------------------- files
-def _read_lines(path: Path) -> list[str]:
-    """Lines without their newline (a final newline does not make an extra empty line)."""
-    if not path.is_file():
-        raise ParallelDataError(f"{path}: file not found")
+def decode_lines(raw: bytes, source: str | Path) -> list[str]:
+    """The lines of UTF-8 text ``raw`` without their ``\\n`` / ``\\r\\n``.
+
+    Only ``\\n`` ends a line, as ``wc -l`` and the line-aligned corpora count them (a lone
+    ``\\r`` inside a line is text, not a line break); a final newline makes no extra empty line,
+    and a leading byte-order mark is dropped.
+
+    Raises:
+        ParallelDataError: ``raw`` is not UTF-8, naming ``source`` and the line.
+    """
+    raw = raw.removeprefix(codecs.BOM_UTF8)  # a byte-order mark (Windows editors) is not text
     try:
-        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is not text
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise ParallelDataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        line = raw[: e.start].count(b"\n") + 1
+        raise ParallelDataError(f"{source}:{line}: not UTF-8 text ({e.reason})") from None
     lines = text.split("\n")
     if lines and lines[-1] == "":
         lines.pop()
-    return [line.rstrip("\r") for line in lines]
+    return [line.removesuffix("\r") for line in lines]
+
+
+def read_lines(path: str | Path) -> list[str]:
+    """:func:`decode_lines` of a file.
+
+    Raises:
+        ParallelDataError: a missing or unreadable file, or one that is not UTF-8.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ParallelDataError(f"{path}: file not found")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ParallelDataError(f"{path}: cannot read ({e.strerror})") from None
+    return decode_lines(raw, path)
 
 
 def _check_not_empty(text: str, path: Path, line: int, what: str = "line") -> None:
@@ -95,7 +121,7 @@ def read_aligned(src_path: str | Path, tgt_path: str | Path) -> list[tuple[str, 
             counterpart is named) or an empty line.
     """
     src_path, tgt_path = Path(src_path), Path(tgt_path)
-    src, tgt = _read_lines(src_path), _read_lines(tgt_path)
+    src, tgt = read_lines(src_path), read_lines(tgt_path)
     if len(src) != len(tgt):
         longer, shorter = (src_path, tgt_path) if len(src) > len(tgt) else (tgt_path, src_path)
         n = min(len(src), len(tgt))
@@ -122,7 +148,7 @@ def read_tsv(path: str | Path) -> list[tuple[str, str]]:
     """
     path = Path(path)
     pairs = []
-    for i, line in enumerate(_read_lines(path), start=1):
+    for i, line in enumerate(read_lines(path), start=1):
         _check_not_empty(line, path, i)
         fields = line.split("\t")
         if len(fields) != 2:

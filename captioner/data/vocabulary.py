@@ -200,16 +200,16 @@ class Vocabulary:
             The vocabulary.
 
         Raises:
-            ValueError: If ``d`` is not such a dict, or the fingerprint does not match.
+            VocabularyError: If ``d`` is not such a dict, or the fingerprint does not match.
         """
         if not isinstance(d, dict) or not isinstance(d.get("itos"), list):
-            raise ValueError("a vocabulary dict needs an 'itos' list of tokens")
+            raise VocabularyError("a vocabulary dict needs an 'itos' list of tokens")
         vocab = cls(d["itos"])
         expected = d.get("fingerprint")
         if expected is not None and expected != vocab.fingerprint():
-            raise ValueError(
+            raise VocabularyError(
                 f"vocabulary fingerprint mismatch: stored {expected}, "
-                f"computed {vocab.fingerprint()}"
+                f"computed {vocab.fingerprint()} (the word list was changed after it was saved)"
             )
         return vocab
 

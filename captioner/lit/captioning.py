@@ -18,6 +18,7 @@ from captioner.atomic import atomic_write
 from captioner.data.vocabulary import END, PAD, SPECIALS, START, Vocabulary
 from captioner.decoder import AttentionDecoder
 from captioner.encoders.encoder import ImageEncoder
+from captioner.inference import CheckpointError
 from captioner.lit.base import CaptionerModule, datamodule_record
 from captioner.lit.optim import adam, rmsprop
 from captioner.losses import doubly_stochastic_penalty, masked_nll
@@ -190,7 +191,7 @@ class CaptioningModule(CaptionerModule):
 
     def _check_vocab(self) -> None:
         if self.vocab is not None and len(self.vocab) != self.hparams.vocab_size:
-            raise ValueError(
+            raise CheckpointError(
                 f"vocabulary mismatch: the model was built for {self.hparams.vocab_size} words "
                 f"but the vocabulary has {len(self.vocab)}"
             )

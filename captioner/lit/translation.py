@@ -38,6 +38,7 @@ from captioner.data.tokenize import MT_TOKENIZER_VERSION, detokenize_mt
 from captioner.data.vocabulary import Vocabulary
 from captioner.decoder import AttentionDecoder
 from captioner.encoders.text import TextEncoder
+from captioner.inference import CheckpointError
 from captioner.config import plain
 from captioner.lit.base import CaptionerModule, datamodule_record
 from captioner.lit.optim import adam
@@ -133,6 +134,9 @@ class TranslationModule(CaptionerModule):
         dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         if dm is None:
             return
+        stored = (self.data_config.get("datamodule") or {}).get("init_args")
+        if stored and hasattr(dm, "check_trained_with"):  # loaded from a checkpoint
+            dm.check_trained_with(stored, "the checkpoint")
         if self.vocab is None or self.src_vocab is None:
             self.src_vocab, self.vocab = dm.src_vocab, dm.tgt_vocab
         elif (self.src_vocab, self.vocab) != (dm.src_vocab, dm.tgt_vocab):
@@ -149,8 +153,8 @@ class TranslationModule(CaptionerModule):
         for name, vocab, size in (("target", self.vocab, h.vocab_size),
                                   ("source", self.src_vocab, h.src_vocab_size)):
             if vocab is not None and len(vocab) != size:
-                raise ValueError(f"{name} vocabulary mismatch: the model was built for {size} "
-                                 f"words but the vocabulary has {len(vocab)}")
+                raise CheckpointError(f"{name} vocabulary mismatch: the model was built for "
+                                      f"{size} words but the vocabulary has {len(vocab)}")
 
     # ---------------------------------------------------------------- training
     def encode(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

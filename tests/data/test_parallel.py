@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from captioner.config import ConfigError
 from captioner.data.parallel import (BucketBatchSampler, EpochRandomSampler, ParallelDataError,
                                      ParallelTextDataModule, detokenize_mt, read_aligned,
                                      read_tsv, tokenize_mt)
@@ -118,6 +119,51 @@ def test_byte_order_mark_is_not_text(tmp_path):
     (tmp_path / "a.en").write_bytes("\ufeffTwo dogs .\nA man .\n".encode("utf-8"))
     pairs = read_aligned(tmp_path / "a.de", tmp_path / "a.en")
     assert [list(p) for p in pairs] == [["Zwei Hunde .", "Two dogs ."], ["Ein Mann .", "A man ."]]
+
+
+def test_only_a_newline_ends_a_line_and_bad_bytes_name_their_line(tmp_path):
+    """A lone carriage return inside a line is text (``wc -l`` counts 2 lines in
+    ``a\\rb\\nc\\n``; universal newlines read 3 and the files did not align); text that is not
+    UTF-8 is reported at its line, not its byte offset."""
+    from captioner.data.parallel_text import decode_lines, read_lines
+
+    (tmp_path / "r.de").write_bytes(b"Ein\rHund.\r\nEine Katze.\n")
+    (tmp_path / "r.en").write_bytes(b"A dog.\nA cat.")
+    assert read_aligned(tmp_path / "r.de", tmp_path / "r.en") == [("Ein\rHund.", "A dog."),
+                                                                ("Eine Katze.", "A cat.")]
+    (tmp_path / "bad.de").write_bytes(b"Ein Hund.\nZwei Hunde.\nEin \xe4Hund.\nx\n")
+    with pytest.raises(ParallelDataError, match=rf"{tmp_path / 'bad.de'}:3: not UTF-8 text "
+                                                r"\(invalid"):
+        read_lines(tmp_path / "bad.de")
+    # the byte-order mark is not counted into the line either
+    with pytest.raises(ParallelDataError, match=r"^stdin:2: not UTF-8"):
+        decode_lines(b"\xef\xbb\xbfa\n\xff", "stdin")
+
+
+def test_empty_splits_name_their_files(tmp_path):
+    dm = module(tmp_path)
+    write_aligned(tmp_path, "val", [])
+    with pytest.raises(ParallelDataError, match=rf"{tmp_path / 'val.de'}, "
+                                                rf"{tmp_path / 'val.en'}: the val split has no"):
+        dm.val_dataloader()
+    short = module(tmp_path, max_len=1)
+    with pytest.raises(ParallelDataError, match=r"train\.en: cannot build the vocabularies: the "
+                                                r"training split has no sentence pairs \(within "
+                                                r"max_len=1\)"):
+        short.vocab_size
+
+
+def test_a_checkpoints_language_pair_and_case_are_checked(tmp_path):
+    write_aligned(tmp_path, "train", TRAIN)
+    dm = module(tmp_path)
+    dm.check_trained_with({"src_lang": "de", "tgt_lang": "en", "lowercase": True, "root": "x"},
+                          "m.ckpt")  # other options (root) are not compared
+    with pytest.raises(ConfigError, match=r"m\.ckpt was trained on data with src_lang 'en' "
+                                          r"\(this data: 'de'\), tgt_lang 'de' \(this data: "
+                                          r"'en'\): give the data config"):
+        dm.check_trained_with({"src_lang": "en", "tgt_lang": "de", "lowercase": True}, "m.ckpt")
+    with pytest.raises(ConfigError, match=r"lowercase False \(this data: True\)"):
+        dm.check_trained_with({"lowercase": False}, "m.ckpt")
 
 
 @pytest.mark.parametrize("bad", ["", "   "])
@@ -354,3 +400,25 @@ def test_loaders_take_nothing_from_the_global_generator(tmp_path):
     for stage in ("train", "val"):
         list(dm.loader(stage))
     assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_score_translations_script_reads_files_as_the_tools_do(tmp_path, capsys):
+    """scripts/score_translations.py: the same line reading as the data and ``translate``
+    (a lone carriage return is text), and a file that is not UTF-8 is one line naming it."""
+    import importlib.util
+    import json
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "score_translations.py"
+    spec = importlib.util.spec_from_file_location("captioner_score_translations", script)
+    score = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(score)
+    (tmp_path / "ref.en").write_bytes(b"\xef\xbb\xbfa dog runs .\r\nthe\rcat sleeps .\n")
+    (tmp_path / "hyp.en").write_bytes(b"a dog runs .\nthe\rcat sleeps .\n")
+    assert score.main([str(tmp_path / "hyp.en"), "--reference", str(tmp_path / "ref.en"),
+                       "--json", str(tmp_path / "s.json")]) == 0
+    scores = json.loads((tmp_path / "s.json").read_text())["scores"]
+    assert scores[str(tmp_path / "hyp.en")]["bleu"] == pytest.approx(100)
+    (tmp_path / "bad.en").write_bytes(b"a dog runs .\n\xe4\n")
+    assert score.main([str(tmp_path / "bad.en"), "--reference", str(tmp_path / "ref.en")]) == 2
+    assert capsys.readouterr().err == f"{tmp_path / 'bad.en'}:2: not UTF-8 text (invalid " \
+                                      "continuation byte)\n"
