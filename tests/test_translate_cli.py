@@ -149,6 +149,9 @@ def test_translate_drops_a_byte_order_mark_from_stdin(checkpoint, capsys, monkey
     assert main(["translate", "--ckpt", str(checkpoint), "--alignment", "a.png"]) == 2
     err = capsys.readouterr().err
     assert "captioner translate: error: stdin:2: not UTF-8 text" in err and err.count("\n") == 1
+    latin1 = os.fsdecode(b"Ein \xe4Hund.")  # as Python hands over such a command-line argument
+    assert main(["translate", "--ckpt", str(checkpoint), "Ein Hund.", latin1]) == 2
+    assert "error: sentence argument 2 is not UTF-8 text" in capsys.readouterr().err
 
 
 def test_translate_errors_are_one_line(checkpoint, capsys, tmp_path):

@@ -62,6 +62,11 @@ def _run(args: argparse.Namespace) -> int:
         compile_search(args, translator.decoder)
     except CheckpointError as e:
         raise ToolError(str(e)) from None
+    for n, sentence in enumerate(args.sentences, 1):
+        try:
+            sentence.encode("utf-8")
+        except UnicodeEncodeError:  # bytes the locale could not decode, kept as surrogates
+            raise ToolError(f"sentence argument {n} is not UTF-8 text") from None
     try:
         sentences = args.sentences or _stdin_lines()
         references = read_lines(args.reference) if args.reference else None
