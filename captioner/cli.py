@@ -36,6 +36,7 @@ def _cli_class() -> type:
             return parser
 
         def add_arguments_to_parser(self, parser) -> None:
+            _counts_before_fractions(parser)
             parser.link_arguments("data", "model.init_args.vocab_size",
                                   compute_fn=self._linked_vocab_size, apply_on="instantiate")
             parser.add_argument(
@@ -50,15 +51,10 @@ def _cli_class() -> type:
             vocabulary would differ, e.g. another ``min_freq``, still tests the checkpoint)."""
             meta = self._ckpt_meta or {}
             vocab, src = meta.get("vocab"), meta.get("src_vocab")
-            task = meta.get("task", "captioning")
-            if meta and (task == "translation") != hasattr(dm, "set_vocabs"):
-                from captioner.inference import CheckpointError
-
-                raise CheckpointError(
-                    f"the checkpoint is a {task} model, but the data module "
-                    f"{type(dm).__name__} holds "
-                    f"{'captions' if task == 'translation' else 'parallel text'}: give the "
-                    f"{task} data config")
+            if meta:
+                _check_task(meta.get("task", "captioning"), dm, "the checkpoint")
+            else:
+                self._check_model_task(dm)
             stored = ((meta.get("data") or {}).get("datamodule") or {}).get("init_args")
             if stored and hasattr(dm, "check_trained_with"):
                 dm.check_trained_with(stored, "the --ckpt_path checkpoint")
@@ -71,13 +67,27 @@ def _cli_class() -> type:
                     dm.set_vocab(Vocabulary.from_dict(vocab))
             return int(dm.vocab_size)
 
+        def _check_model_task(self, dm: Any) -> None:
+            """The configured model's task (``captioning`` / ``translation``) against what
+            ``dm`` holds (a translation model on image data failed with an AttributeError, a
+            captioning model on parallel text with a KeyError in its first training step)."""
+            from captioner.config import import_class
+
+            cfg = self.config[self.subcommand] if self.subcommand else self.config
+            class_path = getattr(cfg.get("model"), "class_path", None)
+            try:
+                task = getattr(import_class(class_path), "task", None) if class_path else None
+            except ValueError:  # reported by jsonargparse
+                return
+            if task:
+                _check_task(task, dm, f"the model {class_path.rsplit('.', 1)[-1]}")
+
         def parse_arguments(self, parser, args) -> None:
             argv = sys.argv[1:] if args is None else args
             listed = isinstance(argv, (list, tuple))
             self._model_args = _model_options(argv) if listed else []
             if listed:
                 _check_config_files(argv)
-            self._trainer_counts = _integer_trainer_counts(argv) if listed else {}
             # read before Lightning parses the file, so that a bad file is one clear line
             path = _ckpt_path_option(argv) if listed else None
             self._ckpt_meta = _checkpoint_meta(path) if path else None
@@ -149,20 +159,15 @@ def _cli_class() -> type:
                     model.init_args.src_vocab_size = len(saved["itos"])
                 else:
                     dm = instantiate(data.class_path, plain(data.init_args))
+                    self._check_model_task(dm)
                     model.init_args.src_vocab_size = int(dm.src_vocab_size)
 
         def instantiate_trainer(self, **kwargs: Any):
-            """Trainer options that are a count or a fraction (``limit_val_batches``,
-            ``val_check_interval``...) keep the integer given: LightningCLI reads ``1`` as
-            ``1.0`` (Lightning issue #21259), i.e. 100 % of the batches instead of one. The
-            trainer writes its checkpoints atomically (:mod:`captioner.lit.checkpoint_io`)."""
+            """The trainer writes its checkpoints atomically
+            (:mod:`captioner.lit.checkpoint_io`)."""
             from captioner.lit.checkpoint_io import use_atomic_checkpoints
 
-            cfg = self.config[self.subcommand] if self.subcommand else self.config
-            parsed = cfg.get("trainer") or {}
-            counts = {key: count for key, count in getattr(self, "_trainer_counts", {}).items()
-                      if parsed.get(key) == count}  # only where the parsed value is that count
-            trainer = super().instantiate_trainer(**{**counts, **kwargs})
+            trainer = super().instantiate_trainer(**kwargs)
             use_atomic_checkpoints(trainer)
             return trainer
 
@@ -242,6 +247,20 @@ def _cli_class() -> type:
             log.warning("%s", message)
 
     return CaptionerCLI
+
+
+def _check_task(task: str, dm: Any, what: str) -> None:
+    """Refuse a ``task`` model (``captioning`` / ``translation``) on the other task's data.
+
+    Raises:
+        captioner.config.ConfigError: naming ``what`` and the data module's class.
+    """
+    from captioner.config import ConfigError
+
+    if (task == "translation") != hasattr(dm, "set_vocabs"):
+        holds = "captions" if task == "translation" else "parallel text"
+        raise ConfigError(f"{what} is a {task} model, but the data module "
+                          f"{type(dm).__name__} holds {holds}: give the {task} data config")
 
 
 def _one_line(e: BaseException) -> str:
@@ -382,53 +401,25 @@ INT_OR_FRACTION = ("limit_train_batches", "limit_val_batches", "limit_test_batch
 """Trainer options where an int counts batches and a float is a fraction of them."""
 
 
-def _integer_trainer_counts(argv: list[str] | tuple[str, ...]) -> dict[str, int]:
-    """The :data:`INT_OR_FRACTION` trainer options whose last setting is an integer.
+def _counts_before_fractions(parser: Any) -> None:
+    """Make the :data:`INT_OR_FRACTION` trainer options read an integer as a count of batches.
 
-    ``argv`` is read in order, as LightningCLI reads it: ``--config F`` (``-c F``,
-    ``--config=F``) and ``--trainer F`` files' ``trainer:`` values, and ``--trainer.NAME V``
-    options; a later setting replaces an earlier one.
+    Lightning's signature gives them ``Optional[Union[int, float]]``, which jsonargparse resolves
+    as ``Union[float, int, None]`` (Lightning issue #21259): ``limit_val_batches: 1`` became
+    ``1.0``, all the batches instead of one, and the config LightningCLI saves or prints said
+    ``1.0`` too. The options' type hints are reordered to try ``int`` first; a float such as
+    ``0.25`` still parses as a fraction.
     """
-    from pathlib import Path
+    import typing
 
-    import yaml
-
-    def load(path: str, section: bool) -> dict:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except (OSError, yaml.YAMLError):
-            return {}  # reported by LightningCLI / _check_config_files
-        if section and isinstance(loaded, dict):
-            loaded = loaded.get("trainer")
-        return loaded if isinstance(loaded, dict) else {}
-
-    counts: dict[str, int] = {}
-
-    def setting(key: str, value: Any) -> None:
-        if key not in INT_OR_FRACTION:
-            return
-        if isinstance(value, str) and value.strip().isdigit():
-            value = int(value)
-        if isinstance(value, int) and not isinstance(value, bool):
-            counts[key] = value
-        else:
-            counts.pop(key, None)
-
-    args = [str(a) for a in argv]
-    for i, arg in enumerate(args):
-        name, eq, inline = arg.partition("=")
-        value = inline if eq else (args[i + 1] if i + 1 < len(args) else None)
-        if value is None:
+    for action in getattr(parser, "_actions", ()):
+        dest = str(getattr(action, "dest", ""))
+        hint = getattr(action, "_typehint", None)
+        if not dest.startswith("trainer.") or dest[len("trainer."):] not in INT_OR_FRACTION:
             continue
-        if name in ("--config", "-c"):
-            for key, v in load(value, section=True).items():
-                setting(key, v)
-        elif name == "--trainer" and not value.startswith("-"):
-            for key, v in load(value, section=False).items():
-                setting(key, v)
-        elif name.startswith("--trainer."):
-            setting(name[len("--trainer."):], value)
-    return counts
+        args = typing.get_args(hint)
+        if int in args and float in args and args.index(float) < args.index(int):
+            action._typehint = typing.Union[tuple([int, *[a for a in args if a is not int]])]
 
 
 def _model_options(argv: list[str] | tuple[str, ...]) -> list[str]:
@@ -449,6 +440,8 @@ def lightning_main(args: list[str] | None = None, run: bool = True):
     """Run LightningCLI with captioner's defaults; returns the CLI object."""
     import lightning as L
 
+    from captioner.lit.callbacks import KeepInputConfigs
+
     process_argv = sys.argv
     if args is not None and list(args) == sys.argv[1:]:
         args = None  # the command line itself (DDP's launcher re-runs sys.argv in each rank)
@@ -458,7 +451,7 @@ def lightning_main(args: list[str] | None = None, run: bool = True):
         return _cli_class()(
             L.LightningModule, L.LightningDataModule,
             subclass_mode_model=True, subclass_mode_data=True,
-            save_config_kwargs={"overwrite": True},
+            save_config_callback=KeepInputConfigs, save_config_kwargs={"overwrite": True},
             args=args, run=run,
         )
     finally:

@@ -8,6 +8,7 @@ with jsonargparse and load the state dicts: no module is ever pickled.
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,14 +20,17 @@ class ConfigError(ValueError):
 
 
 def plain(obj: Any) -> Any:
-    """Recursively turn jsonargparse Namespaces (and tuples) into dicts and lists, so a config
-    can be stored in a checkpoint that loads with ``torch.load(weights_only=True)``."""
+    """Recursively turn jsonargparse Namespaces (and tuples) into dicts and lists, and paths
+    (``pathlib.Path``, jsonargparse's) into strings, so a config can be stored in a checkpoint
+    that loads with ``torch.load(weights_only=True)``."""
     if hasattr(obj, "as_dict"):
         obj = obj.as_dict()
     if isinstance(obj, dict):
         return {str(k): plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [plain(v) for v in obj]
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
     return obj
 
 

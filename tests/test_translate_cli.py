@@ -184,6 +184,15 @@ def test_lightning_commands_answer_data_and_checkpoint_mistakes_in_one_line(chec
     assert "captioner test: the checkpoint is a translation model, but the data module " \
            "ShapesDataModule holds captions" in err
     assert "Traceback" not in err
+    # without a checkpoint: the model's task against the data's (an AttributeError, and a
+    # KeyError in the first training step of a captioning model on parallel text)
+    assert main(["fit", *trainer, "--config", str(CONFIGS / "data" / "shapes.yaml"),
+                 "--data.init_args.root", str(tmp_path / "shapes"),
+                 "--config", str(CONFIGS / "model" / "multi30k_gru.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert ("captioner fit: the model TranslationModule is a translation model, but the data "
+            "module ShapesDataModule holds captions: give the translation data config") in err
+    assert "Traceback" not in err
     # the de->en checkpoint on en->de data: its vocabularies would read English as <unk>
     data = tmp_path / "toy"
     data.mkdir()
@@ -192,6 +201,11 @@ def test_lightning_commands_answer_data_and_checkpoint_mistakes_in_one_line(chec
         (data / f"{split}.en").write_text("".join(f"{t}\n" for _, t in PAIRS), encoding="utf-8")
     en_de = ["--config", str(CONFIGS / "data" / "multi30k_en_de.yaml"),
              "--data.init_args.root", str(data)]
+    assert main(["fit", *trainer, *en_de, "--config",
+                 str(CONFIGS / "model" / "shapes_soft.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert ("captioner fit: the model CaptioningModule is a captioning model, but the data "
+            "module ParallelTextDataModule holds parallel text") in err
     assert main(["test", *trainer, *en_de, "--ckpt_path", str(checkpoint)]) == 2
     err = capsys.readouterr().err
     assert ("captioner test: the --ckpt_path checkpoint was trained on data with src_lang 'de' "

@@ -37,7 +37,7 @@ def datamodule_record(dm: Any) -> dict[str, Any]:
     module's hyperparameters) and ``working_dir``, the folder relative paths among them are
     relative to (:func:`captioner.commands.common.data_config_from_checkpoint` resolves them
     from there when the checkpoint is used elsewhere)."""
-    hp = dict(getattr(dm, "hparams", {}) or {})
+    hp = plain(dict(getattr(dm, "hparams", {}) or {}))  # a pathlib.Path root: a string
     return {"class_path": f"{type(dm).__module__}.{type(dm).__qualname__}",
             "init_args": {k: v for k, v in hp.items() if not k.startswith("_")},
             "working_dir": os.getcwd()}
@@ -333,6 +333,9 @@ class CaptionerModule(L.LightningModule):
         checkpoint[CHECKPOINT_KEY] = {"format": CHECKPOINT_FORMAT, "task": self.task,
                                       "model_config": plain(self.model_config),
                                       "data": self.data_config, **self.checkpoint_meta()}
+        if isinstance(checkpoint.get("datamodule_hyper_parameters"), dict):  # Lightning's copy
+            checkpoint["datamodule_hyper_parameters"] = plain(
+                checkpoint["datamodule_hyper_parameters"])
         checkpoint["rng_states"] = rng_states()
         per_rank = all_ranks_rng_states(checkpoint["rng_states"])
         if per_rank is not None:
@@ -347,11 +350,19 @@ class CaptionerModule(L.LightningModule):
             raise ValueError(f"a {task} checkpoint cannot be loaded into a {self.task} module")
         self.restore_meta(meta)
         self.model_config = self.model_config or meta.get("model_config")
-        self.data_config = meta.get("data") or {}
+        self.data_config = self.resumed_data_config(meta.get("data") or {})
         if "rng_states" in checkpoint:  # resuming continues the random streams exactly
             trainer = self._trainer  # the device it runs on: no CUDA state for a CPU run
             set_rng_states(own_rng_states(checkpoint), cuda=None if trainer is None else
                            trainer.strategy.root_device.type == "cuda")
+
+
+    def resumed_data_config(self, stored: dict[str, Any]) -> dict[str, Any]:
+        """The data settings to keep after loading a checkpoint that stores ``stored``: those
+        that ``setup`` recorded from this run's data module where it ran first (a fit resumed
+        with ``--ckpt_path``, which may read the data otherwise: another ``image_size``...),
+        else the stored ones (a module loaded from the file)."""
+        return self.data_config or stored
 
 
 def rng_states() -> dict[str, Any]:

@@ -1,5 +1,9 @@
 """Lightning callbacks of captioner.
 
+:class:`KeepInputConfigs` is LightningCLI's ``SaveConfigCallback`` that never writes over one of
+the run's own ``--config`` files (``config.yaml`` in the folder the run starts in, with no
+logger: ``default_root_dir`` is that folder).
+
 :class:`ResumableCheckpoint` is Lightning's ``ModelCheckpoint`` whose top-k survives a resume.
 A resumed ``captioner fit`` logs into a new ``version_N`` folder, so its checkpoint folder
 changes; ``ModelCheckpoint`` then forgets the best score so far (it keeps only
@@ -10,11 +14,33 @@ the earlier folder).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_warn
+
+
+class KeepInputConfigs(SaveConfigCallback):
+    """Saves the run's whole config as ``SaveConfigCallback`` does (``overwrite`` lets a later
+    run replace an earlier run's copy), except over a file the run was configured from: with
+    ``--trainer.logger false`` the copy goes to ``default_root_dir``, by default the current
+    folder, where ``config.yaml`` may be the user's own; it was replaced by the run's settings
+    (command-line overrides and ``ckpt_path`` included, so that running it again resumed)."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.save_to_log_dir and not self.already_saved:
+            target = os.path.realpath(os.path.join(trainer.log_dir or ".", self.config_filename))
+            inputs = {os.path.realpath(os.fspath(path)) for path in self.config.get("config") or []}
+            if target in inputs:
+                rank_zero_warn(f"{target} is one of this run's --config files: the run's "
+                               "config is not saved over it (give a logger or another "
+                               "--trainer.default_root_dir to keep a copy)")
+                self.save_to_log_dir = False
+        super().setup(trainer, pl_module, stage)
 
 
 class ResumableCheckpoint(ModelCheckpoint):

@@ -312,6 +312,14 @@ class TranslationModule(CaptionerModule):
                 "vocab": self.vocab.to_dict() if self.vocab is not None else None,
                 "src_vocab": self.src_vocab.to_dict() if self.src_vocab is not None else None}
 
+    def resumed_data_config(self, stored: dict[str, Any]) -> dict[str, Any]:
+        """As the base class's, but a resumed fit keeps the checkpoint's vocabularies, so the
+        record of how their words were cut (``tokenizer_version``) stays the stored one."""
+        kept = super().resumed_data_config(stored)
+        if kept is stored:
+            return kept
+        return {**kept, "tokenizer_version": int(stored.get("tokenizer_version", 1))}
+
     def restore_meta(self, meta: dict[str, Any]) -> None:
         check_tokenizer_version(meta.get("data") or {}, "the checkpoint")
         if meta.get("vocab") is not None and meta.get("src_vocab") is not None:

@@ -134,3 +134,48 @@ def test_mean_over_ranks_in_one_process_is_the_mean():
     torch.testing.assert_close(mean_over_ranks(torch.tensor([1.0, 2.0, 6.0])),
                                torch.tensor([3.0]))
     assert mean_over_ranks(torch.tensor([])).shape == (0,)
+
+
+def test_a_resumed_fit_records_this_runs_data_settings(tmp_path):
+    """Lightning runs ``setup`` (which records the data module's settings) before it restores a
+    checkpoint: the restore kept overwriting them with the earlier run's, so a fit resumed with
+    another ``image_size`` saved checkpoints claiming the old one. A module loaded from a file
+    takes the stored settings; a resumed translation keeps the stored ``tokenizer_version``
+    (its vocabularies are the checkpoint's). A data module built with a ``pathlib.Path`` root
+    gives a checkpoint that loads with ``weights_only`` (it held a ``PosixPath``)."""
+    import lightning as L
+
+    from captioner.data.datamodule import ShapesDataModule
+    from captioner.inference import read_checkpoint
+    from tests.conftest import SHAPES_SIZES
+
+    shapes_root = tmp_path / "shapes"  # its own: another image_size regenerates the set
+
+    def fit(image_size: int, steps: int, ckpt: str | None = None) -> CaptioningModule:
+        dm = ShapesDataModule(root=shapes_root, **{**SHAPES_SIZES, "image_size": image_size}, seed=0,
+                              batch_size=4, num_workers=0)
+        assert isinstance(dm.hparams["root"], type(shapes_root))  # a Path, as given
+        module = CaptioningModule.from_config({**TINY_MODEL_CONFIG, "vocab_size": dm.vocab_size})
+        trainer = L.Trainer(accelerator="cpu", max_steps=steps, limit_val_batches=0,
+                            logger=False, enable_checkpointing=False,
+                            enable_progress_bar=False, enable_model_summary=False,
+                            default_root_dir=tmp_path)
+        trainer.fit(module, datamodule=dm, ckpt_path=ckpt)
+        trainer.save_checkpoint(tmp_path / f"{steps}.ckpt")
+        return module
+
+    fit(32, 1)
+    stored = read_checkpoint(tmp_path / "1.ckpt")  # weights_only: no PosixPath inside
+    assert stored[CHECKPOINT_KEY]["data"]["image_size"] == 32
+    assert stored[CHECKPOINT_KEY]["data"]["datamodule"]["init_args"]["root"] == str(shapes_root)
+    assert stored["datamodule_hyper_parameters"]["root"] == str(shapes_root)
+    resumed = fit(40, 2, str(tmp_path / "1.ckpt"))
+    assert resumed.data_config["image_size"] == 40
+    assert read_checkpoint(tmp_path / "2.ckpt")[CHECKPOINT_KEY]["data"]["image_size"] == 40
+    loaded = CaptioningModule.load_from_checkpoint(tmp_path / "1.ckpt")
+    assert loaded.data_config["image_size"] == 32
+
+    translation = TranslationModule.from_config(model_config(9, 9))
+    translation.data_config = {"tokenizer_version": 2, "lowercase": True}  # as setup records
+    kept = translation.resumed_data_config({"lowercase": True})  # stored before versions: 1
+    assert kept == {"tokenizer_version": 1, "lowercase": True}

@@ -244,16 +244,20 @@ def test_checkpoint_values_lightning_resolves_are_left_to_it():
         assert _checkpoint_meta(value) is None, value
 
 
-def test_integer_batch_counts_stay_integers(shapes_root, tmp_path):
-    """LightningCLI reads ``limit_val_batches: 1`` as 1.0, i.e. all batches (Lightning #21259);
-    the integer given, in a config file or on the command line, reaches the Trainer."""
-    from captioner.cli import _integer_trainer_counts
+def test_integer_batch_counts_stay_integers(shapes_root, tmp_path, capsys):
+    """LightningCLI read ``limit_val_batches: 1`` as 1.0, i.e. all batches (Lightning #21259);
+    the integer given, in a config file or on the command line, reaches the Trainer, and the
+    config that ``--print_config`` prints (and the run saves) keeps it an integer, so that
+    running that config again limits the batches alike."""
+    import io
+    from contextlib import redirect_stdout
+
+    import yaml
 
     config = tmp_path / "limits.yaml"
     config.write_text("trainer:\n  limit_val_batches: 1\n  limit_test_batches: 2\n")
     argv = [*shapes_run(shapes_root, tmp_path, 12, 4, 4), "--config", str(config),
             "--trainer.limit_train_batches", "1", "--trainer.limit_test_batches", "0.5"]
-    assert _integer_trainer_counts(argv) == {"limit_val_batches": 1, "limit_train_batches": 1}
     cli = lightning_main(argv, run=False)
     assert cli.trainer.limit_val_batches == 1 and isinstance(cli.trainer.limit_val_batches, int)
     assert isinstance(cli.trainer.limit_train_batches, int)
@@ -263,8 +267,15 @@ def test_integer_batch_counts_stay_integers(shapes_root, tmp_path):
     fraction.write_text("trainer:\n  limit_val_batches: 0.25\n")
     later = [*shapes_run(shapes_root, tmp_path, 12, 4, 4), "--trainer.limit_val_batches", "3",
              "--config", str(fraction)]
-    assert "limit_val_batches" not in _integer_trainer_counts(later)
     assert lightning_main(later, run=False).trainer.limit_val_batches == 0.25
+
+    printed = io.StringIO()
+    with redirect_stdout(printed), pytest.raises(SystemExit):
+        lightning_main(["fit", *argv, "--print_config"])
+    trainer = yaml.safe_load(printed.getvalue())["trainer"]
+    assert (trainer["limit_val_batches"], trainer["limit_train_batches"],
+            trainer["limit_test_batches"]) == (1, 1, 0.5)
+    assert isinstance(trainer["limit_val_batches"], int)
 
 
 def test_a_misspelled_option_is_named_without_pages_of_usage(shapes_root, tmp_path, capsys):
@@ -387,3 +398,23 @@ def test_overlap_counts_only_what_the_config_change_brings(tmp_path) -> None:
     overlap = training_overlap(stored, moved, test_split(moved), "test")
     assert (overlap["images"], overlap["already_shared"]) == (1, 2)
     assert overlap["example"] == str(images / "3.jpg")
+
+
+def test_a_run_without_logger_never_writes_over_its_own_config_file(shapes_root, tmp_path):
+    """Without a logger LightningCLI saves the run's config as ``default_root_dir/config.yaml``
+    (overwriting, so that a later run replaces an earlier run's copy); where that is one of the
+    run's own ``--config`` files it is left as the user wrote it, with a warning. Another
+    folder's copy is still written, with the run's settings."""
+    own = tmp_path / "config.yaml"
+    own.write_text("trainer:\n  max_epochs: 1\n")
+    argv = ["fit", *shapes_run(shapes_root, tmp_path, 12, 4, 4), "--config", str(own),
+            "--trainer.logger", "false", "--trainer.limit_train_batches", "1",
+            "--trainer.limit_val_batches", "0", "--trainer.callbacks", "[]",
+            "--trainer.enable_checkpointing", "false", "--model.init_args.lr", "0.5"]
+    with pytest.warns(UserWarning, match=f"{own} is one of this run's --config files"):
+        lightning_main(argv)
+    assert own.read_text() == "trainer:\n  max_epochs: 1\n"
+    elsewhere = tmp_path / "elsewhere"
+    lightning_main([*argv, "--trainer.default_root_dir", str(elsewhere)])
+    saved = (elsewhere / "config.yaml").read_text()
+    assert "lr: 0.5" in saved and "limit_train_batches: 1\n" in saved
