@@ -99,12 +99,11 @@ def evaluate_split(captioner: Captioner, records: Sequence[ImageRecord], *,
     attention = None
     if any(r.boxes for r in records):
         H, W = captioner.grid_size
+        upright = [upright_boxes(r) for r in records]
         attention = attention_correctness(
             [c.word_alphas.reshape(len(c.words), H * W) for c in captions],  # (T, L) each
-            [c.words for c in captions],
-            [[(b.category, (b.attributes or {}).get("colour", ""), tuple(b.bbox))
-              for b in r.boxes] for r in records],
-            (H, W), [image_size(r) for r in records],
+            [c.words for c in captions], [boxes for boxes, _ in upright],
+            (H, W), [size for _, size in upright],
             thetas=[c.grid_theta for c in captions])
     n_refs = [len(r.captions) for r in records]
     protocol = {
@@ -132,6 +131,36 @@ def image_size(record: ImageRecord) -> tuple[int, int]:
 
     with Image.open(record.path) as img:
         return img.height, img.width
+
+
+def upright_boxes(record: ImageRecord) -> tuple[list[tuple[str, str, tuple[float, ...]]],
+                                                tuple[int, int]]:
+    """A record's objects as ``(category, colour, (x, y, w, h))`` and its ``(H_img, W_img)``,
+    on the image as the model sees it: turned upright by its EXIF orientation
+    (:func:`captioner.data.images.upright_box`).
+
+    COCO's boxes and ``width`` / ``height`` are those of the stored pixels (its annotation tool
+    did not turn images), so a turned image's boxes are turned with it. Where the annotation's
+    size is the turned image's (sides swapped by orientations 5 to 8), the boxes were drawn on
+    the upright image and are kept as given.
+    """
+    from PIL import Image
+
+    from captioner.data.images import exif_orientation, upright_box
+
+    size = image_size(record)
+    boxes = [(b.category, (b.attributes or {}).get("colour", ""), tuple(b.bbox))
+             for b in record.boxes]
+    orientation = exif_orientation(record.path) if boxes else 1
+    if orientation == 1:
+        return boxes, size
+    if orientation >= 5 and record.height and record.width:
+        with Image.open(record.path) as img:
+            if size == (img.width, img.height) != (img.height, img.width):
+                return boxes, size  # annotated on the upright image
+    turned = [(category, colour, upright_box(box, size, orientation))
+              for category, colour, box in boxes]
+    return turned, (size[1], size[0]) if orientation >= 5 else size
 
 
 @contextlib.contextmanager

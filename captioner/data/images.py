@@ -23,6 +23,8 @@ __all__ = [
     "MAX_IMAGE_PIXELS",
     "ImageLoadError",
     "load_image",
+    "exif_orientation",
+    "upright_box",
     "to_rgb",
     "image_to_tensor",
     "find_images",
@@ -124,6 +126,40 @@ def _exif_upright(img: Image.Image) -> Image.Image:
         return ImageOps.exif_transpose(img)
     except Exception:  # malformed EXIF must not cost us the picture: keep it as stored
         return img.copy()
+
+
+EXIF_ORIENTATION = 0x0112  # the TIFF / EXIF tag
+
+
+def exif_orientation(path: str | os.PathLike[str]) -> int:
+    """The EXIF orientation of an image file, 1 to 8 (1: stored upright; also for a file
+    without EXIF, a malformed tag or an unreadable file, which :func:`load_image` reports)."""
+    try:
+        with Image.open(path) as img:
+            value = img.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # noqa: BLE001 - reading the header only; errors are load_image's
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def upright_box(box: tuple[float, float, float, float], stored_hw: tuple[int, int],
+                orientation: int) -> tuple[float, float, float, float]:
+    """A box ``(x, y, w, h)`` given on the stored pixels of an image (``stored_hw`` =
+    ``(H, W)`` as stored; COCO's boxes and sizes) moved onto the image as :func:`load_image`
+    turns it upright by its EXIF ``orientation`` (``ImageOps.exif_transpose``): 2 mirrors it,
+    3 turns it by 180 degrees, 4 flips it, 5 transposes it, 6 turns it 90 degrees clockwise,
+    7 transverses it, 8 turns it 90 degrees anticlockwise. Orientations 5 to 8 swap the
+    image's sides: the upright image is ``(W, H)``."""
+    x, y, w, h = box
+    H, W = stored_hw
+    return {1: (x, y, w, h),
+            2: (W - x - w, y, w, h),
+            3: (W - x - w, H - y - h, w, h),
+            4: (x, H - y - h, w, h),
+            5: (y, x, h, w),
+            6: (H - y - h, x, h, w),
+            7: (H - y - h, W - x - w, h, w),
+            8: (y, W - x - w, h, w)}.get(orientation, (x, y, w, h))
 
 
 def upright_rgb(img: Image.Image) -> Image.Image:

@@ -159,6 +159,35 @@ def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     assert load_image(path).size == (3, 7)
 
 
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_boxes_follow_the_exif_turn(tmp_path: Path, orientation: int) -> None:
+    """A box drawn on the stored pixels lands, through :func:`upright_box`, on the same
+    pixels of the image :func:`load_image` turned upright (PIL's ``exif_transpose``)."""
+    from captioner.data.images import exif_orientation, upright_box
+
+    W, H, box = 60, 40, (5, 8, 10, 6)  # stored sides and an (x, y, w, h) box, none symmetric
+    stored = np.zeros((H, W, 3), dtype=np.uint8)
+    stored[box[1]: box[1] + box[3], box[0]: box[0] + box[2]] = (255, 0, 0)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    path = tmp_path / "turned.png"
+    Image.fromarray(stored).save(path, exif=exif)
+    assert exif_orientation(path) == orientation
+    upright = np.asarray(load_image(path))  # (H', W', 3)
+    x, y, w, h = (int(v) for v in upright_box(box, (H, W), orientation))
+    red = upright[..., 0] > 127  # (H', W')
+    assert red[y: y + h, x: x + w].all() and red.sum() == w * h == 60
+
+
+def test_exif_orientation_of_files_without_one(tmp_path: Path) -> None:
+    from captioner.data.images import exif_orientation
+
+    Image.new("RGB", (4, 4)).save(tmp_path / "plain.png")
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    assert exif_orientation(tmp_path / "plain.png") == 1
+    assert exif_orientation(tmp_path / "broken.png") == exif_orientation(tmp_path / "no.png") == 1
+
+
 def test_one_pixel_image(tmp_path: Path) -> None:
     path = tmp_path / "dot.png"
     Image.new("RGB", (1, 1), (1, 2, 3)).save(path)
@@ -280,3 +309,29 @@ def test_find_images(tmp_path: Path) -> None:
     assert [p for p, _ in problems] == [tmp_path / "missing.jpg", tmp_path / "x.txt", tmp_path / "empty"]
     assert "no such file" in problems[0][1]
     assert ".png" in IMAGE_EXTENSIONS and ".jpg" in IMAGE_EXTENSIONS
+
+
+def test_evaluation_turns_coco_boxes_with_the_image(tmp_path: Path) -> None:
+    """Attention correctness meets boxes on the image the model saw: COCO gives boxes and sizes
+    on the stored pixels, which an EXIF orientation of 6 turns (boxes turned, sides swapped);
+    an annotation whose size is already the upright one keeps its boxes; no EXIF: as given."""
+    from captioner.data.formats import Box, ImageRecord
+    from captioner.evaluation import upright_boxes
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (60, 40)).save(tmp_path / "turned.png", exif=exif)
+    Image.new("RGB", (60, 40)).save(tmp_path / "plain.png")
+    box = Box("square", (5, 8, 10, 6), {"colour": "red"})
+
+    def record(name: str, width: int | None, height: int | None) -> ImageRecord:
+        return ImageRecord(1, tmp_path / name, ["a red square"], boxes=[box], width=width,
+                           height=height)
+
+    turned = ([("square", "red", (26.0, 5.0, 6.0, 10.0))], (60, 40))  # (H, W) upright
+    assert upright_boxes(record("turned.png", 60, 40)) == turned
+    assert upright_boxes(record("turned.png", None, None)) == turned  # sizes from the file
+    assert upright_boxes(record("turned.png", 40, 60)) == (
+        [("square", "red", (5.0, 8.0, 10.0, 6.0))], (60, 40))  # annotated upright
+    assert upright_boxes(record("plain.png", 60, 40)) == (
+        [("square", "red", (5.0, 8.0, 10.0, 6.0))], (40, 60))
