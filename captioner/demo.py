@@ -45,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from captioner.cli import lightning_main
     from captioner.data.datamodule import ShapesDataModule
+    from captioner.evaluation import upright_boxes
     from captioner.inference import Captioner
     from captioner.metrics import attention_correctness, corpus_bleu, json_safe
     from captioner.visualize import plot_attention
@@ -77,10 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     hyps = [c.words for c in captions]
     scores = corpus_bleu(hyps, dm.references("test"))
     grid = captioner.encoder.grid_size
+    upright = [upright_boxes(r) for r in records]
     ac = attention_correctness(
         [c.alphas.reshape(len(c.tokens), -1)[: len(c.words)] for c in captions], hyps,
-        [[(b.category, b.attributes.get("colour", ""), tuple(b.bbox)) for b in r.boxes]
-         for r in records], grid, [(r.height, r.width) for r in records],
+        [boxes for boxes, _ in upright], grid, [size for _, size in upright],
         thetas=[c.grid_theta for c in captions])
     scores.update({"attention_correctness": ac["attention_correctness"],
                    "attention_chance": ac["chance"]})

@@ -297,17 +297,16 @@ class CaptioningModule(CaptionerModule):
         return scores
 
     def _attention_correctness(self, outputs, hyps, records) -> dict[str, float]:
-        from captioner.evaluation import image_size
+        from captioner.evaluation import upright_boxes
         from captioner.metrics import attention_correctness
 
         alphas, words, boxes, sizes, thetas = [], [], [], [], []
         for o, hyp in zip(outputs, hyps):
-            rec = records[o["index"]]
+            rec_boxes, size = upright_boxes(records[o["index"]])  # size: (H_img, W_img)
             alphas.append(o["alphas"][: len(hyp)].numpy())
             words.append(hyp)
-            boxes.append([(b.category, (b.attributes or {}).get("colour", ""), tuple(b.bbox))
-                          for b in rec.boxes])
-            sizes.append(image_size(rec))  # (H_img, W_img)
+            boxes.append(rec_boxes)
+            sizes.append(size)
             thetas.append(o.get("theta"))
         res = attention_correctness(alphas, words, boxes, self.encoder.grid_size, sizes,
                                     thetas=thetas)
