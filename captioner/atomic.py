@@ -59,8 +59,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 
 def _fsync_file(path: Path) -> None:
-    """Flush a written file's data to disk."""
-    fd = os.open(path, os.O_RDONLY)
+    """Flush a written file's data to disk (opened for writing: Windows' ``FlushFileBuffers``
+    refuses a read-only handle)."""
+    fd = os.open(path, os.O_RDWR)
     try:
         os.fsync(fd)
     finally:

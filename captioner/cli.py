@@ -90,6 +90,7 @@ def _cli_class() -> type:
                 _check_config_files(argv)
             # read before Lightning parses the file, so that a bad file is one clear line
             path = _ckpt_path_option(argv) if listed else None
+            self._ckpt_read = path
             self._ckpt_meta = _checkpoint_meta(path) if path else None
             self._ckpt_model = _saved_model_config(self._ckpt_meta)
             if self._ckpt_model is not None and not _gives_model(argv):
@@ -112,8 +113,12 @@ def _cli_class() -> type:
             saved model config needs neither: :meth:`before_instantiate_classes` applies
             that config, which holds every hyperparameter."""
             cfg = self.config[self.config.subcommand] if self.config.get("subcommand") else {}
-            if self._ckpt_meta is None and cfg.get("ckpt_path"):  # given in a config file
-                self._ckpt_meta = _checkpoint_meta(cfg.ckpt_path)
+            parsed = cfg.get("ckpt_path")
+            if str(parsed or "") != str(getattr(self, "_ckpt_read", None) or ""):
+                # the value parsed is not the one read before parsing (an option form that
+                # _ckpt_path_option does not know): read what the run will use
+                self._ckpt_read = parsed
+                self._ckpt_meta = _checkpoint_meta(parsed) if parsed else None
                 self._ckpt_model = _saved_model_config(self._ckpt_meta)
             if self._ckpt_model is None:
                 super()._parse_ckpt_path()
@@ -141,9 +146,6 @@ def _cli_class() -> type:
 
             cfg = self.config[self.subcommand] if self.subcommand else self.config
             if self.subcommand and cfg.get("ckpt_path"):
-                if self._ckpt_meta is None:  # the path came from a config file
-                    self._ckpt_meta = _checkpoint_meta(cfg.ckpt_path)
-                    self._ckpt_model = _saved_model_config(self._ckpt_meta)
                 self._model_from_checkpoint(cfg.ckpt_path)
                 if self._model_args:
                     self.config = self.parser.parse_args([self.subcommand, *self._model_args],
@@ -164,11 +166,21 @@ def _cli_class() -> type:
 
         def instantiate_trainer(self, **kwargs: Any):
             """The trainer writes its checkpoints atomically
-            (:mod:`captioner.lit.checkpoint_io`)."""
+            (:mod:`captioner.lit.checkpoint_io`), and its config copy is told every
+            ``--config`` file of the run (:class:`~captioner.lit.callbacks.KeepInputConfigs`:
+            it sees only the subcommand's)."""
             from captioner.lit.checkpoint_io import use_atomic_checkpoints
+
+            from captioner.lit.callbacks import KeepInputConfigs
 
             trainer = super().instantiate_trainer(**kwargs)
             use_atomic_checkpoints(trainer)
+            cfg = self.config[self.subcommand] if self.subcommand else self.config
+            files = [*(self.config.get("config") or []),  # given before the subcommand too
+                     *((cfg.get("config") or []) if self.subcommand else [])]
+            for callback in trainer.callbacks:
+                if isinstance(callback, KeepInputConfigs):
+                    callback.input_files = files
             return trainer
 
         def _model_from_checkpoint(self, ckpt_path: str) -> None:
@@ -329,8 +341,8 @@ def _ckpt_path_option(argv: list[str] | tuple[str, ...]) -> str | None:
                 loaded = yaml.safe_load(Path(value).read_text())
             except (OSError, yaml.YAMLError):
                 continue  # reported by LightningCLI / _check_config_files
-            if isinstance(loaded, dict) and loaded.get("ckpt_path") is not None:
-                path = str(loaded["ckpt_path"])
+            if isinstance(loaded, dict) and "ckpt_path" in loaded:  # null resets it
+                path = None if loaded["ckpt_path"] is None else str(loaded["ckpt_path"])
     return path
 
 

@@ -31,10 +31,16 @@ class KeepInputConfigs(SaveConfigCallback):
     folder, where ``config.yaml`` may be the user's own; it was replaced by the run's settings
     (command-line overrides and ``ckpt_path`` included, so that running it again resumed)."""
 
+    input_files: list[Any] | None = None
+    """Every ``--config`` file of the run, set by the CLI (the callback's own ``config`` is the
+    subcommand's, without the files given before the subcommand); ``None``: those."""
+
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.save_to_log_dir and not self.already_saved:
             target = os.path.realpath(os.path.join(trainer.log_dir or ".", self.config_filename))
-            inputs = {os.path.realpath(os.fspath(path)) for path in self.config.get("config") or []}
+            files = self.config.get("config") if self.input_files is None else self.input_files
+            inputs = {os.path.realpath(os.fspath(path)) for path in files or []
+                      if path is not None}  # None: a config given as a YAML string
             if target in inputs:
                 rank_zero_warn(f"{target} is one of this run's --config files: the run's "
                                "config is not saved over it (give a logger or another "

@@ -175,6 +175,9 @@ def test_ckpt_path_option_and_whether_a_model_is_given(tmp_path):
     # the last setting wins, a config file's as a command line option's
     assert _ckpt_path_option([*argv, "-c", str(in_file), "--config", str(data)]) == "c.ckpt"
     assert _ckpt_path_option(["test", f"--config={in_file}", "--ckpt_path", "d.ckpt"]) == "d.ckpt"
+    cancel = tmp_path / "null.yaml"
+    cancel.write_text("ckpt_path: null\n")  # LightningCLI parses no checkpoint: neither do we
+    assert _ckpt_path_option(["test", "--ckpt_path", "d.ckpt", "--config", str(cancel)]) is None
     assert not _gives_model(["test", "--config", str(data), "--model.init_args.beam_size", "3"])
     assert _gives_model(["test", "--config", str(data), "-c", str(model)])
     assert _gives_model(["test", "--model", "m.yaml"])
@@ -414,6 +417,16 @@ def test_a_run_without_logger_never_writes_over_its_own_config_file(shapes_root,
     with pytest.warns(UserWarning, match=f"{own} is one of this run's --config files"):
         lightning_main(argv)
     assert own.read_text() == "trainer:\n  max_epochs: 1\n"
+    # given before the subcommand (the callback's own config holds only the subcommand's),
+    # and beside a config given as a YAML string (no file: None in jsonargparse's list)
+    root_level = tmp_path / "root_level"
+    root_level.mkdir()
+    (root_level / "config.yaml").write_text("fit:\n  trainer:\n    max_epochs: 1\n")
+    with pytest.warns(UserWarning, match="config.yaml is one of this run's --config files"):
+        lightning_main(["--config", str(root_level / "config.yaml"), "fit", *argv[1:],
+                        "--trainer.default_root_dir", str(root_level),
+                        "--config", "{trainer: {limit_train_batches: 1}}"])
+    assert (root_level / "config.yaml").read_text() == "fit:\n  trainer:\n    max_epochs: 1\n"
     elsewhere = tmp_path / "elsewhere"
     lightning_main([*argv, "--trainer.default_root_dir", str(elsewhere)])
     saved = (elsewhere / "config.yaml").read_text()
