@@ -109,9 +109,9 @@ class ParallelTextDataModule(L.LightningDataModule):
         return (self.root / f"{stem}.{self.src_lang}", self.root / f"{stem}.{self.tgt_lang}")
 
     def check_trained_with(self, stored: dict[str, Any], source: str) -> None:
-        """Refuse to serve a checkpoint data of another language pair or case handling than
-        it was trained on: its vocabularies would read the sources as mostly ``<unk>``, and
-        the output would be scored against references in another language or case.
+        """Refuse data of another language pair or case handling than a checkpoint was
+        trained on: its vocabularies would read the sources as mostly ``<unk>``, and its output
+        would be scored against references in another language or case.
 
         Args:
             stored: the data module options the checkpoint stores (``init_args``); options
