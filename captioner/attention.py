@@ -160,7 +160,7 @@ class AdditiveAttention(Attention):
     Without autograd (search over ``B K`` hypotheses) the hidden layer of all rows, e.g.
     ``(160, 196, 512)`` = 64 MB at beam 5, would be written to memory, squashed and read back
     at every step; :meth:`score` then forms and reduces it ``chunk_elements`` at a time (a few
-    rows), so that each chunk stays in cache. The energies are the same row by row. With
+    rows), so that each chunk stays in a CPU's cache. The energies are the same row by row. With
     ``compile_search`` the search's energies come from one ``torch.compile``\ d loop instead
     (:func:`fused_energies`: hidden layer, squashing and ``w^T`` fused, nothing written but
     ``e``); 1.08-1.3x faster beam search in BENCHMARKS.md, at the cost of compiling once per
@@ -172,8 +172,9 @@ class AdditiveAttention(Attention):
         key_dim: ``D``.
         attention_dim: ``A``, the hidden size of the score MLP.
         tanh_via_sigmoid: compute the hidden layer as ``2 sigmoid(2x) - 1`` (see above).
-        chunk_elements: without autograd, the hidden layer's size (elements) formed at once;
-            ``0`` forms it whole.
+        chunk_elements: without autograd, on a CPU, the hidden layer's size (elements)
+            formed at once; ``0`` forms it whole (as on a GPU, where chunks would only add
+            kernel launches).
         compile_search: without autograd, compute the energies with the compiled
             :func:`fused_energies` (off by default: each process compiles it on first use).
     """
@@ -217,7 +218,8 @@ class AdditiveAttention(Attention):
             return e.to(torch.promote_types(proj_keys.dtype, q.dtype))  # (B, L), eager's dtype
         B, L, A = proj_keys.shape
         rows = max(1, self.chunk_elements // (L * A))  # rows per chunk
-        if torch.is_grad_enabled() or self.chunk_elements <= 0 or rows >= B:
+        if (torch.is_grad_enabled() or self.chunk_elements <= 0 or rows >= B
+                or proj_keys.device.type != "cpu"):  # chunks fit a CPU's cache; a GPU gets one
             return self.energies(proj_keys, q)  # (B, L)
         return torch.cat([self.energies(proj_keys[i : i + rows], q[i : i + rows])
                           for i in range(0, B, rows)])  # (B, L)
@@ -674,8 +676,9 @@ class LocalAttention2d(_LocalAttention):
         float32)."""
         h, w = self.grid(keys.shape[1])
         dtype = _coordinate_dtype(keys)
-        scale = keys.new_tensor([float(h), float(w)], dtype=dtype)  # (2,)
-        return scale * torch.sigmoid(self.V_p(torch.tanh(self.W_p(query))).to(dtype))  # (B, 2)
+        sig = torch.sigmoid(self.V_p(torch.tanh(self.W_p(query))).to(dtype))  # (B, 2)
+        # scaled by Python numbers: no host-to-device copy (a GPU sync) at every step
+        return torch.stack([sig[:, 0] * float(h), sig[:, 1] * float(w)], -1)  # (B, 2)
 
     def offsets(self, query: torch.Tensor, keys: torch.Tensor, mask: torch.Tensor | None,
                 step: int | None) -> torch.Tensor:

@@ -76,9 +76,10 @@ def _constrain(log_probs: torch.Tensor, step: int, min_length: int, end_id: int,
                banned: tuple[int, ...]) -> torch.Tensor:
     """Never emit ``<pad>`` / ``<start>``; no ``<end>`` before ``min_length``."""
     log_probs = log_probs.clone()
-    log_probs[:, list(banned)] = float("-inf")
+    for token in banned:  # column by column: no index tensor copied to the device per step
+        log_probs[:, token].fill_(float("-inf"))
     if step + 1 < min_length:
-        log_probs[:, end_id] = float("-inf")
+        log_probs[:, end_id].fill_(float("-inf"))
     return log_probs
 
 

@@ -464,6 +464,8 @@ def stn_views(images: Any, theta: Any, size: tuple[int, int] | None = None,
 
     from captioner.encoders.stn import warp
 
+    if isinstance(fill, torch.Tensor):  # e.g. encoder.mean, on the model's device
+        fill = fill.detach().cpu().numpy()
     pad = (torch.zeros(3) if fill is None else torch.as_tensor(
         np.asarray(fill, dtype=np.float32)).flatten()).view(1, 3, 1, 1)
     return warp(images - pad, theta, size) + pad  # the sampler's zero padding, shifted: fill
@@ -504,9 +506,9 @@ def plot_stn(
     import torch
 
     imgs = torch.as_tensor(np.asarray(images) if not isinstance(images, torch.Tensor) else images)
-    imgs = imgs.detach().float().cpu()
+    imgs = imgs.detach().cpu().float()
     th = torch.as_tensor(np.asarray(theta) if not isinstance(theta, torch.Tensor) else theta)
-    th = th.detach().double().cpu()
+    th = th.detach().cpu().double()  # moved first: MPS has no float64
     if imgs.dim() == 3:
         imgs, th = imgs.unsqueeze(0), th.unsqueeze(0)
     if th.dim() == 3:

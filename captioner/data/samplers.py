@@ -39,10 +39,17 @@ class EpochRandomSampler(RandomSampler):
 
 def run_seed() -> int:
     """The run's seed: ``seed_everything``'s (``PL_GLOBAL_SEED``, as Lightning's distributed
-    sampler uses; LightningCLI always sets one), else torch's initial seed (random for each
-    process unless ``torch.manual_seed`` was called)."""
+    sampler uses; LightningCLI always sets one); else, with several processes, 0, as Lightning's
+    own sampler takes (each rank must shuffle alike, or their shards overlap and some examples
+    are never seen); else torch's initial seed (random for each process unless
+    ``torch.manual_seed`` was called)."""
     seed = os.environ.get("PL_GLOBAL_SEED")
-    return int(seed) if seed is not None else torch.initial_seed() % 2**32
+    if seed is not None:
+        return int(seed)
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    if distributed and torch.distributed.get_world_size() > 1:
+        return 0
+    return torch.initial_seed() % 2**32
 
 
 def trainer_epoch(trainer: Any = None) -> int:

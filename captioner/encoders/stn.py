@@ -141,11 +141,18 @@ def warp(x: torch.Tensor, theta: torch.Tensor, size: tuple[int, int] | None = No
     """
     b, c, h, w = x.shape
     h_out, w_out = size or (h, w)
-    grid = F.affine_grid(theta.double(), [b, c, h_out, w_out], align_corners=False)
+    wide = precise_dtype(x.device)
+    grid = F.affine_grid(theta.to(wide), [b, c, h_out, w_out], align_corners=False)
     # grid: (B, h', w', 2) source (x, y) of each output pixel
-    out = F.grid_sample(x.double(), grid, mode="bilinear", padding_mode="zeros",
+    out = F.grid_sample(x.to(wide), grid, mode="bilinear", padding_mode="zeros",
                         align_corners=False)
     return out.to(x.dtype)
+
+
+def precise_dtype(device: torch.device) -> torch.dtype:
+    """float64 where the device has it (the sampling grid's coordinates keep their last bits
+    on large maps), float32 on Apple's MPS, which has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 class HeatmapLocalisation(nn.Module):
@@ -225,11 +232,12 @@ class HeatmapLocalisation(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p, pooled = self.heatmap(x)  # (B, n, h, w), (B, c)
         b, n, h, w = p.shape
-        # marginals and sums in float64, so that a uniform map gives t = 0 to ~1e-17 (the
-        # exact identity; float32 column sums differ in their last bit on large maps)
-        pd = p.double()
-        xs = (2 * torch.arange(w, device=x.device, dtype=torch.float64) + 1) / w - 1  # (w,)
-        ys = (2 * torch.arange(h, device=x.device, dtype=torch.float64) + 1) / h - 1  # (h,)
+        # marginals and sums in float64 (float32 on MPS), so that a uniform map gives t = 0 to
+        # ~1e-17 (the exact identity; float32 column sums differ in their last bit on large maps)
+        wide = precise_dtype(x.device)
+        pd = p.to(wide)
+        xs = (2 * torch.arange(w, device=x.device, dtype=wide) + 1) / w - 1  # (w,)
+        ys = (2 * torch.arange(h, device=x.device, dtype=wide) + 1) / h - 1  # (h,)
         tx = (pd.sum(2) * xs).sum(-1).to(p.dtype)  # (B, n)
         ty = (pd.sum(3) * ys).sum(-1).to(p.dtype)  # (B, n)
         others = None if self.regress is None else self.regress(pooled).view(b, n, -1)

@@ -367,7 +367,8 @@ class CaptionerModule(L.LightningModule):
 
 def rng_states() -> dict[str, Any]:
     """The random states of torch (CPU, and the current CUDA device's generator where CUDA is in
-    use: dropout and hard attention's sampling draw from it on a GPU), numpy and Python, as plain
+    use: dropout and hard attention's sampling draw from it on a GPU; Apple MPS's where it is
+    available), numpy and Python, as plain
     types and tensors only (so that checkpoints load with ``torch.load(weights_only=True)``).
 
     Under DDP the ranks' streams drift apart (dropout over batches of other shapes draws other
@@ -379,6 +380,8 @@ def rng_states() -> dict[str, Any]:
               "python": random.getstate()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         states["cuda"] = torch.cuda.get_rng_state()  # (the current device's)
+    if torch.backends.mps.is_available():  # Apple GPUs draw dropout from their own generator
+        states["mps"] = torch.mps.get_rng_state()
     return states
 
 
@@ -438,3 +441,5 @@ def set_rng_states(states: dict[str, Any], cuda: bool | None = None) -> None:
     random.setstate(states["python"])
     if "cuda" in states and (torch.cuda.is_available() if cuda is None else cuda):
         torch.cuda.set_rng_state(states["cuda"])  # the current device (each rank's own)
+    if "mps" in states and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(states["mps"])

@@ -49,6 +49,23 @@ def test_rng_states_keep_the_cuda_generator_where_cuda_is_in_use(tmp_path, monke
     assert len(restored) == 1
 
 
+def test_rng_states_keep_the_mps_generator_where_mps_is_available(tmp_path, monkeypatch):
+    """On Apple GPUs dropout draws from the MPS generator: saved and restored too (mocked)."""
+    device_state = torch.arange(8, dtype=torch.uint8)
+    restored: list[torch.Tensor] = []
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch.mps, "get_rng_state", lambda *a, **k: device_state.clone())
+    monkeypatch.setattr(torch.mps, "set_rng_state", lambda s, *a, **k: restored.append(s))
+    torch.save(rng_states(), tmp_path / "rng.pt")
+    saved = torch.load(tmp_path / "rng.pt", weights_only=True)
+    assert torch.equal(saved["mps"], device_state)
+    set_rng_states(saved)
+    assert len(restored) == 1 and torch.equal(restored[0], device_state)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    set_rng_states(saved)  # resumed on a machine without MPS: skipped
+    assert len(restored) == 1
+
+
 def test_each_rank_resumes_from_its_own_random_states(monkeypatch):
     """A checkpoint of a DDP run keeps every rank's states; a process resumes from its rank's
     when the number of processes matches, else (and in a single process) from rank 0's."""
