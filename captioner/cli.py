@@ -322,13 +322,16 @@ def _saved_model_config(meta: dict[str, Any] | None) -> dict[str, Any] | None:
 
 
 def _ckpt_path_option(argv: list[str] | tuple[str, ...]) -> str | None:
-    """The checkpoint of ``--ckpt_path V`` or of a config file's ``ckpt_path:``, whichever
-    comes last in ``argv`` (as LightningCLI reads them), or ``None``."""
+    """The checkpoint of ``--ckpt_path V`` or of a config file's ``ckpt_path:`` (a file given
+    before the subcommand: its ``test: {ckpt_path: ...}``), whichever comes last in ``argv`` (as
+    LightningCLI reads them), or ``None``."""
     from pathlib import Path
 
     import yaml
 
     path, args = None, [str(a) for a in argv]
+    at = next((i for i, a in enumerate(args) if a in LIGHTNING_COMMANDS
+               and (i == 0 or args[i - 1] not in ("--config", "-c"))), None)  # the subcommand
     for i, arg in enumerate(args):
         name, eq, inline = arg.partition("=")
         value = inline if eq else (args[i + 1] if i + 1 < len(args) else None)
@@ -341,6 +344,8 @@ def _ckpt_path_option(argv: list[str] | tuple[str, ...]) -> str | None:
                 loaded = yaml.safe_load(Path(value).read_text())
             except (OSError, yaml.YAMLError):
                 continue  # reported by LightningCLI / _check_config_files
+            if at is not None and i < at and isinstance(loaded, dict):  # the root parser's
+                loaded = loaded.get(args[at])
             if isinstance(loaded, dict) and "ckpt_path" in loaded:  # null resets it
                 path = None if loaded["ckpt_path"] is None else str(loaded["ckpt_path"])
     return path

@@ -464,10 +464,11 @@ def stn_views(images: Any, theta: Any, size: tuple[int, int] | None = None,
 
     from captioner.encoders.stn import warp
 
-    if isinstance(fill, torch.Tensor):  # e.g. encoder.mean, on the model's device
-        fill = fill.detach().cpu().numpy()
+    if isinstance(fill, torch.Tensor):  # e.g. encoder.mean, on the model's device, any dtype
+        fill = fill.detach().cpu().float().numpy()
     pad = (torch.zeros(3) if fill is None else torch.as_tensor(
         np.asarray(fill, dtype=np.float32)).flatten()).view(1, 3, 1, 1)
+    pad = pad.to(images.device, images.dtype)  # (1, 3, 1, 1)
     return warp(images - pad, theta, size) + pad  # the sampler's zero padding, shifted: fill
 
 

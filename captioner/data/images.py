@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -120,33 +120,61 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
         raise ImageLoadError(path, f"cannot convert mode {upright.mode!r} to RGB ({e})") from None
 
 
-def _exif_upright(img: Image.Image) -> Image.Image:
-    """``img`` turned as its EXIF orientation says (a new image either way)."""
-    try:
-        return ImageOps.exif_transpose(img)
-    except Exception:  # malformed EXIF must not cost us the picture: keep it as stored
-        return img.copy()
-
-
 EXIF_ORIENTATION = 0x0112  # the TIFF / EXIF tag
+
+# how each EXIF orientation is undone (as PIL's ImageOps.exif_transpose does)
+_UNDO_ORIENTATION = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+                     4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+                     6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                     8: Image.Transpose.ROTATE_90}
+
+
+def _orientation(img: Image.Image) -> int:
+    """The EXIF orientation of an opened image, 1 to 8; 1 where there is none or it cannot be
+    read. The one reading of the tag that both the pixels (:func:`_exif_upright`) and the boxes
+    (:func:`exif_orientation`) follow: a value stored as a float or rational (``6.0``) counts,
+    as it does for ``exif_transpose``."""
+    try:
+        value = img.getexif().get(EXIF_ORIENTATION, 1)
+        return next((o for o in _UNDO_ORIENTATION if value == o), 1)
+    except Exception:  # noqa: BLE001 - malformed EXIF must not cost us the picture
+        return 1
+
+
+def _exif_upright(img: Image.Image) -> Image.Image:
+    """``img`` turned as its EXIF orientation says (a new image either way). Turned here, not
+    by ``ImageOps.exif_transpose``, which turns the pixels and then fails on a malformed tag
+    elsewhere in the EXIF (so the image and :func:`exif_orientation` could disagree)."""
+    orientation = _orientation(img)
+    return img.copy() if orientation == 1 else img.transpose(_UNDO_ORIENTATION[orientation])
+
+
+_ORIENTATIONS: dict[tuple[str, int, int], int] = {}
 
 
 def exif_orientation(path: str | os.PathLike[str]) -> int:
     """The EXIF orientation of an image file, 1 to 8 (1: stored upright; also for a file
-    without EXIF, a malformed tag or an unreadable file, which :func:`load_image` reports)."""
+    without EXIF, a malformed tag or an unreadable file, which :func:`load_image` reports).
+
+    Remembered per file (path, size and modification time): reading it decodes a whole PNG
+    (Pillow looks for an ``eXIf`` chunk after the image data), and attention correctness asks
+    for every image at every validation."""
     try:
-        with Image.open(path) as img:
-            value = img.getexif().get(EXIF_ORIENTATION, 1)
-    except Exception:  # noqa: BLE001 - reading the header only; errors are load_image's
+        stat = os.stat(path)
+        key = (os.fspath(path), stat.st_size, stat.st_mtime_ns)
+        if key not in _ORIENTATIONS:
+            with Image.open(path) as img:
+                _ORIENTATIONS[key] = _orientation(img)
+        return _ORIENTATIONS[key]
+    except Exception:  # noqa: BLE001 - errors are load_image's
         return 1
-    return value if isinstance(value, int) and 1 <= value <= 8 else 1
 
 
 def upright_box(box: tuple[float, float, float, float], stored_hw: tuple[int, int],
                 orientation: int) -> tuple[float, float, float, float]:
     """A box ``(x, y, w, h)`` given on the stored pixels of an image (``stored_hw`` =
     ``(H, W)`` as stored; COCO's boxes and sizes) moved onto the image as :func:`load_image`
-    turns it upright by its EXIF ``orientation`` (``ImageOps.exif_transpose``): 2 mirrors it,
+    turns it upright by its EXIF ``orientation`` (as ``ImageOps.exif_transpose``): 2 mirrors it,
     3 turns it by 180 degrees, 4 flips it, 5 transposes it, 6 turns it 90 degrees clockwise,
     7 transverses it, 8 turns it 90 degrees anticlockwise. Orientations 5 to 8 swap the
     image's sides: the upright image is ``(W, H)``."""

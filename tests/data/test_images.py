@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from captioner.data.images import (
     IMAGE_EXTENSIONS,
@@ -174,9 +174,37 @@ def test_boxes_follow_the_exif_turn(tmp_path: Path, orientation: int) -> None:
     Image.fromarray(stored).save(path, exif=exif)
     assert exif_orientation(path) == orientation
     upright = np.asarray(load_image(path))  # (H', W', 3)
+    with Image.open(path) as img:  # turned as PIL's own exif_transpose turns it
+        np.testing.assert_array_equal(upright, np.asarray(ImageOps.exif_transpose(img)))
     x, y, w, h = (int(v) for v in upright_box(box, (H, W), orientation))
     red = upright[..., 0] > 127  # (H', W')
     assert red[y: y + h, x: x + w].all() and red.sum() == w * h == 60
+
+
+def _exif_blob(entries: bytes, count: int, tail: bytes = b"") -> bytes:
+    """A little-endian TIFF block of ``count`` IFD0 entries (then ``tail``: their data)."""
+    import struct
+
+    return (b"Exif\0\0II*\0" + struct.pack("<I", 8) + struct.pack("<H", count) + entries
+            + struct.pack("<I", 0) + tail)
+
+
+def test_boxes_and_pixels_follow_one_reading_of_the_tag(tmp_path: Path) -> None:
+    """The pixels and the boxes agree where PIL's exif_transpose and a plain read of the tag
+    did not: an orientation stored as a float (``6.0``: PIL turns the image) and a malformed
+    tag elsewhere in the EXIF (exif_transpose failed after reading 6, so the image stayed as
+    stored while the boxes were turned)."""
+    import struct
+
+    from captioner.data.images import exif_orientation
+
+    float_six = _exif_blob(struct.pack("<HHI", 274, 11, 1) + struct.pack("<f", 6.0), 1)
+    bad_make = _exif_blob(struct.pack("<HHIHH", 274, 3, 1, 6, 0)
+                          + struct.pack("<HHII", 0x010F, 5, 1, 38), 2, struct.pack("<II", 1, 1))
+    for name, blob in (("float.jpg", float_six), ("bad_make.jpg", bad_make)):
+        Image.new("RGB", (60, 40), "red").save(tmp_path / name, exif=blob)
+        assert exif_orientation(tmp_path / name) == 6, name
+        assert load_image(tmp_path / name).size == (40, 60), name  # (W, H): turned
 
 
 def test_exif_orientation_of_files_without_one(tmp_path: Path) -> None:
@@ -186,6 +214,26 @@ def test_exif_orientation_of_files_without_one(tmp_path: Path) -> None:
     (tmp_path / "broken.png").write_bytes(b"not an image")
     assert exif_orientation(tmp_path / "plain.png") == 1
     assert exif_orientation(tmp_path / "broken.png") == exif_orientation(tmp_path / "no.png") == 1
+
+
+def test_exif_orientation_is_read_once_per_file_version(tmp_path: Path, monkeypatch) -> None:
+    """Reading a PNG's orientation decodes the whole image (its eXIf chunk may follow the
+    pixels): remembered per file, and read again once the file changes."""
+    import os
+
+    from captioner.data.images import exif_orientation
+
+    path = tmp_path / "scene.png"
+    Image.new("RGB", (8, 6)).save(path)
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda *a, **k: opened.append(1) or real_open(*a, **k))
+    assert exif_orientation(path) == exif_orientation(path) == 1 and len(opened) == 1
+    exif = Image.Exif()
+    exif[0x0112] = 8
+    real_open(path).save(path, exif=exif)
+    os.utime(path, ns=(1, 1))  # another version of the file, whatever the clock's resolution
+    assert exif_orientation(path) == 8 and len(opened) == 2
 
 
 def test_one_pixel_image(tmp_path: Path) -> None:

@@ -377,3 +377,6 @@ def test_stn_views_show_the_padding_colour_the_network_sees() -> None:
     assert black[0, :, 0, 0].abs().max() == 0
     centre = (slice(None), slice(None), 4, 6)
     torch.testing.assert_close(shown[centre], black[centre])  # inside: the same warp
+    # the encoder's own buffer as fill, as a bf16-true model holds it
+    buffer = torch.tensor(mean).view(1, 3, 1, 1).bfloat16()
+    torch.testing.assert_close(stn_views(images, theta, fill=buffer), shown, atol=4e-3, rtol=0)

@@ -178,6 +178,10 @@ def test_ckpt_path_option_and_whether_a_model_is_given(tmp_path):
     cancel = tmp_path / "null.yaml"
     cancel.write_text("ckpt_path: null\n")  # LightningCLI parses no checkpoint: neither do we
     assert _ckpt_path_option(["test", "--ckpt_path", "d.ckpt", "--config", str(cancel)]) is None
+    root = tmp_path / "root.yaml"  # given before the subcommand: the subcommand's section
+    root.write_text("test:\n  ckpt_path: e.ckpt\nfit:\n  ckpt_path: f.ckpt\n")
+    assert _ckpt_path_option(["--config", str(root), "test", "--config", str(data)]) == "e.ckpt"
+    assert _ckpt_path_option(["--config", str(root), "test", "--ckpt_path", "g.ckpt"]) == "g.ckpt"
     assert not _gives_model(["test", "--config", str(data), "--model.init_args.beam_size", "3"])
     assert _gives_model(["test", "--config", str(data), "-c", str(model)])
     assert _gives_model(["test", "--model", "m.yaml"])
