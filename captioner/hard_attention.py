@@ -20,7 +20,12 @@ value alpha" (Section 4.1): by default the choice is made **per image** (one dra
 caption), as the paper states; ``expectation_per="step"`` draws it at every step instead. Steps
 that use the expectation are differentiable (they are soft attention) and take no part in the
 REINFORCE term. The surrogate loss whose gradient is this estimator is
-:func:`captioner.losses.reinforce_surrogate`.
+:func:`captioner.losses.reinforce_surrogate`. Two choices the paper leaves open, taken as the
+authors' released code (arctic-captions) takes them: the entropy ``H`` sums over every real
+step of every caption (also those that used the expectation), and the doubly stochastic
+penalty of Eq. 14 (Section 4.2.1) is added under hard attention too where the model's
+``doubly_stochastic`` is non-zero (``configs/model/shapes_hard.yaml`` sets 1.0; ``L_s`` itself
+has no such term: set 0 for the bound alone).
 
 At test time the location is the most probable one (``test_rule="argmax"``; the weights returned
 are then one-hot, so attention figures show the chosen cell) or the expectation
