@@ -356,7 +356,6 @@ class CaptionerModule(L.LightningModule):
             set_rng_states(own_rng_states(checkpoint), cuda=None if trainer is None else
                            trainer.strategy.root_device.type == "cuda")
 
-
     def resumed_data_config(self, stored: dict[str, Any]) -> dict[str, Any]:
         """The data settings to keep after loading a checkpoint that stores ``stored``: those
         that ``setup`` recorded from this run's data module where it ran first (a fit resumed
@@ -368,8 +367,8 @@ class CaptionerModule(L.LightningModule):
 def rng_states() -> dict[str, Any]:
     """The random states of torch (CPU, and the current CUDA device's generator where CUDA is in
     use: dropout and hard attention's sampling draw from it on a GPU; Apple MPS's where it is
-    available), numpy and Python, as plain
-    types and tensors only (so that checkpoints load with ``torch.load(weights_only=True)``).
+    available), numpy and Python, as plain types and tensors only (so that checkpoints load
+    with ``torch.load(weights_only=True)``).
 
     Under DDP the ranks' streams drift apart (dropout over batches of other shapes draws other
     numbers of values), so a checkpoint also keeps every rank's (:func:`all_ranks_rng_states`)
