@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from torch.utils.data import Dataset
 
@@ -114,7 +114,7 @@ class CachedFeaturesDataModule(_CachedFeatures, CaptionDataModule):
         features_dir: the folder written by ``captioner extract-features`` for these images.
         format, annotations, image_root, instances, image_size, batch_size, eval_batch_size,
             num_workers, min_freq, max_vocab_size, max_caption_length, val_fraction,
-            test_fraction, split_seed, skip_bad, max_images, vocab_file: as
+            test_fraction, split_seed, skip_bad, max_images, vocab_file, split_method: as
             :class:`CaptionDataModule` (``image_size`` is not used for loading; it is kept for
             checkpoints and the inference tools, which read raw images).
 
@@ -143,11 +143,12 @@ class CachedFeaturesDataModule(_CachedFeatures, CaptionDataModule):
         skip_bad: bool = False,
         max_images: int | None = None,
         vocab_file: str | None = None,
+        split_method: Literal["rank", "hash"] = "rank",
     ) -> None:
         super().__init__(format, annotations, image_root, instances, image_size, batch_size,
                          eval_batch_size, num_workers, min_freq, max_vocab_size,
                          max_caption_length, val_fraction, test_fraction, split_seed, skip_bad,
-                         max_images, vocab_file)
+                         max_images, vocab_file, split_method)
         self.save_hyperparameters()
         self.features_dir = features_dir
         self._cache = None

@@ -83,6 +83,9 @@ class CaptionDataModule(L.LightningDataModule):
         val_fraction: Share of unsplit images (single COCO file, Flickr8k CSV) for validation.
         test_fraction: Share of unsplit images for test.
         split_seed: Seed of the deterministic split of unsplit images.
+        split_method: ``"rank"`` (exact counts; adding or removing images moves a few others
+            between splits) or ``"hash"`` (each image's split from its own hash: stable as
+            the data set grows, counts approximate); :func:`~captioner.data.formats.assign_splits`.
         skip_bad: Skip bad annotation entries (empty captions, missing or unreadable images)
             with one warning per file, instead of failing. Images are decoded once for this
             (only the ``max_images`` kept, if set), after the splits are drawn, so that an
@@ -123,6 +126,7 @@ class CaptionDataModule(L.LightningDataModule):
         skip_bad: bool = False,
         max_images: int | None = None,
         vocab_file: str | None = None,
+        split_method: Literal["rank", "hash"] = "rank",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -165,6 +169,9 @@ class CaptionDataModule(L.LightningDataModule):
         self.val_fraction = val_fraction
         self.test_fraction = test_fraction
         self.split_seed = split_seed
+        if split_method not in ("rank", "hash"):
+            raise ConfigError(f"split_method must be 'rank' or 'hash', got {split_method!r}")
+        self.split_method = split_method
         self.skip_bad = skip_bad
         self.max_images = max_images
         self.vocab_file = vocab_file
@@ -209,7 +216,8 @@ class CaptionDataModule(L.LightningDataModule):
             warn: warn of images that are in more than one split.
         """
         records = self.parse_records()
-        records = assign_splits(records, self.val_fraction, self.test_fraction, self.split_seed)
+        records = assign_splits(records, self.val_fraction, self.test_fraction, self.split_seed,
+                                self.split_method)
         by_split: dict[str, list[ImageRecord]] = {split: [] for split in SPLITS}
         for record in records:
             by_split[record.split or "train"].append(record)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
 
+from captioner.config import ConfigError
 from captioner.data.datamodule import CaptionDataModule, ShapesDataModule
 from captioner.data.vocabulary import Vocabulary
 
@@ -308,3 +310,48 @@ def test_a_new_format_is_one_overridden_method(tmp_path: Path) -> None:
     assert batch["images"].shape[0] == 3 and batch["captions"][0, 0] == dm.vocab.start_id
     with pytest.raises(ValueError, match="overrides parse_records"):
         CaptionDataModule(**{**options, "format": "custom"})
+
+
+def test_hash_splits_stay_put_when_images_are_added_or_removed(tmp_path: Path) -> None:
+    """``split_method: hash`` decides each image's split from its own hash: adding or removing
+    images never moves another (with the default ``rank``, whose counts are exact, a few do),
+    and the shares follow the fractions."""
+    from captioner.data.formats import ImageRecord, assign_splits
+
+    def records(names):
+        return [ImageRecord(i, tmp_path / name, ["a cap"]) for i, name in enumerate(names)]
+
+    def splits(names, method):
+        return {r.path.name: r.split for r in assign_splits(records(names), 0.1, 0.2, 3, method)}
+
+    names = [f"im{i}.jpg" for i in range(400)]
+    moved = {"rank": 0, "hash": 0}
+    for method in moved:
+        before = splits(names, method)
+        for extra in range(10):
+            after = splits([*names, f"new{extra}.jpg"], method)
+            moved[method] += sum(after[n] != before[n] for n in names)
+        fewer = splits(names[1:], method)
+        moved[method] += sum(fewer[n] != before[n] for n in names[1:])
+    assert moved["hash"] == 0 and moved["rank"] > 0, moved
+    shares = Counter(splits([f"x{i}.png" for i in range(4000)], "hash").values())
+    assert abs(shares["test"] / 4000 - 0.2) < 0.03 and abs(shares["val"] / 4000 - 0.1) < 0.03
+    with pytest.raises(ValueError, match="split method must be 'rank' or 'hash'"):
+        assign_splits(records(names), 0.1, 0.1, 0, "random")
+    # through the data module (and its checkpointed settings)
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in names[:30]:
+        Image.new("RGB", (4, 4)).save(images / name)
+    (tmp_path / "captions.txt").write_text(
+        "image,caption\n" + "".join(f"{n},a red square\n" for n in names[:30]))
+    dm = CaptionDataModule(format="flickr8k_csv", annotations=str(tmp_path / "captions.txt"),
+                           image_root=str(images), split_method="hash", split_seed=3,
+                           val_fraction=0.1, test_fraction=0.2, num_workers=0, min_freq=1)
+    by_split = {s: {r.path.name for r in rs} for s, rs in dm.split_records().items()}
+    expected = splits(names[:30], "hash")
+    assert all(expected[n] == s for s, ns in by_split.items() for n in ns)
+    assert dm.hparams["split_method"] == "hash"
+    with pytest.raises(ConfigError, match="split_method must be 'rank' or 'hash'"):
+        CaptionDataModule(format="flickr8k_csv", annotations="a", image_root="b",
+                          split_method="random")
