@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import warnings
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -405,19 +407,29 @@ class CaptionDataModule(L.LightningDataModule):
 def _warn_of_shared_images(by_split: Mapping[str, list[ImageRecord]], source: Any) -> None:
     """One :class:`AnnotationWarning` if an image file is in more than one split (per-split
     annotation files that share images, or one file listing an image under two ids): the
-    scores of one split would then be measured on images of another."""
+    scores of one split would then be measured on images of another; and one if a file is
+    listed twice within a split (two ids, or two spellings of its name)."""
     first_split: dict[Path, str] = {}
     shared: list[tuple[Path, str, str]] = []
+    repeated: list[tuple[Path, str]] = []  # the same file twice within one split
     for split, records in by_split.items():
-        for record in records:
-            seen = first_split.setdefault(record.path, split)
+        counts = Counter(Path(os.path.normpath(r.path)) for r in records)  # ./a.jpg is a.jpg
+        repeated.extend((path, split) for path, n in counts.items() if n > 1)
+        for path in counts:
+            seen = first_split.setdefault(path, split)
             if seen != split:
-                shared.append((record.path, seen, split))
+                shared.append((path, seen, split))
     if shared:
         path, a, b = shared[0]
         warnings.warn(f"{source}: {len(shared)} images are in more than one split (first: "
                       f"{path}, in {a} and {b}); the scores of one split would be measured on "
                       "images of another", AnnotationWarning, stacklevel=3)
+    if repeated:
+        path, split = repeated[0]
+        warnings.warn(f"{source}: {len(repeated)} image files are listed more than once within "
+                      f"a split (first: {path}, in {split}), under two ids or spellings: each "
+                      "copy is trained or scored on its own share of the captions",
+                      AnnotationWarning, stacklevel=3)
 
 
 def _check_split_keys(mapping: Mapping[str, str], name: str) -> None:

@@ -313,9 +313,16 @@ def load_coco(
         positions[image_id] = i
 
     kept: list[dict[str, Any]] = []
+    annotation_ids: dict[Any, int] = {}  # COCO's own annotation id -> its position
     for i, ann in enumerate(annotations):
         where = f"annotations[{i}]"
         _require_keys(ann, ("image_id", "caption"), where, file)
+        if isinstance(ann.get("id"), (int, str)):  # a file concatenated with itself repeats all
+            if ann["id"] in annotation_ids:
+                problems.report(where, "duplicate annotation id",
+                                f"{ann['id']!r}, as annotations[{annotation_ids[ann['id']]}]")
+                continue
+            annotation_ids[ann["id"]] = i
         image_id = _as_int(ann["image_id"], "'image_id'", where, file)
         caption = ann["caption"]
         if not isinstance(caption, str):
@@ -367,7 +374,11 @@ def _load_coco_boxes(file: Path, image_ids: set[int]) -> dict[int, list[Box]]:
     names: dict[int, str] = {}
     for i, cat in enumerate(categories):
         _require_keys(cat, ("id", "name"), f"categories[{i}]", file)
-        names[_as_int(cat["id"], "'id'", f"categories[{i}]", file)] = str(cat["name"])
+        category_id = _as_int(cat["id"], "'id'", f"categories[{i}]", file)
+        if category_id in names:
+            raise AnnotationError(f"{file} categories[{i}]: duplicate category id "
+                                  f"{category_id} ({names[category_id]!r} and {cat['name']!r})")
+        names[category_id] = str(cat["name"])
 
     kept: list[dict[str, Any]] = []
     for i, ann in enumerate(annotations):
@@ -548,6 +559,9 @@ def load_kaggle_flickr8k(
     end = 0  # the last line of the last record read (the header is line 1)
     try:
         with file.open(encoding="utf-8-sig", newline="") as f:
+            # a long caption is cut in training (max_caption_length), not a CSV error: csv's
+            # default field limit is 128 KiB
+            csv.field_size_limit(max(csv.field_size_limit(), 1 << 30))
             reader = csv.reader(f, strict=True)  # an unclosed quote is an error, not a merge
             header = next(reader, None)
             if header is None or [h.strip().lower() for h in header] != ["image", "caption"]:

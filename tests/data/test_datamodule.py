@@ -28,7 +28,8 @@ def _coco_split(tmp_path: Path, split: str, captions: dict[str, list[str]]) -> t
     for i, (name, texts) in enumerate(captions.items()):
         _image(image_dir / name)
         images.append({"id": i, "file_name": name})
-        annotations += [{"id": len(annotations), "image_id": i, "caption": t} for t in texts]
+        annotations += [{"id": len(annotations) + k, "image_id": i, "caption": t}
+                        for k, t in enumerate(texts)]  # unique ids
     file = tmp_path / f"captions_{split}.json"
     file.write_text(json.dumps({"images": images, "annotations": annotations}))
     return str(file), str(image_dir)
@@ -355,3 +356,20 @@ def test_hash_splits_stay_put_when_images_are_added_or_removed(tmp_path: Path) -
     with pytest.raises(ConfigError, match="split_method must be 'rank' or 'hash'"):
         CaptionDataModule(format="flickr8k_csv", annotations="a", image_root="b",
                           split_method="random")
+
+
+def test_a_file_listed_twice_within_a_split_is_warned_of(tmp_path: Path) -> None:
+    """Two spellings of one file name (``im0.jpg``, ``./im0.jpg``) or two COCO ids for one file
+    make two records that the split key puts in the same split, where the cross-split warning
+    never saw them: each copy then trains or scores on part of the captions."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(6):
+        Image.new("RGB", (4, 4)).save(images / f"im{i}.jpg")
+    rows = [f"im{i}.jpg,a square {i}" for i in range(6)] + ["./im0.jpg,a red square"]
+    (tmp_path / "captions.txt").write_text("image,caption\n" + "\n".join(rows) + "\n")
+    dm = CaptionDataModule(format="flickr8k_csv", annotations=str(tmp_path / "captions.txt"),
+                           image_root=str(images), num_workers=0, min_freq=1)
+    with pytest.warns(UserWarning, match=r"1 image files are listed more than once within a "
+                                         r"split \(first: .*im0\.jpg, in "):
+        dm.split_records(warn=True)

@@ -394,3 +394,32 @@ def test_no_warning_when_nothing_skipped(tmp_path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         load_coco(captions, images, skip_bad=True)
+
+
+def test_duplicates_a_merged_file_would_bring(tmp_path: Path) -> None:
+    """A captions file concatenated with itself repeats its annotation ids: refused, naming
+    both entries (or skipped with ``skip_bad``); a category id given twice in an instances
+    file was silently overwritten; a long caption in a CSV is a caption, not a CSV error
+    (csv's 128 KiB field limit)."""
+    _touch(tmp_path, "a.jpg")
+    captions = _write_json(tmp_path / "c.json", {
+        "images": [{"id": 1, "file_name": "a.jpg"}],
+        "annotations": [{"id": 5, "image_id": 1, "caption": "a dog"},
+                        {"id": 6, "image_id": 1, "caption": "a brown dog"},
+                        {"id": 5, "image_id": 1, "caption": "a dog"}]})
+    with pytest.raises(AnnotationError, match=r"c\.json annotations\[2\]: duplicate annotation "
+                                              r"id: 5, as annotations\[0\]"):
+        load_coco(captions, tmp_path)
+    with pytest.warns(AnnotationWarning, match="1 x duplicate annotation id"):
+        (record,) = load_coco(captions, tmp_path, skip_bad=True)
+    assert record.captions == ["a dog", "a brown dog"]
+    instances = _write_json(tmp_path / "i.json", {
+        "annotations": [{"image_id": 1, "bbox": [0, 0, 1, 1], "category_id": 1}],
+        "categories": [{"id": 1, "name": "dog"}, {"id": 1, "name": "cat"}]})
+    with pytest.raises(AnnotationError, match=r"i\.json categories\[1\]: duplicate category id 1 "
+                                              r"\('dog' and 'cat'\)"):
+        load_coco(captions, tmp_path, instances_file=instances, skip_bad=True)
+    long = "a dog " * 30000  # 180,000 characters
+    (tmp_path / "captions.txt").write_text(f"image,caption\na.jpg,{long}\na.jpg,a cat\n")
+    (record,) = load_kaggle_flickr8k(tmp_path / "captions.txt", tmp_path)
+    assert record.captions == [long.strip(), "a cat"]
