@@ -29,7 +29,8 @@ class KeepInputConfigs(SaveConfigCallback):
     run replace an earlier run's copy), except over a file the run was configured from: with
     ``--trainer.logger false`` the copy goes to ``default_root_dir``, by default the current
     folder, where ``config.yaml`` may be the user's own; it was replaced by the run's settings
-    (command-line overrides and ``ckpt_path`` included, so that running it again resumed)."""
+    (command-line overrides and ``ckpt_path`` included, so that running it again resumed).
+    The copy is then written as ``config.run.yaml`` beside it."""
 
     input_files: list[Any] | None = None
     """Every ``--config`` file of the run, set by the CLI (the callback's own ``config`` is the
@@ -42,10 +43,13 @@ class KeepInputConfigs(SaveConfigCallback):
             inputs = {os.path.realpath(os.fspath(path)) for path in files or []
                       if path is not None}  # None: a config given as a YAML string
             if target in inputs:
+                stem, suffix = os.path.splitext(self.config_filename)
+                self.config_filename = f"{stem}.run{suffix or '.yaml'}"
                 rank_zero_warn(f"{target} is one of this run's --config files: the run's "
-                               "config is not saved over it (give a logger or another "
-                               "--trainer.default_root_dir to keep a copy)")
-                self.save_to_log_dir = False
+                               f"config is saved as {self.config_filename} beside it instead")
+                if os.path.realpath(os.path.join(os.path.dirname(target),
+                                                 self.config_filename)) in inputs:
+                    self.save_to_log_dir = False  # that one is an input too: no copy
         super().setup(trainer, pl_module, stage)
 
 

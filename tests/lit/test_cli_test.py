@@ -410,17 +410,19 @@ def test_overlap_counts_only_what_the_config_change_brings(tmp_path) -> None:
 def test_a_run_without_logger_never_writes_over_its_own_config_file(shapes_root, tmp_path):
     """Without a logger LightningCLI saves the run's config as ``default_root_dir/config.yaml``
     (overwriting, so that a later run replaces an earlier run's copy); where that is one of the
-    run's own ``--config`` files it is left as the user wrote it, with a warning. Another
-    folder's copy is still written, with the run's settings."""
+    run's own ``--config`` files it is left as the user wrote it, with a warning, and the copy
+    is ``config.run.yaml``. Another folder's copy is still written, with the run's settings."""
     own = tmp_path / "config.yaml"
     own.write_text("trainer:\n  max_epochs: 1\n")
     argv = ["fit", *shapes_run(shapes_root, tmp_path, 12, 4, 4), "--config", str(own),
             "--trainer.logger", "false", "--trainer.limit_train_batches", "1",
             "--trainer.limit_val_batches", "0", "--trainer.callbacks", "[]",
             "--trainer.enable_checkpointing", "false", "--model.init_args.lr", "0.5"]
-    with pytest.warns(UserWarning, match=f"{own} is one of this run's --config files"):
+    with pytest.warns(UserWarning, match=f"{own} is one of this run's --config files: the "
+                                         "run's config is saved as config.run.yaml beside it"):
         lightning_main(argv)
     assert own.read_text() == "trainer:\n  max_epochs: 1\n"
+    assert "lr: 0.5" in (tmp_path / "config.run.yaml").read_text()  # the run's copy, kept
     # given before the subcommand (the callback's own config holds only the subcommand's),
     # and beside a config given as a YAML string (no file: None in jsonargparse's list)
     root_level = tmp_path / "root_level"
