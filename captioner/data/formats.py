@@ -556,6 +556,7 @@ def load_kaggle_flickr8k(
     problems = _Problems(file, skip_bad)
     captions: dict[str, list[str]] = {}
     first_line: dict[str, int] = {}
+    repeated: list[int] = []  # lines that repeat an earlier (image, caption) row exactly
     end = 0  # the last line of the last record read (the header is line 1)
     try:
         with file.open(encoding="utf-8-sig", newline="") as f:
@@ -583,6 +584,8 @@ def load_kaggle_flickr8k(
                 elif not tokenize(caption):  # empty, or punctuation only
                     problems.report(where, "empty caption", repr(caption[:60]))
                 else:
+                    if caption in captions.get(image, ()):
+                        repeated.append(line)
                     captions.setdefault(image, []).append(caption)
                     first_line.setdefault(image, line)
     except csv.Error as e:  # the record starts after the last one read (an unclosed quote
@@ -591,6 +594,10 @@ def load_kaggle_flickr8k(
                               f"there, read to line {reader.line_num}): {e}") from None
     except UnicodeDecodeError as e:
         raise AnnotationError(f"{file}: not UTF-8 text: {e}") from None
+    if repeated:  # kept (two annotators may write the same words), but a merged file says so
+        warnings.warn(f"{file}: {len(repeated)} rows repeat an earlier row of the same image "
+                      f"exactly (first: line {repeated[0]}); a file concatenated with itself "
+                      "would count every caption twice", AnnotationWarning, stacklevel=2)
 
     records: list[ImageRecord] = []
     for image, texts in captions.items():

@@ -423,3 +423,9 @@ def test_duplicates_a_merged_file_would_bring(tmp_path: Path) -> None:
     (tmp_path / "captions.txt").write_text(f"image,caption\na.jpg,{long}\na.jpg,a cat\n")
     (record,) = load_kaggle_flickr8k(tmp_path / "captions.txt", tmp_path)
     assert record.captions == [long.strip(), "a cat"]
+    # a CSV row repeated exactly: kept (annotators may agree), but a merged file is warned of
+    (tmp_path / "twice.txt").write_text("image,caption\na.jpg,a cat\na.jpg,a dog\na.jpg,a cat\n")
+    with pytest.warns(AnnotationWarning, match=r"twice\.txt: 1 rows repeat an earlier row of the "
+                                               r"same image exactly \(first: line 4\)"):
+        (record,) = load_kaggle_flickr8k(tmp_path / "twice.txt", tmp_path)
+    assert record.captions == ["a cat", "a dog", "a cat"]
