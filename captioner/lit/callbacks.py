@@ -30,7 +30,8 @@ class KeepInputConfigs(SaveConfigCallback):
     ``--trainer.logger false`` the copy goes to ``default_root_dir``, by default the current
     folder, where ``config.yaml`` may be the user's own; it was replaced by the run's settings
     (command-line overrides and ``ckpt_path`` included, so that running it again resumed).
-    The copy is then written as ``config.run.yaml`` beside it."""
+    The copy is then written as ``config.run.yaml`` beside it, as it is wherever ``config.yaml``
+    is a file LightningCLI did not write (the user's, when the run starts from its copy)."""
 
     input_files: list[Any] | None = None
     """Every ``--config`` file of the run, set by the CLI (the callback's own ``config`` is the
@@ -42,15 +43,29 @@ class KeepInputConfigs(SaveConfigCallback):
             files = self.config.get("config") if self.input_files is None else self.input_files
             inputs = {os.path.realpath(os.fspath(path)) for path in files or []
                       if path is not None}  # None: a config given as a YAML string
-            if target in inputs:
+            if target in inputs or not _saved_copy_or_absent(target):
                 stem, suffix = os.path.splitext(self.config_filename)
                 self.config_filename = f"{stem}.run{suffix or '.yaml'}"
-                rank_zero_warn(f"{target} is one of this run's --config files: the run's "
-                               f"config is saved as {self.config_filename} beside it instead")
-                if os.path.realpath(os.path.join(os.path.dirname(target),
-                                                 self.config_filename)) in inputs:
-                    self.save_to_log_dir = False  # that one is an input too: no copy
+                rank_zero_warn(f"{target} is one of this run's --config files or a config "
+                               "written by hand: the run's config is saved as "
+                               f"{self.config_filename} beside it instead")
+                other = os.path.join(os.path.dirname(target), self.config_filename)
+                if os.path.realpath(other) in inputs or not _saved_copy_or_absent(other):
+                    self.save_to_log_dir = False  # that one is the user's too: no copy
         super().setup(trainer, pl_module, stage)
+
+
+def _saved_copy_or_absent(path: str) -> bool:
+    """Whether ``path`` may be written over: absent, or a copy LightningCLI saved (its first
+    line is the ``# lightning.pytorch==<version>`` header); a file without it is the user's
+    (run again from ``config.run.yaml``, ``config.yaml`` is no input, but still theirs)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.readline().startswith("# lightning.pytorch==")
+    except FileNotFoundError:
+        return True
+    except (OSError, UnicodeDecodeError):
+        return False
 
 
 class ResumableCheckpoint(ModelCheckpoint):

@@ -418,11 +418,17 @@ def test_a_run_without_logger_never_writes_over_its_own_config_file(shapes_root,
             "--trainer.logger", "false", "--trainer.limit_train_batches", "1",
             "--trainer.limit_val_batches", "0", "--trainer.callbacks", "[]",
             "--trainer.enable_checkpointing", "false", "--model.init_args.lr", "0.5"]
-    with pytest.warns(UserWarning, match=f"{own} is one of this run's --config files: the "
-                                         "run's config is saved as config.run.yaml beside it"):
+    with pytest.warns(UserWarning, match=f"{own} is one of this run's --config files or a "
+                                         "config written by hand: the run's config is saved as "
+                                         "config.run.yaml beside it"):
         lightning_main(argv)
     assert own.read_text() == "trainer:\n  max_epochs: 1\n"
-    assert "lr: 0.5" in (tmp_path / "config.run.yaml").read_text()  # the run's copy, kept
+    run_copy = tmp_path / "config.run.yaml"
+    assert "lr: 0.5" in run_copy.read_text()  # the run's copy, kept
+    # run again from that copy: config.yaml is no input now, but still the user's file
+    with pytest.warns(UserWarning, match="config written by hand"):
+        lightning_main(["fit", "--config", str(run_copy), "--trainer.max_epochs", "1"])
+    assert own.read_text() == "trainer:\n  max_epochs: 1\n"
     # given before the subcommand (the callback's own config holds only the subcommand's),
     # and beside a config given as a YAML string (no file: None in jsonargparse's list)
     root_level = tmp_path / "root_level"
