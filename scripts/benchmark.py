@@ -39,8 +39,8 @@ stay meaningful.
 * ``--ab ABLATION`` measures training of ours against one training ablation alone, interleaved
   in alternating order, and reports the ratio of every round: for effects of a few per cent,
   which the shared machine's noise hides in a three-repeat run, give it many ``--repeats``.
-* ``--bf16`` adds CPU autocast bf16 throughput of training, beam search and greedy decoding
-  (and of the encoders), each measured in the same rounds as fp32, with the loss parity against
+* ``--bf16`` adds bf16 autocast throughput (CPU, or CUDA with ``--device cuda``) of training,
+  beam search and greedy decoding (and of the encoders), each measured in the same rounds as fp32, with the loss parity against
   fp32 on the same batch (dropout off), and search under Lightning's ``bf16-mixed`` autocast
   (cache off) with and without ``AttentionDecoder.frozen_weights``.
 
@@ -168,6 +168,13 @@ def rate(items: int, seconds: list[float]) -> float:
     return items / statistics.median(seconds)
 
 
+def bf16_autocast(device: torch.device, enabled: bool = True,
+                  cache_enabled: bool = True) -> torch.autocast:
+    """bf16 autocast on ``device``'s type (``cpu`` or ``cuda``)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled,
+                          cache_enabled=cache_enabled)
+
+
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far (Linux ``ru_maxrss`` is in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -272,7 +279,7 @@ def train_pass(decoder: nn.Module, optimizer: torch.optim.Optimizer, work: Work,
     """One optimiser step (forward + loss + backward + Adam) per caption batch of ``work``."""
     decoder.train()
     for captions, lengths in zip(work.captions, work.lengths):
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        with bf16_autocast(work.annotations.device, enabled=autocast):
             loss = loss_fn(decoder, work.annotations, captions, lengths)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -734,7 +741,7 @@ def bench_ab(s: Sizes, device: torch.device, name: str, log: Callable[[str], Non
 
 
 def bench_bf16(s: Sizes, device: torch.device, log: Callable[[str], None]) -> dict[str, Any]:
-    """CPU autocast bf16: loss parity with fp32 (dropout off) and training/greedy throughput,
+    """bf16 autocast on ``device``: loss parity with fp32 (dropout off) and training/greedy throughput,
     with fp32 measured in the same interleaved rounds (the same eval-mode decoder) for the ratio;
     where the CPU has no native bf16 matmul, one timed round each after one warm-up."""
     work = make_work(s, device)
@@ -742,7 +749,7 @@ def bench_bf16(s: Sizes, device: torch.device, log: Callable[[str], None]) -> di
     ann, cap = work.annotations, work.captions[0]
     with torch.no_grad():
         loss32 = float(library_loss(dec, ann, cap))
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with bf16_autocast(device):
             loss16 = float(library_loss(dec, ann, cap))
     out: dict[str, Any] = {
         "bf16_matmul_gflops": matmul_gflops(s.matmul_size, device, torch.bfloat16, repeats=3),
@@ -778,7 +785,7 @@ def bench_bf16(s: Sizes, device: torch.device, log: Callable[[str], None]) -> di
 
 def _autocast_decode(dec: AttentionDecoder, ann: torch.Tensor, beam: int, steps: int,
                      cache_enabled: bool = True) -> None:
-    with torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=cache_enabled):
+    with bf16_autocast(ann.device, cache_enabled=cache_enabled):
         decode_library(dec, ann, beam, steps)
 
 
@@ -811,7 +818,7 @@ def bench_lightning_autocast(s: Sizes, dec: AttentionDecoder, ann: torch.Tensor,
 def bench_encoders(s: Sizes, device: torch.device, log: Callable[[str], None],
                    bf16: bool = False) -> tuple[dict[str, float], dict[str, float]]:
     """Frozen CNN forward (no grad), batch ``encode_batch``: images per second in fp32, and with
-    ``bf16`` under CPU autocast bf16 too, measured in the same rounds (else ``{}``)."""
+    ``bf16`` under bf16 autocast too, measured in the same rounds (else ``{}``)."""
     from captioner.encoders.encoder import ImageEncoder
 
     out: dict[str, float] = {}
@@ -826,7 +833,7 @@ def bench_encoders(s: Sizes, device: torch.device, log: Callable[[str], None],
         @torch.no_grad()
         def forward(autocast: bool = False, enc: nn.Module = enc,
                     images: torch.Tensor = images) -> None:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            with bf16_autocast(images.device, enabled=autocast):
                 enc(images)
 
         tasks = {"fp32": forward}
@@ -960,7 +967,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--quick", action="store_true", help="fewer repeats: about a minute")
     p.add_argument("--json", default=None, metavar="OUT", help="write the JSON object here")
-    p.add_argument("--bf16", action="store_true", help="add CPU autocast bf16 figures")
+    p.add_argument("--bf16", action="store_true",
+                   help="add bf16 autocast figures (CPU, or CUDA with --device cuda)")
     p.add_argument("--baseline", action="store_true",
                    help="add the tutorial implementation, measured interleaved with ours")
     p.add_argument("--ablations", action="store_true",
@@ -988,13 +996,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("benchmark: --device cuda but no GPU is available")
-    if args.bf16 and device.type != "cpu":
-        raise SystemExit("benchmark: --bf16 is CPU autocast; run it with --device cpu")
     if args.threads:
         torch.set_num_threads(args.threads)
     s = TINY if args.tiny else QUICK if args.quick else FULL
     if args.repeats:
         s = replace(s, repeats=args.repeats)
+    if device.type == "cuda" and not args.tiny:  # 1024^3 is a few microseconds on a GPU
+        s = replace(s, matmul_size=8192)
     skip = {x for x in args.skip.split(",") if x}
     started = time.perf_counter()
 
@@ -1028,6 +1036,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "torch_version": torch.__version__,
         "threads": torch.get_num_threads(),
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        **({"cuda_peak_memory_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1),
+            "cuda_tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+            "cuda_version": torch.version.cuda} if device.type == "cuda" else {}),
         "machine": {"cpu": cpu_model(), "logical_cpus": os.cpu_count(),
                     "load_average_1m": os.getloadavg()[0]},
         "mode": "tiny" if args.tiny else "quick" if args.quick else "full",

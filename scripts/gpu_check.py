@@ -1,0 +1,339 @@
+#!/usr/bin/env python
+r"""GPU checks: what the test suite, which runs on CPUs (CI has no GPU), cannot exercise.
+
+Each check prints one line (``PASS``/``FAIL``, its figures); the exit status is 1 when one
+fails; ``--json OUT`` writes every figure. Run it wherever a CUDA device is at hand::
+
+    python scripts/gpu_check.py --device cuda --json gpu_check.json
+
+1. ``parity/<model>``: every shapes model of ``configs/model`` (soft, hard, local 2-D, none,
+   non-local, STN) gives on the device the loss and gradients it gives on the CPU (the same
+   weights and batch, eval mode so that dropout and hard attention's sampling are off, fp32 with
+   TF32 off): ``|x_dev - x_cpu| / |x_cpu|`` under ``1e-4`` for the loss and the gradient.
+2. ``search``: greedy and beam-3/beam-5 tokens on the device equal the CPU's (random weights;
+   a near tie may flip a token, so up to 1 % of the tokens may differ) and their scores agree;
+   ``compile_search=True`` (the ``torch.compile``\ d energies) gives the eager search's tokens.
+3. ``fit/<precision>``: a short fit on the shapes data under ``32``, ``bf16-mixed`` and
+   ``16-mixed``: the training loss stays finite and falls, validation BLEU-4 is finite.
+4. ``resume``: 2 epochs then a resumed third give bit-identical weights to 3 epochs straight
+   (deterministic algorithms): the CUDA random state (dropout) is saved and restored.
+5. ``tools``: ``caption``, ``visualize``, ``evaluate`` and ``extract-features`` with
+   ``--device`` on the fitted checkpoint exit 0; captions on the device equal the CPU's; the
+   cached features on the device match the CPU's to fp16 rounding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAPES_MODELS = ("shapes_soft", "shapes_hard", "shapes_local2d", "shapes_none",
+                 "shapes_nonlocal", "shapes_stn")
+IMAGE_SIZE = 64  # the shapes configs' (the STN's and grids' sizes assume it)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    """``|a - b| / |b|`` in float64 on the CPU."""
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def model_config(name: str, vocab_size: int) -> dict[str, Any]:
+    init = yaml.safe_load((ROOT / "configs" / "model" / f"{name}.yaml").read_text())["model"]
+    return {**init["init_args"], "vocab_size": vocab_size}
+
+
+def build(name: str, vocab_size: int, seed: int = 0):
+    from captioner.lit.captioning import CaptioningModule
+
+    torch.manual_seed(seed)
+    return CaptioningModule.from_config(model_config(name, vocab_size))
+
+
+def batch(vocab_size: int, B: int = 5, T: int = 11, seed: int = 1) -> dict[str, torch.Tensor]:
+    """Images ``(B, 3, 64, 64)`` and captions ``(B, T + 1)`` with uneven lengths."""
+    g = torch.Generator().manual_seed(seed)
+    captions = torch.randint(4, vocab_size, (B, T + 1), generator=g)
+    captions[:, 0] = 1  # <start>
+    for b in range(B):
+        end = T - 2 * b if T - 2 * b > 2 else T
+        captions[b, end] = 2  # <end>
+        captions[b, end + 1:] = 0  # <pad>
+    return {"images": torch.randn(B, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g), "captions": captions}
+
+
+# ============================================================================ checks
+def check_parity(device: torch.device, name: str) -> dict[str, Any]:
+    V = 37
+    data = batch(V)
+    out: dict[str, Any] = {}
+    grads = {}
+    for where in ("cpu", device):
+        module = build(name, V).to(where).eval()
+        losses = module.loss({k: v.to(where) for k, v in data.items()})
+        losses["loss"].backward()
+        out[str(where)] = float(losses["loss"])
+        grads[str(where)] = torch.cat([p.grad.flatten().cpu() for p in module.parameters()
+                                       if p.grad is not None])
+    cpu, dev = out["cpu"], out[str(device)]
+    out["loss_rel"] = abs(dev - cpu) / abs(cpu)
+    out["grad_rel"] = rel(grads[str(device)], grads["cpu"])
+    out["ok"] = math.isfinite(dev) and out["loss_rel"] < 1e-4 and out["grad_rel"] < 1e-4
+    return out
+
+
+def check_search(device: torch.device) -> dict[str, Any]:
+    V = 211
+    module = build("shapes_soft", V).eval()
+    g = torch.Generator().manual_seed(2)
+    images = torch.randn(16, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g)
+    out: dict[str, Any] = {"ok": True}
+    with torch.no_grad():
+        ann_cpu = module.encoder(images)
+        dev_module = build("shapes_soft", V).to(device).eval()
+        ann_dev = dev_module.encoder(images.to(device))
+        out["annotations_rel"] = rel(ann_dev, ann_cpu)
+        for k in (1, 3, 5):
+            kw = dict(beam_size=k, max_length=16, min_length=16)
+            a = module.generate(ann_cpu, **kw)
+            b = dev_module.generate(ann_cpu.to(device), **kw)  # the same input on both
+            differ = float((a.tokens != b.tokens.cpu()).float().mean())
+            out[f"k{k}_token_mismatch"] = differ
+            out[f"k{k}_score_rel"] = rel(b.scores, a.scores)
+            out["ok"] &= differ <= 0.01 and out[f"k{k}_score_rel"] < 1e-4
+            dev_module.decoder.attention.compile_search = True
+            try:
+                c = dev_module.generate(ann_cpu.to(device), **kw)
+            finally:
+                dev_module.decoder.attention.compile_search = False
+            compiled = float((c.tokens != b.tokens).float().mean())
+            out[f"k{k}_compiled_token_mismatch"] = compiled
+            out[f"k{k}_compiled_score_rel"] = rel(c.scores, b.scores)
+            out["ok"] &= compiled <= 0.01 and out[f"k{k}_compiled_score_rel"] < 1e-4
+    return out
+
+
+def shapes_dm(root: Path, **kw):
+    from captioner.data.datamodule import ShapesDataModule
+
+    return ShapesDataModule(root=str(root), num_train=kw.pop("num_train", 512), num_val=32,
+                            num_test=32, image_size=IMAGE_SIZE, batch_size=32, seed=0, **kw)
+
+
+def trainer(root: Path, device: torch.device, epochs: int, precision: str, **kw):
+    import lightning as L
+
+    return L.Trainer(default_root_dir=root, max_epochs=epochs, accelerator=device.type,
+                     devices=[device.index or 0] if device.type == "cuda" else 1, precision=precision, logger=False,
+                     enable_progress_bar=False, enable_model_summary=False,
+                     num_sanity_val_steps=0, **kw)
+
+
+class LossLog:
+    """Training losses of every step (a Lightning callback, built lazily)."""
+
+    def __new__(cls):
+        import lightning as L
+
+        class _LossLog(L.Callback):
+            def __init__(self) -> None:
+                self.losses: list[float] = []
+
+            def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+                self.losses.append(float(outputs["loss"]))
+
+        return _LossLog()
+
+
+def check_fit(device: torch.device, precision: str, data: Path, work: Path) -> dict[str, Any]:
+    import lightning as L
+
+    L.seed_everything(0, workers=True)
+    dm = shapes_dm(data)
+    module = build("shapes_soft", _vocab_size(data))
+    log = LossLog()
+    tr = trainer(work / precision, device, 3, precision, callbacks=[log])
+    start = time.perf_counter()
+    tr.fit(module, datamodule=dm)
+    seconds = time.perf_counter() - start
+    losses = log.losses
+    first, last = float(np.mean(losses[:4])), float(np.mean(losses[-4:]))
+    bleu = float(tr.callback_metrics.get("val/bleu4", float("nan")))
+    ckpt = work / f"fit_{precision}.ckpt"
+    tr.save_checkpoint(ckpt)
+    return {"ok": all(map(math.isfinite, losses)) and last < 0.8 * first and math.isfinite(bleu),
+            "first_loss": first, "last_loss": last, "val_bleu4": bleu, "steps": len(losses),
+            "seconds": seconds, "ckpt": str(ckpt)}
+
+
+def _vocab_size(data: Path) -> int:
+    dm = shapes_dm(data)
+    dm.prepare_data()
+    dm.setup("fit")
+    return dm.vocab_size
+
+
+def check_resume(device: torch.device, data: Path, work: Path) -> dict[str, Any]:
+    import lightning as L
+
+    def run(epochs: int, root: Path, ckpt_path: str | None = None):
+        L.seed_everything(7, workers=True)
+        dm = shapes_dm(data, num_train=128)
+        module = build("shapes_soft", _vocab_size(data))  # dropout 0.1 draws on the CUDA RNG
+        tr = trainer(root, device, epochs, "32", deterministic=True,
+                     limit_val_batches=1)
+        tr.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+        return tr, module
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    _, straight = run(3, work / "straight")
+    tr1, _ = run(2, work / "first")
+    ckpt = work / "epoch2.ckpt"
+    tr1.save_checkpoint(ckpt)
+    _, resumed = run(3, work / "resumed", str(ckpt))
+    a, b = straight.state_dict(), resumed.state_dict()
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    _, again = run(3, work / "again")  # determinism itself: the straight run twice
+    repeat = [k for k in a if not torch.equal(a[k], again.state_dict()[k])]
+    return {"ok": not differ and not repeat, "tensors_differing_after_resume": len(differ),
+            "tensors_differing_between_two_straight_runs": len(repeat), "tensors": len(a)}
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "captioner", *args], capture_output=True,
+                          text=True, cwd=ROOT, timeout=600)
+
+
+def check_tools(device: torch.device, ckpt: Path, data: Path, work: Path) -> dict[str, Any]:
+    images = sorted(p for p in data.rglob("*.png"))[:8]
+    out: dict[str, Any] = {"ok": True}
+    captions = {}
+    for where in ("cpu", str(device)):
+        r = _cli("caption", "--ckpt", str(ckpt), "--device", where, "--beam-size", "3", "--json",
+                 *map(str, images))
+        out[f"caption_{where}_rc"] = r.returncode
+        out["ok"] &= r.returncode == 0
+        if r.returncode:
+            out[f"caption_{where}_stderr"] = r.stderr[-2000:]
+            continue
+        captions[where] = [c.get("caption") for c in json.loads(r.stdout)]
+    if len(captions) == 2:
+        same = sum(a == b for a, b in zip(*captions.values()))
+        out["captions_equal"] = f"{same}/{len(images)}"
+        out["ok"] &= same >= len(images) - 1  # a near tie may flip one
+    r = _cli("visualize", "--ckpt", str(ckpt), "--device", str(device), "--out",
+             str(work / "attention.png"), str(images[0]))
+    out["visualize_rc"] = r.returncode
+    out["ok"] &= r.returncode == 0 and (work / "attention.png").is_file()
+    if r.returncode:
+        out["visualize_stderr"] = r.stderr[-2000:]
+    r = _cli("evaluate", "--ckpt", str(ckpt), "--device", str(device), "--split", "test",
+             "--no-java", "--out", str(work / "eval"))
+    out["evaluate_rc"] = r.returncode
+    out["ok"] &= r.returncode == 0
+    if r.returncode:
+        out["evaluate_stderr"] = r.stderr[-2000:]
+    shards = {}
+    for where in ("cpu", str(device)):
+        dest = work / f"features_{where.replace(':', '_')}"
+        r = _cli("extract-features", "--ckpt", str(ckpt), "--device", where, "--out", str(dest),
+                 "--allow-trainable", "--split", "val")
+        out[f"extract_{where}_rc"] = r.returncode
+        out["ok"] &= r.returncode == 0
+        if r.returncode:
+            out[f"extract_{where}_stderr"] = r.stderr[-2000:]
+            continue
+        shards[where] = np.concatenate([np.load(p).astype(np.float32)
+                                        for p in sorted(dest.rglob("*.npy"))])
+    if len(shards) == 2:
+        a, b = shards.values()
+        out["features_max_abs_diff"] = float(np.abs(a - b).max()) if a.shape == b.shape else None
+        out["features_max_abs"] = float(np.abs(a).max())
+        out["ok"] &= a.shape == b.shape and float(np.abs(a - b).max()) <= 2e-3 * max(
+            1.0, float(np.abs(a).max()))
+    return out
+
+
+# ============================================================================ main
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda", help="the device to check (default: cuda)")
+    p.add_argument("--json", default=None, metavar="OUT", help="write every figure here")
+    p.add_argument("--only", default="", help="comma list among: parity,search,fit,resume,tools")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("gpu_check: no CUDA device here")
+    only = {x for x in args.only.split(",") if x}
+    logging.getLogger("lightning").setLevel(logging.ERROR)
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    results: dict[str, Any] = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
+        "torch": torch.__version__, "cuda": torch.version.cuda,
+        "tf32_matmul": torch.backends.cuda.matmul.allow_tf32, "checks": {}}
+    failed = 0
+
+    def run(name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        nonlocal failed
+        start = time.perf_counter()
+        try:
+            r = fn()
+        except Exception as e:  # a crash is a failure with its message, the others still run
+            import traceback
+
+            r = {"ok": False, "error": f"{type(e).__name__}: {e}",
+                 "traceback": traceback.format_exc()[-3000:]}
+        r["check_seconds"] = round(time.perf_counter() - start, 1)
+        results["checks"][name] = r
+        failed += not r["ok"]
+        shown = {k: v for k, v in r.items() if k not in ("ok", "traceback") and
+                 not k.endswith("stderr")}
+        print(f"{'PASS' if r['ok'] else 'FAIL'}  {name}  {json.dumps(shown, default=str)}",
+              flush=True)
+        if not r["ok"]:
+            for k, v in r.items():
+                if k == "traceback" or k.endswith("stderr"):
+                    print(f"    {k}:\n{v}", flush=True)
+        return r
+
+    with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
+        work = Path(tmp)
+        data = work / "shapes"
+        if not only or "parity" in only:
+            for name in SHAPES_MODELS:
+                run(f"parity/{name}", lambda name=name: check_parity(device, name))
+        if not only or "search" in only:
+            run("search", lambda: check_search(device))
+        fitted = None
+        if not only or only & {"fit", "tools"}:
+            for precision in ("32", "bf16-mixed", "16-mixed"):
+                r = run(f"fit/{precision}", lambda p=precision: check_fit(device, p, data, work))
+                if precision == "32" and r["ok"]:
+                    fitted = Path(r["ckpt"])
+        if not only or "resume" in only:
+            run("resume", lambda: check_resume(device, data, work))
+        if (not only or "tools" in only) and fitted is not None:
+            run("tools", lambda: check_tools(device, fitted, data, work))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str) + "\n")
+    print(f"{len(results['checks']) - failed} passed, {failed} failed "
+          f"on {results['device']} (torch {results['torch']})")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
