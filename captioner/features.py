@@ -114,7 +114,9 @@ def encoder_fingerprint(encoder: nn.Module, image_size: int | Sequence[int],
     """A short hash of what an encoder computes: the input size, and its weights and buffers
     (version 1), plus (version 2) the buffers a state dict leaves out (the input normalisation)
     and every submodule's class and settings (``extra_repr``: a stage's sub-sampling, output
-    size or place, which change the features without any weight changing).
+    size or place, which change the features without any weight changing). A class that
+    computes what another did names that one in ``fingerprint_name``
+    (:class:`captioner.encoders.pooling.GridPool`), so that existing caches stay valid.
 
     Two extractions with the same fingerprint produce the same features (on the same machine).
 
@@ -131,7 +133,8 @@ def encoder_fingerprint(encoder: nn.Module, image_size: int | Sequence[int],
     tensors = dict(encoder.state_dict())
     if version >= 2:
         for name, module in encoder.named_modules():
-            digest.update(f"{name}:{type(module).__qualname__}({module.extra_repr()})".encode())
+            kind = getattr(module, "fingerprint_name", type(module).__qualname__)
+            digest.update(f"{name}:{kind}({module.extra_repr()})".encode())
         tensors = {**dict(encoder.named_buffers()), **tensors}
     for name, tensor in sorted(tensors.items()):
         digest.update(name.encode())

@@ -985,6 +985,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--repeats", type=int, default=None,
                    help="timed repeats of each decoder measurement (default: 3, quick: 2)")
+    p.add_argument("--batch", type=int, default=None,
+                   help="captions (training) and images (decoding) per batch; default 32, the "
+                        "fixed work whose figures compare across machines (others: e.g. a GPU "
+                        "at a batch that fills it, reported with its size under sizes.batch)")
     p.add_argument("--skip", default="", help="comma list among: decoders,encode,load")
     p.add_argument("--data", default=str(FLICKR8K_SUBSET), help=argparse.SUPPRESS)
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # smoke tests
@@ -1001,6 +1005,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     s = TINY if args.tiny else QUICK if args.quick else FULL
     if args.repeats:
         s = replace(s, repeats=args.repeats)
+    if args.batch:
+        s = replace(s, batch=args.batch)
     if device.type == "cuda" and not args.tiny:  # 1024^3 is a few microseconds on a GPU
         s = replace(s, matmul_size=8192)
     skip = {x for x in args.skip.split(",") if x}

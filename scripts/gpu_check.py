@@ -9,7 +9,11 @@ fails; ``--json OUT`` writes every figure. Run it wherever a CUDA device is at h
 1. ``parity/<model>``: every shapes model of ``configs/model`` (soft, hard, local 2-D, none,
    non-local, STN) gives on the device the loss and gradients it gives on the CPU (the same
    weights and batch, eval mode so that dropout and hard attention's sampling are off, fp32 with
-   TF32 off): ``|x_dev - x_cpu| / |x_cpu|`` under ``1e-4`` for the loss and the gradient.
+   TF32 switched off for matrix products and cuDNN's convolutions, whose default is on):
+   ``|x_dev - x_cpu| / |x_cpu|`` under ``1e-4`` for the loss and the gradient.
+   ``deterministic/<model>``: one training step of each (and of the STN with its ``fc`` and
+   ``heatmap`` localisations) under ``torch.use_deterministic_algorithms(True)`` (Lightning's
+   ``deterministic: true``) runs, and twice from one seed gives bit-identical gradients.
 2. ``search``: greedy and beam-3/beam-5 tokens on the device equal the CPU's (random weights;
    a near tie may flip a token, so up to 1 % of the tokens may differ) and their scores agree;
    ``compile_search=True`` (the ``torch.compile``\ d energies) gives the eager search's tokens.
@@ -25,6 +29,7 @@ fails; ``--json OUT`` writes every figure. Run it wherever a CUDA device is at h
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -40,6 +45,7 @@ import numpy as np
 import torch
 import yaml
 
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # deterministic cuBLAS, before its init
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES_MODELS = ("shapes_soft", "shapes_hard", "shapes_local2d", "shapes_none",
                  "shapes_nonlocal", "shapes_stn")
@@ -53,7 +59,12 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def model_config(name: str, vocab_size: int) -> dict[str, Any]:
+    """``configs/model/<name>.yaml``'s model; ``shapes_stn+heatmap``: with that localisation."""
+    name, _, localization = name.partition("+")
     init = yaml.safe_load((ROOT / "configs" / "model" / f"{name}.yaml").read_text())["model"]
+    if localization:
+        init["init_args"]["encoder"]["init_args"]["stages"][0]["init_args"]["localization"] = (
+            localization)
     return {**init["init_args"], "vocab_size": vocab_size}
 
 
@@ -77,6 +88,27 @@ def batch(vocab_size: int, B: int = 5, T: int = 11, seed: int = 1) -> dict[str, 
 
 
 # ============================================================================ checks
+@contextlib.contextmanager
+def no_tf32():
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@contextlib.contextmanager
+def deterministic():
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was)
+
+
+@no_tf32()
 def check_parity(device: torch.device, name: str) -> dict[str, Any]:
     V = 37
     data = batch(V)
@@ -96,6 +128,26 @@ def check_parity(device: torch.device, name: str) -> dict[str, Any]:
     return out
 
 
+def check_deterministic(device: torch.device, name: str) -> dict[str, Any]:
+    """One training step (dropout, hard attention's sampling) twice from the same seed under
+    deterministic algorithms: it runs, and the two give bit-identical gradients."""
+    V = 37
+    runs = []
+    for _ in range(2):
+        module = build(name, V).to(device).train()
+        torch.manual_seed(5)
+        with deterministic():
+            losses = module.loss({k: v.to(device) for k, v in batch(V).items()})
+            losses["loss"].backward()
+        runs.append((float(losses["loss"]),
+                     [p.grad for p in module.parameters() if p.grad is not None]))
+    (loss, grads), (loss2, grads2) = runs
+    same = loss == loss2 and all(torch.equal(a, b) for a, b in zip(grads, grads2))
+    return {"ok": all(bool(g.isfinite().all()) for g in grads) and same, "loss": loss,
+            "grads": len(grads), "bit_identical_twice": same}
+
+
+@no_tf32()
 def check_search(device: torch.device) -> dict[str, Any]:
     V = 211
     module = build("shapes_soft", V).eval()
@@ -199,7 +251,6 @@ def check_resume(device: torch.device, data: Path, work: Path) -> dict[str, Any]
         tr.fit(module, datamodule=dm, ckpt_path=ckpt_path)
         return tr, module
 
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     _, straight = run(3, work / "straight")
     tr1, _ = run(2, work / "first")
     ckpt = work / "epoch2.ckpt"
@@ -316,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
         if not only or "parity" in only:
             for name in SHAPES_MODELS:
                 run(f"parity/{name}", lambda name=name: check_parity(device, name))
+            for name in (*SHAPES_MODELS, "shapes_stn+fc", "shapes_stn+heatmap"):
+                run(f"deterministic/{name}", lambda name=name: check_deterministic(device, name))
         if not only or "search" in only:
             run("search", lambda: check_search(device))
         fitted = None

@@ -10,7 +10,7 @@ Pipeline, for images ``(B, 3, H_img, W_img)`` in ``[0, 1]``::
     for each named backbone block b:
         x = b(x); x = stages placed after b(x)    # e.g. a non-local block after "layer3"
     x = stages placed at "output"(x)              # (B, D, H', W')
-    a = AdaptiveAvgPool2d(H, W)(x)                # (B, D, H, W)
+    a = AdaptiveAvgPool2d(H, W)(x)                # (B, D, H, W); GridPool: also deterministic
     a = a.flatten(2).transpose(1, 2)              # (B, L, D)
 
 Stage contract: an ``nn.Module`` with a string attribute ``where`` (``"input"``, ``"output"`` or
@@ -30,6 +30,7 @@ from torch import nn
 
 from captioner.encoders.backbone import (available_backbones, build_backbone, load_pretrained,
                                          no_weights_as_none)
+from captioner.encoders.pooling import GridPool
 
 
 class ImageEncoder(nn.Module):
@@ -65,7 +66,7 @@ class ImageEncoder(nn.Module):
         self.grid = (grid_size, grid_size) if isinstance(grid_size, int) else tuple(grid_size)
         if len(self.grid) != 2 or any(int(g) < 1 for g in self.grid):
             raise ValueError(f"grid_size must be H or (H, W) with H, W >= 1, got {grid_size}")
-        self.pool = nn.AdaptiveAvgPool2d(self.grid)
+        self.pool = GridPool(self.grid)
         self.stages = nn.ModuleList(stages)
         self._place_stages(built.out_channels)
 

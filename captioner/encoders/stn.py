@@ -16,7 +16,9 @@ region. Its three differentiable parts (Section 3):
 
        V^c_i = sum_n sum_m U^c_nm max(0, 1 - |x^s_i - m|) max(0, 1 - |y^s_i - n|)
 
-   (``F.affine_grid`` + ``F.grid_sample`` with ``align_corners=False``; zero padding outside).
+   (``F.affine_grid`` + ``F.grid_sample`` with ``align_corners=False``; zero padding outside;
+   under deterministic algorithms :func:`captioner.encoders.sampler.bilinear_sample`, the same
+   sum with a deterministic backward).
 
 Transformation families (the paper's constrained transformations, Sections 3.2 and 4.1)::
 
@@ -48,6 +50,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from captioner.encoders.pooling import GridPool
+from captioner.encoders.sampler import bilinear_sample
 from captioner.encoders.stages import EncoderStage
 
 Transform = Literal["affine", "attention", "similarity", "translation"]
@@ -144,6 +148,9 @@ def warp(x: torch.Tensor, theta: torch.Tensor, size: tuple[int, int] | None = No
     wide = precise_dtype(x.device)
     grid = F.affine_grid(theta.to(wide), [b, c, h_out, w_out], align_corners=False)
     # grid: (B, h', w', 2) source (x, y) of each output pixel
+    if torch.are_deterministic_algorithms_enabled() and torch.is_grad_enabled():
+        out = bilinear_sample(x.to(wide), grid)  # (B, C, h', w'); grid_sample's CUDA backward
+        return out.to(x.dtype)  # has no deterministic implementation
     out = F.grid_sample(x.to(wide), grid, mode="bilinear", padding_mode="zeros",
                         align_corners=False)
     return out.to(x.dtype)
@@ -269,12 +276,12 @@ def _localisation_net(
             nn.Conv2d(in_channels, hidden, 3, padding=1), nn.ReLU(inplace=True),
             nn.MaxPool2d(2, ceil_mode=True),
             nn.Conv2d(hidden, hidden, 3, padding=1), nn.ReLU(inplace=True),
-            nn.AdaptiveAvgPool2d(pool), nn.Flatten(),
+            GridPool(pool), nn.Flatten(),
             nn.Linear(hidden * pool * pool, hidden), nn.ReLU(inplace=True),
         ]
     elif kind == "fc":
         layers = [
-            nn.AdaptiveAvgPool2d(pool), nn.Flatten(),
+            GridPool(pool), nn.Flatten(),
             nn.Linear(in_channels * pool * pool, hidden), nn.ReLU(inplace=True),
             nn.Linear(hidden, hidden), nn.ReLU(inplace=True),
         ]
