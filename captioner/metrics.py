@@ -359,7 +359,8 @@ def coco_caption_scores(
         raise RuntimeError("use_java=True but no 'java' executable is on PATH")
     java = has_java if use_java is None else use_java
     skipped: dict[str, str] = {}
-    no_java_reason = "Java not found on PATH" if not has_java else "use_java=False"
+    # the user's choice first: it holds whatever the machine has
+    no_java_reason = "use_java=False" if use_java is False else "Java not found on PATH"
 
     # 1. Tokenise all strings in one pass (one JVM start).
     ids = list(references)

@@ -21,7 +21,10 @@ fails; ``--json OUT`` writes every figure. Run it wherever a CUDA device is at h
    ``16-mixed``: the training loss stays finite and falls, validation BLEU-4 is finite.
 4. ``resume``: 2 epochs then a resumed third give bit-identical weights to 3 epochs straight
    (deterministic algorithms): the CUDA random state (dropout) is saved and restored.
-5. ``tools``: ``caption``, ``visualize``, ``evaluate`` and ``extract-features`` with
+5. ``cli``: ``captioner fit`` with the shipped ``configs/trainer/gpu.yaml`` (``16-mixed``,
+   TensorBoard, the checkpoint callbacks, early stopping) on the shapes data for 2 epochs, then
+   ``captioner test`` of its ``last.ckpt``: both exit 0, and the test metrics are written.
+6. ``tools``: ``caption``, ``visualize``, ``evaluate`` and ``extract-features`` with
    ``--device`` on the fitted checkpoint exit 0; captions on the device equal the CPU's; the
    cached features on the device match the CPU's to fp16 rounding.
 """
@@ -264,9 +267,40 @@ def check_resume(device: torch.device, data: Path, work: Path) -> dict[str, Any]
             "tensors_differing_between_two_straight_runs": len(repeat), "tensors": len(a)}
 
 
-def _cli(*args: str) -> subprocess.CompletedProcess:
+def _cli(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "captioner", *args], capture_output=True,
-                          text=True, cwd=ROOT, timeout=600)
+                          text=True, cwd=cwd, timeout=600)
+
+
+def check_cli(work: Path, trainer_yaml: str = "gpu.yaml") -> dict[str, Any]:
+    """The shipped GPU trainer config end to end, from a folder of its own."""
+    run_dir = work / "cli"
+    run_dir.mkdir()
+    configs = [f"--config={ROOT / 'configs' / sub / name}" for sub, name in (
+        ("trainer", trainer_yaml), ("data", "shapes.yaml"), ("model", "shapes_soft.yaml"))]
+    data = ["--data.init_args.root", str(run_dir / "shapes"), "--data.init_args.num_train", "256",
+            "--data.init_args.num_val", "32", "--data.init_args.num_test", "32"]
+    r = _cli("fit", *configs, *data, "--trainer.max_epochs", "2", cwd=run_dir)
+    out: dict[str, Any] = {"fit_rc": r.returncode}
+    if r.returncode:
+        return {**out, "ok": False, "fit_stderr": r.stderr[-3000:]}
+    last = sorted(run_dir.rglob("last.ckpt"))
+    events = sorted(run_dir.rglob("events.out.tfevents.*"))
+    out.update(last_ckpt=len(last), tensorboard_event_files=len(events))
+    if not last:
+        return {**out, "ok": False}
+    r = _cli("test", *configs, *data, "--ckpt_path", str(last[-1]), cwd=run_dir)
+    out["test_rc"] = r.returncode
+    metrics = sorted(run_dir.rglob("test_metrics.json"))
+    out["test_metrics_files"] = len(metrics)
+    if r.returncode:
+        out["test_stderr"] = r.stderr[-3000:]
+    if metrics:
+        scores = json.loads(metrics[-1].read_text())
+        out["test_bleu4"] = next((v for k, v in scores.items() if k in ("BLEU-4", "bleu4")), None)
+    logged = bool(events) or trainer_yaml != "gpu.yaml"  # cpu.yaml logs CSV
+    out["ok"] = r.returncode == 0 and logged and bool(metrics)
+    return out
 
 
 def check_tools(device: torch.device, ckpt: Path, data: Path, work: Path) -> dict[str, Any]:
@@ -324,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda", help="the device to check (default: cuda)")
     p.add_argument("--json", default=None, metavar="OUT", help="write every figure here")
-    p.add_argument("--only", default="", help="comma list among: parity,search,fit,resume,tools")
+    p.add_argument("--only", default="", help="comma list among: parity,search,fit,resume,cli,tools")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -379,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
                     fitted = Path(r["ckpt"])
         if not only or "resume" in only:
             run("resume", lambda: check_resume(device, data, work))
+        if not only or "cli" in only:
+            run("cli", lambda: check_cli(work, "gpu.yaml" if device.type == "cuda" else "cpu.yaml"))
         if (not only or "tools" in only) and fitted is not None:
             run("tools", lambda: check_tools(device, fitted, data, work))
     if args.json:

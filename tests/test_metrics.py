@@ -144,6 +144,18 @@ def test_coco_caption_scores_without_java():
     assert perfect.scores["BLEU-4"] == pytest.approx(1.0, abs=1e-6)
 
 
+@pytest.mark.parametrize("has_java", [True, False])
+def test_the_reason_for_skipping_java_is_the_users_choice_first(monkeypatch, has_java):
+    """``use_java=False`` is the reason whatever the machine has (a machine without Java used to
+    report "Java not found", so ``--no-java`` output depended on the machine)."""
+    monkeypatch.setattr("captioner.metrics.java_available", lambda: has_java)
+    hyps = {1: "a man riding a horse", 2: "two dogs in the snow", "img3": "a red bus"}
+    assert coco_caption_scores(REFS, hyps, use_java=False).skipped["METEOR"] == "use_java=False"
+    if not has_java:
+        skipped = coco_caption_scores(REFS, hyps).skipped
+        assert skipped["METEOR"] == skipped["SPICE"] == "Java not found on PATH"
+
+
 def test_coco_caption_scores_mismatched_ids():
     hyps = {1: "a man", 2: "dogs", 4: "a bus"}
     with pytest.raises(ValueError, match=r"'img3'.*\b4\b"):
