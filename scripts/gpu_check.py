@@ -7,7 +7,8 @@ fails; ``--json OUT`` writes every figure. Run it wherever a CUDA device is at h
     python scripts/gpu_check.py --device cuda --json gpu_check.json
 
 1. ``parity/<model>``: every shapes model of ``configs/model`` (soft, hard, local 2-D, none,
-   non-local, STN) gives on the device the loss and gradients it gives on the CPU (the same
+   non-local, STN) and the Multi30k translation model (``multi30k_gru``: GRU source encoder,
+   the same decoder) gives on the device the loss and gradients it gives on the CPU (the same
    weights and batch, eval mode so that dropout and hard attention's sampling are off, fp32 with
    TF32 switched off for matrix products and cuDNN's convolutions, whose default is on):
    ``|x_dev - x_cpu| / |x_cpu|`` under ``1e-4`` for the loss and the gradient.
@@ -17,8 +18,9 @@ fails; ``--json OUT`` writes every figure. Run it wherever a CUDA device is at h
 2. ``search``: greedy and beam-3/beam-5 tokens on the device equal the CPU's (random weights;
    a near tie may flip a token, so up to 1 % of the tokens may differ) and their scores agree;
    ``compile_search=True`` (the ``torch.compile``\ d energies) gives the eager search's tokens.
-3. ``fit/<precision>``: a short fit on the shapes data under ``32``, ``bf16-mixed`` and
-   ``16-mixed``: the training loss stays finite and falls, validation BLEU-4 is finite.
+3. ``fit/<precision>``: a short fit on the shapes data under ``32``, ``bf16-mixed``,
+   ``16-mixed`` and ``bf16-true``: the training loss stays finite and falls, validation BLEU-4
+   is finite.
 4. ``resume``: 2 epochs then a resumed third give bit-identical weights to 3 epochs straight
    (deterministic algorithms): the CUDA random state (dropout) is saved and restored.
 5. ``cli``: ``captioner fit`` with the shipped ``configs/trainer/gpu.yaml`` (``16-mixed``,
@@ -71,22 +73,45 @@ def model_config(name: str, vocab_size: int) -> dict[str, Any]:
     return {**init["init_args"], "vocab_size": vocab_size}
 
 
+TRANSLATION_MODEL = "multi30k_gru"
+SRC_VOCAB = 41
+
+
 def build(name: str, vocab_size: int, seed: int = 0):
     from captioner.lit.captioning import CaptioningModule
+    from captioner.lit.translation import TranslationModule
 
     torch.manual_seed(seed)
+    if name == TRANSLATION_MODEL:
+        return TranslationModule.from_config({**model_config(name, vocab_size),
+                                              "src_vocab_size": SRC_VOCAB})
     return CaptioningModule.from_config(model_config(name, vocab_size))
 
 
-def batch(vocab_size: int, B: int = 5, T: int = 11, seed: int = 1) -> dict[str, torch.Tensor]:
-    """Images ``(B, 3, 64, 64)`` and captions ``(B, T + 1)`` with uneven lengths."""
-    g = torch.Generator().manual_seed(seed)
-    captions = torch.randint(4, vocab_size, (B, T + 1), generator=g)
-    captions[:, 0] = 1  # <start>
+def _padded_tokens(vocab_size: int, B: int, T: int, g: torch.Generator,
+                   ends: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, T + 1)`` ids with uneven lengths (``<start> .. <end> <pad>..`` with ``ends``), and
+    the lengths."""
+    tokens = torch.randint(4, vocab_size, (B, T + 1), generator=g)
+    lengths = torch.empty(B, dtype=torch.long)
     for b in range(B):
         end = T - 2 * b if T - 2 * b > 2 else T
-        captions[b, end] = 2  # <end>
-        captions[b, end + 1:] = 0  # <pad>
+        if ends:
+            tokens[b, 0], tokens[b, end] = 1, 2  # <start>, <end>
+        tokens[b, end + 1:] = 0  # <pad>
+        lengths[b] = end + 1
+    return tokens, lengths
+
+
+def batch(vocab_size: int, B: int = 5, T: int = 11, seed: int = 1,
+          translation: bool = False) -> dict[str, torch.Tensor]:
+    """Images ``(B, 3, 64, 64)`` and captions ``(B, T + 1)`` with uneven lengths; with
+    ``translation`` source sentences ``src (B, S)``, ``src_lengths (B,)`` and ``tgt``."""
+    g = torch.Generator().manual_seed(seed)
+    captions, _ = _padded_tokens(vocab_size, B, T, g)
+    if translation:
+        src, src_lengths = _padded_tokens(SRC_VOCAB, B, T + 2, g, ends=False)
+        return {"src": src, "src_lengths": src_lengths, "tgt": captions}
     return {"images": torch.randn(B, 3, IMAGE_SIZE, IMAGE_SIZE, generator=g), "captions": captions}
 
 
@@ -114,7 +139,7 @@ def deterministic():
 @no_tf32()
 def check_parity(device: torch.device, name: str) -> dict[str, Any]:
     V = 37
-    data = batch(V)
+    data = batch(V, translation=name == TRANSLATION_MODEL)
     out: dict[str, Any] = {}
     grads = {}
     for where in ("cpu", device):
@@ -140,7 +165,8 @@ def check_deterministic(device: torch.device, name: str) -> dict[str, Any]:
         module = build(name, V).to(device).train()
         torch.manual_seed(5)
         with deterministic():
-            losses = module.loss({k: v.to(device) for k, v in batch(V).items()})
+            data = batch(V, translation=name == TRANSLATION_MODEL)
+            losses = module.loss({k: v.to(device) for k, v in data.items()})
             losses["loss"].backward()
         runs.append((float(losses["loss"]),
                      [p.grad for p in module.parameters() if p.grad is not None]))
@@ -399,15 +425,15 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         data = work / "shapes"
         if not only or "parity" in only:
-            for name in SHAPES_MODELS:
+            for name in (*SHAPES_MODELS, TRANSLATION_MODEL):
                 run(f"parity/{name}", lambda name=name: check_parity(device, name))
-            for name in (*SHAPES_MODELS, "shapes_stn+fc", "shapes_stn+heatmap"):
+            for name in (*SHAPES_MODELS, "shapes_stn+fc", "shapes_stn+heatmap", TRANSLATION_MODEL):
                 run(f"deterministic/{name}", lambda name=name: check_deterministic(device, name))
         if not only or "search" in only:
             run("search", lambda: check_search(device))
         fitted = None
         if not only or only & {"fit", "tools"}:
-            for precision in ("32", "bf16-mixed", "16-mixed"):
+            for precision in ("32", "bf16-mixed", "16-mixed", "bf16-true"):
                 r = run(f"fit/{precision}", lambda p=precision: check_fit(device, p, data, work))
                 if precision == "32" and r["ok"]:
                     fitted = Path(r["ckpt"])
