@@ -626,11 +626,16 @@ def bench_decoders(s: Sizes, device: torch.device, baseline: bool,
     result: dict[str, Any] = {}
 
     # ours alone first: its own peak memory
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # not the matmul's 8192^2 matrices
     opt_ours = library_adam(ours.parameters())
     train_pass(ours, opt_ours, work, ours_loss)
     for beam in (3, 5, 1):
         decode_library(ours, work.annotations, beam, s.steps)
     result["decoder_peak_rss_mb"] = round(peak_rss_mb(), 1)
+    if device.type == "cuda":  # ours alone: its work, weights, Adam state and activations
+        result["decoder_cuda_peak_memory_mb"] = round(
+            torch.cuda.max_memory_allocated(device) / 2**20, 1)
 
     optimizers = {"ours": opt_ours}
     if baseline:
@@ -1042,8 +1047,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "torch_version": torch.__version__,
         "threads": torch.get_num_threads(),
         "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        # the whole run's peak (from the decoders on, when they run): every arm, not ours alone
         **({"cuda_peak_memory_mb": round(torch.cuda.max_memory_allocated(device) / 2**20, 1),
             "cuda_tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
+            "cudnn_tf32_convolutions": torch.backends.cudnn.allow_tf32,
             "cuda_version": torch.version.cuda} if device.type == "cuda" else {}),
         "machine": {"cpu": cpu_model(), "logical_cpus": os.cpu_count(),
                     "load_average_1m": os.getloadavg()[0]},

@@ -43,8 +43,11 @@ def bilinear_sample(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     out = x.new_zeros(b, h_out, w_out, c)  # (B, h', w', C)
     for m, weight_u in ((u0, u0 + 1 - u), (u0 + 1, u - u0)):
         for n, weight_v in ((v0, v0 + 1 - v), (v0 + 1, v - v0)):
-            inside = (m >= 0) & (m <= w - 1) & (n >= 0) & (n <= h - 1)  # (B, h', w')
-            index = first + n.clamp(0, h - 1).long() * w + m.clamp(0, w - 1).long()
+            inside = (m >= 0) & (m <= w - 1) & (n >= 0) & (n <= h - 1)  # (B, h', w'); NaN: False
+            # outside (and NaN) coordinates read pixel 0 with weight 0 (NaN stays NaN, as in
+            # grid_sample): a NaN cast to long would index far outside the map
+            index = (first + torch.where(inside, n, 0).long() * w
+                     + torch.where(inside, m, 0).long())  # (B, h', w')
             values = rows.index_select(0, index.reshape(-1)).view(b, h_out, w_out, c)
             weight = (weight_u * weight_v * inside).unsqueeze(-1)  # (B, h', w', 1)
             out = out + values * weight.to(values.dtype)

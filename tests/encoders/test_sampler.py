@@ -34,6 +34,17 @@ def test_equals_grid_sample_values_and_gradients(h, w, h_out, w_out, spread):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
 
+def test_non_finite_coordinates_give_what_grid_sample_gives():
+    """NaN gives NaN (it used to index outside the map: an IndexError, on CUDA a device-side
+    assert); +-inf and huge coordinates as grid_sample."""
+    x = torch.randn(1, 2, 4, 5, dtype=torch.float64)
+    grid = torch.tensor([[[[float("nan"), 0.0], [0.1, 0.2], [float("inf"), 0.0],
+                           [1e30, -1e30], [-0.3, float("-inf")]]]], dtype=torch.float64)
+    ours, ref = bilinear_sample(x, grid), grid_sample(x, grid)
+    torch.testing.assert_close(ours, ref, equal_nan=True)
+    assert ours[..., 0].isnan().all() and ours[..., 1].isfinite().all()
+
+
 def test_a_pixel_centre_reads_that_pixel_and_outside_reads_zero():
     """By hand on a 2 x 3 map: pixel (row 1, col 2) has centre u = 2, v = 1, i.e.
     x^s = (2 u + 1) / w - 1 = 2/3, y^s = (2 v + 1) / h - 1 = 1/2; far outside gives 0; half
