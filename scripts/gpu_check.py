@@ -145,6 +145,13 @@ def check_parity(device: torch.device, name: str) -> dict[str, Any]:
     grads = {}
     for where in ("cpu", device):
         module = build(name, V).to(where).eval()
+        if name == TRANSLATION_MODEL:  # cuDNN's GRU has no backward in eval mode: train mode,
+            module.train()  # dropout off (a soft-attention model draws nothing else)
+            for m in module.modules():
+                if isinstance(m, torch.nn.Dropout):
+                    m.p = 0.0
+                if isinstance(m, torch.nn.RNNBase):
+                    m.dropout = 0.0
         losses = module.loss({k: v.to(where) for k, v in data.items()})
         losses["loss"].backward()
         out[str(where)] = float(losses["loss"])
