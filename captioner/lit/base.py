@@ -15,8 +15,11 @@ Plain ``nn.Module``s never import this: only the Lightning wrappers do.
 from __future__ import annotations
 
 import copy
+import logging
 import os
 import random
+import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +34,7 @@ from captioner.decoder import DecoderOutput
 from captioner.inference import CHECKPOINT_FORMAT, CHECKPOINT_KEY
 from captioner.losses import attention_entropy, reinforce_surrogate, sentence_log_likelihood
 
+log = logging.getLogger(__name__)
 
 def datamodule_record(dm: Any) -> dict[str, Any]:
     """How a checkpoint remembers its data module: ``class_path``, ``init_args`` (the
@@ -186,6 +190,25 @@ class CaptionerModule(L.LightningModule):
     # ---------------------------------------------------------------- hard attention
     def on_fit_start(self) -> None:
         self.check_monitors()
+        self.explain_frozen_blocks()
+
+    def explain_frozen_blocks(self) -> None:
+        """Frozen backbone blocks stay in eval mode (fixed batch-norm statistics, as intended),
+        which Lightning reports at the start of training as "Found N module(s) in eval mode
+        ... may lead to unexpected behavior": where N is exactly those blocks' modules, that
+        warning is replaced by one line saying so (any other count still warns)."""
+        encoder = getattr(self, "encoder", None)
+        frozen = getattr(encoder, "frozen_blocks", None)
+        if not frozen:
+            return
+        count = sum(1 for name, block in encoder.body.named_children() if name in frozen
+                    for _ in block.modules())
+        warnings.filterwarnings(
+            "ignore", message=re.escape(f"Found {count} module(s) in eval mode at the start of "
+                                        "training"))
+        if self.trainer.is_global_zero:
+            log.info("%d frozen backbone block(s) (%d modules) stay in eval mode: their batch-norm "
+                     "statistics are fixed, as intended", len(frozen), count)
 
     def check_monitors(self) -> None:
         """Refuse, before the first epoch, a callback (``ModelCheckpoint``, ``EarlyStopping``)

@@ -10,6 +10,9 @@ changes; ``ModelCheckpoint`` then forgets the best score so far (it keeps only
 ``best_model_path``), and the first validation of the resumed run becomes "best" even when it
 is worse than an earlier epoch (a ``best-epoch=02.ckpt`` beside the real best, epoch 1, left in
 the earlier folder).
+
+:class:`LearningRateLog` is Lightning's ``LearningRateMonitor`` that lets a run without a logger
+(``--trainer.logger false``) train, with one warning, instead of stopping it.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_warn
 
@@ -94,3 +97,30 @@ class ResumableCheckpoint(ModelCheckpoint):
                 self.dirpath).resolve():
             return  # an earlier run's folder: left alone
         super()._remove_checkpoint(trainer, filepath)
+
+
+class LearningRateLog(LearningRateMonitor):
+    """``LearningRateMonitor`` (same arguments) that does nothing, after one warning, in a run
+    with no logger: Lightning's raises at the start of training, so the shipped trainer configs
+    (which add it) stopped ``captioner fit ... --trainer.logger false`` after building the data
+    and the model."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._off = False
+
+    def on_train_start(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        self._off = not trainer.loggers
+        if self._off:
+            rank_zero_warn("the run has no logger (--trainer.logger false): learning rates are "
+                           "not logged (LearningRateLog is off)")
+            return
+        super().on_train_start(trainer, *args, **kwargs)
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        if not self._off:
+            super().on_train_batch_start(trainer, *args, **kwargs)
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        if not self._off:
+            super().on_train_epoch_start(trainer, *args, **kwargs)

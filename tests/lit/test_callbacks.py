@@ -68,3 +68,31 @@ def test_a_resumed_run_saves_only_epochs_better_than_the_whole_runs_best(tmp_pat
     assert names(tmp_path / "a" / "checkpoints") == ["best-epoch=01.ckpt"]  # another run's: kept
     assert (tmp_path / "b" / "checkpoints" / "last.ckpt").is_file()  # resumed from: kept
     assert float(best.best_model_score) == pytest.approx(0.40)
+
+
+def test_learning_rate_log_lets_a_run_without_logger_train(tmp_path):
+    """``--trainer.logger false`` with the shipped trainer configs (which add the learning-rate
+    callback) stopped at the start of training with Lightning's ``LearningRateMonitor``."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    from captioner.lit.callbacks import LearningRateLog
+
+    def run(callback, logger=False):
+        trainer = L.Trainer(default_root_dir=tmp_path, max_epochs=1, logger=logger,
+                            callbacks=[callback], enable_progress_bar=False,
+                            enable_model_summary=False, num_sanity_val_steps=0,
+                            enable_checkpointing=False, log_every_n_steps=1)
+        trainer.fit(Scripted())
+        return trainer
+
+    with pytest.raises(MisconfigurationException, match="no logger"):  # the control
+        run(LearningRateMonitor())
+    with pytest.warns(UserWarning, match="no logger.*learning rates are not logged"):
+        trainer = run(LearningRateLog())
+    assert trainer.current_epoch == 1  # trained
+    # with a logger it logs what LearningRateMonitor logs
+    logged = LearningRateLog()
+    run(logged, logger=L.pytorch.loggers.CSVLogger(tmp_path))
+    assert list(logged.lrs) == ["lr-SGD"] and logged.lrs["lr-SGD"]
+    assert set(logged.lrs["lr-SGD"]) == {0.01}

@@ -257,3 +257,32 @@ def test_empty_captions_are_reported(tiny_data, tmp_path, caplog):
         trainer(tmp_path, 1).validate(model, datamodule=dm, verbose=False)
     assert "val: 5 of 5 decoded captions are empty" in caplog.text
 
+
+
+def test_frozen_blocks_replace_lightnings_eval_mode_warning_with_one_line(tiny_data, tmp_path,
+                                                                          caplog):
+    """A frozen backbone's blocks stay in eval mode on purpose: Lightning's "Found N module(s)
+    in eval mode ... unexpected behavior" about exactly them is replaced by one log line, and
+    still shown when anything else is in eval mode."""
+    import logging
+    import warnings
+
+    def fit(extra_eval: bool):
+        cfg = model_config(tiny_dm(tiny_data).vocab_size)
+        cfg["encoder"]["init_args"]["freeze"] = True
+        module = CaptioningModule.from_config(cfg)
+        frozen = sum(1 for _ in module.encoder.body.modules()) - 1  # every block, frozen
+        if extra_eval:
+            module.decoder.L_o.eval()  # the user's own, not a frozen block
+        with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO):
+            warnings.simplefilter("always")
+            trainer(tmp_path, 1, limit_train_batches=1, limit_val_batches=0).fit(
+                module, datamodule=tiny_dm(tiny_data))
+        said = [str(w.message) for w in caught if "eval mode at the start" in str(w.message)]
+        return frozen, said
+
+    frozen, said = fit(extra_eval=False)
+    assert frozen > 0 and said == []
+    assert f"({frozen} modules) stay in eval mode" in caplog.text
+    _, said = fit(extra_eval=True)
+    assert len(said) == 1 and said[0].startswith(f"Found {frozen + 1} module(s)")

@@ -1,6 +1,7 @@
 """`captioner fit` then `captioner test` through LightningCLI: COCO-protocol metrics and results."""
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -443,3 +444,20 @@ def test_a_run_without_logger_never_writes_over_its_own_config_file(shapes_root,
     lightning_main([*argv, "--trainer.default_root_dir", str(elsewhere)])
     saved = (elsewhere / "config.yaml").read_text()
     assert "lr: 0.5" in saved and "limit_train_batches: 1\n" in saved
+
+
+def test_the_shipped_trainer_config_trains_without_a_logger(shapes_root, tmp_path):
+    """``--trainer.logger false`` (README) with ``configs/trainer/cpu.yaml`` as shipped: its
+    learning-rate callback used to stop the run at the start of training."""
+    argv = ["fit", *shapes_run(shapes_root, tmp_path, 24, 6, 8), "--trainer.logger", "false",
+            "--trainer.max_epochs", "1", "--trainer.limit_train_batches", "1",
+            "--trainer.limit_val_batches", "1"]
+    logging.disable(logging.INFO)
+    try:
+        with pytest.warns(UserWarning, match="learning rates are not logged"):
+            cli = lightning_main(argv)
+    finally:
+        logging.disable(logging.NOTSET)
+    assert cli.trainer.current_epoch == 1
+    assert (tmp_path / "config.yaml").is_file()
+    assert any(type(c).__name__ == "LearningRateLog" for c in cli.trainer.callbacks)
