@@ -771,3 +771,40 @@ def test_fingerprint_covers_settings_and_normalisation_and_keeps_old_caches(reco
                              shard_size=2)  # resumed under its own definition
     assert len(cache) == 4 and cache.index["fingerprint_version"] == 1
     assert cache.index["fingerprint"] == index["fingerprint"]
+
+
+def test_extract_features_takes_data_overrides_as_fit_does(tmp_path, capsys):
+    """``--data.init_args.KEY VALUE`` (and ``KEY=VALUE``) over the ``--config`` files: a shipped
+    config's relative data paths can be pointed elsewhere without writing another YAML (the
+    command used to refuse them: "unrecognized arguments")."""
+    import yaml
+
+    from captioner.cli import main
+    from tests.conftest import TINY_MODEL_CONFIG
+
+    images = tmp_path / "images"
+    _random_pngs(images, 9)
+    (tmp_path / "captions.txt").write_text(
+        "image,caption\n" + "".join(f"{i}.png,a red square number {i}\n" for i in range(9)))
+    encoder = TINY_MODEL_CONFIG["encoder"]
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump({
+        "data": {"class_path": "captioner.data.datamodule.CaptionDataModule", "init_args": {
+            "format": "flickr8k_csv", "annotations": "elsewhere/captions.txt",
+            "image_root": "elsewhere/images", "image_size": 32}},
+        "model": {"class_path": "captioner.lit.captioning.CaptioningModule", "init_args": {
+            **TINY_MODEL_CONFIG,
+            "encoder": {**encoder, "init_args": {**encoder["init_args"], "freeze": True}}}}}))
+    out = tmp_path / "cache"
+    base = ["extract-features", "--config", str(config), "--out", str(out)]
+    assert main(base) == 1  # the config's own paths name nothing
+    assert "elsewhere/captions.txt" in capsys.readouterr().err
+    assert main([*base, "--data.init_args.annotations", str(tmp_path / "captions.txt"),
+                 f"--data.init_args.image_root={images}"]) == 0
+    err = capsys.readouterr().err
+    assert "with --data.init_args.annotations, --data.init_args.image_root" in err
+    assert len(FeatureCache(out)) == 9
+    assert main([*base, "--data.init_args.annotations"]) == 2  # no value
+    assert "needs a value" in capsys.readouterr().err
+    assert main([*base, "--dat.init_args.x", "1"]) == 2  # not a data override: refused
+    assert "unrecognized arguments: --dat.init_args.x 1" in capsys.readouterr().err

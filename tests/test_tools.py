@@ -602,3 +602,21 @@ def test_evaluate_overlap_check_never_regenerates_generated_data(capsys, tiny_ch
     assert "not checked against the training split: generated data" in err
     manifest = json.loads((root / "manifest.json").read_text())
     assert manifest["parameters"]["seed"] == 1  # the evaluated set, untouched
+
+
+def test_evaluate_takes_data_overrides_over_the_stored_config(capsys, tiny_checkpoint,
+                                                              tmp_path) -> None:
+    """``--data.init_args.KEY VALUE`` over the checkpoint's stored data config (as ``fit``
+    takes them): applied, named in the output, checked against the training split like a
+    ``--config``; a misspelt option is refused, naming it (the stored config's own unknown
+    options would be dropped silently)."""
+    status, out, err = _run(capsys, "evaluate", "--ckpt", tiny_checkpoint, "--split", "val",
+                            "--no-java", "--out", tmp_path / "a",
+                            "--data.init_args.eval_batch_size", "2")
+    assert status == 0, err
+    assert "(stored data config) with --data.init_args.eval_batch_size" in err
+    assert "not checked against the training split" not in err
+    status, out, err = _run(capsys, "evaluate", "--ckpt", tiny_checkpoint, "--split", "val",
+                            "--no-java", "--out", tmp_path / "b",
+                            "--data.init_args.eval_batch_sise", "2")
+    assert status == 2 and "has no option eval_batch_sise" in err

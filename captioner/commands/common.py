@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import inspect
 import json
 import os
@@ -271,9 +272,62 @@ def _from_working_dir(init_args: dict[str, Any], working_dir: str | None) -> dic
     return {k: v if k == "format" else resolved(v) for k, v in init_args.items()}
 
 
-def build_data_module(args: argparse.Namespace) -> tuple[Any, str]:
-    """The data module of ``--config`` files, else the one the checkpoint ``--ckpt`` stores,
-    and a description of where its config came from."""
+DATA_OVERRIDE = "--data.init_args."
+
+
+def parse_with_data_overrides(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``p.parse_args(argv)`` that also takes LightningCLI's ``--data.init_args.KEY VALUE`` (or
+    ``KEY=VALUE``; ``KEY`` may be dotted, ``splits.test``), as ``captioner fit`` does, into
+    ``args.data_overrides`` ``{KEY: value}`` (the value read as YAML: ``null``, numbers, lists),
+    applied over the ``--config`` files or the checkpoint's stored data config."""
+    import yaml
+
+    args, rest = p.parse_known_args(argv)
+    overrides: dict[str, Any] = {}
+    unknown: list[str] = []
+    i = 0
+    while i < len(rest):
+        item = rest[i]
+        if not item.startswith(DATA_OVERRIDE):
+            unknown.append(item)
+            i += 1
+            continue
+        key, eq, value = item[len(DATA_OVERRIDE):].partition("=")
+        if not eq:
+            if i + 1 >= len(rest):
+                p.error(f"{item} needs a value")
+            value, i = rest[i + 1], i + 1
+        if not key or any(not part for part in key.split(".")):
+            p.error(f"{item}: name an option, e.g. {DATA_OVERRIDE}image_root DIR")
+        try:
+            overrides[key] = yaml.safe_load(value)
+        except yaml.YAMLError:
+            overrides[key] = value  # not YAML: the string as given
+        i += 1
+    if unknown:
+        p.error(f"unrecognized arguments: {' '.join(unknown)}")
+    args.data_overrides = overrides
+    return args
+
+
+def _with_overrides(cfg: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``cfg`` with ``init_args`` keys (dotted: nested) set to ``overrides``' values."""
+    cfg = copy.deepcopy(cfg)
+    for key, value in overrides.items():
+        *parents, last = key.split(".")
+        target = cfg.setdefault("init_args", {})
+        for part in parents:
+            if not isinstance(target.get(part), dict):
+                target[part] = {}
+            target = target[part]
+        target[last] = value
+    return cfg
+
+
+def requested_data_config(args: argparse.Namespace) -> tuple[dict[str, Any], str, bool]:
+    """The data config a tool was asked for: ``--config`` files, else the one the checkpoint
+    ``--ckpt`` stores, with ``--data.init_args.KEY`` overrides applied; where it came from; and
+    whether it is the stored config unchanged."""
     from captioner.inference import read_checkpoint
 
     if args.config:
@@ -284,7 +338,41 @@ def build_data_module(args: argparse.Namespace) -> tuple[Any, str]:
         source = f"{args.ckpt} (stored data config)"
         if cfg is None:
             raise ToolError(f"{args.ckpt} stores no data config: pass --config data.yaml")
+    overrides = getattr(args, "data_overrides", None) or {}
+    if overrides:
+        cfg = _with_overrides(cfg, overrides)
+        source += " with " + ", ".join(f"{DATA_OVERRIDE}{k}" for k in overrides)
+    return cfg, source, not args.config and not overrides
+
+
+def build_data_module(args: argparse.Namespace) -> tuple[Any, str]:
+    """The data module of ``--config`` files, else the one the checkpoint ``--ckpt`` stores
+    (either with ``--data.init_args`` overrides), and a description of where its config came
+    from. An override of an option the class does not take is refused, also over a stored
+    config (whose own unknown options, from an older version of the class, are dropped)."""
+    cfg, source, _ = requested_data_config(args)
+    overrides = getattr(args, "data_overrides", None) or {}
+    if overrides and not args.config:  # the stored config's own extras may go; a typo may not
+        accepted = _accepted_options(cfg["class_path"], source)
+        unknown = sorted({k.split(".")[0] for k in overrides} - accepted) if accepted else []
+        if unknown:
+            raise ToolError(f"{source}: {cfg['class_path']} has no option "
+                            f"{', '.join(unknown)}")
     return instantiate_data_config(cfg, source, strict=bool(args.config)), source
+
+
+def _accepted_options(class_path: str, source: str) -> set[str] | None:
+    """The constructor options of ``class_path`` (``None``: it takes ``**kwargs``)."""
+    from captioner.config import import_class
+
+    try:
+        params = inspect.signature(import_class(class_path).__init__).parameters
+    except Exception as e:  # noqa: BLE001 - import errors: one line
+        raise ToolError(f"cannot build the data module from {source}: "
+                        f"{' '.join(str(e).split())[:300]}") from None
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return None
+    return set(params) - {"self"}
 
 
 def instantiate_data_config(cfg: dict[str, Any], source: str, strict: bool) -> Any:

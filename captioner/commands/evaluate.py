@@ -12,8 +12,9 @@ from typing import Any
 from captioner.cli import register_tool
 from captioner.commands.common import (EXIT_INPUT_ERROR, EXIT_OK, ToolError, build_data_module,
                                        data_config_from_checkpoint, load_captioner,
-                                       load_data_config, make_tool, non_negative_int,
-                                       positive_int, tool_parser, training_overlap, write_json)
+                                       make_tool, non_negative_int, parse_with_data_overrides,
+                                       positive_int, requested_data_config, tool_parser,
+                                       training_overlap, write_json)
 from captioner.evaluation import evaluate_split, format_table
 
 
@@ -37,20 +38,24 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--allow-training-images", action="store_true",
                    help="score the split even where --config puts images of the checkpoint's "
                         "own training split in it (refused by default)")
-    return p.parse_args(argv)
+    p.epilog = ("Options of the data config can be overridden as in captioner fit: "
+                "--data.init_args.KEY VALUE (e.g. --data.init_args.image_root DIR).")
+    return parse_with_data_overrides(p, argv)
 
 
 def _training_overlap(args: argparse.Namespace, records: list) -> dict[str, Any]:
-    """:func:`~captioner.commands.common.training_overlap` of ``--config`` against the data
-    config the checkpoint stores (nothing to check without ``--config`` or on ``train``)."""
+    """:func:`~captioner.commands.common.training_overlap` of ``--config`` (or the stored config
+    with ``--data.init_args`` overrides) against the data config the checkpoint stores (nothing
+    to check with the stored config unchanged, or on ``train``)."""
     from captioner.inference import read_checkpoint
 
-    if not args.config or args.split == "train":
+    requested, _, stored = requested_data_config(args)
+    if stored or args.split == "train":
         return {"checked": False, "images": 0, "example": None,
-                "reason": "the checkpoint's own data config" if not args.config
+                "reason": "the checkpoint's own data config" if stored
                 else "the training split itself"}
     return training_overlap(data_config_from_checkpoint(read_checkpoint(args.ckpt)),
-                            load_data_config(args.config), records, args.split)
+                            requested, records, args.split)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -70,7 +75,7 @@ def _run(args: argparse.Namespace) -> int:
         raise ToolError(f"the {args.split} split of {source} has no images", EXIT_INPUT_ERROR)
     print(f"captioner evaluate: {len(records)} {args.split} images ({source})", file=sys.stderr)
     overlap = _training_overlap(args, records)
-    if not overlap["checked"] and args.config:
+    if not overlap["checked"] and (args.config or args.data_overrides):
         print(f"captioner evaluate: not checked against the training split: {overlap['reason']}",
               file=sys.stderr)
     if overlap["images"]:

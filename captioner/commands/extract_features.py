@@ -12,7 +12,7 @@ from typing import Any
 from captioner.cli import register_tool
 from captioner.commands.common import (EXIT_INPUT_ERROR, EXIT_OK, ToolError, build_data_module,
                                        device_arg, load_captioner, make_tool, merged_class_config,
-                                       non_negative_int, positive_int)
+                                       non_negative_int, parse_with_data_overrides, positive_int)
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -45,7 +45,9 @@ def _parse(argv: list[str]) -> argparse.Namespace:
                         "faster on CPUs with AVX512-BF16 or AMX; the grids differ from float32's "
                         "(5.5%% of their norm for EfficientNet-Lite0)")
     p.add_argument("--shard-delay", type=float, default=0.0, help=argparse.SUPPRESS)  # tests
-    args = p.parse_args(argv)
+    p.epilog = ("Options of the data config can be overridden as in captioner fit: "
+                "--data.init_args.KEY VALUE (e.g. --data.init_args.image_root DIR).")
+    args = parse_with_data_overrides(p, argv)
     if not args.config and not args.ckpt:
         p.error("give --config (data and model sections) or --ckpt")
     return args
