@@ -211,7 +211,7 @@ def test_caption_paths_reports_bad_files_and_captions_the_rest(
         assert c.image is None  # not kept by default: large folders stay small in memory
     reasons = {p.name: r for p, r in errors}
     assert set(reasons) == {"truncated.jpg", "missing.jpg", "fake.png", "notes.txt"}
-    assert "truncated or corrupt" in reasons["truncated.jpg"]
+    assert "truncated image: the file ends before the image data does" in reasons["truncated.jpg"]
     assert "no such file" in reasons["missing.jpg"]
     assert "not a recognised image" in reasons["fake.png"]
 

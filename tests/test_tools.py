@@ -139,7 +139,7 @@ def test_caption_reports_bad_paths_and_captions_the_others(capsys, tiny_checkpoi
     assert [line.split("\t")[0] for line in out.splitlines()] == [str(test_images[1]),
                                                                   str(test_images[2])]
     assert f"{tmp_path / 'missing.png'}: no such file" in err
-    assert f"{truncated}: truncated or corrupt" in err
+    assert f"{truncated}: truncated image: the file ends before the image data does" in err
     assert f"{notes}: not an image file extension (.txt)" in err
     assert f"{fake}: not a recognised image format" in err
     assert "4 path(s) not captioned, 2 captioned" in err

@@ -113,6 +113,9 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
     except (PermissionError, FileNotFoundError) as e:  # unreadable, or removed meanwhile
         raise ImageLoadError(path, f"cannot read the file ({e.strerror})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
+        if "truncated" in str(e).lower():  # Pillow's "(N bytes not processed)" reads as
+            raise ImageLoadError(path, "truncated image: the file ends before the image "
+                                       "data does") from None  # if N were what is missing
         raise ImageLoadError(path, f"truncated or corrupt image data ({e})") from None
     try:
         return to_rgb(upright)
