@@ -620,3 +620,28 @@ def test_evaluate_takes_data_overrides_over_the_stored_config(capsys, tiny_check
                             "--no-java", "--out", tmp_path / "b",
                             "--data.init_args.eval_batch_sise", "2")
     assert status == 2 and "has no option eval_batch_sise" in err
+
+
+def test_data_override_values_are_read_as_the_option_wants_them() -> None:
+    """Text options keep their text (YAML would cut ``my #2`` at the comment, turn
+    ``2024-01-05`` into a date and ``no`` into False); numbers, booleans and mappings are read
+    as YAML; later overrides win; a dotted key into a text value is refused, not a silent
+    replacement."""
+    from captioner.commands.common import ToolError, _with_overrides
+
+    cfg = {"class_path": "captioner.data.datamodule.CaptionDataModule",
+           "init_args": {"format": "flickr8k_csv", "annotations": "a.txt", "image_root": "imgs"}}
+    out = _with_overrides(cfg, [
+        ("image_root", "my #2"), ("vocab_file", "null"), ("instances", "2024-01-05"),
+        ("image_size", "48"), ("skip_bad", "true"), ("val_fraction", "0.25"),
+        ("eval_batch_size", "null"), ("annotations", "{train: t.txt, val: v.txt}"),
+        ("annotations.test", "x.txt"), ("min_freq", "3"), ("min_freq", "4")], "cfg.yaml")
+    args = out["init_args"]
+    assert args["image_root"] == "my #2" and args["instances"] == "2024-01-05"
+    assert args["vocab_file"] is None and args["eval_batch_size"] is None
+    assert args["image_size"] == 48 and args["skip_bad"] is True and args["val_fraction"] == 0.25
+    assert args["annotations"] == {"train": "t.txt", "val": "v.txt", "test": "x.txt"}
+    assert args["min_freq"] == 4
+    assert cfg["init_args"]["image_root"] == "imgs"  # the input is not modified
+    with pytest.raises(ToolError, match=r"image_root is 'imgs' in cfg.yaml, not a mapping"):
+        _with_overrides(cfg, [("image_root.test", "x")], "cfg.yaml")

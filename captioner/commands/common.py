@@ -11,6 +11,7 @@ import inspect
 import json
 import os
 import sys
+import types
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -278,12 +279,11 @@ DATA_OVERRIDE = "--data.init_args."
 def parse_with_data_overrides(p: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     """``p.parse_args(argv)`` that also takes LightningCLI's ``--data.init_args.KEY VALUE`` (or
     ``KEY=VALUE``; ``KEY`` may be dotted, ``splits.test``), as ``captioner fit`` does, into
-    ``args.data_overrides`` ``{KEY: value}`` (the value read as YAML: ``null``, numbers, lists),
-    applied over the ``--config`` files or the checkpoint's stored data config."""
-    import yaml
-
+    ``args.data_overrides``: ``(KEY, text)`` pairs in the order given, applied over the
+    ``--config`` files or the checkpoint's stored data config (:func:`requested_data_config`
+    reads each text as the option's type wants it)."""
     args, rest = p.parse_known_args(argv)
-    overrides: dict[str, Any] = {}
+    overrides: list[tuple[str, str]] = []
     unknown: list[str] = []
     i = 0
     while i < len(rest):
@@ -294,15 +294,12 @@ def parse_with_data_overrides(p: argparse.ArgumentParser, argv: list[str]) -> ar
             continue
         key, eq, value = item[len(DATA_OVERRIDE):].partition("=")
         if not eq:
-            if i + 1 >= len(rest):
-                p.error(f"{item} needs a value")
+            if i + 1 >= len(rest) or rest[i + 1].startswith("--"):
+                p.error(f"{item} needs a value (or {item}=VALUE)")
             value, i = rest[i + 1], i + 1
         if not key or any(not part for part in key.split(".")):
             p.error(f"{item}: name an option, e.g. {DATA_OVERRIDE}image_root DIR")
-        try:
-            overrides[key] = yaml.safe_load(value)
-        except yaml.YAMLError:
-            overrides[key] = value  # not YAML: the string as given
+        overrides.append((key, value))
         i += 1
     if unknown:
         p.error(f"unrecognized arguments: {' '.join(unknown)}")
@@ -310,17 +307,59 @@ def parse_with_data_overrides(p: argparse.ArgumentParser, argv: list[str]) -> ar
     return args
 
 
-def _with_overrides(cfg: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """``cfg`` with ``init_args`` keys (dotted: nested) set to ``overrides``' values."""
+def _override_value(hint: Any, text: str) -> Any:
+    """``text`` as LightningCLI reads a command-line value for an option typed ``hint``: kept
+    as text where the option takes text (a path, a name: ``my #2``, ``2024-01-05`` and ``no``
+    stay as written; ``null`` is ``None`` where the option allows it; ``{...}`` / ``[...]`` a
+    mapping or list where it also takes one), else read as YAML (numbers, booleans, lists,
+    mappings)."""
+    import typing
+
+    import yaml
+
+    options = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union,
+                                                                   types.UnionType) else (hint,)
+    if any(o is str or (isinstance(o, type) and issubclass(o, os.PathLike)) for o in options):
+        if text == "null" and type(None) in options:
+            return None
+        containers = {typing.get_origin(o) or o for o in options} & {dict, list}
+        if containers and text.lstrip().startswith(("{", "[")):  # str | dict: a mapping given
+            try:
+                value = yaml.safe_load(text)
+            except yaml.YAMLError:
+                return text
+            return value if isinstance(value, tuple(containers)) else text
+        return text
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def _with_overrides(cfg: dict[str, Any], overrides: Sequence[tuple[str, str]],
+                    source: str) -> dict[str, Any]:
+    """``cfg`` with the ``init_args`` keys of ``overrides`` (dotted: nested) set, in order,
+    each value typed by :func:`_override_value` from the class's constructor."""
+    import typing
+
+    from captioner.config import import_class
+
+    try:
+        hints = typing.get_type_hints(import_class(cfg["class_path"]).__init__)
+    except Exception:  # noqa: BLE001 - unresolvable hints (or class: reported when built)
+        hints = {}
     cfg = copy.deepcopy(cfg)
-    for key, value in overrides.items():
+    for key, text in overrides:
         *parents, last = key.split(".")
         target = cfg.setdefault("init_args", {})
-        for part in parents:
-            if not isinstance(target.get(part), dict):
+        for depth, part in enumerate(parents):
+            if target.get(part) is None:
                 target[part] = {}
+            elif not isinstance(target[part], dict):
+                raise ToolError(f"{DATA_OVERRIDE}{key}: {'.'.join(parents[:depth + 1])} is "
+                                f"{target[part]!r} in {source}, not a mapping")
             target = target[part]
-        target[last] = value
+        target[last] = _override_value(hints.get(last) if not parents else None, text)
     return cfg
 
 
@@ -338,10 +377,10 @@ def requested_data_config(args: argparse.Namespace) -> tuple[dict[str, Any], str
         source = f"{args.ckpt} (stored data config)"
         if cfg is None:
             raise ToolError(f"{args.ckpt} stores no data config: pass --config data.yaml")
-    overrides = getattr(args, "data_overrides", None) or {}
+    overrides = getattr(args, "data_overrides", None) or []
     if overrides:
-        cfg = _with_overrides(cfg, overrides)
-        source += " with " + ", ".join(f"{DATA_OVERRIDE}{k}" for k in overrides)
+        cfg = _with_overrides(cfg, overrides, source)
+        source += " with " + ", ".join(dict.fromkeys(f"{DATA_OVERRIDE}{k}" for k, _ in overrides))
     return cfg, source, not args.config and not overrides
 
 
@@ -351,10 +390,10 @@ def build_data_module(args: argparse.Namespace) -> tuple[Any, str]:
     from. An override of an option the class does not take is refused, also over a stored
     config (whose own unknown options, from an older version of the class, are dropped)."""
     cfg, source, _ = requested_data_config(args)
-    overrides = getattr(args, "data_overrides", None) or {}
+    overrides = getattr(args, "data_overrides", None) or []
     if overrides and not args.config:  # the stored config's own extras may go; a typo may not
         accepted = _accepted_options(cfg["class_path"], source)
-        unknown = sorted({k.split(".")[0] for k in overrides} - accepted) if accepted else []
+        unknown = sorted({k.split(".")[0] for k, _ in overrides} - accepted) if accepted else []
         if unknown:
             raise ToolError(f"{source}: {cfg['class_path']} has no option "
                             f"{', '.join(unknown)}")

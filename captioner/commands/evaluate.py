@@ -84,8 +84,9 @@ def _run(args: argparse.Namespace) -> int:
                    "split settings differ from the ones it was trained with")
         if not args.allow_training_images:
             raise ToolError(f"{message}; the scores would be inflated. Evaluate with the "
-                            "checkpoint's own data config (no --config) or the same split "
-                            "settings, or pass --allow-training-images", EXIT_INPUT_ERROR)
+                            "checkpoint's own data config (no --config or --data.init_args "
+                            "overrides) or the same split settings, or pass "
+                            "--allow-training-images", EXIT_INPUT_ERROR)
         print(f"captioner evaluate: WARNING: {message}", file=sys.stderr)
     try:
         ev = evaluate_split(captioner, records, beam_size=args.beam_size,

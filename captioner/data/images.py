@@ -113,9 +113,12 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
     except (PermissionError, FileNotFoundError) as e:  # unreadable, or removed meanwhile
         raise ImageLoadError(path, f"cannot read the file ({e.strerror})") from None
     except (OSError, SyntaxError, ValueError, EOFError) as e:
-        if "truncated" in str(e).lower():  # Pillow's "(N bytes not processed)" reads as
+        # the file ends early (Pillow's "(N bytes not processed)" reads as if N were missing);
+        # a malformed chunk inside a whole file ("Truncated gAMA chunk") is no such case
+        if isinstance(e, EOFError) or any(m in str(e) for m in ("image file is truncated",
+                                                                "Truncated File Read")):
             raise ImageLoadError(path, "truncated image: the file ends before the image "
-                                       "data does") from None  # if N were what is missing
+                                       "data does") from None
         raise ImageLoadError(path, f"truncated or corrupt image data ({e})") from None
     try:
         return to_rgb(upright)

@@ -192,23 +192,39 @@ class CaptionerModule(L.LightningModule):
         self.check_monitors()
         self.explain_frozen_blocks()
 
+    def on_train_start(self) -> None:
+        self._end_frozen_blocks_filter()
+
+    def teardown(self, stage: str) -> None:
+        self._end_frozen_blocks_filter()  # a fit that stopped before training
+
     def explain_frozen_blocks(self) -> None:
         """Frozen backbone blocks stay in eval mode (fixed batch-norm statistics, as intended),
         which Lightning reports at the start of training as "Found N module(s) in eval mode
         ... may lead to unexpected behavior": where N is exactly those blocks' modules, that
-        warning is replaced by one line saying so (any other count still warns)."""
+        warning is replaced by one line saying so (any other count still warns). The filter
+        lasts from ``on_fit_start`` to ``on_train_start`` (Lightning warns just before it), so
+        later fits in the process are not affected."""
         encoder = getattr(self, "encoder", None)
         frozen = getattr(encoder, "frozen_blocks", None)
         if not frozen:
             return
         count = sum(1 for name, block in encoder.body.named_children() if name in frozen
                     for _ in block.modules())
+        self._end_frozen_blocks_filter()
+        self._frozen_blocks_filter = warnings.catch_warnings()
+        self._frozen_blocks_filter.__enter__()
         warnings.filterwarnings(
             "ignore", message=re.escape(f"Found {count} module(s) in eval mode at the start of "
                                         "training"))
         if self.trainer.is_global_zero:
             log.info("%d frozen backbone block(s) (%d modules) stay in eval mode: their batch-norm "
                      "statistics are fixed, as intended", len(frozen), count)
+
+    def _end_frozen_blocks_filter(self) -> None:
+        entered = self.__dict__.pop("_frozen_blocks_filter", None)
+        if entered is not None:
+            entered.__exit__(None, None, None)
 
     def check_monitors(self) -> None:
         """Refuse, before the first epoch, a callback (``ModelCheckpoint``, ``EarlyStopping``)

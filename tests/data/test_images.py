@@ -383,3 +383,30 @@ def test_evaluation_turns_coco_boxes_with_the_image(tmp_path: Path) -> None:
         [("square", "red", (5.0, 8.0, 10.0, 6.0))], (60, 40))  # annotated upright
     assert upright_boxes(record("plain.png", 60, 40)) == (
         [("square", "red", (5.0, 8.0, 10.0, 6.0))], (40, 60))
+
+
+def test_a_file_cut_short_and_a_malformed_chunk_are_told_apart(tmp_path: Path) -> None:
+    """A JPEG cut in half: "truncated image: the file ends before the image data does"; a
+    whole PNG with a 2-byte gAMA chunk keeps Pillow's own reason (it is no file cut short)."""
+    import struct
+    import zlib
+
+    rng = np.random.default_rng(0)
+    photo = tmp_path / "photo.jpg"
+    Image.fromarray((rng.random((64, 80, 3)) * 255).astype("uint8")).save(photo, quality=90)
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(photo.read_bytes()[: photo.stat().st_size // 2])
+    with pytest.raises(ImageLoadError, match="truncated image: the file ends before the image"):
+        load_image(cut)
+    whole = tmp_path / "whole.png"
+    Image.fromarray((rng.random((8, 8, 3)) * 255).astype("uint8")).save(whole)
+    data = whole.read_bytes()
+    ihdr_end = 8 + 8 + 13 + 4  # signature, IHDR length + type, 13 data bytes, CRC
+    chunk = b"gAMA" + b"\x00\x01"
+    bad = data[:ihdr_end] + struct.pack(">I", 2) + chunk + struct.pack(
+        ">I", zlib.crc32(chunk)) + data[ihdr_end:]
+    malformed = tmp_path / "malformed.png"
+    malformed.write_bytes(bad)
+    with pytest.raises(ImageLoadError) as e:
+        load_image(malformed)
+    assert "Truncated gAMA chunk" in str(e.value) and "file ends before" not in str(e.value)

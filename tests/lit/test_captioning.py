@@ -278,6 +278,9 @@ def test_frozen_blocks_replace_lightnings_eval_mode_warning_with_one_line(tiny_d
             warnings.simplefilter("always")
             trainer(tmp_path, 1, limit_train_batches=1, limit_val_batches=0).fit(
                 module, datamodule=tiny_dm(tiny_data))
+            left = [f for f in warnings.filters if f[1] is not None
+                    and "in eval mode" in f[1].pattern]
+        assert left == []  # the filter ends with the start of training: later fits unaffected
         said = [str(w.message) for w in caught if "eval mode at the start" in str(w.message)]
         return frozen, said
 
