@@ -605,15 +605,22 @@ def test_evaluate_overlap_check_never_regenerates_generated_data(capsys, tiny_ch
 
 
 def test_evaluate_takes_data_overrides_over_the_stored_config(capsys, tiny_checkpoint,
-                                                              tmp_path) -> None:
+                                                              tmp_path, monkeypatch) -> None:
     """``--data.init_args.KEY VALUE`` over the checkpoint's stored data config (as ``fit``
     takes them): applied, named in the output, checked against the training split like a
     ``--config``; a misspelt option is refused, naming it (the stored config's own unknown
     options would be dropped silently)."""
+    import captioner.inference
+
+    reads = []
+    read = captioner.inference.read_checkpoint
+    monkeypatch.setattr(captioner.inference, "read_checkpoint",
+                        lambda *a, **k: reads.append(a[0]) or read(*a, **k))
     status, out, err = _run(capsys, "evaluate", "--ckpt", tiny_checkpoint, "--split", "val",
                             "--no-java", "--out", tmp_path / "a",
                             "--data.init_args.eval_batch_size", "2")
     assert status == 0, err
+    assert len(reads) <= 2  # the model, and the stored data config once (it was read 4 times)
     assert "(stored data config) with --data.init_args.eval_batch_size" in err
     assert "not checked against the training split" not in err
     status, out, err = _run(capsys, "evaluate", "--ckpt", tiny_checkpoint, "--split", "val",

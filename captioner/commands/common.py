@@ -363,17 +363,25 @@ def _with_overrides(cfg: dict[str, Any], overrides: Sequence[tuple[str, str]],
     return cfg
 
 
+def stored_data_config(args: argparse.Namespace) -> dict[str, Any] | None:
+    """:func:`data_config_from_checkpoint` of ``--ckpt``, read once per run (a checkpoint with
+    a ResNet-101 is ~200 MB; the data config is needed in several places): a copy."""
+    from captioner.inference import read_checkpoint
+
+    if "_stored_data_config" not in vars(args):
+        args._stored_data_config = data_config_from_checkpoint(read_checkpoint(args.ckpt))
+    return copy.deepcopy(args._stored_data_config)
+
+
 def requested_data_config(args: argparse.Namespace) -> tuple[dict[str, Any], str, bool]:
     """The data config a tool was asked for: ``--config`` files, else the one the checkpoint
     ``--ckpt`` stores, with ``--data.init_args.KEY`` overrides applied; where it came from; and
     whether it is the stored config unchanged."""
-    from captioner.inference import read_checkpoint
-
     if args.config:
         cfg = load_data_config(args.config)
         source = ", ".join(args.config)
     else:
-        cfg = data_config_from_checkpoint(read_checkpoint(args.ckpt))
+        cfg = stored_data_config(args)
         source = f"{args.ckpt} (stored data config)"
         if cfg is None:
             raise ToolError(f"{args.ckpt} stores no data config: pass --config data.yaml")

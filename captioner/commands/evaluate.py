@@ -11,10 +11,10 @@ from typing import Any
 
 from captioner.cli import register_tool
 from captioner.commands.common import (EXIT_INPUT_ERROR, EXIT_OK, ToolError, build_data_module,
-                                       data_config_from_checkpoint, load_captioner,
+                                       load_captioner,
                                        make_tool, non_negative_int, parse_with_data_overrides,
-                                       positive_int, requested_data_config, tool_parser,
-                                       training_overlap, write_json)
+                                       positive_int, requested_data_config, stored_data_config,
+                                       tool_parser, training_overlap, write_json)
 from captioner.evaluation import evaluate_split, format_table
 
 
@@ -47,15 +47,12 @@ def _training_overlap(args: argparse.Namespace, records: list) -> dict[str, Any]
     """:func:`~captioner.commands.common.training_overlap` of ``--config`` (or the stored config
     with ``--data.init_args`` overrides) against the data config the checkpoint stores (nothing
     to check with the stored config unchanged, or on ``train``)."""
-    from captioner.inference import read_checkpoint
-
     requested, _, stored = requested_data_config(args)
     if stored or args.split == "train":
         return {"checked": False, "images": 0, "example": None,
                 "reason": "the checkpoint's own data config" if stored
                 else "the training split itself"}
-    return training_overlap(data_config_from_checkpoint(read_checkpoint(args.ckpt)),
-                            requested, records, args.split)
+    return training_overlap(stored_data_config(args), requested, records, args.split)
 
 
 def _run(args: argparse.Namespace) -> int:

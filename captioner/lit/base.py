@@ -36,6 +36,7 @@ from captioner.losses import attention_entropy, reinforce_surrogate, sentence_lo
 
 log = logging.getLogger(__name__)
 
+
 def datamodule_record(dm: Any) -> dict[str, Any]:
     """How a checkpoint remembers its data module: ``class_path``, ``init_args`` (the
     module's hyperparameters) and ``working_dir``, the folder relative paths among them are
