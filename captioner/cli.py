@@ -541,8 +541,19 @@ def main(argv: list[str] | None = None) -> int:
         if cause is None:
             raise
         print(f"captioner {argv[0]}: {cause}", file=sys.stderr)
-        return 2
+        return _exit_status(cause)
     return 0
+
+
+def _exit_status(error: BaseException) -> int:
+    """As the tools answer (``captioner.commands.common``): 1 for data that cannot be read (an
+    annotation file, an image, a parallel text file), 2 for a usage or configuration error (a
+    config, a checkpoint, a vocabulary, a feature cache that does not fit the run)."""
+    from captioner.data.formats import AnnotationError
+    from captioner.data.images import ImageLoadError
+    from captioner.data.parallel_text import ParallelDataError
+
+    return 1 if isinstance(error, (AnnotationError, ImageLoadError, ParallelDataError)) else 2
 
 
 def _input_error(error: BaseException) -> BaseException | None:

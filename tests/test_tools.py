@@ -564,7 +564,7 @@ def test_evaluate_refuses_a_config_that_puts_training_images_in_the_split(
     evaluate = ["evaluate", "--ckpt", trained, "--no-java", "--out", tmp_path / "eval"]
 
     status, _, err = _run(capsys, *evaluate, "--config", tmp_path / "seed1.yaml")
-    assert status == 1 and "are in the checkpoint's training split (e.g." in err, err
+    assert status == 2 and "are in the checkpoint's training split (e.g." in err, err
     assert f"{images}{os.sep}" in err and "--allow-training-images" in err
     assert not (tmp_path / "eval").exists()  # nothing scored
 

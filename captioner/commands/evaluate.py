@@ -83,7 +83,7 @@ def _run(args: argparse.Namespace) -> int:
             raise ToolError(f"{message}; the scores would be inflated. Evaluate with the "
                             "checkpoint's own data config (no --config or --data.init_args "
                             "overrides) or the same split settings, or pass "
-                            "--allow-training-images", EXIT_INPUT_ERROR)
+                            "--allow-training-images")  # a config mismatch: 2, as `test`
         print(f"captioner evaluate: WARNING: {message}", file=sys.stderr)
     try:
         ev = evaluate_split(captioner, records, beam_size=args.beam_size,

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from captioner.cli import register_tool
-from captioner.commands.common import (EXIT_OK, ToolError, compile_search, figure_errors,
+from captioner.commands.common import (EXIT_INPUT_ERROR, EXIT_OK, ToolError, compile_search, figure_errors,
                                        make_tool, positive_int, tool_parser)
 
 
@@ -70,8 +70,8 @@ def _run(args: argparse.Namespace) -> int:
     try:
         sentences = args.sentences or _stdin_lines()
         references = read_lines(args.reference) if args.reference else None
-    except ParallelDataError as e:
-        raise ToolError(str(e)) from None
+    except ParallelDataError as e:  # stdin or the reference file cannot be read: input data
+        raise ToolError(str(e), EXIT_INPUT_ERROR) from None
     if references is not None:
         if len(references) != len(sentences):
             raise ToolError(f"{args.reference}: {len(references)} reference lines for "

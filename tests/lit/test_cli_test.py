@@ -461,3 +461,27 @@ def test_the_shipped_trainer_config_trains_without_a_logger(shapes_root, tmp_pat
     assert cli.trainer.current_epoch == 1
     assert (tmp_path / "config.yaml").is_file()
     assert any(type(c).__name__ == "LearningRateLog" for c in cli.trainer.callbacks)
+
+
+def test_lightning_commands_answer_unreadable_data_with_status_1_as_the_tools(capsys, tmp_path):
+    """A missing captions file: one line naming it and exit status 1, as ``evaluate`` and
+    ``extract-features`` answer it (``fit`` answered 2, the status of a usage or configuration
+    error, which a config's checkpoint mismatch still gets)."""
+    from captioner.cli import main
+
+    missing = tmp_path / "nowhere" / "captions.txt"
+    logging.disable(logging.INFO)
+    try:
+        status = main(["fit", "--config", str(CONFIGS / "trainer" / "cpu.yaml"),
+                       "--config", str(CONFIGS / "data" / "flickr8k_subset.yaml"),
+                       "--config", str(CONFIGS / "model" / "shapes_soft.yaml"),
+                       "--data.init_args.annotations", str(missing),
+                       "--data.init_args.image_root", str(tmp_path),
+                       "--trainer.logger", "false",
+                       "--trainer.default_root_dir", str(tmp_path)])
+    finally:
+        logging.disable(logging.NOTSET)
+    err = capsys.readouterr().err
+    assert status == 1, err
+    assert f"captioner fit: captions file not found: {missing}" in err
+    assert "Traceback" not in err
