@@ -469,6 +469,9 @@ def lightning_main(args: list[str] | None = None, run: bool = True):
             L.LightningModule, L.LightningDataModule,
             subclass_mode_model=True, subclass_mode_data=True,
             save_config_callback=KeepInputConfigs, save_config_kwargs={"overwrite": True},
+            parser_kwargs={"prog": "captioner", **{  # not Trainer.test's docstring, cut mid-way
+                c: {"description": f"captioner {c}: {TOOL_SUMMARIES[c]}"}
+                for c in LIGHTNING_COMMANDS}},
             args=args, run=run,
         )
     finally:

@@ -485,3 +485,16 @@ def test_lightning_commands_answer_unreadable_data_with_status_1_as_the_tools(ca
     assert status == 1, err
     assert f"captioner fit: captions file not found: {missing}" in err
     assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["fit", "validate", "test"])
+def test_lightning_commands_help_names_captioner_and_says_what_they_do(command, capsys):
+    """``captioner test --help`` began "usage: __main__.py" (under ``python -m``) and described
+    itself with Trainer.test's docstring cut mid-sentence ("... never run on your")."""
+    with pytest.raises(SystemExit) as e:
+        lightning_main([command, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: captioner [options] {command}")
+    described = out.split("\noptions:")[0]  # usage and description
+    assert f"captioner {command}: " in described and "never run on your" not in described
