@@ -156,6 +156,9 @@ def _exif_upright(img: Image.Image) -> Image.Image:
 
 
 _ORIENTATIONS: dict[tuple[str, int, int], int] = {}
+MAX_ORIENTATIONS = 1 << 18
+"""Files whose orientation :func:`exif_orientation` remembers (twice COCO's 123k images; ~50 MB
+at most); beyond it the oldest entry goes (a file changed on disk leaves its old entry)."""
 
 
 def exif_orientation(path: str | os.PathLike[str]) -> int:
@@ -170,7 +173,10 @@ def exif_orientation(path: str | os.PathLike[str]) -> int:
         key = (os.fspath(path), stat.st_size, stat.st_mtime_ns)
         if key not in _ORIENTATIONS:
             with Image.open(path) as img:
-                _ORIENTATIONS[key] = _orientation(img)
+                orientation = _orientation(img)
+            while len(_ORIENTATIONS) >= MAX_ORIENTATIONS:
+                del _ORIENTATIONS[next(iter(_ORIENTATIONS))]  # the oldest
+            _ORIENTATIONS[key] = orientation
         return _ORIENTATIONS[key]
     except Exception:  # noqa: BLE001 - errors are load_image's
         return 1

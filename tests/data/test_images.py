@@ -236,6 +236,25 @@ def test_exif_orientation_is_read_once_per_file_version(tmp_path: Path, monkeypa
     assert exif_orientation(path) == 8 and len(opened) == 2
 
 
+def test_remembered_orientations_are_bounded(tmp_path: Path, monkeypatch) -> None:
+    """At most ``MAX_ORIENTATIONS`` files are remembered (the cache was unbounded), the oldest
+    dropped first, and every answer is still right."""
+    import captioner.data.images as images
+
+    monkeypatch.setattr(images, "_ORIENTATIONS", {})
+    monkeypatch.setattr(images, "MAX_ORIENTATIONS", 3)
+    paths = []
+    for i in range(5):
+        exif = Image.Exif()
+        exif[0x0112] = i + 2
+        paths.append(tmp_path / f"{i}.jpg")
+        Image.new("RGB", (4, 3)).save(paths[-1], exif=exif.tobytes())
+    assert [images.exif_orientation(p) for p in paths] == [2, 3, 4, 5, 6]
+    assert [key[0] for key in images._ORIENTATIONS] == [str(p) for p in paths[2:]]
+    assert images.exif_orientation(paths[0]) == 2  # read again: right, and now the newest
+    assert len(images._ORIENTATIONS) == 3
+
+
 def test_one_pixel_image(tmp_path: Path) -> None:
     path = tmp_path / "dot.png"
     Image.new("RGB", (1, 1), (1, 2, 3)).save(path)
