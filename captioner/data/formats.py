@@ -673,8 +673,11 @@ def assign_splits(
             return ("test" if u < test_fraction else
                     "val" if u < test_fraction + val_fraction else "train")
 
-        return [dataclasses.replace(r, split=own_split(r)) if r.split is None else r
-                for r in records]
+        out = [dataclasses.replace(r, split=own_split(r)) if r.split is None else r
+               for r in records]
+        _warn_of_empty_splits(Counter(out[i].split for i in unsplit), len(unsplit),
+                              val_fraction, test_fraction, method)
+        return out
     n = len(unsplit)
     counts = {"test": round(test_fraction * n), "val": round(val_fraction * n)}
     for name, fraction in (("test", test_fraction), ("val", val_fraction)):
@@ -689,7 +692,20 @@ def assign_splits(
             chosen[i] = "val"
         else:
             chosen[i] = "train"
+    _warn_of_empty_splits(Counter(chosen.values()), n, val_fraction, test_fraction, method)
     return [
         dataclasses.replace(r, split=chosen[i]) if i in chosen else r
         for i, r in enumerate(records)
     ]
+
+
+def _warn_of_empty_splits(counts: Counter, n: int, val_fraction: float, test_fraction: float,
+                          method: str) -> None:
+    """One :class:`AnnotationWarning` per split that a non-zero fraction left without images
+    (1 or 2 unsplit images with ``rank``; a few with ``hash``): validating or testing on it
+    would otherwise fail later, or score nothing, without saying why."""
+    for split, fraction in (("val", val_fraction), ("test", test_fraction)):
+        if n and fraction > 0 and not counts.get(split):
+            warnings.warn(f"the {split} split gets none of the {n} unsplit image(s) "
+                          f"({split}_fraction {fraction}, split_method {method!r}): give more "
+                          "images, or a split of its own", AnnotationWarning, stacklevel=3)

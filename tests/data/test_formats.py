@@ -358,6 +358,30 @@ def test_assign_splits_counts_and_fixed_splits() -> None:
     assert [r.image_id for r in out] == list(range(20))
 
 
+def test_a_split_left_empty_by_too_few_images_is_warned_of() -> None:
+    """1 or 2 unsplit images give ``rank``'s non-zero fractions no image (round(0.1 * 2) = 0):
+    one warning per empty split (validation used to find nothing to score, silently); from 3
+    images on each gets one, and a zero fraction or a fixed split is no case."""
+    import warnings
+
+    from captioner.data.formats import AnnotationWarning
+
+    with pytest.warns(AnnotationWarning) as caught:
+        out = assign_splits(_records(2), val_fraction=0.1, test_fraction=0.1)
+    assert [r.split for r in out] == ["train", "train"]
+    said = sorted(str(w.message) for w in caught)
+    assert len(said) == 2 and said[0].startswith("the test split gets none of the 2 unsplit")
+    assert "val_fraction 0.1, split_method 'rank'" in said[1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assign_splits(_records(3), val_fraction=0.1, test_fraction=0.1)
+        assign_splits(_records(2), val_fraction=0.0, test_fraction=0.0)
+        fixed = [ImageRecord(0, Path("/d/a.jpg"), ["c"], split="val")]
+        assign_splits(fixed, val_fraction=0.1, test_fraction=0.1)
+    with pytest.warns(AnnotationWarning, match="split_method 'hash'"):
+        assign_splits(_records(1), val_fraction=0.1, test_fraction=0.1, method="hash")
+
+
 def test_assign_splits_depends_on_names_and_seed_not_order() -> None:
     records = _records(30)
     a = {r.path.name: r.split for r in assign_splits(records, seed=3)}
