@@ -631,7 +631,8 @@ def assign_splits(
 
     ``method="rank"`` (the default): unsplit records are ranked by ``sha1(seed, file name)``; the
     first ``round(test_fraction * n)`` become ``test``, the next ``round(val_fraction * n)``
-    ``val``, the rest ``train`` (a non-zero fraction gets at least one image once ``n >= 3``).
+    ``val``, the rest ``train`` (a non-zero fraction gets at least one image once ``n >= 3``;
+    a split left empty is warned of).
     Counts are exact, but adding or removing an image shifts the boundaries, so that a few other
     images change split (8 of 20 single-image additions to the 798-image Flickr8k subset moved
     one or two): a model trained before the change then has training images in the new
