@@ -406,8 +406,6 @@ def main(argv: list[str] | None = None) -> int:
     if only - known:
         p.error(f"--only: unknown check(s) {', '.join(sorted(only - known))}; "
                 f"known: {', '.join(sorted(known))}")
-    logging.getLogger("lightning").setLevel(logging.ERROR)
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     results: dict[str, Any] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else str(device),
         "torch": torch.__version__, "cuda": torch.version.cuda,
@@ -467,4 +465,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    for name in ("lightning", "lightning.pytorch"):  # the script's output: the checks' lines
+        logging.getLogger(name).setLevel(logging.ERROR)
     sys.exit(main())
