@@ -461,6 +461,10 @@ def instantiate_data_config(cfg: dict[str, Any], source: str, strict: bool) -> A
 # data options that change how batches are loaded, never which images a split holds
 LOADER_OPTIONS = frozenset({"batch_size", "eval_batch_size", "num_workers", "pin_memory",
                             "persistent_workers"})
+PATH_OPTIONS = frozenset({"annotations", "image_root", "instances", "vocab_file", "features_dir",
+                          "root"})
+"""Data options that say where the data is, not how it is split: where the stored config's
+paths name nothing (the data moved), its splits are drawn at the given config's paths."""
 
 
 def training_overlap(stored: dict[str, Any] | None, given: dict[str, Any],
@@ -508,18 +512,34 @@ def training_overlap(stored: dict[str, Any] | None, given: dict[str, Any],
 
     if split_defining(given) == split_defining(stored):
         return {**result, "checked": True, "reason": "the same split settings as the checkpoint's"}
-    try:
-        stored_dm = instantiate_data_config(stored, "the checkpoint's data config", strict=False)
-        if isinstance(stored_dm, ShapesDataModule):  # reading it would generate it anew
-            return {**result, "reason": "generated data: each split is generated apart"}
-        stored_splits = stored_dm.split_records()
-        trained = {os.path.realpath(r.path) for r in stored_splits["train"]}
-        evaluated = {os.path.realpath(r.path) for r in stored_splits.get(split, ())}
-    except Exception as e:  # noqa: BLE001 - ToolError too: the stored data may be elsewhere
-        return {**result, "reason": "could not read the checkpoint's training split "
-                                    f"({' '.join(str(e).split())[:200]})"}
+    def stored_splits_of(cfg: dict[str, Any]) -> dict[str, Any] | str:
+        """The stored settings' ``train`` and ``split`` paths, or why they cannot be read."""
+        try:
+            stored_dm = instantiate_data_config(cfg, "the checkpoint's data config", strict=False)
+            if isinstance(stored_dm, ShapesDataModule):  # reading it would generate it anew
+                return "generated data: each split is generated apart"
+            splits = stored_dm.split_records()
+        except Exception as e:  # noqa: BLE001 - ToolError too: the stored data may be elsewhere
+            return (f"could not read the checkpoint's training split "
+                    f"({' '.join(str(e).split())[:200]})")
+        return {"train": {os.path.realpath(r.path) for r in splits["train"]},
+                split: {os.path.realpath(r.path) for r in splits.get(split, ())}}
+
+    read = stored_splits_of(stored)
+    where = "compared with the checkpoint's training split"
+    moved = {k: v for k, v in given["init_args"].items()
+             if k in PATH_OPTIONS and v != stored["init_args"].get(k)}
+    if isinstance(read, str) and moved and not read.startswith("generated"):
+        # the data moved: the stored split settings, applied to the data where it is now
+        read_there = stored_splits_of({**stored, "init_args": {**stored["init_args"], **moved}})
+        if not isinstance(read_there, str):
+            read = read_there
+            where += f" (its settings applied where the data is now: {', '.join(sorted(moved))})"
+    if isinstance(read, str):
+        return {**result, "reason": read}
+    trained, evaluated = read["train"], read[split]
     in_training = [r for r in records if os.path.realpath(r.path) in trained]
     seen = [r for r in in_training if os.path.realpath(r.path) not in evaluated]
-    return {"checked": True, "reason": "compared with the checkpoint's training split",
+    return {"checked": True, "reason": where,
             "images": len(seen), "example": str(seen[0].path) if seen else None,
             "already_shared": len(in_training) - len(seen)}

@@ -498,3 +498,33 @@ def test_lightning_commands_help_names_captioner_and_says_what_they_do(command, 
     assert out.startswith(f"usage: captioner [options] {command}")
     described = out.split("\noptions:")[0]  # usage and description
     assert f"captioner {command}: " in described and "never run on your" not in described
+
+
+def test_the_overlap_check_follows_data_that_moved(tmp_path):
+    """The checkpoint's stored paths name nothing (the data set moved, given with
+    ``--data.init_args.image_root/annotations`` or a new ``--config``): its split settings are
+    applied where the data is now, so a changed ``split_seed`` is still caught (it used to be
+    "not checked: could not read the checkpoint's training split") and a pure move passes."""
+    from captioner.commands.common import instantiate_data_config, training_overlap
+
+    new = tmp_path / "new"
+    (new / "images").mkdir(parents=True)
+    for i in range(30):
+        Image.new("RGB", (8, 8), (8 * i, 0, 0)).save(new / "images" / f"{i}.jpg")
+    (new / "captions.txt").write_text(
+        "image,caption\n" + "".join(f"{i}.jpg,a red square {i}\n" for i in range(30)))
+
+    def config(root: Path, seed: int) -> dict:
+        return {"class_path": "captioner.data.datamodule.CaptionDataModule",
+                "init_args": {"format": "flickr8k_csv", "annotations": str(root / "captions.txt"),
+                              "image_root": str(root / "images"), "split_seed": seed,
+                              "val_fraction": 0.2, "test_fraction": 0.2, "min_freq": 1}}
+
+    stored = config(tmp_path / "old", 0)  # where it was trained: gone
+    for seed, overlapping in ((0, False), (1, True)):
+        given = config(new, seed)
+        test = instantiate_data_config(given, "given", strict=True).split_records()["test"]
+        overlap = training_overlap(stored, given, test, "test")
+        assert overlap["checked"], overlap["reason"]
+        assert "applied where the data is now: annotations, image_root" in overlap["reason"]
+        assert (overlap["images"] > 0) == overlapping
