@@ -17,7 +17,11 @@ of times slower (measured: 6 training steps of the tiny model, 16 s with 2 threa
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -144,3 +148,27 @@ def red_squares_checkpoint(tiny_checkpoint: Path, tmp_path: Path) -> tuple[Path,
         (tmp_path / f"seed{seed}.yaml").write_text(yaml.safe_dump({"data": {
             **data, "init_args": {**data["init_args"], "split_seed": seed, **loader}}}))
     return trained, images
+
+
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def load_script(name: str) -> Any:
+    """``scripts/<name>.py`` imported as a module (registered in ``sys.modules``: dataclasses
+    look their module up)."""
+    spec = importlib.util.spec_from_file_location(f"captioner_{name}", SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(mode: bool = True) -> Iterator[None]:
+    """``torch.use_deterministic_algorithms(mode)`` inside the block, the setting restored."""
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(mode)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was)

@@ -4,21 +4,15 @@ docs/attention_table.md); here the writing of undefined scores."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import math
-import sys
-from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "attention_table.py"
+from tests.conftest import load_script
 
 
 def test_undefined_scores_read_n_a_in_the_table() -> None:
     """Attention correctness is undefined (NaN; ``null`` in the JSON, read back with
     ``--merge``) for captions without a box word: the table says ``n/a`` for both."""
-    spec = importlib.util.spec_from_file_location("captioner_attention_table", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
+    module = load_script("attention_table")
     args = argparse.Namespace(num_train=10, num_val=3, epochs=1, seed=0)
     rows = [("a", "soft", {"bleu4": 0.25, "attention_correctness": math.nan,
                            "attention_chance": 0.1, "seconds": 3.2}),

@@ -4,11 +4,8 @@ and a smoke run of the whole script at tiny sizes."""
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,17 +13,12 @@ import torch
 
 from captioner.attention import AdditiveAttention
 from captioner.decoder import AttentionDecoder
-
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
+from tests.conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def bm():
-    spec = importlib.util.spec_from_file_location("captioner_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_script("benchmark")
 
 
 def test_caption_lengths_follow_the_fixed_distribution(bm):

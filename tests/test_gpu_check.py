@@ -3,24 +3,17 @@ failing check fails the script. On a GPU it compares the device with the CPU (BE
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
+from tests.conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def gc():
-    spec = importlib.util.spec_from_file_location("captioner_gpu_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("gpu_check")
 
 
 def test_parity_determinism_and_search_checks_run_and_pass_on_the_cpu(gc, tmp_path, capsys):

@@ -5,24 +5,17 @@ Plumbing and the views; the experiment's own figures are in docs/stn_experiment.
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "stn_classification.py"
+from tests.conftest import load_script
 
 
 @pytest.fixture(scope="module")
 def sc():
-    spec = importlib.util.spec_from_file_location("captioner_stn_classification", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("stn_classification")
 
 
 def test_script_writes_results_figure_and_the_transform_comparison(sc, tmp_path):

@@ -405,13 +405,11 @@ def test_loaders_take_nothing_from_the_global_generator(tmp_path):
 def test_score_translations_script_reads_files_as_the_tools_do(tmp_path, capsys):
     """scripts/score_translations.py: the same line reading as the data and ``translate``
     (a lone carriage return is text), and a file that is not UTF-8 is one line naming it."""
-    import importlib.util
     import json
 
-    script = Path(__file__).resolve().parents[2] / "scripts" / "score_translations.py"
-    spec = importlib.util.spec_from_file_location("captioner_score_translations", script)
-    score = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(score)
+    from tests.conftest import load_script
+
+    score = load_script("score_translations")
     (tmp_path / "ref.en").write_bytes(b"\xef\xbb\xbfa dog runs .\r\nthe\rcat sleeps .\n")
     (tmp_path / "hyp.en").write_bytes(b"a dog runs .\nthe\rcat sleeps .\n")
     assert score.main([str(tmp_path / "hyp.en"), "--reference", str(tmp_path / "ref.en"),

@@ -10,6 +10,7 @@ from torch import nn
 from captioner.encoders import ImageEncoder
 from captioner.encoders.pooling import GridPool, adaptive_avg_pool2d_linear, pooling_matrix
 from captioner.features import encoder_fingerprint
+from tests.conftest import deterministic_algorithms
 
 
 def test_pooling_matrix_by_hand():
@@ -51,12 +52,8 @@ def test_gridpool_takes_the_matrix_form_only_under_deterministic_algorithms(monk
         raise AssertionError("the kernel was called")
 
     monkeypatch.setattr("captioner.encoders.pooling.F.adaptive_avg_pool2d", kernel)
-    was = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic_algorithms():
         torch.testing.assert_close(pool(x), expected)
-    finally:
-        torch.use_deterministic_algorithms(was)
     with pytest.raises(AssertionError, match="the kernel was called"):
         pool(x)
 

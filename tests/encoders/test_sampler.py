@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from captioner.encoders import ImageEncoder
 from captioner.encoders.sampler import bilinear_sample
 from captioner.encoders.stn import SpatialTransformer, warp
+from tests.conftest import deterministic_algorithms
 
 
 def grid_sample(x, grid):
@@ -65,12 +66,8 @@ def test_warp_samples_without_grid_sample_under_deterministic_algorithms(monkeyp
         raise AssertionError("grid_sample was called")
 
     monkeypatch.setattr("captioner.encoders.stn.F.grid_sample", refuse)
-    was = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True)
-    try:
+    with deterministic_algorithms():
         torch.testing.assert_close(warp(x, theta, (5, 4)), expected, rtol=1e-6, atol=1e-6)
-    finally:
-        torch.use_deterministic_algorithms(was)
     with pytest.raises(AssertionError, match="grid_sample was called"):
         warp(x, theta, (5, 4))
 
@@ -89,13 +86,9 @@ def test_an_stn_encoder_trains_alike_under_deterministic_algorithms(localization
             stn_last.add_(0.05 * torch.randn(stn_last.shape, generator=torch.Generator()
                                              .manual_seed(1)))
         images = torch.rand(2, 3, 33, 31, generator=torch.Generator().manual_seed(2))
-        was = torch.are_deterministic_algorithms_enabled()
-        torch.use_deterministic_algorithms(deterministic)
-        try:
+        with deterministic_algorithms(deterministic):
             out = enc(images)
             out.square().mean().backward()
-        finally:
-            torch.use_deterministic_algorithms(was)
         return out.detach(), [p.grad.clone() for p in enc.parameters() if p.grad is not None]
 
     out_a, grads_a = grads(False)
