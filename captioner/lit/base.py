@@ -27,7 +27,8 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
-from lightning.pytorch.utilities import GradClipAlgorithmType
+from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_warn
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
 from captioner.config import instantiate, plain
 from captioner.decoder import DecoderOutput
@@ -194,7 +195,7 @@ class CaptionerModule(L.LightningModule):
         self.explain_frozen_blocks()
 
     def on_train_start(self) -> None:
-        self._end_frozen_blocks_filter()
+        self._end_frozen_blocks_filter(check=True)
 
     def teardown(self, stage: str) -> None:
         self._end_frozen_blocks_filter()  # a fit that stopped before training
@@ -202,30 +203,50 @@ class CaptionerModule(L.LightningModule):
     def explain_frozen_blocks(self) -> None:
         """Frozen backbone blocks stay in eval mode (fixed batch-norm statistics, as intended),
         which Lightning reports at the start of training as "Found N module(s) in eval mode
-        ... may lead to unexpected behavior": where N is exactly those blocks' modules, that
-        warning is replaced by one line saying so (any other count still warns). The filter
-        lasts from ``on_fit_start`` to ``on_train_start`` (Lightning warns just before it), so
-        later fits in the process are not affected."""
+        ... may lead to unexpected behavior": where the modules in eval mode are exactly
+        those blocks' modules, that warning is replaced by one line saying so. Any other set
+        still warns, also one of the same size: the set is compared here and again at
+        ``on_train_start`` (just after Lightning's check), where a set that changed in between
+        gets Lightning's warning back. The filter lasts from ``on_fit_start`` to
+        ``on_train_start``, so later fits in the process are not affected."""
         encoder = getattr(self, "encoder", None)
         frozen = getattr(encoder, "frozen_blocks", None)
         if not frozen:
             return
-        count = sum(1 for name, block in encoder.body.named_children() if name in frozen
-                    for _ in block.modules())
+        modules = {id(module) for name, block in encoder.body.named_children() if name in frozen
+                   for module in block.modules()}
         self._end_frozen_blocks_filter()
+        if self._eval_modules() != modules:
+            return  # Lightning's warning stands
         self._frozen_blocks_filter = warnings.catch_warnings()
         self._frozen_blocks_filter.__enter__()
+        self._frozen_blocks_modules = modules
         warnings.filterwarnings(
-            "ignore", message=re.escape(f"Found {count} module(s) in eval mode at the start of "
-                                        "training"))
+            "ignore", message=re.escape(f"Found {len(modules)} module(s) in eval mode at the "
+                                        "start of training"))
         if self.trainer.is_global_zero:
             log.info("%d frozen backbone block(s) (%d modules) stay in eval mode: their batch-norm "
-                     "statistics are fixed, as intended", len(frozen), count)
+                     "statistics are fixed, as intended", len(frozen), len(modules))
 
-    def _end_frozen_blocks_filter(self) -> None:
+    def _eval_modules(self) -> set[int]:
+        """The ``id`` of every submodule (this module included) in eval mode."""
+        return {id(module) for module in self.modules() if not module.training}
+
+    def _end_frozen_blocks_filter(self, check: bool = False) -> None:
+        """End the filter of ``explain_frozen_blocks``; with ``check``, give Lightning's warning
+        back if the modules in eval mode are no longer exactly the frozen blocks' but as many."""
         entered = self.__dict__.pop("_frozen_blocks_filter", None)
-        if entered is not None:
-            entered.__exit__(None, None, None)
+        modules = self.__dict__.pop("_frozen_blocks_modules", set())
+        if entered is None:
+            return
+        entered.__exit__(None, None, None)
+        eval_modules = self._eval_modules()
+        if check and eval_modules != modules and len(eval_modules) == len(modules):
+            rank_zero_warn(
+                f"Found {len(eval_modules)} module(s) in eval mode at the start of training. "
+                "This may lead to unexpected behavior during training. If this is intentional, "
+                "you can ignore this warning. (captioner: not only the frozen backbone blocks.)",
+                category=PossibleUserWarning)
 
     def check_monitors(self) -> None:
         """Refuse, before the first epoch, a callback (``ModelCheckpoint``, ``EarlyStopping``)

@@ -263,29 +263,57 @@ def test_frozen_blocks_replace_lightnings_eval_mode_warning_with_one_line(tiny_d
                                                                           caplog):
     """A frozen backbone's blocks stay in eval mode on purpose: Lightning's "Found N module(s)
     in eval mode ... unexpected behavior" about exactly them is replaced by one log line, and
-    still shown when anything else is in eval mode."""
+    still shown when anything else is in eval mode: more modules, or as many but not the same
+    ones, before the fit starts or changed between its start and the start of training."""
     import logging
     import warnings
 
-    def fit(extra_eval: bool):
+    from lightning.pytorch.callbacks import Callback
+
+    class SwapModes(Callback):
+        """After the sanity check (past ``on_fit_start``, before Lightning's check): one frozen
+        module to train mode, one of the decoder's to eval mode: as many as before."""
+
+        def on_sanity_check_end(self, trainer, module):
+            swap(module)
+
+    def swap(module):
+        frozen_leaf = next(m for m in module.encoder.body.modules()
+                           if not m.training and not list(m.children()))
+        frozen_leaf.train()
+        module.decoder.L_o.eval()
+
+    def fit(case: str):
         cfg = model_config(tiny_dm(tiny_data).vocab_size)
         cfg["encoder"]["init_args"]["freeze"] = True
         module = CaptioningModule.from_config(cfg)
-        frozen = sum(1 for _ in module.encoder.body.modules()) - 1  # every block, frozen
-        if extra_eval:
+        frozen = sum(1 for m in module.encoder.body.modules() if not m.training)
+        if case == "extra":
             module.decoder.L_o.eval()  # the user's own, not a frozen block
+        if case == "swapped":
+            swap(module)
         with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO):
             warnings.simplefilter("always")
-            trainer(tmp_path, 1, limit_train_batches=1, limit_val_batches=0).fit(
-                module, datamodule=tiny_dm(tiny_data))
+            if case == "swapped_later":
+                fitter = L.Trainer(default_root_dir=tmp_path, max_epochs=1, accelerator="cpu",
+                                   devices=1, logger=False, enable_progress_bar=False,
+                                   enable_model_summary=False, limit_train_batches=1,
+                                   limit_val_batches=1, num_sanity_val_steps=1,
+                                   callbacks=[SwapModes()])
+            else:
+                fitter = trainer(tmp_path, 1, limit_train_batches=1, limit_val_batches=0)
+            fitter.fit(module, datamodule=tiny_dm(tiny_data))
             left = [f for f in warnings.filters if f[1] is not None
                     and "in eval mode" in f[1].pattern]
         assert left == []  # the filter ends with the start of training: later fits unaffected
         said = [str(w.message) for w in caught if "eval mode at the start" in str(w.message)]
         return frozen, said
 
-    frozen, said = fit(extra_eval=False)
+    frozen, said = fit("frozen only")
     assert frozen > 0 and said == []
     assert f"({frozen} modules) stay in eval mode" in caplog.text
-    _, said = fit(extra_eval=True)
+    _, said = fit("extra")
     assert len(said) == 1 and said[0].startswith(f"Found {frozen + 1} module(s)")
+    for case in ("swapped", "swapped_later"):
+        _, said = fit(case)
+        assert len(said) == 1 and said[0].startswith(f"Found {frozen} module(s)"), (case, said)
