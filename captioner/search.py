@@ -21,6 +21,10 @@ flattened and the best ``2K`` kept; candidate index ``j`` came from beam ``j // 
 first ``K`` joins the image's pool of finished hypotheses (kept, never recomputed); the best ``K``
 others continue.
 
+Equal scores are ranked by index (:func:`_best`: the lower candidate index ``j`` first, i.e. the
+lower beam, then the lower token id), the rule of greedy search's ``max``: with ties, which
+low-precision (bf16, fp16) log-probabilities often have, ``K = 1`` still decodes as greedy.
+
 When an image is done (``stop``):
 
 * ``"k_finished"`` (the default, as in most captioning and NMT code): once it has ``K`` finished
@@ -70,6 +74,33 @@ def _check_settings(max_length: int, beam_size: int = 1) -> None:
         raise ValueError(f"max_length must be at least 1 (decoding steps), got {max_length}")
     if beam_size < 1:
         raise ValueError(f"beam_size must be at least 1, got {beam_size}")
+
+
+def _best(values: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``n`` largest entries of each row of ``values`` ``(R, C)``, largest first, equal ones
+    in the order of their column: the first ``n`` of a stable descending sort, from ``topk``.
+
+    ``topk`` neither orders nor chooses among equal values by column; here one more than ``n``
+    is asked for, and only a row whose ``n``-th and ``(n+1)``-th finite values are equal (a tie
+    across the cut: which equal ones are kept matters) is sorted whole. Ties at ``-inf`` (dead
+    beams, banned tokens) are not resolved: nothing ranks them.
+
+    Returns:
+        ``(R, n)`` values and ``(R, n)`` column indices.
+    """
+    C = values.shape[1]
+    top, index = values.topk(min(n + 1, C), dim=1)  # (R, n + 1), or (R, C)
+    if top.shape[1] > n:
+        cut = (top[:, n] == top[:, n - 1]) & torch.isfinite(top[:, n])  # (R,)
+        top, index = top[:, :n], index[:, :n]
+        if bool(cut.any()):
+            rows = cut.nonzero().squeeze(1)
+            whole, order = values[rows].sort(dim=1, descending=True, stable=True)
+            top, index = top.clone(), index.clone()
+            top[rows], index[rows] = whole[:, :n], order[:, :n]
+    index, by_column = index.sort(dim=1)  # (R, n)
+    top, by_value = top.gather(1, by_column).sort(dim=1, descending=True, stable=True)
+    return top, index.gather(1, by_value)
 
 
 def _constrain(log_probs: torch.Tensor, step: int, min_length: int, end_id: int,
@@ -216,7 +247,8 @@ def beam_search(
         """Keep the K best of (pool, candidates) per image."""
         nonlocal fin_rank, fin_score, fin_len, fin_tok, fin_alpha, fin_beta
         all_rank = torch.cat([fin_rank, cand_rank], 1)  # (B, K + C)
-        top_rank, top = all_rank.topk(K, dim=1)  # (B, K)
+        top_rank, top = all_rank.sort(dim=1, descending=True, stable=True)  # (B, K + C)
+        top_rank, top = top_rank[:, :K], top[:, :K]  # (B, K): equal ranks, the pool's first
 
         def pick(pool, cand):
             both = torch.cat([pool, cand], 1)
@@ -235,7 +267,7 @@ def beam_search(
         V = log_probs.shape[-1]
         cand = (beam_scores.view(B * K, 1) + log_probs).view(B, K * V)  # (B, K*V)
         n_cand = min(2 * K, K * V)
-        top_scores, top_idx = cand.topk(n_cand, dim=1)  # (B, 2K)
+        top_scores, top_idx = _best(cand, n_cand)  # (B, 2K), equal scores by index
         src = top_idx // V + offsets  # (B, 2K) rows of B*K
         token = top_idx % V  # (B, 2K)
         is_end = token == end_id
@@ -262,7 +294,8 @@ def beam_search(
 
         # the K best non-<end> candidates would continue
         cont_scores, cont = torch.where(is_end, torch.full_like(top_scores, neg_inf),
-                                        top_scores).topk(K, dim=1)  # (B, K), best first
+                                        top_scores).sort(dim=1, descending=True, stable=True)
+        cont_scores, cont = cont_scores[:, :K], cont[:, :K]  # (B, K), best first
         if stop == "k_finished":
             done = n_fin >= K
         else:  # the best rank an alive beam could still finish with (module docstring)

@@ -457,3 +457,44 @@ def test_autocast_search_casts_each_weight_once_and_sees_every_update(annotation
     assert not torch.equal(after.scores, once.scores)
     assert torch.equal(after.tokens, reference.tokens)
     assert torch.equal(after.scores, reference.scores)
+
+
+class TiedDecoder(ProtocolOnlyDecoder):
+    """Log-probabilities rounded to halves: many exactly equal, ``<end>`` often tied with a
+    word (what bf16 log-probabilities do now and then)."""
+
+    def step(self, prev, state):
+        log_probs, state, alpha, beta = super().step(prev, state)
+        return (log_probs * 2).round() / 2, state, alpha, beta
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_beam_size_one_equals_greedy_when_scores_tie(seed):
+    """Equal scores rank by index in both searches (greedy's ``max``: the lower token id), so
+    ``K = 1`` decodes as greedy also where a word and ``<end>`` have the same log-probability."""
+    torch.manual_seed(seed)
+    dec = AttentionDecoder(V, D, embed_dim=9, hidden_dim=11, dropout=0.0).eval()
+    with torch.no_grad():
+        dec.L_o.bias[IDS["end_id"]] += 1.0
+    ann = torch.randn(17, L, D) * 3
+    tied = TiedDecoder(dec)
+    g = greedy_search(tied, ann, max_length=12, **IDS)
+    b = beam_search(tied, ann, beam_size=1, max_length=12, **IDS)
+    assert torch.equal(g.tokens, b.tokens) and torch.equal(g.lengths, b.lengths)
+    torch.testing.assert_close(g.scores, b.scores, rtol=0, atol=0)
+
+
+def test_best_is_the_head_of_a_stable_descending_sort():
+    """``_best``'s ``n`` entries equal a stable sort's first ``n``: ties inside the cut ordered
+    by column, ties across it keeping the lower columns."""
+    from captioner.search import _best
+
+    torch.manual_seed(0)
+    values = torch.randint(0, 4, (200, 11)).float()  # many equal values in every row
+    values[:5, 3:] = float("-inf")  # rows whose finite part is shorter than some cuts
+    for n in (1, 2, 3, 6, 11):
+        top, index = _best(values, n)
+        want_top, want_index = values.sort(dim=1, descending=True, stable=True)
+        finite = torch.isfinite(want_top[:, :n])
+        assert torch.equal(top, want_top[:, :n])
+        assert torch.equal(index[finite], want_index[:, :n][finite])
