@@ -29,6 +29,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import unicodedata
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -317,8 +318,9 @@ def coco_caption_scores(
 ) -> EvalResult:
     """Score captions with the official COCO caption protocol (``pycocoevalcap``).
 
-    Steps, as in ``pycocoevalcap.eval.COCOEvalCap``: the raw reference and hypothesis strings
-    are tokenised with the Stanford PTBTokenizer (lowercased, punctuation removed), then
+    Steps, as in ``pycocoevalcap.eval.COCOEvalCap``: the raw reference and hypothesis strings,
+    in Unicode NFC form (as :func:`captioner.data.tokenize.tokenize` reads captions), are
+    tokenised with the Stanford PTBTokenizer (lowercased, punctuation removed), then
     BLEU-1..4 (``closest`` reference length), METEOR 1.5, ROUGE-L, CIDEr-D and, if available,
     SPICE are computed on the whole set. CIDEr's document frequencies come from the references
     given here, so score the full test split at once.
@@ -364,7 +366,9 @@ def coco_caption_scores(
 
     # 1. Tokenise all strings in one pass (one JVM start).
     ids = list(references)
-    flat = [c for k in ids for c in references[k]] + [hypotheses[k] for k in ids]
+    # NFC, as captioner's tokeniser reads captions: a decomposed "a" + U+0308 is the word "ä"
+    flat = [unicodedata.normalize("NFC", c)
+            for c in [c for k in ids for c in references[k]] + [hypotheses[k] for k in ids]]
     tokenizer = "python"
     if java:
         try:

@@ -19,6 +19,7 @@ re-exported here.
 
 from __future__ import annotations
 
+import unicodedata
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -98,6 +99,8 @@ def sacrebleu_score(hypotheses: Sequence[str], references: Sequence[str],
     """Corpus BLEU of detokenised hypotheses against raw references (one reference each),
     with sacreBLEU's default ``13a`` tokenisation.
 
+    Both sides are put in Unicode NFC form first, as :func:`captioner.data.tokenize.tokenize_mt`
+    reads the model's text: a reference written decomposed (macOS, some corpora) matches.
     A ``<unk>`` is one word, so it is scored as one token (:data:`UNK_FOR_BLEU`), in hypotheses
     and in references (some preprocessed corpora write it there); ``13a`` would split the literal
     ``<unk>`` into three (``< unk >``), lengthening the sentence and lowering its n-gram
@@ -119,8 +122,9 @@ def sacrebleu_score(hypotheses: Sequence[str], references: Sequence[str],
     if not hypotheses:
         bleu.corpus_score([""], [[""]])  # sacreBLEU fills its signature on a first score
         return BleuScore(0.0, str(bleu.get_signature()), "no sentences")
-    hypotheses = [h.replace(UNK, UNK_FOR_BLEU) for h in hypotheses]
-    references = [r.replace(UNK, UNK_FOR_BLEU) for r in references]
+    # NFC, as the tokenisers read text: a decomposed reference (U+0308 after "a") matches "ä"
+    hypotheses = [unicodedata.normalize("NFC", h).replace(UNK, UNK_FOR_BLEU) for h in hypotheses]
+    references = [unicodedata.normalize("NFC", r).replace(UNK, UNK_FOR_BLEU) for r in references]
     result = bleu.corpus_score(hypotheses, [references])
     return BleuScore(float(result.score), str(bleu.get_signature()), str(result))
 

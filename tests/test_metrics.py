@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import unicodedata
 
 import numpy as np
 import pytest
@@ -116,6 +117,9 @@ def test_coco_caption_scores_official_protocol(caplog):
     # line breaks inside a reference (a multi-line CSV caption): were they passed on, the Java
     # tokenizer would split that line and shift every later caption onto the wrong image
     refs = {**REFS, 1: [REFS[1][0], "A person rides\r\na brown\u2028horse.\x0c"]}
+    # a reference written decomposed (NFD: "e" + U+0301) is the hypothesis's composed "café"
+    hyps["img3"] = "A red bus drives past a caf\u00e9."
+    refs["img3"] = [unicodedata.normalize("NFD", hyps["img3"]), *REFS["img3"][1:]]
     with caplog.at_level(logging.WARNING, logger="captioner.metrics"):
         result = coco_caption_scores(refs, hyps)  # the only Java call of the suite
     assert isinstance(result, EvalResult) and result.tokenizer == "ptb"
@@ -142,6 +146,10 @@ def test_coco_caption_scores_without_java():
     assert 0 < result.scores["BLEU-1"] < 1 and result.scores["CIDEr"] > 0
     perfect = coco_caption_scores(REFS, {k: v[1] for k, v in REFS.items()}, use_java=False)
     assert perfect.scores["BLEU-4"] == pytest.approx(1.0, abs=1e-6)
+    # references written decomposed (NFD) score as the composed hypotheses they equal
+    composed = {1: "Crème brûlée on a café table", 2: "Naïve señor", "img3": "Zwei Männer"}
+    nfd = {k: [unicodedata.normalize("NFD", v)] for k, v in composed.items()}
+    assert coco_caption_scores(nfd, composed, use_java=False).scores["BLEU-1"] == pytest.approx(1)
 
 
 @pytest.mark.parametrize("has_java", [True, False])

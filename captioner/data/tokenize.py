@@ -128,7 +128,9 @@ def detokenize_mt(tokens: Sequence[str]) -> str:
     after opening brackets and typographic quotes (``["a", "dog", "."]`` -> ``"a dog."``), and
     a possessive apostrophe after an ``s`` kept on its word (``"kids' toys"``; not when
     another ``'`` follows, which makes it an opening quote: ``"says 'yes'"``). Guillemets keep
-    their spaces (French spacing, German ``»...«``).
+    their spaces (French spacing, German ``»...«``). Consecutive ``-`` tokens are joined
+    (``["a", "-", "-", "b"]`` -> ``"a -- b"``): :func:`tokenize_mt` splits a ``--`` dash into
+    two, which sacreBLEU's ``13a`` keeps as one token in a reference.
 
     Args:
         tokens: output of :func:`tokenize_mt` or a decoded translation.
@@ -150,6 +152,8 @@ def detokenize_mt(tokens: Sequence[str]) -> str:
         elif token in _MT_QUOTE_PAIRS:  # “ opens in English, closes German „...“ (handled above)
             expected_close.append(_MT_QUOTE_PAIRS[token])
             closing, opening = False, True
+        elif token == "-" and i > 0 and tokens[i - 1] == "-":  # a "--" dash, split in two
+            closing, opening = True, False
         else:
             closing, opening = token in _MT_CLOSING, token in _MT_OPENING
         pieces.append(token if glue or closing else " " + token)

@@ -49,6 +49,7 @@ def test_tokenize_mt_keeps_punctuation_and_detokenize_joins_it_back():
     "Il dit « oui ».",  # guillemets keep their (French) spacing
     "Zwei Hunde, 3.5 m weit; 1,000 Leute: 50%.",
     "Ein Obst- und Gemüsestand.",  # a suspended hyphen stays on its word (13a keeps it)
+    "A dog -- a black one -- runs.",  # a "--" dash: one token to 13a, two to tokenize_mt
     "Kinder-, Jugend- und Obst-",  # before a comma and at the end too
     "एक आदमी सड़क पर चल रहा है।",  # vowel signs and a nukta inside words; the danda closes
     "ผู้ชาย กำลัง เดิน อยู่ ที่ บ้าน",  # Thai vowels and tone marks inside their words
@@ -78,6 +79,19 @@ def test_tokenize_mt_reads_decomposed_unicode_as_composed():
     assert decomposed != composed
     assert tokenize_mt(decomposed) == tokenize_mt(composed) == [
         "zwei", "männer", "überqueren", "die", "straße", "."]
+
+
+def test_sacrebleu_reads_decomposed_references_as_composed():
+    """A reference written decomposed (NFD) matches the composed output of the model, whose
+    tokeniser reads NFC: 100, as with the composed reference."""
+    import unicodedata
+
+    from captioner.translate import sacrebleu_score
+
+    reference = "Zwei Männer überqueren die Straße vor dem Café."
+    output = detokenize_mt(tokenize_mt(unicodedata.normalize("NFD", reference)))
+    assert sacrebleu_score([output], [unicodedata.normalize("NFD", reference)]).score == \
+        pytest.approx(100)
 
 
 def test_sacrebleu_scores_unk_as_one_wrong_word():
