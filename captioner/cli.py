@@ -93,6 +93,13 @@ def _cli_class() -> type:
             self._ckpt_read = path
             self._ckpt_meta = _checkpoint_meta(path) if path else None
             self._ckpt_model = _saved_model_config(self._ckpt_meta)
+            if self._ckpt_meta == {} and not _gives_model(argv):
+                from captioner.inference import CheckpointError
+
+                raise CheckpointError(
+                    f"{path}: not a captioner checkpoint (it holds no model config or "
+                    "vocabulary); give the model config (--config MODEL.yaml) to read its "
+                    "weights")
             if self._ckpt_model is not None and not _gives_model(argv):
                 argv = _with_model_first(list(argv), self._ckpt_model)  # no model YAML needed
             if args is not None or not listed:
@@ -276,7 +283,9 @@ def _check_task(task: str, dm: Any, what: str) -> None:
 
 
 def _one_line(e: BaseException) -> str:
-    return " ".join(str(e).split())[:300]
+    from captioner.messages import one_line
+
+    return one_line(e, 300)  # a library's reason (torch's unpickler explains at length)
 
 
 LIGHTNING_CHECKPOINT_NAMES = ("last", "best", "hpc")  # ckpt_path values Lightning resolves
@@ -287,27 +296,27 @@ def _checkpoint_meta(ckpt_path: str) -> dict[str, Any] | None:
     checkpoint without it, ``None`` for the names Lightning resolves itself (``last``...).
 
     Raises:
-        SystemExit: a missing file, or one that is not a readable checkpoint, in one line
-            naming it.
+        captioner.inference.CheckpointError: a missing file, or one that is not a readable
+            checkpoint, in one line naming it (:func:`main`: exit status 2).
     """
     from pathlib import Path
 
     import torch
 
-    from captioner.inference import CHECKPOINT_KEY
+    from captioner.inference import CHECKPOINT_KEY, CheckpointError
 
     text = str(ckpt_path)
     if (text in LIGHTNING_CHECKPOINT_NAMES or text.startswith("registry")
             or text.lower() in ("null", "none", "") or "://" in text):
         return None  # Lightning's names, no checkpoint (null overrides a config), remote files
     if not Path(ckpt_path).is_file():
-        raise SystemExit(f"{ckpt_path}: checkpoint not found")
+        raise CheckpointError(f"{ckpt_path}: checkpoint not found")
     try:
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # not a zip / torch file, truncated, pickled objects
-        raise SystemExit(f"{ckpt_path}: not a readable checkpoint ({_one_line(e)})") from None
+        raise CheckpointError(f"{ckpt_path}: not a readable checkpoint ({_one_line(e)})") from None
     if not isinstance(ckpt, dict):
-        raise SystemExit(f"{ckpt_path}: not a checkpoint (a {type(ckpt).__name__})")
+        raise CheckpointError(f"{ckpt_path}: not a checkpoint (a {type(ckpt).__name__})")
     return dict(ckpt.get(CHECKPOINT_KEY) or {})
 
 
@@ -364,10 +373,16 @@ def _config_files(argv: list[str] | tuple[str, ...]) -> list[str]:
 
 def _check_config_files(argv: list[str] | tuple[str, ...]) -> None:
     """A config file that is not valid YAML stops with one line naming it and the place
-    (jsonargparse's own message names neither the file nor a useful line)."""
+    (jsonargparse's own message names neither the file nor a useful line).
+
+    Raises:
+        captioner.config.ConfigError: naming the file, line and column.
+    """
     from pathlib import Path
 
     import yaml
+
+    from captioner.config import ConfigError
 
     for path in _config_files(argv):
         if Path(path).is_file():
@@ -377,7 +392,7 @@ def _check_config_files(argv: list[str] | tuple[str, ...]) -> None:
                 mark = getattr(e, "problem_mark", None)
                 where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
                 problem = getattr(e, "problem", None) or _one_line(e)
-                raise SystemExit(f"{path}{where}: not valid YAML ({problem})") from None
+                raise ConfigError(f"{path}{where}: not valid YAML ({problem})") from None
 
 
 def _gives_model(argv: list[str] | tuple[str, ...]) -> bool:

@@ -19,6 +19,33 @@ class ConfigError(ValueError):
     """A configuration that cannot work; the message names the option and what to give."""
 
 
+#: the usual ranges of :func:`check_ranges`: (the test a valid value passes, what it must be)
+POSITIVE = (lambda v: v >= 1, ">= 1")
+NON_NEGATIVE = (lambda v: v >= 0, ">= 0")
+
+
+def check_ranges(owner: str, section: str, values: Mapping[str, Any],
+                 rules: Mapping[str, tuple[Any, str]]) -> None:
+    """Refuse an option outside its range when a class is built, before a library fails on it
+    later with a traceback (torch's DataLoader on ``batch_size: 0``, Adam on ``lr: -1``).
+
+    Args:
+        owner: the class, for the message.
+        section: the config section of its options (``"data"``, ``"model"``), for the message.
+        values: option -> value; ``None`` (an unset optional) and options without a rule pass.
+        rules: option -> ``(test, rule)``, e.g. :data:`POSITIVE`.
+
+    Raises:
+        ConfigError: naming the class, the option (as ``SECTION.init_args.NAME``), the value and
+            the rule.
+    """
+    for name, (valid, rule) in rules.items():
+        value = values.get(name)
+        if value is not None and not valid(value):
+            raise ConfigError(f"{owner}: {name} must be {rule}, got {value!r} "
+                              f"({section}.init_args.{name})")
+
+
 def plain(obj: Any) -> Any:
     """Recursively turn jsonargparse Namespaces (and tuples) into dicts and lists, and paths
     (``pathlib.Path``, jsonargparse's) into strings, so a config can be stored in a checkpoint

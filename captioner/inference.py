@@ -36,6 +36,7 @@ from captioner.data.vocabulary import END, PAD, SPECIALS, START, Vocabulary
 from captioner.decoder import AttentionDecoder
 from captioner.encoders.backbone import architecture_only
 from captioner.encoders.encoder import ImageEncoder
+from captioner.messages import one_line
 from captioner.search import SearchResult, beam_search, greedy_search
 
 #: checkpoint entry of captioner's metadata (written by :mod:`captioner.lit.base`) and its format
@@ -216,7 +217,7 @@ class Captioner:
             encoder.load_state_dict(_sub_state(state, "encoder."))
             decoder.load_state_dict(_sub_state(state, "decoder."))
         except RuntimeError as e:
-            problem = " ".join(str(e).split())[:300]
+            problem = one_line(e, 300)  # the mismatched keys: the first few
             raise CheckpointError(f"{path}: weights do not fit the stored model config "
                                   f"(vocabulary or architecture mismatch): {problem}") from None
         hp = ckpt.get("hyper_parameters") or {}

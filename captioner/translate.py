@@ -36,6 +36,7 @@ from captioner.data.vocabulary import END, PAD, SPECIALS, START, UNK, Vocabulary
 from captioner.decoder import AttentionDecoder
 from captioner.encoders.text import TextEncoder
 from captioner.inference import CHECKPOINT_KEY, CheckpointError, read_checkpoint
+from captioner.messages import one_line
 from captioner.search import SearchResult, beam_search, greedy_search
 
 __all__ = ["BleuScore", "Translation", "Translator", "decode", "detokenize_mt",
@@ -267,7 +268,7 @@ class Translator:
                                         if k.startswith(prefix)})
         except RuntimeError as e:
             raise CheckpointError(f"{path}: weights do not fit the stored model config: "
-                                  f"{' '.join(str(e).split())[:300]}") from None
+                                  f"{one_line(e, 300)}") from None
         hp = ckpt.get("hyper_parameters") or {}
         search = {k: hp[k] for k in SEARCH_DEFAULTS if k in hp}
         lowercase = bool((meta.get("data") or {}).get("lowercase", True))

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -773,28 +774,42 @@ def test_fingerprint_covers_settings_and_normalisation_and_keeps_old_caches(reco
     assert cache.index["fingerprint"] == index["fingerprint"]
 
 
-def test_extract_features_takes_data_overrides_as_fit_does(tmp_path, capsys):
-    """``--data.init_args.KEY VALUE`` (and ``KEY=VALUE``) over the ``--config`` files: a shipped
-    config's relative data paths can be pointed elsewhere without writing another YAML (the
-    command used to refuse them: "unrecognized arguments")."""
+def _flickr_config_with_frozen_encoder(tmp_path: Path, n: int, **data: Any) -> tuple[Path, Path]:
+    """``n`` random PNGs with one caption each (Kaggle CSV) and ``config.yaml``: a
+    ``CaptionDataModule`` on them (``image_size`` 32; ``data`` overrides its options) and the
+    tiny model with its encoder frozen.
+
+    Returns:
+        ``(images folder, config file)``.
+    """
     import yaml
 
-    from captioner.cli import main
     from tests.conftest import TINY_MODEL_CONFIG
 
     images = tmp_path / "images"
-    _random_pngs(images, 9)
+    _random_pngs(images, n)
     (tmp_path / "captions.txt").write_text(
-        "image,caption\n" + "".join(f"{i}.png,a red square number {i}\n" for i in range(9)))
+        "image,caption\n" + "".join(f"{i}.png,a red square number {i}\n" for i in range(n)))
     encoder = TINY_MODEL_CONFIG["encoder"]
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump({
         "data": {"class_path": "captioner.data.datamodule.CaptionDataModule", "init_args": {
-            "format": "flickr8k_csv", "annotations": "elsewhere/captions.txt",
-            "image_root": "elsewhere/images", "image_size": 32}},
+            "format": "flickr8k_csv", "annotations": str(tmp_path / "captions.txt"),
+            "image_root": str(images), "image_size": 32, **data}},
         "model": {"class_path": "captioner.lit.captioning.CaptioningModule", "init_args": {
             **TINY_MODEL_CONFIG,
             "encoder": {**encoder, "init_args": {**encoder["init_args"], "freeze": True}}}}}))
+    return images, config
+
+
+def test_extract_features_takes_data_overrides_as_fit_does(tmp_path, capsys):
+    """``--data.init_args.KEY VALUE`` (and ``KEY=VALUE``) over the ``--config`` files: a shipped
+    config's relative data paths can be pointed elsewhere without writing another YAML (the
+    command used to refuse them: "unrecognized arguments")."""
+    from captioner.cli import main
+
+    images, config = _flickr_config_with_frozen_encoder(
+        tmp_path, 9, annotations="elsewhere/captions.txt", image_root="elsewhere/images")
     out = tmp_path / "cache"
     base = ["extract-features", "--config", str(config), "--out", str(out)]
     assert main(base) == 1  # the config's own paths name nothing
@@ -808,3 +823,30 @@ def test_extract_features_takes_data_overrides_as_fit_does(tmp_path, capsys):
     assert "needs a value" in capsys.readouterr().err
     assert main([*base, "--dat.init_args.x", "1"]) == 2  # not a data override: refused
     assert "unrecognized arguments: --dat.init_args.x 1" in capsys.readouterr().err
+
+
+def test_extract_features_answers_each_mistake_with_its_status(tmp_path, capsys):
+    """An unreadable image is unreadable data (1; it was answered 2: ``ImageLoadError`` is a
+    ``ValueError`` and was caught as a cache mistake); an unknown, repeated or empty ``--split``
+    and an ``--out`` that is a file are usage errors (2), answered before any image is read
+    (``--split ,`` cached nothing and exited 0, ``--out FILE`` ended in a traceback)."""
+    from captioner.cli import main
+
+    images, config = _flickr_config_with_frozen_encoder(tmp_path, 6, num_workers=0, min_freq=1)
+    base = ["extract-features", "--config", str(config)]
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    for extra, says in [(["--split", "train,bogus"], "'train,bogus': give one or more of"),
+                        (["--split", ","], "',': give one or more of"),
+                        (["--split", "val,val"], "each once"),
+                        (["--out", str(a_file)], f"--out {a_file}: a file, not a folder"),
+                        (["--out", str(a_file / "cache")], f"{a_file} is a file, not a folder")]:
+        argv = [*base, "--out", str(tmp_path / "cache"), *extra]
+        assert main(argv) == 2, extra
+        err = capsys.readouterr().err
+        assert says in err and "Traceback" not in err, err
+    assert not (tmp_path / "cache").exists()
+    (images / "3.png").write_bytes(b"garbage")
+    assert main([*base, "--out", str(tmp_path / "cache")]) == 1
+    err = capsys.readouterr().err
+    assert "3.png" in err and "Traceback" not in err

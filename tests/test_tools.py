@@ -187,6 +187,26 @@ def test_caption_of_odd_images(capsys, tiny_checkpoint, test_images, tmp_path) -
     assert all(r["tokens"] and np.isfinite(r["score"]) for r in rows)
 
 
+def test_caption_lines_escape_the_characters_that_would_split_them(capsys, tiny_checkpoint,
+                                                                  captioner, test_images,
+                                                                  tmp_path) -> None:
+    """A file name with a tab or a newline made ``path<TAB>caption`` lines that could not be
+    split back; such names are written with backslash escapes (the backslash too)."""
+    import shutil
+
+    names = ["tab\there.png", "new\nline.png", "back\\slash.png", "plain.png"]
+    for name in names:
+        shutil.copy(test_images[0], tmp_path / name)
+    status, out, err = _run(capsys, "caption", "--ckpt", tiny_checkpoint, tmp_path)
+    assert status == 0, err
+    text = captioner.caption([test_images[0]])[0].text
+    lines = out.split("\n")[:-1]
+    written = {"tab\\there.png", "new\\nline.png", "back\\\\slash.png", "plain.png"}
+    assert len(lines) == 4 and all(line.count("\t") == 1 for line in lines)
+    assert {line.split("\t")[0][len(str(tmp_path)) + 1:] for line in lines} == written
+    assert {line.split("\t")[1] for line in lines} == {text}
+
+
 @pytest.mark.parametrize("kind", ["noise", "plain", "vocab"])
 def test_bad_checkpoint_is_one_clear_line(kind, capsys, bad_checkpoints, test_images) -> None:
     path, reason = bad_checkpoints[kind]
@@ -367,6 +387,27 @@ def test_evaluate_errors(capsys, tiny_checkpoint, bad_checkpoints, tmp_path) -> 
     path, reason = bad_checkpoints["vocab"]
     status, _, err = _run(capsys, "evaluate", "--ckpt", path)
     assert status == 2 and reason in err and err.count("\n") == 1
+    # an --out that cannot be a folder: answered before the split is decoded (it ended in a
+    # traceback after decoding and scoring the whole split, which was lost)
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    for out, says in [(a_file, "a file, not a folder"), (a_file / "sub", "is a file")]:
+        status, _, err = _run(capsys, "evaluate", "--ckpt", tiny_checkpoint, "--out", out,
+                              "--no-java")
+        assert status == 2 and f"--out {out}: " in err and says in err, err
+        assert "test images" not in err  # refused before the split was read
+
+
+def test_evaluate_on_the_train_split_records_no_overlap_count(capsys, tiny_checkpoint,
+                                                             tmp_path) -> None:
+    """The train split with the checkpoint's own data config is every image trained on: it
+    was recorded as ``images: 0`` (not checked, "the checkpoint's own data config")."""
+    status, _, err = _run(capsys, "evaluate", "--ckpt", tiny_checkpoint, "--split", "train",
+                          "--limit", "2", "--no-java", "--out", tmp_path)
+    assert status == 0, err
+    record = json.loads((tmp_path / "metrics_train.json").read_text())["training_images_in_split"]
+    assert record["images"] is None and not record["checked"]
+    assert "images the model was trained on" in record["reason"]
 
 
 # ================================================================================== visualize

@@ -1,6 +1,8 @@
-"""``captioner caption --ckpt M.ckpt [--beam-size K] [--max-length N] [--batch-size B] [--json]
+r"""``captioner caption --ckpt M.ckpt [--beam-size K] [--max-length N] [--batch-size B] [--json]
 PATH...``: caption image files and folders (recursively), ``path<TAB>caption`` per line or a
-JSON array."""
+JSON array. In the lines, a path's backslash, tab, newline and carriage return are written
+``\\``, ``\t``, ``\n``, ``\r`` (:func:`tsv_field`): every line is one image, and splits at
+its only tab into the path and the caption."""
 
 from __future__ import annotations
 
@@ -22,6 +24,16 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+#: what :func:`tsv_field` writes for each character that would break a line apart
+_TSV_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def tsv_field(text: str) -> str:
+    r"""``text`` with backslash, tab, newline and carriage return escaped (``\\``, ``\t``,
+    ``\n``, ``\r``, as PostgreSQL's text format writes them)."""
+    return text.translate(_TSV_ESCAPES)
+
+
 def _run(args: argparse.Namespace) -> int:
     captioner = load_captioner(args)
     captions, errors = captioner.caption_paths(
@@ -40,7 +52,7 @@ def _run(args: argparse.Namespace) -> int:
         print(text)
     else:
         for c in captions:
-            print(f"{c.path}\t{c.text}")
+            print(f"{tsv_field(str(c.path))}\t{c.text}")
     sys.stdout.flush()
     if errors:
         print(f"captioner caption: {len(errors)} path(s) not captioned, {len(captions)} captioned",

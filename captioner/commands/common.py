@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from captioner.messages import one_line
+
 if TYPE_CHECKING:
     from captioner.inference import Captioner
 
@@ -68,6 +70,29 @@ def device_arg(text: str) -> str:
     return text
 
 
+def output_folder(path: str | os.PathLike[str], option: str = "--out") -> Path:
+    """Check, before a command's work starts, that its output folder can be made or written
+    in, so that a path that cannot be one (an existing file, a file among its parents, a
+    read-only place) is answered at once, not after a whole split has been decoded. Nothing
+    is created here (a refused run leaves nothing behind).
+
+    Returns:
+        The folder.
+
+    Raises:
+        ToolError: naming the option and the path (exit status 2).
+    """
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ToolError(f"{option} {folder}: a file, not a folder")
+    existing = next(p for p in [folder, *folder.absolute().parents] if p.exists())
+    if not existing.is_dir():
+        raise ToolError(f"{option} {folder}: {existing} is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ToolError(f"{option} {folder}: cannot write in {existing}")
+    return folder
+
+
 def figure_errors(path: str) -> contextlib.AbstractContextManager[None]:
     """Turn the errors of writing a figure (unknown format, bad folder, bad colormap) into a
     one-line :class:`ToolError`."""
@@ -77,8 +102,7 @@ def figure_errors(path: str) -> contextlib.AbstractContextManager[None]:
         try:
             yield
         except (OSError, ValueError) as e:
-            raise ToolError(f"cannot write the figure {path}: {' '.join(str(e).split())[:300]}"
-                            ) from None
+            raise ToolError(f"cannot write the figure {path}: {one_line(e)}") from None
 
     return guard()
 
@@ -416,7 +440,7 @@ def _accepted_options(class_path: str, source: str) -> set[str] | None:
         params = inspect.signature(import_class(class_path).__init__).parameters
     except Exception as e:  # noqa: BLE001 - import errors: one line
         raise ToolError(f"cannot build the data module from {source}: "
-                        f"{' '.join(str(e).split())[:300]}") from None
+                        f"{one_line(e, 1000)}") from None
     if any(p.kind is p.VAR_KEYWORD for p in params.values()):
         return None
     return set(params) - {"self"}
@@ -445,7 +469,7 @@ def instantiate_data_config(cfg: dict[str, Any], source: str, strict: bool) -> A
         open_ended = any(p.kind is p.VAR_KEYWORD for p in params.values())
     except Exception as e:  # noqa: BLE001 - jsonargparse / import errors: one line
         raise ToolError(f"cannot build the data module from {source}: "
-                        f"{' '.join(str(e).split())[:300]}") from None
+                        f"{one_line(e, 1000)}") from None
     unknown = sorted(set(cfg["init_args"]) - accepted)
     if unknown and strict and not open_ended:
         raise ToolError(f"{source}: {cls.__name__} has no option {', '.join(unknown)} (its "
@@ -455,7 +479,7 @@ def instantiate_data_config(cfg: dict[str, Any], source: str, strict: bool) -> A
         return instantiate(cfg["class_path"], init_args)
     except Exception as e:  # noqa: BLE001 - jsonargparse / constructor errors: one line
         raise ToolError(f"cannot build the data module from {source}: "
-                        f"{' '.join(str(e).split())[:300]}") from None
+                        f"{one_line(e, 1000)}") from None
 
 
 # data options that change how batches are loaded, never which images a split holds
@@ -520,8 +544,7 @@ def training_overlap(stored: dict[str, Any] | None, given: dict[str, Any],
                 return "generated data: each split is generated apart"
             splits = stored_dm.split_records()
         except Exception as e:  # noqa: BLE001 - ToolError too: the stored data may be elsewhere
-            return (f"could not read the checkpoint's training split "
-                    f"({' '.join(str(e).split())[:200]})")
+            return f"could not read the checkpoint's training split ({one_line(e)})"
         return {"train": {os.path.realpath(r.path) for r in splits["train"]},
                 split: {os.path.realpath(r.path) for r in splits.get(split, ())}}
 

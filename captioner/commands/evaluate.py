@@ -11,11 +11,12 @@ from typing import Any
 
 from captioner.cli import register_tool
 from captioner.commands.common import (EXIT_INPUT_ERROR, EXIT_OK, ToolError, build_data_module,
-                                       load_captioner,
-                                       make_tool, non_negative_int, parse_with_data_overrides,
-                                       positive_int, requested_data_config, stored_data_config,
-                                       tool_parser, training_overlap, write_json)
+                                       load_captioner, make_tool, non_negative_int, output_folder,
+                                       parse_with_data_overrides, positive_int,
+                                       requested_data_config, stored_data_config, tool_parser,
+                                       training_overlap, write_json)
 from captioner.evaluation import evaluate_split, format_table
+from captioner.messages import one_line
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -48,10 +49,13 @@ def _training_overlap(args: argparse.Namespace, records: list) -> dict[str, Any]
     with ``--data.init_args`` overrides) against the data config the checkpoint stores (nothing
     to check with the stored config unchanged, or on ``train``)."""
     requested, _, stored = requested_data_config(args)
-    if stored or args.split == "train":
+    if args.split == "train":  # not a count of 0: with the stored config, every image is one
+        return {"checked": False, "images": None, "example": None,
+                "reason": "the train split: scores of images the model was trained on" if stored
+                else "the train split of another data config: not compared"}
+    if stored:
         return {"checked": False, "images": 0, "example": None,
-                "reason": "the checkpoint's own data config" if stored
-                else "the training split itself"}
+                "reason": "the checkpoint's own data config"}
     return training_overlap(stored_data_config(args), requested, records, args.split)
 
 
@@ -61,12 +65,14 @@ def _run(args: argparse.Namespace) -> int:
     from captioner.metrics import write_coco_results
 
     captioner = load_captioner(args)
+    out = output_folder(args.out if args.out
+                        else Path(args.ckpt).resolve().parent / f"eval_{args.split}")
     dm, source = build_data_module(args)
     try:
         records = dm.records(args.split)
     except (AnnotationError, OSError, ValueError) as e:
         raise ToolError(f"cannot read the {args.split} split ({source}): "
-                        f"{' '.join(str(e).split())[:300]}", EXIT_INPUT_ERROR) from None
+                        f"{one_line(e)}", EXIT_INPUT_ERROR) from None
     records = records[: args.limit] if args.limit else records
     if not records:
         raise ToolError(f"the {args.split} split of {source} has no images", EXIT_INPUT_ERROR)
@@ -96,7 +102,6 @@ def _run(args: argparse.Namespace) -> int:
     for part, reason in ev.skipped.items():
         print(f"captioner evaluate: {part} skipped: {reason}", file=sys.stderr)
 
-    out = Path(args.out) if args.out else Path(args.ckpt).resolve().parent / f"eval_{args.split}"
     results = out / f"captions_{args.split}.json"
     metrics = out / f"metrics_{args.split}.json"
     write_coco_results(ev.captions, results, files={r.image_id: r.path for r in records})

@@ -12,7 +12,9 @@ from typing import Any
 from captioner.cli import register_tool
 from captioner.commands.common import (EXIT_INPUT_ERROR, EXIT_OK, ToolError, build_data_module,
                                        device_arg, load_captioner, make_tool, merged_class_config,
-                                       non_negative_int, parse_with_data_overrides, positive_int)
+                                       non_negative_int, output_folder, parse_with_data_overrides,
+                                       positive_int)
+from captioner.messages import one_line
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -30,7 +32,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
                    help="take the encoder (and, without --config, the data config) from this "
                         "checkpoint instead")
     p.add_argument("--out", required=True, help="cache folder (resumed when it exists)")
-    p.add_argument("--split", default="train,val,test",
+    p.add_argument("--split", type=split_list, default=["train", "val", "test"],
                    help="comma-separated splits to cache (default: train,val,test)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="images per forward (32)")
     p.add_argument("--shard-size", type=positive_int, default=256,
@@ -51,6 +53,18 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     if not args.config and not args.ckpt:
         p.error("give --config (data and model sections) or --ckpt")
     return args
+
+
+def split_list(text: str) -> list[str]:
+    """``--split``: comma-separated split names, each once, at least one."""
+    from captioner.data.formats import SPLITS  # not at import: every command loads this module
+
+    splits = [s.strip() for s in text.split(",") if s.strip()]
+    unknown = [s for s in splits if s not in SPLITS]
+    if unknown or not splits or len(set(splits)) != len(splits):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: give one or more of {', '.join(SPLITS)}, comma-separated, each once")
+    return splits
 
 
 def load_model_encoder_config(files: Sequence[str | Path]) -> dict[str, Any]:
@@ -96,7 +110,7 @@ def _run(args: argparse.Namespace) -> int:
         try:
             encoder = instantiate(encoder_config["class_path"], encoder_config["init_args"])
         except Exception as e:  # noqa: BLE001 - jsonargparse / constructor errors: one line
-            raise ToolError(f"cannot build the encoder: {' '.join(str(e).split())[:300]}") from None
+            raise ToolError(f"cannot build the encoder: {one_line(e, 1000)}") from None
         image_size = None
     dm, source = build_data_module(args)
     image_size = getattr(dm, "image_size", None) or image_size or 224
@@ -108,14 +122,15 @@ def _run(args: argparse.Namespace) -> int:
         raise ToolError(f"the encoder has {len(trainable)} trainable parameter tensors (e.g. "
                         f"{trainable[0]}): cached features would freeze them; set freeze: true "
                         "and no trainable stages, or pass --allow-trainable")
-    splits = [s.strip() for s in args.split.split(",") if s.strip()]
+    splits = args.split
+    output_folder(args.out)
     paths = []
     for split in splits:
         try:
             records = dm.records(split)
         except (OSError, ValueError) as e:
             raise ToolError(f"cannot read the {split} split ({source}): "
-                            f"{' '.join(str(e).split())[:300]}", EXIT_INPUT_ERROR) from None
+                            f"{one_line(e)}", EXIT_INPUT_ERROR) from None
         paths += [r.path for r in records]
     print(f"captioner extract-features: {len(paths)} images of {','.join(splits)} ({source}) "
           f"-> {args.out}", file=sys.stderr)
@@ -127,10 +142,10 @@ def _run(args: argparse.Namespace) -> int:
             skip_unreadable=skip_bad, precision=args.precision,
             progress=lambda line: print(f"captioner extract-features: {line}", file=sys.stderr,
                                         flush=True))
+    except ImageLoadError as e:  # a ValueError too: first
+        raise ToolError(str(e), EXIT_INPUT_ERROR) from None
     except (FeatureCacheError, ValueError) as e:
         raise ToolError(str(e)) from None
-    except ImageLoadError as e:
-        raise ToolError(str(e), EXIT_INPUT_ERROR) from None
     h, w = cache.grid_size
     print(f"{len(cache)} images cached in {args.out}: {h} x {w} x {cache.dim} float16")
     return EXIT_OK

@@ -36,7 +36,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from captioner.config import ConfigError
+from captioner.config import NON_NEGATIVE, POSITIVE, ConfigError, check_ranges
 from captioner.data.datasets import (
     CaptionTrainDataset,
     ImageEvalDataset,
@@ -55,7 +55,7 @@ from captioner.data.formats import (
 )
 from captioner.data.samplers import epoch_sampler, loader_generator, run_seed
 from captioner.data.tokenize import tokenize
-from captioner.data.vocabulary import Vocabulary
+from captioner.data.vocabulary import MORE_THAN_SPECIALS, Vocabulary, check_coverage
 
 __all__ = ["CaptionDataModule", "ShapesDataModule"]
 
@@ -157,6 +157,11 @@ class CaptionDataModule(L.LightningDataModule):
                               f"rest trains), got {val_fraction} and {test_fraction}")
         if max_caption_length < 2:
             raise ConfigError(f"max_caption_length must be >= 2, got {max_caption_length}")
+        check_ranges(type(self).__name__, "data", dict(
+            image_size=image_size, batch_size=batch_size, eval_batch_size=eval_batch_size,
+            num_workers=num_workers, min_freq=min_freq, max_vocab_size=max_vocab_size), {
+            "image_size": POSITIVE, "batch_size": POSITIVE, "eval_batch_size": POSITIVE,
+            "num_workers": NON_NEGATIVE, "min_freq": POSITIVE, "max_vocab_size": MORE_THAN_SPECIALS})
         self.format = format
         self.annotations = annotations
         self.image_root = image_root
@@ -304,11 +309,12 @@ class CaptionDataModule(L.LightningDataModule):
                     raise ConfigError("cannot build a vocabulary: the training split is empty "
                                       "(check the annotations' splits, val_fraction and "
                                       "test_fraction, or give vocab_file)")
-                self._vocab = Vocabulary.build(
-                    (tokenize(c) for record in train for c in record.captions),
-                    min_freq=self.min_freq,
-                    max_size=self.max_vocab_size,
-                )
+                tokens = [tokenize(c) for record in train for c in record.captions]
+                vocab = Vocabulary.build(tokens, min_freq=self.min_freq,
+                                         max_size=self.max_vocab_size)
+                check_coverage(vocab, tokens, f"the training captions (min_freq {self.min_freq}, "
+                                              f"max_vocab_size {self.max_vocab_size})")
+                self._vocab = vocab
         return self._vocab
 
     @property

@@ -14,12 +14,12 @@ from typing import Any, Literal
 import lightning as L
 from torch.utils.data import DataLoader, Sampler, SequentialSampler
 
-from captioner.config import ConfigError
+from captioner.config import NON_NEGATIVE, POSITIVE, ConfigError, check_ranges
 from captioner.data.parallel_text import (BucketBatchSampler, EpochRandomSampler,
                                           ParallelDataError, ParallelDataset, collate_parallel,
                                           detokenize_mt, read_aligned, read_tsv, tokenize_mt)
 from captioner.data.samplers import epoch_sampler, loader_generator, trainer_epoch
-from captioner.data.vocabulary import Vocabulary
+from captioner.data.vocabulary import MORE_THAN_SPECIALS, Vocabulary, check_coverage
 
 __all__ = ["ParallelDataError", "tokenize_mt", "detokenize_mt", "read_aligned", "read_tsv",
            "ParallelDataset", "collate_parallel", "BucketBatchSampler", "EpochRandomSampler",
@@ -81,13 +81,18 @@ class ParallelTextDataModule(L.LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         if format not in ("aligned", "tsv"):
-            raise ValueError(f"format must be 'aligned' or 'tsv', got {format!r}")
+            raise ConfigError(f"format must be 'aligned' or 'tsv', got {format!r}")
         splits = dict(DEFAULT_SPLITS if splits is None else splits)
         unknown = set(splits) - set(STAGES)
         if unknown:
-            raise ValueError(f"splits: unknown stages {sorted(unknown)}, expected {list(STAGES)}")
-        if max_len < 1:
-            raise ValueError(f"max_len must be >= 1, got {max_len}")
+            raise ConfigError(f"splits: unknown stages {sorted(unknown)}, expected {list(STAGES)}")
+        check_ranges(type(self).__name__, "data", dict(
+            max_len=max_len, batch_size=batch_size, eval_batch_size=eval_batch_size,
+            bucket_factor=bucket_factor, num_workers=num_workers, min_freq=min_freq,
+            max_vocab_size=max_vocab_size, max_pairs=max_pairs), {
+            "max_len": POSITIVE, "batch_size": POSITIVE, "eval_batch_size": POSITIVE,
+            "bucket_factor": POSITIVE, "num_workers": NON_NEGATIVE, "min_freq": POSITIVE,
+            "max_vocab_size": MORE_THAN_SPECIALS, "max_pairs": POSITIVE})
         self.root, self.format = Path(root), format
         self.src_lang, self.tgt_lang = src_lang, tgt_lang
         self.splits, self.lowercase = splits, lowercase
@@ -178,8 +183,12 @@ class ParallelTextDataModule(L.LightningDataModule):
                                     "the training split has no sentence pairs (within "
                                     f"max_len={self.max_len})")
         kw = dict(min_freq=self.min_freq, max_size=self.max_vocab_size)
-        self._src_vocab = Vocabulary.build((s for s, _ in train), **kw)
-        self._tgt_vocab = Vocabulary.build((t for _, t in train), **kw)
+        options = f"min_freq {self.min_freq}, max_vocab_size {self.max_vocab_size}"
+        sources, targets = [s for s, _ in train], [t for _, t in train]
+        src_vocab, tgt_vocab = Vocabulary.build(sources, **kw), Vocabulary.build(targets, **kw)
+        check_coverage(src_vocab, sources, f"the training sources ({options})")
+        check_coverage(tgt_vocab, targets, f"the training targets ({options})")
+        self._src_vocab, self._tgt_vocab = src_vocab, tgt_vocab
 
     @property
     def src_vocab(self) -> Vocabulary:

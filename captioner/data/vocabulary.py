@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -19,13 +20,18 @@ from typing import Any
 from captioner.atomic import atomic_write
 
 __all__ = ["Vocabulary", "VocabularyError", "VocabularyFileNotFound", "PAD", "START", "END",
-           "UNK", "SPECIALS"]
+           "UNK", "SPECIALS", "check_coverage"]
 
 PAD = "<pad>"
 START = "<start>"
 END = "<end>"
 UNK = "<unk>"
 SPECIALS: tuple[str, ...] = (PAD, START, END, UNK)
+
+
+#: a ``max_vocab_size`` option's range (:func:`captioner.config.check_ranges`)
+MORE_THAN_SPECIALS = (lambda v: v > len(SPECIALS),
+                      f"> {len(SPECIALS)} (the specials and at least one word)")
 
 
 class VocabularyError(ValueError):
@@ -249,3 +255,41 @@ class Vocabulary:
             raise VocabularyFileNotFound(f"{path}: no such vocabulary file") from e
         except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
             raise VocabularyError(f"{path}: not a valid vocabulary file: {e}") from e
+
+
+#: share of a training text's tokens outside its built vocabulary above which
+#: :func:`check_coverage` warns
+UNKNOWN_SHARE_WARNING = 0.5
+
+
+def check_coverage(vocab: Vocabulary, token_lists: Sequence[Sequence[str]], what: str) -> float:
+    """Check a vocabulary built from ``token_lists`` against them: refuse one that kept no word
+    (the model would learn to write ``<unk>`` and nothing else), warn where more than
+    :data:`UNKNOWN_SHARE_WARNING` of the tokens became ``<unk>``.
+
+    Args:
+        vocab: the vocabulary built from ``token_lists``.
+        token_lists: the tokenised training texts.
+        what: the texts and the options that built the vocabulary, for the messages (e.g.
+            ``"the training captions (min_freq 5, max_vocab_size None)"``).
+
+    Returns:
+        The share of the tokens that are not in ``vocab`` (0 for no tokens).
+
+    Raises:
+        VocabularyError: no word was kept although the texts have some.
+    """
+    counts: Counter[str] = Counter(w for tokens in token_lists for w in tokens)
+    total = sum(counts.values())
+    unknown = sum(n for w, n in counts.items() if w not in vocab)
+    if counts and len(vocab) == len(SPECIALS):
+        word, n = max(counts.items(), key=lambda item: (item[1], item[0]))
+        raise VocabularyError(
+            f"the vocabulary built from {what} keeps no word: the most frequent of their "
+            f"{len(counts)} distinct words ({word!r}) is seen {n} time(s); lower min_freq")
+    share = unknown / total if total else 0.0
+    if share > UNKNOWN_SHARE_WARNING:
+        logging.getLogger(__name__).warning(
+            "the vocabulary built from %s (%d words) reads %.0f%% of their %d tokens as <unk>",
+            what, len(vocab) - len(SPECIALS), 100 * share, total)
+    return share

@@ -30,7 +30,7 @@ from lightning.pytorch.plugins.precision import MixedPrecision, Precision
 from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_warn
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
-from captioner.config import instantiate, plain
+from captioner.config import NON_NEGATIVE, POSITIVE, check_ranges, instantiate, plain
 from captioner.decoder import DecoderOutput
 from captioner.inference import CHECKPOINT_FORMAT, CHECKPOINT_KEY
 from captioner.losses import attention_entropy, reinforce_surrogate, sentence_log_likelihood
@@ -75,6 +75,36 @@ class CaptionerModule(L.LightningModule):
         self.model_config: dict[str, Any] | None = None
         self.data_config: dict[str, Any] = {}
         self._eval_outputs: list[dict[str, Any]] = []
+
+    #: option -> (the test a valid value passes, what it must be): :meth:`check_options`
+    OPTION_RULES: dict[str, tuple[Any, str]] = {
+        "lr": NON_NEGATIVE,
+        "encoder_lr": NON_NEGATIVE,
+        "weight_decay": NON_NEGATIVE,
+        "doubly_stochastic": NON_NEGATIVE,
+        "plateau_patience": NON_NEGATIVE,
+        "plateau_factor": (lambda v: 0 < v < 1, "in (0, 1)"),
+        "beam_size": POSITIVE,
+        "max_length": POSITIVE,
+        "min_length": POSITIVE,
+        "hard_num_samples": POSITIVE,
+    }
+
+    def check_options(self) -> None:
+        """Refuse, when the module is built, an option value its first optimiser step or search
+        would fail on (a learning rate of ``-1`` failed in the optimiser's constructor with a
+        traceback) or that cannot be meant (``min_length`` over ``max_length``).
+
+        Raises:
+            captioner.config.ConfigError: naming the option, its value and the valid range.
+        """
+        from captioner.config import ConfigError
+
+        hp = self.hparams
+        check_ranges(type(self).__name__, "model", hp, self.OPTION_RULES)
+        if hp.get("min_length", 1) > hp.get("max_length", 1):
+            raise ConfigError(f"{type(self).__name__}: min_length ({hp['min_length']}) must not "
+                              f"exceed max_length ({hp['max_length']}): no caption could end")
 
     @classmethod
     def from_config(cls, init_args: dict[str, Any]) -> "CaptionerModule":

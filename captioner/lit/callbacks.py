@@ -34,7 +34,10 @@ class KeepInputConfigs(SaveConfigCallback):
     folder, where ``config.yaml`` may be the user's own; it was replaced by the run's settings
     (command-line overrides and ``ckpt_path`` included, so that running it again resumed).
     The copy is then written as ``config.run.yaml`` beside it, as it is wherever ``config.yaml``
-    is a file LightningCLI did not write (the user's, when the run starts from its copy)."""
+    is a file LightningCLI did not write (the user's, when the run starts from its copy).
+    A ``validate`` or ``test`` run whose ``config.yaml`` would replace an earlier run's copy
+    (``--trainer.logger false``: the fit's, in the same ``default_root_dir``) writes
+    ``config.validate.yaml`` / ``config.test.yaml`` instead, so the fit's settings are kept."""
 
     input_files: list[Any] | None = None
     """Every ``--config`` file of the run, set by the CLI (the callback's own ``config`` is the
@@ -43,6 +46,12 @@ class KeepInputConfigs(SaveConfigCallback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.save_to_log_dir and not self.already_saved:
             target = os.path.realpath(os.path.join(trainer.log_dir or ".", self.config_filename))
+            stage = str(getattr(stage, "value", stage))  # Lightning passes a TrainerFn
+            if stage != "fit" and os.path.exists(target):
+                stem, suffix = os.path.splitext(self.config_filename)
+                self.config_filename = f"{stem}.{stage}{suffix or '.yaml'}"
+                target = os.path.realpath(os.path.join(trainer.log_dir or ".",
+                                                       self.config_filename))
             files = self.config.get("config") if self.input_files is None else self.input_files
             inputs = {os.path.realpath(os.fspath(path)) for path in files or []
                       if path is not None}  # None: a config given as a YAML string

@@ -15,6 +15,7 @@ from typing import Any, Callable, Literal
 import torch
 
 from captioner.atomic import atomic_write
+from captioner.config import ConfigError
 from captioner.data.vocabulary import END, PAD, SPECIALS, START, Vocabulary
 from captioner.decoder import AttentionDecoder
 from captioner.encoders.encoder import ImageEncoder
@@ -98,10 +99,9 @@ class CaptioningModule(CaptionerModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["encoder", "decoder"])
-        if hard_num_samples < 1:
-            raise ValueError(f"hard_num_samples must be >= 1, got {hard_num_samples}")
+        self.check_options()
         if vocab_size <= 0:
-            raise ValueError(
+            raise ConfigError(
                 "vocab_size must be positive: it is linked from the data module by the CLI; "
                 "when building the module by hand pass len(vocab)"
             )
@@ -123,7 +123,7 @@ class CaptioningModule(CaptionerModule):
         self._check_vocab()
         trainable = [n for n, p in self.encoder.named_parameters() if p.requires_grad]
         if getattr(dm, "features_dir", None) is not None and trainable and stage == "fit":
-            raise ValueError(
+            raise ConfigError(
                 f"the data module serves cached encoder features ({dm.features_dir}), but the "
                 f"encoder has {len(trainable)} trainable parameter tensors (e.g. {trainable[0]}: "
                 "freeze: false, finetune_blocks or encoder stages), which would never train; "
@@ -154,7 +154,6 @@ class CaptioningModule(CaptionerModule):
         dm = getattr(self.trainer, "datamodule", None)
         if getattr(dm, "features_dir", None) is None:
             return
-        from captioner.config import ConfigError
         from captioner.features import encoder_fingerprint
 
         if tuple(dm.cache.grid_size) != tuple(self.encoder.grid_size):

@@ -39,7 +39,7 @@ from captioner.data.vocabulary import Vocabulary
 from captioner.decoder import AttentionDecoder
 from captioner.encoders.text import TextEncoder
 from captioner.inference import CheckpointError
-from captioner.config import plain
+from captioner.config import ConfigError, plain
 from captioner.lit.base import CaptionerModule, datamodule_record
 from captioner.lit.optim import adam
 from captioner.metrics import json_safe
@@ -116,10 +116,9 @@ class TranslationModule(CaptionerModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["encoder", "decoder"])
-        if hard_num_samples < 1:
-            raise ValueError(f"hard_num_samples must be >= 1, got {hard_num_samples}")
+        self.check_options()
         if vocab_size <= 0 or src_vocab_size <= 0:
-            raise ValueError(
+            raise ConfigError(
                 "vocab_size and src_vocab_size must be positive: the CLI links them from the "
                 "data module; when building the module by hand pass len(tgt_vocab), "
                 "len(src_vocab)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -373,3 +374,45 @@ def test_a_file_listed_twice_within_a_split_is_warned_of(tmp_path: Path) -> None
     with pytest.warns(UserWarning, match=r"1 image files are listed more than once within a "
                                          r"split \(first: .*im0\.jpg, in "):
         dm.split_records(warn=True)
+
+
+@pytest.mark.parametrize("option, value, rule", [
+    ("batch_size", 0, ">= 1"), ("batch_size", -3, ">= 1"), ("eval_batch_size", 0, ">= 1"),
+    ("image_size", 0, ">= 1"), ("num_workers", -1, ">= 0"), ("min_freq", 0, ">= 1"),
+    ("max_vocab_size", 4, "> 4 (the specials and at least one word)")])
+def test_out_of_range_options_are_refused_when_the_module_is_built(option, value, rule):
+    """``batch_size: 0`` failed in torch's DataLoader with a traceback, ``image_size: 0`` only at
+    the sanity check, after the model was built: now one error naming the option."""
+    with pytest.raises(ConfigError, match=re.escape(
+            f"CaptionDataModule: {option} must be {rule}, got {value} (data.init_args.{option})")):
+        CaptionDataModule(format="flickr8k_csv", annotations="a", image_root="b",
+                          **{option: value})
+
+
+def test_a_vocabulary_that_keeps_no_word_is_refused(tmp_path, caplog):
+    """``min_freq`` above every word's count left only the specials: the model learnt to write
+    ``<unk>`` and nothing else, without a word said. Now refused, naming the most frequent word
+    and its count; a vocabulary reading most tokens as ``<unk>`` is warned of."""
+    import logging
+
+    from captioner.data.vocabulary import VocabularyError
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(10):
+        Image.new("RGB", (4, 4)).save(images / f"{i}.png")
+    (tmp_path / "captions.txt").write_text("image,caption\n" + "".join(
+        f"{i}.png,a red square number {i}\n" for i in range(10)))
+    options = dict(format="flickr8k_csv", annotations=str(tmp_path / "captions.txt"),
+                   image_root=str(images), num_workers=0, val_fraction=0.2, test_fraction=0.2)
+    with pytest.raises(VocabularyError, match=r"keeps no word: the most frequent of their 10 "
+                                              r"distinct words \('square'\) is seen 6 time"):
+        CaptionDataModule(**options, min_freq=7).vocab
+    with caplog.at_level(logging.WARNING, logger="captioner.data.vocabulary"):
+        vocab = CaptionDataModule(**options, min_freq=6).vocab  # a, red, square, number
+    assert vocab.itos[4:] == ["a", "number", "red", "square"]
+    assert "reads 20% of their 30 tokens as <unk>" not in caplog.text  # 6 of 30: no warning
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="captioner.data.vocabulary"):
+        CaptionDataModule(**options, min_freq=6, max_vocab_size=5).vocab  # "a" alone
+    assert "(1 words) reads 80% of their 30 tokens as <unk>" in caplog.text

@@ -434,3 +434,22 @@ def test_score_translations_script_reads_files_as_the_tools_do(tmp_path, capsys)
     assert score.main([str(tmp_path / "bad.en"), "--reference", str(tmp_path / "ref.en")]) == 2
     assert capsys.readouterr().err == f"{tmp_path / 'bad.en'}:2: not UTF-8 text (invalid " \
                                       "continuation byte)\n"
+
+
+@pytest.mark.parametrize("option, value", [("batch_size", 0), ("bucket_factor", 0),
+                                           ("num_workers", -2), ("max_len", 0),
+                                           ("max_pairs", 0), ("max_vocab_size", 3)])
+def test_out_of_range_options_are_refused_when_the_module_is_built(tmp_path, option, value):
+    from captioner.config import ConfigError
+
+    with pytest.raises(ConfigError, match=rf"ParallelTextDataModule: {option} must be .* got "
+                                          rf"{value} \(data.init_args.{option}\)"):
+        module(tmp_path, **{option: value})
+
+
+def test_vocabularies_that_keep_no_word_are_refused(tmp_path):
+    from captioner.data.vocabulary import VocabularyError
+
+    with pytest.raises(VocabularyError, match=r"training sources \(min_freq 9, max_vocab_size "
+                                              r"None\) keeps no word"):
+        module(tmp_path, min_freq=9).src_vocab

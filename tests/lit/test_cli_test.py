@@ -2,6 +2,7 @@
 
 import json
 import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -10,7 +11,9 @@ import torch
 from PIL import Image
 from pycocotools.coco import COCO
 
-from captioner.cli import lightning_main
+from captioner.cli import lightning_main, main
+from captioner.config import ConfigError
+from captioner.inference import CheckpointError
 from tests.conftest import SHAPES_SIZES
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -124,10 +127,10 @@ def test_unreadable_checkpoint_is_a_clear_error(shapes_root, tmp_path):
     common = shapes_run(shapes_root, tmp_path, num_train=8, num_test=5, batch_size=4)
     bad = tmp_path / "truncated.ckpt"
     bad.write_bytes(b"PK\x03\x04 not really a zip")
-    with pytest.raises(SystemExit, match=r"truncated\.ckpt: not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match=r"truncated\.ckpt: not a readable checkpoint"):
         lightning_main(["test", *common, "--ckpt_path", str(bad)])
     torch.save([1, 2], tmp_path / "list.ckpt")
-    with pytest.raises(SystemExit, match=r"list\.ckpt: not a checkpoint \(a list\)"):
+    with pytest.raises(CheckpointError, match=r"list\.ckpt: not a checkpoint \(a list\)"):
         lightning_main(["test", *common, "--ckpt_path", str(tmp_path / "list.ckpt")])
 
 
@@ -159,7 +162,7 @@ def test_test_needs_no_model_config_with_a_checkpoint(shapes_root, tmp_path):
     other = lightning_main(["test", *no_model, "--data.init_args.min_freq", "50",
                             "--ckpt_path", ckpt])
     assert other.model.vocab == other.datamodule.vocab == fit.model.vocab
-    with pytest.raises(SystemExit, match=r"gone\.ckpt: checkpoint not found"):
+    with pytest.raises(CheckpointError, match=r"gone\.ckpt: checkpoint not found"):
         lightning_main(["test", *no_model, "--ckpt_path", str(tmp_path / "gone.ckpt")])
 
 
@@ -203,16 +206,39 @@ def test_saved_model_config_leaves_the_vocabulary_size_to_the_data(tmp_path):
     torch.save({"captioner": {}}, tmp_path / "bare.ckpt")
     assert _saved_model_config(_checkpoint_meta(str(tmp_path / "bare.ckpt"))) is None
     assert _checkpoint_meta("last") is None  # Lightning resolves these names itself
-    with pytest.raises(SystemExit, match="missing.ckpt: checkpoint not found"):
+    with pytest.raises(CheckpointError, match="missing.ckpt: checkpoint not found"):
         _checkpoint_meta(str(tmp_path / "missing.ckpt"))
 
 
 def test_a_config_file_that_is_not_yaml_is_named(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("trainer:\n  max_epochs: [1, 2\n  foo: 3\n")
-    with pytest.raises(SystemExit, match=r"bad\.yaml line 3, column 6: not valid YAML"):
+    with pytest.raises(ConfigError, match=r"bad\.yaml line 3, column 6: not valid YAML"):
         lightning_main(["fit", "--config", str(CONFIGS / "trainer" / "cpu.yaml"),
                         f"--config={bad}"])
+
+
+def test_config_and_checkpoint_mistakes_exit_2_in_one_line(tmp_path, capsys):
+    """A config that is not YAML, a missing, unreadable or non-captioner checkpoint: usage or
+    configuration errors, exit status 2 with one line naming the file (they exited 1 with the
+    bare message, unlike the tools' answer to the same mistakes)."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer:\n  max_epochs: [1, 2\n")
+    (tmp_path / "truncated.ckpt").write_bytes(b"PK\x03\x04 cut")
+    torch.save({"state_dict": {}}, tmp_path / "plain.ckpt")  # Lightning's, not captioner's
+    trainer = str(CONFIGS / "trainer" / "cpu.yaml")
+    cases = [(["fit", "--config", str(bad)], r"bad\.yaml line \d+, column \d+: not valid YAML"),
+             (["validate", "--config", trainer, "--ckpt_path", str(tmp_path / "gone.ckpt")],
+              r"gone\.ckpt: checkpoint not found"),
+             (["test", "--config", trainer, "--ckpt_path", str(tmp_path / "truncated.ckpt")],
+              r"truncated\.ckpt: not a readable checkpoint"),
+             (["validate", "--config", trainer, "--ckpt_path", str(tmp_path / "plain.ckpt")],
+              r"plain\.ckpt: not a captioner checkpoint .*give the model config")]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and err.startswith(f"captioner {argv[0]}: "), err
+        assert re.search(message, err), err
 
 
 def test_last_checkpoint_is_the_latest_epoch_best_the_best(shapes_root, tmp_path):
@@ -461,6 +487,15 @@ def test_the_shipped_trainer_config_trains_without_a_logger(shapes_root, tmp_pat
     assert cli.trainer.current_epoch == 1
     assert (tmp_path / "config.yaml").is_file()
     assert any(type(c).__name__ == "LearningRateLog" for c in cli.trainer.callbacks)
+    # a test run into the same folder keeps the fit's config (it replaced it with its own)
+    fit_config = (tmp_path / "config.yaml").read_text()
+    logging.disable(logging.INFO)
+    try:
+        lightning_main(["test", *argv[1:], "--ckpt_path", last_checkpoint(cli)])
+    finally:
+        logging.disable(logging.NOTSET)
+    assert (tmp_path / "config.yaml").read_text() == fit_config
+    assert "ckpt_path: " in (tmp_path / "config.test.yaml").read_text()
 
 
 def test_lightning_commands_answer_unreadable_data_with_status_1_as_the_tools(capsys, tmp_path):

@@ -1,5 +1,6 @@
 """captioner.lit.optim: fused Adam where Lightning allows it, the same update as the loop."""
 
+import re
 from types import SimpleNamespace
 
 import torch
@@ -109,3 +110,21 @@ def test_hard_num_samples_below_one_is_refused():
 
     with pytest.raises(ValueError, match="hard_num_samples must be >= 1, got 0"):
         CaptioningModule.from_config({**model_config(20), "hard_num_samples": 0})
+
+
+def test_out_of_range_module_options_are_refused_naming_the_option():
+    """``lr: -1`` failed in Adam's constructor with a traceback, after the data was read."""
+    import pytest
+
+    from captioner.config import ConfigError
+
+    for option, value, says in [("lr", -1.0, "lr must be >= 0, got -1.0 (model.init_args.lr)"),
+                                ("plateau_factor", 1.5, "plateau_factor must be in (0, 1)"),
+                                ("beam_size", 0, "beam_size must be >= 1, got 0"),
+                                ("max_length", 0, "max_length must be >= 1"),
+                                ("weight_decay", -0.1, "weight_decay must be >= 0")]:
+        with pytest.raises(ConfigError, match=re.escape(f"CaptioningModule: {says}")):
+            CaptioningModule.from_config({**model_config(20), option: value})
+    with pytest.raises(ConfigError, match=r"min_length \(6\) must not exceed max_length \(5\)"):
+        CaptioningModule.from_config({**model_config(20), "min_length": 6, "max_length": 5})
+    CaptioningModule.from_config({**model_config(20), "lr": 0.0})  # frozen: allowed

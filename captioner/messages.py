@@ -1,0 +1,30 @@
+"""Error messages on one line, file names and all.
+
+The commands answer a data or configuration error with one line on stderr that names the file,
+line or field. An underlying library's message may span lines (a YAML mark, a list of
+mismatched weights); :func:`one_line` joins them without touching the rest, so that a file
+name with two spaces or a tab is still the file's name, and shortens only where a limit is
+asked for (long lists such as a state dict's mismatched keys). No Lightning or torch here.
+"""
+
+from __future__ import annotations
+
+import re
+
+_LINE_BREAKS = re.compile(r"[ \t]*[\r\n\v\f\x1c-\x1e\x85\u2028\u2029]+[ \t]*")
+
+
+def one_line(error: BaseException | str, limit: int | None = None) -> str:
+    """``error``'s text with each run of line breaks (and the blanks around it) made one space.
+
+    Args:
+        error: an exception (its ``str``) or a text.
+        limit: at most this many characters, ``" ..."`` marking a cut; ``None``: the whole text.
+
+    Returns:
+        The text on one line; other whitespace kept as it is.
+    """
+    text = _LINE_BREAKS.sub(" ", str(error).strip())
+    if limit is not None and len(text) > limit:
+        return text[:limit].rstrip() + " ..."
+    return text

@@ -1,0 +1,16 @@
+"""captioner.messages.one_line: a library's message on one line, file names intact."""
+
+from captioner.messages import one_line
+
+
+def test_line_breaks_become_one_space_and_other_whitespace_stays():
+    text = "captions.txt line 92 (x  y.jpg):\n  image file not found:\r\n\t/data/x  y.jpg\u2028end"
+    assert one_line(text) == ("captions.txt line 92 (x  y.jpg): image file not found: "
+                              "/data/x  y.jpg end")  # the two spaces of the name are kept
+
+
+def test_no_cut_without_a_limit_and_a_marked_cut_with_one():
+    long = "/data/" + "a" * 500 + "/captions.txt: line 3"
+    assert one_line(ValueError(long)) == long  # the file and line at the end survive
+    assert one_line(long, 20) == "/data/aaaaaaaaaaaaaa ..."
+    assert one_line("short", 20) == "short"
