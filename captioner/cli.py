@@ -303,7 +303,9 @@ def _checkpoint_meta(ckpt_path: str) -> dict[str, Any] | None:
 
     import torch
 
-    from captioner.inference import CHECKPOINT_KEY, CheckpointError
+    import zipfile
+
+    from captioner.inference import CHECKPOINT_KEY, CheckpointError, check_archive
 
     text = str(ckpt_path)
     if (text in LIGHTNING_CHECKPOINT_NAMES or text.startswith("registry")
@@ -311,6 +313,10 @@ def _checkpoint_meta(ckpt_path: str) -> dict[str, Any] | None:
         return None  # Lightning's names, no checkpoint (null overrides a config), remote files
     if not Path(ckpt_path).is_file():
         raise CheckpointError(f"{ckpt_path}: checkpoint not found")
+    if not zipfile.is_zipfile(ckpt_path):  # torch.save writes a zip archive since torch 1.6
+        raise CheckpointError(f"{ckpt_path}: not a checkpoint file (not a torch.save archive: "
+                              "cut short, empty, or another kind of file)")
+    check_archive(ckpt_path)  # Lightning's load does not check the stored checksums
     try:
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # not a zip / torch file, truncated, pickled objects

@@ -239,6 +239,45 @@ def test_random_bytes_and_missing_files_are_not_checkpoints(tmp_path: Path) -> N
         Captioner.from_checkpoint(tmp_path / "nothing.ckpt")
 
 
+def damaged_copy(checkpoint: Path, out: Path) -> str:
+    """``checkpoint`` copied to ``out`` with 16 bytes inverted in the middle of its largest
+    weight record: the same size, still a zip archive that ``torch.load`` reads.
+
+    Returns:
+        The name of the damaged record."""
+    import struct
+
+    data = bytearray(checkpoint.read_bytes())
+    with zipfile.ZipFile(checkpoint) as archive:
+        record = max((i for i in archive.infolist() if "/data/" in i.filename),
+                     key=lambda i: i.file_size)
+    name_len, extra_len = struct.unpack_from("<2H", data, record.header_offset + 26)
+    middle = record.header_offset + 30 + name_len + extra_len + record.file_size // 2
+    data[middle:middle + 16] = bytes(255 - b for b in data[middle:middle + 16])
+    out.write_bytes(bytes(data))
+    return record.filename
+
+
+def test_a_damaged_checkpoint_is_refused_naming_the_record(tiny_checkpoint: Path,
+                                                          tmp_path: Path, capsys) -> None:
+    """Bytes changed in a copy or download, the size kept: ``torch.load`` read it silently and
+    the model captioned nonsense; the archive's stored checksums now refuse it, in the API and
+    in the Lightning commands (``--ckpt_path``)."""
+    from captioner.cli import main
+
+    damaged = tmp_path / "damaged.ckpt"
+    record = damaged_copy(tiny_checkpoint, damaged)
+    torch.load(damaged, map_location="cpu", weights_only=True)  # torch reads it as it is
+    with pytest.raises(CheckpointError, match=f"damaged.ckpt: damaged checkpoint: the bytes of "
+                                              f"{record} do not match"):
+        Captioner.from_checkpoint(damaged)
+    assert main(["test", "--ckpt_path", str(damaged)]) == 2
+    err = capsys.readouterr().err
+    assert f"damaged.ckpt: damaged checkpoint: the bytes of {record}" in err and \
+        err.count("\n") == 1
+    Captioner.from_checkpoint(tiny_checkpoint)  # the original: its checksums hold
+
+
 def test_torch_file_without_captioner_metadata(tmp_path: Path) -> None:
     plain = tmp_path / "plain.ckpt"
     torch.save({"state_dict": {"w": torch.zeros(3)}}, plain)

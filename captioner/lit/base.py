@@ -32,7 +32,7 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
 from captioner.config import NON_NEGATIVE, POSITIVE, check_ranges, instantiate, plain
 from captioner.decoder import DecoderOutput
-from captioner.inference import CHECKPOINT_FORMAT, CHECKPOINT_KEY
+from captioner.inference import CHECKPOINT_FORMAT, CHECKPOINT_KEY, CheckpointError
 from captioner.losses import attention_entropy, reinforce_surrogate, sentence_log_likelihood
 
 log = logging.getLogger(__name__)
@@ -433,12 +433,24 @@ class CaptionerModule(L.LightningModule):
             checkpoint["rng_states_per_rank"] = per_rank
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore captioner's metadata (vocabularies, configs, random states), after checking
+        that the checkpoint is captioner's, of this task, and that its weights fit this module
+        (:meth:`check_weights_fit`): all before Lightning loads the weights.
+
+        Raises:
+            captioner.inference.CheckpointError: naming the checkpoint file where the trainer
+                knows it (``--ckpt_path``).
+        """
+        where = self._checkpoint_file()
         meta = checkpoint.get(CHECKPOINT_KEY)
         if meta is None:
-            raise ValueError(f"not a captioner checkpoint (no {CHECKPOINT_KEY!r} entry)")
+            raise CheckpointError(f"{where}not a captioner checkpoint (no {CHECKPOINT_KEY!r} "
+                                  "entry)")
         task = meta.get("task", "captioning")  # the first captioning checkpoints had no task
         if task != self.task:
-            raise ValueError(f"a {task} checkpoint cannot be loaded into a {self.task} module")
+            raise CheckpointError(f"{where}a {task} checkpoint cannot be loaded into a "
+                                  f"{self.task} module")
+        self.check_weights_fit(checkpoint.get("state_dict") or {}, where)
         self.restore_meta(meta)
         self.model_config = self.model_config or meta.get("model_config")
         self.data_config = self.resumed_data_config(meta.get("data") or {})
@@ -446,6 +458,34 @@ class CaptionerModule(L.LightningModule):
             trainer = self._trainer  # the device it runs on: no CUDA state for a CPU run
             set_rng_states(own_rng_states(checkpoint), cuda=None if trainer is None else
                            trainer.strategy.root_device.type == "cuda")
+
+    def _checkpoint_file(self) -> str:
+        """``"FILE: "`` of the checkpoint the trainer is restoring (``--ckpt_path``), else ``""``."""
+        path = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+        return f"{path}: " if path else ""
+
+    def check_weights_fit(self, state: dict[str, Any], where: str = "") -> None:
+        """Refuse weights of another shape (or, with ``strict_loading``, other names) than this
+        module's: a model option given with ``--ckpt_path`` over the stored model config
+        (``--model.init_args.decoder.init_args.hidden_dim 32``) ended in torch's 50-line
+        ``load_state_dict`` traceback.
+
+        Raises:
+            captioner.inference.CheckpointError: naming up to three differing weights.
+        """
+        own = self.state_dict()
+        problems = [f"{k}: {tuple(v.shape)} in the checkpoint, {tuple(own[k].shape)} here"
+                    for k, v in state.items()
+                    if k in own and hasattr(v, "shape") and tuple(v.shape) != tuple(own[k].shape)]
+        if self.strict_loading:
+            problems += [f"{k}: not in the checkpoint" for k in own if k not in state]
+            problems += [f"{k}: not in this model" for k in state if k not in own]
+        if problems:
+            more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
+            raise CheckpointError(
+                f"{where}the checkpoint's weights do not fit the model as configured "
+                f"({'; '.join(problems[:3])}{more}): a model option given with the checkpoint "
+                "differs from the model config it stores; give none to use the stored one")
 
     def resumed_data_config(self, stored: dict[str, Any]) -> dict[str, Any]:
         """The data settings to keep after loading a checkpoint that stores ``stored``: those

@@ -127,7 +127,7 @@ def test_unreadable_checkpoint_is_a_clear_error(shapes_root, tmp_path):
     common = shapes_run(shapes_root, tmp_path, num_train=8, num_test=5, batch_size=4)
     bad = tmp_path / "truncated.ckpt"
     bad.write_bytes(b"PK\x03\x04 not really a zip")
-    with pytest.raises(CheckpointError, match=r"truncated\.ckpt: not a readable checkpoint"):
+    with pytest.raises(CheckpointError, match=r"truncated\.ckpt: not a checkpoint file \(not a "):
         lightning_main(["test", *common, "--ckpt_path", str(bad)])
     torch.save([1, 2], tmp_path / "list.ckpt")
     with pytest.raises(CheckpointError, match=r"list\.ckpt: not a checkpoint \(a list\)"):
@@ -155,6 +155,13 @@ def test_test_needs_no_model_config_with_a_checkpoint(shapes_root, tmp_path):
     assert test.model.decoder.hidden_dim == 18 and test.model.hparams.beam_size == 2
     assert list(test.model.encoder.grid_size) == [4, 4]  # the checkpoint's, not a default
     torch.testing.assert_close(test.model.decoder.L_o.weight, fit.model.decoder.L_o.weight)
+    # an architecture option over the stored config: weights of other shapes, named in one
+    # error (was torch's load_state_dict traceback)
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"{ckpt}: the checkpoint's weights do not fit the model as configured (decoder.")
+            + r".*\(\d+, 18\) in the checkpoint, \(\d+, 7\) here"):
+        lightning_main(["test", *no_model, "--ckpt_path", ckpt,
+                        "--model.init_args.decoder.init_args.hidden_dim", "7"])
     # data whose own vocabulary would differ (min_freq 50 keeps only the specials and a few
     # words): the checkpoint's vocabulary is imposed on it, instead of a size-mismatch error
     options = {k: v for k, v in fit.datamodule.hparams.items() if not k.startswith("_")}
@@ -231,7 +238,7 @@ def test_config_and_checkpoint_mistakes_exit_2_in_one_line(tmp_path, capsys):
              (["validate", "--config", trainer, "--ckpt_path", str(tmp_path / "gone.ckpt")],
               r"gone\.ckpt: checkpoint not found"),
              (["test", "--config", trainer, "--ckpt_path", str(tmp_path / "truncated.ckpt")],
-              r"truncated\.ckpt: not a readable checkpoint"),
+              r"truncated\.ckpt: not a checkpoint file"),
              (["validate", "--config", trainer, "--ckpt_path", str(tmp_path / "plain.ckpt")],
               r"plain\.ckpt: not a captioner checkpoint .*give the model config")]
     for argv, message in cases:
