@@ -12,7 +12,8 @@ On disk (``DIR``)::
                          "precision", "encoder", "shards": [...],
                          "items": {image key: [shard, row]},
                          "files": {image key: [size, mtime_ns]}, "complete": bool,
-                         "unreadable": {image key: reason}}
+                         "unreadable": {image key: reason},
+                         "unreadable_files": {image key: [size, mtime_ns] or null}}
     shard_00000.npy     (n, L, D) float16, n <= shard_size images, rows in extraction order
     shard_00001.npy     ...
 
@@ -20,7 +21,9 @@ An image's key is its resolved path (:func:`image_key`), so an image shared by s
 stored once. Its file's size and modification time when it was encoded are kept under ``files``:
 an image rewritten since (a data set regenerated or re-downloaded in place, a file repaired) no
 longer matches its grid, and reading or resuming the cache refuses it, naming the file (a file
-deleted since is not an error: the cache is then the only copy of its grid). Shards and the index are written atomically (a temporary file, then
+deleted since is not an error: the cache is then the only copy of its grid). An image found
+unreadable (``skip_unreadable``) is read again once its file changes (repaired, restored), so
+that the raw and the cached data keep the same images. Shards and the index are written atomically (a temporary file, then
 ``os.replace``); the index after the first shard, then at most every
 :data:`INDEX_WRITE_INTERVAL` seconds, and at the end (rewriting it after every shard was
 quadratic: 81 s of index writes for COCO's 482 shards). An interrupted extraction leaves a
@@ -282,17 +285,15 @@ class FeatureCache:
             array = np.load(path, mmap_mode="r")
         except FileNotFoundError:
             raise FeatureCacheError(f"{path}: shard missing from the feature cache "
-                                    f"{self.directory}; extract it again") from None
+                                    f"{self.directory}; {REPAIR}") from None
         except (OSError, ValueError) as e:  # truncated, not .npy, pickled objects
-            raise FeatureCacheError(f"{path}: not a readable shard ({e}); extract the feature "
-                                    "cache again") from None
+            raise FeatureCacheError(f"{path}: not a readable shard ({e}); {REPAIR}") from None
         h, w = self.grid_size
         if array.dtype != np.dtype(DTYPE) or array.ndim != 3 or array.shape[1:] != (h * w,
                                                                                      self.dim):
             raise FeatureCacheError(
                 f"{path}: a {array.dtype} array of shape {tuple(array.shape)}, not the (n, "
-                f"{h * w}, {self.dim}) {DTYPE} grids the index describes; extract the feature "
-                "cache again")
+                f"{h * w}, {self.dim}) {DTYPE} grids the index describes; {REPAIR}")
         self._shards[shard] = array
         return self._shards[shard]
 
@@ -376,14 +377,55 @@ def _exclusive(out: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _drop_unreadable(keys: list[str], unreadable: dict[str, str]) -> list[str]:
-    """``keys`` whose image decodes; the others go into ``unreadable`` with the reason."""
+REPAIR = ("run captioner extract-features with the same config and --out again: it encodes "
+          "the images of damaged or missing shards again")
+"""How the reading errors of a damaged cache say to repair it (:func:`_drop_broken_shards`)."""
+
+
+def _drop_broken_shards(out: Path, index: dict[str, Any], say: Callable[[str], None]) -> None:
+    """Forget the shards of ``index`` that are missing, cut short or of another shape (a disk
+    full, a copy interrupted, a file edited): their images leave ``items`` and are encoded
+    again into new shards; the damaged file is deleted. Only the ``.npy`` headers and sizes
+    are read (changed bytes inside a shard of the right size are not seen)."""
+    if not index["items"]:
+        return
+    h, w = index["grid"]
+    rows_needed: dict[int, int] = {}
+    for shard, row in index["items"].values():
+        rows_needed[shard] = max(rows_needed.get(shard, 0), row + 1)
+    for shard, rows in sorted(rows_needed.items()):
+        path = out / index["shards"][shard]
+        try:
+            array = np.load(path, mmap_mode="r")
+            problem = None if (array.dtype == np.dtype(DTYPE) and array.ndim == 3
+                               and array.shape[0] >= rows
+                               and array.shape[1:] == (h * w, index["dim"])) else (
+                f"a {array.dtype} array of shape {tuple(array.shape)}")
+        except (OSError, ValueError) as e:  # missing, truncated, not .npy
+            problem = str(e)
+        if problem is None:
+            continue
+        lost = [key for key, (s, _) in index["items"].items() if s == shard]
+        for key in lost:
+            del index["items"][key]
+        path.unlink(missing_ok=True)
+        say(f"{path.name}: damaged ({problem}); its {len(lost)} images are encoded again")
+
+
+def _drop_unreadable(keys: list[str], unreadable: dict[str, str],
+                     unreadable_files: dict[str, list[int] | None]) -> list[str]:
+    """``keys`` whose image decodes; the others go into ``unreadable`` with the reason and into
+    ``unreadable_files`` with their file's signature (read again once it changes)."""
     from captioner.data.formats import image_load_errors
 
     errors = image_load_errors([Path(k) for k in keys])
     for key, error in zip(keys, errors):
         if error is not None:
             unreadable[key] = error
+            unreadable_files[key] = file_signature(key)
+        else:  # decodes now: cached below
+            unreadable.pop(key, None)
+            unreadable_files.pop(key, None)
     return [k for k, error in zip(keys, errors) if error is None]
 
 
@@ -510,18 +552,22 @@ def _extract(encoder: nn.Module, paths: Sequence[str | os.PathLike[str]], out: P
     remove_leftovers(out, "shard_*.npy")  # a hard-killed run's partial files (we hold the lock)
     remove_leftovers(out, INDEX_FILE)
 
+    _drop_broken_shards(out, index, progress or (lambda line: None))
     keys = list(dict.fromkeys(image_key(p) for p in paths))  # ordered, without duplicates
     changed = changed_files(index, [k for k in keys if k in index["items"]])
     if changed:
         raise _changed_error(out, changed, len(keys))
     files = index.setdefault("files", {})
     unreadable: dict[str, str] = index.setdefault("unreadable", {})
+    unreadable_files = index.setdefault("unreadable_files", {})  # key -> signature when found
     # without skip_unreadable an image an earlier run found unreadable is read again: it is
-    # cached if it was repaired, else its error stops the run, naming it
+    # cached if it was repaired, else its error stops the run, naming it; with skip_unreadable
+    # only where its file changed since (repaired, or replaced) or its signature was not kept
     todo = [k for k in keys
-            if k not in index["items"] and (k not in unreadable or not skip_unreadable)]
+            if k not in index["items"] and (k not in unreadable or not skip_unreadable
+                                            or unreadable_files.get(k) != file_signature(k))]
     if skip_unreadable and todo:
-        todo = _drop_unreadable(todo, unreadable)
+        todo = _drop_unreadable(todo, unreadable, unreadable_files)
         index["complete"] = False
         _write_json(out / INDEX_FILE, index)  # the unreadable ones are known from now on
         if unreadable:
@@ -533,7 +579,9 @@ def _extract(encoder: nn.Module, paths: Sequence[str | os.PathLike[str]], out: P
         if not index["complete"] or fingerprints_added or not (out / INDEX_FILE).is_file():
             index["complete"] = True
             _write_json(out / INDEX_FILE, index)
-        say(f"{len(keys)} images already cached in {out}")
+        left_out = sum(1 for k in keys if k not in index["items"])
+        say(f"{len(keys) - left_out} images already cached in {out}"
+            + (f" ({left_out} unreadable left out)" if left_out else ""))
         return FeatureCache(out)
 
     index["complete"] = False
@@ -567,6 +615,7 @@ def _extract(encoder: nn.Module, paths: Sequence[str | os.PathLike[str]], out: P
             index["items"][key] = [len(index["shards"]) - 1, row]
             files[key] = file_signature(key)
             unreadable.pop(key, None)  # repaired since an earlier run
+            unreadable_files.pop(key, None)
         index["complete"] = start + shard_size >= len(todo)
         now = time.monotonic()
         if last_write is None or index["complete"] or now - last_write >= INDEX_WRITE_INTERVAL:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -457,6 +458,27 @@ def test_skip_bad_leaves_out_the_same_images_raw_and_cached(tmp_path, capsys):
         formats.image_load_error = real
     assert "4.png" not in decoded and len(decoded) == 6  # only the images not seen before
     assert len(again) == 11 and list(again.unreadable) == [image_key(images / "4.png")]
+    # repaired since: read again and cached, so raw and cached data keep the same images (it
+    # stayed left out for good, the run saying "12 images already cached")
+    shutil.copy(images / "5.png", images / "4.png")
+    said: list[str] = []
+    repaired = extract_features(frozen_encoder(), paths, tmp_path / "api", image_size=32,
+                                batch_size=2, shard_size=2, skip_unreadable=True,
+                                progress=said.append)
+    assert len(repaired) == 12 and repaired.unreadable == {}
+    torch.testing.assert_close(repaired.tensor(images / "4.png"), repaired.tensor(images / "5.png"))
+    said.clear()
+    (images / "4.png").write_bytes(b"broken again")  # not cached again: the file it cached
+    with pytest.raises(FeatureCacheError, match="changed since they were cached"):
+        extract_features(frozen_encoder(), paths, tmp_path / "api", image_size=32,
+                         batch_size=2, shard_size=2, skip_unreadable=True)
+    extract_features(frozen_encoder(), paths[:4], tmp_path / "api2", image_size=32,
+                     batch_size=2, shard_size=2, skip_unreadable=True)
+    extract_features(frozen_encoder(), paths[:6], tmp_path / "api2", image_size=32,
+                     batch_size=2, shard_size=2, skip_unreadable=True)
+    extract_features(frozen_encoder(), paths[:6], tmp_path / "api2", image_size=32,
+                     batch_size=2, shard_size=2, skip_unreadable=True, progress=said.append)
+    assert said == [f"5 images already cached in {tmp_path / 'api2'} (1 unreadable left out)"]
 
 
 def test_bf16_extraction_is_recorded_and_never_mixed_with_float32(records, tmp_path):
@@ -702,8 +724,16 @@ def test_broken_index_shards_and_overflow_name_the_file(tmp_path):
     np.save(shard, np.zeros((2, 4, 4), dtype=np.float32))
     with pytest.raises(FeatureCacheError, match=rf"{shard}: a float32 array of shape \(2, 4, 4\)"):
         FeatureCache(out).tensor(paths[2])
-    shard.write_bytes(good)
-    FeatureCache(out).tensor(paths[2])
+    shard.write_bytes(good[: len(good) // 2])
+    # run again: the damaged shard's images are encoded again, into a new shard (a cut-short
+    # shard used to stay, the run saying every image was cached)
+    said = []
+    extract_features(frozen_encoder(), paths, out, progress=said.append, **kw)
+    assert said[0].startswith("shard_00001.npy: damaged (") and "its 2 images are encoded" \
+        in said[0]
+    assert not shard.exists() and (out / "shard_00002.npy").read_bytes() == good
+    torch.testing.assert_close(FeatureCache(out).tensor(paths[2]),
+                               torch.from_numpy(np.load(out / "shard_00002.npy")[0]))
 
     leftovers = [out / ".shard_00002.npy.0123456789ab.tmp.npy",
                  out / ".index.json.0123456789ab.tmp.json"]
