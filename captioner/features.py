@@ -592,37 +592,44 @@ def _extract(encoder: nn.Module, paths: Sequence[str | os.PathLike[str]], out: P
     batches = iter(DataLoader(ImageEvalDataset(records, image_size), batch_size=batch_size,
                               shuffle=False, num_workers=num_workers, collate_fn=collate_images))
     last_write = None
-    for start in range(0, len(todo), shard_size):
-        chunk = todo[start : start + shard_size]
-        grids = []
-        for batch in itertools.islice(batches, shard_size // batch_size):
-            with inference_autocast(torch.device(device), meta["precision"]):
-                annotations = encoder(batch["images"].to(device)).float()  # (b, L, D)
-            grids.append(annotations.to(torch.float16).cpu().numpy())
-        shard = np.concatenate(grids)  # (n, L, D)
-        assert len(shard) == len(chunk), (len(shard), len(chunk))
-        finite = np.isfinite(shard).reshape(len(shard), -1).all(axis=1)  # (n,)
-        if not finite.all():
-            row = int(np.flatnonzero(~finite)[0])
-            what = ("NaN" if np.isnan(shard[row]).any() else
-                    "values beyond float16's range (|x| > 65504)")
-            raise ValueError(f"{chunk[row]}: the encoder's features hold {what}; this "
-                             "encoder's outputs cannot be cached in half precision")
-        name = f"shard_{len(index['shards']):05d}.npy"
-        _write_shard(out / name, shard)
-        index["shards"].append(name)
-        for row, key in enumerate(chunk):
-            index["items"][key] = [len(index["shards"]) - 1, row]
-            files[key] = file_signature(key)
-            unreadable.pop(key, None)  # repaired since an earlier run
-            unreadable_files.pop(key, None)
-        index["complete"] = start + shard_size >= len(todo)
-        now = time.monotonic()
-        if last_write is None or index["complete"] or now - last_write >= INDEX_WRITE_INTERVAL:
-            _write_json(out / INDEX_FILE, index)
-            last_write = now
-        done += len(chunk)
-        say(f"{name}: {len(chunk)} images ({done}/{len(keys)})")
-        if shard_delay and not index["complete"]:
-            time.sleep(shard_delay)
+    try:  # an interrupted run records the shards it finished (Ctrl-C included)
+        for start in range(0, len(todo), shard_size):
+            chunk = todo[start : start + shard_size]
+            grids = []
+            for batch in itertools.islice(batches, shard_size // batch_size):
+                with inference_autocast(torch.device(device), meta["precision"]):
+                    annotations = encoder(batch["images"].to(device)).float()  # (b, L, D)
+                grids.append(annotations.to(torch.float16).cpu().numpy())
+            shard = np.concatenate(grids)  # (n, L, D)
+            assert len(shard) == len(chunk), (len(shard), len(chunk))
+            finite = np.isfinite(shard).reshape(len(shard), -1).all(axis=1)  # (n,)
+            if not finite.all():
+                row = int(np.flatnonzero(~finite)[0])
+                what = ("NaN" if np.isnan(shard[row]).any() else
+                        "values beyond float16's range (|x| > 65504)")
+                raise ValueError(f"{chunk[row]}: the encoder's features hold {what}; this "
+                                 "encoder's outputs cannot be cached in half precision")
+            name = f"shard_{len(index['shards']):05d}.npy"
+            _write_shard(out / name, shard)
+            index["shards"].append(name)
+            for row, key in enumerate(chunk):
+                index["items"][key] = [len(index["shards"]) - 1, row]
+                files[key] = file_signature(key)
+                unreadable.pop(key, None)  # repaired since an earlier run
+                unreadable_files.pop(key, None)
+            index["complete"] = start + shard_size >= len(todo)
+            now = time.monotonic()
+            if (last_write is None or index["complete"]
+                    or now - last_write >= INDEX_WRITE_INTERVAL):
+                _write_json(out / INDEX_FILE, index)
+                last_write = now
+            done += len(chunk)
+            say(f"{name}: {len(chunk)} images ({done}/{len(keys)})")
+            if shard_delay and not index["complete"]:
+                time.sleep(shard_delay)
+    except BaseException:
+        if last_write is not None and not index["complete"]:
+            with contextlib.suppress(OSError):
+                _write_json(out / INDEX_FILE, index)
+        raise
     return FeatureCache(out)

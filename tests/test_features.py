@@ -205,6 +205,29 @@ def test_extraction_uses_one_loader_and_writes_the_index_sparingly(records, tmp_
     assert runs == {1e9: (1, 2), 0.0: (1, 5)}  # first + last shard; every shard
 
 
+def test_an_interrupted_extraction_records_the_shards_it_finished(records, tmp_path):
+    """Ctrl-C between index writes: the shards finished since the last write are recorded on
+    the way out (they were encoded again by the next run), and the next run goes on after them
+    to the cache of an uninterrupted run."""
+    paths = [r.path for r in records["train"][:9]]  # 5 shards of 2
+    out, kw = tmp_path / "cache", dict(image_size=32, batch_size=2, shard_size=2)
+
+    def stop_after_third_shard(line: str) -> None:
+        if line.startswith("shard_00002.npy"):
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        extract_features(frozen_encoder(), paths, out, progress=stop_after_third_shard, **kw)
+    index = json.loads((out / INDEX_FILE).read_text())
+    assert len(index["shards"]) == len(set(s for s, _ in index["items"].values())) == 3
+    assert not index["complete"]
+    said = []
+    extract_features(frozen_encoder(), paths, out, progress=said.append, **kw)
+    assert [line.split(":")[0] for line in said] == ["shard_00003.npy", "shard_00004.npy"]
+    whole = extract_features(frozen_encoder(), paths, tmp_path / "whole", **kw)
+    assert FeatureCache(out).items == whole.items
+
+
 def test_datasets_resolve_paths_once_and_readers_keep_every_shard_open(records, tmp_path,
                                                                       monkeypatch):
     """A shuffled epoch read ~85 % of its items through a re-opened shard with the old 64-map

@@ -207,6 +207,19 @@ def test_caption_lines_escape_the_characters_that_would_split_them(capsys, tiny_
     assert {line.split("\t")[1] for line in lines} == {text}
 
 
+def test_ctrl_c_is_one_line_and_status_130(capsys, monkeypatch, tiny_checkpoint,
+                                           test_images) -> None:
+    """Ctrl-C in a tool printed a KeyboardInterrupt traceback and exited 1."""
+    import captioner.commands.caption as caption
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(caption, "load_captioner", interrupted)
+    status, _, err = _run(capsys, "caption", "--ckpt", tiny_checkpoint, test_images[0])
+    assert status == 130 and err == "captioner caption: error: interrupted\n"
+
+
 @pytest.mark.parametrize("kind", ["noise", "plain", "vocab"])
 def test_bad_checkpoint_is_one_clear_line(kind, capsys, bad_checkpoints, test_images) -> None:
     path, reason = bad_checkpoints[kind]

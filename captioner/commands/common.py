@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from captioner.inference import Captioner
 
 EXIT_OK, EXIT_INPUT_ERROR, EXIT_USAGE = 0, 1, 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
 
 
 class ToolError(Exception):
@@ -160,6 +161,9 @@ def make_tool(name: str, parse: Callable[[list[str]], argparse.Namespace],
         except ToolError as e:
             print_error(name, str(e))
             return e.status
+        except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback (130, as shells do)
+            print_error(name, "interrupted")
+            return EXIT_INTERRUPTED
         except BrokenPipeError:  # `captioner caption ... | head`
             with contextlib.suppress(OSError):
                 sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the final flush

@@ -8,11 +8,14 @@ into the destination itself: a run killed during it leaves a truncated ``last.ck
 the previous good one. :class:`AtomicCheckpointIO` writes next to the destination instead and
 moves the file with ``os.replace`` (:func:`captioner.atomic.atomic_write`); remote paths
 (``s3://``...) keep Lightning's way. ``captioner fit`` installs it
-(:func:`use_atomic_checkpoints`).
+(:func:`use_atomic_checkpoints`). The hidden temporary file a hard-killed write left is removed
+by the next write of the same checkpoint.
 """
 
 from __future__ import annotations
 
+import glob
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -21,7 +24,7 @@ from fsspec.implementations.local import LocalFileSystem
 from lightning.fabric.utilities.cloud_io import get_filesystem
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from captioner.atomic import atomic_write
+from captioner.atomic import atomic_write, remove_leftovers
 
 __all__ = ["AtomicCheckpointIO", "use_atomic_checkpoints"]
 
@@ -36,7 +39,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if storage_options is not None or not isinstance(get_filesystem(path), LocalFileSystem):
             super().save_checkpoint(checkpoint, path, storage_options)
             return
-        with atomic_write(strip_protocol(str(path)), "wb") as f:  # file:///x -> /x
+        local = Path(strip_protocol(str(path)))  # file:///x -> /x
+        # a hard-killed earlier write of this same file left its hidden temporary file (one
+        # writer per checkpoint file: rank 0, one save at a time)
+        remove_leftovers(local.parent, glob.escape(local.name))
+        with atomic_write(local, "wb") as f:
             torch.save(checkpoint, f)
 
 

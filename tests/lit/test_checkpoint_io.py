@@ -78,6 +78,21 @@ def test_a_write_killed_midway_keeps_the_previous_checkpoint(tmp_path, monkeypat
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]
 
 
+def test_a_hard_killed_writes_temporary_file_goes_with_the_next_write(tmp_path):
+    """SIGKILL during ``torch.save`` runs no clean-up: the hidden temporary file stayed beside
+    ``last.ckpt`` for good (hundreds of MB with a ResNet). The next write of that checkpoint
+    removes it; another checkpoint's is left to its own writer."""
+    io = AtomicCheckpointIO()
+    path = tmp_path / "epoch=1-step=[9].ckpt"  # glob characters in the name
+    left = tmp_path / ".epoch=1-step=[9].ckpt.0123456789ab.tmp.ckpt"
+    other = tmp_path / ".last.ckpt.0123456789ab.tmp.ckpt"
+    left.write_bytes(b"PK\x03\x04 partial")
+    other.write_bytes(b"PK\x03\x04 partial")
+    io.save_checkpoint(NEW, path)
+    assert torch.equal(saved(path), NEW["w"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, path.name]
+
+
 def test_fit_installs_it_and_keeps_another_plugin(shapes_root, tmp_path):
     from captioner.cli import lightning_main
 
