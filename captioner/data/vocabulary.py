@@ -255,6 +255,9 @@ class Vocabulary:
             raise VocabularyFileNotFound(f"{path}: no such vocabulary file") from e
         except (json.JSONDecodeError, UnicodeDecodeError, ValueError) as e:
             raise VocabularyError(f"{path}: not a valid vocabulary file: {e}") from e
+        except OSError as e:  # a folder, no permission
+            raise VocabularyError(f"{path}: cannot read the vocabulary file "
+                                  f"({e.strerror or e})") from e
 
 
 #: share of a training text's tokens outside its built vocabulary above which

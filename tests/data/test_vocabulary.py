@@ -112,6 +112,16 @@ def test_load_malformed_names_the_file(tmp_path: Path, content: str) -> None:
         Vocabulary.load(path)
 
 
+def test_load_of_a_folder_is_a_vocabulary_error_naming_it(tmp_path: Path) -> None:
+    """``vocab_file`` naming a folder raised a bare ``IsADirectoryError``."""
+    from captioner.data.vocabulary import VocabularyError
+
+    folder = tmp_path / "vocab_dir"
+    folder.mkdir()
+    with pytest.raises(VocabularyError, match="vocab_dir: cannot read the vocabulary file"):
+        Vocabulary.load(folder)
+
+
 def test_load_detects_tampered_fingerprint(tmp_path: Path) -> None:
     path = tmp_path / "vocab.json"
     d = Vocabulary.build(CAPTIONS).to_dict()
