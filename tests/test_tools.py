@@ -523,6 +523,29 @@ def test_beam_stop_reaches_the_search(capsys, monkeypatch, tiny_checkpoint, test
 
 
 
+def test_min_length_reaches_the_search_and_must_fit_max_length(capsys, monkeypatch,
+                                                               tiny_checkpoint,
+                                                               test_images) -> None:
+    """``--min-length``: an undertrained model (or a wide beam) may end every caption at
+    once, and the tools had no way to ask for longer ones."""
+    import captioner.inference as inference
+
+    seen, original = [], inference.greedy_search
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["min_length"])
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(inference, "greedy_search", spy)
+    status, out, err = _run(capsys, "caption", "--ckpt", tiny_checkpoint, "--beam-size", "1",
+                            "--min-length", "4", "--json", test_images[0])
+    assert status == 0 and seen == [4], err
+    assert len(json.loads(out)[0]["tokens"]) >= 3  # 4 with <end>, or no <end> at all
+    status, _, err = _run(capsys, "caption", "--ckpt", tiny_checkpoint, "--min-length", "9",
+                          "--max-length", "4", test_images[0])
+    assert status == 2 and "--min-length 9 exceeds the most decoding steps (4" in err
+
+
 def test_only_data_errors_are_shortened_to_one_line() -> None:
     """``captioner fit/test`` print captioner's own data errors in one line, even wrapped by the
     argument parser; any other error, even one raised while a missing file was being handled,

@@ -117,6 +117,9 @@ def tool_parser(name: str, description: str) -> argparse.ArgumentParser:
                    help="beam size K, 1 = greedy (default: the checkpoint's setting)")
     p.add_argument("--max-length", type=positive_int, default=None,
                    help="most decoding steps (default: the checkpoint's setting)")
+    p.add_argument("--min-length", type=positive_int, default=None,
+                   help="fewest tokens, <end> included: an undertrained model or a wide beam "
+                        "may otherwise end at once (default: the checkpoint's setting)")
     p.add_argument("--beam-stop", choices=("k_finished", "exact"), default=None,
                    help="when beam search stops: once K hypotheses ended, or once no alive beam "
                         "can outrank the best ended one (default: the checkpoint's setting)")
@@ -188,6 +191,12 @@ def load_captioner(args: argparse.Namespace) -> Captioner:
         raise ToolError(str(e)) from None
     if getattr(args, "beam_stop", None):
         captioner.search["beam_stop"] = args.beam_stop
+    if getattr(args, "min_length", None):
+        captioner.search["min_length"] = args.min_length
+    max_length = getattr(args, "max_length", None) or captioner.search["max_length"]
+    if captioner.search["min_length"] > max_length:
+        raise ToolError(f"--min-length {captioner.search['min_length']} exceeds the most "
+                        f"decoding steps ({max_length}; --max-length): no caption could end")
     compile_search(args, captioner.decoder)
     return captioner
 
