@@ -98,8 +98,8 @@ def _cli_class() -> type:
 
                 raise CheckpointError(
                     f"{path}: not a captioner checkpoint (it holds no model config or "
-                    "vocabulary); give the model config (--config MODEL.yaml) to read its "
-                    "weights")
+                    "vocabulary): only checkpoints written by captioner (captioner fit, or a "
+                    "module of captioner.lit trained with a Lightning Trainer) can be read")
             if self._ckpt_model is not None and not _gives_model(argv):
                 argv = _with_model_first(list(argv), self._ckpt_model)  # no model YAML needed
             if args is not None or not listed:

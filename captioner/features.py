@@ -382,17 +382,28 @@ REPAIR = ("run captioner extract-features with the same config and --out again: 
 """How the reading errors of a damaged cache say to repair it (:func:`_drop_broken_shards`)."""
 
 
-def _drop_broken_shards(out: Path, index: dict[str, Any], say: Callable[[str], None]) -> None:
+def _drop_broken_shards(out: Path, index: dict[str, Any], keys: Sequence[str],
+                        say: Callable[[str], None]) -> bool:
     """Forget the shards of ``index`` that are missing, cut short or of another shape (a disk
-    full, a copy interrupted, a file edited): their images leave ``items`` and are encoded
-    again into new shards; the damaged file is deleted. Only the ``.npy`` headers and sizes
-    are read (changed bytes inside a shard of the right size are not seen)."""
+    full, a copy interrupted, a file edited): their images leave ``items`` (those among
+    ``keys``, this run's images, are encoded again into new shards, the others when a run
+    asks for them) and the damaged file is deleted. Only the ``.npy`` headers and sizes are
+    read (changed bytes inside a shard of the right size are not seen).
+
+    Returns:
+        Whether a shard was dropped (the index then needs writing).
+
+    Raises:
+        FeatureCacheError: a shard that cannot be read for another reason than its contents
+            (permissions, an I/O error): nothing is deleted.
+    """
     if not index["items"]:
-        return
+        return False
     h, w = index["grid"]
     rows_needed: dict[int, int] = {}
     for shard, row in index["items"].values():
         rows_needed[shard] = max(rows_needed.get(shard, 0), row + 1)
+    wanted, dropped = set(keys), False
     for shard, rows in sorted(rows_needed.items()):
         path = out / index["shards"][shard]
         try:
@@ -401,15 +412,24 @@ def _drop_broken_shards(out: Path, index: dict[str, Any], say: Callable[[str], N
                                and array.shape[0] >= rows
                                and array.shape[1:] == (h * w, index["dim"])) else (
                 f"a {array.dtype} array of shape {tuple(array.shape)}")
-        except (OSError, ValueError) as e:  # missing, truncated, not .npy
-            problem = str(e)
+        except (FileNotFoundError, ValueError, EOFError) as e:  # gone, cut short, not .npy
+            problem = str(e) or type(e).__name__
+        except OSError as e:
+            raise FeatureCacheError(f"{path}: cannot read the shard ({e})") from None
         if problem is None:
             continue
         lost = [key for key, (s, _) in index["items"].items() if s == shard]
         for key in lost:
             del index["items"][key]
         path.unlink(missing_ok=True)
-        say(f"{path.name}: damaged ({problem}); its {len(lost)} images are encoded again")
+        again = sum(1 for key in lost if key in wanted)
+        say(f"{path.name}: damaged ({problem}); {again} of its {len(lost)} images are encoded "
+            "again now" + (", the others when a run asks for them" if again < len(lost) else ""))
+        dropped = True
+    if dropped:
+        index["complete"] = False
+        _write_json(out / INDEX_FILE, index)
+    return dropped
 
 
 def _drop_unreadable(keys: list[str], unreadable: dict[str, str],
@@ -552,8 +572,8 @@ def _extract(encoder: nn.Module, paths: Sequence[str | os.PathLike[str]], out: P
     remove_leftovers(out, "shard_*.npy")  # a hard-killed run's partial files (we hold the lock)
     remove_leftovers(out, INDEX_FILE)
 
-    _drop_broken_shards(out, index, progress or (lambda line: None))
     keys = list(dict.fromkeys(image_key(p) for p in paths))  # ordered, without duplicates
+    _drop_broken_shards(out, index, keys, progress or (lambda line: None))
     changed = changed_files(index, [k for k in keys if k in index["items"]])
     if changed:
         raise _changed_error(out, changed, len(keys))

@@ -81,9 +81,12 @@ def _best(values: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     in the order of their column: the first ``n`` of a stable descending sort, from ``topk``.
 
     ``topk`` neither orders nor chooses among equal values by column; here one more than ``n``
-    is asked for, and only a row whose ``n``-th and ``(n+1)``-th finite values are equal (a tie
-    across the cut: which equal ones are kept matters) is sorted whole. Ties at ``-inf`` (dead
-    beams, banned tokens) are not resolved: nothing ranks them.
+    is asked for, and only where a row's ``n``-th and ``(n+1)``-th finite values are equal (a
+    tie across the cut: which equal ones are kept matters) are its entries chosen again by one
+    more ``topk``, of a key that puts the values above the cut first and the ones equal to it
+    in column order (no sort of the ``C`` columns: with bf16 log-probabilities a sixth of the
+    rows may tie). Ties at ``-inf`` (dead beams, banned tokens) are not resolved: nothing ranks
+    them.
 
     Returns:
         ``(R, n)`` values and ``(R, n)`` column indices.
@@ -95,9 +98,15 @@ def _best(values: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         top, index = top[:, :n], index[:, :n]
         if bool(cut.any()):
             rows = cut.nonzero().squeeze(1)
-            whole, order = values[rows].sort(dim=1, descending=True, stable=True)
+            tied = values[rows]  # (r, C)
+            level = top[rows, n - 1 : n]  # (r, 1) the value at the cut
+            column = torch.arange(C, device=values.device).expand_as(tied)  # (r, C)
+            # above the cut: below 0, any order; at the cut: the column; under it: last
+            key = torch.where(tied > level, column - C,
+                              torch.where(tied == level, column, torch.full_like(column, 2 * C)))
+            chosen = key.topk(n, dim=1, largest=False).indices  # (r, n)
             top, index = top.clone(), index.clone()
-            top[rows], index[rows] = whole[:, :n], order[:, :n]
+            top[rows], index[rows] = tied.gather(1, chosen), chosen
     index, by_column = index.sort(dim=1)  # (R, n)
     top, by_value = top.gather(1, by_column).sort(dim=1, descending=True, stable=True)
     return top, index.gather(1, by_value)

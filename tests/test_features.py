@@ -749,12 +749,18 @@ def test_broken_index_shards_and_overflow_name_the_file(tmp_path):
         FeatureCache(out).tensor(paths[2])
     shard.write_bytes(good[: len(good) // 2])
     # run again: the damaged shard's images are encoded again, into a new shard (a cut-short
-    # shard used to stay, the run saying every image was cached)
+    # shard used to stay, the run saying every image was cached); a run of other images drops
+    # it from the index without claiming to encode them
     said = []
+    extract_features(frozen_encoder(), paths[:2], out, progress=said.append, **kw)
+    assert said[0].startswith("shard_00001.npy: damaged (") and said[0].endswith(
+        "0 of its 2 images are encoded again now, the others when a run asks for them")
+    assert image_key(paths[2]) not in FeatureCache(out).items and not shard.exists()
+    FeatureCache(out).tensor(paths[0])
+    said.clear()
     extract_features(frozen_encoder(), paths, out, progress=said.append, **kw)
-    assert said[0].startswith("shard_00001.npy: damaged (") and "its 2 images are encoded" \
-        in said[0]
-    assert not shard.exists() and (out / "shard_00002.npy").read_bytes() == good
+    assert said[0].startswith("shard_00002.npy: 2 images")  # the dropped ones, encoded now
+    assert (out / "shard_00002.npy").read_bytes() == good
     torch.testing.assert_close(FeatureCache(out).tensor(paths[2]),
                                torch.from_numpy(np.load(out / "shard_00002.npy")[0]))
 

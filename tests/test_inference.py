@@ -276,6 +276,19 @@ def test_a_damaged_checkpoint_is_refused_naming_the_record(tiny_checkpoint: Path
     assert f"damaged.ckpt: damaged checkpoint: the bytes of {record}" in err and \
         err.count("\n") == 1
     Captioner.from_checkpoint(tiny_checkpoint)  # the original: its checksums hold
+    # saved without checksums (torch's option): nothing to check, not "damaged"
+    from torch.utils.serialization import config
+
+    unchecked = tmp_path / "unchecked.ckpt"
+    ckpt = torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)
+    config.save.compute_crc32 = False
+    try:
+        torch.save(ckpt, unchecked)
+    finally:
+        config.save.compute_crc32 = True
+    with zipfile.ZipFile(unchecked) as archive:
+        assert {r.CRC for r in archive.infolist() if r.file_size} == {0}
+    Captioner.from_checkpoint(unchecked)
 
 
 def test_torch_file_without_captioner_metadata(tmp_path: Path) -> None:

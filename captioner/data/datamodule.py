@@ -55,7 +55,8 @@ from captioner.data.formats import (
 )
 from captioner.data.samplers import epoch_sampler, loader_generator, run_seed
 from captioner.data.tokenize import tokenize
-from captioner.data.vocabulary import MORE_THAN_SPECIALS, Vocabulary, check_coverage
+from captioner.data.vocabulary import (MORE_THAN_SPECIALS, Vocabulary, check_coverage,
+                                        count_tokens)
 
 __all__ = ["CaptionDataModule", "ShapesDataModule"]
 
@@ -309,10 +310,10 @@ class CaptionDataModule(L.LightningDataModule):
                     raise ConfigError("cannot build a vocabulary: the training split is empty "
                                       "(check the annotations' splits, val_fraction and "
                                       "test_fraction, or give vocab_file)")
-                tokens = [tokenize(c) for record in train for c in record.captions]
-                vocab = Vocabulary.build(tokens, min_freq=self.min_freq,
-                                         max_size=self.max_vocab_size)
-                check_coverage(vocab, tokens, f"the training captions (min_freq {self.min_freq}, "
+                counts = count_tokens(tokenize(c) for record in train for c in record.captions)
+                vocab = Vocabulary.from_counts(counts, min_freq=self.min_freq,
+                                               max_size=self.max_vocab_size)
+                check_coverage(vocab, counts, f"the training captions (min_freq {self.min_freq}, "
                                               f"max_vocab_size {self.max_vocab_size})")
                 self._vocab = vocab
         return self._vocab

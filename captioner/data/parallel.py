@@ -19,7 +19,8 @@ from captioner.data.parallel_text import (BucketBatchSampler, EpochRandomSampler
                                           ParallelDataError, ParallelDataset, collate_parallel,
                                           detokenize_mt, read_aligned, read_tsv, tokenize_mt)
 from captioner.data.samplers import epoch_sampler, loader_generator, trainer_epoch
-from captioner.data.vocabulary import MORE_THAN_SPECIALS, Vocabulary, check_coverage
+from captioner.data.vocabulary import (MORE_THAN_SPECIALS, Vocabulary, check_coverage,
+                                        count_tokens)
 
 __all__ = ["ParallelDataError", "tokenize_mt", "detokenize_mt", "read_aligned", "read_tsv",
            "ParallelDataset", "collate_parallel", "BucketBatchSampler", "EpochRandomSampler",
@@ -184,8 +185,9 @@ class ParallelTextDataModule(L.LightningDataModule):
                                     f"max_len={self.max_len})")
         kw = dict(min_freq=self.min_freq, max_size=self.max_vocab_size)
         options = f"min_freq {self.min_freq}, max_vocab_size {self.max_vocab_size}"
-        sources, targets = [s for s, _ in train], [t for _, t in train]
-        src_vocab, tgt_vocab = Vocabulary.build(sources, **kw), Vocabulary.build(targets, **kw)
+        sources, targets = count_tokens(s for s, _ in train), count_tokens(t for _, t in train)
+        src_vocab = Vocabulary.from_counts(sources, **kw)
+        tgt_vocab = Vocabulary.from_counts(targets, **kw)
         check_coverage(src_vocab, sources, f"the training sources ({options})")
         check_coverage(tgt_vocab, targets, f"the training targets ({options})")
         self._src_vocab, self._tgt_vocab = src_vocab, tgt_vocab

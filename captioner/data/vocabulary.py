@@ -13,14 +13,14 @@ import json
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from captioner.atomic import atomic_write
 
 __all__ = ["Vocabulary", "VocabularyError", "VocabularyFileNotFound", "PAD", "START", "END",
-           "UNK", "SPECIALS", "check_coverage"]
+           "UNK", "SPECIALS", "check_coverage", "count_tokens"]
 
 PAD = "<pad>"
 START = "<start>"
@@ -77,12 +77,10 @@ class Vocabulary:
         min_freq: int = 1,
         max_size: int | None = None,
     ) -> Vocabulary:
-        """Count tokens and keep the frequent ones.
-
-        Order is deterministic: specials, then frequency descending, ties alphabetical.
+        """Count tokens and keep the frequent ones (:meth:`from_counts`).
 
         Args:
-            token_lists: Tokenised captions (e.g. the training split's).
+            token_lists: Tokenised captions (e.g. the training split's), read once.
             min_freq: Keep tokens seen at least this many times.
             max_size: Largest vocabulary size *including* the 4 specials (``None``: unlimited).
 
@@ -92,15 +90,23 @@ class Vocabulary:
         Raises:
             ValueError: If ``min_freq < 1`` or ``max_size < 4``.
         """
+        return cls.from_counts(count_tokens(token_lists), min_freq, max_size)
+
+    @classmethod
+    def from_counts(cls, counts: Mapping[str, int], min_freq: int = 1,
+                    max_size: int | None = None) -> Vocabulary:
+        """Keep the frequent tokens of ``counts`` (token -> occurrences).
+
+        Order is deterministic: specials, then frequency descending, ties alphabetical.
+
+        Raises:
+            ValueError: If ``min_freq < 1`` or ``max_size < 4``.
+        """
         if min_freq < 1:
             raise ValueError(f"min_freq must be >= 1, got {min_freq}")
         if max_size is not None and max_size < len(SPECIALS):
             raise ValueError(f"max_size must be >= {len(SPECIALS)} (the specials), got {max_size}")
-        counts: Counter[str] = Counter()
-        for tokens in token_lists:
-            counts.update(tokens)
-        for special in SPECIALS:
-            counts.pop(special, None)
+        counts = {w: n for w, n in counts.items() if w not in SPECIALS}
         kept = [w for w, n in counts.items() if n >= min_freq]
         words = sorted(kept, key=lambda w: (-counts[w], w))
         if max_size is not None:
@@ -265,14 +271,22 @@ class Vocabulary:
 UNKNOWN_SHARE_WARNING = 0.5
 
 
-def check_coverage(vocab: Vocabulary, token_lists: Sequence[Sequence[str]], what: str) -> float:
-    """Check a vocabulary built from ``token_lists`` against them: refuse one that kept no word
-    (the model would learn to write ``<unk>`` and nothing else), warn where more than
-    :data:`UNKNOWN_SHARE_WARNING` of the tokens became ``<unk>``.
+def count_tokens(token_lists: Iterable[Iterable[str]]) -> Counter[str]:
+    """Token -> occurrences over ``token_lists`` (read once: a generator is not kept)."""
+    counts: Counter[str] = Counter()
+    for tokens in token_lists:
+        counts.update(tokens)
+    return counts
+
+
+def check_coverage(vocab: Vocabulary, counts: Mapping[str, int], what: str) -> float:
+    """Check a vocabulary built from the token ``counts`` (:func:`count_tokens`) against them:
+    refuse one that kept no word (the model would learn to write ``<unk>`` and nothing else),
+    warn where more than :data:`UNKNOWN_SHARE_WARNING` of the tokens became ``<unk>``.
 
     Args:
-        vocab: the vocabulary built from ``token_lists``.
-        token_lists: the tokenised training texts.
+        vocab: the vocabulary built from ``counts``.
+        counts: token -> occurrences in the training texts.
         what: the texts and the options that built the vocabulary, for the messages (e.g.
             ``"the training captions (min_freq 5, max_vocab_size None)"``).
 
@@ -282,7 +296,6 @@ def check_coverage(vocab: Vocabulary, token_lists: Sequence[Sequence[str]], what
     Raises:
         VocabularyError: no word was kept although the texts have some.
     """
-    counts: Counter[str] = Counter(w for tokens in token_lists for w in tokens)
     total = sum(counts.values())
     unknown = sum(n for w, n in counts.items() if w not in vocab)
     if counts and len(vocab) == len(SPECIALS):

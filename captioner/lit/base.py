@@ -86,7 +86,7 @@ class CaptionerModule(L.LightningModule):
         "plateau_factor": (lambda v: 0 < v < 1, "in (0, 1)"),
         "beam_size": POSITIVE,
         "max_length": POSITIVE,
-        "min_length": POSITIVE,
+        "min_length": NON_NEGATIVE,  # 0 and 1 alike: <end> may come first
         "hard_num_samples": POSITIVE,
     }
 
@@ -101,7 +101,10 @@ class CaptionerModule(L.LightningModule):
         from captioner.config import ConfigError
 
         hp = self.hparams
-        check_ranges(type(self).__name__, "model", hp, self.OPTION_RULES)
+        rules = dict(self.OPTION_RULES)
+        if hp.get("lr_scheduler") != "plateau":  # unused: not checked
+            rules.pop("plateau_patience"), rules.pop("plateau_factor")
+        check_ranges(type(self).__name__, "model", hp, rules)
         if hp.get("min_length", 1) > hp.get("max_length", 1):
             raise ConfigError(f"{type(self).__name__}: min_length ({hp['min_length']}) must not "
                               f"exceed max_length ({hp['max_length']}): no caption could end")

@@ -240,7 +240,7 @@ def test_config_and_checkpoint_mistakes_exit_2_in_one_line(tmp_path, capsys):
              (["test", "--config", trainer, "--ckpt_path", str(tmp_path / "truncated.ckpt")],
               r"truncated\.ckpt: not a checkpoint file"),
              (["validate", "--config", trainer, "--ckpt_path", str(tmp_path / "plain.ckpt")],
-              r"plain\.ckpt: not a captioner checkpoint .*give the model config")]
+              r"plain\.ckpt: not a captioner checkpoint .*only checkpoints written by captioner")]
     for argv, message in cases:
         assert main(argv) == 2, argv
         err = capsys.readouterr().err.strip()

@@ -119,7 +119,7 @@ def test_out_of_range_module_options_are_refused_naming_the_option():
     from captioner.config import ConfigError
 
     for option, value, says in [("lr", -1.0, "lr must be >= 0, got -1.0 (model.init_args.lr)"),
-                                ("plateau_factor", 1.5, "plateau_factor must be in (0, 1)"),
+                                ("min_length", -1, "min_length must be >= 0"),
                                 ("beam_size", 0, "beam_size must be >= 1, got 0"),
                                 ("max_length", 0, "max_length must be >= 1"),
                                 ("weight_decay", -0.1, "weight_decay must be >= 0")]:
@@ -128,3 +128,9 @@ def test_out_of_range_module_options_are_refused_naming_the_option():
     with pytest.raises(ConfigError, match=r"min_length \(6\) must not exceed max_length \(5\)"):
         CaptioningModule.from_config({**model_config(20), "min_length": 6, "max_length": 5})
     CaptioningModule.from_config({**model_config(20), "lr": 0.0})  # frozen: allowed
+    CaptioningModule.from_config({**model_config(20), "min_length": 0})  # as 1
+    # the plateau scheduler's options are checked where it is used
+    CaptioningModule.from_config({**model_config(20), "plateau_factor": 1.5})
+    with pytest.raises(ConfigError, match=re.escape("plateau_factor must be in (0, 1), got 1.5")):
+        CaptioningModule.from_config({**model_config(20), "plateau_factor": 1.5,
+                                      "lr_scheduler": "plateau"})
