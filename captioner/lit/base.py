@@ -453,8 +453,9 @@ class CaptionerModule(L.LightningModule):
         if task != self.task:
             raise CheckpointError(f"{where}a {task} checkpoint cannot be loaded into a "
                                   f"{self.task} module")
-        self.check_weights_fit(checkpoint.get("state_dict") or {}, where)
-        self.restore_meta(meta)
+        self.restore_meta(meta)  # first: a vocabulary of another size is named as such
+        if isinstance(checkpoint.get("state_dict"), dict):  # (sharded strategies keep none)
+            self.check_weights_fit(checkpoint["state_dict"], where)
         self.model_config = self.model_config or meta.get("model_config")
         self.data_config = self.resumed_data_config(meta.get("data") or {})
         if "rng_states" in checkpoint:  # resuming continues the random streams exactly
