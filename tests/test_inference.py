@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from captioner.data.images import ImageLoadError
+from captioner.data.images import ImageLoadError, load_image
 from captioner.data.vocabulary import Vocabulary
 from captioner.inference import Caption, Captioner, CheckpointError, read_checkpoint
 from tests.conftest import TINY_GRID, TINY_MODEL_CONFIG
@@ -143,6 +143,30 @@ def test_exif_rotated_image_is_captioned_upright(captioner: Captioner, test_imag
     _same(c_rotated, captioner.caption([src])[0])
     assert c_rotated.image is not None and c_rotated.image.size == upright.size
     assert not np.allclose(captioner.caption([sideways])[0].alphas[0], c_rotated.alphas[0])
+    # the image load_image gives (turned once) is not turned again as an in-memory image
+    # (captioner visualize captioned it twice turned, and drew it once turned)
+    loaded = load_image(rotated)
+    assert loaded.size == upright.size
+    _same(captioner.caption([loaded])[0], c_rotated)
+    # and an XMP orientation (Pillow reads tiff:Orientation too) is dropped with the turn
+    xmp = tmp_path / "xmp.png"
+    stored.save(xmp, pnginfo=_xmp_orientation(6))
+    assert Image.open(xmp).getexif().get(0x0112) == 6
+    loaded = load_image(xmp)
+    assert loaded.size == upright.size and loaded.getexif().get(0x0112) is None
+    _same(captioner.caption([loaded])[0], c_rotated)
+
+
+def _xmp_orientation(value: int):
+    """PNG metadata holding only an XMP packet with ``tiff:Orientation``."""
+    from PIL import PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_itxt("XML:com.adobe.xmp", f'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf='
+                  f'"http://www.w3.org/1999/02/22-rdf-syntax-ns#"><rdf:Description xmlns:tiff='
+                  f'"http://ns.adobe.com/tiff/1.0/" tiff:Orientation="{value}"/></rdf:RDF>'
+                  f'</x:xmpmeta>')
+    return info
 
 
 @pytest.mark.parametrize("kind", ["palette", "cmyk_jpeg", "tiny_1x1", "large_3000x2000",

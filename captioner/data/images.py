@@ -147,12 +147,24 @@ def _orientation(img: Image.Image) -> int:
         return 1
 
 
+#: where Pillow's ``getexif`` finds an orientation: the EXIF block, or XMP's ``tiff:Orientation``
+_ORIENTATION_SOURCES = ("exif", "xmp", "XML:com.adobe.xmp")
+
+
 def _exif_upright(img: Image.Image) -> Image.Image:
     """``img`` turned as its EXIF orientation says (a new image either way). Turned here, not
     by ``ImageOps.exif_transpose``, which turns the pixels and then fails on a malformed tag
-    elsewhere in the EXIF (so the image and :func:`exif_orientation` could disagree)."""
+    elsewhere in the EXIF (so the image and :func:`exif_orientation` could disagree). A turned
+    image keeps no orientation (its EXIF and XMP metadata are dropped): turned again, as
+    ``Captioner.caption`` turns an in-memory image from :func:`load_image`, it stays as it is
+    (``captioner visualize`` captioned a twice-turned photo and drew the once-turned one)."""
     orientation = _orientation(img)
-    return img.copy() if orientation == 1 else img.transpose(_UNDO_ORIENTATION[orientation])
+    if orientation == 1:
+        return img.copy()
+    upright = img.transpose(_UNDO_ORIENTATION[orientation])
+    for key in _ORIENTATION_SOURCES:
+        upright.info.pop(key, None)
+    return upright
 
 
 _ORIENTATIONS: dict[tuple[str, int, int], int] = {}
