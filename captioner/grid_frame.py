@@ -1,7 +1,14 @@
 """Where the attention grid lies in the image, when a Spatial Transformer moved the view.
 
 Without a view-moving stage, cell ``(r, c)`` of the ``H x W`` attention grid covers pixels
-``[c W_img / W, (c + 1) W_img / W) x [r H_img / H, (r + 1) H_img / H)`` of the image. A Spatial
+``[c W_img / W, (c + 1) W_img / W) x [r H_img / H, (r + 1) H_img / H)`` of the image: the
+uniform-cell reading of the paper's figures (Sec. 5.4 upsamples each map by the network's
+stride). It is exact for backbones whose strided layers keep the grid centred (VGG, the shapes
+CNN); ResNet's padded stride-2 layers centre feature ``j`` on input pixel ``32 j`` rather than
+``32 j + 15.5``, so for the ResNets each map is drawn, and attention correctness scored,
+about half a feature cell (15.5 input pixels) right of and below where the features' receptive
+fields are centred (measured with the receptive field of a 20 x 20 grid on a 640-pixel input;
+not corrected here). A Spatial
 Transformer (Jaderberg et al. 2015, Eq. 1) samples its input at
 
     (x_s, y_s)^T = A_theta (x_t, y_t, 1)^T
