@@ -171,9 +171,10 @@ class ParallelTextDataModule(L.LightningDataModule):
         """Tokenised training pairs within ``max_len``."""
         pairs = [(self.tokenize(s), self.tokenize(t)) for s, t in self.pairs("train")]
         kept = [(s, t) for s, t in pairs if len(s) <= self.max_len and len(t) <= self.max_len]
-        if len(kept) < len(pairs):
-            log.info("left out %d of %d training pairs longer than max_len=%d tokens",
-                     len(pairs) - len(kept), len(pairs), self.max_len)
+        if len(kept) < len(pairs):  # shown (a warning) where it is more than 1 %
+            level = logging.WARNING if len(pairs) - len(kept) > 0.01 * len(pairs) else logging.INFO
+            log.log(level, "left out %d of %d training pairs longer than max_len=%d tokens",
+                    len(pairs) - len(kept), len(pairs), self.max_len)
         return kept
 
     # ------------------------------------------------------------------ vocabularies

@@ -267,6 +267,10 @@ class BucketBatchSampler(BatchSampler):
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
 
     def __iter__(self) -> Iterator[list[int]]:
+        """The batches of one pass, made on the first ``next`` (a generator): a worker-backed
+        DataLoader calls ``iter`` twice when it starts and uses the second iterator, and an
+        eager pass here moved the sampler's epoch on at the first call (the first epoch then
+        repeated the second's order, and a resumed fit did not continue exactly)."""
         epoch = int(getattr(self.sampler, "epoch", 0))  # before a pass moves it on
         indices, size = list(self.sampler), self._pool_size()
         batches = []
@@ -278,7 +282,7 @@ class BucketBatchSampler(BatchSampler):
         if self.shuffle:
             g = torch.Generator().manual_seed(self.seed + epoch + 1_000_003)
             batches = [batches[i] for i in torch.randperm(len(batches), generator=g).tolist()]
-        return iter(batches)
+        yield from batches
 
     def __len__(self) -> int:
         n, size = len(self.sampler), self._pool_size()
