@@ -286,8 +286,9 @@ class FeatureCache:
         except FileNotFoundError:
             raise FeatureCacheError(f"{path}: shard missing from the feature cache "
                                     f"{self.directory}; {REPAIR}") from None
-        except (OSError, ValueError) as e:  # truncated, not .npy, pickled objects
-            raise FeatureCacheError(f"{path}: not a readable shard ({e}); {REPAIR}") from None
+        except (OSError, ValueError, EOFError) as e:  # truncated, empty, not .npy, pickles
+            raise FeatureCacheError(f"{path}: not a readable shard ({str(e) or type(e).__name__})"
+                                    f"; {REPAIR}") from None
         h, w = self.grid_size
         if array.dtype != np.dtype(DTYPE) or array.ndim != 3 or array.shape[1:] != (h * w,
                                                                                      self.dim):

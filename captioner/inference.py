@@ -57,9 +57,10 @@ def _first_line(e: BaseException, limit: int = 200) -> str:
     return f"{type(e).__name__}: {text[0][:limit]}" if text else type(e).__name__
 
 
-#: (real path, size, mtime_ns) of the archives :func:`check_archive` found whole in this
-#: process: a command that reads one checkpoint twice checks it once
-_CHECKED_ARCHIVES: set[tuple[str, int, int]] = set()
+#: (real path, inode, size, mtime_ns, ctime_ns) of the archives :func:`check_archive` found
+#: whole in this process: a command that reads one checkpoint twice checks it once (a file
+#: replaced since, even keeping its mtime as ``cp -p`` does, has another ctime)
+_CHECKED_ARCHIVES: set[tuple[str, int, int, int, int]] = set()
 
 
 def check_archive(path: str | Path) -> None:
@@ -74,7 +75,8 @@ def check_archive(path: str | Path) -> None:
         CheckpointError: naming the file and the damaged record, or saying it is no archive.
     """
     stat = os.stat(path)
-    version = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+    version = (os.path.realpath(path), stat.st_ino, stat.st_size, stat.st_mtime_ns,
+               stat.st_ctime_ns)
     if version in _CHECKED_ARCHIVES:
         return
     try:
@@ -86,7 +88,10 @@ def check_archive(path: str | Path) -> None:
                     with archive.open(record) as f:  # raises at the end on a CRC mismatch
                         while f.read(1 << 24):
                             pass
-                except zipfile.BadZipFile:
+                except zipfile.BadZipFile as e:
+                    if "CRC" not in str(e):  # a damaged header, not the data
+                        raise CheckpointError(f"{path}: damaged checkpoint: {record.filename}: "
+                                              f"{_first_line(e)}") from None
                     raise CheckpointError(
                         f"{path}: damaged checkpoint: the bytes of {record.filename} do not "
                         "match the checksum stored with them (a broken copy or download)"

@@ -744,6 +744,9 @@ def test_broken_index_shards_and_overflow_name_the_file(tmp_path):
     shard.write_bytes(good[: len(good) // 2])
     with pytest.raises(FeatureCacheError, match=rf"{shard}: not a readable shard"):
         FeatureCache(out).tensor(paths[2])
+    shard.write_bytes(b"")  # empty: numpy's EOFError, named as a shard too
+    with pytest.raises(FeatureCacheError, match=rf"{shard}: not a readable shard"):
+        FeatureCache(out).tensor(paths[2])
     np.save(shard, np.zeros((2, 4, 4), dtype=np.float32))
     with pytest.raises(FeatureCacheError, match=rf"{shard}: a float32 array of shape \(2, 4, 4\)"):
         FeatureCache(out).tensor(paths[2])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import zipfile
 from pathlib import Path
 
@@ -155,6 +156,30 @@ def test_exif_rotated_image_is_captioned_upright(captioner: Captioner, test_imag
     loaded = load_image(xmp)
     assert loaded.size == upright.size and loaded.getexif().get(0x0112) is None
     _same(captioner.caption([loaded])[0], c_rotated)
+    # and ImageMagick's PNG text chunk of EXIF ("Raw profile type exif"), which Pillow reads too
+    raw = tmp_path / "raw_profile.png"
+    stored.save(raw, pnginfo=_raw_profile_orientation(6))
+    assert Image.open(raw).getexif().get(0x0112) == 6
+    loaded = load_image(raw)
+    assert loaded.size == upright.size and loaded.getexif().get(0x0112) is None
+    _same(captioner.caption([loaded])[0], c_rotated)
+
+
+def _raw_profile_orientation(value: int):
+    """PNG metadata holding the EXIF orientation as ImageMagick writes it: a text chunk
+    "Raw profile type exif" with the hex of ``Exif\0\0`` and the TIFF block."""
+    from PIL import PngImagePlugin
+
+    exif = Image.Exif()
+    exif[0x0112] = value
+    data = exif.tobytes()
+    data = data if data.startswith(b"Exif") else b"Exif\x00\x00" + data
+    text = data.hex()
+    body = f"\nexif\n{len(data):8d}\n" + "\n".join(text[i:i + 72]
+                                                   for i in range(0, len(text), 72))
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Raw profile type exif", body, zip=True)
+    return info
 
 
 def _xmp_orientation(value: int):
@@ -300,6 +325,21 @@ def test_a_damaged_checkpoint_is_refused_naming_the_record(tiny_checkpoint: Path
     assert f"damaged.ckpt: damaged checkpoint: the bytes of {record}" in err and \
         err.count("\n") == 1
     Captioner.from_checkpoint(tiny_checkpoint)  # the original: its checksums hold
+    # a file found whole, then replaced by a damaged copy keeping its size and mtime (cp -p):
+    # checked again (a cache of files checked by size and mtime alone took it for the old one)
+    import shutil
+
+    whole = tmp_path / "whole.ckpt"
+    shutil.copy2(tiny_checkpoint, whole)
+    Captioner.from_checkpoint(whole)
+    before = whole.stat()
+    shutil.copy2(damaged, tmp_path / "damaged_same_time.ckpt")
+    os.utime(tmp_path / "damaged_same_time.ckpt", ns=(before.st_atime_ns, before.st_mtime_ns))
+    os.replace(tmp_path / "damaged_same_time.ckpt", whole)
+    assert (whole.stat().st_size, whole.stat().st_mtime_ns) == (before.st_size,
+                                                                before.st_mtime_ns)
+    with pytest.raises(CheckpointError, match="whole.ckpt: damaged checkpoint"):
+        Captioner.from_checkpoint(whole)
     # saved without checksums (torch's option): nothing to check, not "damaged"
     from torch.utils.serialization import config
 

@@ -195,8 +195,10 @@ def load_captioner(args: argparse.Namespace) -> Captioner:
         captioner.search["min_length"] = args.min_length
     max_length = getattr(args, "max_length", None) or captioner.search["max_length"]
     if captioner.search["min_length"] > max_length:
-        raise ToolError(f"--min-length {captioner.search['min_length']} exceeds the most "
-                        f"decoding steps ({max_length}; --max-length): no caption could end")
+        given = "--min-length" if getattr(args, "min_length", None) else (
+            "the checkpoint's min_length")
+        raise ToolError(f"{given} {captioner.search['min_length']} exceeds the most decoding "
+                        f"steps ({max_length}; --max-length): no caption could end")
     compile_search(args, captioner.decoder)
     return captioner
 

@@ -147,8 +147,6 @@ def _orientation(img: Image.Image) -> int:
         return 1
 
 
-#: where Pillow's ``getexif`` finds an orientation: the EXIF block, or XMP's ``tiff:Orientation``
-_ORIENTATION_SOURCES = ("exif", "xmp", "XML:com.adobe.xmp")
 
 
 def _exif_upright(img: Image.Image) -> Image.Image:
@@ -162,8 +160,10 @@ def _exif_upright(img: Image.Image) -> Image.Image:
     if orientation == 1:
         return img.copy()
     upright = img.transpose(_UNDO_ORIENTATION[orientation])
-    for key in _ORIENTATION_SOURCES:
-        upright.info.pop(key, None)
+    # every metadata entry Pillow's getexif reads an orientation from: "exif", "xmp",
+    # "XML:com.adobe.xmp", a PNG's "Raw profile type exif" (ImageMagick)...
+    upright.info = {k: v for k, v in upright.info.items()
+                    if "exif" not in str(k).lower() and "xmp" not in str(k).lower()}
     return upright
 
 
