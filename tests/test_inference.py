@@ -149,21 +149,15 @@ def test_exif_rotated_image_is_captioned_upright(captioner: Captioner, test_imag
     loaded = load_image(rotated)
     assert loaded.size == upright.size
     _same(captioner.caption([loaded])[0], c_rotated)
-    # and an XMP orientation (Pillow reads tiff:Orientation too) is dropped with the turn
-    xmp = tmp_path / "xmp.png"
-    stored.save(xmp, pnginfo=_xmp_orientation(6))
-    assert Image.open(xmp).getexif().get(0x0112) == 6
-    loaded = load_image(xmp)
-    assert loaded.size == upright.size and loaded.getexif().get(0x0112) is None
-    _same(captioner.caption([loaded])[0], c_rotated)
-    # and ImageMagick's PNG text chunk of EXIF ("Raw profile type exif"), which Pillow reads too
-    raw = tmp_path / "raw_profile.png"
-    stored.save(raw, pnginfo=_raw_profile_orientation(6))
-    assert Image.open(raw).getexif().get(0x0112) == 6
-    loaded = load_image(raw)
-    assert loaded.size == upright.size and loaded.getexif().get(0x0112) is None
-    _same(captioner.caption([loaded])[0], c_rotated)
-
+    # the same where the orientation comes from XMP's tiff:Orientation, or from ImageMagick's
+    # PNG text chunk of EXIF ("Raw profile type exif"): Pillow reads both
+    for name, metadata in (("xmp", _xmp_orientation(6)), ("raw", _raw_profile_orientation(6))):
+        file = tmp_path / f"{name}.png"
+        stored.save(file, pnginfo=metadata)
+        assert Image.open(file).getexif().get(0x0112) == 6, name
+        loaded = load_image(file)
+        assert loaded.size == upright.size and loaded.getexif().get(0x0112) is None, name
+        _same(captioner.caption([loaded])[0], c_rotated)
 
 def _raw_profile_orientation(value: int):
     """PNG metadata holding the EXIF orientation as ImageMagick writes it: a text chunk
