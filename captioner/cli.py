@@ -299,11 +299,10 @@ def _checkpoint_meta(ckpt_path: str) -> dict[str, Any] | None:
         captioner.inference.CheckpointError: a missing file, or one that is not a readable
             checkpoint, in one line naming it (:func:`main`: exit status 2).
     """
+    import zipfile
     from pathlib import Path
 
     import torch
-
-    import zipfile
 
     from captioner.inference import CHECKPOINT_KEY, CheckpointError, check_archive
 

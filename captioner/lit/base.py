@@ -436,9 +436,10 @@ class CaptionerModule(L.LightningModule):
             checkpoint["rng_states_per_rank"] = per_rank
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore captioner's metadata (vocabularies, configs, random states), after checking
-        that the checkpoint is captioner's, of this task, and that its weights fit this module
-        (:meth:`check_weights_fit`): all before Lightning loads the weights.
+        """Check that the checkpoint is captioner's and of this task, restore its metadata
+        (vocabularies, whose size is checked there, configs, random states), and check that
+        its weights fit this module (:meth:`check_weights_fit`): all before Lightning loads
+        the weights.
 
         Raises:
             captioner.inference.CheckpointError: naming the checkpoint file where the trainer
