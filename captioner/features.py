@@ -21,7 +21,9 @@ An image's key is its resolved path (:func:`image_key`), so an image shared by s
 stored once. Its file's size and modification time when it was encoded are kept under ``files``:
 an image rewritten since (a data set regenerated or re-downloaded in place, a file repaired) no
 longer matches its grid, and reading or resuming the cache refuses it, naming the file (a file
-deleted since is not an error: the cache is then the only copy of its grid). An image found
+deleted since is not an error: the cache is then the only copy of its grid). The signature is
+taken before any image is read and compared after each shard, so a file rewritten while it is
+being cached stops the run (its shard is not kept; the next run encodes it). An image found
 unreadable (``skip_unreadable``) is read again once its file changes (repaired, restored), so
 that the raw and the cached data keep the same images. Shards and the index are written atomically (a temporary file, then
 ``os.replace``); the index after the first shard, then at most every
@@ -609,6 +611,9 @@ def _extract(encoder: nn.Module, paths: Sequence[str | os.PathLike[str]], out: P
     done = len(keys) - len(todo)
     # one loader for every shard (workers started once); a shard is shard_size / batch_size
     # consecutive batches, as shard boundaries coincide with batch boundaries
+    # each file's signature before it is read: a file rewritten while it is being encoded is
+    # caught after its shard (a signature taken only then would vouch for the new file)
+    before = {k: file_signature(k) for k in todo}
     records = [ImageRecord(image_id=i, path=Path(k), captions=[]) for i, k in enumerate(todo)]
     batches = iter(DataLoader(ImageEvalDataset(records, image_size), batch_size=batch_size,
                               shuffle=False, num_workers=num_workers, collate_fn=collate_images))
@@ -630,12 +635,18 @@ def _extract(encoder: nn.Module, paths: Sequence[str | os.PathLike[str]], out: P
                         "values beyond float16's range (|x| > 65504)")
                 raise ValueError(f"{chunk[row]}: the encoder's features hold {what}; this "
                                  "encoder's outputs cannot be cached in half precision")
+            moved = [k for k in chunk if file_signature(k) != before[k]]
+            if moved:
+                raise FeatureCacheError(
+                    f"{moved[0]}: the file changed while it was being cached ({len(moved)} of "
+                    f"this shard's {len(chunk)} images); run the extraction again: it goes on "
+                    "after the shards already written")
             name = f"shard_{len(index['shards']):05d}.npy"
             _write_shard(out / name, shard)
             index["shards"].append(name)
             for row, key in enumerate(chunk):
                 index["items"][key] = [len(index["shards"]) - 1, row]
-                files[key] = file_signature(key)
+                files[key] = before[key]
                 unreadable.pop(key, None)  # repaired since an earlier run
                 unreadable_files.pop(key, None)
             index["complete"] = start + shard_size >= len(todo)

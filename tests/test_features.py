@@ -912,3 +912,28 @@ def test_extract_features_answers_each_mistake_with_its_status(tmp_path, capsys)
     assert main([*base, "--out", str(tmp_path / "cache")]) == 1
     err = capsys.readouterr().err
     assert "3.png" in err and "Traceback" not in err
+
+
+def test_an_image_rewritten_while_it_is_cached_is_caught(tmp_path):
+    """The signature kept for an image used to be taken after its shard was encoded: a file
+    rewritten in between was stored with the new file's signature and the old file's grid.
+    Now taken before any image is read and compared after each shard; the next run encodes it
+    again and goes on."""
+    from PIL import Image
+
+    paths = _random_pngs(tmp_path / "images", 6)
+    out, kw = tmp_path / "cache", dict(image_size=32, batch_size=2, shard_size=2)
+
+    def rewrite_a_later_image(line: str) -> None:
+        if line.startswith("shard_00000.npy"):  # after the first shard, before the second's
+            time.sleep(0.01)
+            Image.new("RGB", (16, 16), (0, 200, 0)).save(paths[3])  # another size
+
+    with pytest.raises(FeatureCacheError, match=rf"{paths[3]}: the file changed while it was "
+                                                r"being cached \(1 of this shard's 2 images\)"):
+        extract_features(frozen_encoder(), paths, out, progress=rewrite_a_later_image, **kw)
+    index = json.loads((out / INDEX_FILE).read_text())
+    assert image_key(paths[3]) not in index["items"] and len(index["items"]) == 2  # shard 0
+    cache = extract_features(frozen_encoder(), paths, out, **kw)  # resumed: encoded anew
+    fresh = extract_features(frozen_encoder(), paths, tmp_path / "fresh", **kw)
+    torch.testing.assert_close(cache.tensor(paths[3]), fresh.tensor(paths[3]))
