@@ -35,7 +35,7 @@ import torch
 
 from captioner.atomic import atomic_write
 from captioner.data.tokenize import MT_TOKENIZER_VERSION, detokenize_mt
-from captioner.data.vocabulary import Vocabulary
+from captioner.data.vocabulary import UNK, Vocabulary
 from captioner.decoder import AttentionDecoder
 from captioner.encoders.text import TextEncoder
 from captioner.inference import CheckpointError
@@ -45,8 +45,8 @@ from captioner.lit.optim import adam
 from captioner.metrics import json_safe
 from captioner.losses import doubly_stochastic_penalty, masked_nll, sentence_log_likelihood
 from captioner.search import SearchResult
-from captioner.translate import (TASK, BleuScore, check_tokenizer_version, decode,
-                                 sacrebleu_score)
+from captioner.translate import (TASK, UNK_FOR_BLEU, BleuScore, check_tokenizer_version,
+                                 decode, sacrebleu_score)
 
 log = logging.getLogger(__name__)
 
@@ -284,6 +284,11 @@ class TranslationModule(CaptionerModule):
             f.write("".join(f"{h}\n" for h in hyps))
         h = self.hparams
         metrics = {**scores, "signature": self.last_bleu.signature,
+                   # the signature cannot say it: the sacrebleu CLI on test_translations.txt
+                   # scores <unk> as three tokens ("< unk >"), so it gives a lower BLEU
+                   "unk_scored_as": f"{UNK_FOR_BLEU} (one token: replace {UNK} by "
+                                    f"{UNK_FOR_BLEU} in test_translations.txt and in the "
+                                    "references to reproduce test/bleu with the sacrebleu CLI)",
                    "detail": self.last_bleu.detail, "beam_size": h.beam_size,
                    "length_penalty": h.length_penalty,
                    "beam_stop": h.get("beam_stop", "k_finished"), "sentences": len(outputs)}

@@ -224,6 +224,14 @@ def test_test_writes_translations_and_signature(fitted, toy_root, tmp_path):
     refs = [t for _, t in PAIRS[1:]]
     assert scores["test/bleu"] == pytest.approx(sacrebleu_score(hyps, refs).score, abs=1e-4)
     assert written["bleu"] == pytest.approx(scores["test/bleu"], abs=1e-4)
+    # the file holds <unk> as decoded; the metrics say how test/bleu scored it, and following
+    # that note, plain sacreBLEU on the file reproduces the figure
+    assert written["unk_scored_as"].startswith("\u2047 (one token: replace <unk> by \u2047")
+    from sacrebleu.metrics import BLEU
+
+    plain = BLEU(lowercase=True).corpus_score([h.replace("<unk>", "\u2047") for h in hyps],
+                                              [refs])
+    assert plain.score == pytest.approx(scores["test/bleu"], abs=1e-4)
 
 
 def test_checkpoint_carries_config_and_both_vocabularies(fitted):
