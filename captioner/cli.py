@@ -11,6 +11,8 @@ from __future__ import annotations
 import sys
 from typing import Any, Callable
 
+from captioner.messages import one_line  # re only: cheap for every command
+
 LIGHTNING_COMMANDS = ("fit", "validate", "test")  # no predict: `captioner caption` does that
 
 
@@ -202,7 +204,7 @@ def _cli_class() -> type:
                 import warnings
 
                 warnings.warn(f"{ckpt_path}: its saved model config does not parse with this "
-                              f"version of captioner ({_one_line(e)}); the model is built "
+                              f"version of captioner ({one_line(e, 300)}); the model is built "
                               "from the config files instead", stacklevel=2)
 
         def instantiate_classes(self) -> None:
@@ -282,12 +284,6 @@ def _check_task(task: str, dm: Any, what: str) -> None:
                           f"{type(dm).__name__} holds {holds}: give the {task} data config")
 
 
-def _one_line(e: BaseException) -> str:
-    from captioner.messages import one_line
-
-    return one_line(e, 300)  # a library's reason (torch's unpickler explains at length)
-
-
 LIGHTNING_CHECKPOINT_NAMES = ("last", "best", "hpc")  # ckpt_path values Lightning resolves
 
 
@@ -319,7 +315,7 @@ def _checkpoint_meta(ckpt_path: str) -> dict[str, Any] | None:
     try:
         ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # not a zip / torch file, truncated, pickled objects
-        raise CheckpointError(f"{ckpt_path}: not a readable checkpoint ({_one_line(e)})") from None
+        raise CheckpointError(f"{ckpt_path}: not a readable checkpoint ({one_line(e, 300)})") from None
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{ckpt_path}: not a checkpoint (a {type(ckpt).__name__})")
     return dict(ckpt.get(CHECKPOINT_KEY) or {})
@@ -396,7 +392,7 @@ def _check_config_files(argv: list[str] | tuple[str, ...]) -> None:
             except yaml.YAMLError as e:
                 mark = getattr(e, "problem_mark", None)
                 where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-                problem = getattr(e, "problem", None) or _one_line(e)
+                problem = getattr(e, "problem", None) or one_line(e, 300)
                 raise ConfigError(f"{path}{where}: not valid YAML ({problem})") from None
 
 

@@ -38,7 +38,7 @@ from captioner.data.vocabulary import END, PAD, SPECIALS, START, Vocabulary
 from captioner.decoder import AttentionDecoder
 from captioner.encoders.backbone import architecture_only
 from captioner.encoders.encoder import ImageEncoder
-from captioner.messages import one_line
+from captioner.messages import first_line, one_line
 from captioner.search import SearchResult, beam_search, greedy_search
 
 #: checkpoint entry of captioner's metadata (written by :mod:`captioner.lit.base`) and its format
@@ -50,11 +50,6 @@ ImageInput = str | Path | Image.Image
 
 class CheckpointError(ValueError):
     """A file that is not a usable captioner checkpoint (the message says why, in one line)."""
-
-
-def _first_line(e: BaseException, limit: int = 200) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:limit]}" if text else type(e).__name__
 
 
 #: (real path, inode, size, mtime_ns, ctime_ns) of the archives :func:`check_archive` found
@@ -91,7 +86,7 @@ def check_archive(path: str | Path) -> None:
                 except zipfile.BadZipFile as e:
                     if "CRC" not in str(e):  # a damaged header, not the data
                         raise CheckpointError(f"{path}: damaged checkpoint: {record.filename}: "
-                                              f"{_first_line(e)}") from None
+                                              f"{first_line(e)}") from None
                     raise CheckpointError(
                         f"{path}: damaged checkpoint: the bytes of {record.filename} do not "
                         "match the checksum stored with them (a broken copy or download)"
@@ -100,7 +95,7 @@ def check_archive(path: str | Path) -> None:
         raise
     except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError,
             zlib.error) as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint ({_first_line(e)})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({first_line(e)})") from None
     _CHECKED_ARCHIVES.add(version)
 
 
@@ -127,7 +122,7 @@ def read_checkpoint(path: str | Path, task: str | None = None) -> dict[str, Any]
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
         raise CheckpointError(
-            f"{path}: not a readable PyTorch checkpoint ({_first_line(e)})") from None
+            f"{path}: not a readable PyTorch checkpoint ({first_line(e)})") from None
     meta = ckpt.get(CHECKPOINT_KEY) if isinstance(ckpt, dict) else None
     if not isinstance(meta, dict) or not meta.get("model_config") or not meta.get("vocab"):
         raise CheckpointError(f"{path}: not a captioner checkpoint (no model config / vocabulary)")
@@ -253,7 +248,7 @@ class Captioner:
             vocab = Vocabulary.from_dict(meta["vocab"])
             vocab_size = int(init_args["vocab_size"])
         except (KeyError, TypeError, ValueError) as e:
-            raise CheckpointError(f"{path}: broken captioner metadata ({_first_line(e)})") from None
+            raise CheckpointError(f"{path}: broken captioner metadata ({first_line(e)})") from None
         if vocab_size != len(vocab):
             raise CheckpointError(f"{path}: vocabulary mismatch: the checkpoint's vocabulary has "
                                   f"{len(vocab)} words but the model was built for {vocab_size}")
@@ -261,7 +256,7 @@ class Captioner:
             encoder, decoder = _build_model(init_args, vocab_size)
         except Exception as e:  # noqa: BLE001 - jsonargparse / constructors: one clear line
             raise CheckpointError(f"{path}: cannot rebuild the model from its stored config "
-                                  f"({_first_line(e)})") from None
+                                  f"({first_line(e)})") from None
         state = ckpt["state_dict"]
         try:
             encoder.load_state_dict(_sub_state(state, "encoder."))

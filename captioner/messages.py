@@ -4,7 +4,8 @@ The commands answer a data or configuration error with one line on stderr that n
 line or field. An underlying library's message may span lines (a YAML mark, a list of
 mismatched weights); :func:`one_line` joins them without touching the rest, so that a file
 name with two spaces or a tab is still the file's name, and shortens only where a limit is
-asked for (long lists such as a state dict's mismatched keys). No Lightning or torch here.
+asked for (long lists such as a state dict's mismatched keys); :func:`first_line` keeps a
+reason's first line only. No Lightning or torch here.
 """
 
 from __future__ import annotations
@@ -28,3 +29,11 @@ def one_line(error: BaseException | str, limit: int | None = None) -> str:
     if limit is not None and len(text) > limit:
         return text[:limit].rstrip() + " ..."
     return text
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """``"Type: "`` and the first line of ``error``'s text (at most ``limit`` characters): for a
+    library's reason whose later lines are a traceback or a long explanation (torch's
+    unpickler, jsonargparse); the type alone where the text is empty."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:limit]}" if lines else type(error).__name__

@@ -36,7 +36,7 @@ from captioner.data.vocabulary import END, PAD, SPECIALS, START, UNK, Vocabulary
 from captioner.decoder import AttentionDecoder
 from captioner.encoders.text import TextEncoder
 from captioner.inference import CHECKPOINT_KEY, CheckpointError, read_checkpoint
-from captioner.messages import one_line
+from captioner.messages import first_line, one_line
 from captioner.search import SearchResult, beam_search, greedy_search
 
 __all__ = ["BleuScore", "Translation", "Translator", "decode", "detokenize_mt",
@@ -204,11 +204,6 @@ def build_model(init_args: dict[str, Any]) -> tuple[TextEncoder, AttentionDecode
     return encoder, decoder
 
 
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
-
-
 class Translator:
     """A trained source encoder + attention decoder with both vocabularies.
 
@@ -251,7 +246,7 @@ class Translator:
             sizes = (int(init_args["src_vocab_size"]), int(init_args["vocab_size"]))
         except (KeyError, TypeError, ValueError) as e:
             raise CheckpointError(
-                f"{path}: broken translation metadata ({_first_line(e)})") from None
+                f"{path}: broken translation metadata ({first_line(e)})") from None
         if sizes != (len(src_vocab), len(tgt_vocab)):
             raise CheckpointError(f"{path}: vocabulary mismatch: the model was built for "
                                   f"{sizes} words, the vocabularies have "
@@ -260,7 +255,7 @@ class Translator:
             encoder, decoder = build_model(init_args)
         except Exception as e:  # noqa: BLE001 - jsonargparse / constructors: one clear line
             raise CheckpointError(f"{path}: cannot rebuild the model from its stored config "
-                                  f"({_first_line(e)})") from None
+                                  f"({first_line(e)})") from None
         state = ckpt["state_dict"]
         try:
             for prefix, module in (("encoder.", encoder), ("decoder.", decoder)):
