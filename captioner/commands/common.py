@@ -403,12 +403,14 @@ def _with_overrides(cfg: dict[str, Any], overrides: Sequence[tuple[str, str]],
 
 
 def stored_data_config(args: argparse.Namespace) -> dict[str, Any] | None:
-    """:func:`data_config_from_checkpoint` of ``--ckpt``, read once per run (a checkpoint with
-    a ResNet-101 is ~200 MB; the data config is needed in several places): a copy."""
+    """:func:`data_config_from_checkpoint` of ``--ckpt``, read once per run and memory-mapped
+    (a checkpoint with a ResNet-101 is ~200 MB, of which the data config needs none of the
+    weights; it is needed in several places): a copy."""
     from captioner.inference import read_checkpoint
 
     if "_stored_data_config" not in vars(args):
-        args._stored_data_config = data_config_from_checkpoint(read_checkpoint(args.ckpt))
+        args._stored_data_config = data_config_from_checkpoint(
+            read_checkpoint(args.ckpt, mmap=True))
     return copy.deepcopy(args._stored_data_config)
 
 
