@@ -541,6 +541,11 @@ def test_extract_features_command_takes_the_precision(tiny_checkpoint, tmp_path,
     status = main(["extract-features", "--ckpt", str(tiny_checkpoint), "--out", str(tmp_path),
                    "--allow-trainable", "--split", "val"])
     assert status == 2 and "another precision ('bf16', now '32')" in capsys.readouterr().err
+    # --verify reads every shard against its checksum before going on
+    status = main(["extract-features", "--ckpt", str(tiny_checkpoint), "--out", str(tmp_path),
+                   "--allow-trainable", "--split", "val", "--precision", "bf16", "--verify"])
+    assert status == 0 and ("verified the cache's shards against their checksums"
+                            in capsys.readouterr().err)
 
 
 def test_without_skip_unreadable_an_image_found_unreadable_is_read_again(tmp_path):
@@ -937,3 +942,81 @@ def test_an_image_rewritten_while_it_is_cached_is_caught(tmp_path):
     cache = extract_features(frozen_encoder(), paths, out, **kw)  # resumed: encoded anew
     fresh = extract_features(frozen_encoder(), paths, tmp_path / "fresh", **kw)
     torch.testing.assert_close(cache.tensor(paths[3]), fresh.tensor(paths[3]))
+
+
+def test_changed_bytes_inside_a_shard_are_found_by_verify_and_encoded_again(tmp_path, capsys,
+                                                                            monkeypatch):
+    """A shard keeps its size and shape but some bytes of its grids changed (bit rot, an
+    edit): opening it cannot tell, the CRC-32 written with it can. ``verify`` names it, the
+    data module's ``verify_cache`` refuses it, and an extraction run with ``verify`` encodes
+    its images again, to the same bytes; a cache written before checksums gets them recorded."""
+    import zlib
+    import warnings
+
+    import captioner.features as features
+    from captioner.data.cached import CachedShapesDataModule
+    from captioner.features import shard_checksum
+
+    paths = _random_pngs(tmp_path / "images", 5)
+    out = tmp_path / "cache"
+    kw = dict(image_size=32, batch_size=2, shard_size=2)
+    extract_features(frozen_encoder(), paths, out, **kw)
+    index = json.loads((out / INDEX_FILE).read_text())
+    # each shard's checksum is zlib's CRC-32 of its grids' bytes (not the .npy header)
+    assert index["checksums"] == {name: zlib.crc32(np.load(out / name).tobytes())
+                                  for name in ("shard_00000.npy", "shard_00001.npy",
+                                               "shard_00002.npy")}
+    monkeypatch.setattr(features, "CRC_CHUNK", 7)  # read in pieces: the same checksum
+    grids = np.load(out / "shard_00001.npy", mmap_mode="r")
+    assert shard_checksum(grids) == index["checksums"]["shard_00001.npy"]
+    assert FeatureCache(out).verify() == {}
+
+    shard = out / "shard_00001.npy"
+    good = shard.read_bytes()
+    original = FeatureCache(out).tensor(paths[3])
+    damaged = bytearray(good)
+    damaged[-3] ^= 0x10  # one bit of the last grid: same size, same header
+    shard.write_bytes(bytes(damaged))
+    served = FeatureCache(out).tensor(paths[3])  # opening a shard cannot tell
+    assert (served != original).sum() == 1
+    lines: list[str] = []
+    found = FeatureCache(out).verify(progress=lines.append)
+    assert list(found) == ["shard_00001.npy"] and found["shard_00001.npy"].startswith(
+        "its bytes changed (CRC-32 ")
+    assert lines == ["shard_00000.npy: intact",
+                     f"shard_00001.npy: {found['shard_00001.npy']}", "shard_00002.npy: intact"]
+
+    # the data module with verify_cache refuses it, naming the shard and the repair
+    dm = CachedShapesDataModule(features_dir=str(out), image_size=32, verify_cache=True)
+    with pytest.raises(FeatureCacheError, match=r"shard_00001\.npy: damaged \(its bytes "
+                                                r"changed.*1 of the cache's shards.*--verify"):
+        dm.cache
+
+    # a plain re-run reads headers only; with verify the shard's images are encoded again
+    said: list[str] = []
+    extract_features(frozen_encoder(), paths, out, progress=said.append, **kw)
+    assert said == ["5 images already cached in " + str(out)]
+    extract_features(frozen_encoder(), paths, out, progress=said.append, verify=True, **kw)
+    assert said[1].startswith("shard_00001.npy: damaged (its bytes changed") and said[1].endswith(
+        "2 of its 2 images are encoded again now")
+    assert said[2] == "verified the cache's shards against their checksums"
+    assert said[3].startswith("shard_00003.npy: 2 images")
+    assert (out / "shard_00003.npy").read_bytes() == good and not shard.exists()
+    assert FeatureCache(out).verify() == {}
+
+    # a cache written before checksums: shapes only, then --verify records them
+    index = json.loads((out / INDEX_FILE).read_text())
+    del index["checksums"]
+    (out / INDEX_FILE).write_text(json.dumps(index))
+    assert FeatureCache(out).unchecked_shards == ["shard_00000.npy", "shard_00002.npy",
+                                                  "shard_00003.npy"]
+    with pytest.warns(UserWarning, match="3 shards were written before checksums"):
+        CachedShapesDataModule(features_dir=str(out), image_size=32, verify_cache=True).cache
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CachedShapesDataModule(features_dir=str(out), image_size=32).cache  # no check asked: no warning
+    said.clear()
+    extract_features(frozen_encoder(), paths, out, progress=said.append, verify=True, **kw)
+    assert said[0] == ("verified the cache's shards against their checksums; 3 shards written "
+                       "before checksums were kept had none: recorded now")
+    assert FeatureCache(out).unchecked_shards == [] and FeatureCache(out).verify() == {}

@@ -46,6 +46,10 @@ def _parse(argv: list[str]) -> argparse.Namespace:
                    help="32 (default), or bf16: the encoder under bfloat16 autocast, about 2x "
                         "faster on CPUs with AVX512-BF16 or AMX; the grids differ from float32's "
                         "(5.5%% of their norm for EfficientNet-Lite0)")
+    p.add_argument("--verify", action="store_true",
+                   help="first read every shard already in --out and compare it with the "
+                        "checksum written with it; the images of damaged shards are encoded "
+                        "again (reads the whole cache)")
     p.add_argument("--shard-delay", type=float, default=0.0, help=argparse.SUPPRESS)  # tests
     p.epilog = ("Options of the data config can be overridden as in captioner fit: "
                 "--data.init_args.KEY VALUE (e.g. --data.init_args.image_root DIR).")
@@ -139,7 +143,7 @@ def _run(args: argparse.Namespace) -> int:
             encoder, paths, args.out, image_size=image_size, batch_size=args.batch_size,
             shard_size=args.shard_size, num_workers=args.num_workers, device=args.device,
             encoder_config=encoder_config, shard_delay=args.shard_delay,
-            skip_unreadable=skip_bad, precision=args.precision,
+            skip_unreadable=skip_bad, precision=args.precision, verify=args.verify,
             progress=lambda line: print(f"captioner extract-features: {line}", file=sys.stderr,
                                         flush=True))
     except ImageLoadError as e:  # a ValueError too: first

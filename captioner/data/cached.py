@@ -39,6 +39,7 @@ class _CachedFeatures:
     """Mixin for a :class:`CaptionDataModule` subclass: datasets and loaders from the cache."""
 
     features_dir: str
+    verify_cache: bool
     _cache: FeatureCache | None
     decode_images = False  # skip_bad: the images are never read, only their cached grids
 
@@ -54,8 +55,27 @@ class _CachedFeatures:
                     f"the feature cache {self.features_dir} was extracted at image_size "
                     f"{cache.index.get('image_size')}, but the data config says {expected}: "
                     "extract it again with this data config, or set image_size to match")
+            if self.verify_cache:
+                self._verify(cache)
             self._cache = cache
         return self._cache
+
+    def _verify(self, cache: FeatureCache) -> None:
+        """``verify_cache``: every shard read and compared with its checksum, once per process
+        that opens the cache (DataLoader workers are handed the checked cache)."""
+        from captioner.features import REPAIR
+
+        damaged = cache.verify()
+        if damaged:
+            name, problem = next(iter(damaged.items()))
+            raise FeatureCacheError(
+                f"{Path(self.features_dir) / name}: damaged ({problem}); {len(damaged)} of the "
+                f"cache's shards are; {REPAIR}")
+        unchecked = cache.unchecked_shards
+        if unchecked:
+            warnings.warn(f"{self.features_dir}: {len(unchecked)} shards were written before "
+                          "checksums were kept, so verify_cache checked only their shapes; "
+                          "`captioner extract-features --verify` records them", stacklevel=2)
 
     def _readable(self, records: list[ImageRecord], split: str) -> list[ImageRecord]:
         """With ``skip_bad``, a split's records without those whose image the extraction found
@@ -117,10 +137,14 @@ class CachedFeaturesDataModule(_CachedFeatures, CaptionDataModule):
             test_fraction, split_seed, skip_bad, max_images, vocab_file, split_method: as
             :class:`CaptionDataModule` (``image_size`` is not used for loading; it is kept for
             checkpoints and the inference tools, which read raw images).
+        verify_cache: read every shard when the cache is opened and compare it with the
+            checksum written with it (:meth:`~captioner.features.FeatureCache.verify`; about
+            0.5 s per GB): bytes changed inside a shard are otherwise served.
 
     Raises:
         captioner.features.FeatureCacheError: when a split is set up, if the cache is missing,
-            unfinished, or lacks some of the split's images.
+            unfinished, or lacks some of the split's images, or (``verify_cache``) has a
+            damaged shard.
     """
 
     def __init__(
@@ -144,6 +168,7 @@ class CachedFeaturesDataModule(_CachedFeatures, CaptionDataModule):
         max_images: int | None = None,
         vocab_file: str | None = None,
         split_method: Literal["rank", "hash"] = "rank",
+        verify_cache: bool = False,
     ) -> None:
         super().__init__(format, annotations, image_root, instances, image_size, batch_size,
                          eval_batch_size, num_workers, min_freq, max_vocab_size,
@@ -151,6 +176,7 @@ class CachedFeaturesDataModule(_CachedFeatures, CaptionDataModule):
                          max_images, vocab_file, split_method)
         self.save_hyperparameters()
         self.features_dir = features_dir
+        self.verify_cache = verify_cache
         self._cache = None
 
 
@@ -162,6 +188,7 @@ class CachedShapesDataModule(_CachedFeatures, ShapesDataModule):
         root, num_train, num_val, num_test, image_size, seed, clutter, distort, batch_size,
             eval_batch_size, num_workers, min_freq, max_caption_length: as
             :class:`ShapesDataModule`.
+        verify_cache: as :class:`CachedFeaturesDataModule`.
     """
 
     def __init__(
@@ -180,9 +207,11 @@ class CachedShapesDataModule(_CachedFeatures, ShapesDataModule):
         num_workers: int = 0,
         min_freq: int = 1,
         max_caption_length: int = 30,
+        verify_cache: bool = False,
     ) -> None:
         super().__init__(root, num_train, num_val, num_test, image_size, seed, clutter, distort,
                          batch_size, eval_batch_size, num_workers, min_freq, max_caption_length)
-        self.save_hyperparameters("features_dir")
+        self.save_hyperparameters("features_dir", "verify_cache")
         self.features_dir = features_dir
+        self.verify_cache = verify_cache
         self._cache = None
