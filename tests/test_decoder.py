@@ -211,3 +211,22 @@ def test_skip_padding_hard_attention_pads_its_selections():
     a, b = dec(ann, cap), dec(ann, cap, skip_padding=True)
     assert torch.equal(a.locations[real], b.locations[real])
     torch.testing.assert_close(a.logits[real], b.logits[real])
+
+
+def test_initial_state_from_the_masked_mean_annotation_by_hand():
+    """Guards the masked mean of ``init_state``: with a key mask (text annotations) the mean is
+    over the valid positions only, not over all ``L``. B=2, L=3, D=4 (a decoder built for
+    D=4): row 0 keeps positions 0, 1: mean = ([1, 2, 3, 4] + [3, 0, -1, 2]) / 2 = [2, 1, 1, 3]
+    (dividing by L = 3 would give [4/3, 2/3, 2/3, 2]); row 1 keeps all 3: sum [3, 3, 3, 3],
+    mean [1, 1, 1, 1]. Row 0's padded position holds 50s that must not leak in."""
+    torch.manual_seed(0)
+    dec = AttentionDecoder(V, 4, embed_dim=E, hidden_dim=N, dropout=0.0).eval()
+    ann = torch.tensor([[[1.0, 2.0, 3.0, 4.0], [3.0, 0.0, -1.0, 2.0], [50.0, 50.0, 50.0, 50.0]],
+                        [[3.0, 0.0, 0.0, 6.0], [0.0, 3.0, 0.0, -3.0], [0.0, 0.0, 3.0, 0.0]]])
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    mean = torch.tensor([[2.0, 1.0, 1.0, 3.0],   # row 0: over 2 valid positions
+                         [1.0, 1.0, 1.0, 1.0]])  # row 1: [3, 3, 3, 3] / 3
+    with torch.no_grad():
+        s = dec.init_state(ann, mask)
+        torch.testing.assert_close(s.h, torch.tanh(dec.init_h(mean)))
+        torch.testing.assert_close(s.c, torch.tanh(dec.init_c(mean)))

@@ -348,3 +348,61 @@ def test_token_reduction_divides_every_term_by_the_token_count():
         torch.testing.assert_close(token[key], sentence[key])
     torch.testing.assert_close(token["nll"] * tokens, sentence["nll"] * 6)
     torch.testing.assert_close(token["loss"] * tokens, sentence["loss"] * 6)
+
+
+def test_first_reinforce_baseline_is_the_batch_mean_reward():
+    """Guards ``b_0``: on the very first training batch (baseline not started) the REINFORCE
+    term uses the batch's own mean reward as ``b``, not the buffer's initial 0 (which would push
+    every early sample down). With ``hard_expectation_prob=0`` every caption samples, so
+    ``b = mean_n R_n`` and ``reinforce = -mean[lambda_r (R - mean R) log p(s~) + lambda_e H]``."""
+    torch.manual_seed(7)
+    lambda_r, lambda_e = 0.6, 0.25
+    module = _toy_module(attention_mode="hard", hard_expectation_prob=0.0)
+    module.hparams.update(hard_lambda_r=lambda_r, hard_lambda_e=lambda_e)
+    module.train()
+    assert not bool(module.decoder.hard.baseline_started)  # the buffer still holds b = 0
+    g = torch.Generator().manual_seed(3)
+    batch, _ = _toy_batch(6, g)
+    seen, handle = _capture_decoder_output(module)
+    losses = module.loss(batch)  # the first call
+    handle.remove()
+
+    out, targets = seen["output"], batch["captions"][:, 1:]  # (6, 2): word, <end>
+    steps = targets != 0
+    reward = (torch.log_softmax(out.logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+              * steps).sum(1)  # (6,) log p(y | s~, a), all < 0
+    log_p_s = (out.location_log_probs * steps).sum(1)  # (6,)
+    entropy = attention_entropy(out.alphas, steps)  # (6,)
+    assert (out.sampled & steps).any(1).all()  # every caption sampled its locations
+    # b_0 = the batch mean reward (the mutant's 0 would give baseline 0 != reward < 0)
+    assert losses["reward"].item() < -0.5
+    assert losses["baseline"].item() == pytest.approx(losses["reward"].item(), abs=1e-6)
+    assert losses["baseline"].item() == pytest.approx(reward.mean().item(), abs=1e-5)
+    # the centred rewards R - mean R sum to 0; with b = 0 the term would differ by
+    # lambda_r * mean R * mean(log p(s~)), far more than the tolerance here
+    expected = -(lambda_r * (reward - reward.mean()) * log_p_s + lambda_e * entropy).mean()
+    torch.testing.assert_close(losses["reinforce"], expected.detach())
+    assert abs(lambda_r * reward.mean().item() * log_p_s.mean().item()) > 1e-2
+
+
+def test_selection_renormalises_weights_that_do_not_sum_to_one():
+    """Guards the renormalisation ``probs = alpha / sum(alpha)`` in ``HardAttention``: local-p
+    weights need not sum to 1. B=1, L=2, D=1, alpha = [0.1, 0.3] -> probs = [0.25, 0.75];
+    keys a_0 = 1, a_1 = 0. Expectation: weights [0.25, 0.75], context 0.25*1 + 0.75*0 = 0.25
+    (unnormalised: [0.1, 0.3] and 0.1). A sample: log p(s~) = log probs[s~], log 0.75 = -0.2877
+    or log 0.25 = -1.3863 (unnormalised: log 0.3 = -1.2040 or log 0.1 = -2.3026)."""
+    alpha = torch.tensor([[0.1, 0.3]])
+    keys = torch.tensor([[[1.0], [0.0]]])
+    sel = HardAttention(test_rule="expectation")(alpha, keys, sample=False)
+    torch.testing.assert_close(sel.weights, torch.tensor([[0.25, 0.75]]))
+    torch.testing.assert_close(sel.context, torch.tensor([[0.25]]))
+    assert sel.locations.tolist() == [1] and not sel.sampled.any()
+
+    torch.manual_seed(0)
+    M = 64  # both locations get drawn (0.25 each time; all 1s has probability 1e-8)
+    sel = HardAttention(expectation_prob=0.0)(alpha.expand(M, 2), keys.expand(M, 2, 1),
+                                              sample=True)
+    assert sel.sampled.all() and set(sel.locations.tolist()) == {0, 1}
+    expected = torch.log(torch.tensor([0.25, 0.75]))[sel.locations]  # -1.3863 or -0.2877
+    torch.testing.assert_close(sel.log_probs, expected)
+    torch.testing.assert_close(sel.context, keys[0, sel.locations])  # one-hot: a_{s~}

@@ -5,7 +5,12 @@ import math
 import pytest
 import torch
 
-from captioner.losses import doubly_stochastic_penalty, masked_nll, sentence_log_likelihood
+from captioner.losses import (
+    attention_entropy,
+    doubly_stochastic_penalty,
+    masked_nll,
+    sentence_log_likelihood,
+)
 
 
 def test_doubly_stochastic_penalty_by_hand():
@@ -99,3 +104,16 @@ def test_losses_keep_float64_and_upcast_half():
     half = masked_nll(logits.detach().half(), targets)
     assert half.dtype == torch.float32
     assert half.item() == pytest.approx(masked_nll(logits, targets).item(), rel=1e-2)
+
+
+def test_attention_entropy_normalises_weights_that_do_not_sum_to_one():
+    """Guards the row normalisation of ``attention_entropy``: local-p weights need not sum to
+    1, and ``H`` is the entropy of ``alpha / sum(alpha)``. B=1, T=2 (second step padding), L=2.
+    Step 0: [0.2, 0.2] -> p = [0.5, 0.5], H = log 2 = 0.693147 (unnormalised: -2 * 0.2 log 0.2
+    = 0.643775). [0.25, 0.25] would not tell them apart (log 2 either way). The padded step
+    [0.1, 0.6] (H 0.410 normalised) must add nothing."""
+    alphas = torch.tensor([[[0.2, 0.2], [0.1, 0.6]]])
+    step_mask = torch.tensor([[True, False]])
+    h = attention_entropy(alphas, step_mask)
+    assert h.shape == (1,)
+    assert h.item() == pytest.approx(math.log(2), abs=1e-6)  # 0.693147
