@@ -54,7 +54,8 @@ def _cli_class() -> type:
             meta = self._ckpt_meta or {}
             vocab, src = meta.get("vocab"), meta.get("src_vocab")
             if meta:
-                _check_task(meta.get("task", "captioning"), dm, "the checkpoint")
+                _check_task(meta.get("task", "captioning"), dm,
+                            f"the checkpoint {getattr(self, '_ckpt_read', None) or ''}".rstrip())
             else:
                 self._check_model_task(dm)
             stored = ((meta.get("data") or {}).get("datamodule") or {}).get("init_args")

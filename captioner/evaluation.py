@@ -59,7 +59,8 @@ def evaluate_split(captioner: Captioner, records: Sequence[ImageRecord], *,
     its reference captions with :func:`captioner.metrics.coco_caption_scores` (PTB tokenizer,
     BLEU-1..4, METEOR, ROUGE-L, CIDEr-D, SPICE when available). When the records carry object
     boxes (the shapes data), attention correctness (:func:`captioner.metrics.attention_correctness`)
-    and its chance level are computed from the same decoding.
+    and its chance level are computed from the same decoding, with the cells placed as the
+    captioner's ``cells`` says (uniform tiles, or at the receptive fields' centres).
 
     Args:
         captioner: a :class:`captioner.inference.Captioner`.
@@ -104,7 +105,7 @@ def evaluate_split(captioner: Captioner, records: Sequence[ImageRecord], *,
             [c.word_alphas.reshape(len(c.words), H * W) for c in captions],  # (T, L) each
             [c.words for c in captions], [boxes for boxes, _ in upright],
             (H, W), [size for _, size in upright],
-            thetas=[c.grid_theta for c in captions])
+            thetas=[c.grid_theta for c in captions], edges=captions[0].cell_edges)
     n_refs = [len(r.captions) for r in records]
     protocol = {
         "images": len(records),
@@ -115,6 +116,7 @@ def evaluate_split(captioner: Captioner, records: Sequence[ImageRecord], *,
         "min_length": captioner.search["min_length"],
         "length_penalty": captioner.search["length_penalty"],
         "beam_stop": captioner.search["beam_stop"],
+        "cells": captioner.cells,
         "tokenizer": result.tokenizer,
         "decoded_once_per_image": True,
     }

@@ -27,8 +27,8 @@ taken before any image is read and compared after each shard, so a file rewritte
 being cached stops the run (its shard is not kept; the next run encodes it). An image found
 unreadable (``skip_unreadable``) is read again once its file changes (repaired, restored), so
 that the raw and the cached data keep the same images. Shards and the index are written
-atomically (a temporary file, then ``os.replace``); the index after the first shard, then at most every
-:data:`INDEX_WRITE_INTERVAL` seconds, and at the end (rewriting it after every shard was
+atomically (a temporary file, then ``os.replace``); the index after the first shard, then at
+most every :data:`INDEX_WRITE_INTERVAL` seconds, and at the end (rewriting it after every shard was
 quadratic: 81 s of index writes for COCO's 482 shards). An interrupted extraction leaves a
 consistent cache of whole shards and, run again, continues after the last shard the index
 records (at most that interval's work is redone; a shard written after it is overwritten with

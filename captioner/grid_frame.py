@@ -3,12 +3,14 @@
 Without a view-moving stage, cell ``(r, c)`` of the ``H x W`` attention grid covers pixels
 ``[c W_img / W, (c + 1) W_img / W) x [r H_img / H, (r + 1) H_img / H)`` of the image: the
 uniform-cell reading of the paper's figures (Sec. 5.4 upsamples each map by the network's
-stride). It is exact for backbones whose strided layers keep the grid centred (VGG, the shapes
-CNN); ResNet's padded stride-2 layers centre feature ``j`` on input pixel ``32 j`` rather than
-``32 j + 15.5``, so for the ResNets each map is drawn, and attention correctness scored,
-about half a feature cell (15.5 input pixels) right of and below where the features' receptive
-fields are centred (measured with the receptive field of a 20 x 20 grid on a 640-pixel input;
-not corrected here). A Spatial
+stride), and the default (``edges=None`` below). It is exact for backbones whose strided layers
+keep the grid centred (VGG, the shapes CNN); ResNet's padded stride-2 layers centre feature
+``j`` on input pixel ``32 j`` rather than ``32 j + 15.5`` (the tiles lie half a cell right of
+and below the receptive fields), EfficientNet-Lite's "same" padding on ``32 j + 31``. Cell
+boundaries at the receptive fields' centres (``edges``: ``(ys (H + 1,), xs (W + 1,))``,
+normalised, from :meth:`ImageEncoder.cell_edges
+<captioner.encoders.encoder.ImageEncoder.cell_edges>`, :mod:`captioner.encoders.receptive_field`)
+place every cell where its features look instead; the functions below take them. A Spatial
 Transformer (Jaderberg et al. 2015, Eq. 1) samples its input at
 
     (x_s, y_s)^T = A_theta (x_t, y_t, 1)^T
@@ -85,16 +87,45 @@ def to_pixels(points: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return np.stack([(points[:, 0] + 1.0) * w / 2.0, (points[:, 1] + 1.0) * h / 2.0], -1)
 
 
+Edges = tuple[np.ndarray, np.ndarray]
+"""Cell boundaries ``(ys (H + 1,), xs (W + 1,))``, increasing, normalised in the grid's frame."""
+
+
+def grid_edges(grid: tuple[int, int], edges: Edges | None = None) -> Edges:
+    """``edges`` checked against ``grid``, or the uniform tiles' (``None``)."""
+    h, w = grid
+    if edges is None:
+        return np.linspace(-1.0, 1.0, h + 1), np.linspace(-1.0, 1.0, w + 1)
+    ys, xs = (np.asarray(e, dtype=np.float64) for e in edges)
+    if ys.shape != (h + 1,) or xs.shape != (w + 1,):
+        raise ValueError(f"cell edges must be ({h + 1},) and ({w + 1},) for a {h} x {w} grid, "
+                         f"got {ys.shape} and {xs.shape}")
+    if not (np.all(np.isfinite(ys)) and np.all(np.isfinite(xs))
+            and np.all(np.diff(ys) > 0) and np.all(np.diff(xs) > 0)):
+        raise ValueError("cell edges must be finite and increasing")
+    return ys, xs
+
+
 def cell_outline(location: int, grid: tuple[int, int], theta: np.ndarray | None,
-                 image_size: tuple[int, int]) -> np.ndarray:
+                 image_size: tuple[int, int], edges: Edges | None = None) -> np.ndarray:
     """The image-pixel corners ``(4, 2)`` as ``(x, y)`` of grid cell ``location`` (``l = r W +
-    c``), in order around the cell: a rectangle without ``theta``, a parallelogram with it."""
+    c``), in order around the cell: a rectangle without ``theta``, a parallelogram with it;
+    ``edges``: the cells' boundaries (default: uniform tiles)."""
     h, w = grid
     r, c = divmod(int(location), w)
-    x0, x1 = 2.0 * c / w - 1.0, 2.0 * (c + 1) / w - 1.0
-    y0, y1 = 2.0 * r / h - 1.0, 2.0 * (r + 1) / h - 1.0
+    ys, xs = grid_edges(grid, edges)
+    x0, x1 = xs[c], xs[c + 1]
+    y0, y1 = ys[r], ys[r + 1]
     corners = np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]])
     return to_pixels(grid_to_image(corners, theta), image_size)
+
+
+def encoder_edges(encoder: object) -> Edges | None:
+    """The cell boundaries at the receptive fields' centres of an encoder's last forward pass
+    (:meth:`ImageEncoder.cell_edges <captioner.encoders.encoder.ImageEncoder.cell_edges>`), or
+    ``None`` (an encoder without them: the uniform tiles)."""
+    cell_edges = getattr(encoder, "cell_edges", None)
+    return None if cell_edges is None else cell_edges()
 
 
 def encoder_thetas(encoder: object) -> np.ndarray | None:

@@ -178,6 +178,9 @@ class Caption:
         grid_theta: ``(2, 3)`` where the attention grid looked in the image when a Spatial
             Transformer moved the view (:mod:`captioner.grid_frame`), else ``None``: cell
             ``(r, c)`` then covers the ``(r, c)`` cell of the image.
+        cell_edges: ``(ys (H + 1,), xs (W + 1,))`` the cells' boundaries at their receptive
+            fields' centres (normalised, :mod:`captioner.grid_frame`) when the captioner's
+            ``cells`` is ``"receptive_field"``, else ``None``: uniform tiles.
     """
 
     words: list[str]
@@ -188,6 +191,7 @@ class Caption:
     image: Image.Image | None = None
     path: Path | None = None
     grid_theta: np.ndarray | None = None
+    cell_edges: tuple[np.ndarray, np.ndarray] | None = None
 
     @property
     def text(self) -> str:
@@ -205,6 +209,10 @@ class Caption:
         return self.betas[: len(self.words)]
 
 
+CELLS = ("tile", "receptive_field")
+"""Where :class:`Captioner` places the attention cells in the image (its ``cells``)."""
+
+
 class Captioner:
     """A trained encoder + decoder with its vocabulary and preprocessing.
 
@@ -218,12 +226,19 @@ class Captioner:
         precision: ``"32"`` (float32), or ``"bf16"``: encoder and decoder under bfloat16
             autocast, about 2x faster on CPUs with native bf16 (BENCHMARKS.md), with captions
             that may differ slightly from float32's (:func:`captioner.autocast.check_precision`).
+        cells: where the attention cells lie in the image: ``"tile"`` (uniform tiles, as the
+            paper's figures read them) or ``"receptive_field"`` (at the encoder's receptive
+            fields' centres, :mod:`captioner.encoders.receptive_field`; each
+            :class:`Caption` then carries ``cell_edges``).
     """
 
     def __init__(self, encoder: torch.nn.Module, decoder: torch.nn.Module, vocab: Vocabulary,
                  image_size: int = 224, search: dict[str, Any] | None = None,
-                 precision: str = "32") -> None:
+                 precision: str = "32", cells: str = "tile") -> None:
+        if cells not in CELLS:
+            raise ValueError(f"cells must be one of {', '.join(CELLS)}, got {cells!r}")
         self.encoder, self.decoder, self.vocab = encoder.eval(), decoder.eval(), vocab
+        self.cells = cells
         self.image_size = image_size
         self.search = {"beam_size": 1, "max_length": 20, "min_length": 1, "length_penalty": 0.0,
                        "beam_stop": "k_finished", **(search or {})}
@@ -383,7 +398,7 @@ class Captioner:
         Returns:
             One :class:`Caption` per image (without ``image`` / ``path``).
         """
-        from captioner.grid_frame import encoder_thetas
+        from captioner.grid_frame import encoder_edges, encoder_thetas
 
         with inference_autocast(self.device, self.precision):
             annotations = self.encoder(images.to(self.device))  # (B, L, D)
@@ -393,6 +408,10 @@ class Captioner:
         if thetas is not None:
             for caption, theta in zip(captions, thetas):
                 caption.grid_theta = theta
+        if self.cells == "receptive_field":
+            edges = encoder_edges(self.encoder)  # the same for every image of the batch
+            for caption in captions:
+                caption.cell_edges = edges
         return captions
 
     def generate(self, annotations: torch.Tensor, beam_size: int | None = None,

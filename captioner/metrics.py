@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from captioner.atomic import atomic_write
+from captioner.grid_frame import Edges
 
 logger = logging.getLogger(__name__)
 
@@ -510,7 +511,7 @@ COVERAGE_SAMPLES = 16
 
 def box_cell_coverage(
     boxes_xywh: Sequence[BoxXYWH], grid: tuple[int, int], image_size: tuple[int, int],
-    theta: np.ndarray | None = None,
+    theta: np.ndarray | None = None, edges: Edges | None = None,
 ) -> np.ndarray:
     """Fraction of each attention cell covered by the union of some boxes.
 
@@ -520,22 +521,32 @@ def box_cell_coverage(
     :mod:`captioner.grid_frame`) the cell covers the parallelogram of the image it looked at
     (parts outside the image show zero padding and cover nothing); the coverage is then the
     fraction of ``COVERAGE_SAMPLES ** 2`` points spread evenly over the cell that land in a box.
+    With ``edges`` (cells at their receptive fields' centres, :mod:`captioner.grid_frame`) the
+    cells are those rectangles of the grid's frame instead of uniform tiles; a part of a cell
+    outside the image covers nothing.
 
     Args:
         boxes_xywh: boxes ``(x, y, width, height)`` in pixels; overlapping boxes count once.
         grid: ``(H, W)``.
         image_size: ``(H_img, W_img)`` in pixels (note: height first, like ``grid``).
         theta: optional ``(2, 3)`` transform from the grid to the image.
+        edges: optional cell boundaries ``(ys (H + 1,), xs (W + 1,))``, normalised.
 
     Returns:
         ``(H, W)`` array in ``[0, 1]``: covered area / cell area.
     """
+    from captioner.grid_frame import grid_edges
+
     h, w = grid
     img_h, img_w = image_size
     if theta is not None:
-        return _sampled_coverage(boxes_xywh, grid, image_size, theta)
-    ys = np.linspace(0.0, img_h, h + 1)
-    xs = np.linspace(0.0, img_w, w + 1)
+        return _sampled_coverage(boxes_xywh, grid, image_size, theta, edges)
+    if edges is None:  # the tiles' boundaries, exactly
+        ys, xs = np.linspace(0.0, img_h, h + 1), np.linspace(0.0, img_w, w + 1)
+    else:
+        edges_y, edges_x = grid_edges(grid, edges)
+        ys = (edges_y + 1.0) * img_h / 2.0  # (H + 1,) pixels
+        xs = (edges_x + 1.0) * img_w / 2.0  # (W + 1,)
     rects = [(x, y, x + bw, y + bh) for x, y, bw, bh in boxes_xywh]
     cover = np.zeros((h, w))
     for r in range(h):
@@ -547,13 +558,19 @@ def box_cell_coverage(
 
 
 def _sampled_coverage(boxes_xywh: Sequence[BoxXYWH], grid: tuple[int, int],
-                      image_size: tuple[int, int], theta: np.ndarray) -> np.ndarray:
+                      image_size: tuple[int, int], theta: np.ndarray,
+                      edges: Edges | None = None) -> np.ndarray:
     """:func:`box_cell_coverage` through ``theta``, by points spread evenly over each cell."""
-    from captioner.grid_frame import grid_to_image, pixel_centres, to_pixels
+    from captioner.grid_frame import grid_edges, grid_to_image, to_pixels
 
     h, w = grid
     s = COVERAGE_SAMPLES
-    points = pixel_centres((h * s, w * s))  # (H s W s, 2): s x s points per cell
+    edges_y, edges_x = grid_edges(grid, edges)
+    within = (np.arange(s) + 0.5) / s  # (s,) fractions of a cell
+    ys = (edges_y[:-1, None] + within * np.diff(edges_y)[:, None]).ravel()  # (H s,)
+    xs = (edges_x[:-1, None] + within * np.diff(edges_x)[:, None]).ravel()  # (W s,)
+    yy, xx = np.meshgrid(ys, xs, indexing="ij")  # (H s, W s)
+    points = np.stack([xx.ravel(), yy.ravel()], -1)  # (H s W s, 2): s x s points per cell
     xy = to_pixels(grid_to_image(points, theta), image_size)  # (H s W s, 2) image pixels
     x, y = xy[:, 0], xy[:, 1]
     inside = np.zeros(len(xy), dtype=bool)
@@ -574,6 +591,7 @@ def attention_correctness(
     image_sizes: Sequence[tuple[int, int]],
     object_words: Mapping[str, str] | None = None,
     thetas: Sequence[np.ndarray | None] | None = None,
+    edges: Edges | None = None,
 ) -> dict[str, float]:
     """Attention mass inside the box of the object each generated word names.
 
@@ -594,7 +612,8 @@ def attention_correctness(
 
     ``chance`` is what uniform attention would score: the mean, over matched words, of the
     target region's area as a fraction of the image (of the cells' mean coverage when a Spatial
-    Transformer moved the view: what the grid shows of the image is then no longer all of it).
+    Transformer moved the view, or with ``edges``: what the grid shows of the image is then no
+    longer all of it).
 
     A model with a Spatial Transformer attends over a grid laid on the transformer's *output*;
     pass each image's grid-to-image transform in ``thetas`` (:meth:`ImageEncoder.grid_theta`,
@@ -614,6 +633,10 @@ def attention_correctness(
             ``boxes`` (synonyms, plurals: ``{"squares": "square", "crimson": "red"}``); words
             not in it are used as they are.
         thetas: optional, per image, its ``(2, 3)`` grid-to-image transform or ``None``.
+        edges: optional cell boundaries ``(ys (H + 1,), xs (W + 1,))``, normalised, of every
+            image's grid (:meth:`ImageEncoder.cell_edges
+            <captioner.encoders.encoder.ImageEncoder.cell_edges>`: the cells at their
+            receptive fields' centres; default: uniform tiles, as the paper reads them).
 
     Returns:
         ``{"attention_correctness": mean over matched words, "chance": mean target-area
@@ -655,8 +678,8 @@ def attention_correctness(
             if key not in cache:
                 target = by_name[key]
                 theta = None if thetas is None else thetas[i]
-                cover = box_cell_coverage(target, grid, (img_h, img_w), theta)
-                if theta is None:
+                cover = box_cell_coverage(target, grid, (img_h, img_w), theta, edges)
+                if theta is None and edges is None:
                     image_rect = (0.0, 0.0, float(img_w), float(img_h))
                     rects = [_clip((x, y, x + bw, y + bh), image_rect)
                              for x, y, bw, bh in target]

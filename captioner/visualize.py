@@ -39,7 +39,8 @@ from scipy import ndimage
 
 from captioner.atomic import atomic_path
 from captioner.data.images import to_rgb
-from captioner.grid_frame import cell_outline, image_to_grid, pixel_centres, to_pixels
+from captioner.grid_frame import (Edges, cell_outline, grid_edges, image_to_grid, pixel_centres,
+                                  to_pixels)
 
 # Gaussian smoothing of the upsampled map, in grid cells (Xu et al. used sigma = 20 px for
 # 16 px cells with skimage's pyramid_expand; half a cell keeps the cell structure readable).
@@ -88,7 +89,7 @@ def _as_image_array(image: Image.Image | np.ndarray) -> np.ndarray:
 
 def upsample_attention(
     alpha: np.ndarray, image_size: tuple[int, int], smooth: bool = True,
-    theta: np.ndarray | None = None,
+    theta: np.ndarray | None = None, edges: Edges | None = None,
 ) -> np.ndarray:
     """Upsample one attention map from its grid to the image, cell-aligned.
 
@@ -101,16 +102,21 @@ def upsample_attention(
     is the one of the transformer's output; each image pixel then takes the value at the grid
     point that looked at it (``A^{-1}``), and pixels the view did not show are 0.
 
+    With ``edges`` (the cells' boundaries at their receptive fields' centres,
+    :mod:`captioner.grid_frame`) each cell's value sits at the middle of its own boundaries
+    instead of the uniform tile's.
+
     Args:
         alpha: ``(H, W)`` attention weights.
         image_size: ``(H_img, W_img)`` in pixels.
         smooth: apply the Gaussian smoothing.
         theta: optional ``(2, 3)`` transform from the grid to the image.
+        edges: optional cell boundaries ``(ys (H + 1,), xs (W + 1,))``, normalised.
 
     Returns:
         ``(H_img, W_img)`` float array.
     """
-    on_grid = _upsample_on_grid(alpha, image_size, smooth)  # (H_img, W_img)
+    on_grid = _upsample_on_grid(alpha, image_size, smooth, edges)  # (H_img, W_img)
     if theta is None:
         return on_grid
     # on_grid is the map over the transformer's output: read it where each pixel was seen
@@ -123,10 +129,16 @@ def upsample_attention(
     return np.where(inside, up, 0.0)
 
 
-def _interp_matrix(n_out: int, n_in: int) -> np.ndarray:
+def _interp_matrix(n_out: int, n_in: int, edges: np.ndarray | None = None) -> np.ndarray:
     """``(n_out, n_in)`` linear interpolation weights, cell centres at their pixel positions,
-    edges held constant (``map_coordinates(order=1, mode="nearest")`` along one axis)."""
-    pos = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+    edges held constant (``map_coordinates(order=1, mode="nearest")`` along one axis); with
+    ``edges`` ``(n_in + 1,)`` (normalised) the centres are their midpoints."""
+    if edges is None:
+        pos = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
+    else:  # each output pixel's centre as a fractional cell index, held at the ends
+        centres = (edges[1:] + edges[:-1]) / 2  # (n_in,)
+        pos = np.interp((2.0 * np.arange(n_out) + 1.0) / n_out - 1.0, centres,
+                        np.arange(n_in, dtype=np.float64))
     i0 = np.floor(pos).astype(int)
     i1 = np.minimum(i0 + 1, n_in - 1)
     frac = pos - i0
@@ -137,12 +149,16 @@ def _interp_matrix(n_out: int, n_in: int) -> np.ndarray:
 
 
 def _upsample_on_grid(alpha: np.ndarray, image_size: tuple[int, int],
-                      smooth: bool) -> np.ndarray:
+                      smooth: bool, edges: Edges | None = None) -> np.ndarray:
     """:func:`upsample_attention` of a grid laid on the image as it is: bilinear upsampling and
     the Gaussian are both separable and linear, so the map is ``R_y alpha R_x^T``."""
     h, w = alpha.shape
     img_h, img_w = image_size
-    ry, rx = _interp_matrix(img_h, h), _interp_matrix(img_w, w)
+    if edges is None:
+        ry, rx = _interp_matrix(img_h, h), _interp_matrix(img_w, w)
+    else:
+        ys, xs = grid_edges((h, w), edges)
+        ry, rx = _interp_matrix(img_h, h, ys), _interp_matrix(img_w, w, xs)
     if smooth:
         ry = ndimage.gaussian_filter1d(ry, SMOOTH_SIGMA_CELLS * img_h / h, axis=0, mode="nearest")
         rx = ndimage.gaussian_filter1d(rx, SMOOTH_SIGMA_CELLS * img_w / w, axis=0, mode="nearest")
@@ -175,6 +191,7 @@ def plot_attention(
     title: str | None = None,
     *,
     theta: np.ndarray | None = None,
+    edges: Edges | None = None,
     cmap: str = "gray",
     overlay_alpha: float = 0.6,
     dpi: int = 100,
@@ -204,6 +221,9 @@ def plot_attention(
         theta: optional ``(2, 3)`` transform from the grid to the image
             (:attr:`captioner.inference.Caption.grid_theta`): a Spatial Transformer moved the
             view, and each map (and outlined cell) is drawn where that view lay in the image.
+        edges: optional cell boundaries ``(ys (H + 1,), xs (W + 1,))``, normalised
+            (:attr:`captioner.inference.Caption.cell_edges`): each map and outlined cell is
+            drawn at the cells' receptive fields rather than as uniform tiles.
         cmap: matplotlib colormap of the overlay (``"gray"`` as in the paper, or ``"jet"``).
         overlay_alpha: opacity of the attention overlay.
         dpi: resolution of raster outputs.
@@ -244,13 +264,14 @@ def plot_attention(
     for t in range(t_len):
         ax = axes[t + 1]
         ax.imshow(img, extent=extent, **gray)
-        up = upsample_attention(maps[t], (img_h, img_w), smooth, theta)  # (H_img, W_img)
+        up = upsample_attention(maps[t], (img_h, img_w), smooth, theta, edges)  # (H_img, W_img)
         ax.imshow(up, cmap=cmap, alpha=overlay_alpha, extent=extent,
                   vmin=0.0, vmax=float(up.max()) if up.max() > 0 else 1.0)
         label = words[t] if betas is None else f"{words[t]} (β={betas[t]:.2f})"
         ax.set_title(label, fontsize=9)
         if hard_locations is not None:
-            corners = cell_outline(int(hard_locations[t]), (h, w), theta, (img_h, img_w))
+            corners = cell_outline(int(hard_locations[t]), (h, w), theta, (img_h, img_w),
+                                   edges)
             ax.add_patch(Polygon(corners, closed=True, fill=False, edgecolor="red",
                                  linewidth=1.5))
         ax.set_xlim(0, img_w)
@@ -273,6 +294,8 @@ class AttentionMaps:
         image_size: ``(H_img, W_img)``, or ``None``.
         theta: ``(2, 3)`` transform from the grid to the image (a Spatial Transformer moved
             the view), or ``None``.
+        edges: cell boundaries ``(ys (H + 1,), xs (W + 1,))`` at the receptive fields'
+            centres, or ``None`` (uniform tiles).
     """
 
     words: list[str]
@@ -282,6 +305,7 @@ class AttentionMaps:
     hard_locations: np.ndarray | None = None
     image_size: tuple[int, int] | None = None
     theta: np.ndarray | None = None
+    edges: Edges | None = None
 
 
 def save_attention_maps(
@@ -293,12 +317,14 @@ def save_attention_maps(
     hard_locations: np.ndarray | None = None,
     image_size: tuple[int, int] | None = None,
     theta: np.ndarray | None = None,
+    edges: Edges | None = None,
 ) -> Path:
     """Save attention maps to a compressed ``.npz`` (atomically).
 
     Keys: ``words`` (unicode array), ``alphas`` ``(T, H, W)`` float32, ``grid`` ``(2,)`` and,
     when given, ``betas`` ``(T,)``, ``hard_locations`` ``(T,)`` int64, ``image_size``
-    ``(2,)`` as ``(H_img, W_img)``, ``theta`` ``(2, 3)`` float64. Readable with
+    ``(2,)`` as ``(H_img, W_img)``, ``theta`` ``(2, 3)`` float64, ``edges_y`` ``(H + 1,)`` and
+    ``edges_x`` ``(W + 1,)`` float64. Readable with
     ``np.load(path, allow_pickle=False)``.
 
     Args:
@@ -310,6 +336,7 @@ def save_attention_maps(
         hard_locations: optional ``(T,)`` attended indices into ``L``.
         image_size: optional ``(H_img, W_img)``.
         theta: optional ``(2, 3)`` transform from the grid to the image.
+        edges: optional cell boundaries (:func:`plot_attention`).
 
     Returns:
         The path written.
@@ -331,6 +358,8 @@ def save_attention_maps(
         arrays["image_size"] = np.asarray(image_size, dtype=np.int64)
     if theta is not None:
         arrays["theta"] = np.asarray(theta, dtype=np.float64).reshape(2, 3)
+    if edges is not None:
+        arrays["edges_y"], arrays["edges_x"] = grid_edges(tuple(grid), edges)
     with atomic_path(out) as tmp:
         with open(tmp, "wb") as f:  # a file object: numpy appends no extension
             np.savez_compressed(f, **arrays)
@@ -360,6 +389,8 @@ def load_attention_maps(path: str | os.PathLike) -> AttentionMaps:
                 else None
             ),
             theta=data["theta"].copy() if "theta" in data else None,
+            edges=(data["edges_y"].copy(), data["edges_x"].copy()) if "edges_y" in data
+            else None,
         )
 
 

@@ -318,6 +318,16 @@ def test_evaluate_decodes_each_image_once_and_writes_coco_results(
         assert err.count(f"captioner evaluate: {name} skipped: use_java=False") == 1
     for name, value in metrics["scores"].items():
         assert f"{value:.4f}" in out and name in out
+    assert metrics["protocol"]["cells"] == "tile"
+
+    # cells at the receptive fields' centres: the same captions, correctness scored there
+    status, out, err = _run(capsys, "evaluate", "--ckpt", tiny_checkpoint, "--config", config,
+                            "--batch-size", "4", "--out", tmp_path / "eval_rf", "--no-java",
+                            "--cells", "receptive-field")
+    assert status == 0, err
+    rf = json.loads((tmp_path / "eval_rf" / "metrics_test.json").read_text())
+    assert rf["protocol"]["cells"] == "receptive_field" and rf["scores"] == metrics["scores"]
+    assert 0.0 <= rf["attention_correctness"] <= 1.0
     assert "attention correctness" in out and "chance" in out
 
     # The results file is what COCO.loadRes expects, with the API's captions.

@@ -181,8 +181,8 @@ def test_lightning_commands_answer_data_and_checkpoint_mistakes_in_one_line(chec
                  "--data.init_args.root", str(tmp_path / "shapes"),
                  "--ckpt_path", str(checkpoint)]) == 2
     err = capsys.readouterr().err
-    assert "captioner test: the checkpoint is a translation model, but the data module " \
-           "ShapesDataModule holds captions" in err
+    assert (f"captioner test: the checkpoint {checkpoint} is a translation model, but the data "
+            "module ShapesDataModule holds captions") in err  # naming the file
     assert "Traceback" not in err
     # without a checkpoint: the model's task against the data's (an AttributeError, and a
     # KeyError in the first training step of a captioning model on parallel text)

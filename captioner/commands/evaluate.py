@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from captioner.cli import register_tool
-from captioner.commands.common import (EXIT_INPUT_ERROR, EXIT_OK, ToolError, build_data_module,
-                                       load_captioner, make_tool, non_negative_int, output_folder,
+from captioner.commands.common import (EXIT_INPUT_ERROR, EXIT_OK, ToolError, add_cells_argument,
+                                       build_data_module, load_captioner, make_tool,
+                                       non_negative_int, output_folder,
                                        parse_with_data_overrides, positive_int,
                                        requested_data_config, stored_data_config, tool_parser,
                                        training_overlap, write_json)
@@ -36,6 +37,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--no-java", action="store_true",
                    help="skip the Java parts (Python tokenizer; no METEOR / SPICE)")
     p.add_argument("--no-spice", action="store_true", help="skip SPICE")
+    add_cells_argument(p)
     p.add_argument("--allow-training-images", action="store_true",
                    help="score the split even where --config puts images of the checkpoint's "
                         "own training split in it (refused by default)")

@@ -9,7 +9,8 @@ from typing import TYPE_CHECKING, Any
 
 from captioner.cli import register_tool
 from captioner.commands.common import (EXIT_INPUT_ERROR, EXIT_OK, EXIT_USAGE, ToolError,
-                                       figure_errors, load_captioner, make_tool, tool_parser)
+                                       add_cells_argument, figure_errors, load_captioner,
+                                       make_tool, tool_parser)
 
 if TYPE_CHECKING:
     from captioner.inference import Captioner
@@ -27,6 +28,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--cmap", default="gray", help="overlay colormap (gray, as the paper; jet...)")
     p.add_argument("--no-smooth", action="store_true", help="do not smooth the upsampled maps")
     p.add_argument("--with-end", action="store_true", help="add a panel for <end>")
+    add_cells_argument(p)
     p.add_argument("--stn", default=None, metavar="FIGURE",
                    help="also draw each Spatial Transformer stage: the input with the sampling "
                         "grid's outline and the warped output")
@@ -60,7 +62,7 @@ def _run(args: argparse.Namespace) -> int:
         figure = plot_attention(shown, words, c.alphas[:n], captioner.grid_size, args.out,
                                 betas=betas, hard_locations=locations, smooth=not args.no_smooth,
                                 cmap=args.cmap, title=c.text or "(empty caption)",
-                                theta=c.grid_theta)
+                                theta=c.grid_theta, edges=c.cell_edges)
     print(f"{args.image}\t{c.text}")
     print(f"figure: {figure}")
     if args.stn:
@@ -72,7 +74,7 @@ def _run(args: argparse.Namespace) -> int:
                                        captioner.grid_size, betas=betas,
                                        hard_locations=locations,
                                        image_size=(image.height, image.width),
-                                       theta=c.grid_theta)
+                                       theta=c.grid_theta, edges=c.cell_edges)
         print(f"maps: {maps}")
     return EXIT_OK
 

@@ -25,6 +25,7 @@ from collections import defaultdict
 import warnings
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -149,13 +150,46 @@ class ImageEncoder(nn.Module):
         x = self.normalize(images)
         for i in self._after["input"]:
             x = self.stages[i](x)
+        body_input = tuple(x.shape[-2:])
         for name, block in self.body.named_children():
             x = block(x)
             for i in self._after[name]:
                 x = self.stages[i](x)
         for i in self._after["output"]:
             x = self.stages[i](x)
+        self._sizes = (body_input, tuple(x.shape[-2:]))  # for cell_edges
         return x
+
+    def cell_edges(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """Where the cells of the last forward pass's grid lie, at their receptive fields'
+        centres (:mod:`captioner.encoders.receptive_field`), rather than as uniform tiles.
+
+        Measured once per input size (0.05 s for EfficientNet-Lite0, 0.3 s for ResNet-101 at
+        256 x 256, on the CPU) and kept.
+
+        Returns:
+            ``(ys (H + 1,), xs (W + 1,))`` cell boundaries, normalised (``-1`` to ``1``) across
+            the backbone's input (the image, or a Spatial Transformer's view of it, which
+            :meth:`grid_theta` then places), or ``None`` with a warning naming why they cannot
+            be measured (a stage changed the feature map's size, a global operation).
+
+        Raises:
+            RuntimeError: the encoder has not run yet.
+        """
+        from captioner.encoders.receptive_field import grid_cell_edges
+
+        sizes = getattr(self, "_sizes", None)
+        if sizes is None:
+            raise RuntimeError("run the encoder on images before asking where its cells lie")
+        cache = self.__dict__.setdefault("_cell_edges", {})
+        if sizes not in cache:
+            try:
+                cache[sizes] = grid_cell_edges(self.body, sizes[0], sizes[1], self.grid)
+            except ValueError as e:
+                warnings.warn(f"cells are drawn as uniform tiles of the image: {e}",
+                              stacklevel=2)
+                cache[sizes] = None
+        return cache[sizes]
 
     def grid_theta(self) -> torch.Tensor | None:
         """Where the grid of the last forward pass looked in the image, or ``None``.
