@@ -495,6 +495,10 @@ class AttentionDecoder(nn.Module):
         Returns:
             :class:`DecoderOutput` with ``T`` steps.
         """
+        if captions.dim() != 2 or captions.shape[1] < 2:
+            raise ValueError("captions must be (B, T + 1) token ids with T >= 1 steps "
+                             f"(<start> and at least one target), got shape "
+                             f"{tuple(captions.shape)}")
         inputs = captions[:, :-1]  # (B, T)
         B, T = inputs.shape
         emb = self.embedding(inputs)  # (B, T, E)

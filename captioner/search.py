@@ -166,6 +166,10 @@ def greedy_search(
     scores = annotations.new_zeros(B, dtype=torch.promote_types(annotations.dtype, torch.float))
     lengths = torch.zeros(B, dtype=torch.long, device=annotations.device)
     tokens, alphas, betas = [], [], []
+    if B == 0:  # no step to take: (0, 0) results, as beam search gives
+        empty = torch.zeros(0, 0, dtype=torch.long, device=annotations.device)
+        return SearchResult(empty, lengths, scores, annotations.new_zeros(0, 0, L),
+                            scores.new_zeros(0, 0))
     for t in range(max_length):
         log_probs, state, alpha, beta = decoder.step(prev, state)
         log_probs = _constrain(log_probs, t, min_length, end_id, (pad_id, start_id))

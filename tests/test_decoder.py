@@ -121,6 +121,16 @@ def test_invalid_vocab_size_is_clear():
         AttentionDecoder(0, D)
 
 
+@pytest.mark.parametrize("skip_padding", [False, True])
+def test_captions_without_a_target_are_a_clear_error(skip_padding):
+    """``<start>`` alone has no step to unroll (it was an internal ``stack`` / ``amax`` error)."""
+    with pytest.raises(ValueError, match=r"T >= 1 steps .* got shape \(3, 1\)"):
+        make()(torch.randn(B, L, D), torch.ones(B, 1, dtype=torch.long),
+               skip_padding=skip_padding)
+    with pytest.raises(ValueError, match=r"got shape \(6,\)"):
+        make()(torch.randn(B, L, D), torch.ones(6, dtype=torch.long))
+
+
 # ---------------------------------------------------------------- skip_padding (training's unroll)
 def ragged_captions(lengths, T):
     """``(len(lengths), T + 1)`` ids with ``lengths[b]`` real targets (``<end>`` included)."""

@@ -46,6 +46,16 @@ def test_beam_size_one_equals_greedy(decoder, annotations):
     assert torch.allclose(g.alphas, b.alphas, atol=1e-6)
 
 
+def test_an_empty_batch_gives_empty_results_of_one_shape(decoder):
+    """Greedy gave ``(0, 1)`` tokens and beam search ``(0, 0)``: both now ``(0, 0)``."""
+    empty = torch.zeros(0, L, D)
+    for result in (greedy_search(decoder, empty, max_length=6, **IDS),
+                   beam_search(decoder, empty, beam_size=3, max_length=6, **IDS)):
+        assert result.tokens.shape == (0, 0) and result.tokens.dtype == torch.long
+        assert result.alphas.shape == (0, 0, L) and result.betas.shape == (0, 0)
+        assert result.lengths.shape == (0,) and result.scores.shape == (0,)
+
+
 @pytest.mark.parametrize("k", [3, 5])
 def test_batched_beam_equals_per_image_beam(decoder, annotations, k):
     batched = beam_search(decoder, annotations, beam_size=k, max_length=15, **IDS)
