@@ -169,9 +169,10 @@ class ImageEncoder(nn.Module):
 
         Returns:
             ``(ys (H + 1,), xs (W + 1,))`` cell boundaries, normalised (``-1`` to ``1``) across
-            the backbone's input (the image, or a Spatial Transformer's view of it, which
-            :meth:`grid_theta` then places), or ``None`` with a warning naming why they cannot
-            be measured (a stage changed the feature map's size, a global operation).
+            the backbone's input (the image, or the view of an ``"input"`` Spatial
+            Transformer, which :meth:`grid_theta` then places), or ``None`` with a warning naming
+            why they cannot be measured (a stage changed the feature map's size, a global
+            operation, a view-moving stage on a feature map).
 
         Raises:
             RuntimeError: the encoder has not run yet.
@@ -184,6 +185,13 @@ class ImageEncoder(nn.Module):
         cache = self.__dict__.setdefault("_cell_edges", {})
         if sizes not in cache:
             try:
+                moving = [f"{type(self.stages[i]).__name__} at {where!r}"
+                          for where, places in self._after.items() if where != "input"
+                          for i in places if hasattr(self.stages[i], "input_theta")]
+                if moving:  # its view would be composed in the wrong order with the geometry
+                    raise ValueError(f"a stage moves the view of a feature map ({moving[0]}); "
+                                     "receptive-field cells are placed for view-moving stages "
+                                     "at 'input' only")
                 cache[sizes] = grid_cell_edges(self.body, sizes[0], sizes[1], self.grid)
             except ValueError as e:
                 warnings.warn(f"cells are drawn as uniform tiles of the image: {e}",

@@ -13,13 +13,18 @@ uniform tiles. ResNet's padded stride-2 layers give ``o = 0.5`` (feature ``j`` o
 TensorFlow "same" padding ``o = 31.5`` (15.5 pixels right of and below it, at 224 x 224).
 
 The encoder then pools the ``h'`` features of an axis to ``H`` cells
-(:class:`~captioner.encoders.pooling.GridPool`, ``P`` ``(H, h')``), so cell ``i`` is centred on
+(:class:`~captioner.encoders.pooling.GridPool`): cell ``i`` takes the span
+``[i h' / H, (i + 1) h' / H)`` of the map, in feature units where feature ``j`` spans
+``[j, j + 1)``, and the backbone lays feature coordinate ``f`` on input coordinate
+``s (f - 1/2) + o``. Cell ``i`` of an ``S``-pixel input therefore spans
 
-    c_i = sum_j P[i, j] u_j                                           # (H,)
+    [s (i h' / H - 1/2) + o,  s ((i + 1) h' / H - 1/2) + o)           (:func:`cell_edges`)
 
-and its extent runs half-way to its neighbours' centres (:func:`cell_edges`; the first and the
-last cell reach half a spacing beyond their centres, so a grid shifted from the tiles keeps
-cells of one size, partly outside the image).
+the uniform tiles ``[i S / H, (i + 1) S / H)`` scaled by ``s h' / S`` (1 where the map covers
+the input exactly) and shifted by ``o - s / 2`` (ResNets: 15.5 pixels up and left; cells then
+reach partly outside the image). Adaptive pooling averages whole features, so where ``H`` does
+not divide ``h'`` a cell's features are centred up to half a feature from its span's centre;
+where ``H > h'`` neighbouring cells repeat one feature and split its span between them.
 
 ``s`` and ``o`` are *measured* (:func:`axis_geometry`), not tabulated: in a copy of the backbone
 made linear with positive weights (activations removed, max-pooling replaced by average pooling
@@ -42,7 +47,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from captioner.encoders.pooling import pooling_matrix
 
 ACTIVATIONS: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
@@ -73,7 +77,8 @@ def linearised(body: nn.Module, thin: bool = True) -> nn.Module:
         memo.update({id(t): nn.Parameter(torch.empty(0), requires_grad=False)
                      for t in body.parameters()})
         memo.update({id(t): torch.empty(0) for t in body.buffers()})
-    probe = nn.Sequential(copy.deepcopy(body, memo)).double().eval()  # a root layer replaced too
+    probe = nn.Sequential(copy.deepcopy(body, memo)).to("cpu", torch.float64).eval()  # the
+    # root layer replaced too; on the CPU whatever the body's device (the probe's input is)
     for module in probe.modules():
         for name, child in list(module.named_children()):
             if isinstance(child, ACTIVATIONS) or type(child).__name__.endswith("Swish"):
@@ -166,26 +171,13 @@ def axis_geometry(body: nn.Module, size: int, axis: int, other: int = 64,
     return None
 
 
-def cell_centres(stride: float, offset: float, size: int, features: int, cells: int) -> np.ndarray:
-    """``(cells,)`` normalised centres (``-1`` to ``1`` across ``size`` input pixels) of the
-    pooled cells of one axis: :class:`~captioner.encoders.pooling.GridPool` of ``features``
-    feature centres ``stride j + offset``."""
-    pool = pooling_matrix(features, cells, dtype=torch.float64).numpy()  # (cells, features)
-    centres = pool @ (stride * np.arange(features) + offset)  # (cells,) input pixels
-    return 2.0 * centres / size - 1.0
-
-
-def cell_edges(centres: np.ndarray) -> np.ndarray:
-    """``(n + 1,)`` boundaries of ``n`` cells centred on ``centres`` ``(n,)`` (increasing):
-    half-way between neighbours, and half a spacing beyond the first and the last centre (one
-    cell: the width of the whole map, ``2``)."""
-    centres = np.asarray(centres, dtype=np.float64)
-    if len(centres) == 1:
-        return np.array([centres[0] - 1.0, centres[0] + 1.0])
-    mid = (centres[1:] + centres[:-1]) / 2  # (n - 1,)
-    first = centres[0] - (centres[1] - centres[0]) / 2
-    last = centres[-1] + (centres[-1] - centres[-2]) / 2
-    return np.concatenate([[first], mid, [last]])  # (n + 1,)
+def cell_edges(stride: float, offset: float, size: int, features: int, cells: int) -> np.ndarray:
+    """``(cells + 1,)`` normalised boundaries (``-1`` to ``1`` across ``size`` input pixels) of the
+    ``cells`` cells pooled from ``features`` features centred on ``stride j + offset``
+    (module docstring)."""
+    span = np.arange(cells + 1) * features / cells  # (cells + 1,) in feature units
+    pixels = stride * (span - 0.5) + offset  # (cells + 1,) input coordinates
+    return 2.0 * pixels / size - 1.0
 
 
 def grid_cell_edges(body: nn.Module, body_input: tuple[int, int], pool_input: tuple[int, int],
@@ -223,6 +215,5 @@ def grid_cell_edges(body: nn.Module, body_input: tuple[int, int], pool_input: tu
         if geometry is None:
             raise ValueError(f"no receptive field of the backbone fits in {MAX_PROBE} pixels "
                              "(a global operation in its body?)")
-        centres = cell_centres(*geometry, body_input[axis], features, grid[axis])
-        edges.append(cell_edges(centres))
+        edges.append(cell_edges(*geometry, body_input[axis], features, grid[axis]))
     return edges[0], edges[1]

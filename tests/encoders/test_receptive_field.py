@@ -12,8 +12,7 @@ from torch import nn
 
 from captioner.encoders import ImageEncoder
 from captioner.encoders.backbone import Backbone, build_backbone
-from captioner.encoders.receptive_field import (axis_geometry, cell_centres, cell_edges,
-                                                grid_cell_edges)
+from captioner.encoders.receptive_field import axis_geometry, cell_edges, grid_cell_edges
 from captioner.grid_frame import cell_outline, grid_edges
 from captioner.metrics import attention_correctness, box_cell_coverage
 from captioner.visualize import load_attention_maps, save_attention_maps, upsample_attention
@@ -72,20 +71,27 @@ def test_registered_backbones_are_measured_as_their_layers_say(name, size, expec
     assert axis_geometry(body, size, 1) == expected
 
 
-def test_pooled_cell_centres_and_edges_by_hand():
-    # ResNet at 256 (an 8 x 8 map, feature j on pixel 32 j + 0.5) pooled to 14 cells: cell i
-    # averages features floor(8i/14) .. ceil(8(i+1)/14) - 1: cell 0 -> 0, cell 1 -> 0, 1, cell 6
-    # -> 3, cell 7 -> 4 (the 7th and 8th cells sit 32 pixels apart, the others 16)
-    centres = (cell_centres(32.0, 0.5, 256, 8, 14) + 1) * 128  # (14,) back to pixels
-    np.testing.assert_allclose(centres[:8], [0.5, 16.5, 32.5, 48.5, 64.5, 80.5, 96.5, 128.5])
-    np.testing.assert_allclose(centres[-1], 224.5)
-    edges = (cell_edges(cell_centres(32.0, 0.5, 256, 8, 14)) + 1) * 128  # (15,)
-    np.testing.assert_allclose(edges[:3], [-7.5, 8.5, 24.5])  # half a spacing before the first
-    np.testing.assert_allclose(edges[7:9], [112.5, 136.5])
-    np.testing.assert_allclose(cell_edges(np.array([0.25])), [-0.75, 1.25])  # one cell: width 2
-    # uniform tiles come back where the features are centred in their tiles (VGG: 16 j + 8)
-    np.testing.assert_allclose(cell_edges(cell_centres(16.0, 8.0, 224, 14, 14)),
-                               np.linspace(-1, 1, 15), atol=1e-12)
+def test_pooled_cell_edges_by_hand():
+    """Cell ``i`` spans ``[s (i h'/H - 1/2) + o, s ((i+1) h'/H - 1/2) + o)`` input pixels."""
+    # ResNet at 224 (7 features, feature j on pixel 32 j + 0.5), 7 cells: the tiles - 15.5 px
+    np.testing.assert_allclose((cell_edges(32.0, 0.5, 224, 7, 7) + 1) * 112,
+                               np.arange(8) * 32 - 15.5)
+    # the same map pooled to 14 cells (resnet101_soft.yaml on 224-pixel data): cells 2k, 2k+1
+    # repeat feature k and split its span [32 k - 15.5, 32 k + 16.5) in two 16-pixel halves
+    edges = (cell_edges(32.0, 0.5, 224, 7, 14) + 1) * 112  # (15,) pixels
+    np.testing.assert_allclose(edges, np.arange(15) * 16 - 15.5)
+    assert np.all(np.diff(edges) > 0)
+    # 256 pixels, 8 features, 14 cells: tiles of 256/14 pixels, 15.5 px up and left
+    np.testing.assert_allclose((cell_edges(32.0, 0.5, 256, 8, 14) + 1) * 128,
+                               np.arange(15) * 256 / 14 - 15.5)
+    # EfficientNet-Lite0 at 224: 15.5 px down and right; VGG (16 j + 8) and a map that does
+    # not cover its input (250 pixels, 8 features of 32: 256 px) scaled by 256 / 250
+    np.testing.assert_allclose((cell_edges(32.0, 31.5, 224, 7, 7) + 1) * 112,
+                               np.arange(8) * 32 + 15.5)
+    np.testing.assert_allclose(cell_edges(16.0, 8.0, 224, 14, 14), np.linspace(-1, 1, 15),
+                               atol=1e-12)
+    np.testing.assert_allclose((cell_edges(32.0, 0.5, 250, 8, 4) + 1) * 125,
+                               np.arange(5) * 64 - 15.5)
 
 
 def test_grid_cell_edges_checks_the_pooled_map():
@@ -93,6 +99,11 @@ def test_grid_cell_edges_checks_the_pooled_map():
     ys, xs = grid_cell_edges(body, (224, 160), (7, 5), (7, 5))
     np.testing.assert_allclose((xs + 1) * 80, np.arange(6) * 32 - 15.5)  # tiles - 15.5 px
     np.testing.assert_allclose((ys + 1) * 112, np.arange(8) * 32 - 15.5)
+    # more cells than features (a 7 x 7 map pooled to 14 x 14): increasing edges, no crash
+    ys, xs = grid_cell_edges(body, (224, 224), (7, 7), (14, 14))
+    np.testing.assert_allclose((xs + 1) * 112, np.arange(15) * 16 - 15.5)
+    assert upsample_attention(np.full((14, 14), 1 / 196), (224, 224), edges=(ys, xs)).shape == (
+        224, 224)
     with pytest.raises(ValueError, match="map of 6 rows, but the backbone gives 7"):
         grid_cell_edges(body, (224, 160), (6, 5), (7, 5))
 
@@ -127,6 +138,21 @@ def test_encoder_cell_edges_after_a_forward_pass(monkeypatch):
     monkeypatch.undo()
     for got, want in zip(shapes.cell_edges(), grid_edges((3, 5))):
         np.testing.assert_allclose(got, want, atol=1e-12)
+
+    # a view-moving stage on the feature map: the view would be applied in the wrong order
+    from captioner.encoders import SpatialTransformer
+
+    moved = ImageEncoder("shapes_cnn", weights=None, grid_size=(3, 5),
+                         stages=[SpatialTransformer(where="output")]).eval()
+    with torch.no_grad():
+        moved(torch.rand(1, 3, 24, 40))
+    with pytest.warns(UserWarning, match=r"SpatialTransformer at 'output'.* at 'input' only"):
+        assert moved.cell_edges() is None
+    at_input = ImageEncoder("shapes_cnn", weights=None, grid_size=(3, 5),
+                            stages=[SpatialTransformer(where="input")]).eval()
+    with torch.no_grad():
+        at_input(torch.rand(1, 3, 24, 40))
+    assert at_input.cell_edges() is not None
 
     gated = ImageEncoder(f"{__name__}.build_gated", weights=None, grid_size=2).eval()
     with torch.no_grad():
