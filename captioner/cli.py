@@ -193,6 +193,14 @@ def _cli_class() -> type:
                     callback.input_files = files
             return trainer
 
+        def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
+            """``--ckpt_path last`` resolved across the logger's versions
+            (:func:`_last_checkpoint`): Lightning looks only in this run's new folder."""
+            kwargs = super()._prepare_subcommand_kwargs(subcommand)
+            if kwargs.get("ckpt_path") == "last":
+                kwargs["ckpt_path"] = _last_checkpoint(self.trainer)
+            return kwargs
+
         def _model_from_checkpoint(self, ckpt_path: str) -> None:
             """The checkpoint's saved model config over the parsed one (the vocabulary size
             stays linked from the data module); nothing when it has none."""
@@ -286,6 +294,41 @@ def _check_task(task: str, dm: Any, what: str) -> None:
 
 
 LIGHTNING_CHECKPOINT_NAMES = ("last", "best", "hpc")  # ckpt_path values Lightning resolves
+
+
+def _last_checkpoint(trainer: Any) -> str:
+    """The file ``--ckpt_path last`` means: the newest ``last*.ckpt`` of the logger's
+    ``version_*/checkpoints`` folders.
+
+    The shipped configs' checkpoint callbacks have no ``dirpath``, so each run writes into its
+    logger version's folder, and a new run (a resumed fit included) gets a new version:
+    Lightning looks for ``last`` in that new, empty folder only, warns, and trains from scratch
+    (or tests an untrained model). Where a callback names its folder, or there is no logger,
+    Lightning's own lookup finds the file, and ``"last"`` is returned unchanged.
+
+    Raises:
+        captioner.config.ConfigError: no ``last`` checkpoint in any version (exit status 2).
+        captioner.inference.CheckpointError: the newest one is unreadable or damaged.
+    """
+    from pathlib import Path
+
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lightning.pytorch.utilities import rank_zero_info
+
+    from captioner.config import ConfigError
+
+    callbacks = [c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)]
+    root = getattr(trainer.logger, "root_dir", None) if trainer.logger is not None else None
+    if not callbacks or any(c.dirpath for c in callbacks) or root is None:
+        return "last"
+    found = [p for p in Path(root).glob("version_*/checkpoints/last*.ckpt") if p.is_file()]
+    if not found:
+        raise ConfigError(f"--ckpt_path last: no last checkpoint in {root}/version_*/"
+                          "checkpoints; give the checkpoint file (--ckpt_path PATH/last.ckpt)")
+    newest = max(found, key=lambda p: p.stat().st_mtime_ns)
+    _checkpoint_meta(str(newest))  # readable and intact, or one line naming it
+    rank_zero_info(f"--ckpt_path last: {newest}")
+    return str(newest)
 
 
 def _checkpoint_meta(ckpt_path: str) -> dict[str, Any] | None:

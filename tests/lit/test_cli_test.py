@@ -261,6 +261,29 @@ def test_last_checkpoint_is_the_latest_epoch_best_the_best(shapes_root, tmp_path
     assert last["epoch"] == 2 and best["epoch"] == 0
 
 
+def test_ckpt_path_last_resumes_the_newest_versions_last_checkpoint(shapes_root, tmp_path):
+    """``--ckpt_path last`` with configs/trainer/cpu.yaml (checkpoints in the logger's
+    ``version_N/checkpoints``): Lightning looked in the new run's empty version folder, warned
+    "No checkpoint will be loaded" and trained from epoch 0 again; the newest ``last.ckpt`` of
+    the logger's versions is resumed instead, and none is an error naming the folder."""
+    from captioner.config import ConfigError
+
+    common = shapes_run(shapes_root, tmp_path, num_train=8, num_test=5, batch_size=4)
+    with pytest.raises(ConfigError, match=r"--ckpt_path last: no last checkpoint in .*runs"):
+        lightning_main(["fit", *common, "--trainer.max_epochs", "1", "--ckpt_path", "last"])
+    first = lightning_main(["fit", *common, "--trainer.max_epochs", "1"])
+    resumed = lightning_main(["fit", *common, "--trainer.max_epochs", "2", "--ckpt_path", "last"])
+    assert resumed.trainer.ckpt_path == last_checkpoint(first)  # the first run's, resolved
+    assert Path(last_checkpoint(resumed)).parent != Path(last_checkpoint(first)).parent
+    import csv
+
+    with open(Path(resumed.trainer.log_dir) / "metrics.csv", newline="") as f:
+        validated = {row["epoch"] for row in csv.DictReader(f) if row.get("val/bleu4")}
+    assert validated == {"1"}  # epoch 1 only, on top of the first run's epoch 0 (a fresh
+    # start validated epochs 0 and 1 here)
+    assert torch.load(last_checkpoint(resumed), weights_only=True)["epoch"] == 1
+
+
 def test_plateau_schedule_steps_at_validation_and_is_saved(shapes_root, tmp_path):
     """``lr_scheduler: plateau`` is stepped with each validation's val/bleu4, before the
     checkpoint of that validation is written (so resuming from it keeps the LR cut that was
