@@ -134,6 +134,17 @@ def _support(probe: nn.Module, side: int, other: int, axis: int,
     return n, spans
 
 
+def working_probe(body: nn.Module, size: tuple[int, int]) -> nn.Module:
+    """:func:`linearised` ``body``: the thin copy, or the full one where the thin one does not
+    run on a ``size`` input (channels concatenated, a linear or group-normalisation layer)."""
+    probe = linearised(body)
+    try:
+        _support(probe, size[0], size[1], 0, 0)
+    except (RuntimeError, ValueError):
+        probe = linearised(body, thin=False)
+    return probe
+
+
 def axis_geometry(body: nn.Module, size: int, axis: int, other: int = 64,
                   probe: nn.Module | None = None) -> tuple[float, float] | None:
     """``(s, o)``: feature ``j`` of ``body``'s output along ``axis`` (0: rows, 1: columns), for
@@ -153,11 +164,7 @@ def axis_geometry(body: nn.Module, size: int, axis: int, other: int = 64,
         probe of :data:`MAX_PROBE` pixels (a global operation in the body).
     """
     if probe is None:
-        probe = linearised(body)
-        try:
-            _support(probe, size, other, axis, 0)
-        except (RuntimeError, ValueError):  # channels concatenated, a linear layer: full width
-            probe = linearised(body, thin=False)
+        probe = working_probe(body, (size, other) if axis == 0 else (other, size))
     side, grow = size, GROWTH
     with torch.enable_grad():
         while side <= MAX_PROBE:
@@ -198,11 +205,7 @@ def grid_cell_edges(body: nn.Module, body_input: tuple[int, int], pool_input: tu
         ValueError: the pooled map is not the body's output (a stage changed its size), or a
             receptive field does not fit in the largest probe (a global operation).
     """
-    probe = linearised(body)
-    try:
-        _support(probe, body_input[0], body_input[1], 0, 0)
-    except (RuntimeError, ValueError):
-        probe = linearised(body, thin=False)
+    probe = working_probe(body, body_input)
     edges = []
     for axis in (0, 1):
         other = body_input[1 - axis]

@@ -52,6 +52,27 @@ class _GlobalGate(nn.Module):
         return x * torch.sigmoid(x.mean(dim=(2, 3), keepdim=True))
 
 
+class _Concatenated(nn.Module):
+    """Two branches concatenated on channels (DenseNet, Inception): the thin one-channel probe
+    cannot run it (2 channels reach a convolution made for 1), the full-width one can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 3, 3, padding=1), nn.Conv2d(3, 3, 1)
+        self.down = nn.Conv2d(6, 4, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.cat([self.a(x), self.b(x)], 1))
+
+
+def test_a_body_the_thin_probe_cannot_run_is_measured_at_full_width():
+    from captioner.encoders.receptive_field import working_probe
+
+    assert working_probe(_Concatenated(), (40, 40)).channels == 3  # the full-width copy
+    assert working_probe(_Residual(), (40, 40)).channels == 1
+    assert axis_geometry(_Concatenated(), 40, 0) == (2.0, 0.5)  # centred branches, then 2j
+
+
 def test_residual_branches_and_global_operations():
     # both branches centre feature j on pixel 2j: 2j + 0.5; the 3x3 branch's reach decides
     assert axis_geometry(_Residual(), 33, 0) == (2.0, 0.5)
