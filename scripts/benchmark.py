@@ -893,7 +893,8 @@ def bench_loading(s: Sizes, data_dir: Path | None, log: Callable[[str], None]
         log(f"loading {len(records)} images from {source} with {workers} workers")
         loader = DataLoader(ImageEvalDataset(records, size), batch_size=32, shuffle=False,
                             num_workers=workers, collate_fn=collate_images,
-                            persistent_workers=workers > 0)
+                            persistent_workers=workers > 0,
+                            pin_memory=torch.cuda.is_available())  # as the data modules do
 
         def one_pass() -> None:
             for _ in loader:
