@@ -234,3 +234,30 @@ def test_weights_null_from_the_command_line_means_none():
         assert enc.grid_size == (3, 3)
     with pytest.raises(ValueError, match="unknown weights 'Nonsense'"):
         build_backbone("resnet18", "Nonsense")
+
+
+def test_grid_theta_composes_two_transformers_in_the_order_they_run():
+    """Two Spatial Transformers in sequence at the input: the grid looked at the image through
+    ``A_1 A_2`` (the first one's transform applied last to a grid point, as warping with
+    ``A_1`` then ``A_2`` samples the image at ``A_1 [A_2 p; 1]``), not ``A_2 A_1``."""
+    from captioner.encoders import SpatialTransformer
+
+    def fixed(stn, params):  # a localisation net that always predicts `params`
+        regress = stn.localisation[0][-1]
+        with torch.no_grad():
+            regress.weight.zero_()
+            regress.bias.copy_(torch.tensor(params))
+        return stn
+
+    first = SpatialTransformer(where="input", transform="attention")
+    second = SpatialTransformer(where="input", transform="translation")
+    encoder = ImageEncoder(backbone="shapes_cnn", weights=None, grid_size=(3, 5),
+                           stages=[first, second])  # builds the localisation nets
+    fixed(first, [0.5, -0.5, -0.5])
+    fixed(second, [0.4, 0.2])
+    encoder(torch.rand(1, 3, 32, 40))
+    # A_1 = [0.5, 0, -0.5; 0, 0.5, -0.5] (zoom on the top-left quarter), A_2 = p + (0.4, 0.2):
+    # A_1 [A_2 p; 1] = 0.5 (p + (0.4, 0.2)) - (0.5, 0.5) = 0.5 p + (-0.3, -0.4)
+    # (the other order, A_2 A_1: 0.5 p - (0.5, 0.5) + (0.4, 0.2) = 0.5 p + (-0.1, -0.3))
+    expected = torch.tensor([[[0.5, 0.0, -0.3], [0.0, 0.5, -0.4]]])
+    torch.testing.assert_close(encoder.grid_theta(), expected, rtol=0, atol=1e-6)

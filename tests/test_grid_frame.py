@@ -41,6 +41,10 @@ def test_cell_outline_without_and_with_a_view():
     # the zoomed view halves it and keeps it in the top-left quarter
     np.testing.assert_allclose(cell_outline(7, (3, 5), ZOOM_TOP_LEFT, (30, 50)),
                                [[10, 5], [15, 5], [15, 10], [10, 10]])
+    # location 3 of a 2 x 4 grid is row 3 // 4 = 0, column 3 % 4 = 3 (row-major over W = 4):
+    # on a 20 x 40 image (10 x 10 px cells) x in [30, 40), y in [0, 10)
+    np.testing.assert_allclose(cell_outline(3, (2, 4), None, (20, 40)),
+                               [[30, 0], [40, 0], [40, 10], [30, 10]])
 
 
 def test_coverage_through_the_identity_equals_the_exact_areas():

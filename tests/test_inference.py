@@ -88,6 +88,18 @@ def test_caption_fields_and_shapes(captioner: Captioner, test_images: list[Path]
         assert c.path == path and c.image is not None and c.image.mode == "RGB"
 
 
+def test_word_maps_leave_out_the_end_step() -> None:
+    """``word_alphas`` / ``word_betas`` hold one entry per word: the step that emitted
+    ``<end>`` (which has an attention map and a gate value, but no word) is left out."""
+    end = Vocabulary.from_counts({"a": 1, "dog": 1}).end_id  # 2: <pad> <start> <end> <unk>
+    alphas = np.arange(12, dtype=np.float64).reshape(3, 2, 2)  # (T = 3, H, W): a, dog, <end>
+    betas = np.array([0.1, 0.2, 0.9])
+    c = Caption(words=["a", "dog"], tokens=[4, 5, end], score=0.0, alphas=alphas, betas=betas)
+    assert c.word_alphas.shape == (2, 2, 2)
+    np.testing.assert_array_equal(c.word_alphas, alphas[:2])  # maps of "a" and "dog"
+    np.testing.assert_array_equal(c.word_betas, [0.1, 0.2])
+
+
 def test_batching_does_not_change_captions(captioner: Captioner, test_images: list[Path]) -> None:
     one_by_one = [captioner.caption(p)[0] for p in test_images]
     batched = captioner.caption(test_images, batch_size=4)  # batches of 4 and 2

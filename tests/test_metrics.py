@@ -241,6 +241,30 @@ def test_box_cell_coverage_area_weighted():
     np.testing.assert_allclose(cover, expected)
 
 
+def test_box_cell_coverage_counts_overlapping_boxes_once():
+    """Boxes that overlap along y count their common part once (the union's area), not once
+    per box."""
+    # (x, y, w, h) (0, 0, 10, 10) and (0, 5, 10, 10): both x in [0, 10), y in [0, 10) and
+    # [5, 15): union y in [0, 15) -> 10 * 15 = 150 px of the one 20 x 20 cell (400 px);
+    # counting the overlap twice would give (10 + 10) * 10 = 200 -> 0.5
+    cover = box_cell_coverage([(0, 0, 10, 10), (0, 5, 10, 10)], (1, 1), (20, 20))
+    assert cover[0, 0] == pytest.approx(150 / 400)
+
+
+def test_sampled_coverage_samples_at_cell_centres():
+    """Through a ``theta`` the coverage counts 16 x 16 points spread evenly over the cell at
+    the centres of its 16 x 16 sub-cells (``(i + 0.5) / 16``), not at their top-left corners
+    (which would be biased towards the cell's top and left edges)."""
+    identity = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    # one 16 x 16 px cell: sample columns at x = i + 0.5 px, i = 0..15
+    # x in [0, 0.5) holds none of them (corners x = i: the column x = 0, 16 / 256 = 1/16)
+    left = box_cell_coverage([(0, 0, 0.5, 16)], (1, 1), (16, 16), theta=identity)
+    assert left[0, 0] == 0.0
+    # x in [15.5, 16) holds the column x = 15.5: 16 of 256 points (corners: none, x <= 15)
+    right = box_cell_coverage([(15.5, 0, 0.5, 16)], (1, 1), (16, 16), theta=identity)
+    assert right[0, 0] == pytest.approx(16 / 256)
+
+
 def test_attention_correctness_hand_computed():
     inside = _alpha({(1, 1): 0.5, (1, 2): 0.5})
     partial = _alpha({(1, 1): 0.2, (1, 2): 0.3, (1, 3): 0.4, (0, 0): 0.1})  # 0.2+0.3+0.4/2
@@ -284,6 +308,18 @@ def test_attention_correctness_several_matches_use_union_and_synonyms():
     assert none["num_words"] == 0 and math.isnan(none["attention_correctness"])
     with pytest.raises(ValueError):
         attention_correctness([np.ones((1, 14))], [["red"]], boxes, GRID, [IMAGE])
+
+
+def test_attention_correctness_matches_generated_words_in_any_case():
+    """A generated word matches an object's name case-insensitively: "Red" names the red
+    square as "red" does."""
+    alphas = [np.full((1, 4), 0.25)]  # uniform over a 2 x 2 grid
+    boxes = [[("square", "red", (0.0, 0.0, 10.0, 10.0))]]  # exactly cell (0, 0) of 20 x 20
+    out = attention_correctness(alphas, [["Red"]], boxes, (2, 2), [(20, 20)])
+    assert out["num_words"] == 1
+    # 0.25 of the mass on the fully covered cell (0, 0); chance 100 / 400 = 0.25
+    assert out["attention_correctness"] == pytest.approx(0.25)
+    assert out["chance"] == pytest.approx(0.25)
 
 
 def test_json_safe_turns_undefined_scores_into_null():

@@ -47,6 +47,18 @@ def test_upsample_attention_shape_and_cell_alignment():
     assert smoothed.shape == (IMG_H, IMG_W) and smoothed.max() < up.max()
 
 
+def test_an_identity_view_draws_the_plain_map():
+    """With ``theta`` each image pixel reads the grid map at the grid point that looked at it;
+    through the identity that is the pixel's own centre (pixel ``i`` spans ``[i, i + 1)``, so
+    its centre ``i + 0.5`` is index ``i`` of the map), and the map is the plain one exactly.
+    Reading at ``i + 0.5`` instead would shift it by half a pixel, blending neighbours."""
+    alpha = np.random.default_rng(3).random(GRID)  # (3, 5)
+    identity = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    plain = upsample_attention(alpha, (20, 30), smooth=False)
+    through = upsample_attention(alpha, (20, 30), smooth=False, theta=identity)
+    np.testing.assert_allclose(through, plain, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("smooth", [False, True])
 def test_upsampling_is_bilinear_then_gaussian(smooth):
     """The separable form (``R_y alpha R_x^T``) equals bilinear interpolation at the pixel

@@ -382,6 +382,21 @@ def test_a_split_left_empty_by_too_few_images_is_warned_of() -> None:
         assign_splits(_records(1), val_fraction=0.1, test_fraction=0.1, method="hash")
 
 
+def test_hash_splits_give_each_fraction_its_share() -> None:
+    """``method="hash"``: ``test`` if ``u < test_fraction``, ``val`` if ``u < test_fraction +
+    val_fraction`` (a cumulative bound: comparing ``u`` with ``val_fraction`` alone would give
+    ``val`` nothing when the two fractions are equal), else ``train``."""
+    from collections import Counter
+
+    records = [ImageRecord(i, Path(f"/x/{i}.jpg"), ["c"]) for i in range(1000)]
+    out = assign_splits(records, val_fraction=0.3, test_fraction=0.3, method="hash")
+    counts = Counter(r.split for r in out)
+    # each count ~ Binomial(1000, 0.3): mean 300, sd sqrt(1000 * 0.3 * 0.7) = 14.5;
+    # 240..360 is +-4 sd (deterministic here: the hashes depend on the names and seed 0 only)
+    assert 240 <= counts["val"] <= 360 and 240 <= counts["test"] <= 360, counts
+    assert counts["train"] == 1000 - counts["val"] - counts["test"]
+
+
 def test_assign_splits_depends_on_names_and_seed_not_order() -> None:
     records = _records(30)
     a = {r.path.name: r.split for r in assign_splits(records, seed=3)}

@@ -178,7 +178,42 @@ def test_boxes_follow_the_exif_turn(tmp_path: Path, orientation: int) -> None:
         np.testing.assert_array_equal(upright, np.asarray(ImageOps.exif_transpose(img)))
     x, y, w, h = (int(v) for v in upright_box(box, (H, W), orientation))
     red = upright[..., 0] > 127  # (H', W')
+    assert red[y: y + h, x: x + w].shape == (h, w)  # inside the image: an empty slice is all()
     assert red[y: y + h, x: x + w].all() and red.sum() == w * h == 60
+
+
+def test_upright_box_transverse_by_hand() -> None:
+    """Orientation 7 (``TRANSVERSE``, the mirror across the anti-diagonal) moves stored pixel
+    ``(x, y)`` of a ``W x H`` image to ``(H - 1 - y, W - 1 - x)`` of the ``H x W`` upright one."""
+    from captioner.data.images import upright_box
+
+    # stored 60 x 40 (W x H), box x in [5, 15), y in [8, 14):
+    # upright x = 40 - 1 - y in [26, 31] -> x0 = 40 - 8 - 6 = 26, width 6
+    # upright y = 60 - 1 - x in [45, 54] -> y0 = 60 - 5 - 10 = 45, height 10
+    assert upright_box((5, 8, 10, 6), (40, 60), 7) == (26, 45, 6, 10)
+
+
+def test_a_turned_image_keeps_no_orientation(tmp_path: Path) -> None:
+    """:func:`load_image` turns a sideways photo upright and drops its EXIF orientation, so
+    turning the loaded image again (as ``Captioner.caption`` turns an in-memory image) leaves
+    it as it is."""
+    from captioner.data.images import upright_rgb
+
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: turned 90 degrees clockwise to display
+    stored = np.zeros((40, 60, 3), dtype=np.uint8)  # stored W x H = 60 x 40
+    stored[0, 0] = (255, 0, 0)  # the stored top-left pixel
+    for name in ("sideways.png", "sideways.jpg"):
+        path = tmp_path / name
+        Image.fromarray(stored).save(path, exif=exif)
+        img = load_image(path)
+        assert img.size == (40, 60), name  # (W, H): turned
+        assert img.getexif().get(0x0112, 1) == 1, name  # no orientation left
+        again = upright_rgb(img)
+        assert again.size == (40, 60), name  # not turned a second time
+        np.testing.assert_array_equal(np.asarray(again), np.asarray(img))
+    # ROTATE_270 (90 degrees clockwise) takes the stored top-left pixel to the top right
+    assert load_image(tmp_path / "sideways.png").getpixel((39, 0))[0] > 127
 
 
 def _exif_blob(entries: bytes, count: int, tail: bytes = b"") -> bytes:

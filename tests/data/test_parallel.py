@@ -239,6 +239,19 @@ def test_max_len_filters_training_pairs_only(tmp_path):
     assert dm.references("val") == ["A dog.", "A cat sleeps."]
 
 
+def test_max_len_leaves_out_a_pair_that_is_too_long_on_either_side(tmp_path):
+    """A training pair is left out when its source *or* its target is longer than
+    ``max_len`` tokens (a short source does not let a long target through, nor the reverse)."""
+    pairs = [("Ein Hund.", "A dog."),  # 3 and 3 tokens: kept
+             ("Hallo.", "One two three four five six."),  # 2 and 7 tokens: left out
+             ("Eins zwei drei vier fünf.", "Hi.")]  # 6 and 2 tokens: left out
+    write_aligned(tmp_path, "train", pairs)
+    dm = ParallelTextDataModule(str(tmp_path), splits={"train": "train"}, min_freq=1,
+                                max_len=4)
+    assert len(dm.dataset("train")) == 1
+    assert dm.dataset("train")[0]["tgt"].tolist() == [1, 5, 6, 4, 2]  # <start> a dog . <end>
+
+
 def test_tsv_format_gives_the_same_data(tmp_path):
     aligned = module(tmp_path / "a")
     (tmp_path / "t").mkdir()
@@ -320,6 +333,23 @@ def test_bucketing_is_seeded_per_epoch_and_sorted_without_shuffle():
     flat = [keys[i] for b in ordered for i in b]
     assert flat == sorted(keys) and len(list(ordered)) == len(ordered) == 13
     assert torch.tensor(flat).diff().min() >= 0
+
+
+def test_the_order_of_the_batches_changes_with_the_epoch():
+    """The training batches are shuffled with ``seed`` *and* the sampler's epoch. With one pool
+    (32 items < 8 * 100) every epoch sorts the same indices into the same four batches, so
+    only their order can tell the epochs apart, and it must not be the same every epoch."""
+    keys = list(range(32))
+    order = EpochRandomSampler(keys, seed=0)
+    sampler = BucketBatchSampler(order, batch_size=8, keys=keys, bucket_factor=100, seed=0)
+    firsts = []
+    for epoch in range(4):
+        order.set_epoch(epoch)
+        batches = list(sampler)
+        # the one pool sorted by key, cut in 8s: [0..7], [8..15], [16..23], [24..31]
+        assert sorted(batches) == [list(range(k, k + 8)) for k in (0, 8, 16, 24)]
+        firsts.append(tuple(b[0] for b in batches))  # a permutation of (0, 8, 16, 24)
+    assert len(set(firsts)) > 1, firsts
 
 
 def test_a_worker_backed_loader_keeps_each_epochs_batch_order(tmp_path):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from captioner.data.tokenize import detokenize, tokenize
+from captioner.data.tokenize import detokenize, detokenize_mt, tokenize
 
 
 @pytest.mark.parametrize(
@@ -44,3 +44,11 @@ def test_detokenize_joins_with_single_spaces() -> None:
 def test_tokenize_is_idempotent_on_its_output() -> None:
     tokens = tokenize("A man's red T-shirt, 2 dogs & 3.5 cats.")
     assert tokenize(detokenize(tokens)) == tokens
+
+
+def test_detokenize_mt_keeps_a_possessive_apostrophe_after_z_on_its_word() -> None:
+    """A possessive apostrophe after a word ending in ``z`` (or ``s``) stays on its word, as
+    ``"kids' toys"`` does; read as an opening quote it would join the next word."""
+    assert detokenize_mt(["fritz", "'", "car"]) == "fritz' car"
+    assert detokenize_mt(["Fritz", "'", "car"]) == "Fritz' car"  # capital Z too
+    assert detokenize_mt(["kids", "'", "toys"]) == "kids' toys"
