@@ -93,6 +93,12 @@ def _cli_class() -> type:
                 _check_config_files(argv)
             # read before Lightning parses the file, so that a bad file is one clear line
             path = _ckpt_path_option(argv) if listed else None
+            if path == "last" and not _gives_model(argv):
+                from captioner.config import ConfigError
+
+                raise ConfigError("--ckpt_path last is found from the run's trainer config after "
+                                  "parsing, which needs a model config: give the run's model "
+                                  "--config, or the checkpoint file (--ckpt_path PATH/last.ckpt)")
             self._ckpt_read = path
             self._ckpt_meta = _checkpoint_meta(path) if path else None
             self._ckpt_model = _saved_model_config(self._ckpt_meta)
@@ -124,6 +130,10 @@ def _cli_class() -> type:
             that config, which holds every hyperparameter."""
             cfg = self.config[self.config.subcommand] if self.config.get("subcommand") else {}
             parsed = cfg.get("ckpt_path")
+            if str(parsed) == "last":  # the file, so that it is read as an explicit path is
+                from captioner.config import plain
+
+                parsed = cfg["ckpt_path"] = _last_checkpoint(plain(cfg.get("trainer") or {}))
             if str(parsed or "") != str(getattr(self, "_ckpt_read", None) or ""):
                 # the value parsed is not the one read before parsing (an option form that
                 # _ckpt_path_option does not know): read what the run will use
@@ -192,14 +202,6 @@ def _cli_class() -> type:
                 if isinstance(callback, KeepInputConfigs):
                     callback.input_files = files
             return trainer
-
-        def _prepare_subcommand_kwargs(self, subcommand: str) -> dict[str, Any]:
-            """``--ckpt_path last`` resolved across the logger's versions
-            (:func:`_last_checkpoint`): Lightning looks only in this run's new folder."""
-            kwargs = super()._prepare_subcommand_kwargs(subcommand)
-            if kwargs.get("ckpt_path") == "last":
-                kwargs["ckpt_path"] = _last_checkpoint(self.trainer)
-            return kwargs
 
         def _model_from_checkpoint(self, ckpt_path: str) -> None:
             """The checkpoint's saved model config over the parsed one (the vocabulary size
@@ -296,37 +298,63 @@ def _check_task(task: str, dm: Any, what: str) -> None:
 LIGHTNING_CHECKPOINT_NAMES = ("last", "best", "hpc")  # ckpt_path values Lightning resolves
 
 
-def _last_checkpoint(trainer: Any) -> str:
-    """The file ``--ckpt_path last`` means: the newest ``last*.ckpt`` of the logger's
-    ``version_*/checkpoints`` folders.
+def _last_checkpoint(trainer: dict[str, Any]) -> str:
+    """The file ``--ckpt_path last`` means, from the run's ``trainer`` config: the newest
+    ``last*.ckpt`` in the folders its checkpoint callbacks write to.
 
-    The shipped configs' checkpoint callbacks have no ``dirpath``, so each run writes into its
-    logger version's folder, and a new run (a resumed fit included) gets a new version:
-    Lightning looks for ``last`` in that new, empty folder only, warns, and trains from scratch
-    (or tests an untrained model). Where a callback names its folder, or there is no logger,
-    Lightning's own lookup finds the file, and ``"last"`` is returned unchanged.
+    A callback's ``dirpath``; else the logger's checkpoint folder: with an automatic version,
+    every ``version_*/checkpoints`` of the logger (a new run gets a new version, so Lightning's
+    own lookup searched only the new, empty folder, warned and trained from scratch, or tested
+    an untrained model); with a fixed ``version``, that version's; without a logger,
+    ``default_root_dir/checkpoints``. The file is then read as an explicit ``--ckpt_path`` is
+    (model config, vocabulary, checks).
 
     Raises:
-        captioner.config.ConfigError: no ``last`` checkpoint in any version (exit status 2).
-        captioner.inference.CheckpointError: the newest one is unreadable or damaged.
+        captioner.config.ConfigError: no ``last`` checkpoint in those folders (exit status 2).
     """
+    import os
     from pathlib import Path
 
-    from lightning.pytorch.callbacks import ModelCheckpoint
     from lightning.pytorch.utilities import rank_zero_info
 
     from captioner.config import ConfigError
 
-    callbacks = [c for c in trainer.callbacks if isinstance(c, ModelCheckpoint)]
-    root = getattr(trainer.logger, "root_dir", None) if trainer.logger is not None else None
-    if not callbacks or any(c.dirpath for c in callbacks) or root is None:
-        return "last"
-    found = [p for p in Path(root).glob("version_*/checkpoints/last*.ckpt") if p.is_file()]
+    root = Path(trainer.get("default_root_dir") or os.getcwd())
+    folders: list[Path] = []
+    searched: list[str] = []  # for the message
+    callbacks = [c for c in trainer.get("callbacks") or [] if isinstance(c, dict)]
+    ckpt_callbacks = [c for c in callbacks if "Checkpoint" in str(c.get("class_path", ""))]
+    if not ckpt_callbacks and trainer.get("enable_checkpointing", True) is not False:
+        ckpt_callbacks = [{}]  # Lightning's default ModelCheckpoint
+    for callback in ckpt_callbacks:
+        dirpath = (callback.get("init_args") or {}).get("dirpath")
+        if dirpath:
+            folders.append(Path(dirpath))
+            searched.append(str(dirpath))
+            continue
+        logger = trainer.get("logger")  # None or True: Lightning's default logger
+        if isinstance(logger, list):
+            logger = logger[0] if logger else False
+        if logger is False:  # no logger: Lightning's default_root_dir/checkpoints
+            folders.append(root / "checkpoints")
+            searched.append(str(root / "checkpoints"))
+            continue
+        args = (logger.get("init_args") or {}) if isinstance(logger, dict) else {}
+        logs = Path(args.get("save_dir") or root) / (args.get("name") or "lightning_logs")
+        version = args.get("version")
+        if version is None:
+            folders.extend(sorted(logs.glob("version_*/checkpoints")))
+            searched.append(str(logs / "version_*" / "checkpoints"))
+        else:
+            folders.append(logs / (version if isinstance(version, str) else f"version_{version}")
+                           / "checkpoints")
+            searched.append(str(folders[-1]))
+    found = [p for folder in folders for p in folder.glob("last*.ckpt") if p.is_file()]
     if not found:
-        raise ConfigError(f"--ckpt_path last: no last checkpoint in {root}/version_*/"
-                          "checkpoints; give the checkpoint file (--ckpt_path PATH/last.ckpt)")
+        where = ", ".join(dict.fromkeys(searched))
+        raise ConfigError(f"--ckpt_path last: no last checkpoint in {where}; give the "
+                          "checkpoint file (--ckpt_path PATH/last.ckpt)")
     newest = max(found, key=lambda p: p.stat().st_mtime_ns)
-    _checkpoint_meta(str(newest))  # readable and intact, or one line naming it
     rank_zero_info(f"--ckpt_path last: {newest}")
     return str(newest)
 
