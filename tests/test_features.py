@@ -988,8 +988,9 @@ def test_changed_bytes_inside_a_shard_are_found_by_verify_and_encoded_again(tmp_
 
     # the data module with verify_cache refuses it, naming the shard and the repair
     dm = CachedShapesDataModule(features_dir=str(out), image_size=32, verify_cache=True)
-    with pytest.raises(FeatureCacheError, match=r"shard_00001\.npy: damaged \(its bytes "
-                                                r"changed.*1 of the cache's shards.*--verify"):
+    with pytest.raises(FeatureCacheError,
+                       match=r"shard_00001\.npy: damaged \(its bytes changed.*; 1 damaged "
+                             r"shards in the cache\); .*--verify"):
         dm.cache
 
     # a plain re-run reads headers only; with verify the shard's images are encoded again

@@ -69,8 +69,8 @@ class _CachedFeatures:
         if damaged:
             name, problem = next(iter(damaged.items()))
             raise FeatureCacheError(
-                f"{Path(self.features_dir) / name}: damaged ({problem}); {len(damaged)} of the "
-                f"cache's shards are; {REPAIR}")
+                f"{Path(self.features_dir) / name}: damaged ({problem}; {len(damaged)} damaged "
+                f"shards in the cache); {REPAIR}")
         unchecked = cache.unchecked_shards
         if unchecked:
             warnings.warn(f"{self.features_dir}: {len(unchecked)} shards were written before "
