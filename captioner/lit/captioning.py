@@ -62,9 +62,11 @@ class CaptioningModule(CaptionerModule):
             or ``"exact"`` (no alive beam can outrank the best ended one; see
             :mod:`captioner.search`).
         hard_lambda_r: hard attention (``decoder.attention_mode: hard``): weight ``lambda_r`` of
-            the REINFORCE term of Eq. 12 (default 0.1, the ``1/10`` of arctic-captions).
+            the REINFORCE term of Eq. 12 (default 0.1, the number of arctic-captions' ``1/10``;
+            their reward was averaged per time step and their gradients summed over the batch,
+            so it weighs the term differently there).
         hard_lambda_e: hard attention: weight ``lambda_e`` of the entropy term (default 0.002,
-            arctic-captions' ``alpha_entropy_c``).
+            the number of arctic-captions' ``alpha_entropy_c``, on the same terms).
         hard_num_samples: hard attention: location sequences sampled per caption (``N`` of
             Eq. 12); the batch is repeated that many times.
     """
