@@ -63,8 +63,8 @@ class CaptioningModule(CaptionerModule):
             :mod:`captioner.search`).
         hard_lambda_r: hard attention (``decoder.attention_mode: hard``): weight ``lambda_r`` of
             the REINFORCE term of Eq. 12 (default 0.1, the number of arctic-captions' ``1/10``;
-            their reward was averaged per time step and their gradients summed over the batch,
-            so it weighs the term differently there).
+            as we read their code, their reward was averaged per time step and their gradients
+            summed over the batch, so it weighs the term differently there).
         hard_lambda_e: hard attention: weight ``lambda_e`` of the entropy term (default 0.002,
             the number of arctic-captions' ``alpha_entropy_c``, on the same terms).
         hard_num_samples: hard attention: location sequences sampled per caption (``N`` of
