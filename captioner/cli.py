@@ -300,63 +300,78 @@ LIGHTNING_CHECKPOINT_NAMES = ("last", "best", "hpc")  # ckpt_path values Lightni
 
 def _last_checkpoint(trainer: dict[str, Any]) -> str:
     """The file ``--ckpt_path last`` means, from the run's ``trainer`` config: the newest
-    ``last*.ckpt`` in the folders its checkpoint callbacks write to.
+    ``last*.ckpt`` in the folders its checkpoint callbacks write to, which is then read as an
+    explicit ``--ckpt_path`` is (model config, vocabulary, checks).
 
-    A callback's ``dirpath``; else the logger's checkpoint folder: with an automatic version,
-    every ``version_*/checkpoints`` of the logger (a new run gets a new version, so Lightning's
-    own lookup searched only the new, empty folder, warned and trained from scratch, or tested
-    an untrained model); with a fixed ``version``, that version's; without a logger,
-    ``default_root_dir/checkpoints``. The file is then read as an explicit ``--ckpt_path`` is
-    (model config, vocabulary, checks).
+    Those folders are a callback's ``dirpath``, else the logger's: its fixed ``version``'s
+    ``checkpoints``, or, without a logger, ``default_root_dir/checkpoints``. A logger with an
+    automatic version (the shipped configs) gives every run a new folder: Lightning looked for
+    ``last`` only in that new, empty one, warned and trained from scratch (or tested an untrained
+    model). The earlier versions' files may be other experiments' (the configs share one logger
+    folder), so none is picked: the error lists the newest.
 
     Raises:
-        captioner.config.ConfigError: no ``last`` checkpoint in those folders (exit status 2).
+        captioner.config.ConfigError: no ``last`` checkpoint in those folders, naming the
+            candidates of the logger's versions (exit status 2).
     """
     import os
+    from datetime import datetime
     from pathlib import Path
 
     from lightning.pytorch.utilities import rank_zero_info
 
     from captioner.config import ConfigError
 
-    root = Path(trainer.get("default_root_dir") or os.getcwd())
-    folders: list[Path] = []
-    searched: list[str] = []  # for the message
-    callbacks = [c for c in trainer.get("callbacks") or [] if isinstance(c, dict)]
-    ckpt_callbacks = [c for c in callbacks if "Checkpoint" in str(c.get("class_path", ""))]
-    if not ckpt_callbacks and trainer.get("enable_checkpointing", True) is not False:
+    root = Path(trainer.get("default_root_dir") or os.getcwd()).expanduser()
+    folders: list[Path] = []  # where this run's `last` is
+    versions: list[Path] = []  # the logger's automatic versions: other runs'
+    callbacks = trainer.get("callbacks") or []
+    callbacks = [callbacks] if isinstance(callbacks, dict) else list(callbacks)
+    ckpt_callbacks = [c for c in callbacks
+                      if isinstance(c, dict) and "Checkpoint" in str(c.get("class_path", ""))]
+    if not ckpt_callbacks and trainer.get("enable_checkpointing") is not False:
         ckpt_callbacks = [{}]  # Lightning's default ModelCheckpoint
     for callback in ckpt_callbacks:
         dirpath = (callback.get("init_args") or {}).get("dirpath")
         if dirpath:
-            folders.append(Path(dirpath))
-            searched.append(str(dirpath))
+            folders.append(Path(dirpath).expanduser())
             continue
         logger = trainer.get("logger")  # None or True: Lightning's default logger
         if isinstance(logger, list):
             logger = logger[0] if logger else False
         if logger is False:  # no logger: Lightning's default_root_dir/checkpoints
             folders.append(root / "checkpoints")
-            searched.append(str(root / "checkpoints"))
             continue
         args = (logger.get("init_args") or {}) if isinstance(logger, dict) else {}
-        logs = Path(args.get("save_dir") or root) / (args.get("name") or "lightning_logs")
+        name = args["name"] if "name" in args else "lightning_logs"
+        logs = Path(args.get("save_dir") or root).expanduser() / (name or "")
         version = args.get("version")
         if version is None:
-            folders.extend(sorted(logs.glob("version_*/checkpoints")))
-            searched.append(str(logs / "version_*" / "checkpoints"))
+            versions.append(logs)
         else:
             folders.append(logs / (version if isinstance(version, str) else f"version_{version}")
                            / "checkpoints")
-            searched.append(str(folders[-1]))
     found = [p for folder in folders for p in folder.glob("last*.ckpt") if p.is_file()]
-    if not found:
-        where = ", ".join(dict.fromkeys(searched))
+    if found:
+        newest = max(found, key=lambda p: p.stat().st_mtime_ns)
+        rank_zero_info(f"--ckpt_path last: {newest}")
+        return str(newest)
+    if not folders and not versions:
+        raise ConfigError("--ckpt_path last: this trainer config writes no checkpoints "
+                          "(enable_checkpointing: false, no checkpoint callback); give the "
+                          "checkpoint file")
+    earlier = sorted((p for logs in versions for p in logs.glob("version_*/checkpoints/last*.ckpt")
+                      if p.is_file()), key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    where = ", ".join([*map(str, folders), *(str(v / "version_*") for v in versions)])
+    if not earlier:
         raise ConfigError(f"--ckpt_path last: no last checkpoint in {where}; give the "
                           "checkpoint file (--ckpt_path PATH/last.ckpt)")
-    newest = max(found, key=lambda p: p.stat().st_mtime_ns)
-    rank_zero_info(f"--ckpt_path last: {newest}")
-    return str(newest)
+    listed = "; ".join(f"{p} ({datetime.fromtimestamp(p.stat().st_mtime):%Y-%m-%d %H:%M})"
+                       for p in earlier[:3])
+    raise ConfigError(
+        "--ckpt_path last: the logger gives this run a new version folder, and the earlier "
+        "versions may hold other experiments (Lightning would look only in the new folder and "
+        f"train from scratch); give the checkpoint file: the newest are {listed}")
 
 
 def _checkpoint_meta(ckpt_path: str) -> dict[str, Any] | None:
@@ -483,8 +498,10 @@ def _gives_model(argv: list[str] | tuple[str, ...]) -> bool:
                 loaded = yaml.safe_load(Path(path).read_text())
             except (OSError, yaml.YAMLError):
                 return True  # let the parser report it
-            if isinstance(loaded, dict) and "model" in loaded:
-                return True
+            if isinstance(loaded, dict) and ("model" in loaded or any(
+                    isinstance(loaded.get(sub), dict) and "model" in loaded[sub]
+                    for sub in ("fit", "validate", "test", "predict"))):  # a file given
+                return True  # before the subcommand holds the subcommand's section
     return False
 
 

@@ -261,54 +261,79 @@ def test_last_checkpoint_is_the_latest_epoch_best_the_best(shapes_root, tmp_path
     assert last["epoch"] == 2 and best["epoch"] == 0
 
 
-def test_ckpt_path_last_resumes_the_newest_versions_last_checkpoint(shapes_root, tmp_path):
+def test_ckpt_path_last_is_this_runs_folders_file_or_a_clear_error(shapes_root, tmp_path):
     """``--ckpt_path last`` with configs/trainer/cpu.yaml (checkpoints in the logger's
-    ``version_N/checkpoints``): Lightning looked in the new run's empty version folder, warned
-    "No checkpoint will be loaded" and trained from epoch 0 again. The newest ``last.ckpt`` of
-    the logger's versions is now resumed, and read as an explicit path is (its model config:
-    ``test`` without the fit's model option works); a fixed logger version resumes its own;
-    none is an error naming the folders."""
+    ``version_N/checkpoints``, a new version per run): Lightning looked only in the new, empty
+    folder, warned and trained from epoch 0. The earlier versions may hold other experiments,
+    so the error names the newest ``last.ckpt`` instead of guessing; with a fixed version the
+    run's own file is resumed, read as an explicit path is (its stored model config: ``test``
+    without the fit's model option works)."""
     import csv
 
     from captioner.config import ConfigError
 
     common = shapes_run(shapes_root, tmp_path, num_train=8, num_test=5, batch_size=4)
     with pytest.raises(ConfigError, match=r"--ckpt_path last: no last checkpoint in .*runs"
-                                          r".*version_\*.checkpoints"):
+                                          r".*version_\*"):
         lightning_main(["fit", *common, "--trainer.max_epochs", "1", "--ckpt_path", "last"])
     small = ["--model.init_args.decoder.init_args.hidden_dim", "24"]  # not the config's
     first = lightning_main(["fit", *common, *small, "--trainer.max_epochs", "1"])
-    resumed = lightning_main(["fit", *common, *small, "--trainer.max_epochs", "2",
-                              "--ckpt_path", "last"])
-    assert resumed.trainer.ckpt_path == last_checkpoint(first)  # the first run's, resolved
-    assert Path(last_checkpoint(resumed)).parent != Path(last_checkpoint(first)).parent
-    with open(Path(resumed.trainer.log_dir) / "metrics.csv", newline="") as f:
-        validated = {row["epoch"] for row in csv.DictReader(f) if row.get("val/bleu4")}
-    assert validated == {"1"}  # epoch 1 only, on top of the first run's epoch 0 (a fresh
-    # start validated epochs 0 and 1 here)
-    assert torch.load(last_checkpoint(resumed), weights_only=True)["epoch"] == 1
+    with pytest.raises(ConfigError, match=r"new version folder.*the newest are "
+                                          + re.escape(last_checkpoint(first))):
+        lightning_main(["fit", *common, *small, "--trainer.max_epochs", "2",
+                        "--ckpt_path", "last"])
 
-    # test: the newest (the resumed run's), built with its stored hidden_dim 24 unasked
-    tested = lightning_main(["test", *common, "--ckpt_path", "last"])
-    assert tested.trainer.ckpt_path == last_checkpoint(resumed)
-    assert tested.model.decoder.hidden_dim == 24
-
-    # a fixed version resumes its own last.ckpt, not the newest of the other versions
     own = ["--trainer.logger.init_args.version", "run1"]
-    run1 = lightning_main(["fit", *common, *own, "--trainer.max_epochs", "1"])
-    newer = lightning_main(["fit", *common, "--trainer.max_epochs", "1"])  # a later version
-    assert Path(last_checkpoint(newer)).stat().st_mtime_ns > Path(
-        last_checkpoint(run1)).stat().st_mtime_ns
-    again = lightning_main(["fit", *common, *own, "--trainer.max_epochs", "2",
-                            "--ckpt_path", "last"])
-    assert again.trainer.ckpt_path == last_checkpoint(run1)
+    run1 = lightning_main(["fit", *common, *small, *own, "--trainer.max_epochs", "1"])
+    lightning_main(["fit", *common, "--trainer.max_epochs", "1"])  # a later, other version
+    resumed = lightning_main(["fit", *common, *small, *own, "--trainer.max_epochs", "2",
+                              "--ckpt_path", "last"])
+    assert resumed.trainer.ckpt_path == last_checkpoint(run1)  # its own, not the newest
+    with open(Path(resumed.trainer.log_dir) / "metrics.csv", newline="") as f:
+        validated = [row["epoch"] for row in csv.DictReader(f) if row.get("val/bleu4")]
+    assert validated == ["1"]  # epoch 1 only (a fresh start would validate epochs 0 and 1)
+    assert torch.load(last_checkpoint(resumed), weights_only=True)["epoch"] == 1
+    # test: run1's newest file, built with its stored hidden_dim 24 unasked
+    tested = lightning_main(["test", *common, *own, "--ckpt_path", "last"])
+    assert tested.model.decoder.hidden_dim == 24
 
     at = common.index(str(CONFIGS / "model" / "shapes_soft.yaml")) - 1  # its --config
     grid = common.index("--model.init_args.encoder.init_args.grid_size")
     no_model = [a for i, a in enumerate(common) if i not in (at, at + 1, grid, grid + 1)]
     assert not any("model" in a for a in no_model)
     with pytest.raises(ConfigError, match="needs a model config"):
-        lightning_main(["test", *no_model, "--ckpt_path", "last"])
+        lightning_main(["test", *no_model, *own, "--ckpt_path", "last"])
+
+
+def test_the_folders_ckpt_path_last_searches(tmp_path, monkeypatch):
+    """Where ``--ckpt_path last`` looks, as Lightning writes: a callback's ``dirpath`` (``~``
+    expanded; callbacks given as one dict too), a logger ``name`` of ``""`` (no name folder),
+    ``default_root_dir/checkpoints`` without a logger; nothing to search is said so."""
+    from captioner.cli import _gives_model, _last_checkpoint
+    from captioner.config import ConfigError
+
+    def ckpt(path: Path) -> str:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"")
+        return str(path)
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    one = {"class_path": "captioner.lit.callbacks.ResumableCheckpoint",
+           "init_args": {"dirpath": "~/ckpts", "filename": "last"}}
+    expected = ckpt(tmp_path / "home" / "ckpts" / "last.ckpt")
+    assert _last_checkpoint({"callbacks": one}) == expected
+    logger = {"class_path": "lightning.pytorch.loggers.CSVLogger",
+              "init_args": {"save_dir": str(tmp_path / "runs"), "name": "", "version": 3}}
+    expected = ckpt(tmp_path / "runs" / "version_3" / "checkpoints" / "last.ckpt")
+    assert _last_checkpoint({"logger": logger}) == expected
+    expected = ckpt(tmp_path / "r" / "checkpoints" / "last-v1.ckpt")
+    assert _last_checkpoint({"logger": False, "default_root_dir": str(tmp_path / "r")}) == expected
+    with pytest.raises(ConfigError, match="writes no checkpoints"):
+        _last_checkpoint({"enable_checkpointing": False, "callbacks": []})
+    # a model in a config file given before the subcommand, in its section
+    root = tmp_path / "root.yaml"
+    root.write_text("fit:\n  model:\n    class_path: x.Y\n  ckpt_path: last\n")
+    assert _gives_model(["--config", str(root), "fit"])
 
 
 def test_plateau_schedule_steps_at_validation_and_is_saved(shapes_root, tmp_path):
