@@ -133,7 +133,8 @@ def _cli_class() -> type:
             if str(parsed) == "last":  # the file, so that it is read as an explicit path is
                 from captioner.config import plain
 
-                parsed = cfg["ckpt_path"] = _last_checkpoint(plain(cfg.get("trainer") or {}))
+                parsed = cfg["ckpt_path"] = _last_checkpoint(plain(cfg.get("trainer") or {}),
+                                                             self.config.subcommand)
             if str(parsed or "") != str(getattr(self, "_ckpt_read", None) or ""):
                 # the value parsed is not the one read before parsing (an option form that
                 # _ckpt_path_option does not know): read what the run will use
@@ -296,9 +297,10 @@ def _check_task(task: str, dm: Any, what: str) -> None:
 
 
 LIGHTNING_CHECKPOINT_NAMES = ("last", "best", "hpc")  # ckpt_path values Lightning resolves
+SUBCOMMANDS = ("fit", "validate", "test", "predict")  # LightningCLI's
 
 
-def _last_checkpoint(trainer: dict[str, Any]) -> str:
+def _last_checkpoint(trainer: dict[str, Any], subcommand: str = "fit") -> str | None:
     """The file ``--ckpt_path last`` means, from the run's ``trainer`` config: the newest
     ``last*.ckpt`` in the folders its checkpoint callbacks write to, which is then read as an
     explicit ``--ckpt_path`` is (model config, vocabulary, checks).
@@ -310,9 +312,14 @@ def _last_checkpoint(trainer: dict[str, Any]) -> str:
     model). The earlier versions' files may be other experiments' (the configs share one logger
     folder), so none is picked: the error lists the newest.
 
+    Returns:
+        The file; ``None`` for a ``fit`` whose folder has none yet (a first run: it trains from
+        scratch with a warning, as Lightning does, so that ``last`` can be set and forgotten).
+
     Raises:
-        captioner.config.ConfigError: no ``last`` checkpoint in those folders, naming the
-            candidates of the logger's versions (exit status 2).
+        captioner.config.ConfigError: ``validate``/``test`` without a ``last`` checkpoint in
+            those folders, or an automatic version (naming the newest candidates of the
+            logger's earlier versions; exit status 2).
     """
     import os
     from datetime import datetime
@@ -351,6 +358,7 @@ def _last_checkpoint(trainer: dict[str, Any]) -> str:
         else:
             folders.append(logs / (version if isinstance(version, str) else f"version_{version}")
                            / "checkpoints")
+    folders = list(dict.fromkeys(folders))  # two callbacks may share the logger's folder
     found = [p for folder in folders for p in folder.glob("last*.ckpt") if p.is_file()]
     if found:
         newest = max(found, key=lambda p: p.stat().st_mtime_ns)
@@ -360,11 +368,20 @@ def _last_checkpoint(trainer: dict[str, Any]) -> str:
         raise ConfigError("--ckpt_path last: this trainer config writes no checkpoints "
                           "(enable_checkpointing: false, no checkpoint callback); give the "
                           "checkpoint file")
+    if folders and not versions and subcommand == "fit":
+        from lightning.pytorch.utilities import rank_zero_warn
+
+        rank_zero_warn(f"--ckpt_path last: no last checkpoint in {', '.join(map(str, folders))} "
+                       "yet: training starts from scratch")
+        return None
     earlier = sorted((p for logs in versions for p in logs.glob("version_*/checkpoints/last*.ckpt")
                       if p.is_file()), key=lambda p: p.stat().st_mtime_ns, reverse=True)
     where = ", ".join([*map(str, folders), *(str(v / "version_*") for v in versions)])
     if not earlier:
-        raise ConfigError(f"--ckpt_path last: no last checkpoint in {where}; give the "
+        fixed = (" (a logger with an automatic version gives every run a new folder: set "
+                 "--trainer.logger.init_args.version NAME to resume by `last`)" if versions
+                 else "")
+        raise ConfigError(f"--ckpt_path last: no last checkpoint in {where}{fixed}; give the "
                           "checkpoint file (--ckpt_path PATH/last.ckpt)")
     listed = "; ".join(f"{p} ({datetime.fromtimestamp(p.stat().st_mtime):%Y-%m-%d %H:%M})"
                        for p in earlier[:3])
@@ -492,16 +509,18 @@ def _gives_model(argv: list[str] | tuple[str, ...]) -> bool:
 
     if any(str(a) == "--model" or str(a).startswith("--model=") for a in argv):
         return True
+    subcommand = next((str(a) for i, a in enumerate(argv) if str(a) in SUBCOMMANDS
+                       and (i == 0 or str(argv[i - 1]) not in ("--config", "-c"))), None)
     for path in _config_files(argv):
         if Path(path).is_file():
             try:
                 loaded = yaml.safe_load(Path(path).read_text())
             except (OSError, yaml.YAMLError):
                 return True  # let the parser report it
-            if isinstance(loaded, dict) and ("model" in loaded or any(
-                    isinstance(loaded.get(sub), dict) and "model" in loaded[sub]
-                    for sub in ("fit", "validate", "test", "predict"))):  # a file given
-                return True  # before the subcommand holds the subcommand's section
+            section = loaded.get(subcommand) if isinstance(loaded, dict) else None
+            if isinstance(loaded, dict) and ("model" in loaded or (  # a file given before the
+                    isinstance(section, dict) and "model" in section)):  # subcommand: its section
+                return True
     return False
 
 

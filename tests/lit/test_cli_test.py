@@ -284,7 +284,13 @@ def test_ckpt_path_last_is_this_runs_folders_file_or_a_clear_error(shapes_root, 
                         "--ckpt_path", "last"])
 
     own = ["--trainer.logger.init_args.version", "run1"]
-    run1 = lightning_main(["fit", *common, *small, *own, "--trainer.max_epochs", "1"])
+    with pytest.raises(ConfigError, match=r"no last checkpoint in \S*run1.checkpoints; give"):
+        lightning_main(["test", *common, *own, "--ckpt_path", "last"])  # nothing to test
+    # a first run with `last` set and forgotten: from scratch, with a warning, as Lightning does
+    with pytest.warns(UserWarning, match=r"no last checkpoint in \S*run1.checkpoints yet"):
+        run1 = lightning_main(["fit", *common, *small, *own, "--trainer.max_epochs", "1",
+                               "--ckpt_path", "last"])
+    assert run1.trainer.ckpt_path is None
     lightning_main(["fit", *common, "--trainer.max_epochs", "1"])  # a later, other version
     resumed = lightning_main(["fit", *common, *small, *own, "--trainer.max_epochs", "2",
                               "--ckpt_path", "last"])
@@ -330,10 +336,18 @@ def test_the_folders_ckpt_path_last_searches(tmp_path, monkeypatch):
     assert _last_checkpoint({"logger": False, "default_root_dir": str(tmp_path / "r")}) == expected
     with pytest.raises(ConfigError, match="writes no checkpoints"):
         _last_checkpoint({"enable_checkpointing": False, "callbacks": []})
-    # a model in a config file given before the subcommand, in its section
+    # a model in a config file given before the subcommand, in that subcommand's section only
     root = tmp_path / "root.yaml"
     root.write_text("fit:\n  model:\n    class_path: x.Y\n  ckpt_path: last\n")
     assert _gives_model(["--config", str(root), "fit"])
+    assert not _gives_model(["--config", str(root), "test", "--ckpt_path", "x.ckpt"])
+    # two callbacks writing to the logger's one folder: named once
+    both = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint"},
+            {"class_path": "captioner.lit.callbacks.ResumableCheckpoint"}]
+    empty = {"class_path": "lightning.pytorch.loggers.CSVLogger",
+             "init_args": {"save_dir": str(tmp_path / "none"), "version": "v"}}
+    with pytest.raises(ConfigError, match=r"in [^,]*v.checkpoints; give"):
+        _last_checkpoint({"callbacks": both, "logger": empty}, "test")
 
 
 def test_plateau_schedule_steps_at_validation_and_is_saved(shapes_root, tmp_path):
