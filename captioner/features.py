@@ -242,6 +242,13 @@ def shard_checksum(shard: np.ndarray) -> int:
     return crc
 
 
+def _wrong_shape(array: np.ndarray, index: dict[str, Any], rows: int = 0) -> bool:
+    """Whether a shard's array is not ``(n >= rows, H W, D)`` float16 as ``index`` describes."""
+    h, w = index["grid"]
+    return (array.dtype != np.dtype(DTYPE) or array.ndim != 3 or array.shape[0] < rows
+            or array.shape[1:] != (h * w, index["dim"]))
+
+
 def _shard_problem(path: Path, index: dict[str, Any], rows: int,
                    checksum: int | None = None) -> str | None:
     """Why the shard at ``path`` cannot serve ``rows`` grids of ``index`` (missing, cut short,
@@ -251,7 +258,6 @@ def _shard_problem(path: Path, index: dict[str, Any], rows: int,
         FeatureCacheError: a shard that cannot be read for another reason than its contents
             (permissions, an I/O error).
     """
-    h, w = index["grid"]
     try:
         array = np.load(path, mmap_mode="r")
     except FileNotFoundError:
@@ -260,8 +266,7 @@ def _shard_problem(path: Path, index: dict[str, Any], rows: int,
         return str(e) or type(e).__name__
     except OSError as e:
         raise FeatureCacheError(f"{path}: cannot read the shard ({e})") from None
-    if (array.dtype != np.dtype(DTYPE) or array.ndim != 3 or array.shape[0] < rows
-            or array.shape[1:] != (h * w, index["dim"])):
+    if _wrong_shape(array, index, rows):
         return f"a {array.dtype} array of shape {tuple(array.shape)}"
     if checksum is not None:
         try:
@@ -355,8 +360,7 @@ class FeatureCache:
             raise FeatureCacheError(f"{path}: not a readable shard ({str(e) or type(e).__name__})"
                                     f"; {REPAIR}") from None
         h, w = self.grid_size
-        if array.dtype != np.dtype(DTYPE) or array.ndim != 3 or array.shape[1:] != (h * w,
-                                                                                     self.dim):
+        if _wrong_shape(array, self.index):
             raise FeatureCacheError(
                 f"{path}: a {array.dtype} array of shape {tuple(array.shape)}, not the (n, "
                 f"{h * w}, {self.dim}) {DTYPE} grids the index describes; {REPAIR}")
