@@ -9,7 +9,9 @@ One decoding step ``t`` (Eqs. 1-7 of the paper; ``E y_{t-1}`` is the embedded pr
     c_t = f * c_{t-1} + i * tanh(g);   h_t = o * tanh(c_t)
     p(y_t | a, y_{<t}) ~ exp(L_o(E y_{t-1} + L_h h_t + L_z z_t))  (Eq. 7: the deep output layer)
 
-Initial state (Section 3.1.2): ``h_0 = tanh(f_init,h(mean_i a_i))``, ``c_0 = tanh(f_init,c(mean_i a_i))``.
+Initial state (Section 3.1.2): ``h_0 = tanh(f_init,h(mean_i a_i))``, ``c_0 = tanh(f_init,c(mean_i a_i))``,
+one linear layer each by default; ``init_layers`` adds the authors' shared ReLU layers before the
+two heads (see :class:`AttentionDecoder`).
 
 Attention variants (all options; the defaults are the paper's soft attention):
 
@@ -180,7 +182,20 @@ class DecoderOutput:
 
 
 class AttentionDecoder(nn.Module):
-    """LSTM decoder with soft (or hard, or no) attention over annotation vectors.
+    r"""LSTM decoder with soft (or hard, or no) attention over annotation vectors.
+
+    Initial state (Section 3.1.2: "two separate MLPs (init,c and init,h)" over the mean
+    annotation; the mean is over the valid positions when there is a key mask)::
+
+        u_0 = mean_i a_i                                          (B, D)
+        u_k = dropout(relu(W_k u_{k-1} + b_k)),  k = 1 .. init_layers - 1    (D -> D, shared)
+        h_0 = tanh(W_h u + b_h),   c_0 = tanh(W_c u + b_c)        (u = u_{init_layers - 1})
+
+    ``init_layers = 1`` (the default) is one linear layer and ``tanh`` per state. Larger values
+    follow the authors' code (arctic-captions ``capgen.py``, option ``n_layers_init``, 2 in their
+    ``evaluate_coco.py``): the hidden layers are rectifier layers of width ``D``, shared by
+    ``h_0`` and ``c_0`` (only the ``tanh`` heads are separate), each followed by the decoder's
+    dropout (theirs with ``use_dropout``).
 
     Args:
         vocab_size: ``V``.
@@ -195,6 +210,9 @@ class AttentionDecoder(nn.Module):
         deep_output: use Eq. 7; ``False`` gives ``p(y_t) ~ exp(W h_t)``.
         deep_output_activation: ``"tanh"`` (authors' code) or ``"identity"`` (literal Eq. 7).
         init_from_mean: initialise ``h_0, c_0`` from the mean annotation (paper) or zeros.
+        init_layers: layers of each initial-state MLP: ``init_layers - 1`` shared ``D -> D``
+            ReLU layers (with dropout) before the ``tanh`` heads ``f_init,h``, ``f_init,c``;
+            1 (default) is one linear layer each, 2 the authors' COCO setting.
         pad_id: index of ``<pad>`` in the vocabulary (its embedding row stays zero).
         attention_mode: ``"soft"`` (Section 4.2) or ``"hard"`` (stochastic, Section 4.1).
         hard_expectation_prob: hard attention: probability of using the expected context
@@ -206,7 +224,8 @@ class AttentionDecoder(nn.Module):
 
     Raises:
         ValueError: for ``NoAttention`` without ``init_from_mean`` (the image would never
-            enter), or ``NoAttention`` with hard attention.
+            enter), or ``NoAttention`` with hard attention; for ``init_layers < 1``, or
+            ``init_layers > 1`` without ``init_from_mean`` (the layers would be unused).
     """
 
     #: the unroll applies ``[W_z, U]`` in one matmul per step with one weight-gradient GEMM
@@ -230,6 +249,7 @@ class AttentionDecoder(nn.Module):
         deep_output: bool = True,
         deep_output_activation: Literal["tanh", "identity"] = "tanh",
         init_from_mean: bool = True,
+        init_layers: int = 1,
         pad_id: int = 0,
         attention_mode: Literal["soft", "hard"] = "soft",
         hard_expectation_prob: float = 0.5,
@@ -244,6 +264,13 @@ class AttentionDecoder(nn.Module):
         self.gate, self.deep_output = gate, deep_output
         self.deep_output_activation = deep_output_activation
         self.init_from_mean = init_from_mean
+        if isinstance(init_layers, bool) or not isinstance(init_layers, int) or init_layers < 1:
+            raise ValueError(f"init_layers must be an integer >= 1 (1: one linear layer per "
+                             f"initial state), got {init_layers!r}")
+        if init_layers > 1 and not init_from_mean:
+            raise ValueError(f"init_layers={init_layers} needs init_from_mean=True: with zero "
+                             "initial states the initial-state MLP is never used")
+        self.init_layers = init_layers
         if attention_mode not in ("soft", "hard"):
             raise ValueError(f"attention_mode must be 'soft' or 'hard', got {attention_mode!r}")
         self.attention_mode = attention_mode
@@ -259,6 +286,9 @@ class AttentionDecoder(nn.Module):
         context_dim = encoder_dim if self.use_context else 0  # no z_t without attention
         if gate != "none" and self.use_context:
             self.f_beta = nn.Linear(hidden_dim, 1 if gate == "scalar" else encoder_dim)
+        # the init MLPs' shared hidden layers (none by default: the state dict keeps its keys)
+        self.init_hidden = nn.ModuleList(
+            nn.Linear(encoder_dim, encoder_dim) for _ in range(init_layers - 1))  # W_k: D -> D
         self.init_h = nn.Linear(encoder_dim, hidden_dim)  # f_init,h
         self.init_c = nn.Linear(encoder_dim, hidden_dim)  # f_init,c
         self.lstm = nn.LSTMCell(embed_dim + context_dim, hidden_dim)  # T_{D+m+n,n}
@@ -307,7 +337,10 @@ class AttentionDecoder(nn.Module):
             m = mask.unsqueeze(-1).to(annotations.dtype)  # (B, L, 1)
             mean = (annotations * m).sum(1) / m.sum(1).clamp_min(1.0)  # (B, D)
         if self.init_from_mean:
-            h, c = torch.tanh(self.init_h(mean)), torch.tanh(self.init_c(mean))  # (B, N)
+            u = mean  # (B, D)
+            for layer in self.init_hidden:  # the authors' n_layers_init - 1 shared layers
+                u = self.dropout(torch.relu(layer(u)))  # (B, D)
+            h, c = torch.tanh(self.init_h(u)), torch.tanh(self.init_c(u))  # (B, N)
         else:
             h = c = mean.new_zeros(mean.shape[0], self.hidden_dim)
         keys, dtype = annotations, autocast_dtype(annotations)

@@ -108,8 +108,9 @@ def test_masked_keys_get_exactly_zero_weight():
     assert torch.allclose(out.alphas.sum(-1), torch.ones(B, 5), atol=1e-6)
 
 
-def test_gradients_reach_every_parameter():
-    dec = make(dropout=0.3)
+@pytest.mark.parametrize("init_layers", [1, 2])
+def test_gradients_reach_every_parameter(init_layers):
+    dec = make(dropout=0.3, init_layers=init_layers)
     out = dec(torch.randn(B, L, D), captions())
     out.logits.sum().backward()
     missing = [n for n, p in dec.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
@@ -240,3 +241,85 @@ def test_initial_state_from_the_masked_mean_annotation_by_hand():
         s = dec.init_state(ann, mask)
         torch.testing.assert_close(s.h, torch.tanh(dec.init_h(mean)))
         torch.testing.assert_close(s.c, torch.tanh(dec.init_c(mean)))
+
+
+# ---------------------------------------------------------------- init_layers (arctic-captions)
+DEFAULT_KEYS = {"embedding.weight", "attention.key_proj.weight", "attention.key_proj.bias",
+                "attention.query_proj.weight", "attention.energy.weight", "f_beta.weight",
+                "f_beta.bias", "init_h.weight", "init_h.bias", "init_c.weight", "init_c.bias",
+                "lstm.weight_ih", "lstm.weight_hh", "lstm.bias_ih", "lstm.bias_hh",
+                "L_h.weight", "L_h.bias", "L_z.weight", "L_o.weight", "L_o.bias"}
+
+
+def test_default_init_layers_keeps_the_state_dict_keys():
+    """Checkpoints saved before ``init_layers`` existed load into the default decoder."""
+    assert set(make().state_dict()) == DEFAULT_KEYS
+    deeper = make(init_layers=3).state_dict()
+    assert set(deeper) == DEFAULT_KEYS | {f"init_hidden.{k}.{p}" for k in (0, 1)
+                                          for p in ("weight", "bias")}
+    assert deeper["init_hidden.0.weight"].shape == (D, D)  # ctx_dim -> ctx_dim, as theirs
+
+
+@pytest.mark.parametrize("init_layers", [2, 3])
+def test_deeper_init_shapes(init_layers):
+    dec = make(init_layers=init_layers).eval()
+    s = dec.init_state(torch.randn(B, L, D))
+    assert s.h.shape == (B, N) and s.c.shape == (B, N)
+    out = dec(torch.randn(B, L, D), captions())
+    assert out.logits.shape == (B, 5, V) and out.alphas.shape == (B, 5, L)
+
+
+def test_init_layers_2_by_hand_over_the_masked_mean():
+    """``h_0 = tanh(W_h relu(W_1 u + b_1) + b_h)``, ``c_0`` the same with ``W_c, b_c`` and the
+    same hidden layer (shared, as in arctic-captions), ``u`` the mean over the valid positions.
+    B=2, L=3, D=2: row 0 keeps positions 0, 1: u = ([1, -2] + [3, 0]) / 2 = [2, -1]; row 1 keeps
+    all: u = [3, 3] / 3 = [1, 1]. With W_1 = [[1, 1], [1, -1]], b_1 = [0, -4]: row 0
+    relu([1, 3 - 4]) = [1, 0], row 1 relu([2, 0 - 4]) = [2, 0]; so h_0 = tanh(W_h[:, 0] r + b_h)
+    with r = 1 and 2: the second hidden unit is cut off by the ReLU in both rows."""
+    torch.manual_seed(0)
+    dec = AttentionDecoder(V, 2, embed_dim=E, hidden_dim=N, dropout=0.5, init_layers=2).eval()
+    ann = torch.tensor([[[1.0, -2.0], [3.0, 0.0], [50.0, 50.0]],
+                        [[1.0, 2.0], [0.0, 3.0], [2.0, -2.0]]])
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    with torch.no_grad():
+        dec.init_hidden[0].weight.copy_(torch.tensor([[1.0, 1.0], [1.0, -1.0]]))
+        dec.init_hidden[0].bias.copy_(torch.tensor([0.0, -4.0]))
+        s = dec.init_state(ann, mask)
+    r = torch.tensor([[1.0], [2.0]])  # (2, 1) the surviving hidden unit of rows 0, 1
+    for got, head in ((s.h, dec.init_h), (s.c, dec.init_c)):
+        expected = torch.tanh(r * head.weight[:, 0] + head.bias)  # (2, N)
+        torch.testing.assert_close(got, expected.detach())
+
+
+def test_bad_init_layers_are_clear_errors():
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="init_layers must be an integer >= 1"):
+            make(init_layers=bad)
+    with pytest.raises(ValueError, match="init_layers=2 needs init_from_mean=True"):
+        make(init_layers=2, init_from_mean=False)
+    make(init_layers=1, init_from_mean=False)  # zeros, as before
+
+
+def test_show_and_tell_with_init_layers_2_learns_through_the_initial_state():
+    """Without attention the image enters only through ``h_0, c_0``: with the two-layer init
+    MLP, five random images (their annotations differ in mean) are told apart by their word."""
+    from captioner.attention import NoAttention
+
+    torch.manual_seed(0)
+    dec = AttentionDecoder(V, D, embed_dim=E, hidden_dim=N, dropout=0.0, init_layers=2,
+                           attention=NoAttention)
+    ann = torch.randn(5, L, D) + 2 * torch.randn(5, 1, D)  # (5, L, D): distinct means
+    cap = torch.tensor([[1, 4 + k, 2] for k in range(5)])  # <start> word_k <end>
+    opt = torch.optim.Adam(dec.parameters(), lr=0.03)
+    for _ in range(150):
+        opt.zero_grad()
+        logits = dec(ann, cap).logits  # (5, 2, V)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), cap[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+    dec.eval()
+    with torch.no_grad():
+        first = dec(ann, cap).logits[:, 0].argmax(-1)  # (5,)
+    assert loss.item() < 0.05
+    assert torch.equal(first, cap[:, 1])
+    assert dec.init_hidden[0].weight.grad.abs().sum() > 0
