@@ -41,7 +41,7 @@ takes an optional keyword ``step`` that the decoder passes and every other modul
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
@@ -139,20 +139,38 @@ class AdditiveAttention(Attention):
     r"""Additive ("concat", MLP) attention of Bahdanau et al. (2015), Section 3.1 / A.1.2, the
     ``f_att`` of Show, Attend and Tell (Xu et al. 2015, Section 4.2; arctic-captions' code)::
 
-        e_ti = w^T tanh(W_a a_i + W_h h_{t-1} + b)
+        e_ti = w^T tanh(k_i + W_h h_{t-1})
+        k_i  = W_a a_i + b              (key_activation="identity", the default)
+        k_i  = tanh(W_a a_i + b)        (key_activation="tanh")
 
-    ``W_a a_i`` does not depend on ``t`` and is computed once per image.
+    The keys ``k_i`` ``(B, L, A)`` do not depend on ``t`` and are computed once per image
+    (:meth:`project_keys`).
+
+    ``key_activation="tanh"`` is the authors' COCO attention: arctic-captions'
+    ``evaluate_coco.py`` sets ``n_layers_att = 2``, with which ``capgen.py``
+    (``param_init_lstm_cond``, ``lstm_cond_layer``) maps the annotations twice, with no
+    nonlinearity between the two maps, squashes once, and adds no bias to the state's term::
+
+        pctx_i = tanh(W_att_1 (Wc_att a_i + b_att) + b_att_1)        (once per image)
+        e_ti   = U_att tanh(pctx_i + Wd_att h_{t-1}) + c_tt
+
+    (column vectors; their code multiplies rows). The two maps compose into one affine map
+    ``W_a a_i + b`` (``W_a = W_att_1 Wc_att``, ``b = W_att_1 b_att + b_att_1``; their
+    ``A = D``), so the function class is the same: ``b`` inside the inner ``tanh``, no bias on
+    ``W_h h`` (``Wd_att`` has none) and no ``c_tt`` (one constant added to every ``e_ti``,
+    which the softmax cancels).
 
     The hidden layer ``tanh(x)`` over ``(B, L, A)`` is the largest elementwise cost of a
     decoding step. On CPU, ATen's ``tanh`` kernel is about 6x slower than its ``sigmoid``
     (23 ms against 3.8 ms for 3.2 M floats on one AVX2 core), so by default the same function
     is computed through ``tanh(x) = 2 sigmoid(2x) - 1``::
 
-        e_ti = 2 w^T sigmoid(2 W_a a_i + 2 b + 2 W_h h_{t-1}) - sum_k w_k
+        e_ti = 2 w^T sigmoid(2 k_i + 2 W_h h_{t-1}) - sum_k w_k
 
-    with ``2 (W_a a_i + b)`` cached by :meth:`project_keys`. The energies agree with the
-    ``tanh`` form to float32 rounding (``sum_k w_k`` is shared by all ``i``, so the weights
-    ``alpha`` do not even see that term); ``tanh_via_sigmoid=False`` computes ``tanh`` itself.
+    with ``2 k_i`` cached by :meth:`project_keys` (doubled after ``key_activation``'s squash).
+    The energies agree with the ``tanh`` form to float32 rounding (``sum_k w_k`` is shared by
+    all ``i``, so the weights ``alpha`` do not even see that term); ``tanh_via_sigmoid=False``
+    computes ``tanh`` itself.
     The shift enters the ``w^T`` GEMV as its bias, so in bf16 the energies are rounded once at
     their own scale, not after a cancellation against ``sum_k w_k`` (their error is then close
     to the ``tanh`` form's).
@@ -171,6 +189,8 @@ class AdditiveAttention(Attention):
         query_dim: ``N``.
         key_dim: ``D``.
         attention_dim: ``A``, the hidden size of the score MLP.
+        key_activation: ``"identity"`` (``k_i = W_a a_i + b``, one layer) or ``"tanh"``
+            (``k_i = tanh(W_a a_i + b)``, the authors' COCO ``n_layers_att = 2``); see above.
         tanh_via_sigmoid: compute the hidden layer as ``2 sigmoid(2x) - 1`` (see above).
         chunk_elements: without autograd, on a CPU, the hidden layer's size (elements)
             formed at once; ``0`` forms it whole (as on a GPU, where chunks would only add
@@ -182,23 +202,32 @@ class AdditiveAttention(Attention):
     reads_keys = False  # score reads proj_keys only
 
     def __init__(self, query_dim: int, key_dim: int, attention_dim: int = 512,
+                 key_activation: Literal["identity", "tanh"] = "identity",
                  tanh_via_sigmoid: bool = True, chunk_elements: int = 1 << 19,
                  compile_search: bool = False) -> None:
         super().__init__(query_dim, key_dim)
-        self.key_proj = nn.Linear(key_dim, attention_dim)  # W_a (and b)
+        if key_activation not in ("identity", "tanh"):
+            raise ValueError(f"key_activation must be 'identity' or 'tanh' (the authors' COCO "
+                             f"n_layers_att=2), got {key_activation!r}")
+        self.key_proj = nn.Linear(key_dim, attention_dim)  # W_a and b
         self.query_proj = nn.Linear(query_dim, attention_dim, bias=False)  # W_h
         self.energy = nn.Linear(attention_dim, 1, bias=False)  # w
+        self.key_activation = key_activation
         self.tanh_via_sigmoid = tanh_via_sigmoid
         self.chunk_elements = chunk_elements
         self.compile_search = compile_search
 
     def project_keys(self, keys: torch.Tensor) -> torch.Tensor:
-        """``W_a a_i + b`` ``(B, L, A)``, doubled when ``tanh_via_sigmoid``."""
+        """Keys ``k_i`` ``(B, L, A)``: ``W_a a_i + b``, squashed by ``tanh`` when
+        ``key_activation="tanh"``, then doubled when ``tanh_via_sigmoid``."""
         proj = self.key_proj(keys)  # (B, L, A)
+        if self.key_activation == "tanh":
+            proj = torch.tanh(proj)  # (B, L, A); its backward reads it: no in-place doubling
+            return proj * 2.0 if self.tanh_via_sigmoid else proj
         return proj.mul_(2.0) if self.tanh_via_sigmoid else proj
 
     def energies(self, proj_keys: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-        """``e = w^T tanh(W_a a + b + q)`` from :meth:`project_keys`' output ``(..., L, A)``
+        """``e = w^T tanh(k + q)`` from :meth:`project_keys`' output ``(..., L, A)``
         and projected queries ``q = W_h h`` ``(..., 1, A)`` (broadcast) -> ``(..., L)``."""
         if not self.tanh_via_sigmoid:
             return self.energy(torch.tanh(proj_keys + q)).squeeze(-1)
@@ -230,9 +259,9 @@ def fused_energies(proj_keys: torch.Tensor, q: torch.Tensor, w: torch.Tensor,
     """:meth:`AdditiveAttention.energies` written as one elementwise chain and a reduction, for
     ``torch.compile`` to fuse: ``(..., L, A)`` projected keys, ``(..., 1, A)`` projected queries
     and ``w`` ``(A,)`` -> ``e`` ``(..., L)``."""
-    if sigmoid_form:  # 2 w^T sigmoid(2 W_a a + 2 b + 2 q) - sum_k w_k
+    if sigmoid_form:  # 2 w^T sigmoid(2 k + 2 q) - sum_k w_k
         return 2.0 * ((torch.sigmoid(proj_keys + 2.0 * q) * w).sum(-1) - 0.5 * w.sum())
-    return (torch.tanh(proj_keys + q) * w).sum(-1)  # w^T tanh(W_a a + b + q)
+    return (torch.tanh(proj_keys + q) * w).sum(-1)  # w^T tanh(k + q)
 
 
 # compiled on the first search of a model with compile_search, for any batch size (dynamic)

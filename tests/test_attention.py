@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from captioner import attention as attention_module
 from captioner.attention import (
     ATTENTION_REGISTRY,
     AdditiveAttention,
@@ -20,7 +21,9 @@ from captioner.attention import (
     NoAttention,
     ScaledDotProductAttention,
     build_attention,
+    fused_energies,
 )
+from captioner.config import instantiate
 
 B, L, D, N, A = 3, 7, 5, 11, 4
 GRID = (3, 5)  # (H, W) for the 2-D local attention: L = 15
@@ -28,6 +31,8 @@ GRID = (3, 5)  # (H, W) for the 2-D local attention: L = 15
 # name -> (factory (query_dim, key_dim) -> Attention, number of positions, query size)
 VARIANTS = {
     "additive": (lambda q, k: AdditiveAttention(q, k, attention_dim=A), L, N),
+    "additive_tanh_keys": (lambda q, k: AdditiveAttention(q, k, attention_dim=A,
+                                                          key_activation="tanh"), L, N),
     "dot": (DotAttention, L, D),
     "general": (GeneralAttention, L, N),
     "scaled_dot": (lambda q, k: ScaledDotProductAttention(q, k, attention_dim=A), L, N),
@@ -205,6 +210,138 @@ def test_additive_search_scores_in_chunks_with_the_same_energies(tanh_via_sigmoi
     trained = attn.score(query, keys, attn.project_keys(keys))
     assert calls == [13] and trained.requires_grad
     torch.testing.assert_close(trained.detach(), expected, rtol=0, atol=1e-6)
+
+
+# ------------------------------------------ the authors' COCO attention (n_layers_att = 2)
+def tanh_keys_energies(attn: AdditiveAttention, query: torch.Tensor,
+                       keys: torch.Tensor) -> torch.Tensor:
+    """``w^T tanh(tanh(W_a a_i + b) + W_h h)`` ``(B, L)`` from the module's weights."""
+    k = torch.tanh(keys @ attn.key_proj.weight.T + attn.key_proj.bias)  # (B, L, A)
+    q = (query @ attn.query_proj.weight.T).unsqueeze(1)  # (B, 1, A)
+    return torch.tanh(k + q) @ attn.energy.weight.view(-1)  # (B, L)
+
+
+@pytest.mark.parametrize("tanh_via_sigmoid", [True, False])
+def test_tanh_keys_energy_by_hand(tanh_via_sigmoid):
+    """``key_activation="tanh"`` on A = 2, D = 2, L = 3, N = 1 with hand-set weights, against
+    ``e_i = sum_j w_j tanh(tanh(sum_d Wa_jd a_id + b_j) + Wh_j h)`` in scalars."""
+    attn = AdditiveAttention(1, 2, attention_dim=2, key_activation="tanh",
+                             tanh_via_sigmoid=tanh_via_sigmoid)
+    Wa, b = [[1.0, 0.5], [-2.0, 1.5]], [0.3, -0.4]
+    Wh, w = [2.0, -1.0], [1.5, -0.5]
+    with torch.no_grad():
+        attn.key_proj.weight.copy_(torch.tensor(Wa))
+        attn.key_proj.bias.copy_(torch.tensor(b))
+        attn.query_proj.weight.copy_(torch.tensor(Wh).view(2, 1))
+        attn.energy.weight.copy_(torch.tensor(w).view(1, 2))
+    a, h = [[1.0, 2.0], [-1.0, 0.5], [0.0, 0.0]], 0.4
+    expected = [sum(w[j] * math.tanh(math.tanh(Wa[j][0] * ai[0] + Wa[j][1] * ai[1] + b[j])
+                                     + Wh[j] * h) for j in range(2)) for ai in a]
+    without_squash = [sum(w[j] * math.tanh(Wa[j][0] * ai[0] + Wa[j][1] * ai[1] + b[j]
+                                           + Wh[j] * h) for j in range(2)) for ai in a]
+    assert max(abs(x - y) for x, y in zip(expected, without_squash)) > 0.1
+    query, keys = torch.tensor([[h]]), torch.tensor([a])  # (1, 1), (1, 3, 2)
+    got = attn.score(query, keys, attn.project_keys(keys))  # (1, 3)
+    torch.testing.assert_close(got, torch.tensor([expected]), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(attn(query, keys), torch.softmax(torch.tensor([expected]), -1))
+
+
+def test_tanh_keys_sigmoid_tanh_chunked_and_compiled_paths_agree(monkeypatch):
+    """The sigmoid form (squash, then double), the plain ``tanh`` form, the chunked no-grad
+    search path and the ``compile_search`` path (:func:`fused_energies` run eagerly here: the
+    squashed keys are its input) give ``w^T tanh(tanh(W_a a + b) + W_h h)``; both forms have
+    the same gradients, and masked weights are exactly 0."""
+    torch.manual_seed(0)
+    forms = {flag: AdditiveAttention(N, D, attention_dim=A, key_activation="tanh",
+                                     tanh_via_sigmoid=flag, chunk_elements=2 * L * A + 5)
+             for flag in (True, False)}
+    forms[False].load_state_dict(forms[True].state_dict())
+    g = torch.Generator().manual_seed(4)
+    query, keys = torch.randn(13, N, generator=g), torch.randn(13, L, D, generator=g) * 2
+    expected = tanh_keys_energies(forms[True], query, keys).detach()  # (13, L)
+    plain = AdditiveAttention(N, D, attention_dim=A)  # the option ignored: other energies
+    plain.load_state_dict(forms[True].state_dict())
+    assert (plain.score(query, keys, plain.project_keys(keys)) - expected).abs().max() > 0.05
+    grads = []
+    for flag, attn in forms.items():
+        q, k = query.clone().requires_grad_(), keys.clone().requires_grad_()
+        e = attn.score(q, k, attn.project_keys(k))  # (13, L), autograd: formed whole
+        torch.testing.assert_close(e.detach(), expected, rtol=1e-5, atol=1e-5)
+        (e.sin().sum() + torch.softmax(e, -1)[:, 0].sum()).backward()
+        grads.append([q.grad, k.grad, *(p.grad for p in attn.parameters())])
+        calls = []
+        monkeypatch.setattr(attn, "energies", lambda p, q_, attn=attn: calls.append(p.shape[0])
+                            or AdditiveAttention.energies(attn, p, q_))
+        with torch.no_grad():
+            chunked = attn.score(query, keys, attn.project_keys(keys))
+        assert calls == [2, 2, 2, 2, 2, 2, 1]
+        torch.testing.assert_close(chunked, expected, rtol=1e-5, atol=1e-5)
+        fused = []
+        monkeypatch.setattr(attention_module, "_FUSED_ENERGIES",
+                            lambda *args: fused.append(args[3]) or fused_energies(*args))
+        attn.compile_search = True
+        with torch.no_grad():
+            compiled = attn.score(query, keys, attn.project_keys(keys))
+        attn.compile_search = False
+        assert fused == [flag]
+        torch.testing.assert_close(compiled, expected, rtol=1e-5, atol=1e-5)
+    for ref, got in zip(*grads):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
+    mask = torch.arange(L) < torch.arange(13).remainder(L).add(1).unsqueeze(1)  # (13, L)
+    alpha = forms[True](query, keys, mask=mask)  # (13, L)
+    assert (alpha[~mask] == 0).all()
+    torch.testing.assert_close(alpha.sum(-1), torch.ones(13))
+    torch.testing.assert_close(
+        alpha, torch.softmax(expected.masked_fill(~mask, float("-inf")), -1), rtol=1e-5,
+        atol=1e-6)
+
+
+def test_key_activation_default_is_unchanged():
+    """The default is ``identity`` and computes today's keys bit for bit (``2 (W_a a + b)``);
+    ``tanh`` adds no parameter (same state-dict keys, loads the default's) but other keys."""
+    torch.manual_seed(0)
+    default = AdditiveAttention(N, D, attention_dim=A)
+    squashed = AdditiveAttention(N, D, attention_dim=A, key_activation="tanh")
+    assert default.key_activation == "identity"
+    assert list(default.state_dict()) == list(squashed.state_dict()) == [
+        "key_proj.weight", "key_proj.bias", "query_proj.weight", "energy.weight"]
+    squashed.load_state_dict(default.state_dict())
+    query, keys = inputs(L, N)
+    linear = F.linear(keys, default.key_proj.weight, default.key_proj.bias)  # (B, L, A)
+    assert torch.equal(default.project_keys(keys), linear * 2.0)
+    assert torch.equal(squashed.project_keys(keys), torch.tanh(linear) * 2.0)
+    assert not torch.allclose(squashed(query, keys), default(query, keys))
+    with pytest.raises(ValueError, match="key_activation.*'relu'"):
+        AdditiveAttention(N, D, key_activation="relu")
+
+
+def test_key_activation_reaches_the_decoder_from_config():
+    """``attention: {class_path: ..AdditiveAttention, init_args: {key_activation: tanh}}`` as
+    LightningCLI parses it: the decoder's first-step weights are the squashed keys' softmax."""
+    vocab, embed, hidden, steps = 9, 3, 11, 4
+    torch.manual_seed(0)
+    decoder = instantiate("captioner.decoder.AttentionDecoder", {
+        "vocab_size": vocab, "encoder_dim": D, "embed_dim": embed, "hidden_dim": hidden,
+        "dropout": 0.0,
+        "attention": {"class_path": "captioner.attention.AdditiveAttention",
+                      "init_args": {"attention_dim": A, "key_activation": "tanh"}},
+    })
+    attn = decoder.attention
+    assert isinstance(attn, AdditiveAttention) and attn.key_activation == "tanh"
+    _, annotations = inputs(L, N)
+    captions = torch.randint(1, vocab, (B, steps + 1), generator=torch.Generator().manual_seed(2))
+    out = decoder(annotations, captions)
+    assert out.alphas.shape == (B, steps, L)
+    h0 = decoder.init_state(annotations).h  # (B, N)
+    torch.testing.assert_close(out.alphas[:, 0],
+                               torch.softmax(tanh_keys_energies(attn, h0, annotations), -1))
+    out.logits.sum().backward()  # the squashed keys' doubling is not in place
+    assert attn.key_proj.weight.grad.abs().sum() > 0
+    with pytest.raises(Exception, match="key_activation"):
+        instantiate("captioner.decoder.AttentionDecoder", {
+            "vocab_size": vocab, "encoder_dim": D,
+            "attention": {"class_path": "captioner.attention.AdditiveAttention",
+                          "init_args": {"key_activation": "relu"}}})
 
 
 def test_general_is_h_W_a():
