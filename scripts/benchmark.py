@@ -745,6 +745,55 @@ def bench_ab(s: Sizes, device: torch.device, name: str, log: Callable[[str], Non
     return result
 
 
+def bench_batching(s: Sizes, device: torch.device, log: Callable[[str], None]
+                   ) -> dict[str, Any]:
+    """Training throughput with batches of ``B`` captions of mixed lengths (the fixed work's
+    batching) against the paper's batches of one length (Xu et al. 2015, Sec. 4.3;
+    ``same_length_batches`` in the data modules), on the same length distribution.
+
+    At data-set scale the paper's batches are full (one short batch per length and epoch), and
+    the length of each is a draw from the distribution, so a step's expected time is
+    ``sum_l p_l t(l)``, ``t(l)`` the median step on ``B`` captions of length ``l``; mixed
+    batches' expected time is the mean of the median steps of one mixed batch per length
+    value (drawn as the fixed work draws them). All batches are timed in the same
+    interleaved rounds. Captions per second = ``B`` / expected step time."""
+    rng = np.random.default_rng(SEED + 1)
+    gen = torch.Generator().manual_seed(SEED)
+    annotations = torch.randn(s.batch, s.grid * s.grid, s.encoder_dim,
+                              generator=gen).relu().to(device)
+    dec = build_decoder(s).to(device)
+    opt = library_adam(dec.parameters())
+    batches: dict[str, Work] = {}
+    for length in LENGTH_DISTRIBUTION:
+        same = np.full(s.batch, length)
+        mixed = sample_lengths(s.batch, rng)
+        for name, lengths in ((f"same_{length}", same), (f"mixed_{length}", mixed)):
+            batches[name] = Work(annotations, [make_captions(lengths, s.vocab_size,
+                                                             rng).to(device)],
+                                 [torch.as_tensor(lengths, device=device)])
+    log(f"batching: {len(batches)} batches x {s.repeats} repeats")
+    tasks = {name: functools.partial(train_pass, dec, opt, work, ours_loss)
+             for name, work in batches.items()}
+    times = {name: statistics.median(t)
+             for name, t in interleaved(tasks, s.warmup, s.repeats, device).items()}
+    probs = np.array(list(LENGTH_DISTRIBUTION.values()))
+    probs = probs / probs.sum()
+    same_time = sum(p * times[f"same_{n}"] for n, p in zip(LENGTH_DISTRIBUTION, probs))
+    mixed_time = statistics.mean(times[f"mixed_{n}"] for n in LENGTH_DISTRIBUTION)
+    mixed_tokens = statistics.mean(float(batches[f"mixed_{n}"].lengths[0].float().mean())
+                                   for n in LENGTH_DISTRIBUTION)
+    mean_tokens = float((np.array(list(LENGTH_DISTRIBUTION)) * probs).sum())
+    return {"mixed_train_captions_per_s": s.batch / mixed_time,
+            "same_length_train_captions_per_s": s.batch / same_time,
+            # tokens per caption: the distribution's mean, and the mixed batches' sample mean
+            "mean_caption_tokens": mean_tokens,
+            "mixed_batches_mean_caption_tokens": mixed_tokens,
+            # seconds per token, mixed / same (corrects the mixed draws' sample mean)
+            "same_length_speedup_per_token": (mixed_time / mixed_tokens)
+            / (same_time / mean_tokens),
+            "step_seconds": {name: round(t, 4) for name, t in times.items()}}
+
+
 def bench_bf16(s: Sizes, device: torch.device, log: Callable[[str], None]) -> dict[str, Any]:
     """bf16 autocast on ``device``: loss parity with fp32 (dropout off) and training/greedy throughput,
     with fp32 measured in the same interleaved rounds (the same eval-mode decoder) for the ratio;
@@ -985,6 +1034,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "copied_beam_keys), training and/or decoding as the ablation changes "
                         "them, interleaved in alternating order, with per-round ratios; for "
                         "small effects use many --repeats")
+    p.add_argument("--batching", action="store_true",
+                   help="add training with the paper's batches of one caption length against "
+                        "mixed-length batches (Xu et al. 2015, Sec. 4.3)")
     p.add_argument("--cached-epochs", action="store_true",
                    help="add one training epoch from raw images against one from cached "
                         "features (Flickr8k subset, frozen EfficientNet-Lite0; minutes)")
@@ -1031,6 +1083,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result["ab"] = bench_ab(s, device, args.ab, log)
     if args.bf16:
         result["bf16"] = bench_bf16(s, device, log)
+    if args.batching:
+        result["batching"] = bench_batching(s, device, log)
     if "encode" not in skip:
         result["encode_images_per_s"], encode_bf16 = bench_encoders(s, device, log, args.bf16)
         if args.bf16:

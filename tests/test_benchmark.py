@@ -207,3 +207,34 @@ def test_ab_run_reports_each_round(bm):
         assert len(entry["ours_speedup_per_round"]) == 2 and entry["ours_per_s"] > 0
     with pytest.raises(SystemExit, match="'nonsense' is not an ablation"):
         bm.main(["--tiny", "--quick", "--ab", "nonsense", "--skip", "decoders,encode,load"])
+
+
+def test_batching_weighs_each_length_by_its_probability(bm, monkeypatch):
+    """The paper's batches of one length: expected step time ``sum_l p_l t(l)``. With a fake
+    clock giving ``t(l) = 0.01 l`` s and 0.2 s for every mixed batch, the expected same-length
+    step is 0.01 x the mean length, 13.062 tokens (10 x 0.07 + 11 x 0.22 + ... + 22 x 0.007)."""
+    def fake_interleaved(tasks, warmup, repeats, device, alternate=True):
+        return {name: [0.01 * int(name.split("_")[1]) if name.startswith("same") else 0.2] * 3
+                for name in tasks}
+
+    monkeypatch.setattr(bm, "interleaved", fake_interleaved)
+    s = bm.TINY
+    out = bm.bench_batching(s, torch.device("cpu"), lambda msg: None)
+    assert set(out["step_seconds"]) == {f"{kind}_{n}" for n in bm.LENGTH_DISTRIBUTION
+                                        for kind in ("same", "mixed")}
+    assert out["mean_caption_tokens"] == pytest.approx(13.062)
+    assert out["same_length_train_captions_per_s"] == pytest.approx(s.batch / 0.13062)
+    assert out["mixed_train_captions_per_s"] == pytest.approx(s.batch / 0.2)
+    tokens = out["mixed_batches_mean_caption_tokens"]
+    assert 10 <= tokens <= 22
+    # seconds per token: mixed 0.2 / tokens, same 0.01
+    assert out["same_length_speedup_per_token"] == pytest.approx(20 / tokens)
+
+
+def test_batching_run_at_tiny_sizes(bm):
+    result = bm.main(["--tiny", "--quick", "--batching", "--skip", "decoders,encode,load",
+                      "--threads", "1"])
+    batching = result["batching"]
+    assert batching["same_length_train_captions_per_s"] > 0
+    assert batching["mixed_train_captions_per_s"] > 0
+    assert len(batching["step_seconds"]) == 2 * len(bm.LENGTH_DISTRIBUTION)

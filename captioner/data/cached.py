@@ -134,7 +134,8 @@ class CachedFeaturesDataModule(_CachedFeatures, CaptionDataModule):
         features_dir: the folder written by ``captioner extract-features`` for these images.
         format, annotations, image_root, instances, image_size, batch_size, eval_batch_size,
             num_workers, min_freq, max_vocab_size, max_caption_length, val_fraction,
-            test_fraction, split_seed, skip_bad, max_images, vocab_file, split_method: as
+            test_fraction, split_seed, skip_bad, max_images, vocab_file, split_method,
+            same_length_batches: as
             :class:`CaptionDataModule` (``image_size`` is not used for loading; it is kept for
             checkpoints and the inference tools, which read raw images).
         verify_cache: read every shard when the cache is opened and compare it with the
@@ -169,11 +170,12 @@ class CachedFeaturesDataModule(_CachedFeatures, CaptionDataModule):
         vocab_file: str | None = None,
         split_method: Literal["rank", "hash"] = "rank",
         verify_cache: bool = False,
+        same_length_batches: bool = False,
     ) -> None:
         super().__init__(format, annotations, image_root, instances, image_size, batch_size,
                          eval_batch_size, num_workers, min_freq, max_vocab_size,
                          max_caption_length, val_fraction, test_fraction, split_seed, skip_bad,
-                         max_images, vocab_file, split_method)
+                         max_images, vocab_file, split_method, same_length_batches)
         self.save_hyperparameters()
         self.features_dir = features_dir
         self.verify_cache = verify_cache
@@ -186,7 +188,7 @@ class CachedShapesDataModule(_CachedFeatures, ShapesDataModule):
     Args:
         features_dir: the folder written by ``captioner extract-features`` for these images.
         root, num_train, num_val, num_test, image_size, seed, clutter, distort, batch_size,
-            eval_batch_size, num_workers, min_freq, max_caption_length: as
+            eval_batch_size, num_workers, min_freq, max_caption_length, same_length_batches: as
             :class:`ShapesDataModule`.
         verify_cache: as :class:`CachedFeaturesDataModule`.
     """
@@ -208,9 +210,11 @@ class CachedShapesDataModule(_CachedFeatures, ShapesDataModule):
         min_freq: int = 1,
         max_caption_length: int = 30,
         verify_cache: bool = False,
+        same_length_batches: bool = False,
     ) -> None:
         super().__init__(root, num_train, num_val, num_test, image_size, seed, clutter, distort,
-                         batch_size, eval_batch_size, num_workers, min_freq, max_caption_length)
+                         batch_size, eval_batch_size, num_workers, min_freq, max_caption_length,
+                         same_length_batches)
         self.save_hyperparameters("features_dir", "verify_cache")
         self.features_dir = features_dir
         self.verify_cache = verify_cache

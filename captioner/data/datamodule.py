@@ -4,7 +4,8 @@
 Flickr8k CSV), fixes the train/val/test splits, builds the vocabulary from the *training*
 captions and serves
 
-* ``train_dataloader``: shuffled (image, caption) pairs, :func:`collate_captions` batches;
+* ``train_dataloader``: shuffled (image, caption) pairs, :func:`collate_captions` batches
+  (with ``same_length_batches``, the paper's batches of one caption length);
 * ``val/test/predict_dataloader``: each image once, :func:`collate_images` batches, whose
   ``index`` selects the image's references in :meth:`CaptionDataModule.references`.
 
@@ -53,7 +54,8 @@ from captioner.data.formats import (
     load_kaggle_flickr8k,
     load_karpathy,
 )
-from captioner.data.samplers import epoch_sampler, loader_generator, run_seed
+from captioner.data.samplers import (SameLengthBatchSampler, epoch_sampler, loader_generator,
+                                     run_seed, trainer_epoch)
 from captioner.data.tokenize import tokenize
 from captioner.data.vocabulary import (MORE_THAN_SPECIALS, Vocabulary, check_coverage,
                                         count_tokens)
@@ -97,6 +99,10 @@ class CaptionDataModule(L.LightningDataModule):
         max_images: Keep only the first ``max_images`` images of *each* split (quick runs).
         vocab_file: Load the vocabulary from this JSON (:meth:`Vocabulary.save`) instead of
             building it from the training captions.
+        same_length_batches: Training batches hold captions of one length, as in the paper
+            (Xu et al. 2015, Sec. 4.3; :class:`~captioner.data.samplers.SameLengthBatchSampler`):
+            no padded steps, and up to one smaller batch per distinct length per epoch. Off:
+            batches of ``batch_size`` random captions (padded steps are skipped, not computed).
 
     Attributes:
         decode_images: whether ``skip_bad`` decodes the images (``False`` in the cached-feature
@@ -130,6 +136,7 @@ class CaptionDataModule(L.LightningDataModule):
         max_images: int | None = None,
         vocab_file: str | None = None,
         split_method: Literal["rank", "hash"] = "rank",
+        same_length_batches: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -180,6 +187,7 @@ class CaptionDataModule(L.LightningDataModule):
         if split_method not in ("rank", "hash"):
             raise ConfigError(f"split_method must be 'rank' or 'hash', got {split_method!r}")
         self.split_method = split_method
+        self.same_length_batches = same_length_batches
         self.skip_bad = skip_bad
         self.max_images = max_images
         self.vocab_file = vocab_file
@@ -382,10 +390,18 @@ class CaptionDataModule(L.LightningDataModule):
             raise ValueError("the training split has no images")
         collate = self._collate(split)
         seed = run_seed()  # the order is a function of (seed, epoch): resuming repeats it
+        batching: dict[str, Any] = {
+            "batch_size": self.batch_size if split == "train" else self.eval_batch_size,
+            "sampler": epoch_sampler(dataset, seed, self.trainer) if shuffle else None}
+        if split == "train" and self.same_length_batches:
+            # Lightning rebuilds it under DDP with these arguments, `epoch` included
+            batching = {"batch_sampler": SameLengthBatchSampler(
+                epoch_sampler(dataset, seed, self.trainer, distributed=False), self.batch_size,
+                keys=dataset.lengths.tolist(), seed=seed,  # type: ignore[attr-defined]
+                epoch=trainer_epoch(self.trainer))}
         return DataLoader(
             dataset,
-            batch_size=self.batch_size if split == "train" else self.eval_batch_size,
-            sampler=epoch_sampler(dataset, seed, self.trainer) if shuffle else None,
+            **batching,
             generator=loader_generator(seed),
             num_workers=self.num_workers,
             collate_fn=collate,
@@ -480,6 +496,8 @@ class ShapesDataModule(CaptionDataModule):
         num_workers: DataLoader worker processes.
         min_freq: Vocabulary frequency threshold.
         max_caption_length: Longest training caption, ``<start>``/``<end>`` included.
+        same_length_batches: Training batches of one caption length (as
+            :class:`CaptionDataModule`).
     """
 
     def __init__(
@@ -497,6 +515,7 @@ class ShapesDataModule(CaptionDataModule):
         num_workers: int = 0,
         min_freq: int = 1,
         max_caption_length: int = 30,
+        same_length_batches: bool = False,
     ) -> None:
         annotations_dir = Path(root) / "annotations"
         super().__init__(
@@ -510,6 +529,7 @@ class ShapesDataModule(CaptionDataModule):
             num_workers=num_workers,
             min_freq=min_freq,
             max_caption_length=max_caption_length,
+            same_length_batches=same_length_batches,
         )
         # Keep only this signature's arguments (the parent saved its own, e.g. ``format``).
         parent_only = set(inspect.signature(CaptionDataModule.__init__).parameters) - set(

@@ -83,6 +83,12 @@ class CaptionTrainDataset(Dataset[dict[str, Any]]):
     def __len__(self) -> int:
         return len(self._record_index)
 
+    @property
+    def lengths(self) -> np.ndarray:
+        """``(P,)`` int64: each pair's encoded caption length ``T + 1`` (``<start>`` and
+        ``<end>`` included, after cutting)."""
+        return np.diff(self._offsets)
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         """Returns ``image`` (3, H, W) float in [0, 1], ``caption`` (T + 1,) long, ``index`` int."""
         r = int(self._record_index[i])

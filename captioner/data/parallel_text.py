@@ -48,9 +48,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, Dataset, RandomSampler, Sampler
+from torch.utils.data import BatchSampler, Dataset, Sampler
 
-from captioner.data.samplers import EpochRandomSampler
+from captioner.data.samplers import EpochRandomSampler, shuffles
 from captioner.data.tokenize import detokenize_mt, tokenize_mt
 from captioner.data.vocabulary import Vocabulary
 
@@ -257,8 +257,7 @@ class BucketBatchSampler(BatchSampler):
     @property
     def shuffle(self) -> bool:
         """Whether the indices come shuffled (training batches)."""
-        return isinstance(self.sampler, RandomSampler) or bool(getattr(self.sampler, "shuffle",
-                                                                       False))
+        return shuffles(self.sampler)
 
     def _pool_size(self) -> int:
         return self.batch_size * self.bucket_factor if self.shuffle else max(len(self.sampler), 1)

@@ -131,6 +131,35 @@ def test_ddp_training_equals_single_process_training(runs):
     assert steps == [8, 8]  # one step per epoch in both: the whole set is one batch
 
 
+def test_same_length_batches_under_ddp_take_as_many_steps_on_each_rank(runs, tmp_path):
+    """The paper's batches of one caption length under DDP: each rank's share of the captions
+    would group into another number of batches, and the rank with more would wait forever in
+    the gradient all-reduce; the batches are dealt out instead, so the fit ends, each rank
+    taking ceil(batches / 2) steps per epoch."""
+    from collections import Counter
+
+    from captioner.data.datamodule import ShapesDataModule
+
+    cfg = config(tmp_path / "unused", tmp_path, 2)  # its data section replaced below
+    cfg["data"] = yaml.safe_load((runs["ddp"] / "config.yaml").read_text())["data"]
+    cfg["data"]["init_args"].update(batch_size=5, same_length_batches=True)
+    cfg["trainer"].update(max_epochs=2, check_val_every_n_epoch=2)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    dm = ShapesDataModule(**cfg["data"]["init_args"])
+    dm.setup("fit")
+    lengths = Counter(dm._dataset("train").lengths.tolist())
+    batches = sum(-(-n // 5) for n in lengths.values())
+    assert len(lengths) > 1 and batches % 2 == 1  # lengths to keep apart, one batch to repeat
+    exe = Path(sys.executable).with_name("captioner")
+    proc = subprocess.run([str(exe), "fit", "--config", str(tmp_path / "config.yaml")],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ckpt = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 2 * -(-batches // 2)
+    assert len(val_scores(tmp_path)) == 1  # validated over the whole split, as without it
+
+
 def test_validate_same_checkpoint_with_one_process_matches_ddp(runs):
     """The DDP run's last val scores (2 ranks, whole split gathered) equal a 1-process
     `validate` of the checkpoint it saved."""
