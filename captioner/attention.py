@@ -181,7 +181,7 @@ class AdditiveAttention(Attention):
     rows), so that each chunk stays in a CPU's cache. The energies are the same row by row. With
     ``compile_search`` the search's energies come from one ``torch.compile``\ d loop instead
     (:func:`fused_energies`: hidden layer, squashing and ``w^T`` fused, nothing written but
-    ``e``); 1.08-1.3x faster beam search in BENCHMARKS.md, at the cost of compiling once per
+    ``e``); 1.05-1.3x faster beam search in BENCHMARKS.md, at the cost of compiling once per
     process (seconds; a C++ compiler is needed on CPU; without one, a warning and the eager
     path).
 

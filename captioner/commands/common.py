@@ -512,7 +512,7 @@ def instantiate_data_config(cfg: dict[str, Any], source: str, strict: bool) -> A
 
 # data options that change how batches are loaded, never which images a split holds
 LOADER_OPTIONS = frozenset({"batch_size", "eval_batch_size", "num_workers", "pin_memory",
-                            "persistent_workers"})
+                            "persistent_workers", "same_length_batches", "verify_cache"})
 PATH_OPTIONS = frozenset({"annotations", "image_root", "instances", "vocab_file", "features_dir",
                           "root"})
 """Data options that say where the data is, not how it is split: where the stored config's

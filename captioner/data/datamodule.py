@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, SequentialSampler
 
 from captioner.config import NON_NEGATIVE, POSITIVE, ConfigError, check_ranges
 from captioner.data.datasets import (
@@ -394,11 +394,15 @@ class CaptionDataModule(L.LightningDataModule):
             "batch_size": self.batch_size if split == "train" else self.eval_batch_size,
             "sampler": epoch_sampler(dataset, seed, self.trainer) if shuffle else None}
         if split == "train" and self.same_length_batches:
+            # `overfit_batches` repeats the first batches: Lightning makes a loader's sampler
+            # sequential for it, but not the sampler inside a batch sampler
+            overfit = getattr(self.trainer, "overfit_batches", 0) > 0
+            order = (SequentialSampler(dataset) if overfit  # type: ignore[arg-type]
+                     else epoch_sampler(dataset, seed, self.trainer, distributed=False))
             # Lightning rebuilds it under DDP with these arguments, `epoch` included
             batching = {"batch_sampler": SameLengthBatchSampler(
-                epoch_sampler(dataset, seed, self.trainer, distributed=False), self.batch_size,
-                keys=dataset.lengths.tolist(), seed=seed,  # type: ignore[attr-defined]
-                epoch=trainer_epoch(self.trainer))}
+                order, self.batch_size, keys=dataset.lengths.tolist(),  # type: ignore[attr-defined]
+                seed=seed, epoch=trainer_epoch(self.trainer))}
         return DataLoader(
             dataset,
             **batching,

@@ -140,3 +140,23 @@ def test_the_default_mixes_lengths(shapes_root: Path):
                           image_size=32, seed=0, batch_size=24, num_workers=0)
     batch = next(iter(dm.train_dataloader()))
     assert len(set(batch["lengths"].tolist())) > 1
+
+
+def test_overfit_batches_repeat_the_same_unshuffled_batches(shapes_root: Path):
+    """Lightning makes a loader's own sampler sequential for ``overfit_batches``, but not the
+    sampler inside a batch sampler: every epoch trained on other batches."""
+    dm = ShapesDataModule(root=str(shapes_root), num_train=24, num_val=4, num_test=4,
+                          image_size=32, seed=0, batch_size=5, num_workers=0,
+                          same_length_batches=True)
+    progress = SimpleNamespace(current=SimpleNamespace(processed=0))
+    dm.trainer = SimpleNamespace(fit_loop=SimpleNamespace(epoch_progress=progress),
+                                 overfit_batches=2)
+    epochs = []
+    for epoch in range(3):
+        progress.current.processed = epoch
+        loader = dm.train_dataloader()
+        epochs.append([b["index"].tolist() for b in loader])
+    assert epochs[0] == epochs[1] == epochs[2]
+    lengths = [b["lengths"][0].item() for b in dm.train_dataloader()]
+    assert lengths == sorted(lengths)  # unshuffled: by length
+

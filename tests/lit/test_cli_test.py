@@ -524,6 +524,11 @@ def test_overlap_counts_only_what_the_config_change_brings(tmp_path) -> None:
     resized = config(stored_file, 24)
     overlap = training_overlap(stored, resized, test_split(resized), "test")
     assert overlap["checked"] and overlap["images"] == 0 and overlap["already_shared"] == 2
+    # how training batches are formed defines no split either
+    batched = {**stored, "init_args": {**stored["init_args"], "same_length_batches": True,
+                                       "batch_size": 3}}
+    overlap = training_overlap(stored, batched, test_split(batched), "test")
+    assert overlap["checked"] and overlap["reason"] == "the same split settings as the checkpoint's"
     moved = config(moved_file, 16)
     overlap = training_overlap(stored, moved, test_split(moved), "test")
     assert (overlap["images"], overlap["already_shared"]) == (1, 2)
