@@ -263,7 +263,9 @@ class ParallelTextDataModule(L.LightningDataModule):
         train = stage == "train"
         keys = list(zip(dataset.tgt_lengths.tolist(), dataset.src_lengths.tolist()))
         trainer = getattr(self, "trainer", None)
-        if train:
+        # `overfit_batches` repeats the first batches: Lightning makes a loader's sampler
+        # sequential for it, but not the sampler inside a batch sampler
+        if train and not getattr(trainer, "overfit_batches", 0) > 0:
             order: Sampler[int] = epoch_sampler(dataset, self.seed, trainer,
                                                 distributed=False)  # Lightning replaces it (DDP)
         else:

@@ -425,6 +425,24 @@ def test_a_resumed_training_epoch_repeats_its_order(tmp_path):
     assert [b["index"].tolist() for b in first] != expected  # the orders differ by epoch
 
 
+def test_overfit_batches_repeat_the_same_batches(tmp_path):
+    """Lightning makes a loader's own sampler sequential for ``overfit_batches`` but not the
+    one inside a batch sampler: each epoch trained on other pairs."""
+    from types import SimpleNamespace
+
+    dm = module(tmp_path, min_freq=1, batch_size=1)
+    progress = SimpleNamespace(current=SimpleNamespace(processed=0))
+    dm.trainer = SimpleNamespace(fit_loop=SimpleNamespace(epoch_progress=progress),
+                                 overfit_batches=2)
+    epochs = []
+    for epoch in range(3):
+        progress.current.processed = epoch
+        epochs.append([b["index"].tolist() for b in dm.loader("train")])
+    assert epochs[0] == epochs[1] == epochs[2]
+    lengths = [b["tgt"].shape[1] for b in dm.loader("train")]
+    assert lengths == sorted(lengths)  # unshuffled: by length, as evaluation batches
+
+
 @pytest.mark.parametrize("rank", [0, 1])
 def test_a_resumed_ddp_epoch_repeats_its_order_on_each_rank(tmp_path, rank):
     """Under DDP Lightning rebuilds the bucketing batch sampler around a ``DistributedSampler``
