@@ -172,3 +172,14 @@ def deterministic_algorithms(mode: bool = True) -> Iterator[None]:
         yield
     finally:
         torch.use_deterministic_algorithms(was)
+
+
+def trainer_at(epoch: int, **attributes: Any) -> Any:
+    """A stand-in for a Lightning ``Trainer`` whose fit loop has finished ``epoch`` epochs
+    (what the data modules read to start a resumed epoch in order), with ``attributes``
+    (``world_size``, ``overfit_batches``, ...)."""
+    from types import SimpleNamespace
+
+    progress = SimpleNamespace(current=SimpleNamespace(processed=epoch))
+    return SimpleNamespace(fit_loop=SimpleNamespace(epoch_progress=progress), **attributes)
+

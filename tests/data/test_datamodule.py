@@ -15,6 +15,7 @@ from PIL import Image
 from captioner.config import ConfigError
 from captioner.data.datamodule import CaptionDataModule, ShapesDataModule
 from captioner.data.vocabulary import Vocabulary
+from tests.conftest import trainer_at
 
 
 def _image(path: Path, colour: tuple[int, int, int] = (10, 20, 30)) -> None:
@@ -134,14 +135,11 @@ def test_several_processes_get_the_distributed_sampler_at_the_trainers_epoch(tmp
     seed), already at the trainer's epoch: Lightning keeps it, so a resumed epoch is not
     replayed with epoch 0's order (Lightning's own sampler starts at epoch 0 and the first
     batch is drawn before its set_epoch)."""
-    from types import SimpleNamespace
 
     from torch.utils.data import DistributedSampler
 
     dm = _per_split_module(tmp_path, batch_size=1)
-    progress = SimpleNamespace(current=SimpleNamespace(processed=2))
-    dm.trainer = SimpleNamespace(fit_loop=SimpleNamespace(epoch_progress=progress),
-                                 world_size=2, global_rank=1)
+    dm.trainer = trainer_at(2, world_size=2, global_rank=1)
     sampler = dm.train_dataloader().sampler
     assert isinstance(sampler, DistributedSampler) and sampler.epoch == 2
     expected = DistributedSampler(dm._dataset("train"), num_replicas=2, rank=1, shuffle=True,

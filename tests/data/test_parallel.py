@@ -12,6 +12,7 @@ from captioner.config import ConfigError
 from captioner.data.parallel import (BucketBatchSampler, EpochRandomSampler, ParallelDataError,
                                      ParallelTextDataModule, detokenize_mt, read_aligned,
                                      read_tsv, tokenize_mt)
+from tests.conftest import trainer_at
 
 TRAIN = [("Ein Hund läuft.", "A dog runs."),
          ("Ein Hund schläft.", "A dog sleeps."),
@@ -410,14 +411,12 @@ def test_drop_last_drops_each_pools_short_batch():
 def test_a_resumed_training_epoch_repeats_its_order(tmp_path):
     """Lightning draws the first batch of a resumed fit before calling set_epoch: the loader
     starts at the trainer's epoch, so resumed epoch 3 is batched as epoch 3 was."""
-    from types import SimpleNamespace
 
     dm = module(tmp_path, min_freq=1, batch_size=1)
     fresh = dm.loader("train")
     fresh.batch_sampler.sampler.set_epoch(3)
     expected = [b["index"].tolist() for b in fresh]
-    progress = SimpleNamespace(current=SimpleNamespace(processed=3))
-    dm.trainer = SimpleNamespace(fit_loop=SimpleNamespace(epoch_progress=progress))
+    dm.trainer = trainer_at(3)
     resumed = [b["index"].tolist() for b in dm.loader("train")]
     assert resumed == expected
     first = dm.loader("train")
@@ -428,15 +427,11 @@ def test_a_resumed_training_epoch_repeats_its_order(tmp_path):
 def test_overfit_batches_repeat_the_same_batches(tmp_path):
     """Lightning makes a loader's own sampler sequential for ``overfit_batches`` but not the
     one inside a batch sampler: each epoch trained on other pairs."""
-    from types import SimpleNamespace
 
     dm = module(tmp_path, min_freq=1, batch_size=1)
-    progress = SimpleNamespace(current=SimpleNamespace(processed=0))
-    dm.trainer = SimpleNamespace(fit_loop=SimpleNamespace(epoch_progress=progress),
-                                 overfit_batches=2)
     epochs = []
     for epoch in range(3):
-        progress.current.processed = epoch
+        dm.trainer = trainer_at(epoch, overfit_batches=2)
         epochs.append([b["index"].tolist() for b in dm.loader("train")])
     assert epochs[0] == epochs[1] == epochs[2]
     lengths = [b["tgt"].shape[1] for b in dm.loader("train")]
@@ -450,7 +445,6 @@ def test_a_resumed_ddp_epoch_repeats_its_order_on_each_rank(tmp_path, rank):
     ``set_epoch``: the rebuilt sampler starts at the trainer's epoch (``BucketBatchSampler``'s
     ``epoch``, kept by the rebuild), so each rank's resumed epoch 3 is batched as epoch 3 of
     the uninterrupted fit was; it used to replay epoch 0's. Lightning's own rebuild is used."""
-    from types import SimpleNamespace
 
     from lightning.fabric.utilities.data import _replace_dunder_methods, _set_sampler_epoch
     from lightning.pytorch.trainer.states import RunningStage
@@ -460,8 +454,7 @@ def test_a_resumed_ddp_epoch_repeats_its_order_on_each_rank(tmp_path, rank):
     dm = module(tmp_path, min_freq=1, batch_size=1)
 
     def rank_batches(trainer_epoch: int, set_epoch: int | None = None) -> list[list[int]]:
-        progress = SimpleNamespace(current=SimpleNamespace(processed=trainer_epoch))
-        dm.trainer = SimpleNamespace(fit_loop=SimpleNamespace(epoch_progress=progress))
+        dm.trainer = trainer_at(trainer_epoch)
         with _replace_dunder_methods(DataLoader, "dataset"), _replace_dunder_methods(BatchSampler):
             loader = dm.loader("train")  # as Lightning requests it
         shard = DistributedSampler(loader.dataset, num_replicas=2, rank=rank, shuffle=True,

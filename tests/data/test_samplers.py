@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,6 +11,7 @@ from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
 from captioner.data.datamodule import ShapesDataModule
 from captioner.data.samplers import EpochRandomSampler, SameLengthBatchSampler
+from tests.conftest import trainer_at
 
 #          0  1  2  3  4  5  6  7  8  9
 KEYS = [3, 3, 3, 4, 4, 5, 3, 4, 3, 3]  # length 3: 6 captions, 4: 3, 5: 1
@@ -128,8 +128,7 @@ def test_the_data_module_serves_unpadded_batches_of_one_length(shapes_root: Path
     # a fit resumed at epoch 2 draws epoch 2's batches (before Lightning's set_epoch)
     loader.batch_sampler.sampler.set_epoch(2)
     epoch2 = [b["index"].tolist() for b in loader]
-    progress = SimpleNamespace(current=SimpleNamespace(processed=2))
-    dm.trainer = SimpleNamespace(fit_loop=SimpleNamespace(epoch_progress=progress))
+    dm.trainer = trainer_at(2)
     assert [b["index"].tolist() for b in dm.train_dataloader()] == epoch2
     # evaluation is untouched: each image once, in order
     assert torch.cat([b["index"] for b in dm.val_dataloader()]).tolist() == [0, 1, 2, 3]
@@ -148,12 +147,9 @@ def test_overfit_batches_repeat_the_same_unshuffled_batches(shapes_root: Path):
     dm = ShapesDataModule(root=str(shapes_root), num_train=24, num_val=4, num_test=4,
                           image_size=32, seed=0, batch_size=5, num_workers=0,
                           same_length_batches=True)
-    progress = SimpleNamespace(current=SimpleNamespace(processed=0))
-    dm.trainer = SimpleNamespace(fit_loop=SimpleNamespace(epoch_progress=progress),
-                                 overfit_batches=2)
     epochs = []
     for epoch in range(3):
-        progress.current.processed = epoch
+        dm.trainer = trainer_at(epoch, overfit_batches=2)
         loader = dm.train_dataloader()
         epochs.append([b["index"].tolist() for b in loader])
     assert epochs[0] == epochs[1] == epochs[2]
