@@ -1021,3 +1021,34 @@ def test_changed_bytes_inside_a_shard_are_found_by_verify_and_encoded_again(tmp_
     assert said[0] == ("verified the cache's shards against their checksums; 3 shards written "
                        "before checksums were kept had none: recorded now")
     assert FeatureCache(out).unchecked_shards == [] and FeatureCache(out).verify() == {}
+
+
+def test_shards_of_another_dtype_rank_or_too_few_rows_are_damaged(tmp_path):
+    paths = _random_pngs(tmp_path / "images", 4)
+    out = tmp_path / "cache"
+    kw = dict(image_size=32, batch_size=2, shard_size=2)
+    extract_features(frozen_encoder(), paths, out, **kw)
+    shard = out / "shard_00001.npy"
+    grids = np.load(shard)  # (2, 15, 128) float16: GRID 3 x 5, shapes_cnn's D = 128
+    # the right shape in float32: refused by its dtype (not served as float32, nor only
+    # reported as changed bytes)
+    np.save(shard, grids.astype(np.float32))
+    with pytest.raises(FeatureCacheError, match=r"a float32 array of shape \(2, 15, 128\)"):
+        FeatureCache(out).tensor(paths[2])
+    assert FeatureCache(out).verify() == {
+        "shard_00001.npy": "a float32 array of shape (2, 15, 128)"}
+    # a 0-d array: an error naming the shard, not an IndexError
+    np.save(shard, np.array(1.0, dtype=np.float16))
+    with pytest.raises(FeatureCacheError, match=r"a float16 array of shape \(\)"):
+        FeatureCache(out).tensor(paths[2])
+    # one row where the index uses rows 0 and 1: damaged (by shape, before any checksum)
+    np.save(shard, grids[:1])
+    damaged = {"shard_00001.npy": "a float16 array of shape (1, 15, 128)"}
+    assert FeatureCache(out).verify() == damaged
+    index = json.loads((out / INDEX_FILE).read_text())
+    del index["checksums"]  # a cache from before checksums: the shape is all there is
+    (out / INDEX_FILE).write_text(json.dumps(index))
+    assert FeatureCache(out).verify() == damaged
+    said: list[str] = []
+    extract_features(frozen_encoder(), paths, out, progress=said.append, **kw)  # no verify
+    assert said[0].startswith("shard_00001.npy: damaged (a float16 array of shape (1, 15, 128))")

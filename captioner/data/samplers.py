@@ -197,7 +197,8 @@ class SameLengthBatchSampler(BatchSampler):
     def _indices(self) -> Sequence[int]:
         """The indices a pass visits, without drawing its order (an ``EpochRandomSampler``
         moves on to its next epoch when iterated)."""
-        source = getattr(self.sampler, "data_source", None)
-        if isinstance(self.sampler, RandomSampler) and source is not None:
-            return range(len(source))
-        return list(self.sampler)
+        sampler = self.sampler
+        if (isinstance(sampler, RandomSampler) and not sampler.replacement
+                and sampler.num_samples == len(sampler.data_source)):  # a permutation
+            return range(len(sampler.data_source))
+        return list(sampler)

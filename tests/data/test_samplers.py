@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import BatchSampler, DataLoader, DistributedSampler
 
 from captioner.data.datamodule import ShapesDataModule
-from captioner.data.samplers import EpochRandomSampler, SameLengthBatchSampler
+from captioner.data.samplers import EpochRandomSampler, SameLengthBatchSampler, epoch_sampler
 from tests.conftest import trainer_at
 
 #          0  1  2  3  4  5  6  7  8  9
@@ -70,7 +70,7 @@ def test_a_worker_backed_loader_keeps_each_epochs_order():
                                                  keys=KEYS, seed=4))
 
 
-@pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.parametrize("world", [2, 3, 4, 5])  # 6 batches: 0, 0, 2 and 4 repeated
 def test_ranks_take_the_same_number_of_batches(world):
     """Each rank's share of the captions would group into another number of batches (and the
     rank left over would hang the gradient all-reduce): the batches are made over the whole
@@ -156,3 +156,22 @@ def test_overfit_batches_repeat_the_same_unshuffled_batches(shapes_root: Path):
     lengths = [b["lengths"][0].item() for b in dm.train_dataloader()]
     assert lengths == sorted(lengths)  # unshuffled: by length
 
+
+def test_a_sampler_of_some_indices_batches_and_counts_those():
+    sampler = SameLengthBatchSampler([0, 1, 2, 3], 2, keys=KEYS)  # not shuffling: in order
+    assert list(sampler) == [[0, 1], [2], [3]]  # length 3: 0 1 | 2, then length 4: 3
+    assert len(sampler) == 3
+    # 4 random draws: counted from a pass of their own, never the data set's 6 batches
+    sampled = SameLengthBatchSampler(torch.utils.data.RandomSampler(KEYS, num_samples=4), 2,
+                                     keys=KEYS)
+    assert all(2 <= len(sampled) <= 3 for _ in range(20))
+
+
+def test_epoch_sampler_under_ddp_keeps_the_seed_and_honours_distributed_false():
+    trainer = trainer_at(2, world_size=2, global_rank=1)
+    shard = epoch_sampler(list(range(10)), 5, trainer)
+    assert isinstance(shard, DistributedSampler)
+    assert (shard.seed, shard.num_replicas, shard.rank, shard.epoch, shard.shuffle) == (
+        5, 2, 1, 2, True)
+    inner = epoch_sampler(list(range(10)), 5, trainer, distributed=False)
+    assert type(inner) is EpochRandomSampler and (inner.seed, inner.epoch) == (5, 2)

@@ -8,11 +8,13 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from captioner.encoders import ImageEncoder
 from captioner.encoders.backbone import Backbone, build_backbone
-from captioner.encoders.receptive_field import axis_geometry, cell_edges, grid_cell_edges
+from captioner.encoders.receptive_field import (axis_geometry, cell_edges, grid_cell_edges,
+                                                working_probe)
 from captioner.grid_frame import cell_outline, grid_edges
 from captioner.metrics import attention_correctness, box_cell_coverage
 from captioner.visualize import load_attention_maps, save_attention_maps, upsample_attention
@@ -263,3 +265,79 @@ def test_tools_place_cells_at_the_receptive_fields(tiny_checkpoint, tmp_path, ca
     assert status == 0, capsys.readouterr().err
     saved = load_attention_maps(tmp_path / "maps.npz")
     np.testing.assert_array_equal(saved.edges[1], caption.cell_edges[1])
+
+
+def test_fields_clipped_by_one_border_are_not_measured():
+    """Only features whose field lies inside the probe, off both borders, are measured."""
+    # top padding 20 then a 21-row kernel: feature j reads rows j-20 .. j -> centre j - 9.5
+    top = nn.Sequential(nn.ZeroPad2d((0, 0, 20, 0)), nn.Conv2d(3, 3, 21))
+    assert axis_geometry(top, 40, 0) == (1.0, -9.5)
+    # bottom padding 20: rows j .. j+20 -> centre j + 10.5
+    bottom = nn.Sequential(nn.ZeroPad2d((0, 0, 0, 20)), nn.Conv2d(3, 3, 21))
+    assert axis_geometry(bottom, 40, 0) == (1.0, 10.5)
+
+
+class _DynamicSame(nn.Conv2d):
+    """TensorFlow "same" padding computed from the input's rows (as timm's tf_ models do)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n = x.shape[2]
+        pad = max((-(-n // 2) - 1) * 2 + 3 - n, 0)
+        return super().forward(F.pad(x, [0, 0, pad // 2, pad - pad // 2]))
+
+
+def test_a_growing_probe_keeps_the_parity_dynamic_same_padding_depends_on():
+    """A field too large for the first probe: the probe grows by a multiple of 2, so the
+    padding that depends on the input's parity stays that of the real input."""
+    body = nn.Sequential(_DynamicSame(3, 3, 3, stride=2), nn.Conv2d(3, 3, 31, padding=15))
+    assert axis_geometry(body, 40, 0) == (2.0, 1.5)  # even rows: pad 0 before, 2j .. 2j+2
+    assert axis_geometry(body, 41, 0) == (2.0, 0.5)  # odd rows: pad 1 before, 2j-1 .. 2j+1
+
+
+def test_grid_cell_edges_measures_each_axis():
+    # columns padded 16 on the left only (a 17-wide kernel): feature j centred on x = j - 7.5;
+    # rows padded 8 on both sides: centred on y = j + 0.5 (the tiles)
+    body = nn.Sequential(nn.ZeroPad2d((16, 0, 8, 8)), nn.Conv2d(3, 3, 17))
+    ys, xs = grid_cell_edges(body, (16, 16), (16, 16), (4, 4))
+    np.testing.assert_allclose((ys + 1) * 8, [0, 4, 8, 12, 16])
+    np.testing.assert_allclose((xs + 1) * 8, np.array([0, 4, 8, 12, 16]) - 8.0)
+
+
+class _Split(nn.Module):
+    """ShuffleNet-style channel split: the one-channel thin probe cannot unpack two halves."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = self.conv(x).chunk(2, dim=1)
+        return a + b
+
+
+def test_a_channel_split_is_measured_at_full_width():
+    assert working_probe(_Split(), (40, 40)).channels == 3
+    assert axis_geometry(_Split(), 40, 0) == (2.0, 0.5)
+
+
+class _Cancelling(nn.Module):
+    """Two concatenated branches of opposite sign summed by a 2x2 conv: the output is 0, but
+    the linearised copy takes every weight in absolute value, so it still reaches its field."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 1, 3, padding=1, bias=False)
+        self.b = nn.Conv2d(3, 1, 3, padding=1, bias=False)
+        self.down = nn.Conv2d(2, 1, 2, stride=2, bias=False)
+        with torch.no_grad():
+            self.a.weight.fill_(1.0)
+            self.b.weight.fill_(-1.0)
+            self.down.weight.fill_(1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(torch.cat([self.a(x), self.b(x)], 1))
+
+
+def test_weights_are_taken_in_absolute_value():
+    # a 3x3 padded conv then 2x2 stride 2: features 2j, 2j+1 -> centres 2j + 0.5, 2j + 1.5
+    assert axis_geometry(_Cancelling(), 40, 0) == (2.0, 1.0)

@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 import re
 import shutil
 from pathlib import Path
@@ -664,3 +665,77 @@ def test_the_overlap_check_follows_data_that_moved(tmp_path):
         assert overlap["checked"], overlap["reason"]
         assert "applied where the data is now: annotations, image_root" in overlap["reason"]
         assert (overlap["images"] > 0) == overlapping
+
+
+def _last_file(path: Path, mtime: int) -> str:
+    """An empty ``last*.ckpt`` at ``path`` written at ``mtime`` (seconds)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"")
+    os.utime(path, ns=(mtime * 10**9, mtime * 10**9))
+    return str(path)
+
+
+def _csv_logger(save_dir: Path, version: int | None = None, name: str = "x") -> dict:
+    args = {"save_dir": str(save_dir), "name": name}
+    if version is not None:
+        args["version"] = version
+    return {"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": args}
+
+
+def test_ckpt_path_last_picks_and_orders_as_lightning_writes(tmp_path):
+    from captioner.cli import _last_checkpoint
+
+    # the newest of a folder's last*.ckpt
+    _last_file(tmp_path / "r" / "checkpoints" / "last.ckpt", 1000)
+    newer = _last_file(tmp_path / "r" / "checkpoints" / "last-v1.ckpt", 2000)
+    assert _last_checkpoint({"logger": False, "default_root_dir": str(tmp_path / "r")}) == newer
+    # several loggers: the checkpoints go to the first one's folder (even if another's is newer)
+    first = _last_file(tmp_path / "a" / "x" / "version_1" / "checkpoints" / "last.ckpt", 1000)
+    _last_file(tmp_path / "b" / "x" / "version_2" / "checkpoints" / "last.ckpt", 2000)
+    loggers = [_csv_logger(tmp_path / "a", 1), _csv_logger(tmp_path / "b", 2)]
+    assert _last_checkpoint({"logger": loggers}) == first
+    # version 0 is a fixed version, not an automatic one
+    zero = _last_file(tmp_path / "z" / "x" / "version_0" / "checkpoints" / "last.ckpt", 1000)
+    assert _last_checkpoint({"logger": _csv_logger(tmp_path / "z", 0)}) == zero
+
+
+def test_ckpt_path_last_without_a_logger_option_is_lightnings_default_logger(tmp_path):
+    """Logger unset (``None``): Lightning's default logger writes to
+    default_root_dir/lightning_logs/version_N, a new version each run;
+    default_root_dir/checkpoints is not where this run writes."""
+    from captioner.cli import _last_checkpoint
+
+    _last_file(tmp_path / "checkpoints" / "last.ckpt", 1000)
+    for trainer in ({"default_root_dir": str(tmp_path)},
+                    {"default_root_dir": str(tmp_path), "logger": None}):
+        with pytest.raises(ConfigError, match=r"no last checkpoint in \S*lightning_logs.version_\*"
+                                              r" \(a logger with an automatic version"):
+            _last_checkpoint(trainer, "test")
+
+
+def test_ckpt_path_last_validate_and_mixed_folders_are_errors(tmp_path):
+    from captioner.cli import _last_checkpoint
+
+    # validate, like test, has nothing to run without the file (only fit starts from scratch)
+    with pytest.raises(ConfigError, match=r"no last checkpoint in \S*checkpoints; give"):
+        _last_checkpoint({"logger": False, "default_root_dir": str(tmp_path / "e")}, "validate")
+    # a fit with one callback's dirpath and one in the logger's automatic version: an error
+    both = [{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+             "init_args": {"dirpath": str(tmp_path / "d")}},
+            {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint"}]
+    with pytest.raises(ConfigError, match="automatic version"):
+        _last_checkpoint({"callbacks": both, "logger": _csv_logger(tmp_path / "s")}, "fit")
+
+
+def test_ckpt_path_last_names_the_newest_earlier_versions_first(tmp_path):
+    from captioner.cli import _last_checkpoint
+
+    logs = tmp_path / "s" / "x"
+    old = _last_file(logs / "version_0" / "checkpoints" / "last.ckpt", 1000)
+    new = _last_file(logs / "version_1" / "checkpoints" / "last.ckpt", 3000)
+    _last_file(logs / "run1" / "checkpoints" / "last.ckpt", 5000)  # a fixed version's own
+    with pytest.raises(ConfigError) as error:
+        _last_checkpoint({"logger": _csv_logger(tmp_path / "s")}, "fit")
+    message = str(error.value)
+    assert re.search(re.escape(new) + r" \([^)]*\); " + re.escape(old), message)
+    assert "run1" not in message
