@@ -390,10 +390,12 @@ class CaptionDataModule(L.LightningDataModule):
             raise ValueError("the training split has no images")
         collate = self._collate(split)
         seed = run_seed()  # the order is a function of (seed, epoch): resuming repeats it
-        batching: dict[str, Any] = {
-            "batch_size": self.batch_size if split == "train" else self.eval_batch_size,
-            "sampler": epoch_sampler(dataset, seed, self.trainer) if shuffle else None}
-        if split == "train" and self.same_length_batches:
+        batching: dict[str, Any]
+        if split != "train" or not self.same_length_batches:
+            batching = {
+                "batch_size": self.batch_size if split == "train" else self.eval_batch_size,
+                "sampler": epoch_sampler(dataset, seed, self.trainer) if shuffle else None}
+        else:
             # `overfit_batches` repeats the first batches: Lightning makes a loader's sampler
             # sequential for it, but not the sampler inside a batch sampler
             overfit = getattr(self.trainer, "overfit_batches", 0) > 0
