@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset, SequentialSampler
+from torch.utils.data import DataLoader, Dataset
 
 from captioner.config import NON_NEGATIVE, POSITIVE, ConfigError, check_ranges
 from captioner.data.datasets import (
@@ -54,8 +54,8 @@ from captioner.data.formats import (
     load_kaggle_flickr8k,
     load_karpathy,
 )
-from captioner.data.samplers import (SameLengthBatchSampler, epoch_sampler, loader_generator,
-                                     run_seed, trainer_epoch)
+from captioner.data.samplers import (SameLengthBatchSampler, batch_sampler_order, epoch_sampler,
+                                     loader_generator, run_seed, trainer_epoch)
 from captioner.data.tokenize import tokenize
 from captioner.data.vocabulary import (MORE_THAN_SPECIALS, Vocabulary, check_coverage,
                                         count_tokens)
@@ -396,14 +396,9 @@ class CaptionDataModule(L.LightningDataModule):
                 "batch_size": self.batch_size if split == "train" else self.eval_batch_size,
                 "sampler": epoch_sampler(dataset, seed, self.trainer) if shuffle else None}
         else:
-            # `overfit_batches` repeats the first batches: Lightning makes a loader's sampler
-            # sequential for it, but not the sampler inside a batch sampler
-            overfit = getattr(self.trainer, "overfit_batches", 0) > 0
-            order = (SequentialSampler(dataset) if overfit  # type: ignore[arg-type]
-                     else epoch_sampler(dataset, seed, self.trainer, distributed=False))
             # Lightning rebuilds it under DDP with these arguments, `epoch` included
             batching = {"batch_sampler": SameLengthBatchSampler(
-                order, self.batch_size, keys=dataset.lengths.tolist(),  # type: ignore[attr-defined]
+                batch_sampler_order(dataset, seed, self.trainer), self.batch_size, keys=dataset.lengths.tolist(),  # type: ignore[attr-defined]
                 seed=seed, epoch=trainer_epoch(self.trainer))}
         return DataLoader(
             dataset,

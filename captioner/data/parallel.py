@@ -18,7 +18,7 @@ from captioner.config import NON_NEGATIVE, POSITIVE, ConfigError, check_ranges
 from captioner.data.parallel_text import (BucketBatchSampler, EpochRandomSampler,
                                           ParallelDataError, ParallelDataset, collate_parallel,
                                           detokenize_mt, read_aligned, read_tsv, tokenize_mt)
-from captioner.data.samplers import epoch_sampler, loader_generator, trainer_epoch
+from captioner.data.samplers import batch_sampler_order, loader_generator, trainer_epoch
 from captioner.data.vocabulary import (MORE_THAN_SPECIALS, Vocabulary, check_coverage,
                                         count_tokens)
 
@@ -263,13 +263,8 @@ class ParallelTextDataModule(L.LightningDataModule):
         train = stage == "train"
         keys = list(zip(dataset.tgt_lengths.tolist(), dataset.src_lengths.tolist()))
         trainer = getattr(self, "trainer", None)
-        # `overfit_batches` repeats the first batches: Lightning makes a loader's sampler
-        # sequential for it, but not the sampler inside a batch sampler
-        if train and not getattr(trainer, "overfit_batches", 0) > 0:
-            order: Sampler[int] = epoch_sampler(dataset, self.seed, trainer,
-                                                distributed=False)  # Lightning replaces it (DDP)
-        else:
-            order = SequentialSampler(dataset)
+        order: Sampler[int] = (batch_sampler_order(dataset, self.seed, trainer) if train
+                               else SequentialSampler(dataset))
         # Lightning rebuilds the batch sampler under DDP with these arguments, `epoch` included
         sampler = BucketBatchSampler(order, self.batch_size if train else self.eval_batch_size,
                                      keys=keys, bucket_factor=self.bucket_factor, seed=self.seed,

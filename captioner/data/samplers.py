@@ -19,7 +19,8 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from torch.utils.data import BatchSampler, DistributedSampler, RandomSampler, Sampler
+from torch.utils.data import (BatchSampler, DistributedSampler, RandomSampler, Sampler,
+                              SequentialSampler)
 
 
 class EpochRandomSampler(RandomSampler):
@@ -79,6 +80,17 @@ def epoch_sampler(data_source: Sequence[Any], seed: int, trainer: Any = None,
         sampler = EpochRandomSampler(data_source, seed)
     sampler.set_epoch(epoch)
     return sampler
+
+
+def batch_sampler_order(data_source: Sequence[Any], seed: int, trainer: Any = None
+                        ) -> Sampler[int]:
+    """The training order inside a batch sampler: :func:`epoch_sampler` (not distributed:
+    Lightning rebuilds a batch sampler around its own ``DistributedSampler`` under DDP), or in
+    order for ``overfit_batches``, which repeats the first batches (Lightning makes a loader's
+    own sampler sequential for it, but not the sampler inside a batch sampler)."""
+    if getattr(trainer, "overfit_batches", 0) > 0:
+        return SequentialSampler(data_source)  # type: ignore[arg-type]
+    return epoch_sampler(data_source, seed, trainer, distributed=False)
 
 
 def shuffles(sampler: Sampler[int] | Sequence[int]) -> bool:
