@@ -22,6 +22,7 @@ from captioner.attention import (
     ScaledDotProductAttention,
     build_attention,
     fused_energies,
+    masked_softmax,
 )
 from captioner.config import instantiate
 
@@ -523,3 +524,26 @@ def test_local_2d_window_over_padding_only_falls_back_to_the_valid_cells():
     torch.testing.assert_close(alpha[:, 14], torch.ones(B))
     context = torch.bmm(alpha.unsqueeze(1), keys).squeeze(1)  # (B, D)
     torch.testing.assert_close(context, keys[:, 14])
+
+
+def test_masked_softmax_by_hand_and_a_row_without_valid_positions():
+    """Row 0: positions 0, 1 valid with energies 0 and log 3: weights 1/4, 3/4, then 0 (its
+    energy 5 ignored). Row 1 has no valid position (an empty source): all weights 0, not NaN."""
+    scores = torch.tensor([[0.0, math.log(3.0), 5.0], [1.0, 2.0, 3.0]])
+    mask = torch.tensor([[True, True, False], [False, False, False]])
+    torch.testing.assert_close(masked_softmax(scores, mask),
+                               torch.tensor([[0.25, 0.75, 0.0], [0.0, 0.0, 0.0]]))
+
+
+@pytest.mark.parametrize("name", ["local_p", "local_2d"])
+def test_renormalized_local_weights_sum_to_one_so_their_sum_has_no_gradient(name):
+    """With ``renormalize`` the weights sum to 1 whatever the query: the gradient of their sum
+    with respect to the query is 0 (a denominator left out of the graph would leave one)."""
+    attn, query, keys = build(name)
+    query = (query * 3).requires_grad_()
+    alpha = attn(query, keys)
+    torch.testing.assert_close(alpha.sum(-1), torch.ones(B))
+    (grad,) = torch.autograd.grad(alpha.sum(), query, retain_graph=True)
+    assert grad.abs().max() < 1e-5
+    (grad,) = torch.autograd.grad((alpha * torch.arange(alpha.shape[1])).sum(), query)
+    assert grad.abs().max() > 1e-3  # the weights themselves do depend on the query

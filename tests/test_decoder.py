@@ -289,6 +289,11 @@ def test_init_layers_2_by_hand_over_the_masked_mean():
     for got, head in ((s.h, dec.init_h), (s.c, dec.init_c)):
         expected = torch.tanh(r * head.weight[:, 0] + head.bias)  # (2, N)
         torch.testing.assert_close(got, expected.detach())
+    dec.dropout = _Halve()  # the hidden layer's dropout: r = 1, 2 -> 0.5, 1
+    with torch.no_grad():
+        s = dec.init_state(ann, mask)
+        torch.testing.assert_close(s.h, torch.tanh(0.5 * r * dec.init_h.weight[:, 0]
+                                                   + dec.init_h.bias))
 
 
 def test_bad_init_layers_are_clear_errors():
@@ -323,3 +328,41 @@ def test_show_and_tell_with_init_layers_2_learns_through_the_initial_state():
     assert loss.item() < 0.05
     assert torch.equal(first, cap[:, 1])
     assert dec.init_hidden[0].weight.grad.abs().sum() > 0
+
+
+class _Halve(torch.nn.Module):
+    """A deterministic stand-in for dropout: every unit kept, at half its value."""
+
+    def forward(self, x):
+        return 0.5 * x
+
+
+@pytest.mark.parametrize("deep_output", [True, False])
+def test_dropout_reaches_h_and_the_deep_output_sum(deep_output):
+    """``dropout`` acts on ``h_t`` before the output layer and on the deep-output sum (Eq. 7):
+    with a stand-in that halves its input, ``L_o(d(tanh(E y + L_h d(h) + L_z z)))``, or
+    ``L_o(d(h))`` without the deep output."""
+    dec = make(deep_output=deep_output)
+    dec.dropout = _Halve()
+    emb, h, z = torch.randn(B, E), torch.randn(B, N), torch.randn(B, D)
+    with torch.no_grad():
+        if deep_output:
+            expected = dec.L_o(0.5 * torch.tanh(emb + dec.L_h(0.5 * h) + dec.L_z(z)))
+        else:
+            expected = dec.L_o(0.5 * h)
+        torch.testing.assert_close(dec.output_logits(emb, h, z), expected)
+
+
+def test_a_row_without_valid_annotations_starts_from_a_zero_mean():
+    """An empty source (every position masked) gives the mean 0, not 0 / 0: h_0 = tanh(b_h),
+    c_0 = tanh(b_c), and the other rows are unaffected. B=2, L=3, D=2."""
+    torch.manual_seed(0)
+    dec = AttentionDecoder(V, 2, embed_dim=E, hidden_dim=N, dropout=0.0).eval()
+    ann = torch.tensor([[[1.0, -2.0], [3.0, 0.0], [7.0, 7.0]],
+                        [[5.0, 5.0], [6.0, 6.0], [7.0, 7.0]]])
+    mask = torch.tensor([[True, True, False], [False, False, False]])
+    with torch.no_grad():
+        s = dec.init_state(ann, mask)
+        torch.testing.assert_close(s.h[0], torch.tanh(dec.init_h(torch.tensor([2.0, -1.0]))))
+        torch.testing.assert_close(s.h[1], torch.tanh(dec.init_h.bias))
+        torch.testing.assert_close(s.c[1], torch.tanh(dec.init_c.bias))

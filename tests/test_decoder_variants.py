@@ -202,6 +202,7 @@ def test_hard_attention_training_samples_locations_per_caption():
     per_step = make(attention_mode="hard", hard_expectation_per="step").train()
     out = per_step(annotations, captions)
     assert out.sampled.shape == (B, 8)
+    assert not (out.sampled.all(1) | ~out.sampled.any(1)).all()  # rows mix the two
 
 
 def test_hard_attention_at_test_time_is_deterministic_and_returns_the_chosen_location():

@@ -2,6 +2,7 @@
 
 import contextlib
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -129,6 +130,7 @@ def test_never_emits_pad_or_start_and_pads_after_end(decoder, annotations):
             assert not ((r.tokens[i, :n] == 0) | (r.tokens[i, :n] == 1)).any()
             assert (r.tokens[i, n:] == 0).all()
             assert (r.alphas[i, n:] == 0).all()
+            assert (r.betas[i, n:] == 0).all()
             assert torch.allclose(r.alphas[i, :n].sum(-1), torch.ones(n), atol=1e-5)
 
 
@@ -207,6 +209,7 @@ def test_expand_beams_shares_annotations_only_where_the_score_does_not_read_them
     torch.testing.assert_close(beams.h[3:6], state.h[1:2].expand(3, -1))
     assert additive.step(torch.ones(3 * B, dtype=torch.long), beams)[1].group == 3
     assert additive.expand_beams(state, 1).group == 1
+    assert additive.expand_beams(dataclasses.replace(state, step=1), 3).step == 1
     from captioner.attention import DotAttention
 
     dot = AttentionDecoder(V, D, embed_dim=9, hidden_dim=D, attention=DotAttention).eval()
@@ -553,3 +556,88 @@ def test_exact_stopping_bound_with_a_negative_length_penalty():
     assert r.lengths.tolist() == [2]
     assert r.tokens.tolist() == [[3, 2]]
     assert r.scores.item() == pytest.approx(math.log(0.7), abs=1e-5)  # -0.356675
+
+
+class _ImageRows:
+    """The search protocol's state for a decoder that keeps nothing but each row's image."""
+
+    def __init__(self, images: torch.Tensor):
+        self.images = images
+
+    def select(self, index):
+        return _ImageRows(self.images[index])
+
+    select_recurrent = select
+
+
+class _TableDecoder:
+    """Log-probabilities that depend on the image and the previous token only:
+    ``log table[image, prev]`` (``(B, V, V)`` probabilities, or one ``(V, V)`` table for
+    every image); L = 3, beta 0.5."""
+
+    def __init__(self, table):
+        self.table = torch.log(torch.tensor(table))
+        if self.table.dim() == 2:
+            self.table = self.table.unsqueeze(0)
+
+    def init_state(self, annotations, mask=None):
+        return _ImageRows(torch.arange(annotations.shape[0]))
+
+    def step(self, prev, state):
+        R = prev.shape[0]
+        log_probs = self.table[state.images % self.table.shape[0], prev]
+        return log_probs, state, torch.full((R, 3), 1 / 3), torch.full((R,), 0.5)
+
+
+def test_k_finished_stops_once_k_hypotheses_end_even_at_one_step():
+    """V = 6 (<pad>, <start>, <end>, a 3, b 4, c 5), length penalty 1 (rank = mean log-prob).
+    After <start>: <end> 0.1, a 0.5, b 0.4; after a or b: <end> 0.6, c 0.4; after c: <end> 1.
+    K = 2: step 0 keeps [a] (-0.693) and [b] (-0.916) ([<end>], third, is not among the first K);
+    step 1 ranks [a <end>] log 0.3 = -1.204 and [b <end>] log 0.24 = -1.427 first: both end at
+    once, K have finished, and [a <end>] (rank -0.602) is returned. A search that went on would
+    find [a c <end>], log 0.2 = -1.609 over 3 tokens, rank -0.536 (what stop="exact" returns).
+    K = 1 is greedy search whatever the length penalty: [a <end>]."""
+    table = [[0.0] * 6, [0, 0, 0.1, 0.5, 0.4, 0], [0.0] * 6,
+             [0, 0, 0.6, 0, 0, 0.4], [0, 0, 0.6, 0, 0, 0.4], [0, 0, 1.0, 0, 0, 0]]
+    ann = torch.zeros(1, 3, 2)
+    kw = dict(max_length=5, length_penalty=1.0, **IDS)
+    for k in (1, 2):
+        r = beam_search(_TableDecoder(table), ann, beam_size=k, **kw)
+        assert r.tokens.tolist() == [[3, 2]] and r.lengths.tolist() == [2], k
+        assert r.scores.item() == pytest.approx(math.log(0.3), abs=1e-6)
+    greedy = greedy_search(_TableDecoder(table), ann, max_length=5, **IDS)
+    assert greedy.tokens.tolist() == [[3, 2]]
+    exact = beam_search(_TableDecoder(table), ann, beam_size=2, stop="exact", **kw)
+    assert exact.tokens.tolist() == [[3, 5, 2]]
+    assert exact.scores.item() == pytest.approx(math.log(0.2), abs=1e-6)
+
+
+def test_an_image_done_at_the_last_step_returns_a_finished_hypothesis():
+    """V = 4 (<pad>, <start>, <end>, w 3). Image 0: after <start> <end> 0.3, w 0.7; after w
+    <end> 0.2, w 0.8. K = 2, max_length = 2: step 0 finishes [<end>] (log 0.3 = -1.204) and
+    keeps [w]; step 1, the last, ranks [w w] (log 0.56 = -0.580) above [w <end>]
+    (log 0.14 = -1.966), which finishes as the second: K have finished, image 0 is done and
+    [<end>] is returned, not the unfinished [w w]. Image 1 never ends (w 1 always): it is still
+    searching after the last step, and its alive [w w] (score 0) is returned. With
+    stop="exact" image 0 is not done either (-0.580 > -1.204): its alive [w w] wins."""
+    table = [[[0.0] * 4, [0, 0, 0.3, 0.7], [0.0] * 4, [0, 0, 0.2, 0.8]],
+             [[0.0] * 4, [0, 0, 0.0, 1.0], [0.0] * 4, [0, 0, 0.0, 1.0]]]
+    ann = torch.zeros(2, 3, 2)
+    r = beam_search(_TableDecoder(table), ann, beam_size=2, max_length=2, **IDS)
+    assert r.tokens.tolist() == [[2, 0], [3, 3]] and r.lengths.tolist() == [1, 2]
+    assert r.scores.tolist() == pytest.approx([math.log(0.3), 0.0], abs=1e-6)
+    exact = beam_search(_TableDecoder(table), ann, beam_size=2, max_length=2, stop="exact", **IDS)
+    assert exact.tokens.tolist() == [[3, 3], [3, 3]]
+    assert exact.scores.tolist() == pytest.approx([math.log(0.56), 0.0], abs=1e-6)
+
+
+def test_a_beam_wider_than_the_live_candidates_counts_only_real_ends():
+    """V = 4 (<pad>, <start>, <end>, w 3): after <start> <end> 0.3, w 0.7; after w <end> 0.2,
+    w 0.8. With K = 5 most of the 2K candidates are -inf (one live hypothesis per step); those
+    are no finished hypotheses. Only 4 hypotheses ever end within max_length = 4, so the image
+    is never done and the alive [w w w w], log(0.7 * 0.8^3) = log 0.3584 = -1.026, wins over
+    [<end>] (log 0.3 = -1.204)."""
+    table = [[0.0] * 4, [0, 0, 0.3, 0.7], [0.0] * 4, [0, 0, 0.2, 0.8]]
+    r = beam_search(_TableDecoder(table), torch.zeros(1, 3, 2), beam_size=5, max_length=4, **IDS)
+    assert r.tokens.tolist() == [[3, 3, 3, 3]] and r.lengths.tolist() == [4]
+    assert r.scores.item() == pytest.approx(math.log(0.3584), abs=1e-6)
