@@ -502,6 +502,20 @@ def test_local_windows_under_bf16_are_float32s(cls):
         assert torch.equal(autocast > 0, support) and torch.equal(pure > 0, support), step
 
 
+def test_local_p_centre_of_a_bf16_model_squashes_in_float32():
+    """``p_t = S sigmoid(v_p^T tanh(W_p h_t))``: in a bf16 model the logit is bf16, but the
+    sigmoid runs on it in float32, so that ``p_t`` (S = 301 here) keeps float32's resolution:
+    a bf16 sigmoid near 1/2 is off by up to 2^-9, a whole position at this length."""
+    torch.manual_seed(3)
+    attn = LocalPredictiveAttention(8, 8, window=2).bfloat16()
+    keys, query = torch.randn(4, 301, 8).bfloat16(), torch.randn(4, 8).bfloat16()
+    with torch.no_grad():
+        logit = attn.v_p(torch.tanh(attn.W_p(query)))  # (4, 1) bf16
+        p = attn.centre(query, keys, None)  # (4, 1)
+    assert p.dtype == torch.float32
+    torch.testing.assert_close(p, 301 * torch.sigmoid(logit.float()), rtol=1e-6, atol=1e-5)
+
+
 def test_local_2d_infers_square_grids_and_names_bad_sizes():
     attn = LocalAttention2d(N, D, window=1)
     assert attn.grid(9) == (3, 3)

@@ -87,3 +87,23 @@ def test_compiled_search_decodes_as_the_eager_search(monkeypatch):
     out = dec(annotations, torch.randint(3, 13, (B, 5)))  # training: the eager path
     out.alphas.sum().backward()
     assert dec.attention.query_proj.weight.grad is not None
+
+
+def test_fused_energies_come_back_in_the_eager_dtype_under_autocast(monkeypatch):
+    """Under bf16 autocast the eager energies are bf16 (the GEMV runs in bf16), while the fused
+    chain multiplies by the float32 ``w`` and so comes out in float32: the score casts it back,
+    so the attention weights and everything after them keep the eager dtype. (The fused
+    function is called eagerly here: the dtype rule does not need a compile.)"""
+    monkeypatch.setattr(attention_module, "_FUSED_ENERGIES", fused_energies)
+    torch.manual_seed(0)
+    att = AdditiveAttention(N, D, attention_dim=A)
+    keys, query = torch.randn(B, L, D), torch.randn(B, N)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        proj = att.project_keys(keys)  # (B, L, A)
+        eager = att.score(query, keys, proj)  # (B, L)
+        assert fused_energies(proj, att.query_proj(query).unsqueeze(1),
+                              att.energy.weight.view(-1), True).dtype == torch.float32
+        att.compile_search = True
+        fused = att.score(query, keys, proj)  # (B, L)
+    assert eager.dtype == fused.dtype == torch.bfloat16
+    torch.testing.assert_close(fused, eager, rtol=0.02, atol=0.05)
