@@ -168,6 +168,34 @@ def test_coco_caption_scores_mismatched_ids():
     hyps = {1: "a man", 2: "dogs", 4: "a bus"}
     with pytest.raises(ValueError, match=r"'img3'.*\b4\b"):
         coco_caption_scores(REFS, hyps, use_java=False)
+    with pytest.raises(ValueError, match=r"references\[1\] must be a non-empty list"):
+        coco_caption_scores({1: "a man"}, {1: "a man"}, use_java=False)  # not its characters
+
+
+def test_every_reference_counts_not_only_the_first_four(tmp_path):
+    """A hypothesis equal to an image's 5th reference (COCO has 5 or more) is perfect, in
+    coco_caption_scores and in evaluate_split."""
+    from types import SimpleNamespace
+
+    from PIL import Image
+
+    from captioner.data.formats import ImageRecord
+    from captioner.evaluation import evaluate_split
+
+    refs = ["a cat sits", "a cat sleeps", "a cat eats", "the cat", "a dog runs fast"]
+    scores = coco_caption_scores({7: refs}, {7: "a dog runs fast"}, use_java=False).scores
+    assert scores["BLEU-4"] == pytest.approx(1.0, abs=1e-6)
+
+    class Fake:  # a Captioner that writes the 5th reference
+        image_size, search = 4, dict(beam_size=1, max_length=9, min_length=1,
+                                     length_penalty=0.0, beam_stop="k_finished")
+
+        def caption_tensors(self, images, beam_size, max_length):
+            return [SimpleNamespace(text="a dog runs fast", cell_edges=None) for _ in images]
+
+    Image.new("RGB", (5, 3)).save(tmp_path / "a.png")
+    ev = evaluate_split(Fake(), [ImageRecord(7, tmp_path / "a.png", refs)], use_java=False)
+    assert ev.scores["BLEU-4"] == pytest.approx(1.0, abs=1e-6)
 
 
 def test_simple_ptb_tokenize():
@@ -320,6 +348,9 @@ def test_attention_correctness_matches_generated_words_in_any_case():
     # 0.25 of the mass on the fully covered cell (0, 0); chance 100 / 400 = 0.25
     assert out["attention_correctness"] == pytest.approx(0.25)
     assert out["chance"] == pytest.approx(0.25)
+    synonym = attention_correctness(alphas, [["Crimson"]], boxes, (2, 2), [(20, 20)],
+                                    object_words={"crimson": "RED"})
+    assert synonym["num_words"] == 1
 
 
 def test_json_safe_turns_undefined_scores_into_null():

@@ -137,6 +137,13 @@ def test_load_coco_bad_instances(tmp_path: Path) -> None:
     )
     with pytest.raises(AnnotationError, match=r"bad_instances.json annotations\[0\]: 'bbox'"):
         load_coco(captions, images, instances_file=bad)
+    unknown = _write_json(
+        tmp_path / "bad_instances.json",
+        {"annotations": [{"image_id": 7, "bbox": [1, 2, 3, 4], "category_id": 5}],
+         "categories": [{"id": 1, "name": "cat"}]},
+    )
+    with pytest.raises(AnnotationError, match=r"annotations\[0\]: unknown category_id 5"):
+        load_coco(captions, images, instances_file=unknown)
 
 
 def test_load_coco_bad_entries_raise_or_are_counted(tmp_path: Path) -> None:
@@ -253,6 +260,9 @@ def test_load_kaggle_flickr8k_bad_lines(tmp_path: Path) -> None:
     assert len(caught) == 1
     assert "1 x empty caption, 1 x expected 'image,caption', 1 x empty image name" in str(caught[0].message)
     assert records[0].captions == ["fine", "multi\nline"]
+    file.write_text('image,caption\na.jpg,fine\na.jpg,"\n\n"\n')  # lines 3-5: an empty caption
+    with pytest.raises(AnnotationError, match="captions.txt line 3: empty caption"):
+        load_kaggle_flickr8k(file, tmp_path)  # the line where the bad record starts
 
 
 def test_load_kaggle_flickr8k_header_and_missing_image(tmp_path: Path) -> None:
@@ -261,6 +271,10 @@ def test_load_kaggle_flickr8k_header_and_missing_image(tmp_path: Path) -> None:
     with pytest.raises(AnnotationError, match="captions.txt line 1: expected header"):
         load_kaggle_flickr8k(file, tmp_path)
     file.write_text("\ufeffimage,caption\na.jpg,x\n", encoding="utf-8")  # BOM tolerated
+    with pytest.raises(AnnotationError, match=r"line 2 \(a.jpg\): image file not found"):
+        load_kaggle_flickr8k(file, tmp_path)
+    # header in any case, a line of spaces skipped, the image's first line named
+    file.write_text("Image, Caption\na.jpg,x\n   \na.jpg,y\n")
     with pytest.raises(AnnotationError, match=r"line 2 \(a.jpg\): image file not found"):
         load_kaggle_flickr8k(file, tmp_path)
 
@@ -318,6 +332,15 @@ def test_malformed_values_name_the_entry(tmp_path: Path) -> None:
         {"filename": n, "imgid": 5, "sentences": [{"raw": "a dog"}]} for n in ("x.jpg", "y.jpg")]})
     with pytest.raises(AnnotationError, match=r"images\[1\] \(y.jpg\): duplicate image id 5"):
         load_karpathy(twice, tmp_path)
+    flag = _write_json(tmp_path / "b.json", {"images": [{"id": True, "file_name": "x.jpg"}],
+                                             "annotations": []})
+    with pytest.raises(AnnotationError, match=r"b.json images\[0\]: 'id' must be an integer"):
+        load_coco(flag, tmp_path)
+    bom = tmp_path / "bom.json"  # saved by a Windows editor
+    bom.write_text("\ufeff" + json.dumps({"images": [{"filename": "x.jpg",
+                                                       "sentences": [{"raw": "a dog"}]}]}),
+                   encoding="utf-8")
+    assert [r.path.name for r in load_karpathy(bom, tmp_path)] == ["x.jpg"]
     coco = tmp_path / "c.json"
     coco.write_text('{"images": [{"id": 1, "file_name": "x.jpg", "width": NaN, "height": Infinity}],'
                     ' "annotations": [{"image_id": 1, "caption": "a dog"}]}')

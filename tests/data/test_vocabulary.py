@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
 import torch
 
-from captioner.data.vocabulary import SPECIALS, Vocabulary
+from captioner.data.vocabulary import SPECIALS, Vocabulary, check_coverage
 
 CAPTIONS = [
     ["a", "dog", "runs"],
@@ -36,6 +37,7 @@ def test_build_min_freq_and_max_size() -> None:
     assert Vocabulary.build(CAPTIONS, min_freq=2).itos[4:] == ["a", "cat", "dog", "runs"]
     assert Vocabulary.build(CAPTIONS, min_freq=3).itos[4:] == ["a"]
     assert Vocabulary.build(CAPTIONS, max_size=6).itos[4:] == ["a", "cat"]  # 4 specials + 2
+    assert Vocabulary.build(CAPTIONS, max_size=4).itos == list(SPECIALS)  # the specials alone
     with pytest.raises(ValueError):
         Vocabulary.build(CAPTIONS, min_freq=0)
     with pytest.raises(ValueError):
@@ -57,6 +59,13 @@ def test_encode_decode() -> None:
     assert vocab.decode([1, 4, 2, 0], strip_special=False) == ["<start>", "a", "<end>", "<pad>"]
     with pytest.raises(IndexError):
         vocab.decode([10])
+    with pytest.raises(IndexError):
+        vocab.decode([1, 4, -1])  # not itos[-1], "the"
+
+
+def test_vocabulary_is_case_sensitive() -> None:
+    vocab = Vocabulary.build([["Dog", "dog", "dog"]])  # dog=4, Dog=5
+    assert vocab.encode(["Dog", "DOG"], add_start_end=False) == [5, 3]
 
 
 def test_equality_fingerprint_and_dict_roundtrip() -> None:
@@ -68,6 +77,11 @@ def test_equality_fingerprint_and_dict_roundtrip() -> None:
     assert other != vocab
     assert other.fingerprint() != vocab.fingerprint()
     assert len(vocab.fingerprint()) == 40
+    # the tokens are hashed with a separator: these two lists must not collide
+    assert (Vocabulary([*SPECIALS, "ab", "c"]).fingerprint()
+            != Vocabulary([*SPECIALS, "a", "bc"]).fingerprint())
+    # stored in every vocabulary file and checkpoint: a new definition would refuse them all
+    assert Vocabulary(SPECIALS).fingerprint() == "76d907f29bcbf794236bfe85cb287099b1a64b62"
 
 
 def test_constructor_validates() -> None:
@@ -75,6 +89,8 @@ def test_constructor_validates() -> None:
         Vocabulary(["dog", "<pad>"])
     with pytest.raises(ValueError, match="repeated"):
         Vocabulary([*SPECIALS, "dog", "dog"])
+    with pytest.raises(ValueError, match="non-empty strings"):
+        Vocabulary([*SPECIALS, "dog", ""])
 
 
 def test_save_is_atomic_and_loads_back(tmp_path: Path) -> None:
@@ -120,6 +136,19 @@ def test_load_of_a_folder_is_a_vocabulary_error_naming_it(tmp_path: Path) -> Non
     folder.mkdir()
     with pytest.raises(VocabularyError, match="vocab_dir: cannot read the vocabulary file"):
         Vocabulary.load(folder)
+
+
+def test_load_of_a_missing_file_is_a_file_not_found_error_naming_it(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="missing_vocab.json: no such vocabulary file"):
+        Vocabulary.load(tmp_path / "missing_vocab.json")
+
+
+def test_coverage_warns_only_above_half_unknown(caplog: pytest.LogCaptureFixture) -> None:
+    counts = {"dog": 3, "cat": 2, "owl": 1}
+    vocab = Vocabulary.from_counts(counts, min_freq=3)  # dog: 3 of the 6 tokens unknown
+    with caplog.at_level(logging.WARNING, logger="captioner.data.vocabulary"):
+        assert check_coverage(vocab, counts, "the captions") == 0.5
+    assert not caplog.records  # exactly half: no warning
 
 
 def test_load_detects_tampered_fingerprint(tmp_path: Path) -> None:

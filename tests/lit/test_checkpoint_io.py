@@ -114,3 +114,13 @@ def test_a_file_url_is_written_where_it_points(tmp_path, monkeypatch):
     AtomicCheckpointIO().save_checkpoint(NEW, f"file://{target}")
     assert torch.equal(saved(target), NEW["w"])
     assert not (tmp_path / "file:").exists()
+
+
+def test_a_remote_url_keeps_lightnings_writer():
+    """A non-local URL (here fsspec's in-memory file system) is written by Lightning's writer,
+    where it points; it must not become a local path (``/ckpts/last.ckpt``)."""
+    import fsspec
+
+    AtomicCheckpointIO().save_checkpoint(NEW, "memory://ckpts/last.ckpt")
+    with fsspec.open("memory://ckpts/last.ckpt", "rb") as f:
+        assert torch.equal(torch.load(f, weights_only=True)["w"], NEW["w"])
