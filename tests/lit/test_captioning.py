@@ -317,3 +317,53 @@ def test_frozen_blocks_replace_lightnings_eval_mode_warning_with_one_line(tiny_d
     for case in ("swapped", "swapped_later"):
         _, said = fit(case)
         assert len(said) == 1 and said[0].startswith(f"Found {frozen} module(s)"), (case, said)
+
+
+def test_evaluation_keeps_every_word_of_a_caption_cut_at_max_length():
+    """Validation/test outputs keep ``lengths`` tokens: ``<end>`` included where it was emitted,
+    and the last word of a caption that ran to ``max_length`` without one. B = 2, T = 3, L = 9."""
+    from captioner.search import SearchResult
+
+    module = CaptioningModule.from_config(model_config(20))
+    tokens = torch.tensor([[7, 2, 0], [5, 6, 9]])  # image 0 ends, image 1 is cut at T = 3
+    result = SearchResult(tokens, torch.tensor([2, 3]), torch.zeros(2), torch.rand(2, 3, 9),
+                          torch.ones(2, 3))
+    module.generate = lambda annotations: result
+    module._eval_outputs = []
+    module._eval_step({"features": torch.zeros(2, 9, 5), "index": torch.tensor([4, 11])})
+    got = [(o["index"], o["tokens"], tuple(o["alphas"].shape)) for o in module._eval_outputs]
+    assert got == [(4, [7, 2], (2, 9)), (11, [5, 6, 9], (3, 9))]
+
+
+def test_test_scores_read_every_reference(monkeypatch):
+    """The COCO protocol at ``test`` scores against all of an image's references (here 6): a
+    caption equal to the 6th is perfect. (The Python tokenizer: no Java start-up.)"""
+    import functools
+    from types import SimpleNamespace
+
+    from captioner import metrics
+
+    monkeypatch.setattr(metrics, "coco_caption_scores",
+                        functools.partial(metrics.coco_caption_scores, use_java=False))
+    module = CaptioningModule.from_config(model_config(20))
+    refs = ["a cat", "the cat sits", "one cat", "a small cat", "cats", "a red ball on grass"]
+    records = {3: SimpleNamespace(image_id=42, captions=refs)}
+    scores, protocol = module._coco_scores(records, [{"index": 3}],
+                                           [["a", "red", "ball", "on", "grass"]])
+    assert scores["BLEU-4"] == pytest.approx(1.0, abs=1e-6)
+    assert protocol["tokenizer"] == "python"  # as patched
+
+
+def test_the_plateau_scheduler_is_stepped_with_bleu4():
+    """``plateau`` reads validation BLEU-4 (what checkpoints monitor), not another score."""
+    from types import SimpleNamespace
+
+    module = CaptioningModule.from_config(model_config(20))
+    module._trainer = SimpleNamespace(sanity_checking=False)
+    module._score = lambda split: {"bleu1": 0.75, "bleu2": 0.5, "bleu4": 0.125}
+    module.log = lambda *args, **kwargs: None
+    stepped = []
+    module.step_plateau = stepped.append
+    module._eval_outputs = [{"index": 0}]
+    module.on_validation_epoch_end()
+    assert stepped == [0.125] and module._eval_outputs == []
