@@ -437,6 +437,12 @@ def test_evaluation_turns_coco_boxes_with_the_image(tmp_path: Path) -> None:
         [("square", "red", (5.0, 8.0, 10.0, 6.0))], (60, 40))  # annotated upright
     assert upright_boxes(record("plain.png", 60, 40)) == (
         [("square", "red", (5.0, 8.0, 10.0, 6.0))], (40, 60))
+    exif[0x0112] = 5  # transposed (the first orientation that swaps the sides)
+    Image.new("RGB", (60, 40)).save(tmp_path / "transposed.png", exif=exif)
+    assert upright_boxes(record("transposed.png", 60, 40)) == (
+        [("square", "red", (8.0, 5.0, 6.0, 10.0))], (60, 40))  # x <-> y, w <-> h
+    assert upright_boxes(record("transposed.png", 40, 60)) == (
+        [("square", "red", (5.0, 8.0, 10.0, 6.0))], (60, 40))  # annotated upright
 
 
 def test_a_file_cut_short_and_a_malformed_chunk_are_told_apart(tmp_path: Path) -> None:
