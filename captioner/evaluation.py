@@ -116,6 +116,8 @@ def evaluate_split(captioner: Captioner, records: Sequence[ImageRecord], *,
         "min_length": captioner.search["min_length"],
         "length_penalty": captioner.search["length_penalty"],
         "beam_stop": captioner.search["beam_stop"],
+        # hard attention's location rule at test time; None for soft attention
+        "hard_test": getattr(getattr(captioner.decoder, "hard", None), "test_rule", None),
         # as placed: "tile" where the receptive fields could not be measured (warned of)
         "cells": "receptive_field" if captions[0].cell_edges is not None else "tile",
         "tokenizer": result.tokenizer,

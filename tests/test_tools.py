@@ -123,6 +123,15 @@ def test_caption_precision_bf16_matches_the_api_and_unknown_is_a_usage_error(
     assert status == 2 and "--precision: invalid choice: '16'" in err
 
 
+def test_hard_test_on_a_soft_checkpoint_is_refused(capsys, tiny_checkpoint, test_images) -> None:
+    status, out, err = _run(capsys, "caption", "--ckpt", tiny_checkpoint, "--hard-test",
+                            "expectation", test_images[0])
+    assert status == 2 and out == ""
+    assert err.strip() == (f"captioner caption: error: --hard-test expectation: {tiny_checkpoint} "
+                           "has soft attention; the option chooses how hard attention "
+                           "(attention_mode: hard) attends at test time")
+
+
 def test_caption_reports_bad_paths_and_captions_the_others(capsys, tiny_checkpoint,
                                                            test_images, tmp_path) -> None:
     full = tmp_path / "full.jpg"
@@ -318,7 +327,7 @@ def test_evaluate_decodes_each_image_once_and_writes_coco_results(
         assert err.count(f"captioner evaluate: {name} skipped: use_java=False") == 1
     for name, value in metrics["scores"].items():
         assert f"{value:.4f}" in out and name in out
-    assert metrics["protocol"]["cells"] == "tile"
+    assert metrics["protocol"]["cells"] == "tile" and metrics["protocol"]["hard_test"] is None
 
     # cells at the receptive fields' centres: the same captions, correctness scored there
     status, out, err = _run(capsys, "evaluate", "--ckpt", tiny_checkpoint, "--config", config,

@@ -1,10 +1,12 @@
 """`captioner visualize` for hard attention (chosen cell per word) and Spatial Transformer stages."""
 
 import copy
+import json
 
 import lightning as L
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from captioner.cli import main
@@ -48,6 +50,27 @@ def test_hard_attention_figure_and_one_hot_maps(shapes_root, tmp_path):
     # the outlined cells are saved with the maps, and they are the chosen ones
     np.testing.assert_array_equal(saved["hard_locations"],
                                   alphas.reshape(len(alphas), -1).argmax(-1))
+
+    # --hard-test expectation: the same checkpoint attends to the expected context (the
+    # authors' test rule): weights summing to 1 over the cells, no chosen cell outlined
+    expected = tmp_path / "expected.npz"
+    assert main(["visualize", "--ckpt", str(ckpt), str(_image(tmp_path)), "--out",
+                 str(tmp_path / "expected.png"), "--save-maps", str(expected), "--with-end",
+                 "--hard-test", "expectation"]) == 0
+    spread = np.load(expected)
+    assert "hard_locations" not in spread
+    weights = spread["alphas"].reshape(len(spread["alphas"]), -1)  # (T, L)
+    np.testing.assert_allclose(weights.sum(-1), 1.0, rtol=1e-5)
+    assert weights.max() < 0.99  # not one-hot
+
+    # evaluate records the rule it decoded with
+    data = tmp_path / "data.yaml"
+    data.write_text(yaml.safe_dump({"data": shapes_data_config(shapes_root)}))
+    for rule in ("argmax", "expectation"):
+        assert main(["evaluate", "--ckpt", str(ckpt), "--config", str(data), "--no-java",
+                     "--out", str(tmp_path / rule), "--hard-test", rule]) == 0
+        metrics = json.loads((tmp_path / rule / "metrics_test.json").read_text())
+        assert metrics["protocol"]["hard_test"] == rule
 
 
 def test_hard_attention_with_the_expectation_rule_outlines_no_cell(shapes_root, tmp_path,

@@ -132,6 +132,10 @@ def tool_parser(name: str, description: str) -> argparse.ArgumentParser:
                    help="fuse the additive attention's search energies with torch.compile "
                         "(beam search 1.05-1.3x faster on CPU; compiles for seconds first, "
                         "needs a C++ compiler, else runs as without)")
+    p.add_argument("--hard-test", choices=("argmax", "expectation"), default=None,
+                   help="hard-attention checkpoints: attend to the most probable location "
+                        "(argmax) or to the expected context (expectation, as the authors' "
+                        "generate_caps.py) at test time (default: the checkpoint's hard_test)")
     return p
 
 
@@ -142,6 +146,18 @@ def compile_search(args: argparse.Namespace, decoder: Any) -> None:
     if getattr(args, "compile_search", False) and not set_compile_search(decoder):
         print("note: --compile-search: the model has no additive attention; nothing to "
               "compile", file=sys.stderr)
+
+
+def hard_test(args: argparse.Namespace, decoder: Any) -> None:
+    """Apply ``--hard-test`` to a loaded decoder; refused for a decoder without hard attention."""
+    rule = getattr(args, "hard_test", None)
+    if rule is None:
+        return
+    hard = getattr(decoder, "hard", None)
+    if hard is None:
+        raise ToolError(f"--hard-test {rule}: {args.ckpt} has soft attention; the option chooses "
+                        "how hard attention (attention_mode: hard) attends at test time")
+    hard.test_rule = rule
 
 
 def make_tool(name: str, parse: Callable[[list[str]], argparse.Namespace],
@@ -202,6 +218,7 @@ def load_captioner(args: argparse.Namespace) -> Captioner:
         raise ToolError(f"{given} {captioner.search['min_length']} exceeds the most decoding "
                         f"steps ({max_length}; --max-length): no caption could end")
     compile_search(args, captioner.decoder)
+    hard_test(args, captioner.decoder)
     return captioner
 
 

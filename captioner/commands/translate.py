@@ -11,7 +11,7 @@ from pathlib import Path
 
 from captioner.cli import register_tool
 from captioner.commands.common import (EXIT_INPUT_ERROR, EXIT_OK, ToolError, compile_search, figure_errors,
-                                       make_tool, positive_int, tool_parser)
+                                       hard_test, make_tool, positive_int, tool_parser)
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -60,6 +60,7 @@ def _run(args: argparse.Namespace) -> int:
         if args.beam_stop:
             translator.search["beam_stop"] = args.beam_stop
         compile_search(args, translator.decoder)
+        hard_test(args, translator.decoder)
     except CheckpointError as e:
         raise ToolError(str(e)) from None
     for n, sentence in enumerate(args.sentences, 1):
