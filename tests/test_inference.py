@@ -57,6 +57,7 @@ def test_from_checkpoint_restores_the_trained_model(captioner: Captioner, tiny_c
     assert captioner.image_size == 32
     assert len(captioner.vocab) == ckpt["hyper_parameters"]["vocab_size"]
     assert captioner.search["max_length"] == TINY_MODEL_CONFIG["max_length"]
+    assert not captioner.encoder.training and not captioner.decoder.training  # no dropout
     # The model trained by Lightning and the one rebuilt from the file decode identically.
     module = CaptioningModule.from_config({**TINY_MODEL_CONFIG,
                                            "vocab_size": len(captioner.vocab)})
@@ -268,7 +269,7 @@ def test_caption_paths_reports_bad_files_and_captions_the_rest(
     assert set(reasons) == {"truncated.jpg", "missing.jpg", "fake.png", "notes.txt"}
     assert "truncated image: the file ends before the image data does" in reasons["truncated.jpg"]
     assert "no such file" in reasons["missing.jpg"]
-    assert "not a recognised image" in reasons["fake.png"]
+    assert reasons["fake.png"] == "not a recognised image format"  # the reason, no path
 
 
 # ------------------------------------------------------------------------------- bad checkpoints
@@ -389,6 +390,21 @@ def test_vocabulary_mismatch(tiny_checkpoint: Path, tmp_path: Path) -> None:
     path = _variant(tiny_checkpoint, tmp_path, "weights.ckpt", bigger_model)
     with pytest.raises(CheckpointError, match="weights do not fit"):
         Captioner.from_checkpoint(path)
+
+    def missing_decoder_weight(ckpt):  # a decoder weight the config needs is not in the file
+        del ckpt["state_dict"][next(k for k in ckpt["state_dict"] if k.startswith("decoder."))]
+
+    path = _variant(tiny_checkpoint, tmp_path, "partial.ckpt", missing_decoder_weight)
+    with pytest.raises(CheckpointError, match="weights do not fit.*Missing key"):
+        Captioner.from_checkpoint(path)
+
+
+def test_search_settings_come_from_the_checkpoint(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    settings = {"beam_size": 3, "max_length": 5, "min_length": 2, "length_penalty": 0.7,
+                "beam_stop": "exact"}
+    path = _variant(tiny_checkpoint, tmp_path, "beam.ckpt",
+                    lambda ckpt: ckpt["hyper_parameters"].update(settings))
+    assert Captioner.from_checkpoint(path).search == settings
 
 
 def test_wrong_task_and_broken_config(tiny_checkpoint: Path, tmp_path: Path) -> None:

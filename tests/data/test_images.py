@@ -81,12 +81,13 @@ def test_cmyk_jpeg(tmp_path: Path) -> None:
 
 def test_16bit_png_is_scaled_not_clipped(tmp_path: Path) -> None:
     path = tmp_path / "deep.png"
-    a = np.array([[0, 32896, 65535]], dtype=np.uint16)  # black, mid grey, white
+    a = np.array([[0, 32896, 60000, 65535]], dtype=np.uint16)  # black, mid grey, white
     Image.fromarray(a).save(path)
     with Image.open(path) as raw:
         assert raw.mode.startswith("I")
     img = load_image(path)
-    assert [_pixel(img, (x, 0))[0] for x in range(3)] == [0, 128, 255]
+    # v * 255 / 65535, not v / 256 (v >> 8): 60000 -> 233.46 -> 233, not 234
+    assert [_pixel(img, (x, 0))[0] for x in range(4)] == [0, 128, 233, 255]
 
 
 @pytest.mark.parametrize(
@@ -95,6 +96,7 @@ def test_16bit_png_is_scaled_not_clipped(tmp_path: Path) -> None:
         (np.array([[0, 1000, 65535]], dtype=np.int32), [0, 4, 255]),  # "I" holding 16-bit data
         (np.array([[-10, 0, 10]], dtype=np.int32), [0, 128, 255]),  # out of range: min-max
         (np.array([[0.0, 0.5, 1.0]], dtype=np.float32), [0, 128, 255]),  # "F" in [0, 1]
+        (np.array([[0.2, 0.6, 1.0]], dtype=np.float32), [51, 153, 255]),  # up to 1 included
         (np.array([[-2.0, 0.0, 2.0]], dtype=np.float32), [0, 128, 255]),  # "F" other: min-max
     ],
 )
@@ -106,6 +108,9 @@ def test_int_and_float_modes(array: np.ndarray, expected: list[int]) -> None:
 def test_float_nan_does_not_blank_the_picture() -> None:
     img = to_rgb(Image.fromarray(np.array([[np.nan, 0.0, 0.5, 1.0, np.inf]], dtype=np.float32)))
     assert [_pixel(img, (x, 0))[0] for x in range(5)] == [0, 0, 128, 255, 255]
+    # NaN takes the low end of the finite range (-2), not the value 0 (mid grey here)
+    img = to_rgb(Image.fromarray(np.array([[np.nan, -2.0, 2.0]], dtype=np.float32)))
+    assert [_pixel(img, (x, 0))[0] for x in range(3)] == [0, 0, 255]
     blank = to_rgb(Image.fromarray(np.full((2, 3), np.nan, dtype=np.float32)))
     assert np.asarray(blank).max() == 0
 
@@ -137,6 +142,19 @@ def test_png_transparent_grey_value_becomes_white(tmp_path: Path, bits, values, 
     img = load_image(path)
     expected = {1: [255, 255, 255], 16: [0, 255, 255]}[bits]  # key pixels white, others scaled
     assert [_pixel(img, (x, 0))[0] for x in range(3)] == expected
+
+
+@pytest.mark.parametrize(("mode", "key", "other"), [("L", 77, 200),
+                                                    ("RGB", (10, 20, 30), (10, 20, 31))])
+def test_png_colour_key_of_8bit_grey_and_rgb_becomes_white(tmp_path: Path, mode, key,
+                                                           other) -> None:
+    path = tmp_path / f"key_{mode}.png"
+    im = Image.new(mode, (2, 1), key)
+    im.putpixel((1, 0), other)
+    im.save(path, transparency=key)
+    img = load_image(path)
+    assert _pixel(img, (0, 0)) == (255, 255, 255)
+    assert _pixel(img, (1, 0)) == ((other,) * 3 if mode == "L" else other)
 
 
 def test_bilevel_mode(tmp_path: Path) -> None:
@@ -305,6 +323,8 @@ def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(ImageLoadError, match="nowhere.jpg") as info:
         load_image(path)
     assert info.value.path == path
+    with pytest.raises(ImageLoadError, match="not a regular file"):
+        load_image(tmp_path)
 
 
 def test_non_image_file(tmp_path: Path) -> None:
@@ -349,6 +369,12 @@ def test_decompression_bomb_is_a_clear_error(
         load_image(path)
 
 
+def test_pil_pixel_limit_is_raised_at_import() -> None:
+    from captioner.data.images import MAX_IMAGE_PIXELS
+
+    assert Image.MAX_IMAGE_PIXELS is None or Image.MAX_IMAGE_PIXELS >= MAX_IMAGE_PIXELS > 89478485
+
+
 def test_error_pickles() -> None:
     err = pickle.loads(pickle.dumps(ImageLoadError("a/b.png", "broken")))
     assert isinstance(err, ImageLoadError)
@@ -373,6 +399,7 @@ def test_error_survives_a_dataloader_worker(tmp_path: Path) -> None:
     assert ImageLoadError("no traceback").reason == "no traceback"  # any other one-argument text
     odd = tmp_path / "a: b"  # a folder whose name holds ": "
     odd.mkdir()
+    (tmp_path / "a").mkdir()  # a shorter prefix that exists too: the longest one wins
     (odd / "x.png").write_bytes(b"")
     text = ("Traceback ...\ncaptioner.data.images.ImageLoadError: cannot load image "
             f"{odd}/x.png: not a recognised image format")
@@ -388,6 +415,8 @@ def test_image_to_tensor_shape_range_and_values() -> None:
     square = image_to_tensor(img, 9)
     assert square.shape == (3, 9, 9)
     assert image_to_tensor(Image.new("L", (4, 4), 255), 5).shape == (3, 5, 5)  # any mode
+    with pytest.raises(ValueError, match="image size must be positive"):
+        image_to_tensor(img, (3, 0))
 
 
 def test_image_to_tensor_antialiases_when_shrinking() -> None:
@@ -411,6 +440,11 @@ def test_find_images(tmp_path: Path) -> None:
     assert [p for p, _ in problems] == [tmp_path / "missing.jpg", tmp_path / "x.txt", tmp_path / "empty"]
     assert "no such file" in problems[0][1]
     assert ".png" in IMAGE_EXTENSIONS and ".jpg" in IMAGE_EXTENSIONS
+    # only names below the folder searched count as hidden, not the folder's own ancestors
+    inside = tmp_path / ".cache" / "photos"
+    inside.mkdir(parents=True)
+    (inside / "p.png").write_bytes(b"")
+    assert find_images([inside]) == ([inside / "p.png"], [])
 
 
 def test_evaluation_turns_coco_boxes_with_the_image(tmp_path: Path) -> None:

@@ -86,6 +86,25 @@ def test_dot_product_normalised_by_n() -> None:
     torch.testing.assert_close(block.attention(x)[0], (xs @ xs.T) / 3)
 
 
+@pytest.mark.parametrize("pairwise", ["dot_product", "concatenation"])
+def test_subsampled_attention_is_normalised_by_the_pooled_positions(pairwise: str) -> None:
+    """With ``subsample`` ``C(x)`` is the number ``P_j`` of attended (pooled) positions, not
+    ``P``: 5 positions max-pooled by 2 (ceil mode) to 3 keys."""
+    block = NonLocalBlock(pairwise=pairwise, reduction=1, dims=1, subsample=True, use_bn=False,
+                          in_channels=1)
+    _set_identity_weights(block)
+    x = torch.tensor([[[1.0, 3.0, -2.0, 0.5, 2.0]]])  # (B=1, C=1, P=5)
+    q, k = x[0, 0, :, None], torch.tensor([[3.0, 0.5, 2.0]])  # k: max of (1, 3), (-2, .5), (2)
+    if pairwise == "concatenation":
+        with torch.no_grad():
+            block.w_f.weight.copy_(torch.tensor([[1.0, -1.0]]))  # scores q_i - k_j
+        f = torch.relu(q - k) / 3
+    else:
+        f = q * k / 3
+    torch.testing.assert_close(block.attention(x)[0], f)
+    torch.testing.assert_close(block(x), x + (f @ k.T).view(1, 1, 5))
+
+
 def test_concatenation_relu_of_projected_pair() -> None:
     block = NonLocalBlock(pairwise="concatenation", reduction=1, dims=1, use_bn=False,
                           in_channels=2)
@@ -190,6 +209,7 @@ def test_rejects_wrong_shapes_and_options() -> None:
     with pytest.raises(ValueError, match="dims"):
         NonLocalBlock(dims=4)  # type: ignore[arg-type]
     assert NonLocalBlock(reduction=4, in_channels=C).inner_channels == 1
+    assert NonLocalBlock(reduction=8, in_channels=C).inner_channels == 1  # not C // 8 = 0
 
 
 @pytest.mark.parametrize("pairwise", ["embedded_gaussian", "dot_product", "concatenation"])

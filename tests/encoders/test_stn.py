@@ -91,6 +91,32 @@ def test_heatmap_points_at_the_pixels_a_cell_pools_on_odd_sizes() -> None:
     torch.testing.assert_close(loc(x), torch.tensor([[17 / 9 - 1, 13 / 7 - 1]]))
 
 
+def test_heatmap_on_a_single_row_map() -> None:
+    """A 1 x 5 map pools (2x2, ceil mode) to 1 x 3 cells: pixel column j reads cell j // 2 and
+    the single row cell 0, so the last cell (one column) points at x = 9/5 - 1, y = 0."""
+    loc = HeatmapLocalisation(in_channels=1, hidden=1, transform="translation", count=1)
+    loc.trunk = torch.nn.MaxPool2d(2, ceil_mode=True)  # (B, 1, 1, 5) -> (B, 1, 1, 3)
+    with torch.no_grad():
+        loc.heat.weight.fill_(200.0)
+    x = torch.zeros(1, 1, 1, 5)
+    x[0, 0, 0, 4] = 1.0
+    torch.testing.assert_close(loc(x), torch.tensor([[9 / 5 - 1, 0.0]]))
+
+
+def test_heatmap_regresses_the_other_parameters_from_the_mean_feature() -> None:
+    """``s = W mean_ij F_ij + b`` (trunk removed): channel 0 is one pixel of 7 on a 5 x 7 map
+    (mean 0.2), channel 1 is -0.3 everywhere, so W = (0.5, -1), b = 1 give
+    s = 1 + 0.1 + 0.3 = 1.4; the uniform heat map gives t = 0."""
+    loc = HeatmapLocalisation(in_channels=2, hidden=2, transform="attention", count=1)
+    loc.trunk = torch.nn.Identity()
+    with torch.no_grad():
+        loc.regress.weight.copy_(torch.tensor([[0.5, -1.0]]))
+    x = torch.zeros(1, 2, 5, 7)
+    x[0, 0, 1, 5] = 7.0
+    x[0, 1] = -0.3
+    torch.testing.assert_close(loc(x), torch.tensor([[1.4, 0.0, 0.0]]))
+
+
 def test_params_to_theta_hand_values() -> None:
     sim = params_to_theta(torch.tensor([2.0, math.pi / 2, 0.1, 0.2]), "similarity")
     torch.testing.assert_close(sim, torch.tensor([[0.0, -2.0, 0.1], [2.0, 0.0, 0.2]]),
@@ -151,6 +177,36 @@ def test_sequence_composes_the_transforms() -> None:
     torch.testing.assert_close(
         composite[0, 0], torch.tensor([[1.0, 0.0, 6 / W], [0.0, 1.0, -4 / H]]))
     torch.testing.assert_close(warp(x, composite[:, 0]), out, atol=1e-6, rtol=0)
+
+
+def test_sequence_localisation_looks_at_the_previous_output() -> None:
+    """Each localisation network of a sequence sees the previous transformer's output: a
+    heat-map pointer centres the one-hot pixel at (1, 6) of a 7 x 9 map (t = (4/9, -4/7):
+    2 px left, 2 px down); the second one sees it at the centre (3, 4) and predicts t = 0
+    (looking at the input again it would move it 2 px further, to (5, 2))."""
+    x = torch.zeros(1, 1, H, W)
+    x[0, 0, 1, 6] = 1.0
+    stn = SpatialTransformer(where="input", transform="translation", localization="heatmap",
+                             loc_hidden=1, num_transformers=2, combine="sequence", in_channels=1)
+    for loc in stn.localisation:
+        loc.trunk = torch.nn.Identity()  # features = input
+        with torch.no_grad():
+            loc.heat.weight.fill_(200.0)
+    expected = torch.zeros_like(x)
+    expected[0, 0, 3, 4] = 1.0
+    torch.testing.assert_close(stn(x), expected, atol=1e-6, rtol=0)
+    torch.testing.assert_close(stn.last_theta[0, :, :, 2], torch.tensor([[4 / 9, -4 / 7], [0, 0]]))
+
+
+def test_concatenated_views_each_take_their_own_transform() -> None:
+    x = torch.zeros(1, 1, H, W)
+    x[0, 0, 4, 6] = 1.0
+    stn = SpatialTransformer(where="output", transform="translation", num_transformers=2,
+                             in_channels=1)
+    _set_params(stn, [2 * 1 / W, 0.0, 0.0, -2 * 2 / H])  # view 0: 1 px left; view 1: 2 px down
+    expected = torch.zeros(1, 2, H, W)
+    expected[0, 0, 4, 5] = expected[0, 1, 6, 6] = 1.0
+    torch.testing.assert_close(stn(x), expected, atol=1e-6, rtol=0)
 
 
 def test_compose_thetas_non_commuting() -> None:
@@ -289,6 +345,10 @@ def test_build_once_and_unbuilt_forward() -> None:
     assert stn.build(C) == C and stn.localisation[0][0].weight is weight  # no rebuild
     with pytest.raises(ValueError, match="built for 5 channels"):
         stn.build(3)
+    cat = SpatialTransformer(where="output", num_transformers=2, in_channels=C)
+    assert cat.build(C) == 2 * C  # built by hand, then handed to an encoder: still n C out
+    with pytest.raises(ValueError, match="in_channels must be positive"):
+        SpatialTransformer().build(0)
 
 
 def test_theta_outline_and_parameters() -> None:
