@@ -45,7 +45,6 @@ if Image.MAX_IMAGE_PIXELS is not None and Image.MAX_IMAGE_PIXELS < MAX_IMAGE_PIX
     Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
 
 _WHITE = (255, 255, 255)
-_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 
 
 class ImageLoadError(ValueError):
@@ -227,7 +226,8 @@ def upright_rgb(img: Image.Image) -> Image.Image:
 def to_rgb(img: Image.Image) -> Image.Image:
     """Convert a PIL image of any common mode to 8-bit ``"RGB"``.
 
-    * transparency (``RGBA``, ``LA``, ``PA``, ``P`` with a transparent index, ...) is composited
+    * transparency (``RGBA``, ``LA``, ``PA``, ``P`` with a transparent index or a palette with
+      alpha, ...) is composited
       on white, not dropped (dropping leaves whatever colour hides under alpha 0, often black);
     * 16-bit (``I;16*``) and 32-bit integer (``I``) greyscale are scaled, ``v * 255 / 65535``,
       not clipped to 255; ``I`` data outside ``[0, 65535]`` is min-max scaled instead;
@@ -247,7 +247,9 @@ def to_rgb(img: Image.Image) -> Image.Image:
         ValueError: If PIL cannot convert the mode.
     """
     mode = img.mode
-    has_alpha = mode in _ALPHA_MODES or (mode in ("P", "L", "RGB") and "transparency" in img.info)
+    # an alpha channel, a tRNS key (P, L, RGB; the grey modes are keyed below) or, in P, a
+    # palette with alpha (what Pillow's convert("P") / quantize() of an RGBA image makes)
+    has_alpha = img.has_transparency_data
     if mode == "RGB" and not has_alpha:
         return img.copy()
     if mode == "1" or mode.startswith("I;16") or mode in ("I", "F"):

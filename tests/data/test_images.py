@@ -17,6 +17,7 @@ from captioner.data.images import (
     image_to_tensor,
     load_image,
     to_rgb,
+    upright_rgb,
 )
 
 
@@ -155,6 +156,21 @@ def test_png_colour_key_of_8bit_grey_and_rgb_becomes_white(tmp_path: Path, mode,
     img = load_image(path)
     assert _pixel(img, (0, 0)) == (255, 255, 255)
     assert _pixel(img, (1, 0)) == ((other,) * 3 if mode == "L" else other)
+
+
+@pytest.mark.parametrize("make", ["convert", "quantize"])
+def test_palette_with_alpha_becomes_white_in_memory_as_from_a_file(tmp_path: Path, make) -> None:
+    """Pillow's ``convert("P")`` / ``quantize()`` of an RGBA image keeps alpha in the palette
+    (no ``transparency`` key in ``info``): a see-through red pixel is white, as in the PNG file
+    the same image saves to, and an opaque blue one stays blue."""
+    rgba = Image.new("RGBA", (2, 1), (255, 0, 0, 0))
+    rgba.putpixel((1, 0), (0, 0, 255, 255))
+    palette = rgba.convert("P") if make == "convert" else rgba.quantize()
+    assert palette.mode == "P" and "transparency" not in palette.info
+    path = tmp_path / "palette.png"
+    palette.save(path)
+    for img in (to_rgb(palette), upright_rgb(palette), load_image(path)):
+        assert [_pixel(img, (x, 0)) for x in range(2)] == [(255, 255, 255), (0, 0, 255)]
 
 
 def test_bilevel_mode(tmp_path: Path) -> None:
