@@ -134,3 +134,10 @@ def test_encoder_grid_theta_refuses_several_views_per_cell():
     encoder(torch.rand(1, 3, 32, 32))
     with pytest.raises(ValueError, match="2 views"):
         encoder.grid_theta()
+
+
+def test_a_collapsed_view_is_drawn_and_a_broken_one_refused():
+    line = np.array([[0.5, 0.0, 0.0], [0.0, 0.0, 0.0]])  # every grid point on the line y = 0
+    np.testing.assert_allclose(image_to_grid(np.array([[0.25, 0.3]]), line), [[0.5, 0.0]])
+    with pytest.raises(ValueError, match="non-finite"):
+        grid_to_image(np.zeros((1, 2)), np.array([[1.0, 0.0, np.nan], [0.0, 1.0, 0.0]]))

@@ -112,3 +112,23 @@ def test_search_attention_over_padding_is_exactly_zero():
                    beam_search(dec, annotations, beam_size=3, **kw)):
         for b, n in enumerate(LENGTHS.tolist()):
             assert (result.alphas[b, :, n:] == 0).all()
+
+
+def test_extra_padding_columns_keep_the_width_of_the_tokens():
+    # lengths (4, 2) inside 7 columns: annotations stay (B, 7, D), in step with the (B, 7) mask
+    enc = make()
+    tokens = batch()[1:]  # lengths 4 and 2, 7 columns
+    annotations, mask = enc(tokens, torch.tensor([4, 2]))
+    assert annotations.shape == (2, S, 2 * H) and mask.shape == (2, S)
+    assert (annotations[:, 4:] == 0).all()
+
+
+def test_dropout_acts_on_the_embeddings_and_between_stacked_layers():
+    enc = make(dropout=0.4).train()
+    tokens = batch()
+    torch.manual_seed(2)
+    a1, _ = enc(tokens)
+    a2, _ = enc(tokens)
+    assert not torch.equal(a1, a2)  # one layer: the embedding dropout is the only noise
+    assert make(num_layers=2, dropout=0.4).rnn.dropout == 0.4
+    assert make(num_layers=1, dropout=0.4).rnn.dropout == 0.0  # no layer above to feed

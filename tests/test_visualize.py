@@ -136,3 +136,36 @@ def test_plot_alignment(tmp_path):
         assert fig.format == "PNG"
     with pytest.raises(ValueError):
         plot_alignment(src, tgt, a.T, tmp_path / "bad.png")
+
+
+def test_hard_outline_sits_on_its_cell_of_a_non_square_grid(tmp_path, monkeypatch, alphas):
+    import captioner.visualize as visualize
+
+    drawn = []
+    real = visualize.Polygon
+    monkeypatch.setattr(visualize, "Polygon", lambda xy, **kw: drawn.append(xy) or real(xy, **kw))
+    # cell 7 of the 3 x 5 grid on 30 x 53 pixels: row 1, column 2,
+    # x in [21.2, 31.8), y in [10, 20)
+    plot_attention(np.zeros((30, 53, 3)), ["a"], alphas[:1], GRID, tmp_path / "h.png",
+                   hard_locations=[7])
+    np.testing.assert_allclose(drawn[0], [[21.2, 10], [31.8, 10], [31.8, 20], [21.2, 20]])
+
+
+def test_too_few_maps_and_integer_images_are_read_right(tmp_path, alphas):
+    from captioner.visualize import _as_image_array
+
+    with pytest.raises(ValueError, match="5 words but only 4 attention maps"):
+        save_attention_maps(tmp_path / "m.npz", WORDS + ["x"], alphas, GRID)
+    np.testing.assert_allclose(_as_image_array(np.array([[0, 51], [255, 102]], np.uint8)),
+                               [[0.0, 0.2], [1.0, 0.4]])
+
+
+def test_a_zoomed_view_is_read_bilinearly_up_to_its_edge():
+    # the view of the left half, twice enlarged horizontally: image column j (centre j + 0.5)
+    # looked at grid column 2 j + 0.5, i.e. between map columns 2 j and 2 j + 1
+    alpha = np.arange(15, dtype=float).reshape(GRID)
+    theta = np.array([[0.5, 0.0, -0.5], [0.0, 1.0, 0.0]])
+    plain = upsample_attention(alpha, (6, 10), smooth=False)
+    left = upsample_attention(alpha, (6, 10), smooth=False, theta=theta)
+    np.testing.assert_allclose(left[:, :5], (plain[:, 0:10:2] + plain[:, 1:10:2]) / 2)
+    assert (left[:, 5:] == 0).all()

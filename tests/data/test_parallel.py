@@ -533,3 +533,55 @@ def test_pairs_left_out_by_max_len_are_warned_of_when_many(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="captioner.data.parallel"):
         module(tmp_path / "all", max_len=50).src_vocab
     assert "longer than max_len" not in caplog.text
+
+
+def test_surrounding_whitespace_crlf_and_extra_tabs(tmp_path):
+    from captioner.data.parallel_text import decode_lines
+
+    assert decode_lines(b"a b\r\nc\r\n", "x") == ["a b", "c"]
+    (tmp_path / "w.de").write_text("  Ein Hund. \n\tEine Katze.\n", encoding="utf-8")
+    (tmp_path / "w.en").write_text("A dog.  \n A cat.\n", encoding="utf-8")
+    assert read_aligned(tmp_path / "w.de", tmp_path / "w.en") == [("Ein Hund.", "A dog."),
+                                                                ("Eine Katze.", "A cat.")]
+    bad = tmp_path / "three.tsv"
+    bad.write_text("Ein Hund.\tA dog.\nEine Katze.\tA cat.\tUn chat.\n", encoding="utf-8")
+    with pytest.raises(ParallelDataError, match=rf"{bad}:2: expected 2 tab-separated fields "
+                                                r"\(source, target\), got 3"):
+        read_tsv(bad)
+
+
+def test_pools_hold_batch_size_times_bucket_factor_and_len_counts_dropped_batches():
+    # pools of 2 * 3 = 6: the first 6 indices the sampler yields make 3 sorted batches
+    keys = [(i * 5) % 13 for i in range(13)]
+    drawn = list(EpochRandomSampler(keys, seed=2))
+    sampler = BucketBatchSampler(EpochRandomSampler(keys, seed=2), batch_size=2, keys=keys,
+                                 bucket_factor=3, seed=2)
+    pool = sorted(drawn[:6], key=lambda i: keys[i])
+    assert sorted([pool[0:2], pool[2:4], pool[4:6]]) == sorted(
+        b for b in sampler if set(b) <= set(drawn[:6]))
+    # 13 = 6 + 6 + 1: with drop_last the pools keep 3, 3 and 0 batches
+    dropping = BucketBatchSampler(EpochRandomSampler(keys, seed=2), batch_size=2,
+                                  drop_last=True, keys=keys, bucket_factor=3)
+    assert len(list(dropping)) == len(dropping) == 6
+    with pytest.raises(ValueError, match="bucket_factor"):
+        BucketBatchSampler(range(13), batch_size=2, keys=keys, bucket_factor=0)
+
+
+def test_data_module_options_reach_the_data(tmp_path):
+    from captioner.data.vocabulary import Vocabulary
+
+    dm = module(tmp_path, max_pairs=3, eval_batch_size=1, lowercase=False, min_freq=1)
+    assert len(dm.pairs("train")) == 3 and len(dm.dataset("train")) == 3
+    assert "Ein" in dm.src_vocab.itos and "ein" not in dm.src_vocab.itos  # case kept
+    assert [len(b["index"]) for b in dm.val_dataloader()] == [1, 1]
+    # batches are sorted by (target, source) length, <start> / <end> counted
+    assert dm.val_dataloader().batch_sampler.keys == [(5, 4), (6, 5)]
+    # imposed vocabularies (either side) re-encode the datasets already built
+    src, tgt = dm.src_vocab, dm.tgt_vocab
+    reverse = lambda v: Vocabulary([*v.itos[:4], *v.itos[4:][::-1]])  # noqa: E731
+    first = dm.pairs("train")[0]
+    dm.set_vocabs(src, reverse(tgt))
+    assert dm.dataset("train")[0]["tgt"].tolist() == reverse(tgt).encode(dm.tokenize(first[1]))
+    dm.set_vocabs(reverse(src), reverse(tgt))
+    assert dm.dataset("train")[0]["src"].tolist() == [
+        *reverse(src).encode(dm.tokenize(first[0]), add_start_end=False), 2]

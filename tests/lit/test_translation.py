@@ -256,3 +256,61 @@ def test_checkpoint_carries_config_and_both_vocabularies(fitted):
         assert t.alphas.shape == (len(t.tokens), len(t.source_tokens))
         assert t.source_tokens[-1] == "<end>"
 
+
+def tiny_translator(**search) -> Translator:
+    from captioner.encoders.text import TextEncoder
+
+    src_vocab, tgt_vocab = vocabularies()
+    torch.manual_seed(5)
+    encoder = TextEncoder(len(src_vocab), embed_dim=7, hidden_dim=5)
+    decoder = AttentionDecoder(len(tgt_vocab), 10, embed_dim=9, hidden_dim=11, dropout=0.0)
+    return Translator(encoder, decoder, src_vocab, tgt_vocab, search=search)
+
+
+def test_translator_batches_like_single_sentences_and_cuts_at_max_length():
+    translator = tiny_translator(max_length=3)
+    with torch.no_grad():
+        translator.decoder.L_o.bias[translator.tgt_vocab.end_id] = -1e4  # never <end>
+    sources = [s for s, _ in PAIRS[:3]]  # 3, 4 and 5 source tokens with <end>
+    together = translator.translate(sources)
+    for sentence, t in zip(sources, together):
+        alone = translator.translate(sentence)[0]
+        assert t.tokens == alone.tokens and t.score == pytest.approx(alone.score, abs=1e-5)
+        assert len(t.source_unknown) == len(t.source_tokens) == t.alphas.shape[1]
+        assert len(t.tokens) == len(t.target_tokens) == 3  # cut: no <end> emitted
+
+
+def test_translator_passes_its_search_settings(monkeypatch):
+    import captioner.translate as translate
+
+    seen = {}
+
+    def spy(decoder, annotations, **kw):
+        seen.update(kw)
+        return translate.greedy_search(decoder, annotations, **{
+            k: v for k, v in kw.items() if k not in ("beam_size", "length_penalty", "stop")})
+
+    monkeypatch.setattr(translate, "beam_search", spy)
+    translator = tiny_translator(min_length=3, length_penalty=0.3, beam_stop="exact")
+    translator.translate(PAIRS[0][0], beam_size=2)
+    assert (seen["beam_size"], seen["min_length"], seen["length_penalty"], seen["stop"]) == (
+        2, 3, 0.3, "exact")
+
+
+def test_the_loss_counts_target_tokens_and_pairs_each_mask_with_its_sentence(monkeypatch):
+    src_vocab, tgt_vocab = vocabularies()
+    torch.manual_seed(3)
+    config = model_config(len(src_vocab), len(tgt_vocab), hard_num_samples=2)
+    config["decoder"]["init_args"].update(attention_mode="hard")
+    module = TranslationModule.from_config(config).train()
+    module.src_vocab, module.vocab = src_vocab, tgt_vocab
+    batch = batch_of([PAIRS[0], PAIRS[3], PAIRS[4]], src_vocab, tgt_vocab)  # 3, 8, 4 source
+    forward = module.decoder.forward
+
+    def check(annotations, tgt, mask, **kw):
+        assert torch.equal(mask, annotations.abs().sum(-1) > 0)  # padding is exactly 0
+        return forward(annotations, tgt, mask, **kw)
+
+    monkeypatch.setattr(module.decoder, "forward", check)
+    losses = module.loss(batch)
+    assert int(losses["tokens"]) == 2 * (4 + 9 + 5)  # 2 samples of the targets, <end> counted
