@@ -314,3 +314,31 @@ def test_the_loss_counts_target_tokens_and_pairs_each_mask_with_its_sentence(mon
     monkeypatch.setattr(module.decoder, "forward", check)
     losses = module.loss(batch)
     assert int(losses["tokens"]) == 2 * (4 + 9 + 5)  # 2 samples of the targets, <end> counted
+
+
+def test_validation_decodes_with_the_modules_search_settings(monkeypatch):
+    """``generate`` hands every search setting of the module to the search (``min_length`` too:
+    an undertrained model would otherwise end every sentence at once)."""
+    import captioner.lit.translation as translation
+
+    seen = {}
+    monkeypatch.setattr(translation, "decode", lambda decoder, a, m, **kw: seen.update(kw))
+    module = TranslationModule.from_config(model_config(
+        11, 13, beam_size=3, min_length=4, length_penalty=0.7, beam_stop="exact"))
+    module.generate(torch.zeros(2, 5, 28), torch.ones(2, 5, dtype=torch.bool))
+    assert seen == {"beam_size": 3, "max_length": 12, "min_length": 4, "length_penalty": 0.7,
+                    "beam_stop": "exact"}
+
+
+def test_the_plateau_scheduler_is_stepped_with_validation_bleu():
+    """``plateau`` reads sacreBLEU (what checkpoints monitor), not the perplexity."""
+    from types import SimpleNamespace
+
+    module = TranslationModule.from_config(model_config(11, 13))
+    module._trainer = SimpleNamespace(sanity_checking=False)
+    module._score = lambda split: ({"bleu": 17.5, "ppl": 3.25}, [], [])
+    module.log = lambda *args, **kwargs: None
+    stepped = []
+    module.step_plateau = stepped.append
+    module.on_validation_epoch_end()
+    assert stepped == [17.5]
