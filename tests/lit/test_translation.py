@@ -342,3 +342,19 @@ def test_the_plateau_scheduler_is_stepped_with_validation_bleu():
     module.step_plateau = stepped.append
     module.on_validation_epoch_end()
     assert stepped == [17.5]
+
+
+def test_a_translator_takes_the_checkpoints_search_settings_and_casing(fitted, tmp_path):
+    """A cased model's Translator keeps the case of its input; its search settings are the
+    checkpoint's, not the defaults."""
+    _, _, _, path = fitted
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    settings = {"beam_size": 3, "max_length": 7, "min_length": 2, "length_penalty": 0.4,
+                "beam_stop": "exact"}
+    ckpt["hyper_parameters"].update(settings)
+    ckpt["captioner"]["data"]["lowercase"] = False
+    torch.save(ckpt, tmp_path / "cased.ckpt")
+    translator = Translator.from_checkpoint(tmp_path / "cased.ckpt")
+    assert translator.search == settings and translator.lowercase is False
+    assert translator.tokenize("Ein Hund")[:2] == ["Ein", "Hund"]
+    assert Translator.from_checkpoint(path).tokenize("Ein Hund")[:2] == ["ein", "hund"]
