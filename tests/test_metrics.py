@@ -189,6 +189,7 @@ def test_every_reference_counts_not_only_the_first_four(tmp_path):
     class Fake:  # a Captioner that writes the 5th reference
         image_size, search = 4, dict(beam_size=1, max_length=9, min_length=1,
                                      length_penalty=0.0, beam_stop="k_finished")
+        decoder = None  # no hard attention
 
         def caption_tensors(self, images, beam_size, max_length):
             return [SimpleNamespace(text="a dog runs fast", cell_edges=None) for _ in images]
