@@ -227,8 +227,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
     """Convert a PIL image of any common mode to 8-bit ``"RGB"``.
 
     * transparency (``RGBA``, ``LA``, ``PA``, ``P`` with a transparent index or a palette with
-      alpha, ...) is composited
-      on white, not dropped (dropping leaves whatever colour hides under alpha 0, often black);
+      alpha, ...) is composited on white, not dropped (dropping leaves whatever colour hides
+      under alpha 0, often black);
     * 16-bit (``I;16*``) and 32-bit integer (``I``) greyscale are scaled, ``v * 255 / 65535``,
       not clipped to 255; ``I`` data outside ``[0, 65535]`` is min-max scaled instead;
     * float (``F``) in ``[0, 1]`` is scaled by 255, otherwise min-max scaled; NaN and infinite
