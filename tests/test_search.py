@@ -514,50 +514,6 @@ def test_best_is_the_head_of_a_stable_descending_sort():
         assert torch.equal(index[finite], want_index[:, :n][finite])
 
 
-class _FixedStepState:
-    """The search protocol's state for a decoder that keeps nothing between steps."""
-
-    def __init__(self, rows: int):
-        self.rows = rows
-
-    def select(self, index):
-        return _FixedStepState(index.shape[0])
-
-    select_recurrent = select
-
-
-class _TwoStepDecoder:
-    """Fixed log-probabilities, V = 4 (<pad> 0, <start> 1, <end> 2, w 3), L = 3: after <start>,
-    <end> 0.3 and w 0.7; after w, <end> 1 - 1e-6 and w 1e-6."""
-
-    def init_state(self, annotations, mask=None):
-        return _FixedStepState(annotations.shape[0])
-
-    def step(self, prev, state):
-        first = torch.log(torch.tensor([0.0, 0.0, 0.3, 0.7]))
-        later = torch.log(torch.tensor([0.0, 0.0, 1 - 1e-6, 1e-6]))
-        log_probs = torch.where((prev == IDS["start_id"]).unsqueeze(1), first, later)  # (R, 4)
-        R = prev.shape[0]
-        return log_probs, state, torch.full((R, 3), 1 / 3), torch.ones(R)
-
-
-def test_exact_stopping_bound_with_a_negative_length_penalty():
-    """Guards the ``s / (t + 2)^p`` term of ``stop="exact"``'s bound: with ``p < 0`` a longer
-    hypothesis ranks *worse*, so an alive beam's best possible rank is the one it gets by ending
-    at the very next step. K = 2, p = -1, max_length = 8 (rank = score * length):
-    step 0: [<end>] finishes with rank log 0.3 * 1 = -1.204; w stays alive with s = log 0.7 =
-    -0.357, bound max(-0.357 * 2, -0.357 * 8) = -0.713 > -1.204: search goes on (a bound of
-    s * 8 = -2.853 alone would stop here and return [<end>]).
-    step 1: [w, <end>] finishes with score log 0.7 + log(1 - 1e-6) = -0.35668, rank -0.713,
-    the best: returned with length 2."""
-    ann = torch.zeros(1, 3, 2)
-    r = beam_search(_TwoStepDecoder(), ann, beam_size=2, max_length=8, length_penalty=-1.0,
-                    stop="exact", **IDS)
-    assert r.lengths.tolist() == [2]
-    assert r.tokens.tolist() == [[3, 2]]
-    assert r.scores.item() == pytest.approx(math.log(0.7), abs=1e-5)  # -0.356675
-
-
 class _ImageRows:
     """The search protocol's state for a decoder that keeps nothing but each row's image."""
 
@@ -587,6 +543,29 @@ class _TableDecoder:
         R = prev.shape[0]
         log_probs = self.table[state.images % self.table.shape[0], prev]
         return log_probs, state, torch.full((R, 3), 1 / 3), torch.full((R,), 0.5)
+
+
+# V = 4 (<pad> 0, <start> 1, <end> 2, w 3): after <start>, <end> 0.3 and w 0.7; after anything
+# else, <end> 1 - 1e-6 and w 1e-6
+TWO_STEPS = [[0, 0, 1 - 1e-6, 1e-6], [0, 0, 0.3, 0.7], [0, 0, 1 - 1e-6, 1e-6],
+             [0, 0, 1 - 1e-6, 1e-6]]
+
+
+def test_exact_stopping_bound_with_a_negative_length_penalty():
+    """Guards the ``s / (t + 2)^p`` term of ``stop="exact"``'s bound: with ``p < 0`` a longer
+    hypothesis ranks *worse*, so an alive beam's best possible rank is the one it gets by ending
+    at the very next step. K = 2, p = -1, max_length = 8 (rank = score * length):
+    step 0: [<end>] finishes with rank log 0.3 * 1 = -1.204; w stays alive with s = log 0.7 =
+    -0.357, bound max(-0.357 * 2, -0.357 * 8) = -0.713 > -1.204: search goes on (a bound of
+    s * 8 = -2.853 alone would stop here and return [<end>]).
+    step 1: [w, <end>] finishes with score log 0.7 + log(1 - 1e-6) = -0.35668, rank -0.713,
+    the best: returned with length 2."""
+    ann = torch.zeros(1, 3, 2)
+    r = beam_search(_TableDecoder(TWO_STEPS), ann, beam_size=2, max_length=8,
+                    length_penalty=-1.0, stop="exact", **IDS)
+    assert r.lengths.tolist() == [2]
+    assert r.tokens.tolist() == [[3, 2]]
+    assert r.scores.item() == pytest.approx(math.log(0.7), abs=1e-5)  # -0.356675
 
 
 def test_k_finished_stops_once_k_hypotheses_end_even_at_one_step():
