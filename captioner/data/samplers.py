@@ -141,18 +141,19 @@ class SameLengthBatchSampler(BatchSampler):
         keys: one key per data set item (its caption's length).
         seed: base seed of the batch order.
         epoch: the epoch to start at, passed to the sampler's ``set_epoch`` when it has one
-            (the training loop's epoch for a resumed fit).
+            (the training loop's epoch for a resumed fit); ``None`` leaves the sampler's epoch
+            as it is.
     """
 
     def __init__(self, sampler: Sampler[int] | Sequence[int], batch_size: int,
                  drop_last: bool = False, *, keys: Sequence[Any], seed: int = 0,
-                 epoch: int = 0) -> None:
+                 epoch: int | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         super().__init__(sampler, batch_size, drop_last)
         self.keys = list(keys)
         self.seed = seed
-        if callable(getattr(sampler, "set_epoch", None)):
+        if epoch is not None and callable(getattr(sampler, "set_epoch", None)):
             sampler.set_epoch(epoch)  # type: ignore[union-attr]
 
     @property

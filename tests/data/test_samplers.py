@@ -46,6 +46,17 @@ def test_the_order_is_a_function_of_seed_and_epoch():
     assert list(resumed) == epochs[5]  # a fit resumed at epoch 5, before any set_epoch
 
 
+def test_leaving_out_the_epoch_keeps_the_samplers_epoch():
+    """Wrapping a sampler already at epoch 4 without ``epoch`` must not reset it to 0."""
+    order = EpochRandomSampler(KEYS, seed=2)
+    order.set_epoch(4)
+    wrapped = list(SameLengthBatchSampler(order, 2, keys=KEYS, seed=2))
+    at_4 = list(SameLengthBatchSampler(EpochRandomSampler(KEYS, seed=2), 2, keys=KEYS, seed=2,
+                                       epoch=4))
+    at_0 = list(SameLengthBatchSampler(EpochRandomSampler(KEYS, seed=2), 2, keys=KEYS, seed=2,
+                                       epoch=0))
+    assert wrapped == at_4 and wrapped != at_0
+
 def test_the_next_length_is_drawn_in_proportion_to_its_batches():
     """The paper "randomly sample[s] a length": here length 3 has 6 batches of 2 and length 7
     two, so an epoch's first batch is of length 3 with probability 6 / 8."""
