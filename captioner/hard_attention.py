@@ -17,15 +17,21 @@ with the moving-average baseline ``b <- 0.9 b + 0.1 log p(y | s~, a)`` and the e
 the multinoulli distributions. "To further improve the robustness of this learning rule, with
 probability 0.5 for a given image, we set the sampled attention location s~ to its expected
 value alpha" (Section 4.1): by default the choice is made **per image** (one draw for the whole
-caption), as the paper states; ``expectation_per="step"`` draws it at every step instead. Steps
-that use the expectation are differentiable (they are soft attention) and take no part in the
-REINFORCE term. The surrogate loss whose gradient is this estimator is
-:func:`captioner.losses.reinforce_surrogate`. Two choices the paper leaves open, taken as the
-authors' released code (arctic-captions) takes them: the entropy ``H`` sums over every real
-step of every caption (also those that used the expectation), and the doubly stochastic
-penalty of Eq. 14 (Section 4.2.1) is added under hard attention too where the model's
-``doubly_stochastic`` is non-zero (``configs/model/shapes_hard.yaml`` sets 1.0; ``L_s`` itself
-has no such term: set 0 for the bound alone).
+caption), as the paper states (the authors' code, arctic-captions, draws it once per
+minibatch); ``expectation_per="step"`` draws it at every step instead. Steps that use the
+expectation are differentiable (they are soft attention) and take no part in the REINFORCE
+term. The surrogate loss whose gradient is this estimator is
+:func:`captioner.losses.reinforce_surrogate`. The entropy ``H`` sums over every real step of
+every caption (also those that used the expectation), as arctic-captions does; the paper leaves
+it open.
+
+``L_s`` has no doubly stochastic penalty: Eq. 14 is introduced for soft attention (Section
+4.2.1), so the captioning module's ``doubly_stochastic`` defaults to 0 under hard attention.
+arctic-captions adds its ``alpha_reg`` to the cost under hard attention too, but there it has
+no effect: the gradients come from ``tensor.grad(cost, known_grads={alphas: ...})``, and Theano
+takes a known gradient of ``alphas`` in place of the one the cost would give it, so the
+penalty's gradient (which reaches the weights only through ``alphas``) is dropped. A non-zero
+``doubly_stochastic`` adds it here, through the differentiable ``alpha``, as an option.
 
 At test time the location is the most probable one (``test_rule="argmax"``; the weights returned
 are then one-hot, so attention figures show the chosen cell) or the expectation

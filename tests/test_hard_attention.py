@@ -406,3 +406,25 @@ def test_selection_renormalises_weights_that_do_not_sum_to_one():
     expected = torch.log(torch.tensor([0.25, 0.75]))[sel.locations]  # -1.3863 or -0.2877
     torch.testing.assert_close(sel.log_probs, expected)
     torch.testing.assert_close(sel.context, keys[0, sel.locations])  # one-hot: a_{s~}
+
+
+@pytest.mark.parametrize("mode, expected", [("soft", 1.0), ("hard", 0.0)])
+def test_the_doubly_stochastic_default_is_the_papers_for_each_attention(mode, expected):
+    """Eq. 14 belongs to soft attention (Sec. 4.2.1); hard attention's ``L_s`` (Sec. 4.1) has
+    no such term. The value used is stored in the hyperparameters, and a given one is kept."""
+    decoder = functools.partial(
+        AttentionDecoder, embed_dim=8, hidden_dim=16, dropout=0.0, gate="none",
+        attention=functools.partial(AdditiveAttention, attention_dim=16), attention_mode=mode)
+    module = CaptioningModule(_Features(), decoder, vocab_size=8)
+    assert module.hparams.doubly_stochastic == expected
+    given = CaptioningModule(_Features(), decoder, vocab_size=8, doubly_stochastic=0.25)
+    assert given.hparams.doubly_stochastic == 0.25
+    batch, _ = _toy_batch(5, torch.Generator().manual_seed(2))
+    module.train()
+    torch.manual_seed(3)
+    losses = module.loss(batch)
+    assert float(losses["dsr"].detach()) > 0  # the penalty is computed (and logged) either way
+    reinforce = losses.get("reinforce", torch.tensor(0.0))
+    torch.testing.assert_close(losses["loss"].detach(),
+                               losses["nll"].detach() + expected * losses["dsr"].detach()
+                               + reinforce)

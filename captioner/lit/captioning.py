@@ -37,6 +37,10 @@ class CaptioningModule(CaptionerModule):
             ``class_path: captioner.decoder.AttentionDecoder`` with its ``init_args``.
         vocab_size: ``V``, linked from the data module by the CLI.
         doubly_stochastic: ``lambda`` of the doubly stochastic regularisation (Eq. 14).
+            ``None`` (the default) takes the paper's: 1 under soft attention (Section 4.2.1,
+            where Eq. 14 is introduced) and 0 under hard attention (Section 4.1 trains the bound
+            ``L_s`` alone; in the authors' code the penalty has no effect there either:
+            :mod:`captioner.hard_attention`). The value used is stored in the hyperparameters.
         loss_reduction: ``"sentence"`` (paper: ``-log P(y|x)`` per caption) or ``"token"``
             (every term of the loss, the penalty and hard attention's REINFORCE terms too,
             divided by the number of target tokens instead of captions:
@@ -80,7 +84,7 @@ class CaptioningModule(CaptionerModule):
         encoder: ImageEncoder,
         decoder: Callable[[int, int], AttentionDecoder] = AttentionDecoder,
         vocab_size: int = 0,
-        doubly_stochastic: float = 1.0,
+        doubly_stochastic: float | None = None,
         loss_reduction: Literal["sentence", "token"] = "sentence",
         lr: float = 4e-4,
         encoder_lr: float = 1e-4,
@@ -111,6 +115,8 @@ class CaptioningModule(CaptionerModule):
         self.decoder = decoder(vocab_size, encoder.out_channels)
         if getattr(encoder, "grid_size", None) is not None:
             self.decoder.use_grid(encoder.grid_size)
+        if doubly_stochastic is None:  # the paper's: Eq. 14 belongs to soft attention
+            self.hparams.doubly_stochastic = 0.0 if self.decoder.hard is not None else 1.0
         self.vocab: Vocabulary | None = None
 
     # ---------------------------------------------------------------- vocabulary
