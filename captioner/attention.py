@@ -34,6 +34,13 @@ name                energy / weights                                     paper
 ``none``            uniform, and the decoder feeds no context            Vinyals 2015 (ablation)
 ==================  ===================================================  =========================
 
+Only the score functions are borrowed from Luong et al.: here they score the *previous* state
+``h_{t-1}`` inside the Show, Attend and Tell / Bahdanau decoder (attention before the LSTM step,
+the context fed into it), where Luong's architecture scores the current ``h_t`` after the step
+and feeds ``h~_t = tanh(W_c [c_t; h_t])`` to the output and to the next input; that
+architecture is not implemented. The equations quoted in the classes read ``h_{t-1}`` for
+their ``h_t``.
+
 Position-aware attention (``local_m``) needs the decoding step ``t``: :meth:`Attention.forward`
 takes an optional keyword ``step`` that the decoder passes and every other module ignores.
 """

@@ -5,8 +5,10 @@ One decoding step ``t`` (Eqs. 1-7 of the paper; ``E y_{t-1}`` is the embedded pr
     alpha_t = softmax_i f_att(a_i, h_{t-1})                       (Eqs. 4-5, captioner.attention)
     beta_t  = sigmoid(f_beta(h_{t-1}))                            (Section 4.2.1, a scalar)
     z_t     = beta_t * sum_i alpha_ti a_i                         (Eq. 6 for soft attention)
-    (i, f, o, g) = W [E y_{t-1}; z_t] + U h_{t-1} + b             (Eqs. 1-3: the LSTM T_{D+m+n,n})
-    c_t = f * c_{t-1} + i * tanh(g);   h_t = o * tanh(c_t)
+    (i, f, g, o) = W [E y_{t-1}; z_t] + U h_{t-1} + b             (Eqs. 1-3: the LSTM T_{D+m+n,n})
+    c_t = sigmoid(f) * c_{t-1} + sigmoid(i) * tanh(g);   h_t = sigmoid(o) * tanh(c_t)
+
+(the gate pre-activations in ``torch.nn.LSTMCell``'s order, whose weights the decoder keeps).
     p(y_t | a, y_{<t}) ~ exp(L_o(E y_{t-1} + L_h h_t + L_z z_t))  (Eq. 7: the deep output layer)
 
 Initial state (Section 3.1.2): ``h_0 = tanh(f_init,h(mean_i a_i))``, ``c_0 = tanh(f_init,c(mean_i a_i))``,
@@ -197,6 +199,13 @@ class AttentionDecoder(nn.Module):
     ``h_0`` and ``c_0`` (only the ``tanh`` heads are separate), each followed by the decoder's
     dropout (theirs with ``use_dropout``).
 
+    For translation, ``init_summary="first_backward"`` gives Bahdanau et al.'s initial state
+    (2015, Appendix A.2.2) instead of the mean: ``u_0 = <-h_1``, the backward half of the first
+    annotation of a bidirectional :class:`~captioner.encoders.text.TextEncoder` (annotations
+    ``[->h_j; <-h_j]``, so ``<-h_1`` is the backward recurrence's last state, which has read the
+    whole sentence), giving ``s_0 = tanh(W_s <-h_1)`` as ``h_0`` and, for the LSTM's cell,
+    ``c_0 = tanh(W_c <-h_1)``; ``u`` then has ``D / 2`` features.
+
     Args:
         vocab_size: ``V``.
         encoder_dim: ``D``, size of an annotation vector.
@@ -210,6 +219,9 @@ class AttentionDecoder(nn.Module):
         deep_output: use Eq. 7; ``False`` gives ``p(y_t) ~ exp(W h_t)``.
         deep_output_activation: ``"tanh"`` (authors' code) or ``"identity"`` (literal Eq. 7).
         init_from_mean: initialise ``h_0, c_0`` from the mean annotation (paper) or zeros.
+        init_summary: what the initial-state MLPs read: ``"mean"`` (Xu et al.: the mean
+            annotation, masked) or ``"first_backward"`` (Bahdanau et al.: ``<-h_1``, the
+            second half of the first annotation; needs an even ``D``).
         init_layers: layers of each initial-state MLP: ``init_layers - 1`` shared ``D -> D``
             ReLU layers (with dropout) before the ``tanh`` heads ``f_init,h``, ``f_init,c``;
             1 (default) is one linear layer each, 2 the authors' COCO setting.
@@ -225,7 +237,9 @@ class AttentionDecoder(nn.Module):
     Raises:
         ValueError: for ``NoAttention`` without ``init_from_mean`` (the image would never
             enter), or ``NoAttention`` with hard attention; for ``init_layers < 1``, or
-            ``init_layers > 1`` without ``init_from_mean`` (the layers would be unused).
+            ``init_layers > 1`` without ``init_from_mean`` (the layers would be unused);
+            for ``init_summary="first_backward"`` without ``init_from_mean`` or with an odd
+            ``D``.
     """
 
     #: the unroll applies ``[W_z, U]`` in one matmul per step with one weight-gradient GEMM
@@ -250,6 +264,7 @@ class AttentionDecoder(nn.Module):
         deep_output_activation: Literal["tanh", "identity"] = "tanh",
         init_from_mean: bool = True,
         init_layers: int = 1,
+        init_summary: Literal["mean", "first_backward"] = "mean",
         pad_id: int = 0,
         attention_mode: Literal["soft", "hard"] = "soft",
         hard_expectation_prob: float = 0.5,
@@ -271,6 +286,14 @@ class AttentionDecoder(nn.Module):
             raise ValueError(f"init_layers={init_layers} needs init_from_mean=True: with zero "
                              "initial states the initial-state MLP is never used")
         self.init_layers = init_layers
+        if init_summary not in ("mean", "first_backward"):
+            raise ValueError(f"init_summary must be 'mean' or 'first_backward', got {init_summary!r}")
+        if init_summary == "first_backward" and (not init_from_mean or encoder_dim % 2):
+            raise ValueError("init_summary='first_backward' reads the backward half of a "
+                             "bidirectional encoder's first annotation: it needs "
+                             f"init_from_mean=True and an even encoder_dim, got {encoder_dim}")
+        self.init_summary = init_summary
+        summary_dim = encoder_dim // 2 if init_summary == "first_backward" else encoder_dim
         if attention_mode not in ("soft", "hard"):
             raise ValueError(f"attention_mode must be 'soft' or 'hard', got {attention_mode!r}")
         self.attention_mode = attention_mode
@@ -288,9 +311,9 @@ class AttentionDecoder(nn.Module):
             self.f_beta = nn.Linear(hidden_dim, 1 if gate == "scalar" else encoder_dim)
         # the init MLPs' shared hidden layers (none by default: the state dict keeps its keys)
         self.init_hidden = nn.ModuleList(
-            nn.Linear(encoder_dim, encoder_dim) for _ in range(init_layers - 1))  # W_k: D -> D
-        self.init_h = nn.Linear(encoder_dim, hidden_dim)  # f_init,h
-        self.init_c = nn.Linear(encoder_dim, hidden_dim)  # f_init,c
+            nn.Linear(summary_dim, summary_dim) for _ in range(init_layers - 1))  # W_k: D -> D
+        self.init_h = nn.Linear(summary_dim, hidden_dim)  # f_init,h (Bahdanau's W_s)
+        self.init_c = nn.Linear(summary_dim, hidden_dim)  # f_init,c
         self.lstm = nn.LSTMCell(embed_dim + context_dim, hidden_dim)  # T_{D+m+n,n}
         self.dropout = nn.Dropout(dropout)
         if deep_output:
@@ -331,18 +354,20 @@ class AttentionDecoder(nn.Module):
             annotations: ``(B, L, D)``.
             mask: ``(B, L)`` bool, ``True`` where valid (text); ``None`` for image grids.
         """
-        if mask is None:
-            mean = annotations.mean(dim=1)  # (B, D)
+        if self.init_summary == "first_backward":  # right padding: position 0 is a real word
+            summary = annotations[:, 0, self.encoder_dim // 2:]  # (B, D / 2): <-h_1
+        elif mask is None:
+            summary = annotations.mean(dim=1)  # (B, D)
         else:
             m = mask.unsqueeze(-1).to(annotations.dtype)  # (B, L, 1)
-            mean = (annotations * m).sum(1) / m.sum(1).clamp_min(1.0)  # (B, D)
+            summary = (annotations * m).sum(1) / m.sum(1).clamp_min(1.0)  # (B, D)
         if self.init_from_mean:
-            u = mean  # (B, D)
+            u = summary  # (B, D), or (B, D / 2)
             for layer in self.init_hidden:  # the authors' n_layers_init - 1 shared layers
                 u = self.dropout(torch.relu(layer(u)))  # (B, D)
             h, c = torch.tanh(self.init_h(u)), torch.tanh(self.init_c(u))  # (B, N)
         else:
-            h = c = mean.new_zeros(mean.shape[0], self.hidden_dim)
+            h = c = summary.new_zeros(summary.shape[0], self.hidden_dim)
         keys, dtype = annotations, autocast_dtype(annotations)
         records_grad = torch.is_grad_enabled() and annotations.requires_grad
         if dtype is not None and not records_grad and self._keys_feed_context_only():

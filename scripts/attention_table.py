@@ -46,7 +46,8 @@ def variants(num_positions: int, grid: int) -> dict[str, Variant]:
     return {
         "soft": ("soft, additive (Xu et al. 2015, Sec. 4.2)", {}, {}),
         "hard": ("hard, additive, REINFORCE (Xu et al. 2015, Sec. 4.1)",
-                 {"attention_mode": "hard"}, {"hard_lambda_r": 0.1, "hard_lambda_e": 0.002}),
+                 {"attention_mode": "hard"},
+                 {"hard_lambda_r": 0.1, "hard_lambda_e": 0.002, "doubly_stochastic": 0.0}),
         "dot": ("soft, dot (Luong et al. 2015)", {"attention": _attention("DotAttention")}, {}),
         "general": ("soft, general (Luong et al. 2015)",
                     {"attention": _attention("GeneralAttention")}, {}),

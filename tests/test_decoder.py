@@ -243,6 +243,34 @@ def test_initial_state_from_the_masked_mean_annotation_by_hand():
         torch.testing.assert_close(s.c, torch.tanh(dec.init_c(mean)))
 
 
+
+def test_bahdanau_initial_state_reads_the_backward_half_of_the_first_annotation():
+    """``init_summary="first_backward"``: ``h_0 = tanh(W_s <-h_1)`` (Bahdanau et al. 2015,
+    App. A.2.2), ``<-h_1`` the second half of annotation 0. B=2, L=3, D=4: rows 0 and 1 read
+    [3, 4] and [-1, 2]; the first halves, the later positions and the mask do not enter."""
+    torch.manual_seed(0)
+    dec = AttentionDecoder(V, 4, embed_dim=E, hidden_dim=N, dropout=0.0,
+                           init_summary="first_backward").eval()
+    assert dec.init_h.in_features == dec.init_c.in_features == 2  # W_s: D / 2 -> N
+    ann = torch.tensor([[[1.0, 2.0, 3.0, 4.0], [3.0, 0.0, -1.0, 2.0], [50.0, 50.0, 50.0, 50.0]],
+                        [[9.0, 9.0, -1.0, 2.0], [0.0, 3.0, 0.0, -3.0], [0.0, 0.0, 3.0, 0.0]]])
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    first_backward = torch.tensor([[3.0, 4.0], [-1.0, 2.0]])
+    with torch.no_grad():
+        s = dec.init_state(ann, mask)
+        torch.testing.assert_close(s.h, torch.tanh(dec.init_h(first_backward)))
+        torch.testing.assert_close(s.c, torch.tanh(dec.init_c(first_backward)))
+        changed = ann.clone()
+        changed[:, 1:] += 7.0  # the other words
+        changed[:, 0, :2] -= 5.0  # the forward half of word 1
+        torch.testing.assert_close(dec.init_state(changed, mask).h, s.h)
+    with pytest.raises(ValueError, match="init_summary must be"):
+        make(init_summary="last")
+    with pytest.raises(ValueError, match="even encoder_dim, got 5"):
+        make(init_summary="first_backward")  # D = 5
+    with pytest.raises(ValueError, match="init_from_mean=True"):
+        AttentionDecoder(V, 4, init_summary="first_backward", init_from_mean=False)
+
 # ---------------------------------------------------------------- init_layers (arctic-captions)
 DEFAULT_KEYS = {"embedding.weight", "attention.key_proj.weight", "attention.key_proj.bias",
                 "attention.query_proj.weight", "attention.energy.weight", "f_beta.weight",

@@ -228,10 +228,12 @@ class _Features(nn.Module):
 
 
 def _module(samples: int = 1, **decoder_kw) -> CaptioningModule:
+    """The penalty's weight is 1 for both attentions (hard attention's default is 0)."""
     torch.manual_seed(0)
     decoder = functools.partial(AttentionDecoder, embed_dim=E, hidden_dim=N, dropout=0.0,
                                 attention=ATTENTIONS["additive"], **decoder_kw)
-    return CaptioningModule(_Features(), decoder, vocab_size=V, hard_num_samples=samples)
+    return CaptioningModule(_Features(), decoder, vocab_size=V, hard_num_samples=samples,
+                            doubly_stochastic=1.0)
 
 
 def test_module_loss_is_unchanged_for_soft_attention():

@@ -132,3 +132,23 @@ def test_dropout_acts_on_the_embeddings_and_between_stacked_layers():
     assert not torch.equal(a1, a2)  # one layer: the embedding dropout is the only noise
     assert make(num_layers=2, dropout=0.4).rnn.dropout == 0.4
     assert make(num_layers=1, dropout=0.4).rnn.dropout == 0.0  # no layer above to feed
+
+
+def test_bahdanau_initial_state_is_the_backward_recurrences_final_state():
+    """With ``init_summary="first_backward"`` the decoder's ``h_0`` reads ``<-h_1``: the
+    backward GRU's state after reading each sentence from its own last word to its first, so
+    it is the sentence's alone (padding or other sentences change nothing) and equals the GRU's
+    final backward hidden state."""
+    enc = make()
+    torch.manual_seed(2)
+    dec = AttentionDecoder(17, 2 * H, embed_dim=9, hidden_dim=15, dropout=0.0, gate="none",
+                           init_summary="first_backward").eval()
+    tokens = batch()
+    with torch.no_grad():
+        annotations, mask = enc(tokens)
+        h0 = dec.init_state(annotations, mask).h  # (B, 15)
+        for b, n in enumerate(LENGTHS.tolist()):
+            _, h_n = enc.rnn(enc.embedding(tokens[b:b + 1, :n]))  # (2, 1, H): forward, backward
+            torch.testing.assert_close(h0[b], torch.tanh(dec.init_h(h_n[1, 0])))
+            alone, alone_mask = enc(tokens[b:b + 1, :n])
+            torch.testing.assert_close(dec.init_state(alone, alone_mask).h[0], h0[b])

@@ -14,7 +14,10 @@ region. Its three differentiable parts (Section 3):
 
 3. *Sampler* (Section 3.3): bilinear interpolation of ``U`` at the source coordinates (Eq. 5)::
 
-       V^c_i = sum_n sum_m U^c_nm max(0, 1 - |x^s_i - m|) max(0, 1 - |y^s_i - n|)
+       V^c_i = sum_n sum_m U^c_nm max(0, 1 - |u_i - m|) max(0, 1 - |v_i - n|)
+
+   where Eq. 5's kernel reads the source point in pixel units: ``u_i = ((x^s_i + 1) w - 1) / 2``
+   and ``v_i = ((y^s_i + 1) h - 1) / 2`` (``m``, ``n`` the pixel columns and rows)
 
    (``F.affine_grid`` + ``F.grid_sample`` with ``align_corners=False``; zero padding outside;
    under deterministic algorithms :func:`captioner.encoders.sampler.bilinear_sample`, the same

@@ -19,7 +19,9 @@ the annotations are exactly zero.
 Differences from the paper, by design of the shared decoder:
 
 * initial decoder state: Bahdanau et al. use ``s_0 = tanh(W_s <-h_1)`` (Appendix A.2.2, the
-  backward state of the first word); :meth:`AttentionDecoder.init_state` uses Xu et al.'s
+  backward state of the first word), which the decoder gives with
+  ``init_summary: first_backward``; by default (and in ``configs/model/multi30k_gru.yaml``, whose
+  results were measured with it) :meth:`AttentionDecoder.init_state` uses Xu et al.'s
   ``h_0 = tanh(f_init,h(mean_j h_j))`` with the *masked* mean over real words, which also sees
   the whole sentence (``<-h_1`` is one of the averaged halves);
 * recurrent unit: the decoder is Xu et al.'s LSTM with the deep output of Eq. 7 (Bahdanau et al.
