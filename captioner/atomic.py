@@ -47,7 +47,12 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _create_temp(out.parent, f".{out.name}.", f".tmp{out.suffix}")
+    try:
+        tmp = _create_temp(out.parent, f".{out.name}.", f".tmp{out.suffix}")
+    except FileExistsError:
+        raise
+    except OSError as e:  # name the destination, not the hidden temporary name
+        raise type(e)(e.errno, e.strerror, str(out)) from None
     try:
         yield tmp
         _fsync_file(tmp)  # the caller's writer closed it; its data reach the disk first

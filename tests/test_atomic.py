@@ -102,3 +102,21 @@ def test_atomic_path_flushes_the_file_to_disk_before_moving_it(tmp_path, monkeyp
     with atomic_write(tmp_path / "d.json") as f:
         f.write("{}")
     assert len(synced) == 2 and synced[1] == str(tmp_path)  # once each, not twice
+
+
+def test_a_folder_that_refuses_the_temporary_file_is_reported_with_the_destination(
+        tmp_path, monkeypatch):
+    """The error named the hidden temporary file (``.x.png.acb9f0d300b7.tmp.png``), which the
+    user never asked for; it names the destination."""
+    import captioner.atomic as atomic
+
+    def refuse(folder, prefix, suffix):
+        raise PermissionError(13, "Permission denied", str(folder / f"{prefix}abc{suffix}"))
+
+    monkeypatch.setattr(atomic, "_create_temp", refuse)
+    target = tmp_path / "x.png"
+    with pytest.raises(PermissionError) as info:
+        with atomic_write(target) as f:
+            f.write("never")
+    assert info.value.filename == str(target) and str(target) in str(info.value)
+    assert ".tmp" not in str(info.value) and not target.exists()

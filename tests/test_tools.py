@@ -416,6 +416,14 @@ def test_evaluate_errors(capsys, tiny_checkpoint, bad_checkpoints, tmp_path) -> 
     typo.write_text(yaml.safe_dump({"data": data}))
     status, _, err = _run(capsys, "evaluate", "--ckpt", tiny_checkpoint, "--config", typo)
     assert status == 2 and "ShapesDataModule has no option sed (its options: " in err, err
+    # a translation data config: an AttributeError traceback (no records) after loading
+    parallel = tmp_path / "parallel.yaml"
+    parallel.write_text(yaml.safe_dump({"data": {
+        "class_path": "captioner.data.parallel.ParallelTextDataModule",
+        "init_args": {"root": str(tmp_path), "src_lang": "de", "tgt_lang": "en"}}}))
+    status, _, err = _run(capsys, "evaluate", "--ckpt", tiny_checkpoint, "--config", parallel)
+    assert status == 2 and err.count("\n") == 1, err
+    assert f"{parallel}: ParallelTextDataModule holds no images" in err, err
     path, reason = bad_checkpoints["vocab"]
     status, _, err = _run(capsys, "evaluate", "--ckpt", path)
     assert status == 2 and reason in err and err.count("\n") == 1
@@ -428,6 +436,24 @@ def test_evaluate_errors(capsys, tiny_checkpoint, bad_checkpoints, tmp_path) -> 
                               "--no-java")
         assert status == 2 and f"--out {out}: " in err and says in err, err
         assert "test images" not in err  # refused before the split was read
+
+
+def test_evaluate_refuses_an_out_folder_that_cannot_be_written_though_access_says_yes(
+        capsys, tiny_checkpoint, tmp_path, monkeypatch) -> None:
+    """``os.access`` answers yes to root everywhere (``/proc``, a read-only mount): the folder
+    is tried with a real write before the split is decoded, which was lost in a traceback."""
+    import errno
+    import tempfile
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(kwargs.get("dir")))
+
+    monkeypatch.setattr(tempfile, "NamedTemporaryFile", read_only)
+    out = tmp_path / "eval"
+    status, _, err = _run(capsys, "evaluate", "--ckpt", tiny_checkpoint, "--out", out, "--no-java")
+    assert status == 2 and err.count("\n") == 1, err
+    assert f"--out {out}: cannot write in {tmp_path} (Read-only file system)" in err, err
+    assert "test images" not in err and not out.exists()
 
 
 def test_evaluate_on_the_train_split_records_no_overlap_count(capsys, tiny_checkpoint,

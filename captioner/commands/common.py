@@ -11,6 +11,7 @@ import inspect
 import json
 import os
 import sys
+import tempfile
 import types
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -75,7 +76,9 @@ def output_folder(path: str | os.PathLike[str], option: str = "--out") -> Path:
     """Check, before a command's work starts, that its output folder can be made or written
     in, so that a path that cannot be one (an existing file, a file among its parents, a
     read-only place) is answered at once, not after a whole split has been decoded. Nothing
-    is created here (a refused run leaves nothing behind).
+    is left here (a refused run leaves nothing behind): the test writes and removes a hidden
+    probe file in the nearest existing folder, since ``os.access`` answers yes to root
+    everywhere.
 
     Returns:
         The folder.
@@ -91,6 +94,10 @@ def output_folder(path: str | os.PathLike[str], option: str = "--out") -> Path:
         raise ToolError(f"{option} {folder}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise ToolError(f"{option} {folder}: cannot write in {existing}")
+    try:  # os.access says yes to root everywhere, also on /proc or a read-only mount
+        tempfile.NamedTemporaryFile(dir=existing, prefix=".captioner-probe-").close()
+    except OSError as e:
+        raise ToolError(f"{option} {folder}: cannot write in {existing} ({e.strerror})") from None
     return folder
 
 
@@ -474,7 +481,13 @@ def build_data_module(args: argparse.Namespace) -> tuple[Any, str]:
         if unknown:
             raise ToolError(f"{source}: {cfg['class_path']} has no option "
                             f"{', '.join(unknown)}")
-    return instantiate_data_config(cfg, source, strict=bool(args.config)), source
+    dm = instantiate_data_config(cfg, source, strict=bool(args.config))
+    if not callable(getattr(dm, "records", None)):  # e.g. parallel text: a traceback later
+        raise ToolError(f"{source}: {type(dm).__name__} holds no images: this command reads an "
+                        "image captioning data config (e.g. configs/data/flickr8k_subset.yaml); "
+                        "a translation model is scored by captioner test or captioner "
+                        "translate --reference")
+    return dm, source
 
 
 def _accepted_options(class_path: str, source: str) -> set[str] | None:
