@@ -226,8 +226,19 @@ def _cli_class() -> type:
 
             # a checkpoint supplies every weight: no pretrained backbone download for nothing
             offline = architecture_only() if self._ckpt_meta else contextlib.nullcontext()
-            with offline:
-                super().instantiate_classes()
+            try:
+                with offline:
+                    super().instantiate_classes()
+            except ValueError as e:  # a constructor refusing a value: one line, exit 2
+                from captioner.config import ConfigError
+
+                if _input_error(e) is not None:
+                    raise
+                cause: BaseException = e  # jsonargparse wraps the constructor's own error
+                while cause.__cause__ is not None:
+                    cause = cause.__cause__
+                raise ConfigError(f"cannot build the model or data from the config: "
+                                  f"{one_line(cause, 1000)}") from e
             cfg = self.config[self.subcommand] if self.subcommand else self.config
             model_cfg = cfg["model"].as_dict() if hasattr(cfg["model"], "as_dict") else dict(
                 cfg["model"])

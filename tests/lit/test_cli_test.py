@@ -409,6 +409,24 @@ def test_integer_batch_counts_stay_integers(shapes_root, tmp_path, capsys):
     assert isinstance(trainer["limit_val_batches"], int)
 
 
+
+def test_a_constructor_refusing_a_value_is_one_line_with_status_2(shapes_root, tmp_path, capsys):
+    """An unknown backbone, weights name or a bad grid size: the constructors' messages are
+    clear, but came after two tracebacks and jsonargparse's union report, with status 1."""
+    common = shapes_run(shapes_root, tmp_path, 12, 4, 4)
+    encoder = "--model.init_args.encoder.init_args."
+    cases = [([f"{encoder}backbone", "efficientnet_lit0"], "unknown backbone 'efficientnet_lit0'; "
+              "available: efficientnet_lite0"),
+             ([f"{encoder}grid_size", "-3"], "grid_size must be H or (H, W) with H, W >= 1, got -3"),
+             ([f"{encoder}weights", "IMAGENET1K_V9"],
+              "shapes_cnn has no pretrained weights; use weights: null")]
+    for options, says in cases:
+        assert main(["fit", *common, *options]) == 2, options
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and "Union" not in err, err
+        assert err.strip().splitlines()[-1].startswith(
+            f"captioner fit: cannot build the model or data from the config: {says}"), err
+
 def test_a_misspelled_option_is_named_without_pages_of_usage(shapes_root, tmp_path, capsys):
     common = shapes_run(shapes_root, tmp_path, 12, 4, 4)
     with pytest.raises(SystemExit) as e:
