@@ -67,8 +67,28 @@ def _cli_class() -> type:
                 if src is not None and hasattr(dm, "set_vocabs"):
                     dm.set_vocabs(Vocabulary.from_dict(src), Vocabulary.from_dict(vocab))
                 elif src is None and hasattr(dm, "set_vocab"):
-                    dm.set_vocab(Vocabulary.from_dict(vocab))
+                    imposed = Vocabulary.from_dict(vocab)
+                    if self.subcommand == "fit":
+                        self._warn_of_another_vocabulary(dm.vocab, imposed)
+                    dm.set_vocab(imposed)
             return int(dm.vocab_size)
+
+        def _warn_of_another_vocabulary(self, own: Any, imposed: Any) -> None:
+            """A fit resumed on data whose own vocabulary differs from the checkpoint's goes on
+            with the checkpoint's (its weights need it): say so, since it usually means other
+            data than the checkpoint was trained on, whose new words would train as ``<unk>``."""
+            if own == imposed:
+                return
+            import warnings
+
+            new = [w for w in own.itos if w not in imposed.stoi]
+            example = f", e.g. {', '.join(map(repr, new[:3]))}" if new else ""
+            warnings.warn(
+                f"{getattr(self, '_ckpt_read', None) or 'the checkpoint'}: the fit goes on with "
+                f"the checkpoint's vocabulary ({len(imposed)} words), which its weights need; "
+                f"this data's own has {len(own)}, and {len(new)} of its words{example} are not "
+                "in the checkpoint's and will be read as <unk>. Resuming on other data than the "
+                "checkpoint was trained on is rarely meant", UserWarning, stacklevel=2)
 
         def _check_model_task(self, dm: Any) -> None:
             """The configured model's task (``captioning`` / ``translation``) against what

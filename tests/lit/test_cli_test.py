@@ -262,6 +262,35 @@ def test_last_checkpoint_is_the_latest_epoch_best_the_best(shapes_root, tmp_path
     assert last["epoch"] == 2 and best["epoch"] == 0
 
 
+
+def test_a_fit_resumed_on_data_with_another_vocabulary_warns(shapes_root, tmp_path, recwarn):
+    """Resuming on other data trained silently with the checkpoint's vocabulary (the other
+    data's new words as ``<unk>``); the same data resumes without the warning. The checkpoint
+    keeps words seen 3 times; the resumed data's own vocabulary every word."""
+    common = shapes_run(shapes_root, tmp_path, num_train=8, num_test=5, batch_size=4)
+    first = lightning_main(["fit", *common, "--trainer.max_epochs", "1",
+                            "--data.init_args.min_freq", "3"])
+    ckpt, vocab = last_checkpoint(first), first.datamodule.vocab
+    lightning_main(["fit", *common, "--trainer.max_epochs", "2", "--ckpt_path", ckpt,
+                    "--data.init_args.min_freq", "3"])
+    assert not [w for w in recwarn if "vocabulary" in str(w.message)]
+    with pytest.warns(UserWarning) as caught:
+        resumed = lightning_main(["fit", *common, "--trainer.max_epochs", "3", "--ckpt_path",
+                                  ckpt, "--data.init_args.min_freq", "1"])
+    message = next(str(w.message) for w in caught if "vocabulary" in str(w.message))
+    assert resumed.datamodule.vocab == vocab  # imposed
+    from captioner.data.tokenize import tokenize
+    from captioner.data.vocabulary import Vocabulary, count_tokens
+
+    own = Vocabulary.from_counts(count_tokens(  # what the data builds with min_freq 1
+        tokenize(c) for r in resumed.datamodule.records("train") for c in r.captions), min_freq=1)
+    new = [w for w in own.itos if w not in vocab.stoi]
+    assert len(own) > len(vocab) and new
+    assert message.startswith(f"{ckpt}: the fit goes on with the checkpoint's vocabulary "
+                              f"({len(vocab)} words)"), message
+    assert (f"this data's own has {len(own)}, and {len(new)} of its words, e.g. "
+            f"{new[0]!r}") in message, message
+
 def test_ckpt_path_last_is_this_runs_folders_file_or_a_clear_error(shapes_root, tmp_path):
     """``--ckpt_path last`` with configs/trainer/cpu.yaml (checkpoints in the logger's
     ``version_N/checkpoints``, a new version per run): Lightning looked only in the new, empty
