@@ -430,29 +430,13 @@ def _checkpoint_meta(ckpt_path: str) -> dict[str, Any] | None:
         captioner.inference.CheckpointError: a missing file, or one that is not a readable
             checkpoint, in one line naming it (:func:`main`: exit status 2).
     """
-    import zipfile
-    from pathlib import Path
-
-    import torch
-
-    from captioner.inference import CHECKPOINT_KEY, CheckpointError, check_archive
+    from captioner.inference import CHECKPOINT_KEY, load_checkpoint_file
 
     text = str(ckpt_path)
     if (text in LIGHTNING_CHECKPOINT_NAMES or text.startswith("registry")
             or text.lower() in ("null", "none", "") or "://" in text):
         return None  # Lightning's names, no checkpoint (null overrides a config), remote files
-    if not Path(ckpt_path).is_file():
-        raise CheckpointError(f"{ckpt_path}: checkpoint not found")
-    if not zipfile.is_zipfile(ckpt_path):  # torch.save writes a zip archive since torch 1.6
-        raise CheckpointError(f"{ckpt_path}: not a checkpoint file (not a torch.save archive: "
-                              "cut short, empty, or another kind of file)")
-    check_archive(ckpt_path)  # Lightning's load does not check the stored checksums
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # not a zip / torch file, truncated, pickled objects
-        raise CheckpointError(f"{ckpt_path}: not a readable checkpoint ({one_line(e, 300)})") from None
-    if not isinstance(ckpt, dict):
-        raise CheckpointError(f"{ckpt_path}: not a checkpoint (a {type(ckpt).__name__})")
+    ckpt = load_checkpoint_file(ckpt_path, mmap=True)
     return dict(ckpt.get(CHECKPOINT_KEY) or {})
 
 

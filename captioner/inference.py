@@ -99,6 +99,30 @@ def check_archive(path: str | Path) -> None:
     _CHECKED_ARCHIVES.add(version)
 
 
+def load_checkpoint_file(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """``torch.load`` of a checkpoint file on CPU (``weights_only``), every failure one line
+    naming the file: missing, not a ``torch.save`` archive (cut short, empty, another kind of
+    file), damaged (:func:`check_archive`), unreadable, or not a dict.
+
+    Raises:
+        CheckpointError: as above.
+    """
+    if not Path(path).is_file():
+        raise CheckpointError(f"{path}: checkpoint not found")
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive since torch 1.6
+        raise CheckpointError(f"{path}: not a checkpoint file (not a torch.save archive: cut "
+                              "short, empty, or another kind of file)")
+    check_archive(path)  # torch.load (and Lightning's) does not check the stored checksums
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint ({first_line(e)})") from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path}: not a checkpoint (a {type(ckpt).__name__})")
+    return ckpt
+
+
 def read_checkpoint(path: str | Path, task: str | None = None,
                     mmap: bool = False) -> dict[str, Any]:
     """Load a checkpoint file on CPU and validate its captioner metadata.
@@ -116,17 +140,8 @@ def read_checkpoint(path: str | Path, task: str | None = None,
         CheckpointError: missing file, not a torch file, or not a captioner checkpoint.
     """
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"{path}: checkpoint not found")
-    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive since torch 1.6
-        raise CheckpointError(f"{path}: not a checkpoint file (not a torch.save archive)")
-    check_archive(path)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise CheckpointError(
-            f"{path}: not a readable PyTorch checkpoint ({first_line(e)})") from None
-    meta = ckpt.get(CHECKPOINT_KEY) if isinstance(ckpt, dict) else None
+    ckpt = load_checkpoint_file(path, mmap)
+    meta = ckpt.get(CHECKPOINT_KEY)
     if not isinstance(meta, dict) or not meta.get("model_config") or not meta.get("vocab"):
         raise CheckpointError(f"{path}: not a captioner checkpoint (no model config / vocabulary)")
     if task is not None and meta.get("task") != task:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import zipfile
 from pathlib import Path
 
@@ -294,6 +295,25 @@ def test_random_bytes_and_missing_files_are_not_checkpoints(tmp_path: Path) -> N
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         Captioner.from_checkpoint(tmp_path / "nothing.ckpt")
 
+
+def test_a_checkpoint_cut_short_gets_one_message_from_the_tools_and_lightning(
+        tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """The tools said "not a torch.save archive", ``fit/test --ckpt_path`` the same with "cut
+    short, empty, or another kind of file": one loader now answers both, and a file that
+    loads but is not a dict is refused by both."""
+    from captioner.cli import _checkpoint_meta
+
+    cut = tmp_path / "cut.ckpt"
+    cut.write_bytes(tiny_checkpoint.read_bytes()[: tiny_checkpoint.stat().st_size // 2])
+    says = f"{cut}: not a checkpoint file (not a torch.save archive: cut short, empty, or"
+    for read in (Captioner.from_checkpoint, _checkpoint_meta):
+        with pytest.raises(CheckpointError, match=re.escape(says)):
+            read(cut)
+    listed = tmp_path / "list.ckpt"
+    torch.save([1, 2], listed)
+    for read in (Captioner.from_checkpoint, _checkpoint_meta):
+        with pytest.raises(CheckpointError, match=re.escape(f"{listed}: not a checkpoint (a list)")):
+            read(listed)
 
 def damaged_copy(checkpoint: Path, out: Path) -> str:
     """``checkpoint`` copied to ``out`` with 16 bytes inverted in the middle of its largest
