@@ -92,8 +92,10 @@ def read_lines(path: str | Path) -> list[str]:
         ParallelDataError: a missing or unreadable file, or one that is not UTF-8.
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():  # a pipe (``--reference <(...)``) or a device is read as it is
         raise ParallelDataError(f"{path}: file not found")
+    if path.is_dir():
+        raise ParallelDataError(f"{path}: a folder, not a file")
     try:
         raw = path.read_bytes()
     except OSError as e:

@@ -155,6 +155,25 @@ def test_only_a_newline_ends_a_line_and_bad_bytes_name_their_line(tmp_path):
         decode_lines(b"\xef\xbb\xbfa\n\xff", "stdin")
 
 
+def test_read_lines_reads_a_pipe_and_names_a_folder(tmp_path):
+    """``translate --reference <(...)`` and ``/dev/stdin`` are not regular files: they were
+    refused as "file not found"."""
+    import os
+    import threading
+
+    from captioner.data.parallel_text import read_lines
+
+    fifo = tmp_path / "ref.fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=fifo.write_bytes, args=(b"A dog.\nA cat.\n",), daemon=True)
+    writer.start()
+    assert read_lines(fifo) == ["A dog.", "A cat."]
+    writer.join()
+    with pytest.raises(ParallelDataError, match=rf"^{tmp_path}: a folder, not a file$"):
+        read_lines(tmp_path)
+    with pytest.raises(ParallelDataError, match=r"gone\.en: file not found"):
+        read_lines(tmp_path / "gone.en")
+
 def test_empty_splits_name_their_files(tmp_path):
     dm = module(tmp_path)
     write_aligned(tmp_path, "val", [])
