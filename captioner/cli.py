@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from typing import Any, Callable
 
@@ -222,6 +223,7 @@ def _cli_class() -> type:
             for callback in trainer.callbacks:
                 if isinstance(callback, KeepInputConfigs):
                     callback.input_files = files
+            _RUN["trainer"] = trainer  # main() reads whether Ctrl-C ended it
             return trainer
 
         def _model_from_checkpoint(self, ckpt_path: str) -> None:
@@ -664,6 +666,10 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
+#: the trainer of the running Lightning command (``"trainer"``), for :func:`main`'s exit status
+_RUN: dict[str, Any] = {}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     _load_tools()
@@ -676,14 +682,27 @@ def main(argv: list[str] | None = None) -> int:
         known = ", ".join([*LIGHTNING_COMMANDS, *sorted(TOOLS)])
         print(f"captioner: unknown command {argv[0]!r}; commands: {known}", file=sys.stderr)
         return 2
+    sigint = signal.getsignal(signal.SIGINT)
+    _RUN.clear()
     try:
         lightning_main(argv)
+    except SystemExit as e:
+        trainer = _RUN.get("trainer")
+        if e.code == 1 and trainer is not None and trainer.interrupted:
+            # Lightning's answer to Ctrl-C: a graceful shutdown, then exit 1 (any other
+            # exception it re-raises); an interrupted command exits 130, as the tools do
+            from captioner.commands.common import EXIT_INTERRUPTED
+
+            return EXIT_INTERRUPTED
+        raise
     except Exception as e:  # noqa: BLE001 - only data errors are answered here, others re-raised
         cause = _input_error(e)
         if cause is None:
             raise
         print(f"captioner {argv[0]}: {cause}", file=sys.stderr)
         return _exit_status(cause)
+    finally:
+        signal.signal(signal.SIGINT, sigint)
     return 0
 
 

@@ -456,6 +456,42 @@ def test_a_constructor_refusing_a_value_is_one_line_with_status_2(shapes_root, t
         assert err.strip().splitlines()[-1].startswith(
             f"captioner fit: cannot build the model or data from the config: {says}"), err
 
+
+def test_an_interrupted_lightning_command_exits_130_as_the_tools(monkeypatch):
+    """Ctrl-C in ``fit``: Lightning shuts down gracefully, ignores SIGINT and exits 1; the
+    command exits 130 (README), and SIGINT is handled again afterwards. The interrupt goes
+    through Lightning's own handler (``_call_and_handle_interrupt``) on a real trainer."""
+    import signal
+
+    import lightning.pytorch as pl
+    from lightning.pytorch.trainer.call import _call_and_handle_interrupt
+
+    import captioner.cli as cli
+
+    def interrupted(argv):
+        trainer = pl.Trainer(logger=False, enable_checkpointing=False,
+                             enable_progress_bar=False, enable_model_summary=False)
+        cli._RUN["trainer"] = trainer  # as CaptionerCLI.instantiate_trainer records it
+
+        def fit():
+            raise KeyboardInterrupt
+
+        _call_and_handle_interrupt(trainer, fit)
+
+    def failed(argv):  # e.g. jsonargparse refusing an option, after or without a trainer
+        cli._RUN["trainer"] = pl.Trainer(logger=False, enable_checkpointing=False,
+                                         enable_progress_bar=False, enable_model_summary=False)
+        raise SystemExit(1)
+
+    before = signal.getsignal(signal.SIGINT)
+    monkeypatch.setattr(cli, "lightning_main", interrupted)
+    assert cli.main(["fit"]) == 130
+    assert signal.getsignal(signal.SIGINT) is before  # not left ignored
+    monkeypatch.setattr(cli, "lightning_main", failed)  # an exit 1 of another cause stays 1
+    with pytest.raises(SystemExit) as e:
+        cli.main(["fit"])
+    assert e.value.code == 1
+
 def test_a_misspelled_option_is_named_without_pages_of_usage(shapes_root, tmp_path, capsys):
     common = shapes_run(shapes_root, tmp_path, 12, 4, 4)
     with pytest.raises(SystemExit) as e:
