@@ -392,6 +392,7 @@ def _last_checkpoint(trainer: dict[str, Any], subcommand: str = "fit") -> str | 
             folders.append(logs / (version if isinstance(version, str) else f"version_{version}")
                            / "checkpoints")
     folders = list(dict.fromkeys(folders))  # two callbacks may share the logger's folder
+    versions = list(dict.fromkeys(versions))
     found = [p for folder in folders for p in folder.glob("last*.ckpt") if p.is_file()]
     if found:
         newest = max(found, key=lambda p: p.stat().st_mtime_ns)
