@@ -328,7 +328,8 @@ def find_images(
 
     Returns:
         ``(found, problems)``: the image files, and ``(path, reason)`` for each path that does not
-        exist, is a file with a non-image suffix, or is a folder without images.
+        exist, is a file with a non-image suffix, is a folder without images, or is a broken
+        symbolic link with an image suffix inside a folder.
     """
     found: list[Path] = []
     problems: list[tuple[Path, str]] = []
@@ -342,14 +343,16 @@ def find_images(
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            files = sorted(
+            named = sorted(
                 p
                 for p in path.rglob("*")
                 if p.suffix.lower() in IMAGE_EXTENSIONS
-                and p.is_file()
                 and not any(part.startswith(".") for part in p.relative_to(path).parts)
             )
-            if not files:
+            files = [p for p in named if p.is_file()]
+            problems.extend((p, "broken symbolic link (its target does not exist)")
+                            for p in named if p.is_symlink() and not p.exists())
+            if not named:
                 problems.append((path, "folder contains no image files"))
             for file in files:
                 add(file)

@@ -463,6 +463,22 @@ def test_find_images(tmp_path: Path) -> None:
     assert find_images([inside]) == ([inside / "p.png"], [])
 
 
+def test_find_images_reports_a_broken_link_inside_a_folder(tmp_path: Path) -> None:
+    """``caption DIR`` skipped a dangling ``broken.jpg`` symlink without a word and exited 0
+    (a missing file named explicitly was reported)."""
+    (tmp_path / "ok.png").write_bytes(b"")
+    (tmp_path / "broken.jpg").symlink_to(tmp_path / "gone.jpg")
+    (tmp_path / "alias.png").symlink_to(tmp_path / "ok.png")  # a working link is an image
+    found, problems = find_images([tmp_path])
+    assert found == [tmp_path / "alias.png", tmp_path / "ok.png"]
+    assert problems == [(tmp_path / "broken.jpg",
+                         "broken symbolic link (its target does not exist)")]
+    only_broken = tmp_path / "only"
+    only_broken.mkdir()
+    (only_broken / "x.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    assert find_images([only_broken]) == ([], [(only_broken / "x.jpg", "broken symbolic link "
+                                                "(its target does not exist)")])
+
 def test_evaluation_turns_coco_boxes_with_the_image(tmp_path: Path) -> None:
     """Attention correctness meets boxes on the image the model saw: COCO gives boxes and sizes
     on the stored pixels, which an EXIF orientation of 6 turns (boxes turned, sides swapped);
