@@ -117,7 +117,8 @@ class AnnotationError(ValueError):
 
 
 class AnnotationFileNotFound(AnnotationError, FileNotFoundError):
-    """An annotation or captions file is missing (also a ``FileNotFoundError``)."""
+    """An annotation or captions file, or its image folder, is missing (also a
+    ``FileNotFoundError``)."""
 
 
 class AnnotationWarning(UserWarning):
@@ -200,6 +201,13 @@ def drop_unreadable(records: list[ImageRecord], source: str | os.PathLike[str]
     kept = _readable(records, problems)
     problems.warn()
     return kept
+
+
+def _require_image_folder(image_dir: Path, file: Path) -> None:
+    """A missing image folder is named as one (every image of ``file`` was reported as a
+    missing image file, or with ``skip_bad`` skipped until the split was empty)."""
+    if not image_dir.is_dir():
+        raise AnnotationFileNotFound(f"image folder not found: {image_dir} (the images of {file})")
 
 
 def _read_json(file: Path) -> Any:
@@ -300,6 +308,7 @@ def load_coco(
     file = Path(annotation_file)
     image_dir = Path(image_dir)
     data = _read_json(file)
+    _require_image_folder(image_dir, file)
     images = _require_list(data, "images", file)
     annotations = _require_list(data, "annotations", file)
     problems = _Problems(file, skip_bad)
@@ -458,6 +467,7 @@ def load_karpathy(
     file = Path(json_file)
     image_root = Path(image_root)
     images = _require_list(_read_json(file), "images", file)
+    _require_image_folder(image_root, file)
     problems = _Problems(file, skip_bad)
     records: list[ImageRecord] = []
     seen: set[int] = set()
@@ -553,6 +563,7 @@ def load_kaggle_flickr8k(
     image_dir = Path(image_dir)
     if not file.is_file():
         raise AnnotationFileNotFound(f"captions file not found: {file}")
+    _require_image_folder(image_dir, file)
     problems = _Problems(file, skip_bad)
     captions: dict[str, list[str]] = {}
     first_line: dict[str, int] = {}

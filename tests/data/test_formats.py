@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -248,6 +249,23 @@ def test_load_kaggle_flickr8k(tmp_path: Path) -> None:
     assert records[0].captions == ["A dog runs .", 'He said "hi" .']
     assert records[1].captions == ["A girl , in red , waves .", "Unquoted, with a comma ."]
 
+
+def test_a_missing_image_folder_is_named_as_one_by_every_loader(tmp_path: Path) -> None:
+    """Every image was reported as a missing file (``captions.txt line 2 (a.jpg): image file
+    not found``), or with ``skip_bad`` all skipped; the folder is named, with or without it."""
+    captions, _, _ = _coco(tmp_path)
+    karpathy = _write_json(tmp_path / "dataset_flickr8k.json", {"images": [
+        {"filename": "a.jpg", "split": "val", "imgid": 0, "sentences": [{"raw": "A dog."}]}]})
+    csv_file = tmp_path / "captions.txt"
+    csv_file.write_text(CSV)
+    gone = tmp_path / "nonexistent"
+    for load, file in [(load_coco, captions), (load_karpathy, karpathy),
+                       (load_kaggle_flickr8k, csv_file)]:
+        for skip_bad in (False, True):
+            with pytest.raises(FileNotFoundError, match=re.escape(
+                    f"image folder not found: {gone} (the images of {file})")) as e:
+                load(file, gone, skip_bad=skip_bad)
+            assert isinstance(e.value, AnnotationError)
 
 def test_load_kaggle_flickr8k_bad_lines(tmp_path: Path) -> None:
     _touch(tmp_path, "a.jpg")
