@@ -515,7 +515,7 @@ def test_visualize_bad_image(capsys, tiny_checkpoint, tmp_path) -> None:
     ("--out", "fig.unknownext", "cannot write the figure"),
     ("--out", "/tmp", "/tmp is a folder; give a file name such as /tmp/attention.png"),
     ("--out", "/proc/no/such/dir/fig.png", "cannot write the figure"),
-    ("--cmap", "notacmap", "cannot write the figure"),
+    ("--cmap", "notacmap", "--cmap notacmap: not a matplotlib colormap (e.g. gray, jet"),
     ("--stn", "stn.png", "--stn: the model has no Spatial Transformer stage"),
 ])
 def test_visualize_bad_outputs_are_one_line(option, value, says, capsys, tiny_checkpoint,
@@ -524,8 +524,8 @@ def test_visualize_bad_outputs_are_one_line(option, value, says, capsys, tiny_ch
     status, _, err = _run(capsys, "visualize", "--ckpt", tiny_checkpoint, test_images[0],
                           *[x for kv in args.items() for x in kv])
     assert status == 2 and says in err and err.count("\n") == 1, err
-    if option == "--stn":  # checked before anything is drawn
-        assert not (tmp_path / "fig.png").exists()
+    if option in ("--stn", "--cmap"):  # checked before anything is decoded or drawn
+        assert not (tmp_path / "fig.png").exists() and "\t" not in err
 
 
 def test_demo_outside_a_clone_says_where_the_configs_are_missing(monkeypatch, tmp_path,

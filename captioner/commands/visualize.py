@@ -39,6 +39,11 @@ def _run(args: argparse.Namespace) -> int:
     from captioner.data.images import ImageLoadError, load_image
     from captioner.visualize import plot_attention, save_attention_maps
 
+    import matplotlib
+
+    if args.cmap not in matplotlib.colormaps:  # refused before the checkpoint is decoded
+        raise ToolError(f"--cmap {args.cmap}: not a matplotlib colormap (e.g. gray, jet, "
+                        "viridis, magma; '_r' reverses one)", EXIT_USAGE)
     captioner = load_captioner(args)
     if args.stn and not _stn_stages(captioner):  # before anything is written
         raise ToolError("--stn: the model has no Spatial Transformer stage", EXIT_USAGE)
