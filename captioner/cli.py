@@ -36,6 +36,13 @@ def _cli_class() -> type:
             of usage of every Trainer option (jsonargparse's default), which bury it."""
             parser = super().init_parser(**kwargs)
             parser.print_usage = lambda file=None: None
+            report = parser.error
+
+            def error(message: str, *args: Any, **kwargs: Any):
+                return report(_name_config_lines(message, _RUN.get("args") or []), *args,
+                              **kwargs)
+
+            parser.error = error
             return parser
 
         def add_arguments_to_parser(self, parser) -> None:
@@ -602,6 +609,7 @@ def lightning_main(args: list[str] | None = None, run: bool = True):
     from captioner.lit.callbacks import KeepInputConfigs
 
     process_argv = sys.argv
+    _RUN["args"] = list(sys.argv[1:] if args is None else args)  # for parse errors' files
     if args is not None and list(args) == sys.argv[1:]:
         args = None  # the command line itself (DDP's launcher re-runs sys.argv in each rank)
     elif args is not None:  # given in Python: LightningCLI would warn about sys.argv
@@ -618,6 +626,29 @@ def lightning_main(args: list[str] | None = None, run: bool = True):
         )
     finally:
         sys.argv = process_argv
+
+
+def _name_config_lines(message: str, argv: list[str]) -> str:
+    """``message`` of a parse error, led by the ``--config`` file and line of each option it
+    says is not accepted (jsonargparse names the option, not the file, and buries it in a
+    report of every type the section could have been)."""
+    import re
+
+    keys = list(dict.fromkeys(re.findall(r"Option '([^']+)' is not accepted", message)))
+    files = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
+    files += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
+    found = []
+    for key in keys:
+        name = key.rsplit(".", 1)[-1]
+        for file in files:
+            try:
+                lines = open(file, encoding="utf-8").read().splitlines()
+            except OSError:
+                continue
+            found += [f"{file} line {n}: option {name!r} is not accepted"
+                      for n, line in enumerate(lines, 1)
+                      if re.match(rf"\s*{re.escape(name)}\s*:", line)]
+    return "\n".join([*found, message]) if found else message
 
 
 def _demo(argv: list[str]) -> int:

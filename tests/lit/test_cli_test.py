@@ -504,6 +504,25 @@ def test_a_misspelled_option_is_named_without_pages_of_usage(shapes_root, tmp_pa
     assert "usage:" not in err and len(err.splitlines()) < 20
 
 
+
+def test_a_misspelled_option_in_a_config_file_names_the_file_and_line(tmp_path, capsys):
+    """jsonargparse names the option, not the file, after a report of every type the section
+    could have been; the error now starts with the file and line of each such option."""
+    import yaml
+
+    model = yaml.safe_load((CONFIGS / "model" / "shapes_soft.yaml").read_text())
+    model["model"]["init_args"]["decoder"]["init_args"]["embd_dim"] = 8
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(yaml.safe_dump(model, sort_keys=False))
+    line = [i for i, text in enumerate(typo.read_text().splitlines(), 1)
+            if text.strip() == "embd_dim: 8"][0]
+    with pytest.raises(SystemExit) as e:
+        lightning_main(["fit", "--config", str(CONFIGS / "trainer" / "cpu.yaml"),
+                        "--config", str(CONFIGS / "data" / "shapes.yaml"), f"--config={typo}"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: {typo} line {line}: option 'embd_dim' is not accepted\n" in err, err
+
 def test_test_refuses_a_data_config_that_puts_training_images_in_the_split(
         capsys, tiny_checkpoint, tmp_path) -> None:
     """``captioner test --ckpt_path`` with a data config of another ``split_seed`` than the
