@@ -389,7 +389,7 @@ def test_torch_file_without_captioner_metadata(tmp_path: Path) -> None:
         Captioner.from_checkpoint(plain)
     tensor = tmp_path / "tensor.pt"
     torch.save(torch.zeros(3), tensor)
-    with pytest.raises(CheckpointError, match="not a captioner checkpoint"):
+    with pytest.raises(CheckpointError, match=r"tensor\.pt: not a checkpoint \(a Tensor\)"):
         read_checkpoint(tensor)
 
 
