@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 from typing import Any, Callable
@@ -76,27 +77,44 @@ def _cli_class() -> type:
                     dm.set_vocabs(Vocabulary.from_dict(src), Vocabulary.from_dict(vocab))
                 elif src is None and hasattr(dm, "set_vocab"):
                     imposed = Vocabulary.from_dict(vocab)
-                    if self.subcommand == "fit":
-                        self._warn_of_another_vocabulary(dm.vocab, imposed)
+                    if self.subcommand == "fit" and hasattr(dm, "records"):
+                        self._warn_of_another_vocabulary(dm, imposed)
                     dm.set_vocab(imposed)
             return int(dm.vocab_size)
 
-        def _warn_of_another_vocabulary(self, own: Any, imposed: Any) -> None:
-            """A fit resumed on data whose own vocabulary differs from the checkpoint's goes on
-            with the checkpoint's (its weights need it): say so, since it usually means other
-            data than the checkpoint was trained on, whose new words would train as ``<unk>``."""
-            if own == imposed:
-                return
+        def _warn_of_another_vocabulary(self, dm: Any, imposed: Any) -> None:
+            """A fit resumed on data whose own vocabulary (``min_freq``, ``max_vocab_size`` or
+            ``vocab_file``) holds words outside the checkpoint's goes on with the checkpoint's
+            (its weights need it): say so, since it usually means other data than the
+            checkpoint was trained on, whose new words would train as ``<unk>``. The data
+            module's own vocabulary is left unbuilt (its coverage check could refuse a small
+            fine-tuning set); data that cannot be read here is left to the fit to report."""
             import warnings
+            from collections import Counter
 
-            new = [w for w in own.itos if w not in imposed.stoi]
-            example = f", e.g. {', '.join(map(repr, new[:3]))}" if new else ""
+            from captioner.data.tokenize import tokenize
+            from captioner.data.vocabulary import Vocabulary
+
+            try:
+                counts = Counter(w for record in dm.records("train")
+                                 for caption in record.captions for w in tokenize(caption))
+                own = (Vocabulary.load(dm.vocab_file) if getattr(dm, "vocab_file", None) else
+                       Vocabulary.from_counts(counts, min_freq=getattr(dm, "min_freq", 1),
+                                              max_size=getattr(dm, "max_vocab_size", None)))
+            except Exception:  # noqa: BLE001 - the fit reads the same data and reports it
+                return
+            new = sorted((w for w in own.itos if w not in imposed.stoi),
+                         key=lambda w: (-counts[w], w))  # the words the data's own vocabulary keeps
+            if not new:
+                return
+            share = sum(counts[w] for w in new) / sum(counts.values())
             warnings.warn(
                 f"{getattr(self, '_ckpt_read', None) or 'the checkpoint'}: the fit goes on with "
                 f"the checkpoint's vocabulary ({len(imposed)} words), which its weights need; "
-                f"this data's own has {len(own)}, and {len(new)} of its words{example} are not "
-                "in the checkpoint's and will be read as <unk>. Resuming on other data than the "
-                "checkpoint was trained on is rarely meant", UserWarning, stacklevel=2)
+                f"{len(new)} words of this data's training captions ({share:.1%} of their "
+                f"tokens; most frequent: {', '.join(map(repr, new[:3]))}) are not in it and "
+                "will be read as <unk>. Resuming on other data than the checkpoint was trained "
+                "on is rarely meant", UserWarning, stacklevel=2)
 
         def _check_model_task(self, dm: Any) -> None:
             """The configured model's task (``captioning`` / ``translation``) against what
@@ -230,7 +248,6 @@ def _cli_class() -> type:
             for callback in trainer.callbacks:
                 if isinstance(callback, KeepInputConfigs):
                     callback.input_files = files
-            _RUN["trainer"] = trainer  # main() reads whether Ctrl-C ended it
             return trainer
 
         def _model_from_checkpoint(self, ckpt_path: str) -> None:
@@ -261,13 +278,11 @@ def _cli_class() -> type:
             except ValueError as e:  # a constructor refusing a value: one line, exit 2
                 from captioner.config import ConfigError
 
-                if _input_error(e) is not None:
-                    raise
-                cause: BaseException = e  # jsonargparse wraps the constructor's own error
-                while cause.__cause__ is not None:
-                    cause = cause.__cause__
+                refused = _constructor_error(e)
+                if _input_error(e) is not None or not isinstance(refused, ValueError):
+                    raise  # a bug, an OSError, a missing package...: its traceback
                 raise ConfigError(f"cannot build the model or data from the config: "
-                                  f"{one_line(cause, 1000)}") from e
+                                  f"{one_line(refused, 1000)}") from e
             cfg = self.config[self.subcommand] if self.subcommand else self.config
             model_cfg = cfg["model"].as_dict() if hasattr(cfg["model"], "as_dict") else dict(
                 cfg["model"])
@@ -628,27 +643,91 @@ def lightning_main(args: list[str] | None = None, run: bool = True):
         sys.argv = process_argv
 
 
+def _constructor_error(error: BaseException) -> BaseException:
+    """The exception a constructor raised under jsonargparse's wrappers (it re-raises whatever
+    a class raises as a ``ValueError`` of its own, "Does not validate against any of the Union
+    subtypes"...): the first one down the ``__cause__`` chain not raised inside jsonargparse."""
+    seen: set[int] = set()
+    while error.__cause__ is not None and id(error) not in seen:
+        seen.add(id(error))
+        tb = error.__traceback__
+        while tb is not None and tb.tb_next is not None:
+            tb = tb.tb_next
+        if tb is None or "jsonargparse" not in tb.tb_frame.f_code.co_filename:
+            return error
+        error = error.__cause__
+    return error
+
+
 def _name_config_lines(message: str, argv: list[str]) -> str:
     """``message`` of a parse error, led by the ``--config`` file and line of each option it
     says is not accepted (jsonargparse names the option, not the file, and buries it in a
-    report of every type the section could have been)."""
+    report of every type the section could have been). An option of a class is looked for
+    in the ``init_args`` of that ``class_path`` only, a dotted one (``trainer.max_epoch``) at
+    its path; nothing is added where no file holds it there."""
     import re
 
-    keys = list(dict.fromkeys(re.findall(r"Option '([^']+)' is not accepted", message)))
-    files = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a == "--config"]
+    import yaml
+
+    wanted = [(m[0] or None, m[1]) for m in re.findall(
+        r"(?:class_path '([^']+)':\s*)?Option '([^']+)' is not accepted", message)]
+    wanted += [(None, key) for key in re.findall(r"does not accept option '([^']+)'", message)]
+    files = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--config", "-c")]
     files += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
-    found = []
-    for key in keys:
-        name = key.rsplit(".", 1)[-1]
-        for file in files:
-            try:
-                lines = open(file, encoding="utf-8").read().splitlines()
-            except OSError:
-                continue
-            found += [f"{file} line {n}: option {name!r} is not accepted"
-                      for n, line in enumerate(lines, 1)
-                      if re.match(rf"\s*{re.escape(name)}\s*:", line)]
-    return "\n".join([*found, message]) if found else message
+    roots = {}
+    for file in files:
+        try:
+            with open(file, encoding="utf-8") as f:
+                roots[file] = yaml.compose(f)
+        except (OSError, yaml.YAMLError):
+            continue
+    found: list[str] = []
+    for class_path, key in dict.fromkeys(wanted):
+        hits = [(file, node) for file, root in roots.items()
+                for node in _config_key_nodes(root, class_path, key)]
+        if not hits and class_path is None and "." not in key:  # a class's, its name not
+            hits = [(file, node) for file, root in roots.items()  # given: only if unique
+                    for node in _config_key_nodes(root, "", key)]
+            hits = hits if len(hits) == 1 else []
+        found += [f"{file} line {node.start_mark.line + 1}: option "
+                  f"{key.rsplit('.', 1)[-1]!r} is not accepted" for file, node in hits]
+    return "\n".join([*dict.fromkeys(found), message]) if found else message
+
+
+def _config_key_nodes(root: Any, class_path: str | None, key: str) -> list[Any]:
+    """The YAML key nodes of ``key``: in the ``init_args`` of every mapping whose
+    ``class_path`` is ``class_path`` (or ends with it; ``""``: any class), else (``None``) at
+    the dotted path ``key``."""
+    import yaml
+
+    def items(node: Any) -> list[tuple[Any, Any]]:
+        return node.value if isinstance(node, yaml.MappingNode) else []
+
+    def child(node: Any, name: str) -> tuple[Any, Any] | None:
+        return next(((k, v) for k, v in items(node) if getattr(k, "value", None) == name), None)
+
+    if class_path is None:
+        node, parts, hit = root, key.split("."), None
+        for part in parts:
+            hit = child(node, part)
+            if hit is None:
+                return []
+            node = hit[1]
+        return [hit[0]]
+    nodes, stack = [], [root]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+            continue
+        named = child(node, "class_path")
+        value = getattr(named[1], "value", None) if named else None
+        if isinstance(value, str) and (class_path in ("", value)
+                                       or class_path.endswith("." + value)):
+            found = child(child(node, "init_args")[1], key) if child(node, "init_args") else None
+            nodes += [found[0]] if found else []
+        stack.extend(v for _, v in items(node))
+    return sorted(nodes, key=lambda n: n.start_mark.line)
 
 
 def _demo(argv: list[str]) -> int:
@@ -698,7 +777,7 @@ def _usage() -> str:
     return "\n".join(lines)
 
 
-#: the trainer of the running Lightning command (``"trainer"``), for :func:`main`'s exit status
+#: the arguments of the running Lightning command (``"args"``), for its parse errors
 _RUN: dict[str, Any] = {}
 
 
@@ -715,14 +794,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"captioner: unknown command {argv[0]!r}; commands: {known}", file=sys.stderr)
         return 2
     sigint = signal.getsignal(signal.SIGINT)
-    _RUN.clear()
     try:
         lightning_main(argv)
     except SystemExit as e:
-        trainer = _RUN.get("trainer")
-        if e.code == 1 and trainer is not None and trainer.interrupted:
-            # Lightning's answer to Ctrl-C: a graceful shutdown, then exit 1 (any other
-            # exception it re-raises); an interrupted command exits 130, as the tools do
+        if e.code == 1 and isinstance(e.__context__, KeyboardInterrupt):
+            # Lightning's answer to Ctrl-C: a graceful shutdown, then sys.exit(1) inside its
+            # `except KeyboardInterrupt`; an interrupted command exits 130, as the tools do
             from captioner.commands.common import EXIT_INTERRUPTED
 
             return EXIT_INTERRUPTED
@@ -733,8 +810,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"captioner {argv[0]}: {cause}", file=sys.stderr)
         return _exit_status(cause)
-    finally:
-        signal.signal(signal.SIGINT, sigint)
+    finally:  # Lightning ignores SIGINT while it shuts down; not for a caller in Python
+        if sigint is not None:  # (None: a handler installed from C, which cannot be restored)
+            with contextlib.suppress(ValueError):  # not in the main thread: never changed
+                signal.signal(signal.SIGINT, sigint)
     return 0
 
 
