@@ -7,9 +7,10 @@ One decoding step ``t`` (Eqs. 1-7 of the paper; ``E y_{t-1}`` is the embedded pr
     z_t     = beta_t * sum_i alpha_ti a_i                         (Eq. 6 for soft attention)
     (i, f, g, o) = W [E y_{t-1}; z_t] + U h_{t-1} + b             (Eqs. 1-3: the LSTM T_{D+m+n,n})
     c_t = sigmoid(f) * c_{t-1} + sigmoid(i) * tanh(g);   h_t = sigmoid(o) * tanh(c_t)
-
-(the gate pre-activations in ``torch.nn.LSTMCell``'s order, whose weights the decoder keeps).
     p(y_t | a, y_{<t}) ~ exp(L_o(E y_{t-1} + L_h h_t + L_z z_t))  (Eq. 7: the deep output layer)
+
+(the gate pre-activations ``i, f, g, o`` in ``torch.nn.LSTMCell``'s order, whose weights the
+decoder keeps).
 
 Initial state (Section 3.1.2): ``h_0 = tanh(f_init,h(mean_i a_i))``, ``c_0 = tanh(f_init,c(mean_i a_i))``,
 one linear layer each by default; ``init_layers`` adds the authors' shared ReLU layers before the
@@ -204,7 +205,8 @@ class AttentionDecoder(nn.Module):
     annotation of a bidirectional :class:`~captioner.encoders.text.TextEncoder` (annotations
     ``[->h_j; <-h_j]``, so ``<-h_1`` is the backward recurrence's last state, which has read the
     whole sentence), giving ``s_0 = tanh(W_s <-h_1)`` as ``h_0`` and, for the LSTM's cell,
-    ``c_0 = tanh(W_c <-h_1)``; ``u`` then has ``D / 2`` features.
+    ``c_0 = tanh(W_c <-h_1)``; ``u`` then has ``D / 2`` features. It needs the key mask (text
+    annotations): an image grid is refused.
 
     Args:
         vocab_size: ``V``.
@@ -355,6 +357,10 @@ class AttentionDecoder(nn.Module):
             mask: ``(B, L)`` bool, ``True`` where valid (text); ``None`` for image grids.
         """
         if self.init_summary == "first_backward":  # right padding: position 0 is a real word
+            if mask is None:
+                raise ValueError("init_summary='first_backward' reads a bidirectional text "
+                                 "encoder's annotations (given with their key mask); an image "
+                                 "grid has no backward state: use 'mean'")
             summary = annotations[:, 0, self.encoder_dim // 2:]  # (B, D / 2): <-h_1
         elif mask is None:
             summary = annotations.mean(dim=1)  # (B, D)

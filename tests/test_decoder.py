@@ -264,6 +264,8 @@ def test_bahdanau_initial_state_reads_the_backward_half_of_the_first_annotation(
         changed[:, 1:] += 7.0  # the other words
         changed[:, 0, :2] -= 5.0  # the forward half of word 1
         torch.testing.assert_close(dec.init_state(changed, mask).h, s.h)
+    with pytest.raises(ValueError, match="an image grid has no backward state"):
+        dec.init_state(ann)  # no key mask: an image grid
     with pytest.raises(ValueError, match="init_summary must be"):
         make(init_summary="last")
     with pytest.raises(ValueError, match="even encoder_dim, got 5"):

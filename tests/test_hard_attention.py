@@ -417,6 +417,7 @@ def test_the_doubly_stochastic_default_is_the_papers_for_each_attention(mode, ex
         attention=functools.partial(AdditiveAttention, attention_dim=16), attention_mode=mode)
     module = CaptioningModule(_Features(), decoder, vocab_size=8)
     assert module.hparams.doubly_stochastic == expected
+    assert module.hparams_initial.doubly_stochastic == expected  # what hparams.yaml shows
     given = CaptioningModule(_Features(), decoder, vocab_size=8, doubly_stochastic=0.25)
     assert given.hparams.doubly_stochastic == 0.25
     batch, _ = _toy_batch(5, torch.Generator().manual_seed(2))
@@ -428,3 +429,23 @@ def test_the_doubly_stochastic_default_is_the_papers_for_each_attention(mode, ex
     torch.testing.assert_close(losses["loss"].detach(),
                                losses["nll"].detach() + expected * losses["dsr"].detach()
                                + reinforce)
+
+
+def test_a_resumed_fit_keeps_the_doubly_stochastic_weight_it_was_trained_with(monkeypatch):
+    """A hard-attention checkpoint from before the paper's default (1, now 0 under hard
+    attention), resumed with a config that leaves the option out, trains on with 1; one given
+    on the command line wins."""
+    from captioner.lit.base import CaptionerModule
+
+    monkeypatch.setattr(CaptionerModule, "on_load_checkpoint", lambda self, checkpoint: None)
+    decoder = functools.partial(
+        AttentionDecoder, embed_dim=8, hidden_dim=16, dropout=0.0, gate="none",
+        attention=functools.partial(AdditiveAttention, attention_dim=16), attention_mode="hard")
+    old = {"hyper_parameters": {"doubly_stochastic": 1.0}}
+    resumed = CaptioningModule(_Features(), decoder, vocab_size=8)
+    assert resumed.hparams.doubly_stochastic == 0.0
+    resumed.on_load_checkpoint(old)
+    assert resumed.hparams.doubly_stochastic == 1.0
+    given = CaptioningModule(_Features(), decoder, vocab_size=8, doubly_stochastic=0.5)
+    given.on_load_checkpoint(old)
+    assert given.hparams.doubly_stochastic == 0.5

@@ -350,9 +350,10 @@ def find_images(
                 and not any(part.startswith(".") for part in p.relative_to(path).parts)
             )
             files = [p for p in named if p.is_file()]
+            broken = [p for p in named if p.is_symlink() and not p.exists()]
             problems.extend((p, "broken symbolic link (its target does not exist)")
-                            for p in named if p.is_symlink() and not p.exists())
-            if not named:
+                            for p in broken)
+            if not files and not broken:  # (a folder named x.jpg is no image)
                 problems.append((path, "folder contains no image files"))
             for file in files:
                 add(file)

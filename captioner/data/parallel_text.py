@@ -241,19 +241,20 @@ class BucketBatchSampler(BatchSampler):
         bucket_factor: pool size in batches.
         seed: base seed of the batch order.
         epoch: the epoch to start at: passed to the sampler's ``set_epoch`` when it has one
-            (the training loop's epoch for a resumed fit).
+            (the training loop's epoch for a resumed fit); ``None`` leaves the sampler's epoch
+            as it is.
     """
 
     def __init__(self, sampler: Sampler[int] | Sequence[int], batch_size: int,
                  drop_last: bool = False, *, keys: Sequence[Any], bucket_factor: int = 50,
-                 seed: int = 0, epoch: int = 0) -> None:
+                 seed: int = 0, epoch: int | None = None) -> None:
         if batch_size < 1 or bucket_factor < 1:
             raise ValueError(f"batch_size and bucket_factor must be >= 1, got {batch_size}, "
                              f"{bucket_factor}")
         super().__init__(sampler, batch_size, drop_last)
         self.keys = list(keys)
         self.bucket_factor, self.seed = bucket_factor, seed
-        if callable(getattr(sampler, "set_epoch", None)):
+        if epoch is not None and callable(getattr(sampler, "set_epoch", None)):
             sampler.set_epoch(epoch)  # type: ignore[union-attr]
 
     @property

@@ -40,7 +40,8 @@ class CaptioningModule(CaptionerModule):
             ``None`` (the default) takes the paper's: 1 under soft attention (Section 4.2.1,
             where Eq. 14 is introduced) and 0 under hard attention (Section 4.1 trains the bound
             ``L_s`` alone; in the authors' code the penalty has no effect there either:
-            :mod:`captioner.hard_attention`). The value used is stored in the hyperparameters.
+            :mod:`captioner.hard_attention`). The value used is stored in the hyperparameters;
+            a fit resumed without the option keeps its checkpoint's.
         loss_reduction: ``"sentence"`` (paper: ``-log P(y|x)`` per caption) or ``"token"``
             (every term of the loss, the penalty and hard attention's REINFORCE terms too,
             divided by the number of target tokens instead of captions:
@@ -104,8 +105,6 @@ class CaptioningModule(CaptionerModule):
         hard_num_samples: int = 1,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["encoder", "decoder"])
-        self.check_options()
         if vocab_size <= 0:
             raise ConfigError(
                 "vocab_size must be positive: it is linked from the data module by the CLI; "
@@ -115,8 +114,11 @@ class CaptioningModule(CaptionerModule):
         self.decoder = decoder(vocab_size, encoder.out_channels)
         if getattr(encoder, "grid_size", None) is not None:
             self.decoder.use_grid(encoder.grid_size)
+        self._paper_doubly_stochastic = doubly_stochastic is None
         if doubly_stochastic is None:  # the paper's: Eq. 14 belongs to soft attention
-            self.hparams.doubly_stochastic = 0.0 if self.decoder.hard is not None else 1.0
+            doubly_stochastic = 0.0 if self.decoder.hard is not None else 1.0
+        self.save_hyperparameters(ignore=["encoder", "decoder"])  # the value used, also in
+        self.check_options()  # hparams_initial (hparams.yaml) and the checkpoints
         self.vocab: Vocabulary | None = None
 
     # ---------------------------------------------------------------- vocabulary
@@ -404,6 +406,15 @@ class CaptioningModule(CaptionerModule):
     def checkpoint_meta(self) -> dict[str, Any]:
         return {"vocab": self.vocab.to_dict() if self.vocab is not None else None,
                 "grid_size": list(self.encoder.grid_size)}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """As :meth:`CaptionerModule.on_load_checkpoint`; a fit resumed without an explicit
+        ``doubly_stochastic`` keeps the value the checkpoint was trained with (hard-attention
+        checkpoints from before the default became 0 under hard attention trained with 1)."""
+        super().on_load_checkpoint(checkpoint)
+        trained = (checkpoint.get("hyper_parameters") or {}).get("doubly_stochastic")
+        if self._paper_doubly_stochastic and isinstance(trained, (int, float)):
+            self.hparams.doubly_stochastic = float(trained)
 
     def restore_meta(self, meta: dict[str, Any]) -> None:
         if meta.get("vocab") is not None:

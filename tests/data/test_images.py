@@ -478,6 +478,9 @@ def test_find_images_reports_a_broken_link_inside_a_folder(tmp_path: Path) -> No
     (only_broken / "x.jpg").symlink_to(tmp_path / "nowhere.jpg")
     assert find_images([only_broken]) == ([], [(only_broken / "x.jpg", "broken symbolic link "
                                                 "(its target does not exist)")])
+    folders_only = tmp_path / "folders"
+    (folders_only / "album.jpg").mkdir(parents=True)  # a folder with an image's name
+    assert find_images([folders_only]) == ([], [(folders_only, "folder contains no image files")])
 
 def test_evaluation_turns_coco_boxes_with_the_image(tmp_path: Path) -> None:
     """Attention correctness meets boxes on the image the model saw: COCO gives boxes and sizes

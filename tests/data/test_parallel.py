@@ -604,3 +604,15 @@ def test_data_module_options_reach_the_data(tmp_path):
     dm.set_vocabs(reverse(src), reverse(tgt))
     assert dm.dataset("train")[0]["src"].tolist() == [
         *reverse(src).encode(dm.tokenize(first[0]), add_start_end=False), 2]
+
+
+def test_bucket_sampler_leaves_a_samplers_epoch_alone_without_epoch():
+    """As ``SameLengthBatchSampler``: wrapping a sampler already at epoch 4 without ``epoch``
+    must not reset it to 0."""
+    keys = [(i % 7, i % 5) for i in range(40)]
+    order = EpochRandomSampler(keys, seed=2)
+    order.set_epoch(4)
+    wrapped = list(BucketBatchSampler(order, batch_size=4, keys=keys, seed=2))
+    at = {e: list(BucketBatchSampler(EpochRandomSampler(keys, seed=2), batch_size=4, keys=keys,
+                                     seed=2, epoch=e)) for e in (0, 4)}
+    assert wrapped == at[4] and wrapped != at[0]
