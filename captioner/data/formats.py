@@ -203,10 +203,11 @@ def drop_unreadable(records: list[ImageRecord], source: str | os.PathLike[str]
     return kept
 
 
-def _require_image_folder(image_dir: Path, file: Path) -> None:
-    """A missing image folder is named as one (every image of ``file`` was reported as a
-    missing image file, or with ``skip_bad`` skipped until the split was empty)."""
-    if not image_dir.is_dir():
+def _require_image_folder(path: Path, image_dir: Path, file: Path) -> None:
+    """Called for a missing image ``path``: a missing image folder is named as one (every
+    image of ``file`` was reported as a missing image file, or with ``skip_bad`` skipped until
+    the split was empty). Entries naming absolute paths elsewhere do not need the folder."""
+    if not image_dir.is_dir() and path.is_relative_to(image_dir):
         raise AnnotationFileNotFound(f"image folder not found: {image_dir} (the images of {file})")
 
 
@@ -308,7 +309,6 @@ def load_coco(
     file = Path(annotation_file)
     image_dir = Path(image_dir)
     data = _read_json(file)
-    _require_image_folder(image_dir, file)
     images = _require_list(data, "images", file)
     annotations = _require_list(data, "annotations", file)
     problems = _Problems(file, skip_bad)
@@ -356,6 +356,7 @@ def load_coco(
         if not captions:
             problems.report(where, "image without captions")
         elif not path.is_file():
+            _require_image_folder(path, image_dir, file)
             problems.report(where, "image file not found", str(path))
         else:
             records.append(
@@ -467,7 +468,6 @@ def load_karpathy(
     file = Path(json_file)
     image_root = Path(image_root)
     images = _require_list(_read_json(file), "images", file)
-    _require_image_folder(image_root, file)
     problems = _Problems(file, skip_bad)
     records: list[ImageRecord] = []
     seen: set[int] = set()
@@ -494,6 +494,7 @@ def load_karpathy(
         if not captions:
             problems.report(where, "image without captions")
         elif not path.is_file():
+            _require_image_folder(path, image_root, file)
             problems.report(where, "image file not found", str(path))
         else:
             image_id = _as_int(raw_id, "image id", where, file)
@@ -563,7 +564,6 @@ def load_kaggle_flickr8k(
     image_dir = Path(image_dir)
     if not file.is_file():
         raise AnnotationFileNotFound(f"captions file not found: {file}")
-    _require_image_folder(image_dir, file)
     problems = _Problems(file, skip_bad)
     captions: dict[str, list[str]] = {}
     first_line: dict[str, int] = {}
@@ -614,6 +614,7 @@ def load_kaggle_flickr8k(
     for image, texts in captions.items():
         path = image_dir / image
         if not path.is_file():
+            _require_image_folder(path, image_dir, file)
             where = f"line {first_line[image]} ({image})"
             problems.report(where, "image file not found", str(path))
             continue

@@ -266,6 +266,12 @@ def test_a_missing_image_folder_is_named_as_one_by_every_loader(tmp_path: Path) 
                     f"image folder not found: {gone} (the images of {file})")) as e:
                 load(file, gone, skip_bad=skip_bad)
             assert isinstance(e.value, AnnotationError)
+    # an entry naming an absolute path elsewhere does not need the folder
+    _touch(tmp_path, "elsewhere/a.jpg")
+    absolute = _write_json(tmp_path / "abs.json", {"images": [
+        {"filename": str(tmp_path / "elsewhere" / "a.jpg"), "split": "val", "imgid": 0,
+         "sentences": [{"raw": "A dog."}]}]})
+    assert [r.path for r in load_karpathy(absolute, gone)] == [tmp_path / "elsewhere" / "a.jpg"]
 
 def test_load_kaggle_flickr8k_bad_lines(tmp_path: Path) -> None:
     _touch(tmp_path, "a.jpg")
