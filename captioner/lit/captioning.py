@@ -117,8 +117,13 @@ class CaptioningModule(CaptionerModule):
         self._paper_doubly_stochastic = doubly_stochastic is None
         if doubly_stochastic is None:  # the paper's: Eq. 14 belongs to soft attention
             doubly_stochastic = 0.0 if self.decoder.hard is not None else 1.0
-        self.save_hyperparameters(ignore=["encoder", "decoder"])  # the value used, also in
-        self.check_options()  # hparams_initial (hparams.yaml) and the checkpoints
+        self.save_hyperparameters(ignore=["encoder", "decoder"])
+        # the value used, also where LightningCLI's instantiation gave the config's (None) to
+        # save_hyperparameters, and in hparams_initial (what hparams.yaml shows)
+        self.hparams.doubly_stochastic = doubly_stochastic
+        if isinstance(getattr(self, "_hparams_initial", None), dict):
+            self._hparams_initial["doubly_stochastic"] = doubly_stochastic
+        self.check_options()
         self.vocab: Vocabulary | None = None
 
     # ---------------------------------------------------------------- vocabulary

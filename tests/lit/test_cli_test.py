@@ -464,6 +464,17 @@ def test_an_interrupted_lightning_command_exits_130_as_the_tools(monkeypatch):
         cli.main(["fit"])
     assert e.value.code == 1
 
+
+@pytest.mark.parametrize("mode, expected", [("soft", 1.0), ("hard", 0.0)])
+def test_the_cli_records_the_doubly_stochastic_weight_used(shapes_root, tmp_path, mode, expected):
+    """LightningCLI hands the config's values to ``save_hyperparameters``: the option left
+    unset (None) reached the loss as None (a TypeError in every fit without it)."""
+    common = shapes_run(shapes_root, tmp_path, 12, 4, 4)
+    cli = lightning_main([*common, "--model.init_args.doubly_stochastic", "null",
+                          "--model.init_args.decoder.init_args.attention_mode", mode], run=False)
+    assert cli.model.hparams.doubly_stochastic == expected
+    assert cli.model.hparams_initial.doubly_stochastic == expected
+
 def test_a_misspelled_option_is_named_without_pages_of_usage(shapes_root, tmp_path, capsys):
     common = shapes_run(shapes_root, tmp_path, 12, 4, 4)
     with pytest.raises(SystemExit) as e:
