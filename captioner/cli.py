@@ -672,10 +672,8 @@ def _name_config_lines(message: str, argv: list[str]) -> str:
     wanted = [(m[0] or None, m[1]) for m in re.findall(
         r"(?:class_path '([^']+)':\s*)?Option '([^']+)' is not accepted", message)]
     wanted += [(None, key) for key in re.findall(r"does not accept option '([^']+)'", message)]
-    files = [argv[i + 1] for i, a in enumerate(argv[:-1]) if a in ("--config", "-c")]
-    files += [a.split("=", 1)[1] for a in argv if a.startswith("--config=")]
     roots = {}
-    for file in files:
+    for file in _config_files(argv):
         try:
             with open(file, encoding="utf-8") as f:
                 roots[file] = yaml.compose(f)
