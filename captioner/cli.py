@@ -77,7 +77,7 @@ def _cli_class() -> type:
                     dm.set_vocabs(Vocabulary.from_dict(src), Vocabulary.from_dict(vocab))
                 elif src is None and hasattr(dm, "set_vocab"):
                     imposed = Vocabulary.from_dict(vocab)
-                    if self.subcommand == "fit" and hasattr(dm, "records"):
+                    if self.subcommand == "fit" and hasattr(dm, "built_vocabulary"):
                         self._warn_of_another_vocabulary(dm, imposed)
                     dm.set_vocab(imposed)
             return int(dm.vocab_size)
@@ -90,17 +90,13 @@ def _cli_class() -> type:
             module's own vocabulary is left unbuilt (its coverage check could refuse a small
             fine-tuning set); data that cannot be read here is left to the fit to report."""
             import warnings
-            from collections import Counter
 
-            from captioner.data.tokenize import tokenize
             from captioner.data.vocabulary import Vocabulary
 
             try:
-                counts = Counter(w for record in dm.records("train")
-                                 for caption in record.captions for w in tokenize(caption))
-                own = (Vocabulary.load(dm.vocab_file) if getattr(dm, "vocab_file", None) else
-                       Vocabulary.from_counts(counts, min_freq=getattr(dm, "min_freq", 1),
-                                              max_size=getattr(dm, "max_vocab_size", None)))
+                own, counts = dm.built_vocabulary(check=False)
+                if dm.vocab_file is not None:
+                    own = Vocabulary.load(dm.vocab_file)
             except Exception:  # noqa: BLE001 - the fit reads the same data and reports it
                 return
             new = sorted((w for w in own.itos if w not in imposed.stoi),

@@ -310,21 +310,31 @@ class CaptionDataModule(L.LightningDataModule):
         """The vocabulary: imposed (:meth:`set_vocab`, checkpoint), loaded from ``vocab_file``,
         or built from the training captions with ``min_freq`` / ``max_vocab_size``."""
         if self._vocab is None:
-            if self.vocab_file is not None:
-                self._vocab = Vocabulary.load(self.vocab_file)
-            else:
-                train = self.records("train")
-                if not train:
-                    raise ConfigError("cannot build a vocabulary: the training split is empty "
-                                      "(check the annotations' splits, val_fraction and "
-                                      "test_fraction, or give vocab_file)")
-                counts = count_tokens(tokenize(c) for record in train for c in record.captions)
-                vocab = Vocabulary.from_counts(counts, min_freq=self.min_freq,
-                                               max_size=self.max_vocab_size)
-                check_coverage(vocab, counts, f"the training captions (min_freq {self.min_freq}, "
-                                              f"max_vocab_size {self.max_vocab_size})")
-                self._vocab = vocab
+            self._vocab = (Vocabulary.load(self.vocab_file) if self.vocab_file is not None
+                           else self.built_vocabulary()[0])
         return self._vocab
+
+    def built_vocabulary(self, check: bool = True) -> tuple[Vocabulary, Counter[str]]:
+        """The vocabulary the training captions give with ``min_freq`` / ``max_vocab_size``
+        (whatever :meth:`set_vocab` imposed or ``vocab_file`` names; nothing is stored), and
+        their token counts.
+
+        Args:
+            check: refuse a vocabulary that covers too little of the captions
+                (:func:`~captioner.data.vocabulary.check_coverage`).
+        """
+        train = self.records("train")
+        if not train:
+            raise ConfigError("cannot build a vocabulary: the training split is empty "
+                              "(check the annotations' splits, val_fraction and "
+                              "test_fraction, or give vocab_file)")
+        counts = count_tokens(tokenize(c) for record in train for c in record.captions)
+        vocab = Vocabulary.from_counts(counts, min_freq=self.min_freq,
+                                       max_size=self.max_vocab_size)
+        if check:
+            check_coverage(vocab, counts, f"the training captions (min_freq {self.min_freq}, "
+                                          f"max_vocab_size {self.max_vocab_size})")
+        return vocab, counts
 
     @property
     def vocab_size(self) -> int:
