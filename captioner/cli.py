@@ -656,18 +656,32 @@ def _constructor_error(error: BaseException) -> BaseException:
 
 
 def _name_config_lines(message: str, argv: list[str]) -> str:
-    """``message`` of a parse error, led by the ``--config`` file and line of each option it
-    says is not accepted (jsonargparse names the option, not the file, and buries it in a
-    report of every type the section could have been). An option of a class is looked for
-    in the ``init_args`` of that ``class_path`` only, a dotted one (``trainer.max_epoch``) at
-    its path; nothing is added where no file holds it there."""
+    """``message`` of a parse error, led by one line per ``--config`` file and line that it
+    blames (jsonargparse names the option, not the file, and buries it in a report of every
+    type the section could have been): an option that is not accepted, a ``class_path`` that
+    cannot be imported, a value outside an option's ``Literal`` choices. An option of a class
+    is looked for in the ``init_args`` of that ``class_path`` only, a dotted one
+    (``trainer.max_epoch``) at its path; nothing is added where no file holds it there."""
     import re
 
     import yaml
 
-    wanted = [(m[0] or None, m[1]) for m in re.findall(
-        r"(?:class_path '([^']+)':\s*)?Option '([^']+)' is not accepted", message)]
-    wanted += [(None, key) for key in re.findall(r"does not accept option '([^']+)'", message)]
+    # (class_path or None, key, what to say after "FILE line N: ")
+    wanted: list[tuple[str | None, str, str]] = [
+        (m[0] or None, m[1], f"option {m[1].rsplit('.', 1)[-1]!r} is not accepted")
+        for m in re.findall(r"(?:class_path '([^']+)':\s*)?Option '([^']+)' is not accepted",
+                            message)]
+    wanted += [(None, key, f"option {key.rsplit('.', 1)[-1]!r} is not accepted")
+               for key in re.findall(r"does not accept option '([^']+)'", message)]
+    wanted += [(m[0] or None, m[1], f"{m[1].rsplit('.', 1)[-1]} {m[3]!r} is not one of {m[2]}")
+               for m in re.findall(r"(?:class_path '([^']+)':\s*)?Parser key \"([^\"]+)\":\s*"
+                                   r"Expected a typing\.Literal\[([^\]]*)\]\. Got value: (\S+)",
+                                   message)]
+    unimportable = re.findall(r"(module '[^']+' has no attribute '[^']+'|No module named '[^']+')"
+                              r"\. Got value: Namespace\(class_path='([^']+)'", message)
+    unimportable += [(m[1], m[0]) for m in re.findall(
+        r"Problem with given class_path '([^']+)':\s*(module '[^']+' has no attribute '[^']+'|"
+        r"No module named '[^']+')", message)]  # a subclass-mode section's (model, data)
     roots = {}
     for file in _config_files(argv):
         try:
@@ -676,16 +690,54 @@ def _name_config_lines(message: str, argv: list[str]) -> str:
         except (OSError, yaml.YAMLError):
             continue
     found: list[str] = []
-    for class_path, key in dict.fromkeys(wanted):
+    for class_path, key, says in dict.fromkeys(wanted):
         hits = [(file, node) for file, root in roots.items()
                 for node in _config_key_nodes(root, class_path, key)]
         if not hits and class_path is None and "." not in key:  # a class's, its name not
             hits = [(file, node) for file, root in roots.items()  # given: only if unique
                     for node in _config_key_nodes(root, "", key)]
             hits = hits if len(hits) == 1 else []
-        found += [f"{file} line {node.start_mark.line + 1}: option "
-                  f"{key.rsplit('.', 1)[-1]!r} is not accepted" for file, node in hits]
+        found += [f"{file} line {node.start_mark.line + 1}: {says}" for file, node in hits]
+    for reason, class_path in dict.fromkeys(unimportable):
+        found += [f"{file} line {node.start_mark.line + 1}: class_path {class_path!r} cannot be "
+                  f"imported ({reason}){_close_names(class_path)}"
+                  for file, root in roots.items() for node in _class_path_nodes(root, class_path)]
     return "\n".join([*dict.fromkeys(found), message]) if found else message
+
+
+def _close_names(class_path: str) -> str:
+    """``"; did you mean 'pkg.mod.Name'?"`` for a dotted path whose module imports and holds a
+    class of a similar name; ``""`` otherwise."""
+    import difflib
+    import importlib
+    import inspect
+
+    module_name, _, name = class_path.rpartition(".")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception:  # noqa: BLE001 - only a hint: any failure to import gives none
+        return ""
+    classes = [n for n, v in vars(module).items() if inspect.isclass(v) and not n.startswith("_")]
+    close = difflib.get_close_matches(name, classes, n=1)
+    return f"; did you mean {module_name + '.' + close[0]!r}?" if close else ""
+
+
+def _class_path_nodes(root: Any, class_path: str) -> list[Any]:
+    """The YAML value nodes ``class_path: <class_path>`` anywhere under ``root``."""
+    import yaml
+
+    nodes, stack = [], [root]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, yaml.SequenceNode):
+            stack.extend(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if getattr(key, "value", None) == "class_path" and getattr(
+                        value, "value", None) == class_path:
+                    nodes.append(value)
+                stack.append(value)
+    return sorted(nodes, key=lambda n: n.start_mark.line)
 
 
 def _config_key_nodes(root: Any, class_path: str | None, key: str) -> list[Any]:

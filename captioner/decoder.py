@@ -311,9 +311,10 @@ class AttentionDecoder(nn.Module):
         context_dim = encoder_dim if self.use_context else 0  # no z_t without attention
         if gate != "none" and self.use_context:
             self.f_beta = nn.Linear(hidden_dim, 1 if gate == "scalar" else encoder_dim)
-        # the init MLPs' shared hidden layers (none by default: the state dict keeps its keys)
+        # the init MLPs' shared hidden layers (none by default: the state dict keeps its keys),
+        # W_k: D -> D (D/2 -> D/2 from the first backward state)
         self.init_hidden = nn.ModuleList(
-            nn.Linear(summary_dim, summary_dim) for _ in range(init_layers - 1))  # W_k: D -> D
+            nn.Linear(summary_dim, summary_dim) for _ in range(init_layers - 1))
         self.init_h = nn.Linear(summary_dim, hidden_dim)  # f_init,h (Bahdanau's W_s)
         self.init_c = nn.Linear(summary_dim, hidden_dim)  # f_init,c
         self.lstm = nn.LSTMCell(embed_dim + context_dim, hidden_dim)  # T_{D+m+n,n}
@@ -370,7 +371,7 @@ class AttentionDecoder(nn.Module):
         if self.init_from_mean:
             u = summary  # (B, D), or (B, D / 2)
             for layer in self.init_hidden:  # the authors' n_layers_init - 1 shared layers
-                u = self.dropout(torch.relu(layer(u)))  # (B, D)
+                u = self.dropout(torch.relu(layer(u)))  # (B, D), or (B, D / 2)
             h, c = torch.tanh(self.init_h(u)), torch.tanh(self.init_c(u))  # (B, N)
         else:
             h = c = summary.new_zeros(summary.shape[0], self.hidden_dim)

@@ -122,9 +122,22 @@ def evaluate_split(captioner: Captioner, records: Sequence[ImageRecord], *,
         "cells": "receptive_field" if captions[0].cell_edges is not None else "tile",
         "tokenizer": result.tokenizer,
         "decoded_once_per_image": True,
+        "empty_captions": sum(not c.text for c in captions),
     }
     return Evaluation(dict(result.scores), dict(result.skipped), result.tokenizer, hyps,
                       attention, protocol)
+
+
+def empty_captions_warning(captions: Sequence[str], split: str) -> str | None:
+    """The warning for a split whose decoded captions include empty ones (``<end>`` chosen
+    first: common for beam search on an undertrained model, whose short hypotheses score
+    highest), which score 0 on every metric; ``None`` when there are none."""
+    empty = sum(not c for c in captions)
+    if not empty:
+        return None
+    return (f"{split}: {empty} of {len(captions)} decoded captions are empty (<end> chosen "
+            "first; common for beam search on an undertrained model with length_penalty 0): "
+            "min_length 2 forbids them")
 
 
 def image_size(record: ImageRecord) -> tuple[int, int]:

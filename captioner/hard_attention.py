@@ -7,11 +7,12 @@ weights, and the context is the annotation at that location::
     z_t = a_{s_t}                                             (Eq. 9; times the gate beta_t)
 
 Training maximises the variational lower bound ``L_s = sum_s p(s | a) log p(y | s, a)`` with the
-Monte Carlo estimator of Eq. 12 (``s~^n`` the sampled location sequences)::
+Monte Carlo estimator of Eq. 12 (``s~^m``, ``m = 1..M``, the sampled location sequences; the
+paper calls their count ``N``, the package's LSTM size, so ``M`` here)::
 
-    dL_s/dW ~ 1/N sum_n [ d log p(y | s~^n, a)/dW
-                          + lambda_r (log p(y | s~^n, a) - b) d log p(s~^n | a)/dW
-                          + lambda_e d H[s~^n]/dW ]
+    dL_s/dW ~ 1/M sum_m [ d log p(y | s~^m, a)/dW
+                          + lambda_r (log p(y | s~^m, a) - b) d log p(s~^m | a)/dW
+                          + lambda_e d H[s~^m]/dW ]
 
 with the moving-average baseline ``b <- 0.9 b + 0.1 log p(y | s~, a)`` and the entropy ``H`` of
 the multinoulli distributions. "To further improve the robustness of this learning rule, with

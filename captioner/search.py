@@ -259,8 +259,8 @@ def beam_search(
     def merge(cand_rank, cand_score, cand_len, cand_tok, cand_alpha, cand_beta):
         """Keep the K best of (pool, candidates) per image."""
         nonlocal fin_rank, fin_score, fin_len, fin_tok, fin_alpha, fin_beta
-        all_rank = torch.cat([fin_rank, cand_rank], 1)  # (B, K + C)
-        top_rank, top = all_rank.sort(dim=1, descending=True, stable=True)  # (B, K + C)
+        all_rank = torch.cat([fin_rank, cand_rank], 1)  # (B, K + 2K)
+        top_rank, top = all_rank.sort(dim=1, descending=True, stable=True)  # (B, K + 2K)
         top_rank, top = top_rank[:, :K], top[:, :K]  # (B, K): equal ranks, the pool's first
 
         def pick(pool, cand):
@@ -287,11 +287,11 @@ def beam_search(
 
         # histories of all 2K candidates (cheap gathers, no recomputation)
         flat_src = src.reshape(-1)
-        c_tok = tok_hist[flat_src].view(B, n_cand, max_length)
+        c_tok = tok_hist[flat_src].view(B, n_cand, max_length)  # (B, 2K, max_length)
         c_tok[:, :, t] = token
-        c_alpha = alpha_hist[flat_src].view(B, n_cand, max_length, L)
+        c_alpha = alpha_hist[flat_src].view(B, n_cand, max_length, L)  # (B, 2K, max_length, L)
         c_alpha[:, :, t] = alpha[flat_src].view(B, n_cand, L)
-        c_beta = beta_hist[flat_src].view(B, n_cand, max_length)
+        c_beta = beta_hist[flat_src].view(B, n_cand, max_length)  # (B, 2K, max_length)
         c_beta[:, :, t] = beta[flat_src].view(B, n_cand)
 
         # finished: <end> candidates ranked among the first K, for images still searching
@@ -320,12 +320,12 @@ def beam_search(
             break
         cont_scores = cont_scores.masked_fill(done.unsqueeze(1), neg_inf)
         sel = cont + torch.arange(B, device=dev).unsqueeze(1) * n_cand  # (B, K) rows of B*2K
-        sel = sel.reshape(-1)
+        sel = sel.reshape(-1)  # (B*K,)
         beam_scores = cont_scores
-        tok_hist = c_tok.reshape(B * n_cand, max_length)[sel]
-        alpha_hist = c_alpha.reshape(B * n_cand, max_length, L)[sel]
-        beta_hist = c_beta.reshape(B * n_cand, max_length)[sel]
-        prev = token.reshape(-1)[sel]
+        tok_hist = c_tok.reshape(B * n_cand, max_length)[sel]  # (B*K, max_length)
+        alpha_hist = c_alpha.reshape(B * n_cand, max_length, L)[sel]  # (B*K, max_length, L)
+        beta_hist = c_beta.reshape(B * n_cand, max_length)[sel]  # (B*K, max_length)
+        prev = token.reshape(-1)[sel]  # (B*K,)
         state = state.select_recurrent(src.reshape(-1)[sel])
 
     # images still searching after the last step: the alive beams compete as they stand

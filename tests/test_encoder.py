@@ -23,6 +23,9 @@ def build(weights):
                                      act=nn.ReLU()))
     return Backbone(body, out_channels=7)
 
+def build_keyword_only(*, weights=None):  # torchvision's builder style
+    return build(weights)
+
 def not_a_backbone(weights):
     return nn.Identity()
 
@@ -57,6 +60,7 @@ def test_a_backbone_in_any_module_is_named_by_its_dotted_path(tmp_path, monkeypa
     enc = ImageEncoder("my_backbones.build", grid_size=(3, 5))
     assert enc(torch.rand(2, 3, 30, 50)).shape == (2, 15, 7)
     assert "conv" in dict(enc.body.named_children())  # its blocks can host stages
+    assert build_backbone("my_backbones.build_keyword_only").out_channels == 7
     with pytest.raises(ValueError, match="cannot import 'nowhere_module'"):
         build_backbone("nowhere_module.build")
     with pytest.raises(ValueError, match="has no callable 'missing'"):

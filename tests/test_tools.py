@@ -350,6 +350,28 @@ def test_evaluate_decodes_each_image_once_and_writes_coco_results(
         assert Path(row["file_name"]) == images_dir / file_name  # the row names its image
 
 
+def test_evaluate_warns_of_empty_captions_and_counts_them(capsys, tiny_checkpoint, shapes_root,
+                                                         tmp_path) -> None:
+    """Empty captions (``<end>`` first) score 0 on every metric; ``evaluate`` said nothing of
+    them (validation warned). It now warns with their count, recorded in the protocol."""
+    from captioner.data.vocabulary import END, SPECIALS
+
+    ckpt = torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)
+    ckpt["state_dict"]["decoder.L_o.bias"][SPECIALS.index(END)] = 100.0  # <end> always first
+    ends_first = tmp_path / "ends_first.ckpt"
+    torch.save(ckpt, ends_first)
+    config = _lightning_style_config(tmp_path, shapes_root)
+    for path, empty in [(tiny_checkpoint, 0), (ends_first, 6)]:
+        out_dir = tmp_path / f"eval_{empty}"
+        status, _, err = _run(capsys, "evaluate", "--ckpt", path, "--config", config,
+                              "--out", out_dir, "--no-java")
+        assert status == 0, err
+        metrics = json.loads((out_dir / "metrics_test.json").read_text())
+        assert metrics["protocol"]["empty_captions"] == empty
+        assert ("captioner evaluate: WARNING: test: 6 of 6 decoded captions are empty"
+                in err) == bool(empty), err
+
+
 def test_evaluate_uses_the_checkpoints_data_config_and_skips_java_when_missing(
         capsys, monkeypatch, tiny_checkpoint, tmp_path) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))  # no java on PATH

@@ -16,7 +16,7 @@ from captioner.commands.common import (EXIT_INPUT_ERROR, EXIT_OK, ToolError, add
                                        parse_with_data_overrides, positive_int,
                                        requested_data_config, stored_data_config, tool_parser,
                                        training_overlap, write_json)
-from captioner.evaluation import evaluate_split, format_table
+from captioner.evaluation import empty_captions_warning, evaluate_split, format_table
 from captioner.messages import one_line
 
 
@@ -103,6 +103,9 @@ def _run(args: argparse.Namespace) -> int:
         raise ToolError(str(e), EXIT_INPUT_ERROR) from None
     for part, reason in ev.skipped.items():
         print(f"captioner evaluate: {part} skipped: {reason}", file=sys.stderr)
+    warning = empty_captions_warning(list(ev.captions.values()), args.split)
+    if warning:
+        print(f"captioner evaluate: WARNING: {warning}", file=sys.stderr)
 
     results = out / f"captions_{args.split}.json"
     metrics = out / f"metrics_{args.split}.json"

@@ -96,7 +96,8 @@ def load_pretrained() -> bool:
 
 
 def register_backbone(name: str) -> Callable:
-    """Decorator adding a builder ``f(weights: str | None) -> Backbone`` to the registry."""
+    """Decorator adding a builder ``f(weights: str | None) -> Backbone`` to the registry (called
+    as ``f(weights=...)``)."""
 
     def wrap(fn: Callable[[str | None], Backbone]) -> Callable[[str | None], Backbone]:
         _REGISTRY[name] = fn
@@ -113,10 +114,12 @@ def available_backbones() -> list[str]:
 def build_backbone(name: str, weights: str | None = None) -> Backbone:
     """Build a registered backbone, or one named by the dotted path of its builder.
 
-    A new backbone is one builder ``f(weights: str | None) -> Backbone`` in any module: YAML
-    names it ``backbone: mypackage.backbones.build_tiny`` (imported on use), or registers it
-    under a short name with :func:`register_backbone` when its module is imported. A builder
-    that loads pretrained weights does so only when :func:`load_pretrained` says so.
+    A new backbone is one builder ``f(weights: str | None) -> Backbone`` in any module, called
+    as ``f(weights=...)`` (a keyword-only ``f(*, weights=None)``, torchvision's style, works
+    too): YAML names it ``backbone: mypackage.backbones.build_tiny`` (imported on use), or
+    registers it under a short name with :func:`register_backbone` when its module is
+    imported. A builder that loads pretrained weights does so only when
+    :func:`load_pretrained` says so.
 
     Args:
         name: registry name, e.g. ``"resnet101"``, ``"vgg19"``, ``"efficientnet_lite0"``, or
@@ -130,12 +133,12 @@ def build_backbone(name: str, weights: str | None = None) -> Backbone:
     """
     weights = no_weights_as_none(weights)
     if name in _REGISTRY:
-        return _REGISTRY[name](weights)
+        return _REGISTRY[name](weights=weights)
     if "." not in name:
         raise ValueError(f"unknown backbone {name!r}; available: {', '.join(available_backbones())}"
                          " or the dotted path of a builder (mypackage.module.build_backbone)")
     builder = _import_builder(name)
-    built = builder(weights)
+    built = builder(weights=weights)
     if not isinstance(built, Backbone):
         raise ValueError(f"backbone {name!r} returned {type(built).__name__}, not a "
                          "captioner.encoders.backbone.Backbone")

@@ -80,7 +80,7 @@ class NonLocalBlock(EncoderStage):
         pairwise: ``gaussian``, ``embedded_gaussian``, ``dot_product`` or ``concatenation``.
         reduction: bottleneck ``C_b = max(1, C // reduction)`` (the paper halves: ``2``).
         subsample: max-pool ``phi`` and ``g`` by 2 on each spatial dimension.
-        dims: number of position dimensions: 1 (sequence), 2 (image), 3 (video ``T x h x w``).
+        dims: number of position dimensions: 1 (sequence), 2 (image), 3 (video ``F x h x w``).
         use_bn: batch norm after ``W_z`` (zero ``gamma``); otherwise ``W_z`` is zero-initialised.
         embedding_bias: biases on ``theta``, ``phi`` and ``g`` where they change the output, as
             in the released code (module docstring); the paper's maps have none.

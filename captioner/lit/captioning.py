@@ -19,6 +19,7 @@ from captioner.config import ConfigError
 from captioner.data.vocabulary import END, PAD, SPECIALS, START, Vocabulary
 from captioner.decoder import AttentionDecoder
 from captioner.encoders.encoder import ImageEncoder
+from captioner.evaluation import empty_captions_warning
 from captioner.inference import CheckpointError
 from captioner.lit.base import CaptionerModule, datamodule_record
 from captioner.lit.optim import adam, rmsprop
@@ -72,8 +73,9 @@ class CaptioningModule(CaptionerModule):
             summed over the batch, so it weighs the term differently there).
         hard_lambda_e: hard attention: weight ``lambda_e`` of the entropy term (default 0.002,
             the number of arctic-captions' ``alpha_entropy_c``, on the same terms).
-        hard_num_samples: hard attention: location sequences sampled per caption (``N`` of
-            Eq. 12); the batch is repeated that many times.
+        hard_num_samples: hard attention: location sequences sampled per caption (``M`` of
+            :mod:`captioner.hard_attention`, the paper's ``N`` in Eq. 12); the batch is
+            repeated that many times.
     """
 
     task = "captioning"
@@ -230,8 +232,8 @@ class CaptioningModule(CaptionerModule):
         annotations = self.encode(batch)
         samples = self.hard_samples()
         if samples > 1:
-            annotations = annotations.repeat_interleave(samples, 0)  # (B * n, L, D)
-            captions = captions.repeat_interleave(samples, 0)  # (B * n, T + 1)
+            annotations = annotations.repeat_interleave(samples, 0)  # (B * M, L, D)
+            captions = captions.repeat_interleave(samples, 0)  # (B * M, T + 1)
         out = self.decoder(annotations, captions, skip_padding=True)  # only real tokens are scored
         targets = captions[:, 1:]  # (B, T)
         pad = self.vocab.pad_id if self.vocab is not None else 0
@@ -298,11 +300,9 @@ class CaptioningModule(CaptionerModule):
         outputs = self._gather_outputs()
         refs = dm.references(split)
         hyps = [self.vocab.decode(o["tokens"]) for o in outputs]
-        empty = sum(not h for h in hyps)
-        if empty:
-            log.warning("%s: %d of %d decoded captions are empty (<end> chosen first; common for "
-                        "beam search on an undertrained model with length_penalty 0): "
-                        "min_length 2 forbids them", split, empty, len(hyps))
+        warning = empty_captions_warning(hyps, split)
+        if warning:
+            log.warning(warning)
         scores = corpus_bleu(hyps, [refs[o["index"]] for o in outputs])
         records = dm.records(split)
         if any(records[o["index"]].boxes for o in outputs):

@@ -520,6 +520,55 @@ def test_a_misspelled_option_in_a_config_file_names_the_file_and_line(tmp_path, 
         assert f"error: {typo} line {line}: {says}\n" in err, err
         assert "shapes_soft.yaml line" not in err, err
 
+def test_a_wrong_class_path_or_choice_in_a_config_file_names_the_file_and_line(tmp_path, capsys):
+    """A ``class_path`` that cannot be imported and a value outside an option's ``Literal``
+    choices were reported 8-15 lines down jsonargparse's union report; the error now starts
+    with the file, line and reason (and the closest class name of the module, if any)."""
+    import yaml
+
+    def first_error_line(model: dict, data: Path = CONFIGS / "data" / "shapes.yaml") -> str:
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(yaml.safe_dump(model, sort_keys=False))
+        with pytest.raises(SystemExit) as e:
+            lightning_main(["fit", "-c", str(CONFIGS / "trainer" / "cpu.yaml"),
+                            "-c", str(data), "-c", str(bad)])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        return next(line for line in err.splitlines() if line.startswith("error: "))
+
+    def line_of(text: str) -> int:
+        lines = (tmp_path / "bad.yaml").read_text().splitlines()
+        return [i for i, t in enumerate(lines, 1) if t.strip() == text][0]
+
+    bad = tmp_path / "bad.yaml"
+    model = yaml.safe_load((CONFIGS / "model" / "shapes_soft.yaml").read_text())
+    attention = model["model"]["init_args"]["decoder"]["init_args"]["attention"]
+    attention["class_path"] = "captioner.attention.AdditiveAttentio"
+    got = first_error_line(model)
+    line = line_of("class_path: captioner.attention.AdditiveAttentio")
+    assert got == (f"error: {bad} line {line}: class_path 'captioner.attention.AdditiveAttentio'"
+                   " cannot be imported (module 'captioner.attention' has no attribute "
+                   "'AdditiveAttentio'); did you mean "
+                   "'captioner.attention.AdditiveAttention'?"), got
+    attention["class_path"] = "nosuchpkg.Attention"  # no module: no suggestion
+    got = first_error_line(model)
+    assert got == (f"error: {bad} line {line_of('class_path: nosuchpkg.Attention')}: class_path "
+                   "'nosuchpkg.Attention' cannot be imported (No module named 'nosuchpkg')"), got
+    attention["class_path"] = "captioner.attention.AdditiveAttention"
+    model["model"]["class_path"] = "captioner.lit.captioning.CaptioningModul"  # a section's own
+    got = first_error_line(model)
+    assert got.startswith(f"error: {bad} line 2: class_path 'captioner.lit.captioning."
+                          "CaptioningModul' cannot be imported"), got
+    assert got.endswith("did you mean 'captioner.lit.captioning.CaptioningModule'?"), got
+
+    nonlocal_model = yaml.safe_load((CONFIGS / "model" / "shapes_nonlocal.yaml").read_text())
+    stage = nonlocal_model["model"]["init_args"]["encoder"]["init_args"]["stages"][0]
+    stage["init_args"]["pairwise"] = "gausian"
+    got = first_error_line(nonlocal_model)
+    assert got == (f"error: {bad} line {line_of('pairwise: gausian')}: pairwise 'gausian' is not "
+                   "one of 'gaussian', 'embedded_gaussian', 'dot_product', 'concatenation'"), got
+
+
 def test_test_refuses_a_data_config_that_puts_training_images_in_the_split(
         capsys, tiny_checkpoint, tmp_path) -> None:
     """``captioner test --ckpt_path`` with a data config of another ``split_seed`` than the
