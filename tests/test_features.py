@@ -633,6 +633,43 @@ def test_images_rewritten_since_extraction_are_refused(tmp_path):
         FeatureCache(out).locate(paths)
 
 
+def test_a_cached_fit_needs_no_image_file_whose_grid_the_cache_holds(tmp_path):
+    """The cache is the only copy of a grid whose image was deleted since (the raw images
+    removed to free the disk), yet the annotations' parser refused the missing file ("image
+    file not found"), and with ``skip_bad`` dropped it, which can move images between splits.
+    The cached module now takes an image its cache holds; one it does not is still refused."""
+    from captioner.data.formats import AnnotationError
+
+    paths = _random_pngs(tmp_path / "images", 12)
+    captions = tmp_path / "captions.txt"
+    captions.write_text("image,caption\n" + "".join(
+        f"{p.name},a picture number {i % 3}\n" for i, p in enumerate(paths)))
+    data = dict(format="flickr8k_csv", annotations=str(captions),
+                image_root=str(tmp_path / "images"), image_size=32, num_workers=0, min_freq=1,
+                val_fraction=0.25, test_fraction=0.25)
+    out = tmp_path / "cache"
+    extract_features(frozen_encoder(), paths, out, image_size=32, batch_size=4, shard_size=4)
+    splits = {s: [r.path for r in CaptionDataModule(**data).records(s)] for s in
+              ("train", "val", "test")}
+    paths[3].unlink()
+    with pytest.raises(AnnotationError, match=r"line 5 \(3.png\): image file not found"):
+        CaptionDataModule(**data).records("train")  # the raw images are needed there
+    cached = CachedFeaturesDataModule(features_dir=str(out), **data)
+    assert {s: [r.path for r in cached.records(s)] for s in splits} == splits
+    cached.setup("fit")
+    grid = torch.as_tensor(FeatureCache(out).array(paths[3]))  # (L, D)
+    split = next(s for s, ps in splits.items() if paths[3] in ps)
+    dataset = cached._dataset(split)
+    items = [dataset[i] for i in range(len(dataset))]
+    read = [item["features"] for item in items
+            if cached.records(split)[item["index"]].path == paths[3]]
+    assert read and all(torch.equal(f, grid) for f in read)  # its grid, from the cache
+    with captions.open("a") as f:  # neither a file nor a cached grid
+        f.write("missing.png,a picture number 0\n")
+    with pytest.raises(AnnotationError, match=r"line 14 \(missing.png\): image file not found"):
+        CachedFeaturesDataModule(features_dir=str(out), **data).records("train")
+
+
 def test_an_unfinished_cache_resumes_through_a_cached_skip_bad_config(tmp_path, capsys):
     """``extract-features --config`` with the cached data module's own config (``skip_bad``):
     reading its records used to open the cache as finished, so after an interrupted

@@ -77,6 +77,18 @@ class _CachedFeatures:
                           "checksums were kept, so verify_cache checked only their shapes; "
                           "`captioner extract-features --verify` records them", stacklevel=2)
 
+    def _image_exists(self, path: Path) -> bool:
+        """An image whose grid the cache holds is there, its file deleted or not: the cache
+        may be the only copy left (the raw images removed to free the disk). Without a
+        readable cache (before an extraction; a damaged one is reported where it is read),
+        the file must be there."""
+        if path.is_file():
+            return True
+        try:
+            return path in self.cache
+        except FeatureCacheError:
+            return False
+
     def _readable(self, records: list[ImageRecord], split: str) -> list[ImageRecord]:
         """With ``skip_bad``, a split's records without those whose image the extraction found
         unreadable (``captioner extract-features`` with a ``skip_bad`` data config), as the

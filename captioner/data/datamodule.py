@@ -46,6 +46,7 @@ from captioner.data.datasets import (
 )
 from captioner.data.formats import (
     SPLITS,
+    AnnotationError,
     AnnotationWarning,
     ImageRecord,
     assign_splits,
@@ -249,9 +250,12 @@ class CaptionDataModule(L.LightningDataModule):
         the images their extraction found unreadable."""
         if not self.decode_images:
             return records
-        source = (self.annotations.get(split, self.annotations)  # the split's own file
-                  if isinstance(self.annotations, Mapping) else self.annotations)
-        return drop_unreadable(records, str(source))
+        return drop_unreadable(records, str(self._source(split)))
+
+    def _source(self, split: str) -> Any:
+        """The annotation file ``split`` comes from (its own of per-split files, if it has one)."""
+        return (self.annotations.get(split, self.annotations)
+                if isinstance(self.annotations, Mapping) else self.annotations)
 
     def parse_records(self) -> list[ImageRecord]:
         """Read the annotation files into records (``split`` set where the data defines it,
@@ -267,7 +271,8 @@ class CaptionDataModule(L.LightningDataModule):
         if self.format != "coco":
             load = load_karpathy if self.format == "karpathy" else load_kaggle_flickr8k
             return load(self.annotations, self.image_root, skip_bad=self.skip_bad,  # type: ignore[arg-type]
-                        check_images=False)  # decoded after the split
+                        check_images=False,  # decoded after the split
+                        image_exists=self._image_exists)
         if not isinstance(self.annotations, Mapping):
             return load_coco(
                 self.annotations,
@@ -276,6 +281,7 @@ class CaptionDataModule(L.LightningDataModule):
                 instances_file=self.instances,  # type: ignore[arg-type]
                 skip_bad=self.skip_bad,
                 check_images=False,  # decoded after the split (_load_records)
+                image_exists=self._image_exists,
             )
         records: list[ImageRecord] = []
         for split, file in self.annotations.items():
@@ -286,8 +292,13 @@ class CaptionDataModule(L.LightningDataModule):
                 instances_file=_per_split(self.instances, split, "instances", optional=True),
                 skip_bad=self.skip_bad,
                 check_images=False,  # decoded after the split (_load_records)
+                image_exists=self._image_exists,
             )
         return records
+
+    def _image_exists(self, path: Path) -> bool:
+        """Whether the image of an annotation is there: its file (the parsers' test)."""
+        return path.is_file()
 
     def references(self, split: str) -> list[list[list[str]]]:
         """Tokenised reference captions, ``references(split)[index]`` for eval image ``index``.
@@ -309,9 +320,16 @@ class CaptionDataModule(L.LightningDataModule):
     def vocab(self) -> Vocabulary:
         """The vocabulary: imposed (:meth:`set_vocab`, checkpoint), loaded from ``vocab_file``,
         or built from the training captions with ``min_freq`` / ``max_vocab_size``."""
-        if self._vocab is None:
-            self._vocab = (Vocabulary.load(self.vocab_file) if self.vocab_file is not None
-                           else self.built_vocabulary()[0])
+        if self._vocab is None and self.vocab_file is None:
+            self._vocab = self.built_vocabulary()[0]
+        elif self._vocab is None:
+            vocab = Vocabulary.load(self.vocab_file)
+            train = self.records("train")  # none: a data config to evaluate on
+            if train:
+                counts = count_tokens(tokenize(c) for record in train for c in record.captions)
+                check_coverage(vocab, counts, "the training captions",
+                               loaded_from=f"vocab_file {self.vocab_file}")
+            self._vocab = vocab
         return self._vocab
 
     def built_vocabulary(self, check: bool = True) -> tuple[Vocabulary, Counter[str]]:
@@ -398,6 +416,8 @@ class CaptionDataModule(L.LightningDataModule):
         dataset = self._dataset(split)
         if split == "train" and len(dataset) == 0:  # type: ignore[arg-type]
             raise ValueError("the training split has no images")
+        if split != "train" and len(dataset) == 0:  # type: ignore[arg-type]
+            self._empty_eval_split(split)
         collate = self._collate(split)
         seed = run_seed()  # the order is a function of (seed, epoch): resuming repeats it
         batching: dict[str, Any]
@@ -419,6 +439,29 @@ class CaptionDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
+
+    def _empty_eval_split(self, split: str) -> None:
+        """An empty ``val`` / ``test`` split: Lightning ran no loop over it and said only that
+        a loader has no length ("Total length of DataLoader across ranks is zero"), so that
+        ``test`` exited 0 without scores. Refused, naming the annotations; while fitting, an
+        empty ``val`` is warned of (the fit runs without validation).
+
+        Raises:
+            captioner.data.formats.AnnotationError: outside a fit, or for ``test``.
+        """
+        if isinstance(self.annotations, Mapping) and split not in self.annotations:
+            said = (f"the {split} split has no images: the per-split annotations give "
+                    f"{', '.join(map(str, self.annotations))} only (data.init_args.annotations)")
+        else:
+            said = (f"{self._source(split)}: the {split} split has no images (check the "
+                    "annotations' splits, val_fraction and test_fraction)")
+        fitting = getattr(getattr(self.trainer, "state", None), "fn", None) == "fit"
+        if split == "val" and fitting:
+            warnings.warn(f"{said}: the fit runs without validation, and checkpoints that "
+                          "monitor a val/ metric are never written", AnnotationWarning,
+                          stacklevel=3)
+            return
+        raise AnnotationError(said)
 
     def train_dataloader(self) -> DataLoader[dict[str, Any]]:
         """Shuffled caption batches: ``images (B, 3, H, W)``, ``captions (B, T + 1)``, ``lengths

@@ -21,6 +21,7 @@ Records without an official split get one from :func:`assign_splits`.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import csv
 import dataclasses
@@ -31,7 +32,7 @@ import math
 import os
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -220,8 +221,23 @@ def _read_json(file: Path) -> Any:
             return json.load(f)
     except json.JSONDecodeError as e:
         raise AnnotationError(f"{file}: malformed JSON: {e}") from None
+    except UnicodeDecodeError:
+        raise _not_utf8(file) from None
+
+
+def _not_utf8(file: Path) -> AnnotationError:
+    """The error for ``file`` that is not UTF-8, naming the line of its first bad byte (the
+    decoder's own position is an offset into the chunk it was reading, not into the file)."""
+    raw = file.read_bytes()
+    bom = len(codecs.BOM_UTF8) if raw.startswith(codecs.BOM_UTF8) else 0
+    try:
+        raw[bom:].decode("utf-8")
     except UnicodeDecodeError as e:
-        raise AnnotationError(f"{file}: not UTF-8 text: {e}") from None
+        at = bom + e.start
+        line = raw[:at].count(b"\n") + 1
+        return AnnotationError(f"{file} line {line}: not UTF-8 text "
+                               f"({e.reason}: byte {raw[at]:#04x} at offset {at})")
+    return AnnotationError(f"{file}: not UTF-8 text")  # changed since: no position to give
 
 
 def _require_list(data: Any, key: str, file: Path) -> list[Any]:
@@ -280,6 +296,7 @@ def load_coco(
     instances_file: str | os.PathLike[str] | None = None,
     skip_bad: bool = False,
     check_images: bool = True,
+    image_exists: Callable[[Path], bool] = Path.is_file,
 ) -> list[ImageRecord]:
     """Read a COCO captions JSON (and optionally the matching instances JSON).
 
@@ -298,6 +315,8 @@ def load_coco(
         check_images: with ``skip_bad``, also decode every image once and skip those that
             cannot be read (corrupt, truncated, not images); ``False`` leaves that to the
             caller (:func:`drop_unreadable`).
+        image_exists: whether an image is there (its file; the cached-feature data modules
+            also take an image whose grid their cache holds, its file deleted since).
 
     Returns:
         One record per image, in the order of the ``images`` list.
@@ -355,7 +374,7 @@ def load_coco(
         where = f"images[{i}] ({image['file_name']})"
         if not captions:
             problems.report(where, "image without captions")
-        elif not path.is_file():
+        elif not image_exists(path):
             _require_image_folder(path, image_dir, file)
             problems.report(where, "image file not found", str(path))
         else:
@@ -440,6 +459,7 @@ def load_karpathy(
     image_root: str | os.PathLike[str],
     skip_bad: bool = False,
     check_images: bool = True,
+    image_exists: Callable[[Path], bool] = Path.is_file,
 ) -> list[ImageRecord]:
     """Read a Karpathy split JSON (``dataset_coco.json``, ``dataset_flickr8k.json``, ...).
 
@@ -456,6 +476,8 @@ def load_karpathy(
         check_images: with ``skip_bad``, also decode every image once and skip those that
             cannot be read (corrupt, truncated, not images); ``False`` leaves that to the
             caller (:func:`drop_unreadable`).
+        image_exists: whether an image is there (its file; the cached-feature data modules
+            also take an image whose grid their cache holds, its file deleted since).
 
     Returns:
         One record per image, in file order.
@@ -493,7 +515,7 @@ def load_karpathy(
         path = image_root / str(image.get("filepath", "")) / str(image["filename"])
         if not captions:
             problems.report(where, "image without captions")
-        elif not path.is_file():
+        elif not image_exists(path):
             _require_image_folder(path, image_root, file)
             problems.report(where, "image file not found", str(path))
         else:
@@ -535,6 +557,7 @@ def load_kaggle_flickr8k(
     image_dir: str | os.PathLike[str],
     skip_bad: bool = False,
     check_images: bool = True,
+    image_exists: Callable[[Path], bool] = Path.is_file,
 ) -> list[ImageRecord]:
     """Read the Kaggle Flickr8k ``captions.txt`` (CSV, header ``image,caption``).
 
@@ -551,6 +574,8 @@ def load_kaggle_flickr8k(
         check_images: with ``skip_bad``, also decode every image once and skip those that
             cannot be read (corrupt, truncated, not images); ``False`` leaves that to the
             caller (:func:`drop_unreadable`).
+        image_exists: whether an image is there (its file; the cached-feature data modules
+            also take an image whose grid their cache holds, its file deleted since).
 
     Returns:
         One record per image, in order of first appearance.
@@ -603,8 +628,8 @@ def load_kaggle_flickr8k(
         # runs to the end of the file: reader.line_num would name the last line)
         raise AnnotationError(f"{file} line {end + 1}: malformed CSV (the record starting "
                               f"there, read to line {reader.line_num}): {e}") from None
-    except UnicodeDecodeError as e:
-        raise AnnotationError(f"{file}: not UTF-8 text: {e}") from None
+    except UnicodeDecodeError:
+        raise _not_utf8(file) from None
     if repeated:  # kept (two annotators may write the same words), but a merged file says so
         warnings.warn(f"{file}: {len(repeated)} rows repeat an earlier row of the same image "
                       f"exactly (first: line {repeated[0]}); a file concatenated with itself "
@@ -613,7 +638,7 @@ def load_kaggle_flickr8k(
     records: list[ImageRecord] = []
     for image, texts in captions.items():
         path = image_dir / image
-        if not path.is_file():
+        if not image_exists(path):
             _require_image_folder(path, image_dir, file)
             where = f"line {first_line[image]} ({image})"
             problems.report(where, "image file not found", str(path))

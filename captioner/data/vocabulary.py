@@ -279,33 +279,46 @@ def count_tokens(token_lists: Iterable[Iterable[str]]) -> Counter[str]:
     return counts
 
 
-def check_coverage(vocab: Vocabulary, counts: Mapping[str, int], what: str) -> float:
-    """Check a vocabulary built from the token ``counts`` (:func:`count_tokens`) against them:
-    refuse one that kept no word (the model would learn to write ``<unk>`` and nothing else),
-    warn where more than :data:`UNKNOWN_SHARE_WARNING` of the tokens became ``<unk>``.
+def check_coverage(vocab: Vocabulary, counts: Mapping[str, int], what: str,
+                   loaded_from: str | None = None) -> float:
+    """Check a vocabulary built from the token ``counts`` (:func:`count_tokens`), or loaded
+    from a file for the texts they count, against them: refuse one that holds none of their
+    words (the model would learn to write ``<unk>`` and nothing else), warn where more than
+    :data:`UNKNOWN_SHARE_WARNING` of the tokens are ``<unk>``.
 
     Args:
-        vocab: the vocabulary built from ``counts``.
+        vocab: the vocabulary built from ``counts``, or loaded.
         counts: token -> occurrences in the training texts.
-        what: the texts and the options that built the vocabulary, for the messages (e.g.
+        what: the texts (and the options that built the vocabulary), for the messages (e.g.
             ``"the training captions (min_freq 5, max_vocab_size None)"``).
+        loaded_from: the file ``vocab`` was loaded from (``"vocab_file x.json"``); ``None``:
+            built from ``counts``.
 
     Returns:
         The share of the tokens that are not in ``vocab`` (0 for no tokens).
 
     Raises:
-        VocabularyError: no word was kept although the texts have some.
+        VocabularyError: no word of the texts is in the vocabulary although they have some.
     """
     total = sum(counts.values())
     unknown = sum(n for w, n in counts.items() if w not in vocab)
-    if counts and len(vocab) == len(SPECIALS):
-        word, n = max(counts.items(), key=lambda item: (item[1], item[0]))
+    common = max(counts.items(), key=lambda item: (item[1], item[0])) if counts else None
+    if common and loaded_from is None and len(vocab) == len(SPECIALS):
         raise VocabularyError(
             f"the vocabulary built from {what} keeps no word: the most frequent of their "
-            f"{len(counts)} distinct words ({word!r}) is seen {n} time(s); lower min_freq")
+            f"{len(counts)} distinct words ({common[0]!r}) is seen {common[1]} time(s); "
+            "lower min_freq")
+    words = len(vocab) - len(SPECIALS)
+    if common and unknown == total:  # loaded: none of the texts' words is in it
+        raise VocabularyError(
+            f"the vocabulary of {loaded_from} ({words} words) holds no word of {what}: all "
+            f"{total} tokens would be <unk>, the most frequent {common[0]!r} among them (its "
+            "words must be written as the tokenizer writes them)")
     share = unknown / total if total else 0.0
     if share > UNKNOWN_SHARE_WARNING:
-        logging.getLogger(__name__).warning(
-            "the vocabulary built from %s (%d words) reads %.0f%% of their %d tokens as <unk>",
-            what, len(vocab) - len(SPECIALS), 100 * share, total)
+        said = (f"the vocabulary built from {what} ({words} words) reads {100 * share:.0f}% of "
+                f"their {total} tokens" if loaded_from is None else
+                f"the vocabulary of {loaded_from} ({words} words) reads {100 * share:.0f}% of "
+                f"the {total} tokens of {what}")
+        logging.getLogger(__name__).warning("%s as <unk>", said)
     return share

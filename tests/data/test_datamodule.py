@@ -7,6 +7,7 @@ import re
 import warnings
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from PIL import Image
 
 from captioner.config import ConfigError
 from captioner.data.datamodule import CaptionDataModule, ShapesDataModule
+from captioner.data.formats import AnnotationError
 from captioner.data.vocabulary import Vocabulary
 from tests.conftest import trainer_at
 
@@ -106,7 +108,9 @@ def test_dataloaders(tmp_path: Path) -> None:
     val = list(dm.val_dataloader())
     assert [b["index"].tolist() for b in val] == [[0, 1]]  # images once each, in order
     assert set(val[0]) == {"images", "index"} and val[0]["images"].shape == (2, 3, 9, 9)
-    assert not dm.test_dataloader().dataset  # no test annotations given: empty
+    with pytest.raises(AnnotationError, match=re.escape(  # no test annotations given
+            "the test split has no images: the per-split annotations give train, val only")):
+        dm.test_dataloader()
 
 
 def test_loaders_take_nothing_from_the_global_generator(tmp_path: Path, monkeypatch) -> None:
@@ -180,7 +184,7 @@ def test_state_dict_restores_vocab(tmp_path: Path) -> None:
 
 
 def test_vocab_file(tmp_path: Path) -> None:
-    vocab = Vocabulary.build([["zebra", "yak"]])
+    vocab = Vocabulary.build([["zebra", "yak", "dog", "red"]])  # 6 of the 10 tokens known
     vocab.save(tmp_path / "vocab.json")
     dm = _per_split_module(tmp_path, vocab_file=str(tmp_path / "vocab.json"))
     assert dm.vocab == vocab
@@ -387,6 +391,19 @@ def test_out_of_range_options_are_refused_when_the_module_is_built(option, value
                           **{option: value})
 
 
+def _numbered_squares(tmp_path: Path, caption: str) -> dict[str, Any]:
+    """Ten 4 x 4 images ``0.png``... in the Kaggle layout, image ``i`` captioned
+    ``caption.format(i=i)``; returns the data module's options (6 train, 2 val, 2 test)."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(10):
+        Image.new("RGB", (4, 4)).save(images / f"{i}.png")
+    (tmp_path / "captions.txt").write_text("image,caption\n" + "".join(
+        f"{i}.png,{caption.format(i=i)}\n" for i in range(10)))
+    return dict(format="flickr8k_csv", annotations=str(tmp_path / "captions.txt"),
+                image_root=str(images), num_workers=0, val_fraction=0.2, test_fraction=0.2)
+
+
 def test_a_vocabulary_that_keeps_no_word_is_refused(tmp_path, caplog):
     """``min_freq`` above every word's count left only the specials: the model learnt to write
     ``<unk>`` and nothing else, without a word said. Now refused, naming the most frequent word
@@ -395,14 +412,7 @@ def test_a_vocabulary_that_keeps_no_word_is_refused(tmp_path, caplog):
 
     from captioner.data.vocabulary import VocabularyError
 
-    images = tmp_path / "images"
-    images.mkdir()
-    for i in range(10):
-        Image.new("RGB", (4, 4)).save(images / f"{i}.png")
-    (tmp_path / "captions.txt").write_text("image,caption\n" + "".join(
-        f"{i}.png,a red square number {i}\n" for i in range(10)))
-    options = dict(format="flickr8k_csv", annotations=str(tmp_path / "captions.txt"),
-                   image_root=str(images), num_workers=0, val_fraction=0.2, test_fraction=0.2)
+    options = _numbered_squares(tmp_path, "a red square number {i}")
     with pytest.raises(VocabularyError, match=r"keeps no word: the most frequent of their 10 "
                                               r"distinct words \('square'\) is seen 6 time"):
         CaptionDataModule(**options, min_freq=7).vocab
@@ -414,3 +424,66 @@ def test_a_vocabulary_that_keeps_no_word_is_refused(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="captioner.data.vocabulary"):
         CaptionDataModule(**options, min_freq=6, max_vocab_size=5).vocab  # "a" alone
     assert "(1 words) reads 80% of their 30 tokens as <unk>" in caplog.text
+
+
+def test_a_vocab_file_that_holds_no_word_of_the_captions_is_refused(tmp_path, caplog):
+    """A ``vocab_file`` whose words the tokenizer never writes (upper case, punctuation, another
+    corpus) trained on ``<unk>`` alone, without a word said; it gets the built vocabulary's
+    coverage check now: refused when it holds no word of the training captions, warned of when
+    it reads most of their tokens as ``<unk>``; without a training split it is not checked."""
+    import logging
+
+    from captioner.data.vocabulary import SPECIALS, Vocabulary, VocabularyError
+
+    options = _numbered_squares(tmp_path, "A red square number {i}.")
+    upper = tmp_path / "upper.json"
+    Vocabulary([*SPECIALS, "A", "Red", "square."]).save(upper)
+    with pytest.raises(VocabularyError, match=(
+            rf"the vocabulary of vocab_file {upper} \(3 words\) holds no word of the training "
+            r"captions: all 30 tokens would be <unk>, the most frequent 'square' among them")):
+        CaptionDataModule(**options, vocab_file=str(upper)).vocab
+    one = tmp_path / "one.json"
+    Vocabulary([*SPECIALS, "red", "blue"]).save(one)
+    with caplog.at_level(logging.WARNING, logger="captioner.data.vocabulary"):
+        assert CaptionDataModule(**options, vocab_file=str(one)).vocab.itos[4:] == ["red", "blue"]
+    assert (f"the vocabulary of vocab_file {one} (2 words) reads 80% of the 30 tokens of the "
+            "training captions as <unk>") in caplog.text
+    # no training split (a data config to evaluate on): nothing to check, the file is used
+    val_json, val_dir = _coco_split(tmp_path, "val", VAL)
+    val_only = CaptionDataModule(format="coco", annotations={"val": val_json},
+                                 image_root={"val": val_dir}, vocab_file=str(upper))
+    assert val_only.vocab.itos[4:] == ["A", "Red", "square."]
+
+
+def test_an_empty_val_or_test_split_is_refused_or_warned_of_while_fitting(tmp_path):
+    """Annotations that put every image in ``train``: ``captioner test`` ran no loop and exited
+    0 without scores, and a fit ran without validation, Lightning saying only that a loader
+    has no length. ``test`` / ``validate`` are now refused naming the file; a fit warns."""
+    import lightning as L
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    from captioner.data.formats import AnnotationWarning
+
+    for name in ("a.png", "b.png", "c.png"):
+        _image(tmp_path / "imgs" / name)
+    karpathy = tmp_path / "dataset_flickr8k.json"
+    karpathy.write_text(json.dumps({"images": [
+        {"filename": name, "split": "train", "sentences": [{"raw": f"a dog {name}"}]}
+        for name in ("a.png", "b.png", "c.png")]}))
+    dm = CaptionDataModule("karpathy", str(karpathy), str(tmp_path / "imgs"), min_freq=1,
+                           num_workers=0)
+    for loader, split in [(dm.test_dataloader, "test"), (dm.val_dataloader, "val"),
+                          (dm.predict_dataloader, "test")]:
+        with pytest.raises(AnnotationError, match=re.escape(
+                f"{karpathy}: the {split} split has no images (check the annotations' splits")):
+            loader()
+    dm.trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                           enable_checkpointing=False, default_root_dir=tmp_path)
+    dm.trainer.state.fn = TrainerFn.FITTING
+    with pytest.warns(AnnotationWarning, match="the val split has no images .*: the fit runs "
+                                               "without validation"):
+        assert len(dm.val_dataloader()) == 0
+    dm.trainer.state.fn = TrainerFn.VALIDATING
+    with pytest.raises(AnnotationError, match="the val split has no images"):
+        dm.val_dataloader()
+    assert len(dm.train_dataloader()) == 1

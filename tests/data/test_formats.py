@@ -303,6 +303,27 @@ def test_load_kaggle_flickr8k_header_and_missing_image(tmp_path: Path) -> None:
         load_kaggle_flickr8k(file, tmp_path)
 
 
+def test_a_file_that_is_not_utf8_is_named_with_the_line_of_its_first_bad_byte(
+        tmp_path: Path) -> None:
+    """The message gave the decoder's position, an offset into the chunk it was reading (7466
+    for a byte at 245034 of a large file): neither a line nor a file offset. A CSV and a JSON
+    file name the line now (a byte-order mark counted in the offset)."""
+    (tmp_path / "a.jpg").write_bytes(b"")
+    rows = [f"a.jpg,caption number {i}\n".encode() for i in range(12000)]  # past one chunk
+    rows[3000] = "a.jpg,un caf\u00e9 noir\n".encode("latin-1")  # line 3002 with the header
+    csv_file = tmp_path / "captions.txt"
+    csv_file.write_bytes(b"\xef\xbb\xbfimage,caption\n" + b"".join(rows))
+    at = csv_file.read_bytes().index(b"\xe9")
+    with pytest.raises(AnnotationError, match=re.escape(
+            f"{csv_file} line 3002: not UTF-8 text (invalid continuation byte: byte 0xe9 at "
+            f"offset {at})")):
+        load_kaggle_flickr8k(csv_file, tmp_path)
+    json_file = tmp_path / "coco.json"
+    json_file.write_bytes(b'{"images": [],\n "annotations": [\n{"caption": "caf\xe9"}]}')
+    with pytest.raises(AnnotationError, match=re.escape(f"{json_file} line 3: not UTF-8 text")):
+        load_coco(json_file, tmp_path)
+
+
 # ---------------------------------------------------------------------------- all formats
 def _three_formats(tmp_path: Path, captions: dict[str, str]) -> dict[str, Any]:
     """The same images and captions as a COCO, a Karpathy and a Kaggle CSV file."""
