@@ -52,7 +52,8 @@ class Evaluation:
 def evaluate_split(captioner: Captioner, records: Sequence[ImageRecord], *,
                    beam_size: int | None = None, max_length: int | None = None,
                    batch_size: int = 32, num_workers: int = 0,
-                   use_java: bool | None = None, use_spice: bool | None = None) -> Evaluation:
+                   use_java: bool | None = None, use_spice: bool | None = None,
+                   image_size: int | Sequence[int] | None = None) -> Evaluation:
     """Decode every image of ``records`` exactly once and score it by the COCO protocol.
 
     Each image is captioned once (greedy or beam search) and its caption scored against *all*
@@ -71,6 +72,8 @@ def evaluate_split(captioner: Captioner, records: Sequence[ImageRecord], *,
         num_workers: DataLoader worker processes for image loading.
         use_java: as in :func:`~captioner.metrics.coco_caption_scores`.
         use_spice: as in :func:`~captioner.metrics.coco_caption_scores`.
+        image_size: the images' size for the encoder (the data config's; default: the
+            checkpoint's training size, ``captioner.image_size``).
 
     Returns:
         An :class:`Evaluation`.
@@ -87,7 +90,8 @@ def evaluate_split(captioner: Captioner, records: Sequence[ImageRecord], *,
 
     if not records:
         raise ValueError("no images to evaluate")
-    loader = DataLoader(ImageEvalDataset(records, captioner.image_size), batch_size=batch_size,
+    image_size = captioner.image_size if image_size is None else image_size
+    loader = DataLoader(ImageEvalDataset(records, image_size), batch_size=batch_size,
                         shuffle=False, num_workers=num_workers, collate_fn=collate_images)
     captions = []
     for batch in loader:
@@ -109,6 +113,7 @@ def evaluate_split(captioner: Captioner, records: Sequence[ImageRecord], *,
     n_refs = [len(r.captions) for r in records]
     protocol = {
         "images": len(records),
+        "image_size": image_size,
         "references_per_image": {"min": min(n_refs), "mean": float(np.mean(n_refs)),
                                  "max": max(n_refs)},
         "beam_size": captioner.search["beam_size"] if beam_size is None else beam_size,
@@ -138,6 +143,22 @@ def empty_captions_warning(captions: Sequence[str], split: str) -> str | None:
     return (f"{split}: {empty} of {len(captions)} decoded captions are empty (<end> chosen "
             "first; common for beam search on an undertrained model with length_penalty 0): "
             "min_length 2 forbids them")
+
+
+def same_image_size(a: int | Sequence[int], b: int | Sequence[int]) -> bool:
+    """Whether two image sizes (a side, or ``(H, W)``) are the same."""
+    def hw(size: int | Sequence[int]) -> tuple[int, ...]:
+        return (int(size),) * 2 if isinstance(size, (int, float)) else tuple(map(int, size))
+
+    return hw(a) == hw(b)
+
+
+def image_size_warning(trained: int | Sequence[int], used: int | Sequence[int]) -> str:
+    """The warning for scoring a model at another image size than it was trained at (a data
+    config's ``image_size``): the scores are then not the model's at its own resolution."""
+    return (f"the images are read at image_size {used}, but the model was trained at "
+            f"{trained}: the scores are those of another input resolution (set the data "
+            f"config's image_size to {trained} to score it as trained)")
 
 
 def image_size(record: ImageRecord) -> tuple[int, int]:

@@ -141,6 +141,7 @@ def red_squares_checkpoint(tiny_checkpoint: Path, tmp_path: Path) -> tuple[Path,
                           "split_seed": 0}}
     ckpt = torch.load(tiny_checkpoint, map_location="cpu", weights_only=True)
     ckpt["captioner"]["data"]["datamodule"] = data
+    ckpt["captioner"]["data"]["image_size"] = 16
     trained = tmp_path / "trained.ckpt"
     torch.save(ckpt, trained)
     for seed in (0, 1):

@@ -372,6 +372,26 @@ def test_evaluate_warns_of_empty_captions_and_counts_them(capsys, tiny_checkpoin
                 in err) == bool(empty), err
 
 
+def test_evaluate_reads_images_at_the_data_configs_size_and_warns_if_not_the_trained_one(
+        capsys, tiny_checkpoint, tmp_path) -> None:
+    """``--data.init_args.image_size`` (or a data config of another size) was ignored: the
+    images were read at the checkpoint's size while the metrics file listed the override as
+    applied (and ``captioner test`` read them at the data config's). Both read the data
+    config's now, ``evaluate`` warning where it is not the trained size; the size used is
+    recorded."""
+    trained, _ = red_squares_checkpoint(tiny_checkpoint, tmp_path)
+    for extra, size in [([], 16), (["--data.init_args.image_size", "20"], 20)]:
+        out_dir = tmp_path / f"eval_{size}"
+        status, _, err = _run(capsys, "evaluate", "--ckpt", trained, "--out", out_dir,
+                              "--no-java", *extra)
+        assert status == 0, err
+        assert json.loads((out_dir / "metrics_test.json").read_text())[
+            "protocol"]["image_size"] == size
+        warned = ("WARNING: the images are read at image_size 20, but the model was trained "
+                  "at 16: the scores are those of another input resolution")
+        assert (warned in err) == (size != 16), err
+
+
 def test_evaluate_uses_the_checkpoints_data_config_and_skips_java_when_missing(
         capsys, monkeypatch, tiny_checkpoint, tmp_path) -> None:
     monkeypatch.setenv("PATH", str(tmp_path))  # no java on PATH

@@ -16,7 +16,8 @@ from captioner.commands.common import (EXIT_INPUT_ERROR, EXIT_OK, ToolError, add
                                        parse_with_data_overrides, positive_int,
                                        requested_data_config, stored_data_config, tool_parser,
                                        training_overlap, write_json)
-from captioner.evaluation import empty_captions_warning, evaluate_split, format_table
+from captioner.evaluation import (empty_captions_warning, evaluate_split, format_table,
+                                  image_size_warning, same_image_size)
 from captioner.messages import one_line
 
 
@@ -93,12 +94,17 @@ def _run(args: argparse.Namespace) -> int:
                             "overrides) or the same split settings, or pass "
                             "--allow-training-images")  # a config mismatch: 2, as `test`
         print(f"captioner evaluate: WARNING: {message}", file=sys.stderr)
+    image_size = getattr(dm, "image_size", None) or captioner.image_size
+    if not same_image_size(image_size, captioner.image_size):
+        said = image_size_warning(captioner.image_size, image_size)
+        print(f"captioner evaluate: WARNING: {said} ({source})", file=sys.stderr)
     try:
         ev = evaluate_split(captioner, records, beam_size=args.beam_size,
                             max_length=args.max_length, batch_size=args.batch_size,
                             num_workers=args.num_workers,
                             use_java=False if args.no_java else None,
-                            use_spice=False if args.no_spice else None)
+                            use_spice=False if args.no_spice else None,
+                            image_size=image_size)
     except ImageLoadError as e:
         raise ToolError(str(e), EXIT_INPUT_ERROR) from None
     for part, reason in ev.skipped.items():

@@ -27,7 +27,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
-from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_warn
+from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
 from captioner.config import NON_NEGATIVE, POSITIVE, check_ranges, instantiate, plain
@@ -229,6 +229,41 @@ class CaptionerModule(L.LightningModule):
 
     def on_train_start(self) -> None:
         self._end_frozen_blocks_filter(check=True)
+        self._apply_resumed_optimizer_options()
+
+    #: the hyperparameters the optimizer's state holds, and the parameter groups they set:
+    #: ``lr`` the first group's (the decoder, stages...), ``encoder_lr`` the second's (the
+    #: trained backbone), ``weight_decay`` every group's
+    OPTIMIZER_HPARAMS = ("lr", "encoder_lr", "weight_decay")
+
+    def _note_resumed_optimizer_options(self, checkpoint: dict[str, Any]) -> None:
+        """A fit resumed with ``--model.init_args.lr`` (``encoder_lr``, ``weight_decay``)
+        other than the checkpoint's: Lightning then restores the optimizer's state, whose
+        parameter groups carry the checkpoint's values, so the new ones had no effect while
+        ``hparams.yaml`` and the saved config said they had. They are noted here and applied
+        at the start of training (:meth:`_apply_resumed_optimizer_options`)."""
+        stored = checkpoint.get("hyper_parameters") or {}
+        self._resumed_options = {
+            k: (stored[k], self.hparams[k]) for k in self.OPTIMIZER_HPARAMS
+            if k in stored and k in self.hparams and stored[k] != self.hparams[k]}
+
+    def _apply_resumed_optimizer_options(self) -> None:
+        """Set the restored optimizer's groups to the options noted by
+        :meth:`_note_resumed_optimizer_options` (a ``plateau`` schedule goes on from them)."""
+        changed = getattr(self, "_resumed_options", None)
+        if not changed:
+            return
+        self._resumed_options = {}
+        for optimizer in self.trainer.optimizers:
+            for i, group in enumerate(optimizer.param_groups):
+                key = "lr" if i == 0 else "encoder_lr"
+                if key in changed:
+                    group["lr"] = changed[key][1]
+                if "weight_decay" in changed:
+                    group["weight_decay"] = changed["weight_decay"][1]
+        said = ", ".join(f"{k} {new} (the checkpoint's: {old})"
+                         for k, (old, new) in changed.items())
+        rank_zero_info(f"the resumed fit trains with {said}")
 
     def teardown(self, stage: str) -> None:
         self._end_frozen_blocks_filter()  # a fit that stopped before training
@@ -424,9 +459,12 @@ class CaptionerModule(L.LightningModule):
                 f"with {type(self).__name__}.from_config(init_args) (encoder and decoder as "
                 "class_path / init_args dicts, as in YAML) or through `captioner fit`.",
                 stacklevel=2)
+        from captioner.data.samplers import run_seed
+
         checkpoint[CHECKPOINT_KEY] = {"format": CHECKPOINT_FORMAT, "task": self.task,
                                       "model_config": plain(self.model_config),
-                                      "data": self.data_config, **self.checkpoint_meta()}
+                                      "data": self.data_config, "run_seed": run_seed(),
+                                      **self.checkpoint_meta()}
         if isinstance(checkpoint.get("datamodule_hyper_parameters"), dict):  # Lightning's copy
             checkpoint["datamodule_hyper_parameters"] = plain(
                 checkpoint["datamodule_hyper_parameters"])
@@ -463,6 +501,27 @@ class CaptionerModule(L.LightningModule):
             trainer = self._trainer  # the device it runs on: no CUDA state for a CPU run
             set_rng_states(own_rng_states(checkpoint), cuda=None if trainer is None else
                            trainer.strategy.root_device.type == "cuda")
+        self._resume_run_seed(meta.get("run_seed"), where)
+        if self._trainer is not None and self._trainer.state.fn == "fit":
+            self._note_resumed_optimizer_options(checkpoint)
+
+    def _resume_run_seed(self, stored: int | None, where: str) -> None:
+        """A resumed fit keeps the run's seed, which the checkpoint records: the training order
+        is a function of that seed and the epoch (:func:`captioner.data.samplers.run_seed`), and
+        a fit resumed without ``--seed_everything`` (Lightning then seeds 0) or with another
+        seed went on in another order, silently. ``PL_GLOBAL_SEED`` is set to the stored seed,
+        with a warning where it differed."""
+        from captioner.data.samplers import run_seed
+
+        trainer = self._trainer
+        if stored is None or trainer is None or trainer.state.fn != "fit":
+            return
+        current = run_seed()
+        if int(stored) != current:
+            rank_zero_warn(f"{where}the resumed run keeps its seed {stored}, not {current}: its "
+                           "training order is a function of the run's seed and the epoch "
+                           f"(give --seed_everything {stored} to resume without this warning)")
+        os.environ["PL_GLOBAL_SEED"] = str(int(stored))
 
     def _checkpoint_file(self) -> str:
         """``"FILE: "`` of the checkpoint the trainer is restoring (``--ckpt_path``), else ``""``."""

@@ -13,13 +13,14 @@ import logging
 from typing import Any, Callable, Literal
 
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 
 from captioner.atomic import atomic_write
 from captioner.config import ConfigError
 from captioner.data.vocabulary import END, PAD, SPECIALS, START, Vocabulary
 from captioner.decoder import AttentionDecoder
 from captioner.encoders.encoder import ImageEncoder
-from captioner.evaluation import empty_captions_warning
+from captioner.evaluation import empty_captions_warning, image_size_warning, same_image_size
 from captioner.inference import CheckpointError
 from captioner.lit.base import CaptionerModule, datamodule_record
 from captioner.lit.optim import adam, rmsprop
@@ -148,6 +149,16 @@ class CaptioningModule(CaptionerModule):
         record = datamodule_record(dm)
         self.data_config = {"image_size": record["init_args"].get("image_size"),
                             "datamodule": record}
+
+    def resumed_data_config(self, stored: dict[str, Any]) -> dict[str, Any]:
+        """As the base class's, warning where this run reads the images at another size than
+        the checkpoint was trained at (``captioner test --ckpt_path`` with a data config of
+        another ``image_size`` scored another input resolution, silently)."""
+        kept = super().resumed_data_config(stored)
+        trained, used = stored.get("image_size"), kept.get("image_size")
+        if trained and used and not same_image_size(trained, used):
+            rank_zero_warn(f"{self._checkpoint_file()}{image_size_warning(trained, used)}")
+        return kept
 
     def on_fit_start(self) -> None:
         super().on_fit_start()
@@ -378,6 +389,7 @@ class CaptioningModule(CaptionerModule):
                   "beam_stop": h.get("beam_stop", "k_finished"),  # how the captions were decoded
                   "precision": str(self.trainer.precision),  # bf16 moves the scores a little
                   "images": len(outputs),
+                  "image_size": (self.data_config or {}).get("image_size"),
                   "references_per_image": {"min": min(n_refs), "mean": sum(n_refs) / len(n_refs),
                                            "max": max(n_refs)}}
         overlap = getattr(self, "training_images_in_split", None)  # set by the CLI

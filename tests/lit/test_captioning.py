@@ -1,8 +1,10 @@
 """CaptioningModule end to end: learning, checkpoints in a fresh process, exact resume."""
 
 import json
+import re
 import subprocess
 import sys
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -98,17 +100,23 @@ def test_checkpoint_round_trip_in_a_fresh_process(tiny_data, tmp_path):
     assert abs(there["score"] - here.score) < 1e-4
 
 
-def test_lightning_load_from_checkpoint_rebuilds_the_module(tiny_data, tmp_path):
-    """``CaptioningModule.load_from_checkpoint`` rebuilds the module from the checkpoint's model
-    config (Lightning's own loader cannot: the encoder and decoder are not hyperparameters), with
-    its weights and vocabulary, and init args can be replaced; a module built by hand warns
-    when saved that its checkpoints cannot be rebuilt."""
+def one_step_checkpoint(tiny_data, tmp_path) -> tuple[ShapesDataModule, CaptioningModule, Path]:
+    """A module trained for one step on ``tiny_data``, and its checkpoint ``model.ckpt``."""
     dm = tiny_dm(tiny_data)
     module = CaptioningModule.from_config(model_config(dm.vocab_size))
     tr = trainer(tmp_path, 1, limit_train_batches=1, limit_val_batches=0)
     tr.fit(module, datamodule=dm)
     path = tmp_path / "model.ckpt"
     tr.save_checkpoint(path)
+    return dm, module, path
+
+
+def test_lightning_load_from_checkpoint_rebuilds_the_module(tiny_data, tmp_path):
+    """``CaptioningModule.load_from_checkpoint`` rebuilds the module from the checkpoint's model
+    config (Lightning's own loader cannot: the encoder and decoder are not hyperparameters), with
+    its weights and vocabulary, and init args can be replaced; a module built by hand warns
+    when saved that its checkpoints cannot be rebuilt."""
+    dm, module, path = one_step_checkpoint(tiny_data, tmp_path)
     loaded = CaptioningModule.load_from_checkpoint(path, beam_size=4)
     assert loaded.hparams.beam_size == 4 and loaded.vocab == dm.vocab
     expected = module.state_dict()
@@ -135,14 +143,16 @@ def test_lightning_load_from_checkpoint_rebuilds_the_module(tiny_data, tmp_path)
         CaptioningModule.load_from_checkpoint(tmp_path / "by_hand.ckpt")
 
 
-@pytest.mark.parametrize("num_workers", [0, 2])
-def test_resume_from_epoch_end_checkpoint_reproduces_the_uninterrupted_run(tiny_data, tmp_path,
-                                                                          num_workers):
+@pytest.mark.parametrize(("num_workers", "resume_seed"), [(0, 7), (2, 7), (0, 1)])
+def test_resume_from_epoch_end_checkpoint_reproduces_the_uninterrupted_run(
+        tiny_data, tmp_path, num_workers, resume_seed, recwarn):
     """Bit-identical weights after 3 epochs straight or 2 + a resumed 1, also with persistent
     workers (whose reused iterator used to take one draw less from the global generator than
-    the resumed process's new one, changing the order and the dropout from then on)."""
-    def run(epochs, ckpt_path=None, root=tmp_path / "a"):
-        L.seed_everything(7, workers=True)
+    the resumed process's new one, changing the order and the dropout from then on), and when
+    the resumed fit is seeded otherwise (no ``--seed_everything``: Lightning seeds 0): the
+    checkpoint's run seed is kept, with a warning (the order had changed, silently)."""
+    def run(epochs, ckpt_path=None, root=tmp_path / "a", seed=7):
+        L.seed_everything(seed, workers=True)
         dm = tiny_dm(tiny_data, num_workers)
         module = CaptioningModule.from_config(model_config(dm.vocab_size, dropout=0.3))
         tr = trainer(root, epochs)
@@ -153,11 +163,53 @@ def test_resume_from_epoch_end_checkpoint_reproduces_the_uninterrupted_run(tiny_
     tr1, _ = run(2, root=tmp_path / "first")
     ckpt = tmp_path / "epoch2.ckpt"
     tr1.save_checkpoint(ckpt)
-    _, resumed = run(3, ckpt_path=str(ckpt), root=tmp_path / "resumed")
+    recwarn.clear()
+    _, resumed = run(3, ckpt_path=str(ckpt), root=tmp_path / "resumed", seed=resume_seed)
+    said = [str(w.message) for w in recwarn if "keeps its seed" in str(w.message)]
+    assert said == ([] if resume_seed == 7 else [
+        f"{ckpt}: the resumed run keeps its seed 7, not 1: its training order is a function of "
+        "the run's seed and the epoch (give --seed_everything 7 to resume without this "
+        "warning)"])
     a, b = straight.state_dict(), resumed.state_dict()
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_a_fit_resumed_with_another_learning_rate_trains_at_it(tiny_data, tmp_path, caplog):
+    """``--model.init_args.lr`` given with ``--ckpt_path`` was silently overridden by the
+    restored optimizer state (its groups carry the checkpoint's rates) while ``hparams`` said
+    it applied; it now applies, to its group only (``encoder_lr`` to the backbone's), and the
+    log says so. Unchanged options leave the restored groups alone."""
+    import logging
+
+    dm = tiny_dm(tiny_data)
+    first = trainer(tmp_path / "first", 1, limit_train_batches=2, limit_val_batches=0)
+    first.fit(CaptioningModule.from_config(model_config(dm.vocab_size, lr=3e-3)), datamodule=dm)
+    ckpt = tmp_path / "epoch1.ckpt"
+    first.save_checkpoint(ckpt)
+    for lr, expected in [(3e-3, [3e-3, 1e-4]), (5e-4, [5e-4, 1e-4])]:
+        caplog.clear()
+        tr = trainer(tmp_path / f"resumed_{lr}", 2, limit_train_batches=2, limit_val_batches=0)
+        with caplog.at_level(logging.INFO):
+            tr.fit(CaptioningModule.from_config(model_config(dm.vocab_size, lr=lr)),
+                   datamodule=dm, ckpt_path=str(ckpt))
+        assert [g["lr"] for g in tr.optimizers[0].param_groups] == expected
+        said = "the resumed fit trains with lr 0.0005 (the checkpoint's: 0.003)"
+        assert (said in caplog.text) == (lr != 3e-3), caplog.text
+
+
+def test_a_checkpoint_read_at_another_image_size_is_warned_of(tiny_data, tmp_path):
+    """``captioner test --ckpt_path`` with a data config of another ``image_size`` scored
+    another input resolution than the model was trained at, silently."""
+    dm, _, ckpt = one_step_checkpoint(tiny_data, tmp_path)
+    stored = torch.load(ckpt, map_location="cpu", weights_only=True)
+    stored["captioner"]["data"]["image_size"] = 48  # as if trained at 48 px
+    torch.save(stored, ckpt)
+    with pytest.warns(UserWarning, match=re.escape(
+            f"{ckpt}: the images are read at image_size 32, but the model was trained at 48")):
+        trainer(tmp_path, 1).test(CaptioningModule.from_config(model_config(dm.vocab_size)),
+                                  datamodule=dm, ckpt_path=str(ckpt), verbose=False)
 
 
 def test_vocabulary_mismatch_is_a_clear_error(tiny_data, tmp_path):

@@ -66,6 +66,7 @@ def test_fit_then_test_writes_coco_results_and_metrics(shapes_root, tmp_path):
     assert ("METEOR" in metrics["skipped"]) == (shutil.which("java") is None)
     assert metrics["min_length"] == 1 and metrics["precision"] == "32-true"
     assert metrics["images"] == 6  # each test image once
+    assert metrics["image_size"] == 32  # what the encoder read
     assert metrics["references_per_image"]["min"] >= 1
     results = json.loads((out / "test_captions.json").read_text())
     assert len(results) == 6  # every test image decoded exactly once
