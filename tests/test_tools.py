@@ -214,6 +214,13 @@ def test_caption_lines_escape_the_characters_that_would_split_them(capsys, tiny_
     assert len(lines) == 4 and all(line.count("\t") == 1 for line in lines)
     assert {line.split("\t")[0][len(str(tmp_path)) + 1:] for line in lines} == written
     assert {line.split("\t")[1] for line in lines} == {text}
+    # a path that is not captioned is reported on one line too, escaped alike
+    (tmp_path / "bad:\nname.png").write_bytes(b"not an image")
+    status, out, err = _run(capsys, "caption", "--ckpt", tiny_checkpoint, tmp_path)
+    assert status == 1 and len(out.split("\n")[:-1]) == 4
+    reported = err.split("\n")[:-1]
+    assert len(reported) == 2, err  # the path, and the count
+    assert reported[0].startswith(f"captioner caption: {tmp_path}/bad:\\nname.png: "), err
 
 
 def test_ctrl_c_is_one_line_and_status_130(capsys, monkeypatch, tiny_checkpoint,

@@ -39,8 +39,8 @@ def _run(args: argparse.Namespace) -> int:
     captions, errors = captioner.caption_paths(
         args.paths, beam_size=args.beam_size, max_length=args.max_length,
         batch_size=args.batch_size)
-    for path, reason in errors:
-        print(f"captioner caption: {path}: {reason}", file=sys.stderr)
+    for path, reason in errors:  # one line each, escaped as the captions' paths are
+        print(f"captioner caption: {tsv_field(str(path))}: {tsv_field(reason)}", file=sys.stderr)
     if args.json:
         rows = [{"image": str(c.path), "caption": c.text, "words": c.words, "tokens": c.tokens,
                  "score": c.score} for c in captions]

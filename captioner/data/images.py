@@ -105,24 +105,36 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
             upright = _exif_upright(img)
     except UnidentifiedImageError:
         raise ImageLoadError(path, "not a recognised image format") from None
-    except Image.DecompressionBombError as e:
-        raise ImageLoadError(
-            path, f"image too large ({e}); raise PIL.Image.MAX_IMAGE_PIXELS to accept it"
-        ) from None
-    except (PermissionError, FileNotFoundError) as e:  # unreadable, or removed meanwhile
-        raise ImageLoadError(path, f"cannot read the file ({e.strerror})") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as e:
-        # the file ends early (Pillow's "(N bytes not processed)" reads as if N were missing);
-        # a malformed chunk inside a whole file ("Truncated gAMA chunk") is no such case
-        if isinstance(e, EOFError) or any(m in str(e) for m in ("image file is truncated",
-                                                                "Truncated File Read")):
-            raise ImageLoadError(path, "truncated image: the file ends before the image "
-                                       "data does") from None
-        raise ImageLoadError(path, f"truncated or corrupt image data ({e})") from None
+    except DECODE_ERRORS as e:
+        raise _decode_error(path, e) from None
+    return _as_rgb(upright, path)
+
+
+#: what Pillow raises for image data it cannot decode (:func:`_decode_error` tells them apart)
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
+def _decode_error(path: str | os.PathLike[str], e: BaseException) -> ImageLoadError:
+    """The :class:`ImageLoadError` for ``e``, raised while decoding the image of ``path``."""
+    if isinstance(e, Image.DecompressionBombError):
+        return ImageLoadError(path, f"image too large ({e}); raise PIL.Image.MAX_IMAGE_PIXELS "
+                                    "to accept it")
+    if isinstance(e, (PermissionError, FileNotFoundError)):  # unreadable, or removed meanwhile
+        return ImageLoadError(path, f"cannot read the file ({e.strerror})")
+    # the file ends early (Pillow's "(N bytes not processed)" reads as if N were missing);
+    # a malformed chunk inside a whole file ("Truncated gAMA chunk") is no such case
+    if isinstance(e, EOFError) or any(m in str(e) for m in ("image file is truncated",
+                                                            "Truncated File Read")):
+        return ImageLoadError(path, "truncated image: the file ends before the image data does")
+    return ImageLoadError(path, f"truncated or corrupt image data ({e})")
+
+
+def _as_rgb(img: Image.Image, path: str | os.PathLike[str]) -> Image.Image:
+    """:func:`to_rgb`, a mode it cannot convert reported as an :class:`ImageLoadError`."""
     try:
-        return to_rgb(upright)
+        return to_rgb(img)
     except (ValueError, OSError) as e:
-        raise ImageLoadError(path, f"cannot convert mode {upright.mode!r} to RGB ({e})") from None
+        raise ImageLoadError(path, f"cannot convert mode {img.mode!r} to RGB ({e})") from None
 
 
 EXIF_ORIENTATION = 0x0112  # the TIFF / EXIF tag
@@ -214,13 +226,22 @@ def upright_box(box: tuple[float, float, float, float], stored_hw: tuple[int, in
 
 
 def upright_rgb(img: Image.Image) -> Image.Image:
-    """An in-memory image as :func:`load_image` would give it from a file: EXIF orientation
-    applied, then :func:`to_rgb` (a new image; ``img`` is left as it is).
+    """An in-memory image as :func:`load_image` would give it from a file: decoded (a lazily
+    opened one), EXIF orientation applied, then :func:`to_rgb` (a new image; ``img`` is left
+    as it is).
 
     Raises:
-        ValueError: a mode that cannot be converted to RGB.
+        ImageLoadError: its data cannot be decoded (a truncated file opened with
+            ``Image.open``: Pillow decodes on first use), or its mode cannot be converted to
+            RGB; named by the file it was opened from, else ``<in-memory image>``.
     """
-    return to_rgb(_exif_upright(img))
+    name = getattr(img, "filename", "") or "<in-memory image>"
+    try:
+        img.load()
+        upright = _exif_upright(img)
+    except DECODE_ERRORS as e:
+        raise _decode_error(name, e) from None
+    return _as_rgb(upright, name)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -313,13 +334,32 @@ def image_to_tensor(img: Image.Image, size: int | tuple[int, int]) -> torch.Tens
     return pixels.permute(2, 0, 1).float().div_(255.0)  # (3, H, W)
 
 
+def _image_names_under(folder: Path) -> list[Path]:
+    """The entries under ``folder`` with an image suffix that are not folders (files, broken
+    links), not hidden, sorted; symbolic links to folders are followed (``Path.rglob`` skipped
+    them silently before Python 3.13), each real folder once."""
+    names: list[Path] = []
+    visited: set[str] = set()
+    for top, folders, files in os.walk(folder, followlinks=True):
+        real = os.path.realpath(top)
+        if real in visited:  # reached again through a link: a cycle, or a second route
+            folders[:] = []
+            continue
+        visited.add(real)
+        folders[:] = [f for f in folders if not f.startswith(".")]
+        names += [Path(top) / f for f in files
+                  if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
+    return sorted(names)
+
+
 def find_images(
     paths: Iterable[str | os.PathLike[str]],
 ) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Expand files and folders into a list of image files.
 
     Folders are searched recursively for files whose suffix is in :data:`IMAGE_EXTENSIONS`
-    (case-insensitive), hidden files and folders (``.name``) skipped, sorted by path. A file
+    (case-insensitive), hidden files and folders (``.name``) skipped, symbolic links to folders
+    followed (each real folder once, so a link to an ancestor ends), sorted by path. A file
     named explicitly is kept if its suffix is an image suffix and reported otherwise. Order
     follows ``paths``; a file reached twice is kept once.
 
@@ -343,12 +383,7 @@ def find_images(
     for raw in paths:
         path = Path(raw)
         if path.is_dir():
-            named = sorted(
-                p
-                for p in path.rglob("*")
-                if p.suffix.lower() in IMAGE_EXTENSIONS
-                and not any(part.startswith(".") for part in p.relative_to(path).parts)
-            )
+            named = _image_names_under(path)
             files = [p for p in named if p.is_file()]
             broken = [p for p in named if p.is_symlink() and not p.exists()]
             problems.extend((p, "broken symbolic link (its target does not exist)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 from pathlib import Path
 
 import numpy as np
@@ -539,3 +540,34 @@ def test_a_file_cut_short_and_a_malformed_chunk_are_told_apart(tmp_path: Path) -
     with pytest.raises(ImageLoadError) as e:
         load_image(malformed)
     assert "Truncated gAMA chunk" in str(e.value) and "file ends before" not in str(e.value)
+
+
+def test_find_images_follows_linked_folders_once(tmp_path: Path) -> None:
+    """``caption DIR`` skipped the images of a symbolically linked sub-folder without a word
+    (``Path.rglob`` does not follow them); they are found now, and a link back to an ancestor
+    ends instead of looping."""
+    album = tmp_path / "elsewhere" / "album"
+    album.mkdir(parents=True)
+    (album / "p.png").write_bytes(b"")
+    top = tmp_path / "photos"
+    (top / "own").mkdir(parents=True)
+    (top / "own" / "q.jpg").write_bytes(b"")
+    (top / "linked").symlink_to(album)
+    (top / "own" / "loop").symlink_to(top)  # back to an ancestor
+    found, problems = find_images([top])
+    assert found == [top / "linked" / "p.png", top / "own" / "q.jpg"] and problems == []
+
+
+def test_an_in_memory_image_that_cannot_be_decoded_is_named(tmp_path: Path) -> None:
+    """``Captioner.caption([Image.open(path)])`` of a truncated file raised Pillow's bare
+    ``OSError: image file is truncated`` (Pillow decodes on first use), not the
+    :class:`ImageLoadError` a path gives, naming the file."""
+    path = tmp_path / "cut.jpg"
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(path)
+    path.write_bytes(path.read_bytes()[:-2000])  # the header whole, the scan cut short
+    with pytest.raises(ImageLoadError, match=re.escape(f"cannot load image {path}: truncated")):
+        upright_rgb(Image.open(path))
+    with pytest.raises(ImageLoadError, match=re.escape(f"cannot load image {path}: truncated")):
+        load_image(path)  # the same reason from the path
+    assert upright_rgb(Image.new("F", (3, 2))).mode == "RGB"  # in memory: converted as before
