@@ -74,43 +74,56 @@ def _cli_class() -> type:
                 from captioner.data.vocabulary import Vocabulary
 
                 if src is not None and hasattr(dm, "set_vocabs"):
-                    dm.set_vocabs(Vocabulary.from_dict(src), Vocabulary.from_dict(vocab))
+                    sides = Vocabulary.from_dict(src), Vocabulary.from_dict(vocab)
+                    if self.subcommand == "fit" and hasattr(dm, "built_vocabularies"):
+                        self._warn_of_another_vocabulary(dm, sides)
+                    dm.set_vocabs(*sides)
                 elif src is None and hasattr(dm, "set_vocab"):
                     imposed = Vocabulary.from_dict(vocab)
                     if self.subcommand == "fit" and hasattr(dm, "built_vocabulary"):
-                        self._warn_of_another_vocabulary(dm, imposed)
+                        self._warn_of_another_vocabulary(dm, (imposed,))
                     dm.set_vocab(imposed)
             return int(dm.vocab_size)
 
-        def _warn_of_another_vocabulary(self, dm: Any, imposed: Any) -> None:
+        def _warn_of_another_vocabulary(self, dm: Any, imposed: tuple[Any, ...]) -> None:
             """A fit resumed on data whose own vocabulary (``min_freq``, ``max_vocab_size`` or
             ``vocab_file``) holds words outside the checkpoint's goes on with the checkpoint's
             (its weights need it): say so, since it usually means other data than the
-            checkpoint was trained on, whose new words would train as ``<unk>``. The data
-            module's own vocabulary is left unbuilt (its coverage check could refuse a small
-            fine-tuning set); data that cannot be read here is left to the fit to report."""
+            checkpoint was trained on, whose new words would train as ``<unk>``. ``imposed``:
+            the captioning vocabulary, or translation's source and target ones. The data
+            module's own vocabularies are left unbuilt (their coverage check could refuse a
+            small fine-tuning set); data that cannot be read here is left to the fit to
+            report."""
             import warnings
 
             from captioner.data.vocabulary import Vocabulary
 
             try:
-                own, counts = dm.built_vocabulary(check=False)
-                if dm.vocab_file is not None:
-                    own = Vocabulary.load(dm.vocab_file)
+                if len(imposed) == 2:  # translation: source and target
+                    (src, src_counts), (tgt, tgt_counts) = dm.built_vocabularies(check=False)
+                    sides = [("source ", "sources", src, src_counts),
+                             ("target ", "targets", tgt, tgt_counts)]
+                else:
+                    own, counts = dm.built_vocabulary(check=False)
+                    if dm.vocab_file is not None:
+                        own = Vocabulary.load(dm.vocab_file)
+                    sides = [("", "captions", own, counts)]
             except Exception:  # noqa: BLE001 - the fit reads the same data and reports it
                 return
-            new = sorted((w for w in own.itos if w not in imposed.stoi),
-                         key=lambda w: (-counts[w], w))  # the words the data's own vocabulary keeps
-            if not new:
-                return
-            share = sum(counts[w] for w in new) / sum(counts.values())
-            warnings.warn(
-                f"{getattr(self, '_ckpt_read', None) or 'the checkpoint'}: the fit goes on with "
-                f"the checkpoint's vocabulary ({len(imposed)} words), which its weights need; "
-                f"{len(new)} words of this data's training captions ({share:.1%} of their "
-                f"tokens; most frequent: {', '.join(map(repr, new[:3]))}) are not in it and "
-                "will be read as <unk>. Resuming on other data than the checkpoint was trained "
-                "on is rarely meant", UserWarning, stacklevel=2)
+            for (side, texts, own, counts), theirs in zip(sides, imposed):
+                new = sorted((w for w in own.itos if w not in theirs.stoi),
+                             key=lambda w: (-counts[w], w))  # the words the data's own keeps
+                if not new:
+                    continue
+                share = sum(counts[w] for w in new) / sum(counts.values())
+                warnings.warn(
+                    f"{getattr(self, '_ckpt_read', None) or 'the checkpoint'}: the fit goes on "
+                    f"with the checkpoint's {side}vocabulary ({len(theirs)} words), which its "
+                    f"weights need; {len(new)} words of this data's training {texts} "
+                    f"({share:.1%} of their tokens; most frequent: "
+                    f"{', '.join(map(repr, new[:3]))}) are not in it and will be read as "
+                    "<unk>. Resuming on other data than the checkpoint was trained on is rarely "
+                    "meant", UserWarning, stacklevel=2)
 
         def _check_model_task(self, dm: Any) -> None:
             """The configured model's task (``captioning`` / ``translation``) against what
@@ -666,14 +679,16 @@ def _name_config_lines(message: str, argv: list[str]) -> str:
 
     import yaml
 
-    # (class_path or None, key, what to say after "FILE line N: ")
-    wanted: list[tuple[str | None, str, str]] = [
-        (m[0] or None, m[1], f"option {m[1].rsplit('.', 1)[-1]!r} is not accepted")
+    # (class_path or None, key, the value it must have there or None for any, what to say
+    # after "FILE line N: ")
+    wanted: list[tuple[str | None, str, str | None, str]] = [
+        (m[0] or None, m[1], None, f"option {m[1].rsplit('.', 1)[-1]!r} is not accepted")
         for m in re.findall(r"(?:class_path '([^']+)':\s*)?Option '([^']+)' is not accepted",
                             message)]
-    wanted += [(None, key, f"option {key.rsplit('.', 1)[-1]!r} is not accepted")
+    wanted += [(None, key, None, f"option {key.rsplit('.', 1)[-1]!r} is not accepted")
                for key in re.findall(r"does not accept option '([^']+)'", message)]
-    wanted += [(m[0] or None, m[1], f"{m[1].rsplit('.', 1)[-1]} {m[3]!r} is not one of {m[2]}")
+    wanted += [(m[0] or None, m[1], m[3],
+                f"{m[1].rsplit('.', 1)[-1]} {m[3]!r} is not one of {m[2]}")
                for m in re.findall(r"(?:class_path '([^']+)':\s*)?Parser key \"([^\"]+)\":\s*"
                                    r"Expected a typing\.Literal\[([^\]]*)\]\. Got value: (\S+)",
                                    message)]
@@ -690,12 +705,19 @@ def _name_config_lines(message: str, argv: list[str]) -> str:
         except (OSError, yaml.YAMLError):
             continue
     found: list[str] = []
-    for class_path, key, says in dict.fromkeys(wanted):
-        hits = [(file, node) for file, root in roots.items()
-                for node in _config_key_nodes(root, class_path, key)]
-        if not hits and class_path is None and "." not in key:  # a class's, its name not
-            hits = [(file, node) for file, root in roots.items()  # given: only if unique
-                    for node in _config_key_nodes(root, "", key)]
+    for class_path, key, value, says in dict.fromkeys(wanted):
+        def holding(class_path: str | None) -> list[tuple[str, Any]]:
+            """(file, key node) of each place that gives ``key`` (the value, if one is said:
+            a valid value in one file is not blamed for a wrong one given elsewhere)."""
+            return [(file, k) for file, root in roots.items()
+                    for k, v in _config_key_nodes(root, class_path, key)
+                    if value is None or getattr(v, "value", None) == value]
+
+        hits = holding(class_path)
+        if not hits and value is not None:  # the wrong value, wherever an init_args gives it
+            hits = holding("")  # (a file overriding another's init_args without class_path)
+        elif not hits and class_path is None and "." not in key:  # a class's, its name not
+            hits = holding("")  # given: only if unique
             hits = hits if len(hits) == 1 else []
         found += [f"{file} line {node.start_mark.line + 1}: {says}" for file, node in hits]
     for reason, class_path in dict.fromkeys(unimportable):
@@ -740,10 +762,10 @@ def _class_path_nodes(root: Any, class_path: str) -> list[Any]:
     return sorted(nodes, key=lambda n: n.start_mark.line)
 
 
-def _config_key_nodes(root: Any, class_path: str | None, key: str) -> list[Any]:
-    """The YAML key nodes of ``key``: in the ``init_args`` of every mapping whose
-    ``class_path`` is ``class_path`` (or ends with it; ``""``: any class), else (``None``) at
-    the dotted path ``key``."""
+def _config_key_nodes(root: Any, class_path: str | None, key: str) -> list[tuple[Any, Any]]:
+    """The YAML ``(key node, value node)`` of ``key``: in the ``init_args`` of every mapping
+    whose ``class_path`` is ``class_path`` (or ends with it; ``""``: every ``init_args``, with
+    a ``class_path`` or without), else (``None``) at the dotted path ``key``."""
     import yaml
 
     def items(node: Any) -> list[tuple[Any, Any]]:
@@ -759,7 +781,7 @@ def _config_key_nodes(root: Any, class_path: str | None, key: str) -> list[Any]:
             if hit is None:
                 return []
             node = hit[1]
-        return [hit[0]]
+        return [hit]
     nodes, stack = [], [root]
     while stack:
         node = stack.pop()
@@ -768,12 +790,12 @@ def _config_key_nodes(root: Any, class_path: str | None, key: str) -> list[Any]:
             continue
         named = child(node, "class_path")
         value = getattr(named[1], "value", None) if named else None
-        if isinstance(value, str) and (class_path in ("", value)
-                                       or class_path.endswith("." + value)):
+        if class_path == "" or isinstance(value, str) and (
+                class_path == value or class_path.endswith("." + value)):
             found = child(child(node, "init_args")[1], key) if child(node, "init_args") else None
-            nodes += [found[0]] if found else []
+            nodes += [found] if found else []
         stack.extend(v for _, v in items(node))
-    return sorted(nodes, key=lambda n: n.start_mark.line)
+    return sorted(nodes, key=lambda kv: kv[0].start_mark.line)
 
 
 def _demo(argv: list[str]) -> int:

@@ -26,6 +26,9 @@ def build(weights):
 def build_keyword_only(*, weights=None):  # torchvision's builder style
     return build(weights)
 
+def build_other_name(pretrained):  # the first parameter named otherwise
+    return build(pretrained)
+
 def not_a_backbone(weights):
     return nn.Identity()
 
@@ -61,6 +64,7 @@ def test_a_backbone_in_any_module_is_named_by_its_dotted_path(tmp_path, monkeypa
     assert enc(torch.rand(2, 3, 30, 50)).shape == (2, 15, 7)
     assert "conv" in dict(enc.body.named_children())  # its blocks can host stages
     assert build_backbone("my_backbones.build_keyword_only").out_channels == 7
+    assert build_backbone("my_backbones.build_other_name").out_channels == 7
     with pytest.raises(ValueError, match="cannot import 'nowhere_module'"):
         build_backbone("nowhere_module.build")
     with pytest.raises(ValueError, match="has no callable 'missing'"):

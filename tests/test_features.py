@@ -633,7 +633,7 @@ def test_images_rewritten_since_extraction_are_refused(tmp_path):
         FeatureCache(out).locate(paths)
 
 
-def test_a_cached_fit_needs_no_image_file_whose_grid_the_cache_holds(tmp_path):
+def test_a_cached_fit_needs_no_image_file_whose_grid_the_cache_holds(tmp_path, monkeypatch):
     """The cache is the only copy of a grid whose image was deleted since (the raw images
     removed to free the disk), yet the annotations' parser refused the missing file ("image
     file not found"), and with ``skip_bad`` dropped it, which can move images between splits.
@@ -664,6 +664,33 @@ def test_a_cached_fit_needs_no_image_file_whose_grid_the_cache_holds(tmp_path):
     read = [item["features"] for item in items
             if cached.records(split)[item["index"]].path == paths[3]]
     assert read and all(torch.equal(f, grid) for f in read)  # its grid, from the cache
+    # a tool that reads the pixels (evaluate, visualize) needs the file (and skip_bad skips it)
+    import argparse
+
+    import yaml
+
+    from captioner.commands.common import build_data_module
+
+    config = tmp_path / "cached.yaml"
+    config.write_text(yaml.safe_dump({"data": {
+        "class_path": "captioner.data.cached.CachedFeaturesDataModule",
+        "init_args": {"features_dir": str(out), **data}}}))
+    for_pixels, _ = build_data_module(argparse.Namespace(config=[str(config)], ckpt=None))
+    with pytest.raises(AnnotationError, match=r"line 5 \(3.png\): image file not found"):
+        for_pixels.records("train")
+    # without a readable cache (before its extraction) the files are needed, and the cache is
+    # tried once, not for every missing file
+    opened = []
+    cache = CachedFeaturesDataModule.cache
+    monkeypatch.setattr(CachedFeaturesDataModule, "cache",
+                        property(lambda self: opened.append(1) or cache.fget(self)))
+    paths[4].unlink()
+    no_cache = CachedFeaturesDataModule(features_dir=str(tmp_path / "none"), skip_bad=True,
+                                        **data)
+    with pytest.warns(UserWarning, match="2 x image file not found"):
+        no_cache.records("train")
+    assert len(opened) == 1
+    monkeypatch.undo()
     with captions.open("a") as f:  # neither a file nor a cached grid
         f.write("missing.png,a picture number 0\n")
     with pytest.raises(AnnotationError, match=r"line 14 \(missing.png\): image file not found"):

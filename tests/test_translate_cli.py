@@ -96,6 +96,30 @@ def test_translate_beam_alignment_and_reference(checkpoint, capsys, tmp_path):
     assert (tmp_path / "fig_1.png").stat().st_size > 0 and (tmp_path / "fig_2.png").is_file()
 
 
+def test_translate_takes_min_length_and_warns_of_a_file_given_as_a_sentence(checkpoint, capsys,
+                                                                          tmp_path):
+    """``--min-length`` was accepted and ignored (also over ``--max-length``); a file named as
+    a sentence was translated as its own name without a word."""
+    source = PAIRS[0][0]
+    assert main(["translate", "--ckpt", str(checkpoint), source]) == 0
+    short = capsys.readouterr().out.strip()
+    assert main(["translate", "--ckpt", str(checkpoint), "--min-length", "8", source]) == 0
+    longer = capsys.readouterr().out.strip()
+    translator = Translator.from_checkpoint(checkpoint)
+    translator.search["min_length"] = 8  # tokens, <end> included
+    expected = translator.translate([source])[0]
+    assert longer == expected.text != short and len(expected.target_tokens) >= 7, (short, longer)
+    assert main(["translate", "--ckpt", str(checkpoint), "--max-length", "3", "--min-length",
+                 "5", source]) == 2
+    assert "--min-length 5 exceeds the most decoding steps (3; --max-length): no translation " \
+           "could end" in capsys.readouterr().err
+    a_file = tmp_path / "sources.de"
+    a_file.write_text(f"{source}\n")
+    assert main(["translate", "--ckpt", str(checkpoint), str(a_file)]) == 0
+    assert (f"WARNING: sentence argument 1 names a file ({a_file}), translated as a sentence; "
+            "to translate its lines give it on stdin (< FILE)") in capsys.readouterr().err
+
+
 def test_translate_subprocess_reads_stdin(checkpoint, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     exe = str(Path(sys.executable).parent / "captioner")  # the installed entry point
@@ -294,3 +318,33 @@ def test_a_loaded_module_refuses_data_of_another_case(checkpoint, tmp_path):
     with pytest.raises(ConfigError, match=r"the checkpoint was trained on data with lowercase "
                                           r"True \(this data: False\)"):
         module.setup("test")
+
+
+def test_a_translation_fit_resumed_on_other_data_warns_of_both_vocabularies(checkpoint,
+                                                                            tmp_path):
+    """Captioning warned when a fit resumed on data whose words its checkpoint's vocabulary
+    lacks (they train as ``<unk>``); translation imposed both vocabularies silently."""
+    root = tmp_path / "other"
+    root.mkdir()
+    pairs = [*PAIRS, ("Ein Vogel singt.", "A bird sings.")]
+    for split in ("train", "val", "test_2016_flickr"):
+        (root / f"{split}.de").write_text("".join(f"{s}\n" for s, _ in pairs), encoding="utf-8")
+        (root / f"{split}.en").write_text("".join(f"{t}\n" for _, t in pairs), encoding="utf-8")
+    with pytest.warns(UserWarning) as caught:
+        lightning_main([
+            "fit", "--config", str(CONFIGS / "trainer" / "cpu.yaml"),
+            "--config", str(CONFIGS / "data" / "multi30k_de_en.yaml"),
+            "--config", str(CONFIGS / "model" / "multi30k_gru.yaml"),  # its trainer settings
+            "--data.init_args.root", str(root), "--data.init_args.min_freq", "1",
+            "--data.init_args.batch_size", "2", "--ckpt_path", str(checkpoint),
+            "--trainer.max_epochs", str(EPOCHS + 1), "--trainer.limit_val_batches", "0",
+            "--trainer.default_root_dir", str(tmp_path / "run"),
+            "--trainer.logger.init_args.save_dir", str(tmp_path / "runs"),
+            "--trainer.enable_progress_bar", "false", "--seed_everything", "0"])
+    said = [str(w.message) for w in caught if "the fit goes on with" in str(w.message)]
+    assert len(said) == 2, said
+    assert said[0].startswith(f"{checkpoint}: the fit goes on with the checkpoint's source "
+                              "vocabulary (25 words)") and "'singt'" in said[0], said
+    assert "2 words of this data's training sources" in said[0], said  # vogel, singt
+    assert said[1].startswith(f"{checkpoint}: the fit goes on with the checkpoint's target "
+                              "vocabulary (24 words)") and "'bird'" in said[1], said

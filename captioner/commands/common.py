@@ -214,19 +214,30 @@ def load_captioner(args: argparse.Namespace) -> Captioner:
         raise ToolError(str(e)) from None
     if getattr(args, "cells", None):
         captioner.cells = args.cells.replace("-", "_")
+    apply_search_options(args, captioner, "caption")
+    return captioner
+
+
+def apply_search_options(args: argparse.Namespace, model: Any, what: str) -> None:
+    """The search options of a tool's command line on a loaded ``Captioner`` / ``Translator``
+    (``model.search``, ``model.decoder``): ``--beam-stop``, ``--min-length`` (checked against
+    the most decoding steps), ``--compile-search``, ``--hard-test``.
+
+    Raises:
+        ToolError: a ``min_length`` over ``max_length`` (no ``what`` could end).
+    """
     if getattr(args, "beam_stop", None):
-        captioner.search["beam_stop"] = args.beam_stop
+        model.search["beam_stop"] = args.beam_stop
     if getattr(args, "min_length", None):
-        captioner.search["min_length"] = args.min_length
-    max_length = getattr(args, "max_length", None) or captioner.search["max_length"]
-    if captioner.search["min_length"] > max_length:
+        model.search["min_length"] = args.min_length
+    max_length = getattr(args, "max_length", None) or model.search["max_length"]
+    if model.search["min_length"] > max_length:
         given = "--min-length" if getattr(args, "min_length", None) else (
             "the checkpoint's min_length")
-        raise ToolError(f"{given} {captioner.search['min_length']} exceeds the most decoding "
-                        f"steps ({max_length}; --max-length): no caption could end")
-    compile_search(args, captioner.decoder)
-    hard_test(args, captioner.decoder)
-    return captioner
+        raise ToolError(f"{given} {model.search['min_length']} exceeds the most decoding "
+                        f"steps ({max_length}; --max-length): no {what} could end")
+    compile_search(args, model.decoder)
+    hard_test(args, model.decoder)
 
 
 def add_cells_argument(p: argparse.ArgumentParser) -> None:
@@ -482,6 +493,8 @@ def build_data_module(args: argparse.Namespace) -> tuple[Any, str]:
             raise ToolError(f"{source}: {cfg['class_path']} has no option "
                             f"{', '.join(unknown)}")
     dm = instantiate_data_config(cfg, source, strict=bool(args.config))
+    if hasattr(dm, "cache_replaces_images"):  # a cached config: the tools read the pixels
+        dm.cache_replaces_images = False
     if not callable(getattr(dm, "records", None)):  # e.g. parallel text: a traceback later
         raise ToolError(f"{source}: {type(dm).__name__} holds no images: this command reads an "
                         "image captioning data config (e.g. configs/data/flickr8k_subset.yaml); "

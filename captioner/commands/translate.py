@@ -10,8 +10,9 @@ import sys
 from pathlib import Path
 
 from captioner.cli import register_tool
-from captioner.commands.common import (EXIT_INPUT_ERROR, EXIT_OK, ToolError, compile_search, figure_errors,
-                                       hard_test, make_tool, positive_int, tool_parser)
+from captioner.commands.common import (EXIT_INPUT_ERROR, EXIT_OK, ToolError,
+                                       apply_search_options, figure_errors, make_tool,
+                                       positive_int, tool_parser)
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -57,17 +58,18 @@ def _run(args: argparse.Namespace) -> int:
     try:
         translator = Translator.from_checkpoint(args.ckpt, device=args.device,
                                                 precision=args.precision)
-        if args.beam_stop:
-            translator.search["beam_stop"] = args.beam_stop
-        compile_search(args, translator.decoder)
-        hard_test(args, translator.decoder)
     except CheckpointError as e:
         raise ToolError(str(e)) from None
+    apply_search_options(args, translator, "translation")
     for n, sentence in enumerate(args.sentences, 1):
         try:
             sentence.encode("utf-8")
         except UnicodeEncodeError:  # bytes the locale could not decode, kept as surrogates
             raise ToolError(f"sentence argument {n} is not UTF-8 text") from None
+        if " " not in sentence.strip() and Path(sentence).is_file():  # meant: its lines
+            print(f"captioner translate: WARNING: sentence argument {n} names a file "
+                  f"({sentence}), translated as a sentence; to translate its lines give it on "
+                  "stdin (< FILE)", file=sys.stderr)
     try:
         sentences = args.sentences or _stdin_lines()
         references = read_lines(args.reference) if args.reference else None

@@ -77,16 +77,23 @@ class _CachedFeatures:
                           "checksums were kept, so verify_cache checked only their shapes; "
                           "`captioner extract-features --verify` records them", stacklevel=2)
 
+    #: an image whose grid the cache holds needs no file (:meth:`_image_exists`); the tools
+    #: that read the pixels (``captioner evaluate``, ``visualize``...) turn it off
+    cache_replaces_images: bool = True
+
     def _image_exists(self, path: Path) -> bool:
         """An image whose grid the cache holds is there, its file deleted or not: the cache
         may be the only copy left (the raw images removed to free the disk). Without a
         readable cache (before an extraction; a damaged one is reported where it is read),
-        the file must be there."""
+        the file must be there; the cache is tried once."""
         if path.is_file():
             return True
+        if not self.cache_replaces_images or getattr(self, "_cache_unreadable", False):
+            return False
         try:
             return path in self.cache
         except FeatureCacheError:
+            self._cache_unreadable = True  # not parsed again for every missing file
             return False
 
     def _readable(self, records: list[ImageRecord], split: str) -> list[ImageRecord]:

@@ -116,6 +116,9 @@ class CaptionDataModule(L.LightningDataModule):
     """
 
     decode_images: bool = True
+    #: the training order is a function of the run's seed and the epoch (:func:`run_seed`):
+    #: a resumed fit keeps the checkpoint's seed (:class:`captioner.lit.base.CaptionerModule`)
+    order_from_run_seed: bool = True
 
     def __init__(
         self,

@@ -337,7 +337,9 @@ def image_to_tensor(img: Image.Image, size: int | tuple[int, int]) -> torch.Tens
 def _image_names_under(folder: Path) -> list[Path]:
     """The entries under ``folder`` with an image suffix that are not folders (files, broken
     links), not hidden, sorted; symbolic links to folders are followed (``Path.rglob`` skipped
-    them silently before Python 3.13), each real folder once."""
+    them silently before Python 3.13), each real folder once: through the folder itself where
+    it is under ``folder``, else through the first link by name (real folders are walked
+    before links, each group by name, so the route does not depend on listing order)."""
     names: list[Path] = []
     visited: set[str] = set()
     for top, folders, files in os.walk(folder, followlinks=True):
@@ -346,7 +348,8 @@ def _image_names_under(folder: Path) -> list[Path]:
             folders[:] = []
             continue
         visited.add(real)
-        folders[:] = [f for f in folders if not f.startswith(".")]
+        folders[:] = sorted((f for f in folders if not f.startswith(".")),
+                            key=lambda f: (os.path.islink(os.path.join(top, f)), f))
         names += [Path(top) / f for f in files
                   if not f.startswith(".") and Path(f).suffix.lower() in IMAGE_EXTENSIONS]
     return sorted(names)

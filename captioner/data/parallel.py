@@ -8,6 +8,7 @@ bucketing); they are re-exported here, where configs and older code import them 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from pathlib import Path
 from typing import Any, Literal
 
@@ -179,6 +180,18 @@ class ParallelTextDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ vocabularies
     def _build_vocabs(self) -> None:
+        (self._src_vocab, _), (self._tgt_vocab, _) = self.built_vocabularies()
+
+    def built_vocabularies(self, check: bool = True) -> tuple[tuple[Vocabulary, Counter[str]],
+                                                              tuple[Vocabulary, Counter[str]]]:
+        """The source and target vocabularies the training pairs give with ``min_freq`` /
+        ``max_vocab_size`` (whatever :meth:`set_vocabs` imposed; nothing is stored), each with
+        its token counts.
+
+        Args:
+            check: refuse a vocabulary that covers too little of its side
+                (:func:`~captioner.data.vocabulary.check_coverage`).
+        """
         train = self._training_pairs()
         if not train:
             raise ParallelDataError(f"{self._where('train')}: cannot build the vocabularies: "
@@ -189,9 +202,10 @@ class ParallelTextDataModule(L.LightningDataModule):
         sources, targets = count_tokens(s for s, _ in train), count_tokens(t for _, t in train)
         src_vocab = Vocabulary.from_counts(sources, **kw)
         tgt_vocab = Vocabulary.from_counts(targets, **kw)
-        check_coverage(src_vocab, sources, f"the training sources ({options})")
-        check_coverage(tgt_vocab, targets, f"the training targets ({options})")
-        self._src_vocab, self._tgt_vocab = src_vocab, tgt_vocab
+        if check:
+            check_coverage(src_vocab, sources, f"the training sources ({options})")
+            check_coverage(tgt_vocab, targets, f"the training targets ({options})")
+        return (src_vocab, sources), (tgt_vocab, targets)
 
     @property
     def src_vocab(self) -> Vocabulary:

@@ -96,8 +96,7 @@ def load_pretrained() -> bool:
 
 
 def register_backbone(name: str) -> Callable:
-    """Decorator adding a builder ``f(weights: str | None) -> Backbone`` to the registry (called
-    as ``f(weights=...)``)."""
+    """Decorator adding a builder ``f(weights: str | None) -> Backbone`` to the registry."""
 
     def wrap(fn: Callable[[str | None], Backbone]) -> Callable[[str | None], Backbone]:
         _REGISTRY[name] = fn
@@ -114,9 +113,8 @@ def available_backbones() -> list[str]:
 def build_backbone(name: str, weights: str | None = None) -> Backbone:
     """Build a registered backbone, or one named by the dotted path of its builder.
 
-    A new backbone is one builder ``f(weights: str | None) -> Backbone`` in any module, called
-    as ``f(weights=...)`` (a keyword-only ``f(*, weights=None)``, torchvision's style, works
-    too): YAML names it ``backbone: mypackage.backbones.build_tiny`` (imported on use), or
+    A new backbone is one builder ``f(weights: str | None) -> Backbone`` in any module (a
+    keyword-only ``f(*, weights=None)``, torchvision's style, works too): YAML names it ``backbone: mypackage.backbones.build_tiny`` (imported on use), or
     registers it under a short name with :func:`register_backbone` when its module is
     imported. A builder that loads pretrained weights does so only when
     :func:`load_pretrained` says so.
@@ -133,16 +131,31 @@ def build_backbone(name: str, weights: str | None = None) -> Backbone:
     """
     weights = no_weights_as_none(weights)
     if name in _REGISTRY:
-        return _REGISTRY[name](weights=weights)
+        return _call_builder(_REGISTRY[name], weights)
     if "." not in name:
         raise ValueError(f"unknown backbone {name!r}; available: {', '.join(available_backbones())}"
                          " or the dotted path of a builder (mypackage.module.build_backbone)")
     builder = _import_builder(name)
-    built = builder(weights=weights)
+    built = _call_builder(builder, weights)
     if not isinstance(built, Backbone):
         raise ValueError(f"backbone {name!r} returned {type(built).__name__}, not a "
                          "captioner.encoders.backbone.Backbone")
     return built
+
+
+def _call_builder(builder: Callable[..., Backbone], weights: str | None) -> Backbone:
+    """``builder(weights)``, or ``builder(weights=weights)`` for a builder whose ``weights``
+    is keyword-only (torchvision's ``f(*, weights=None)``); a builder's first parameter may
+    have any name."""
+    import inspect
+
+    try:
+        param = inspect.signature(builder).parameters.get("weights")
+    except (TypeError, ValueError):  # no signature to read (a builtin): positional
+        param = None
+    if param is not None and param.kind is inspect.Parameter.KEYWORD_ONLY:
+        return builder(weights=weights)
+    return builder(weights)
 
 
 def no_weights_as_none(weights: str | None) -> str | None:

@@ -40,7 +40,7 @@ class ImageEncoder(nn.Module):
     Args:
         backbone: registered backbone name (see
             :func:`captioner.encoders.backbone.available_backbones`) or the dotted path of a
-            builder ``f(weights=...) -> Backbone`` (``mypackage.module.build_tiny``).
+            builder ``f(weights) -> Backbone`` (``mypackage.module.build_tiny``).
         weights: torchvision weights enum name (``"IMAGENET1K_V1"``, ``"DEFAULT"``), ``"IMAGENET"``
             for efficientnet_lite0, or ``None`` for random initialisation.
         grid_size: ``H`` (square grid) or ``(H, W)`` of the pooled annotation grid.

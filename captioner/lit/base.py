@@ -254,16 +254,23 @@ class CaptionerModule(L.LightningModule):
         if not changed:
             return
         self._resumed_options = {}
+        applied: set[str] = set()
         for optimizer in self.trainer.optimizers:
             for i, group in enumerate(optimizer.param_groups):
                 key = "lr" if i == 0 else "encoder_lr"
                 if key in changed:
                     group["lr"] = changed[key][1]
+                    applied.add(key)
                 if "weight_decay" in changed:
                     group["weight_decay"] = changed["weight_decay"][1]
+                    applied.add("weight_decay")
         said = ", ".join(f"{k} {new} (the checkpoint's: {old})"
-                         for k, (old, new) in changed.items())
-        rank_zero_info(f"the resumed fit trains with {said}")
+                         for k, (old, new) in changed.items() if k in applied)
+        if said:
+            rank_zero_info(f"the resumed fit trains with {said}")
+        if set(changed) - applied:  # encoder_lr with a frozen backbone: no group takes it
+            rank_zero_warn(f"{', '.join(sorted(set(changed) - applied))} given on resume has "
+                           "no parameter group to apply to (no trained backbone)")
 
     def teardown(self, stage: str) -> None:
         self._end_frozen_blocks_filter()  # a fit that stopped before training
@@ -506,16 +513,20 @@ class CaptionerModule(L.LightningModule):
             self._note_resumed_optimizer_options(checkpoint)
 
     def _resume_run_seed(self, stored: int | None, where: str) -> None:
-        """A resumed fit keeps the run's seed, which the checkpoint records: the training order
-        is a function of that seed and the epoch (:func:`captioner.data.samplers.run_seed`), and
-        a fit resumed without ``--seed_everything`` (Lightning then seeds 0) or with another
-        seed went on in another order, silently. ``PL_GLOBAL_SEED`` is set to the stored seed,
-        with a warning where it differed."""
+        """A resumed fit keeps the run's seed, which the checkpoint records, where the training
+        order is a function of that seed and the epoch: the caption data modules'
+        (``order_from_run_seed``, :func:`captioner.data.samplers.run_seed`), and under DDP
+        Lightning's distributed sampler's. A fit resumed without ``--seed_everything``
+        (Lightning then seeds 0) or with another seed went on in another order, silently.
+        ``PL_GLOBAL_SEED`` is set to the stored seed, with a warning where it differed."""
         from captioner.data.samplers import run_seed
 
         trainer = self._trainer
         if stored is None or trainer is None or trainer.state.fn != "fit":
             return
+        if not (getattr(trainer.datamodule, "order_from_run_seed", False)
+                or trainer.world_size > 1):
+            return  # an order of the data module's own seed (translation's buckets)
         current = run_seed()
         if int(stored) != current:
             rank_zero_warn(f"{where}the resumed run keeps its seed {stored}, not {current}: its "

@@ -13,7 +13,7 @@ import logging
 from typing import Any, Callable, Literal
 
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from captioner.atomic import atomic_write
 from captioner.config import ConfigError
@@ -157,7 +157,12 @@ class CaptioningModule(CaptionerModule):
         kept = super().resumed_data_config(stored)
         trained, used = stored.get("image_size"), kept.get("image_size")
         if trained and used and not same_image_size(trained, used):
-            rank_zero_warn(f"{self._checkpoint_file()}{image_size_warning(trained, used)}")
+            trainer = self._trainer
+            if trainer is not None and trainer.state.fn == "fit":  # may be meant: said plainly
+                rank_zero_warn(f"{self._checkpoint_file()}the resumed fit reads the images at "
+                               f"image_size {used}; the checkpoint was trained at {trained}")
+            else:
+                rank_zero_warn(f"{self._checkpoint_file()}{image_size_warning(trained, used)}")
         return kept
 
     def on_fit_start(self) -> None:
@@ -399,7 +404,7 @@ class CaptioningModule(CaptionerModule):
             json.dump(json_safe({**{k: float(v) for k, v in scores.items()}, **search,
                                  **protocol}),
                       f, indent=2, allow_nan=False)  # an undefined score is null, not NaN
-        log.info("test captions and metrics written to %s", out_dir)
+        rank_zero_info(f"test captions and metrics written to {out_dir}")
 
     # ---------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> Any:

@@ -2,8 +2,9 @@ r"""LightningModule for attention NMT (Bahdanau, Cho and Bengio 2015) with the s
 
 The source sentence is encoded by :class:`~captioner.encoders.text.TextEncoder` into annotations
 ``(B, S, D)`` with a key mask ``(B, S)``; the target side is the *same*
-:class:`~captioner.decoder.AttentionDecoder` that captions images, so every attention variant of
-:mod:`captioner.attention` translates too. Shared with captioning, not copied: the loss
+:class:`~captioner.decoder.AttentionDecoder` that captions images, so the attention variants of
+:mod:`captioner.attention` translate too, except those made for a fixed set of positions
+(``location``) or an image grid (``local_2d``), which are refused. Shared with captioning, not copied: the loss
 (:func:`captioner.losses.masked_nll`, optionally the doubly stochastic penalty), the search
 (:mod:`captioner.search` through :func:`captioner.translate.decode`), the vocabulary, and the
 training machinery of :class:`captioner.lit.base.CaptionerModule` (construction from a config,
@@ -17,7 +18,8 @@ Validation reports
 * ``val/ppl``: perplexity ``exp(sum NLL / number of target tokens)`` under teacher forcing
   (``<end>`` counted, ``<start>`` and padding not);
 * ``val/bleu``: sacreBLEU corpus BLEU of the detokenised greedy (or beam) output against the raw
-  reference lines (:func:`captioner.translate.sacrebleu_score`, signature logged at INFO).
+  reference lines (:func:`captioner.translate.sacrebleu_score`; its detail and signature are
+  printed with the run's other information).
 
 Test logs ``test/bleu`` and ``test/ppl`` and writes ``test_translations.txt`` and
 ``test_metrics.json`` (with the sacreBLEU signature) to the run's log folder.
@@ -32,6 +34,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from captioner.atomic import atomic_write
 from captioner.data.tokenize import MT_TOKENIZER_VERSION, detokenize_mt
@@ -124,6 +127,14 @@ class TranslationModule(CaptionerModule):
                 "len(src_vocab)")
         self.encoder = encoder(src_vocab_size)
         self.decoder = decoder(vocab_size, self.encoder.out_channels)
+        from captioner.attention import LocalAttention2d, LocationAttention
+
+        if isinstance(self.decoder.attention, (LocationAttention, LocalAttention2d)):
+            raise ConfigError(
+                f"{type(self.decoder.attention).__name__} cannot attend over sentences: "
+                "location attention is built for a fixed number of positions, local_2d for an "
+                "image grid; use a score over the annotations (additive, dot, general, "
+                "scaled_dot, cosine) or local_m / local_p")
         self.vocab: Vocabulary | None = None  # target (the name captioning uses)
         self.src_vocab: Vocabulary | None = None
         self.last_bleu: BleuScore | None = None
@@ -255,7 +266,8 @@ class TranslationModule(CaptionerModule):
         bleu = sacrebleu_score(hyps, [refs[o["index"]] for o in outputs],
                                lowercase=bool(getattr(dm, "lowercase", True)))
         self.last_bleu = bleu
-        log.info("%s %s (%s)", stage, bleu.detail, bleu.signature)
+        # through Lightning's logger, which a run prints (captioner's own is not configured)
+        rank_zero_info(f"{stage} {bleu.detail} ({bleu.signature})")
         return {"bleu": bleu.score, "ppl": self._perplexity(outputs)}, outputs, hyps
 
     def on_validation_epoch_end(self) -> None:
@@ -294,7 +306,7 @@ class TranslationModule(CaptionerModule):
                    "beam_stop": h.get("beam_stop", "k_finished"), "sentences": len(outputs)}
         with atomic_write(out_dir / "test_metrics.json") as f:
             json.dump(json_safe(metrics), f, indent=2, allow_nan=False)
-        log.info("test translations and metrics written to %s", out_dir)
+        rank_zero_info(f"test translations and metrics written to {out_dir}")
 
     # ---------------------------------------------------------------- optimisation
     def configure_optimizers(self) -> Any:

@@ -556,6 +556,9 @@ def test_find_images_follows_linked_folders_once(tmp_path: Path) -> None:
     (top / "own" / "loop").symlink_to(top)  # back to an ancestor
     found, problems = find_images([top])
     assert found == [top / "linked" / "p.png", top / "own" / "q.jpg"] and problems == []
+    for name in ("a", "b", "zz"):  # links to a folder that is under the one searched too
+        (top / name).symlink_to(top / "own")
+    assert find_images([top])[0] == [top / "linked" / "p.png", top / "own" / "q.jpg"]
 
 
 def test_an_in_memory_image_that_cannot_be_decoded_is_named(tmp_path: Path) -> None:

@@ -197,6 +197,20 @@ def test_a_fit_resumed_with_another_learning_rate_trains_at_it(tiny_data, tmp_pa
         assert [g["lr"] for g in tr.optimizers[0].param_groups] == expected
         said = "the resumed fit trains with lr 0.0005 (the checkpoint's: 0.003)"
         assert (said in caplog.text) == (lr != 3e-3), caplog.text
+    # a frozen backbone has no group for encoder_lr: not claimed as applied, but warned of
+    frozen = model_config(dm.vocab_size)
+    frozen["encoder"]["init_args"]["freeze"] = True
+    first = trainer(tmp_path / "frozen", 1, limit_train_batches=2, limit_val_batches=0)
+    first.fit(CaptioningModule.from_config(frozen), datamodule=dm)
+    first.save_checkpoint(ckpt)
+    caplog.clear()
+    tr = trainer(tmp_path / "frozen_resumed", 2, limit_train_batches=2, limit_val_batches=0)
+    with caplog.at_level(logging.INFO), pytest.warns(UserWarning, match=re.escape(
+            "encoder_lr given on resume has no parameter group to apply to")):
+        tr.fit(CaptioningModule.from_config({**frozen, "encoder_lr": 0.05}), datamodule=dm,
+               ckpt_path=str(ckpt))
+    assert [g["lr"] for g in tr.optimizers[0].param_groups] == [3e-3]
+    assert "trains with" not in caplog.text
 
 
 def test_a_checkpoint_read_at_another_image_size_is_warned_of(tiny_data, tmp_path):
@@ -210,6 +224,30 @@ def test_a_checkpoint_read_at_another_image_size_is_warned_of(tiny_data, tmp_pat
             f"{ckpt}: the images are read at image_size 32, but the model was trained at 48")):
         trainer(tmp_path, 1).test(CaptioningModule.from_config(model_config(dm.vocab_size)),
                                   datamodule=dm, ckpt_path=str(ckpt), verbose=False)
+    # a resumed fit at another size may be meant (a resolution schedule): said, not scolded
+    with pytest.warns(UserWarning, match=re.escape(
+            f"{ckpt}: the resumed fit reads the images at image_size 32; the checkpoint was "
+            "trained at 48")):
+        trainer(tmp_path, 2, limit_train_batches=1, limit_val_batches=0).fit(
+            CaptioningModule.from_config(model_config(dm.vocab_size)), datamodule=dm,
+            ckpt_path=str(ckpt))
+
+
+def test_a_resumed_fit_on_data_ordered_by_its_own_seed_keeps_the_seed_given(tiny_data, tmp_path,
+                                                                            recwarn):
+    """The checkpoint's run seed is imposed only where the training order depends on it (the
+    caption data modules; translation's buckets follow the data module's own ``seed``)."""
+    import os
+
+    dm, _, ckpt = one_step_checkpoint(tiny_data, tmp_path)
+    dm.order_from_run_seed = False  # as ParallelTextDataModule
+    L.seed_everything(11)
+    recwarn.clear()
+    trainer(tmp_path, 2, limit_train_batches=1, limit_val_batches=0).fit(
+        CaptioningModule.from_config(model_config(dm.vocab_size)), datamodule=dm,
+        ckpt_path=str(ckpt))
+    assert not [w for w in recwarn if "keeps its seed" in str(w.message)]
+    assert os.environ["PL_GLOBAL_SEED"] == "11"
 
 
 def test_vocabulary_mismatch_is_a_clear_error(tiny_data, tmp_path):

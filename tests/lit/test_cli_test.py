@@ -568,6 +568,26 @@ def test_a_wrong_class_path_or_choice_in_a_config_file_names_the_file_and_line(t
     got = first_error_line(nonlocal_model)
     assert got == (f"error: {bad} line {line_of('pairwise: gausian')}: pairwise 'gausian' is not "
                    "one of 'gaussian', 'embedded_gaussian', 'dot_product', 'concatenation'"), got
+    # the wrong value is blamed where it is given: not on a file holding a valid one, and in
+    # a file that overrides another's init_args without a class_path
+    soft = yaml.safe_load((CONFIGS / "model" / "shapes_soft.yaml").read_text())
+    soft["model"]["init_args"]["lr_scheduler"] = "none"
+    bad.write_text(yaml.safe_dump(soft, sort_keys=False))
+    with pytest.raises(SystemExit):  # the wrong value on the command line: no file blamed
+        lightning_main(["fit", "-c", str(CONFIGS / "trainer" / "cpu.yaml"), "-c",
+                        str(CONFIGS / "data" / "shapes.yaml"), "-c", str(bad),
+                        "--model.init_args.lr_scheduler", "plateu"])
+    err = capsys.readouterr().err
+    assert 'error: Parser key "model":' in err and " line " not in err, err
+    override = tmp_path / "override.yaml"
+    override.write_text("model:\n  init_args:\n    lr_scheduler: plateu\n")
+    with pytest.raises(SystemExit):
+        lightning_main(["fit", "-c", str(CONFIGS / "trainer" / "cpu.yaml"), "-c",
+                        str(CONFIGS / "data" / "shapes.yaml"), "-c", str(bad), "-c",
+                        str(override)])
+    err = capsys.readouterr().err
+    assert (f"error: {override} line 3: lr_scheduler 'plateu' is not one of 'none', "
+            "'plateau'\n") in err and f"{bad} line" not in err, err
 
 
 def test_test_refuses_a_data_config_that_puts_training_images_in_the_split(

@@ -212,11 +212,22 @@ def test_validation_logs_sacrebleu_and_perplexity(fitted, toy_root):
     assert again["val/bleu"] == pytest.approx(metrics["val/bleu"], abs=1e-6)
 
 
-def test_test_writes_translations_and_signature(fitted, toy_root, tmp_path):
+def test_test_writes_translations_and_signature(fitted, toy_root, tmp_path, caplog):
+    """...and says so, with the BLEU detail and signature, through Lightning's logger, which
+    a run prints (they went to captioner's own, which nothing configures: never shown)."""
+    import logging
+
     _, module, _, _ = fitted
     trainer = L.Trainer(default_root_dir=tmp_path, accelerator="cpu", devices=1, logger=False,
                         enable_progress_bar=False, enable_model_summary=False)
-    scores = trainer.test(module, datamodule=data(toy_root), verbose=False)[0]
+    lightning_log = logging.getLogger("lightning.pytorch")  # it does not propagate to caplog's
+    lightning_log.addHandler(caplog.handler)
+    try:
+        scores = trainer.test(module, datamodule=data(toy_root), verbose=False)[0]
+    finally:
+        lightning_log.removeHandler(caplog.handler)
+    assert f"test translations and metrics written to {tmp_path}" in caplog.text
+    assert "test BLEU = " in caplog.text and "(nrefs:1|case:lc" in caplog.text
     written = json.loads((tmp_path / "test_metrics.json").read_text())
     assert written["signature"].startswith("nrefs:1|case:lc|eff:no|tok:13a")
     hyps = (tmp_path / "test_translations.txt").read_text().splitlines()
@@ -358,3 +369,17 @@ def test_a_translator_takes_the_checkpoints_search_settings_and_casing(fitted, t
     assert translator.search == settings and translator.lowercase is False
     assert translator.tokenize("Ein Hund")[:2] == ["Ein", "Hund"]
     assert Translator.from_checkpoint(path).tokenize("Ein Hund")[:2] == ["ein", "hund"]
+
+
+@pytest.mark.parametrize("attention", ["LocationAttention", "LocalAttention2d"])
+def test_attention_made_for_fixed_positions_or_a_grid_is_refused(attention):
+    """Location attention (a fixed number of positions) failed on the first batch of another
+    sentence length, and local_2d needs an image grid; both are refused when built."""
+    from captioner.config import ConfigError
+
+    config = model_config(9, 11)
+    config["decoder"]["init_args"]["attention"] = {
+        "class_path": f"captioner.attention.{attention}", "init_args": {}}
+    with pytest.raises(ConfigError, match=f"{attention} cannot attend over sentences"):
+        TranslationModule.from_config(config)
+    TranslationModule.from_config(model_config(9, 11))  # additive: built
