@@ -706,18 +706,11 @@ def _name_config_lines(message: str, argv: list[str]) -> str:
             continue
     found: list[str] = []
     for class_path, key, value, says in dict.fromkeys(wanted):
-        def holding(class_path: str | None) -> list[tuple[str, Any]]:
-            """(file, key node) of each place that gives ``key`` (the value, if one is said:
-            a valid value in one file is not blamed for a wrong one given elsewhere)."""
-            return [(file, k) for file, root in roots.items()
-                    for k, v in _config_key_nodes(root, class_path, key)
-                    if value is None or getattr(v, "value", None) == value]
-
-        hits = holding(class_path)
+        hits = _giving(roots, class_path, key, value)
         if not hits and value is not None:  # the wrong value, wherever an init_args gives it
-            hits = holding("")  # (a file overriding another's init_args without class_path)
+            hits = _giving(roots, "", key, value)  # (an override file without class_path)
         elif not hits and class_path is None and "." not in key:  # a class's, its name not
-            hits = holding("")  # given: only if unique
+            hits = _giving(roots, "", key, value)  # given: only if unique
             hits = hits if len(hits) == 1 else []
         found += [f"{file} line {node.start_mark.line + 1}: {says}" for file, node in hits]
     for reason, class_path in dict.fromkeys(unimportable):
@@ -725,6 +718,16 @@ def _name_config_lines(message: str, argv: list[str]) -> str:
                   f"imported ({reason}){_close_names(class_path)}"
                   for file, root in roots.items() for node in _class_path_nodes(root, class_path)]
     return "\n".join([*dict.fromkeys(found), message]) if found else message
+
+
+def _giving(roots: dict[str, Any], class_path: str | None, key: str,
+            value: str | None) -> list[tuple[str, Any]]:
+    """``(file, key node)`` of each place in the config files' YAML ``roots`` that gives
+    ``key`` (:func:`_config_key_nodes`), with ``value`` if one is said: a valid value in one
+    file is not blamed for a wrong one given elsewhere."""
+    return [(file, k) for file, root in roots.items()
+            for k, v in _config_key_nodes(root, class_path, key)
+            if value is None or getattr(v, "value", None) == value]
 
 
 def _close_names(class_path: str) -> str:

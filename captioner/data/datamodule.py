@@ -327,10 +327,8 @@ class CaptionDataModule(L.LightningDataModule):
             self._vocab = self.built_vocabulary()[0]
         elif self._vocab is None:
             vocab = Vocabulary.load(self.vocab_file)
-            train = self.records("train")  # none: a data config to evaluate on
-            if train:
-                counts = count_tokens(tokenize(c) for record in train for c in record.captions)
-                check_coverage(vocab, counts, "the training captions",
+            if self.records("train"):  # none: a data config to evaluate on
+                check_coverage(vocab, self._training_counts(), "the training captions",
                                loaded_from=f"vocab_file {self.vocab_file}")
             self._vocab = vocab
         return self._vocab
@@ -349,13 +347,18 @@ class CaptionDataModule(L.LightningDataModule):
             raise ConfigError("cannot build a vocabulary: the training split is empty "
                               "(check the annotations' splits, val_fraction and "
                               "test_fraction, or give vocab_file)")
-        counts = count_tokens(tokenize(c) for record in train for c in record.captions)
+        counts = self._training_counts()
         vocab = Vocabulary.from_counts(counts, min_freq=self.min_freq,
                                        max_size=self.max_vocab_size)
         if check:
             check_coverage(vocab, counts, f"the training captions (min_freq {self.min_freq}, "
                                           f"max_vocab_size {self.max_vocab_size})")
         return vocab, counts
+
+    def _training_counts(self) -> Counter[str]:
+        """Token -> occurrences in the training captions (as tokenised for the vocabulary)."""
+        return count_tokens(tokenize(c) for record in self.records("train")
+                            for c in record.captions)
 
     @property
     def vocab_size(self) -> int:

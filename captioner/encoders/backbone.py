@@ -114,10 +114,10 @@ def build_backbone(name: str, weights: str | None = None) -> Backbone:
     """Build a registered backbone, or one named by the dotted path of its builder.
 
     A new backbone is one builder ``f(weights: str | None) -> Backbone`` in any module (a
-    keyword-only ``f(*, weights=None)``, torchvision's style, works too): YAML names it ``backbone: mypackage.backbones.build_tiny`` (imported on use), or
-    registers it under a short name with :func:`register_backbone` when its module is
-    imported. A builder that loads pretrained weights does so only when
-    :func:`load_pretrained` says so.
+    keyword-only ``f(*, weights=None)``, torchvision's style, works too): YAML names it
+    ``backbone: mypackage.backbones.build_tiny`` (imported on use), or registers it under a
+    short name with :func:`register_backbone` when its module is imported. A builder that
+    loads pretrained weights does so only when :func:`load_pretrained` says so.
 
     Args:
         name: registry name, e.g. ``"resnet101"``, ``"vgg19"``, ``"efficientnet_lite0"``, or

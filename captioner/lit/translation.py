@@ -4,12 +4,12 @@ The source sentence is encoded by :class:`~captioner.encoders.text.TextEncoder` 
 ``(B, S, D)`` with a key mask ``(B, S)``; the target side is the *same*
 :class:`~captioner.decoder.AttentionDecoder` that captions images, so the attention variants of
 :mod:`captioner.attention` translate too, except those made for a fixed set of positions
-(``location``) or an image grid (``local_2d``), which are refused. Shared with captioning, not copied: the loss
-(:func:`captioner.losses.masked_nll`, optionally the doubly stochastic penalty), the search
-(:mod:`captioner.search` through :func:`captioner.translate.decode`), the vocabulary, and the
-training machinery of :class:`captioner.lit.base.CaptionerModule` (construction from a config,
-checkpoint metadata carrying the model config and vocabularies, random-state checkpointing,
-gathering decoded outputs across ranks).
+(``location``) or an image grid (``local_2d``), which are refused. Shared with captioning, not
+copied: the loss (:func:`captioner.losses.masked_nll`, optionally the doubly stochastic
+penalty), the search (:mod:`captioner.search` through :func:`captioner.translate.decode`), the
+vocabulary, and the training machinery of :class:`captioner.lit.base.CaptionerModule`
+(construction from a config, checkpoint metadata carrying the model config and vocabularies,
+random-state checkpointing, gathering decoded outputs across ranks).
 
 Training minimises ``-log p(y | x)`` with teacher forcing (Section 3.1: the conditional
 log-likelihood of the target given the source), averaged per target token by default.
