@@ -679,18 +679,18 @@ def _name_config_lines(message: str, argv: list[str]) -> str:
 
     import yaml
 
-    # (class_path or None, key, the value it must have there or None for any, what to say
-    # after "FILE line N: ")
-    wanted: list[tuple[str | None, str, str | None, str]] = [
+    # (class_path or None, key, the choices its value is outside of (None: any value), what
+    # to say after "FILE line N: ")
+    wanted: list[tuple[str | None, str, tuple[Any, ...] | None, str]] = [
         (m[0] or None, m[1], None, f"option {m[1].rsplit('.', 1)[-1]!r} is not accepted")
         for m in re.findall(r"(?:class_path '([^']+)':\s*)?Option '([^']+)' is not accepted",
                             message)]
     wanted += [(None, key, None, f"option {key.rsplit('.', 1)[-1]!r} is not accepted")
                for key in re.findall(r"does not accept option '([^']+)'", message)]
-    wanted += [(m[0] or None, m[1], m[3],
+    wanted += [(m[0] or None, m[1], _literal_choices(m[2]),
                 f"{m[1].rsplit('.', 1)[-1]} {m[3]!r} is not one of {m[2]}")
                for m in re.findall(r"(?:class_path '([^']+)':\s*)?Parser key \"([^\"]+)\":\s*"
-                                   r"Expected a typing\.Literal\[([^\]]*)\]\. Got value: (\S+)",
+                                   r"Expected a typing\.Literal\[([^\]]*)\]\. Got value: ([^\n]+)",
                                    message)]
     unimportable = re.findall(r"(module '[^']+' has no attribute '[^']+'|No module named '[^']+')"
                               r"\. Got value: Namespace\(class_path='([^']+)'", message)
@@ -705,12 +705,12 @@ def _name_config_lines(message: str, argv: list[str]) -> str:
         except (OSError, yaml.YAMLError):
             continue
     found: list[str] = []
-    for class_path, key, value, says in dict.fromkeys(wanted):
-        hits = _giving(roots, class_path, key, value)
-        if not hits and value is not None:  # the wrong value, wherever an init_args gives it
-            hits = _giving(roots, "", key, value)  # (an override file without class_path)
-        elif not hits and class_path is None and "." not in key:  # a class's, its name not
-            hits = _giving(roots, "", key, value)  # given: only if unique
+    for class_path, key, choices, says in dict.fromkeys(wanted):
+        hits = _giving(roots, class_path, key, choices)
+        if not hits and choices is not None:  # a wrong value wherever an init_args gives it
+            hits = _giving(roots, "*", key, choices)  # (an override file without class_path)
+        if not hits and class_path is None and "." not in key:  # a class's, its name not
+            hits = _giving(roots, "", key, None)  # given: only if unique
             hits = hits if len(hits) == 1 else []
         found += [f"{file} line {node.start_mark.line + 1}: {says}" for file, node in hits]
     for reason, class_path in dict.fromkeys(unimportable):
@@ -721,13 +721,32 @@ def _name_config_lines(message: str, argv: list[str]) -> str:
 
 
 def _giving(roots: dict[str, Any], class_path: str | None, key: str,
-            value: str | None) -> list[tuple[str, Any]]:
+            choices: tuple[Any, ...] | None = None) -> list[tuple[str, Any]]:
     """``(file, key node)`` of each place in the config files' YAML ``roots`` that gives
-    ``key`` (:func:`_config_key_nodes`), with ``value`` if one is said: a valid value in one
-    file is not blamed for a wrong one given elsewhere."""
+    ``key`` (:func:`_config_key_nodes`), with a value outside ``choices`` if they are said: a
+    valid value in one file is not blamed for a wrong one given elsewhere."""
+    import yaml
+
+    def outside(node: Any) -> bool:
+        try:
+            return yaml.safe_load(yaml.serialize(node)) not in choices  # type: ignore[operator]
+        except (yaml.YAMLError, TypeError):  # unhashable and the like: not comparable, blamed
+            return True
+
     return [(file, k) for file, root in roots.items()
             for k, v in _config_key_nodes(root, class_path, key)
-            if value is None or getattr(v, "value", None) == value]
+            if choices is None or outside(v)]
+
+
+def _literal_choices(listed: str) -> tuple[Any, ...] | None:
+    """The values of jsonargparse's ``typing.Literal[...]`` text (``"'none', 'plateau'"``);
+    ``None`` where they cannot be read."""
+    import ast
+
+    try:
+        return tuple(ast.literal_eval(f"[{listed}]"))
+    except (ValueError, SyntaxError):
+        return None
 
 
 def _close_names(class_path: str) -> str:
@@ -767,8 +786,9 @@ def _class_path_nodes(root: Any, class_path: str) -> list[Any]:
 
 def _config_key_nodes(root: Any, class_path: str | None, key: str) -> list[tuple[Any, Any]]:
     """The YAML ``(key node, value node)`` of ``key``: in the ``init_args`` of every mapping
-    whose ``class_path`` is ``class_path`` (or ends with it; ``""``: every ``init_args``, with
-    a ``class_path`` or without), else (``None``) at the dotted path ``key``."""
+    whose ``class_path`` is ``class_path`` (or ends with it; ``""``: any class; ``"*"``: every
+    ``init_args``, with a ``class_path`` or without), else (``None``) at the dotted path
+    ``key``."""
     import yaml
 
     def items(node: Any) -> list[tuple[Any, Any]]:
@@ -793,8 +813,8 @@ def _config_key_nodes(root: Any, class_path: str | None, key: str) -> list[tuple
             continue
         named = child(node, "class_path")
         value = getattr(named[1], "value", None) if named else None
-        if class_path == "" or isinstance(value, str) and (
-                class_path == value or class_path.endswith("." + value)):
+        if class_path == "*" or isinstance(value, str) and (
+                class_path in ("", value) or class_path.endswith("." + value)):
             found = child(child(node, "init_args")[1], key) if child(node, "init_args") else None
             nodes += [found] if found else []
         stack.extend(v for _, v in items(node))

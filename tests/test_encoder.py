@@ -29,6 +29,13 @@ def build_keyword_only(*, weights=None):  # torchvision's builder style
 def build_other_name(pretrained):  # the first parameter named otherwise
     return build(pretrained)
 
+def build_kwargs(**kwargs):
+    return build(kwargs["weights"])
+
+def build_weights_second(channels=7, weights=None):  # weights not first: taken by name
+    assert channels == 7
+    return build(weights)
+
 def not_a_backbone(weights):
     return nn.Identity()
 
@@ -64,7 +71,8 @@ def test_a_backbone_in_any_module_is_named_by_its_dotted_path(tmp_path, monkeypa
     assert enc(torch.rand(2, 3, 30, 50)).shape == (2, 15, 7)
     assert "conv" in dict(enc.body.named_children())  # its blocks can host stages
     assert build_backbone("my_backbones.build_keyword_only").out_channels == 7
-    assert build_backbone("my_backbones.build_other_name").out_channels == 7
+    for name in ("build_other_name", "build_kwargs", "build_weights_second"):
+        assert build_backbone(f"my_backbones.{name}").out_channels == 7, name
     with pytest.raises(ValueError, match="cannot import 'nowhere_module'"):
         build_backbone("nowhere_module.build")
     with pytest.raises(ValueError, match="has no callable 'missing'"):

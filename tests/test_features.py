@@ -633,7 +633,8 @@ def test_images_rewritten_since_extraction_are_refused(tmp_path):
         FeatureCache(out).locate(paths)
 
 
-def test_a_cached_fit_needs_no_image_file_whose_grid_the_cache_holds(tmp_path, monkeypatch):
+def test_a_cached_fit_needs_no_image_file_whose_grid_the_cache_holds(tmp_path, monkeypatch,
+                                                                     tiny_checkpoint, capsys):
     """The cache is the only copy of a grid whose image was deleted since (the raw images
     removed to free the disk), yet the annotations' parser refused the missing file ("image
     file not found"), and with ``skip_bad`` dropped it, which can move images between splits.
@@ -664,20 +665,24 @@ def test_a_cached_fit_needs_no_image_file_whose_grid_the_cache_holds(tmp_path, m
     read = [item["features"] for item in items
             if cached.records(split)[item["index"]].path == paths[3]]
     assert read and all(torch.equal(f, grid) for f in read)  # its grid, from the cache
-    # a tool that reads the pixels (evaluate, visualize) needs the file (and skip_bad skips it)
+    # the tools read the config alike: extract-features (--verify on a finished cache whose
+    # images were removed) takes the cached image; evaluate, which reads the pixels, needs it
     import argparse
 
     import yaml
 
+    from captioner.cli import main
     from captioner.commands.common import build_data_module
 
     config = tmp_path / "cached.yaml"
     config.write_text(yaml.safe_dump({"data": {
         "class_path": "captioner.data.cached.CachedFeaturesDataModule",
         "init_args": {"features_dir": str(out), **data}}}))
-    for_pixels, _ = build_data_module(argparse.Namespace(config=[str(config)], ckpt=None))
-    with pytest.raises(AnnotationError, match=r"line 5 \(3.png\): image file not found"):
-        for_pixels.records("train")
+    dm, _ = build_data_module(argparse.Namespace(config=[str(config)], ckpt=None))
+    assert [r.path for r in dm.records("train")] == splits["train"]
+    assert main(["evaluate", "--ckpt", str(tiny_checkpoint), "--config", str(config), "--split",
+                 "train", "--no-java", "--out", str(tmp_path / "eval")]) == 1
+    assert "line 5 (3.png): image file not found" in capsys.readouterr().err
     # without a readable cache (before its extraction) the files are needed, and the cache is
     # tried once, not for every missing file
     opened = []

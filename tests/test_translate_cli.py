@@ -118,6 +118,9 @@ def test_translate_takes_min_length_and_warns_of_a_file_given_as_a_sentence(chec
     assert main(["translate", "--ckpt", str(checkpoint), str(a_file)]) == 0
     assert (f"WARNING: sentence argument 1 names a file ({a_file}), translated as a sentence; "
             "to translate its lines give it on stdin (< FILE)") in capsys.readouterr().err
+    unspaced = "这是一个很长的中文句子没有空格" * 10  # too long for a file name: no error
+    assert main(["translate", "--ckpt", str(checkpoint), unspaced]) == 0
+    assert "WARNING" not in capsys.readouterr().err
 
 
 def test_translate_subprocess_reads_stdin(checkpoint, tmp_path):

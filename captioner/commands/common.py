@@ -493,8 +493,6 @@ def build_data_module(args: argparse.Namespace) -> tuple[Any, str]:
             raise ToolError(f"{source}: {cfg['class_path']} has no option "
                             f"{', '.join(unknown)}")
     dm = instantiate_data_config(cfg, source, strict=bool(args.config))
-    if hasattr(dm, "cache_replaces_images"):  # a cached config: the tools read the pixels
-        dm.cache_replaces_images = False
     if not callable(getattr(dm, "records", None)):  # e.g. parallel text: a traceback later
         raise ToolError(f"{source}: {type(dm).__name__} holds no images: this command reads an "
                         "image captioning data config (e.g. configs/data/flickr8k_subset.yaml); "

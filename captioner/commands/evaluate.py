@@ -71,6 +71,8 @@ def _run(args: argparse.Namespace) -> int:
     out = output_folder(args.out if args.out
                         else Path(args.ckpt).resolve().parent / f"eval_{args.split}")
     dm, source = build_data_module(args)
+    if hasattr(dm, "cache_replaces_images"):  # a cached config: evaluate reads the pixels
+        dm.cache_replaces_images = False
     try:
         records = dm.records(args.split)
     except (AnnotationError, OSError, ValueError) as e:

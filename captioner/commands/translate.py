@@ -39,6 +39,15 @@ def _alignment_path(out: str, line: int, sentences: int) -> Path:
     return path if sentences == 1 else path.with_name(f"{path.stem}_{line}{path.suffix}")
 
 
+def _names_a_file(text: str) -> bool:
+    """Whether ``text`` is the path of a file (a long sentence without spaces, as Chinese or
+    Thai is written, is no path: the system refuses it as too long, it is not an error)."""
+    try:
+        return Path(text).is_file()
+    except (OSError, ValueError):
+        return False
+
+
 def _stdin_lines() -> list[str]:
     """The lines of standard input, decoded as UTF-8 whatever the locale (a stray byte is an
     error naming its line, not a source word made of a surrogate)."""
@@ -66,7 +75,7 @@ def _run(args: argparse.Namespace) -> int:
             sentence.encode("utf-8")
         except UnicodeEncodeError:  # bytes the locale could not decode, kept as surrogates
             raise ToolError(f"sentence argument {n} is not UTF-8 text") from None
-        if " " not in sentence.strip() and Path(sentence).is_file():  # meant: its lines
+        if " " not in sentence.strip() and _names_a_file(sentence):  # meant: its lines
             print(f"captioner translate: WARNING: sentence argument {n} names a file "
                   f"({sentence}), translated as a sentence; to translate its lines give it on "
                   "stdin (< FILE)", file=sys.stderr)

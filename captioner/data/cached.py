@@ -77,8 +77,8 @@ class _CachedFeatures:
                           "checksums were kept, so verify_cache checked only their shapes; "
                           "`captioner extract-features --verify` records them", stacklevel=2)
 
-    #: an image whose grid the cache holds needs no file (:meth:`_image_exists`); the tools
-    #: that read the pixels (``captioner evaluate``, ``visualize``...) turn it off
+    #: an image whose grid the cache holds needs no file (:meth:`_image_exists`); a tool that
+    #: reads the pixels (``captioner evaluate``) turns it off
     cache_replaces_images: bool = True
 
     def _image_exists(self, path: Path) -> bool:

@@ -144,18 +144,22 @@ def build_backbone(name: str, weights: str | None = None) -> Backbone:
 
 
 def _call_builder(builder: Callable[..., Backbone], weights: str | None) -> Backbone:
-    """``builder(weights)``, or ``builder(weights=weights)`` for a builder whose ``weights``
-    is keyword-only (torchvision's ``f(*, weights=None)``); a builder's first parameter may
-    have any name."""
+    """``builder(weights=weights)`` where the builder takes ``weights`` by name (any parameter
+    so named that is not positional-only, as torchvision's ``f(*, weights=None)``, or only
+    ``**kwargs``), else ``builder(weights)``: its first parameter may have any name."""
     import inspect
 
     try:
-        param = inspect.signature(builder).parameters.get("weights")
+        params = inspect.signature(builder).parameters.values()
     except (TypeError, ValueError):  # no signature to read (a builtin): positional
-        param = None
-    if param is not None and param.kind is inspect.Parameter.KEYWORD_ONLY:
-        return builder(weights=weights)
-    return builder(weights)
+        return builder(weights)
+    kinds = {p.name: p.kind for p in params}
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                  inspect.Parameter.VAR_POSITIONAL)
+    by_name = (kinds.get("weights") not in (None, inspect.Parameter.POSITIONAL_ONLY)
+               or ("weights" not in kinds and inspect.Parameter.VAR_KEYWORD in kinds.values()
+                   and not any(k in positional for k in kinds.values())))
+    return builder(weights=weights) if by_name else builder(weights)
 
 
 def no_weights_as_none(weights: str | None) -> str | None:

@@ -588,6 +588,23 @@ def test_a_wrong_class_path_or_choice_in_a_config_file_names_the_file_and_line(t
     err = capsys.readouterr().err
     assert (f"error: {override} line 3: lr_scheduler 'plateu' is not one of 'none', "
             "'plateau'\n") in err and f"{bad} line" not in err, err
+    soft["model"]["init_args"]["lr_scheduler"] = False  # a value that prints otherwise (False)
+    got = first_error_line(soft)
+    assert got.startswith(f"error: {bad} line {line_of('lr_scheduler: false')}: lr_scheduler "
+                          "'False' is not one of"), got
+    # an option of a nested class, not accepted: found in the class's own init_args, not in
+    # an override file's init_args of another section (which only hid it, being a 2nd match)
+    soft["model"]["init_args"]["lr_scheduler"] = "none"
+    soft["model"]["init_args"]["decoder"]["init_args"]["min_freq"] = 2
+    override.write_text("data:\n  init_args:\n    min_freq: 1\n")
+    bad.write_text(yaml.safe_dump(soft, sort_keys=False))
+    with pytest.raises(SystemExit):
+        lightning_main(["fit", "-c", str(CONFIGS / "trainer" / "cpu.yaml"), "-c",
+                        str(CONFIGS / "data" / "shapes.yaml"), "-c", str(bad), "-c",
+                        str(override)])
+    err = capsys.readouterr().err
+    assert f"error: {bad} line {line_of('min_freq: 2')}: option 'min_freq' is not accepted" \
+        in err and f"{override} line" not in err, err
 
 
 def test_test_refuses_a_data_config_that_puts_training_images_in_the_split(
