@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import sys
+from collections.abc import Iterator
 from typing import Any, Callable
 
 from captioner.messages import one_line  # re only: cheap for every command
@@ -766,21 +767,33 @@ def _close_names(class_path: str) -> str:
     return f"; did you mean {module_name + '.' + close[0]!r}?" if close else ""
 
 
-def _class_path_nodes(root: Any, class_path: str) -> list[Any]:
-    """The YAML value nodes ``class_path: <class_path>`` anywhere under ``root``."""
+def _yaml_mappings(root: Any) -> Iterator[Any]:
+    """Every YAML mapping node under ``root`` (``root`` included), in no particular order."""
     import yaml
 
-    nodes, stack = [], [root]
+    stack = [root]
     while stack:
         node = stack.pop()
         if isinstance(node, yaml.SequenceNode):
             stack.extend(node.value)
         elif isinstance(node, yaml.MappingNode):
-            for key, value in node.value:
-                if getattr(key, "value", None) == "class_path" and getattr(
-                        value, "value", None) == class_path:
-                    nodes.append(value)
-                stack.append(value)
+            yield node
+            stack.extend(value for _, value in node.value)
+
+
+def _child(node: Any, name: str) -> tuple[Any, Any] | None:
+    """``(key node, value node)`` of ``name`` in the YAML mapping ``node``; ``None`` if absent
+    (or not a mapping)."""
+    import yaml
+
+    items = node.value if isinstance(node, yaml.MappingNode) else []
+    return next(((k, v) for k, v in items if getattr(k, "value", None) == name), None)
+
+
+def _class_path_nodes(root: Any, class_path: str) -> list[Any]:
+    """The YAML value nodes ``class_path: <class_path>`` anywhere under ``root``."""
+    nodes = [hit[1] for mapping in _yaml_mappings(root)
+             if (hit := _child(mapping, "class_path")) and hit[1].value == class_path]
     return sorted(nodes, key=lambda n: n.start_mark.line)
 
 
@@ -789,35 +802,23 @@ def _config_key_nodes(root: Any, class_path: str | None, key: str) -> list[tuple
     whose ``class_path`` is ``class_path`` (or ends with it; ``""``: any class; ``"*"``: every
     ``init_args``, with a ``class_path`` or without), else (``None``) at the dotted path
     ``key``."""
-    import yaml
-
-    def items(node: Any) -> list[tuple[Any, Any]]:
-        return node.value if isinstance(node, yaml.MappingNode) else []
-
-    def child(node: Any, name: str) -> tuple[Any, Any] | None:
-        return next(((k, v) for k, v in items(node) if getattr(k, "value", None) == name), None)
-
     if class_path is None:
-        node, parts, hit = root, key.split("."), None
-        for part in parts:
-            hit = child(node, part)
+        node, hit = root, None
+        for part in key.split("."):
+            hit = _child(node, part)
             if hit is None:
                 return []
             node = hit[1]
         return [hit]
-    nodes, stack = [], [root]
-    while stack:
-        node = stack.pop()
-        if isinstance(node, yaml.SequenceNode):
-            stack.extend(node.value)
-            continue
-        named = child(node, "class_path")
+    nodes = []
+    for mapping in _yaml_mappings(root):
+        named = _child(mapping, "class_path")
         value = getattr(named[1], "value", None) if named else None
         if class_path == "*" or isinstance(value, str) and (
                 class_path in ("", value) or class_path.endswith("." + value)):
-            found = child(child(node, "init_args")[1], key) if child(node, "init_args") else None
+            init_args = _child(mapping, "init_args")
+            found = _child(init_args[1], key) if init_args else None
             nodes += [found] if found else []
-        stack.extend(v for _, v in items(node))
     return sorted(nodes, key=lambda kv: kv[0].start_mark.line)
 
 
