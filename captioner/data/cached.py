@@ -154,7 +154,7 @@ class CachedFeaturesDataModule(_CachedFeatures, CaptionDataModule):
         format, annotations, image_root, instances, image_size, batch_size, eval_batch_size,
             num_workers, min_freq, max_vocab_size, max_caption_length, val_fraction,
             test_fraction, split_seed, skip_bad, max_images, vocab_file, split_method,
-            same_length_batches: as
+            same_length_batches, max_captions_per_image: as
             :class:`CaptionDataModule` (``image_size`` is not used for loading; it is kept for
             checkpoints and the inference tools, which read raw images).
         verify_cache: read every shard when the cache is opened and compare it with the
@@ -190,11 +190,13 @@ class CachedFeaturesDataModule(_CachedFeatures, CaptionDataModule):
         split_method: Literal["rank", "hash"] = "rank",
         verify_cache: bool = False,
         same_length_batches: bool = False,
+        max_captions_per_image: int | None = None,
     ) -> None:
         super().__init__(format, annotations, image_root, instances, image_size, batch_size,
                          eval_batch_size, num_workers, min_freq, max_vocab_size,
                          max_caption_length, val_fraction, test_fraction, split_seed, skip_bad,
-                         max_images, vocab_file, split_method, same_length_batches)
+                         max_images, vocab_file, split_method, same_length_batches,
+                         max_captions_per_image)
         self.save_hyperparameters()
         self.features_dir = features_dir
         self.verify_cache = verify_cache

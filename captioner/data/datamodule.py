@@ -30,6 +30,7 @@ import os
 import warnings
 from collections import Counter
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -104,6 +105,11 @@ class CaptionDataModule(L.LightningDataModule):
             (Xu et al. 2015, Sec. 4.3; :class:`~captioner.data.samplers.SameLengthBatchSampler`):
             no padded steps, and up to one smaller batch per distinct length per epoch. Off:
             batches of ``batch_size`` random captions (padded steps are skipped, not computed).
+        max_captions_per_image: Keep only the first ``max_captions_per_image`` captions of each
+            image, in file order, for training, the vocabulary and the references alike. The
+            paper discards MS COCO's captions in excess of 5 "for consistency across our
+            datasets" (Xu et al. 2015, Sec. 5.1): ``5`` reproduces that; ``None`` keeps all
+            (COCO has 5-7 per image).
 
     Attributes:
         decode_images: whether ``skip_bad`` decodes the images (``False`` in the cached-feature
@@ -141,6 +147,7 @@ class CaptionDataModule(L.LightningDataModule):
         vocab_file: str | None = None,
         split_method: Literal["rank", "hash"] = "rank",
         same_length_batches: bool = False,
+        max_captions_per_image: int | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -171,9 +178,11 @@ class CaptionDataModule(L.LightningDataModule):
             raise ConfigError(f"max_caption_length must be >= 2, got {max_caption_length}")
         check_ranges(type(self).__name__, "data", dict(
             image_size=image_size, batch_size=batch_size, eval_batch_size=eval_batch_size,
-            num_workers=num_workers, min_freq=min_freq, max_vocab_size=max_vocab_size), {
+            num_workers=num_workers, min_freq=min_freq, max_vocab_size=max_vocab_size,
+            max_captions_per_image=max_captions_per_image), {
             "image_size": POSITIVE, "batch_size": POSITIVE, "eval_batch_size": POSITIVE,
-            "num_workers": NON_NEGATIVE, "min_freq": POSITIVE, "max_vocab_size": MORE_THAN_SPECIALS})
+            "num_workers": NON_NEGATIVE, "min_freq": POSITIVE, "max_vocab_size": MORE_THAN_SPECIALS,
+            "max_captions_per_image": POSITIVE})
         self.format = format
         self.annotations = annotations
         self.image_root = image_root
@@ -194,6 +203,7 @@ class CaptionDataModule(L.LightningDataModule):
         self.same_length_batches = same_length_batches
         self.skip_bad = skip_bad
         self.max_images = max_images
+        self.max_captions_per_image = max_captions_per_image
         self.vocab_file = vocab_file
         self._records: dict[str, list[ImageRecord]] | None = None
         self._vocab: Vocabulary | None = None
@@ -228,14 +238,18 @@ class CaptionDataModule(L.LightningDataModule):
         return by_split
 
     def split_records(self, warn: bool = False) -> dict[str, list[ImageRecord]]:
-        """The splits as drawn: the annotations parsed, unsplit images split, ``max_images``
-        applied, before ``skip_bad`` leaves out unreadable images (no image is decoded here;
+        """The splits as drawn: the annotations parsed (``max_captions_per_image`` applied),
+        unsplit images split, ``max_images`` applied, before ``skip_bad`` leaves out unreadable images (no image is decoded here;
         :meth:`records` is what training and evaluation read).
 
         Args:
             warn: warn of images that are in more than one split.
         """
         records = self.parse_records()
+        if self.max_captions_per_image is not None:
+            cap = self.max_captions_per_image
+            records = [r if len(r.captions) <= cap else replace(r, captions=r.captions[:cap])
+                       for r in records]
         records = assign_splits(records, self.val_fraction, self.test_fraction, self.split_seed,
                                 self.split_method)
         by_split: dict[str, list[ImageRecord]] = {split: [] for split in SPLITS}

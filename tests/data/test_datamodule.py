@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 from captioner.config import ConfigError
+from captioner.data.cached import CachedFeaturesDataModule
 from captioner.data.datamodule import CaptionDataModule, ShapesDataModule
 from captioner.data.formats import AnnotationError
 from captioner.data.vocabulary import Vocabulary
@@ -90,6 +91,33 @@ def test_records_and_references(tmp_path: Path) -> None:
     assert dm.records("val") is dm.records("val")  # parsed once, cached
     with pytest.raises(ValueError):
         dm.records("dev")
+
+
+def test_captions_in_excess_of_the_cap_are_discarded_everywhere(tmp_path: Path) -> None:
+    """``max_captions_per_image`` keeps each image's first captions in file order (the paper's
+    "discard caption in excess of 5", Sec. 5.1): for the training pairs, the vocabulary and the
+    references alike; images with fewer keep all of theirs."""
+    train = {"t0.png": ["one dog", "two cats", "three birds"], "t1.png": ["a fish"]}
+    val = {"v0.png": ["red car", "blue bus", "green van"], "v1.png": ["a boat"]}
+    train_json, train_dir = _coco_split(tmp_path, "train", train)
+    val_json, val_dir = _coco_split(tmp_path, "val", val)
+    dm = CaptionDataModule(format="coco", annotations={"train": train_json, "val": val_json},
+                           image_root={"train": train_dir, "val": val_dir}, image_size=9,
+                           batch_size=8, num_workers=0, min_freq=1, max_captions_per_image=2)
+    assert [r.captions for r in dm.records("train")] == [["one dog", "two cats"], ["a fish"]]
+    assert dm.references("val") == [[["red", "car"], ["blue", "bus"]], [["a", "boat"]]]
+    assert "three" not in dm.vocab.stoi and "birds" not in dm.vocab.stoi
+    assert dm.vocab.itos[4:] == ["a", "cats", "dog", "fish", "one", "two"]
+    dm.setup("fit")
+    assert sum(len(b["index"]) for b in dm.train_dataloader()) == 3  # one pair per caption kept
+    assert dm.hparams["max_captions_per_image"] == 2
+    cached = CachedFeaturesDataModule(
+        features_dir=str(tmp_path / "no_cache_needed_to_parse"), format="coco",
+        annotations={"train": train_json, "val": val_json},
+        image_root={"train": train_dir, "val": val_dir}, min_freq=1, max_captions_per_image=2)
+    assert [r.captions for r in cached.records("train")] == [["one dog", "two cats"], ["a fish"]]
+    uncapped = _per_split_module(tmp_path / "all")
+    assert [len(r.captions) for r in uncapped.records("train")] == [2, 1, 1]
 
 
 def test_dataloaders(tmp_path: Path) -> None:
@@ -381,7 +409,8 @@ def test_a_file_listed_twice_within_a_split_is_warned_of(tmp_path: Path) -> None
 @pytest.mark.parametrize("option, value, rule", [
     ("batch_size", 0, ">= 1"), ("batch_size", -3, ">= 1"), ("eval_batch_size", 0, ">= 1"),
     ("image_size", 0, ">= 1"), ("num_workers", -1, ">= 0"), ("min_freq", 0, ">= 1"),
-    ("max_vocab_size", 4, "> 4 (the specials and at least one word)")])
+    ("max_vocab_size", 4, "> 4 (the specials and at least one word)"),
+    ("max_captions_per_image", 0, ">= 1")])
 def test_out_of_range_options_are_refused_when_the_module_is_built(option, value, rule):
     """``batch_size: 0`` failed in torch's DataLoader with a traceback, ``image_size: 0`` only at
     the sanity check, after the model was built: now one error naming the option."""
