@@ -67,7 +67,17 @@ _PTB_PUNCTUATIONS = frozenset(
 # (e.g. "-lrb-"); the Python fallback reproduces that quirk.
 _PTB_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "{": "-lcb-", "}": "-rcb-", "[": "-lsb-", "]": "-rsb-"}
 _CONTRACTION_RE = re.compile(r"(?<=\w)(n't|'s|'m|'d|'ll|'re|'ve)\b")
-_TOKEN_RE = re.compile(r"<[a-z]+>|n't|'\w+|\w+(?:[-.,/']\w+)*|\.\.\.|--|``|''|[^\w\s]")
+# Abbreviations whose final period PTBTokenizer keeps (checked against the Java tokenizer of
+# pycocoevalcap, mid-caption and at its end): initialisms ("u.s.", "a.m.", "e.g."), titles and
+# the like, and "no." before a number; clock times and ratios ("10:45", "16:9") stay whole.
+_ABBREVIATIONS = (
+    "mr mrs ms dr st jr sr lt capt gen col sgt gov sen rep prof rev etc vs inc co corp ltd dept "
+    "mt ave blvd ft est jan feb mar apr jun jul aug sep sept oct nov dec mon tue wed thu fri "
+    "calif fla ariz").split()
+_ABBREVIATION = (rf"(?<![\w.])(?:(?:[a-z]\.){{2,}}|(?:{'|'.join(_ABBREVIATIONS)})\.(?!\w)"
+                 r"|no\.(?=\s*\d))")
+_TOKEN_RE = re.compile(rf"<[a-z]+>|n't|'\w+|{_ABBREVIATION}|\d+(?::\d+)+"
+                       r"|\w+(?:[-.,/']\w+)*|\.\.\.|--|``|''|[^\w\s]")
 
 _CORENLP_SPICE_JARS = ("stanford-corenlp-3.6.0.jar", "stanford-corenlp-3.6.0-models.jar")
 
@@ -188,8 +198,9 @@ def simple_ptb_tokenize(caption: str) -> str:
 
     Lowercases, splits clitics the PTB way (``"don't"`` -> ``"do n't"``, ``"dog's"`` ->
     ``"dog 's"``), keeps hyphenated words and numbers whole, escapes brackets as the Java
-    tokenizer does (``"("`` -> ``"-lrb-"``) and drops quotes and the punctuation tokens that
-    ``pycocoevalcap`` drops. Used only when Java is unavailable; it matches PTBTokenizer on
+    tokenizer does (``"("`` -> ``"-lrb-"``), keeps the final period of abbreviations
+    (``"u.s."``, ``"mr."``) and clock times whole (``"10:45"``), and drops quotes and the
+    punctuation tokens that ``pycocoevalcap`` drops. Used only when Java is unavailable; it matches PTBTokenizer on
     ordinary captions, not on every corner case.
 
     Args:

@@ -205,6 +205,14 @@ def test_simple_ptb_tokenize():
     assert simple_ptb_tokenize('A black-and-white "cat"... on 3.5 mats.') == (
         "a black-and-white cat on 3.5 mats"
     )
+    # as the Java PTBTokenizer writes them (pycocoevalcap's jar, -lowerCase, punctuation dropped):
+    # abbreviations keep their final period, clock times and ratios stay whole
+    for caption, java in [("A bus at 10:45 a.m. in N.Y.", "a bus at 10:45 a.m. in n.y."),
+                          ("Mr. Smith and Dr. Who, etc.", "mr. smith and dr. who etc."),
+                          ("a No. 5 jersey, at 5:30pm", "a no. 5 jersey at 5:30 pm"),
+                          ("the U.S. flag says no.", "the u.s. flag says no"),
+                          ("a 16:9 screen in St. Louis.", "a 16:9 screen in st. louis")]:
+        assert simple_ptb_tokenize(caption) == java
 
 
 # ---------------------------------------------------------------------------------------------
