@@ -31,14 +31,16 @@ def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
 PRECISIONS = ("32", "bf16")
 
 
-def check_precision(precision: str, device: torch.device | str) -> str:
-    """``precision`` itself, checked: one of :data:`PRECISIONS`; ``"bf16"`` on a CPU without
-    native bf16 (no AVX512-BF16 / AMX, where bf16 matmuls are emulated, many times slower
-    than float32) is accepted with a warning.
+def check_precision(precision: str | int, device: torch.device | str) -> str:
+    """``precision`` itself, checked: one of :data:`PRECISIONS` (the integer ``32`` is read as
+    ``"32"``); ``"bf16"`` on a CPU without native bf16 (no AVX512-BF16 / AMX, where bf16
+    matmuls are emulated, many times slower than float32) is accepted with a warning.
 
     Raises:
         ValueError: another value, named with the allowed ones.
     """
+    if isinstance(precision, int) and not isinstance(precision, bool):
+        precision = str(precision)  # as Lightning's ``precision: 32``
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if (precision == "bf16" and torch.device(device).type == "cpu"

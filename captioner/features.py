@@ -647,7 +647,7 @@ def extract_features(
         raise ValueError("the encoder must expose grid_size (H, W) and out_channels D, as "
                          "captioner.encoders.ImageEncoder does")
     encoder = encoder.to(device).eval()
-    check_precision(precision, device)
+    precision = check_precision(precision, device)
     grid = [int(g) for g in encoder.grid_size]
     version = _existing_fingerprint_version(out)  # a resumed cache keeps its definition
     meta = {"format": FORMAT, "dtype": DTYPE, "grid": grid, "dim": int(encoder.out_channels),

@@ -347,8 +347,9 @@ class Captioner:
         Raises:
             captioner.data.images.ImageLoadError: a path that is missing or not an image.
         """
-        if isinstance(images, (str, Path, Image.Image)):
+        if isinstance(images, (str, os.PathLike, Image.Image)):
             images = [images]
+        _check_batch_size(batch_size)
         results: list[Caption] = []
         for start in range(0, len(images), batch_size):
             chunk = list(images[start:start + batch_size])
@@ -356,22 +357,25 @@ class Captioner:
             loaded = [upright_rgb(img) if isinstance(img, Image.Image) else load_image(img)
                       for img in chunk]
             paths = [None if isinstance(img, Image.Image) else Path(img) for img in chunk]
-            results.extend(self._caption_loaded(loaded, paths, beam_size, max_length,
-                                                min_length, keep_images))
+            batch = torch.stack([self.preprocess(img) for img in loaded])  # (B, 3, S, S)
+            kept = loaded if keep_images else [None] * len(loaded)
+            results.extend(self._caption_inputs(batch, kept, paths, beam_size, max_length,
+                                                min_length))
         return results
 
-    @torch.no_grad()
-    def caption_paths(self, paths: Iterable[str | Path], beam_size: int | None = None,
-                      max_length: int | None = None, min_length: int | None = None,
-                      batch_size: int = 16, keep_images: bool = False,
+    def caption_paths(self, paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
+                      beam_size: int | None = None, max_length: int | None = None,
+                      min_length: int | None = None, batch_size: int = 16,
+                      keep_images: bool = False,
                       ) -> tuple[list[Caption], list[tuple[Path, str]]]:
         """Caption image files and folders (searched recursively), never stopping at a bad one.
 
         Folders are expanded with :func:`~captioner.data.images.find_images`; images are loaded
-        ``batch_size`` at a time, so a large folder never sits in memory at once.
+        ``batch_size`` at a time, so a large folder never sits in memory at once
+        (:meth:`iter_caption_paths` hands each batch over as it is done).
 
         Args:
-            paths: image files and/or folders.
+            paths: image files and/or folders (one path alone is one path, not a sequence).
             beam_size: ``K``; ``1`` is greedy search (default: the checkpoint's setting).
             max_length: most decoding steps.
             min_length: fewest tokens, ``<end>`` included.
@@ -383,20 +387,53 @@ class Captioner:
             image, in order, and ``(path, reason)`` for each path that is missing, not an image
             file, or not readable as an image.
         """
-        files, errors = find_images(paths)
         captions: list[Caption] = []
+        errors: list[tuple[Path, str]] = []
+        for done, failed in self.iter_caption_paths(paths, beam_size, max_length, min_length,
+                                                    batch_size, keep_images):
+            captions += done
+            errors += failed
+        return captions, errors
+
+    @torch.no_grad()
+    def iter_caption_paths(
+        self, paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
+        beam_size: int | None = None, max_length: int | None = None,
+        min_length: int | None = None, batch_size: int = 16, keep_images: bool = False,
+    ) -> Iterator[tuple[list[Caption], list[tuple[Path, str]]]]:
+        """:meth:`caption_paths` one batch at a time, so that a caller can write each batch's
+        captions before the next is decoded (``captioner caption`` does).
+
+        Yields:
+            ``(captions, errors)`` of each batch of ``batch_size`` files, in order; the paths
+            that name no image file come first, as one item with no captions. Without
+            ``keep_images`` each image is resized to the model's input as soon as it is
+            decoded, so a batch of large photos never sits in memory at full resolution.
+        """
+        if isinstance(paths, (str, os.PathLike)):
+            paths = [paths]
+        _check_batch_size(batch_size)
+        files, not_images = find_images(paths)
+        if not_images:
+            yield [], not_images
         for chunk in _batched(files, batch_size):
-            loaded, ok = [], []
+            inputs: list[torch.Tensor] = []  # (3, S, S) each
+            kept: list[Image.Image | None] = []
+            ok: list[Path] = []
+            errors: list[tuple[Path, str]] = []
             for file in chunk:
                 try:
-                    loaded.append(load_image(file))
-                    ok.append(file)
+                    image = load_image(file)
                 except ImageLoadError as e:
                     errors.append((file, e.reason))
-            if loaded:
-                captions.extend(self._caption_loaded(loaded, ok, beam_size, max_length,
-                                                     min_length, keep_images))
-        return captions, errors
+                    continue
+                inputs.append(self.preprocess(image))
+                kept.append(image if keep_images else None)
+                ok.append(file)
+                del image  # the full-resolution pixels go now unless kept
+            captions = (self._caption_inputs(torch.stack(inputs), kept, ok, beam_size,
+                                             max_length, min_length) if inputs else [])
+            yield captions, errors
 
     @torch.no_grad()
     def caption_tensors(self, images: torch.Tensor, beam_size: int | None = None,
@@ -412,11 +449,20 @@ class Captioner:
 
         Returns:
             One :class:`Caption` per image (without ``image`` / ``path``).
+
+        Raises:
+            TypeError: integer images (``torchvision.io.read_image``'s ``uint8`` in
+                ``[0, 255]``: divide by 255, or use :meth:`preprocess`), or not ``(B, 3, H, W)``.
         """
         from captioner.grid_frame import encoder_edges, encoder_thetas
 
+        if not torch.is_floating_point(images):
+            raise TypeError(f"images must be floating point in [0, 1], got {images.dtype} "
+                            "(uint8 images in [0, 255]: divide by 255 first)")
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise TypeError(f"images must be (B, 3, H, W) RGB, got shape {tuple(images.shape)}")
         with inference_autocast(self.device, self.precision):
-            annotations = self.encoder(images.to(self.device))  # (B, L, D)
+            annotations = self.encoder(images.to(self.device, torch.float32))  # (B, L, D)
             out = self.generate(annotations, beam_size, max_length, min_length)
         thetas = encoder_thetas(self.encoder)  # (B, 2, 3) or None
         captions = self._captions(out)
@@ -445,13 +491,14 @@ class Captioner:
         return beam_search(self.decoder, annotations, beam_size=k,
                            length_penalty=s["length_penalty"], stop=s["beam_stop"], **kw)
 
-    def _caption_loaded(self, images: list[Image.Image], paths: Sequence[Path | None],
-                        beam_size: int | None, max_length: int | None, min_length: int | None,
-                        keep_images: bool) -> list[Caption]:
-        batch = torch.stack([self.preprocess(img) for img in images])  # (B, 3, S, S)
+    def _caption_inputs(self, batch: torch.Tensor, images: Sequence[Image.Image | None],
+                        paths: Sequence[Path | None], beam_size: int | None,
+                        max_length: int | None, min_length: int | None) -> list[Caption]:
+        """Caption ``batch`` ``(B, 3, S, S)`` (:meth:`preprocess`'s), each caption given its
+        image (or ``None``) and path."""
         captions = self.caption_tensors(batch, beam_size, max_length, min_length)
         for caption, img, path in zip(captions, images, paths):
-            caption.image = img if keep_images else None
+            caption.image = img
             caption.path = path
         return captions
 
@@ -466,6 +513,11 @@ class Captioner:
                 alphas=out.alphas[i, :n].float().cpu().numpy().reshape(n, H, W),  # (T, H, W)
                 betas=out.betas[i, :n].float().cpu().numpy()))
         return captions
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
 
 
 def _batched(items: Sequence[Path], size: int) -> Iterator[Sequence[Path]]:

@@ -45,19 +45,40 @@ from captioner.grid_frame import (Edges, cell_outline, grid_edges, image_to_grid
 # Gaussian smoothing of the upsampled map, in grid cells (Xu et al. used sigma = 20 px for
 # 16 px cells with skimage's pyramid_expand; half a cell keeps the cell structure readable).
 SMOOTH_SIGMA_CELLS = 0.5
+#: :func:`plot_attention`'s panels are at most this many times taller than wide, or wider
+#: than tall
+MAX_PANEL_ASPECT = 8
+#: :func:`plot_attention` upsamples each map to at most this many pixels a side
+MAX_MAP_SIDE = 1024
 
 if TYPE_CHECKING:
     import torch
 
 
-def _save_figure(fig: Figure, path: str | os.PathLike, dpi: int) -> Path:
+def figure_format(path: str | os.PathLike) -> str:
+    """The format a figure written to ``path`` gets (its suffix; none: matplotlib's default),
+    checked before anything is drawn.
+
+    Raises:
+        IsADirectoryError: ``path`` is a folder.
+        ValueError: a suffix matplotlib cannot write, named with the ones it can.
+    """
     out = Path(path)
     if out.is_dir():
         raise IsADirectoryError(f"{out} is a folder; give a file name such as "
                                 f"{out / 'attention.png'}")
-    FigureCanvasAgg(fig)  # attach the Agg canvas explicitly
-    # no suffix: matplotlib's default format (the temporary file's own suffix would be read)
     fmt = out.suffix.lstrip(".").lower() or matplotlib.rcParams["savefig.format"]
+    formats = FigureCanvasAgg.get_supported_filetypes()
+    if fmt not in formats:
+        raise ValueError(f"format {fmt!r} is not supported (supported: "
+                         f"{', '.join(sorted(formats))})")
+    return fmt
+
+
+def _save_figure(fig: Figure, path: str | os.PathLike, dpi: int) -> Path:
+    out = Path(path)
+    fmt = figure_format(out)  # (the temporary file's own suffix would be read otherwise)
+    FigureCanvasAgg(fig)  # attach the Agg canvas explicitly
     with atomic_path(out) as tmp:
         fig.savefig(tmp, format=fmt, dpi=dpi, bbox_inches="tight")
     return out
@@ -251,7 +272,14 @@ def plot_attention(
     n_cols = max(1, min(cols, n_panels))
     n_rows = math.ceil(n_panels / n_cols)
     panel_w = 2.4
-    panel_h = panel_w * img_h / img_w + 0.35  # room for the word above each panel
+    # the panel's height follows the image, within 1:8 and 8:1 (a 3 x 2000 strip would make a
+    # figure of 265,000 pixels); imshow keeps the true aspect inside it
+    aspect = min(max(img_h / img_w, 1 / MAX_PANEL_ASPECT), MAX_PANEL_ASPECT)
+    panel_h = panel_w * aspect + 0.35  # room for the word above each panel
+    # the maps are upsampled to at most MAX_MAP_SIDE pixels a side and drawn over the image's
+    # own pixel extent (a 6000 x 8000 photo would otherwise take 384 MB per word)
+    shrink = min(1.0, MAX_MAP_SIDE / max(img_h, img_w))
+    map_size = (max(1, round(img_h * shrink)), max(1, round(img_w * shrink)))
     fig = Figure(figsize=(panel_w * n_cols, panel_h * n_rows + (0.4 if title else 0.0)))
     axes = fig.subplots(n_rows, n_cols, squeeze=False).reshape(-1)
     extent = (0.0, img_w, img_h, 0.0)  # continuous pixel edges: cell edges land exactly
@@ -264,7 +292,7 @@ def plot_attention(
     for t in range(t_len):
         ax = axes[t + 1]
         ax.imshow(img, extent=extent, **gray)
-        up = upsample_attention(maps[t], (img_h, img_w), smooth, theta, edges)  # (H_img, W_img)
+        up = upsample_attention(maps[t], map_size, smooth, theta, edges)  # (H_img, W_img) or less
         ax.imshow(up, cmap=cmap, alpha=overlay_alpha, extent=extent,
                   vmin=0.0, vmax=float(up.max()) if up.max() > 0 else 1.0)
         label = words[t] if betas is None else f"{words[t]} (β={betas[t]:.2f})"

@@ -273,6 +273,88 @@ def test_caption_paths_reports_bad_files_and_captions_the_rest(
     assert reasons["fake.png"] == "not a recognised image format"  # the reason, no path
 
 
+def test_caption_paths_takes_one_path_as_one_path(captioner: Captioner,
+                                                  test_images: list[Path]) -> None:
+    """A single path string was iterated character by character: ``"/"`` walked the whole
+    file system (99 s, 19,825 captions of other images)."""
+    for one in (str(test_images[0]), test_images[0]):
+        captions, errors = captioner.caption_paths(one)
+        assert [c.path for c in captions] == [test_images[0]] and errors == []
+        _same(captions[0], captioner.caption(one)[0])
+
+
+def test_caption_paths_yields_each_batch_and_resizes_each_image_as_it_is_read(
+        captioner: Captioner, test_images: list[Path], tmp_path: Path, monkeypatch) -> None:
+    """Batches come as they are done (the tool writes them at once), the paths that name no
+    image first; without ``keep_images`` each image is resized right after it is decoded, so
+    a batch of 8000 x 6000 photos never sits in memory at full size (3.9 GB at batch 16)."""
+    import captioner.inference as inference
+
+    events = []
+    load, preprocess = inference.load_image, Captioner.preprocess
+    monkeypatch.setattr(inference, "load_image",
+                        lambda path: events.append(("load", Path(path).name)) or load(path))
+    monkeypatch.setattr(Captioner, "preprocess",
+                        lambda self, img: events.append(("resize",)) or preprocess(self, img))
+    batches = list(captioner.iter_caption_paths(
+        [*test_images[:5], tmp_path / "missing.png"], batch_size=2))
+    assert [len(c) for c, _ in batches] == [0, 2, 2, 1]
+    assert batches[0][1] == [(tmp_path / "missing.png", "no such file or folder")]
+    assert [cap.path for caps, _ in batches[1:] for cap in caps] == test_images[:5]
+    assert events[:4] == [("load", test_images[0].name), ("resize",),
+                          ("load", test_images[1].name), ("resize",)]
+
+
+def test_an_image_too_large_for_memory_fails_alone(captioner: Captioner,
+                                                   test_images: list[Path], tmp_path: Path,
+                                                   monkeypatch) -> None:
+    """A PNG under the pixel limit can still need more memory than there is (23000 x 23000
+    from 500 KB): its MemoryError ended ``captioner caption`` with a traceback and no line of
+    output. It is now that image's error."""
+    from PIL import ImageFile
+
+    huge = tmp_path / "huge.png"
+    huge.write_bytes(test_images[1].read_bytes())
+    decode = ImageFile.ImageFile.load
+
+    def load(self):
+        if Path(getattr(self, "filename", "")).name == "huge.png":
+            raise MemoryError
+        return decode(self)
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", load)
+    captions, errors = captioner.caption_paths([test_images[0], huge, test_images[2]])
+    assert [c.path for c in captions] == [test_images[0], test_images[2]]
+    assert errors == [(huge, "image too large to decode in the memory available")]
+    with pytest.raises(ImageLoadError, match="huge.png: image too large to decode"):
+        load_image(huge)
+
+
+def test_caption_tensors_refuses_integer_images_and_reads_any_float(
+        captioner: Captioner, test_images: list[Path]) -> None:
+    """``uint8`` in [0, 255] (``torchvision.io.read_image``) was captioned as if in [0, 1]
+    ("a a a a ..."), float64 failed inside a matmul, a grey (B, 1, H, W) batch inside a conv."""
+    batch = torch.stack([captioner.preprocess(load_image(p)) for p in test_images[:3]])
+    expected = captioner.caption_tensors(batch)
+    with pytest.raises(TypeError, match=r"floating point in \[0, 1\], got torch.uint8 "
+                                        r"\(uint8 images in \[0, 255\]: divide by 255 first\)"):
+        captioner.caption_tensors((batch * 255).round().to(torch.uint8))
+    with pytest.raises(TypeError, match=r"\(B, 3, H, W\) RGB, got shape \(3, 1, "):
+        captioner.caption_tensors(batch[:, :1])
+    for got, want in zip(captioner.caption_tensors(batch.double()), expected):
+        _same(got, want)
+
+
+def test_batch_sizes_below_one_and_integer_precision(captioner: Captioner,
+                                                     test_images: list[Path],
+                                                     tiny_checkpoint: Path) -> None:
+    for call in (captioner.caption, captioner.caption_paths):
+        with pytest.raises(ValueError, match="batch_size must be a positive integer, got 0"):
+            call(test_images[:2], batch_size=0)
+    # precision=32 (Lightning's spelling) was refused as "must be one of 32, bf16, got 32"
+    assert Captioner.from_checkpoint(tiny_checkpoint, precision=32).precision == "32"
+
+
 # ------------------------------------------------------------------------------- bad checkpoints
 def _variant(tiny_checkpoint: Path, tmp_path: Path, name: str, edit) -> Path:
     ckpt = torch.load(tiny_checkpoint, weights_only=True)

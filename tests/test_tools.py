@@ -180,6 +180,59 @@ def test_caption_of_a_file_name_that_is_not_utf8(monkeypatch, tiny_checkpoint, t
             assert len(lines) == 3 and lines[1].startswith(os.fsencode(odd) + b"\t")
 
 
+def test_caption_on_a_console_without_the_characters_of_a_name(monkeypatch, tiny_checkpoint,
+                                                               test_images, tmp_path) -> None:
+    """On an ASCII (or Windows code page) stdout a name such as ``ñandú 日本.png`` was a
+    UnicodeEncodeError part way through the lines, and nothing at all with ``--json``: the
+    lines now write it backslash-escaped, the JSON ``\\u``-escaped (still valid)."""
+    import io
+    import shutil
+
+    name = "\u00f1and\u00fa \u65e5\u672c.png"
+    shutil.copy(test_images[0], tmp_path / name)
+    shutil.copy(test_images[1], tmp_path / "z.png")
+    for extra in ([], ["--json"]):
+        stdout = io.TextIOWrapper(io.BytesIO(), encoding="ascii", write_through=True)
+        monkeypatch.setattr(sys, "stdout", stdout)
+        assert main(["caption", "--ckpt", str(tiny_checkpoint), *extra, str(tmp_path)]) == 0
+        raw = stdout.buffer.getvalue().decode("ascii")
+        if extra:
+            assert [r["image"] for r in json.loads(raw)] == [str(tmp_path / "z.png"),
+                                                             str(tmp_path / name)]
+        else:  # (sorted by code point: "z" < "ñ")
+            lines = raw.splitlines()
+            assert [line.split("\t")[0] for line in lines] == [
+                str(tmp_path / "z.png"), f"{tmp_path}/\\xf1and\\xfa \\u65e5\\u672c.png"]
+
+
+def test_caption_writes_each_batch_before_the_next(capsys, monkeypatch, tiny_checkpoint,
+                                                   test_images) -> None:
+    """The lines came only after the last image: an interrupted run (Ctrl-C, or a failure
+    part way) had written nothing, however many images it had captioned."""
+    from captioner.inference import Captioner
+
+    tensors = Captioner.caption_tensors
+    calls = []
+
+    def interrupted_at_the_second_batch(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return tensors(self, *args, **kwargs)
+
+    monkeypatch.setattr(Captioner, "caption_tensors", interrupted_at_the_second_batch)
+    for extra in ([], ["--json"]):
+        calls.clear()
+        status, out, err = _run(capsys, "caption", "--ckpt", tiny_checkpoint, *extra,
+                                "--batch-size", "2", *test_images[:4])
+        assert status == 130 and "interrupted" in err
+        if extra:
+            assert out.startswith("[\n {") and out.count('"image"') == 2
+        else:
+            assert [line.split("\t")[0] for line in out.splitlines()] == [
+                str(p) for p in test_images[:2]]
+
+
 def test_caption_of_odd_images(capsys, tiny_checkpoint, test_images, tmp_path) -> None:
     src = Image.open(test_images[0]).convert("RGB")
     src.convert("L").save(tmp_path / "grey.png")
@@ -561,20 +614,27 @@ def test_visualize_bad_image(capsys, tiny_checkpoint, tmp_path) -> None:
 
 
 @pytest.mark.parametrize("option, value, says", [
-    ("--out", "fig.unknownext", "cannot write the figure"),
-    ("--out", "/tmp", "/tmp is a folder; give a file name such as /tmp/attention.png"),
+    ("--out", "fig.unknownext", "--out fig.unknownext: format 'unknownext' is not supported "
+                                "(supported: avif, eps, gif, jpeg, jpg, pdf, "),
+    ("--out", "/tmp", "--out /tmp: /tmp is a folder; give a file name such as "
+                      "/tmp/attention.png"),
+    ("--out", "IMAGE", "is the input image; give another file name"),
+    ("--stn", "stn.nosuchformat", "--stn stn.nosuchformat: format 'nosuchformat' is not "),
     ("--out", "/proc/no/such/dir/fig.png", "cannot write the figure"),
     ("--cmap", "notacmap", "--cmap notacmap: not a matplotlib colormap (e.g. gray, jet"),
     ("--stn", "stn.png", "--stn: the model has no Spatial Transformer stage"),
 ])
 def test_visualize_bad_outputs_are_one_line(option, value, says, capsys, tiny_checkpoint,
                                             test_images, tmp_path) -> None:
-    args = {"--out": str(tmp_path / "fig.png"), option: value}
-    status, _, err = _run(capsys, "visualize", "--ckpt", tiny_checkpoint, test_images[0],
-                          *[x for kv in args.items() for x in kv])
+    image = tmp_path / "input.png"
+    image.write_bytes(Path(test_images[0]).read_bytes())
+    args = {"--out": str(tmp_path / "fig.png"), option: value.replace("IMAGE", str(image))}
+    status, out, err = _run(capsys, "visualize", "--ckpt", tiny_checkpoint, str(image),
+                            *[x for kv in args.items() for x in kv])
     assert status == 2 and says in err and err.count("\n") == 1, err
-    if option in ("--stn", "--cmap"):  # checked before anything is decoded or drawn
-        assert not (tmp_path / "fig.png").exists() and "\t" not in err
+    if "/proc/" not in value:  # checked before anything is decoded or drawn (or overwritten)
+        assert not (tmp_path / "fig.png").exists() and out == ""
+        assert image.read_bytes() == Path(test_images[0]).read_bytes()
 
 
 def test_demo_outside_a_clone_says_where_the_configs_are_missing(monkeypatch, tmp_path,

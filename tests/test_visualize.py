@@ -106,6 +106,49 @@ def test_plot_attention_hard_locations_grayscale_array_pdf(tmp_path, alphas):
     assert not (tmp_path / "bad.png").exists()
 
 
+def test_figures_of_strips_and_large_images_stay_bounded(tmp_path, alphas, monkeypatch):
+    """A 3 x 2000 strip made a 950 x 264,910 px figure (45 s, 4.3 GB), and a large photo had
+    every map upsampled to its full size: panels keep within 8:1, maps within 1024 a side,
+    drawn over the image's own pixel extent (the peak stays on its cell)."""
+    import matplotlib.axes
+
+    import captioner.visualize as visualize
+
+    sizes = []
+    upsample = visualize.upsample_attention
+    monkeypatch.setattr(visualize, "upsample_attention",
+                        lambda *a, **k: sizes.append(a[1]) or upsample(*a, **k))
+    strip = np.zeros((2000, 3), dtype=np.uint8)
+    plot_attention(strip, WORDS, alphas, GRID, tmp_path / "strip.png", smooth=False)
+    with Image.open(tmp_path / "strip.png") as fig:
+        assert fig.size[1] < 8 * fig.size[0] and fig.size[1] < 6000
+    assert sizes == [(1024, 2)] * len(WORDS)  # 2000 x 3 scaled to 1024 on the long side
+    sizes.clear()
+    one_hot = np.zeros((1, GRID[0] * GRID[1]))
+    one_hot[0, 2 * GRID[1] + 4] = 1.0  # the bottom-right cell
+    drawn = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "imshow", _recording_imshow(drawn))
+    plot_attention(np.zeros((3001, 4500)), ["x"], one_hot, GRID, tmp_path / "big.png",
+                   smooth=False)
+    assert sizes == [(683, 1024)]  # 3001 x 4500 scaled to 1024 on the long side
+    up, extent = drawn[-1]
+    assert up.shape == (683, 1024) and extent == (0.0, 4500, 3001, 0.0)
+    row, col = np.unravel_index(up.argmax(), up.shape)
+    assert row / 683 * 3001 >= 2 * 3001 / 3 and col / 1024 * 4500 >= 4 * 4500 / 5
+
+
+def _recording_imshow(drawn):
+    import matplotlib.axes
+
+    imshow = matplotlib.axes.Axes.imshow
+
+    def record(self, data, *args, **kwargs):
+        drawn.append((np.asarray(data), kwargs.get("extent")))
+        return imshow(self, data, *args, **kwargs)
+
+    return record
+
+
 def test_attention_maps_roundtrip(tmp_path, alphas):
     betas = np.array([0.83, 0.5, 0.91, 0.1])
     hard = np.array([0, 7, 14, 3])

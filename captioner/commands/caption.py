@@ -36,29 +36,47 @@ def tsv_field(text: str) -> str:
 
 def _run(args: argparse.Namespace) -> int:
     captioner = load_captioner(args)
-    captions, errors = captioner.caption_paths(
-        args.paths, beam_size=args.beam_size, max_length=args.max_length,
-        batch_size=args.batch_size)
-    for path, reason in errors:  # one line each, escaped as the captions' paths are
-        print(f"captioner caption: {tsv_field(str(path))}: {tsv_field(reason)}", file=sys.stderr)
+    encoding = sys.stdout.encoding or "utf-8"
+    captioned = failed = 0
     if args.json:
-        rows = [{"image": str(c.path), "caption": c.text, "words": c.words, "tokens": c.tokens,
-                 "score": c.score} for c in captions]
-        text = json.dumps(rows, indent=1, ensure_ascii=False)
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:  # a path that is not UTF-8: escaped, so the JSON stays valid
-            text = json.dumps(rows, indent=1)
-        print(text)
-    else:
+        print("[", end="")
+    # each batch is written as it is done: an interrupted run keeps what it captioned
+    for captions, errors in captioner.iter_caption_paths(
+            args.paths, beam_size=args.beam_size, max_length=args.max_length,
+            batch_size=args.batch_size):
+        for path, reason in errors:  # one line each, escaped as the captions' paths are
+            print(f"captioner caption: {tsv_field(str(path))}: {tsv_field(reason)}",
+                  file=sys.stderr)
         for c in captions:
-            print(f"{tsv_field(str(c.path))}\t{c.text}")
+            if args.json:
+                row = {"image": str(c.path), "caption": c.text, "words": c.words,
+                       "tokens": c.tokens, "score": c.score}
+                print("," if captioned else "", _json_row(row, encoding), sep="\n ", end="")
+            else:
+                print(f"{tsv_field(str(c.path))}\t{c.text}")
+            captioned += 1
+        failed += len(errors)
+        sys.stdout.flush()
+    if args.json:
+        print("\n]" if captioned else "]")
     sys.stdout.flush()
-    if errors:
-        print(f"captioner caption: {len(errors)} path(s) not captioned, {len(captions)} captioned",
+    if failed:
+        print(f"captioner caption: {failed} path(s) not captioned, {captioned} captioned",
               file=sys.stderr)
         return EXIT_INPUT_ERROR
     return EXIT_OK
+
+
+def _json_row(row: dict[str, object], encoding: str) -> str:
+    """``row`` as JSON, non-ASCII characters as they are where ``encoding`` (stdout's) can write
+    them, else escaped (``\\u00f1``; a path that is not UTF-8, a console without the
+    characters), so the JSON stays valid."""
+    text = json.dumps(row, ensure_ascii=False)
+    try:
+        text.encode(encoding)
+    except (UnicodeEncodeError, LookupError):
+        text = json.dumps(row)
+    return text
 
 
 main = make_tool("caption", _parse, _run)

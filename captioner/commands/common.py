@@ -5,6 +5,7 @@ wrapper that turns errors into exit statuses, and checkpoint / data-config loadi
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import copy
 import inspect
@@ -167,17 +168,35 @@ def hard_test(args: argparse.Namespace, decoder: Any) -> None:
     hard.test_rule = rule
 
 
+def _escape_unencodable(error: UnicodeError) -> tuple[bytes, int]:
+    """Encoding error handler of the tools' stdout: a surrogate (a byte of a file name that is
+    not UTF-8, ``surrogateescape``) becomes that byte again, any other character the encoding
+    lacks a backslash escape (``backslashreplace``: ``\\xf1``, ``\\u65e5``)."""
+    if not isinstance(error, UnicodeEncodeError):
+        raise error
+    out = b"".join(bytes([ord(ch) - 0xDC00]) if "\udc80" <= ch <= "\udcff"
+                   else ch.encode("ascii", "backslashreplace")
+                   for ch in error.object[error.start:error.end])
+    return out, error.end
+
+
+#: the ``errors`` of the tools' stdout (:func:`_escape_unencodable`)
+OUTPUT_ERRORS = "captioner.output"
+codecs.register_error(OUTPUT_ERRORS, _escape_unencodable)
+
+
 def make_tool(name: str, parse: Callable[[list[str]], argparse.Namespace],
           run: Callable[[argparse.Namespace], int]) -> Callable[[list[str]], int]:
     """Wrap ``run`` so that argparse exits and expected errors become exit statuses."""
 
     def main(argv: list[str]) -> int:
         # a file name that is not valid UTF-8 reaches Python with surrogates: written back as
-        # the bytes it had, not a UnicodeEncodeError that loses the remaining output
+        # the bytes it had; a character the console cannot show (a Windows code page, ASCII)
+        # as a backslash escape: never a UnicodeEncodeError that loses the remaining output
         reconfigure = getattr(sys.stdout, "reconfigure", None)
         if reconfigure is not None:
             with contextlib.suppress(ValueError, OSError):
-                reconfigure(errors="surrogateescape")
+                reconfigure(errors=OUTPUT_ERRORS)
         try:
             args = parse(list(argv))
         except SystemExit as e:  # argparse: --help (0) or a usage error (2), already printed

@@ -11,6 +11,7 @@ from captioner.cli import register_tool
 from captioner.commands.common import (EXIT_INPUT_ERROR, EXIT_OK, EXIT_USAGE, ToolError,
                                        add_cells_argument, figure_errors, load_captioner,
                                        make_tool, tool_parser)
+from captioner.messages import one_line
 
 if TYPE_CHECKING:
     from captioner.inference import Captioner
@@ -37,13 +38,24 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 def _run(args: argparse.Namespace) -> int:
     from captioner.data.images import ImageLoadError, load_image
-    from captioner.visualize import plot_attention, save_attention_maps
+    from captioner.visualize import figure_format, plot_attention, save_attention_maps
 
     import matplotlib
 
-    if args.cmap not in matplotlib.colormaps:  # refused before the checkpoint is decoded
+    # refused before the checkpoint is decoded and the image captioned
+    if args.cmap not in matplotlib.colormaps:
         raise ToolError(f"--cmap {args.cmap}: not a matplotlib colormap (e.g. gray, jet, "
                         "viridis, magma; '_r' reverses one)", EXIT_USAGE)
+    for option, figure in (("--out", args.out), ("--stn", args.stn)):
+        if figure is None:
+            continue
+        try:
+            figure_format(figure)
+        except (OSError, ValueError) as e:
+            raise ToolError(f"{option} {figure}: {one_line(e)}", EXIT_USAGE) from None
+        if Path(figure).resolve() == Path(args.image).resolve():
+            raise ToolError(f"{option} {figure} is the input image; give another file name",
+                            EXIT_USAGE)
     captioner = load_captioner(args)
     if args.stn and not _stn_stages(captioner):  # before anything is written
         raise ToolError("--stn: the model has no Spatial Transformer stage", EXIT_USAGE)

@@ -10,7 +10,9 @@ the encoder, whose pretrained weights define it.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -110,8 +112,11 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
     return _as_rgb(upright, path)
 
 
-#: what Pillow raises for image data it cannot decode (:func:`_decode_error` tells them apart)
-DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+#: what Pillow raises for image data it cannot decode (:func:`_decode_error` tells them apart),
+#: and ``MemoryError``: an image under the pixel limit can still need more memory than there is
+#: (a 23000 x 23000 PNG of 500 KB decodes to 1.6 GB), which fails that image, not a whole run
+DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError,
+                 MemoryError)
 
 
 def _decode_error(path: str | os.PathLike[str], e: BaseException) -> ImageLoadError:
@@ -119,6 +124,8 @@ def _decode_error(path: str | os.PathLike[str], e: BaseException) -> ImageLoadEr
     if isinstance(e, Image.DecompressionBombError):
         return ImageLoadError(path, f"image too large ({e}); raise PIL.Image.MAX_IMAGE_PIXELS "
                                     "to accept it")
+    if isinstance(e, MemoryError):
+        return ImageLoadError(path, "image too large to decode in the memory available")
     if isinstance(e, (PermissionError, FileNotFoundError)):  # unreadable, or removed meanwhile
         return ImageLoadError(path, f"cannot read the file ({e.strerror})")
     # the file ends early (Pillow's "(N bytes not processed)" reads as if N were missing);
@@ -133,6 +140,8 @@ def _as_rgb(img: Image.Image, path: str | os.PathLike[str]) -> Image.Image:
     """:func:`to_rgb`, a mode it cannot convert reported as an :class:`ImageLoadError`."""
     try:
         return to_rgb(img)
+    except MemoryError as e:
+        raise _decode_error(path, e) from None
     except (ValueError, OSError) as e:
         raise ImageLoadError(path, f"cannot convert mode {img.mode!r} to RGB ({e})") from None
 
@@ -192,8 +201,8 @@ def exif_orientation(path: str | os.PathLike[str]) -> int:
     (Pillow looks for an ``eXIf`` chunk after the image data), and attention correctness asks
     for every image at every validation."""
     try:
-        stat = os.stat(path)
-        key = (os.fspath(path), stat.st_size, stat.st_mtime_ns)
+        info = os.stat(path)
+        key = (os.fspath(path), info.st_size, info.st_mtime_ns)
         if key not in _ORIENTATIONS:
             with Image.open(path) as img:
                 orientation = _orientation(img)
@@ -389,8 +398,7 @@ def find_images(
             named = _image_names_under(path)
             files = [p for p in named if p.is_file()]
             broken = [p for p in named if p.is_symlink() and not p.exists()]
-            problems.extend((p, "broken symbolic link (its target does not exist)")
-                            for p in broken)
+            problems.extend((p, _not_found(p)) for p in broken)
             if not files and not broken:  # (a folder named x.jpg is no image)
                 problems.append((path, "folder contains no image files"))
             for file in files:
@@ -401,5 +409,23 @@ def find_images(
             else:
                 problems.append((path, f"not an image file extension ({path.suffix or 'none'})"))
         else:
-            problems.append((path, "no such file or folder"))
+            problems.append((path, _not_found(path)))
     return found, problems
+
+
+def _not_found(path: Path) -> str:
+    """Why ``path``, neither a file nor a folder, is no image: missing, a broken link, a link
+    loop, or another kind of file (a FIFO, a device)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "symbolic link loop (too many levels of symbolic links)"
+        if path.is_symlink():
+            return "broken symbolic link (its target does not exist)"
+        if e.errno == errno.ENOENT:
+            return "no such file or folder"
+        return f"cannot read it ({e.strerror})"
+    kind = ("a named pipe" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode)
+            else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "special")
+    return f"not a regular file or folder ({kind})"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import re
 from pathlib import Path
@@ -462,6 +463,23 @@ def test_find_images(tmp_path: Path) -> None:
     inside.mkdir(parents=True)
     (inside / "p.png").write_bytes(b"")
     assert find_images([inside]) == ([inside / "p.png"], [])
+
+
+def test_find_images_names_what_a_path_that_is_no_file_or_folder_is(tmp_path: Path) -> None:
+    """A named pipe and a link loop were both "no such file or folder", and a loop inside a
+    folder a "broken symbolic link (its target does not exist)"."""
+    os.mkfifo(tmp_path / "pipe.jpg")
+    (tmp_path / "loop.jpg").symlink_to(tmp_path / "loop.jpg")
+    (tmp_path / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    named = [tmp_path / n for n in ("pipe.jpg", "loop.jpg", "gone.png", "missing.png")]
+    assert find_images(named) == ([], [
+        (named[0], "not a regular file or folder (a named pipe)"),
+        (named[1], "symbolic link loop (too many levels of symbolic links)"),
+        (named[2], "broken symbolic link (its target does not exist)"),
+        (named[3], "no such file or folder")])
+    assert find_images([tmp_path])[1] == [  # inside a folder: the links (a pipe is skipped)
+        (named[2], "broken symbolic link (its target does not exist)"),
+        (named[1], "symbolic link loop (too many levels of symbolic links)")]
 
 
 def test_find_images_reports_a_broken_link_inside_a_folder(tmp_path: Path) -> None:
