@@ -36,11 +36,13 @@ describe the scene as it is seen (relations from the centres of the warped boxes
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import shutil
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -530,7 +532,9 @@ def make_shapes_dataset(
 
     Output is byte-identical for identical arguments. If ``root/manifest.json`` records the
     same arguments the files are reused as they are; otherwise old splits are removed and the
-    set regenerated. Each split is rendered in a staging folder and moved into place, JSON files
+    set regenerated (with a warning when a finished set of other options is replaced: a run
+    still reading it would read other images). ``root/.lock`` is held while the set is checked
+    and generated, so processes sharing ``root`` generate it once. Each split is rendered in a staging folder and moved into place, JSON files
     are written to a temporary name and renamed, and the manifest is written last, so an
     interrupted run is never mistaken for a finished one.
 
@@ -574,24 +578,60 @@ def make_shapes_dataset(
         "distort": bool(distort), "min_objects": int(min_objects), "max_objects": int(max_objects),
     }
     paths = {split: _split_paths(root, split) for split in SPLITS}
+    root.mkdir(parents=True, exist_ok=True)
+    with _generation_lock(root):  # a second process waits, then finds the set made
+        if not _made_with(root, params, paths):
+            _generate(root, params, counts, paths)
+    return paths
+
+
+def _made_with(root: Path, params: dict[str, Any], paths: dict[str, tuple[Path, ...]]) -> bool:
+    """Whether ``root`` holds a complete set made with ``params``; if it holds one made with
+    other options, warn that it is replaced (a run still reading it would read other images)
+    and remove its manifest first, so that a half-regenerated set never looks finished."""
     manifest_path = root / "manifest.json"
-    manifest = {"version": VERSION, "parameters": params}
+    if not manifest_path.exists():
+        return False
+    try:
+        old = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        old = None
+    old_params = old.get("parameters") if isinstance(old, dict) else None
+    complete = all(p.exists() for triple in paths.values() for p in triple)
+    if complete and isinstance(old, dict) and old.get("version") == VERSION and (
+            old_params == params):
+        return True
+    if complete and isinstance(old_params, dict) and old_params != params:
+        changed = ", ".join(f"{k} {old_params.get(k)!r} -> {v!r}" for k, v in params.items()
+                            if old_params.get(k) != v)
+        warnings.warn(f"{root}: the shapes set there was made with other options ({changed}) "
+                      "and is generated again; a run still reading it now reads other images. "
+                      "Give each set of options its own root", stacklevel=3)
+    manifest_path.unlink()
+    return False
 
-    if manifest_path.exists():
+
+@contextlib.contextmanager
+def _generation_lock(root: Path) -> Iterator[None]:
+    """Hold ``root/.lock`` exclusively while a set is checked and generated (POSIX ``flock``,
+    waiting for another process's generation; released if the process dies)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    with open(root / ".lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
         try:
-            old = json.loads(manifest_path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
-            old = None
-        complete = all(p.exists() for triple in paths.values() for p in triple)
-        if (
-            complete
-            and isinstance(old, dict)
-            and old.get("version") == VERSION
-            and old.get("parameters") == params
-        ):
-            return paths
-        manifest_path.unlink()  # first: a half-regenerated set must never look finished
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
+
+def _generate(root: Path, params: dict[str, Any], counts: dict[str, int],
+              paths: dict[str, tuple[Path, ...]]) -> None:
+    """Write the three splits and then the manifest (last: it marks the set finished)."""
+    manifest = {"version": VERSION, "parameters": params}
     for split in SPLITS:
         shutil.rmtree(root / split, ignore_errors=True)
         for p in paths[split][:2]:
@@ -617,5 +657,4 @@ def make_shapes_dataset(
         }
         for split in SPLITS
     }
-    _atomic_write_json(manifest_path, manifest)
-    return paths
+    _atomic_write_json(root / "manifest.json", manifest)

@@ -264,14 +264,18 @@ def test_idempotent_and_regenerates(tmp_path: Path) -> None:
 
     stale = tmp_path / "train" / "images" / "stale.png"
     stale.write_bytes(b"")
-    make_shapes_dataset(tmp_path, **{**params, "num_train": 4})
+    # a set made with other options is replaced, with a warning (a run reading it would now
+    # read other images: it was silent)
+    with pytest.warns(UserWarning, match=r"made with other options \(num_train 6 -> 4\) and "
+                                         r"is generated again; a run still reading it"):
+        make_shapes_dataset(tmp_path, **{**params, "num_train": 4})
     assert not stale.exists()
     assert sorted(p.name for p in paths["train"][2].iterdir()) == [
         f"train_{i:05d}.png" for i in range(4)
     ]
     assert json.loads(manifest.read_text())["parameters"]["num_train"] == 4
     assert len(json.loads(paths["train"][0].read_text())["images"]) == 4
-    assert not list(tmp_path.glob(".*"))  # no staging or temporary files left
+    assert [p.name for p in tmp_path.glob(".*")] == [".lock"]  # no staging or temporary files
 
 
 @pytest.mark.parametrize(
@@ -282,3 +286,29 @@ def test_idempotent_and_regenerates(tmp_path: Path) -> None:
 def test_rejects_bad_arguments(tmp_path: Path, kwargs: dict[str, int]) -> None:
     with pytest.raises(ValueError):
         make_shapes_dataset(tmp_path, **kwargs)
+
+
+def test_a_second_generation_waits_for_the_first(tmp_path: Path) -> None:
+    """Two runs sharing a root (DDP ranks, two fits started together) generate one at a time:
+    the second waits for the lock, then finds the set made and leaves it alone."""
+    import threading
+    import time
+
+    from captioner.data.shapes import _generation_lock
+
+    events = []
+    held = threading.Event()
+
+    def hold():
+        with _generation_lock(tmp_path):
+            held.set()
+            time.sleep(0.5)
+            events.append("released")
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    held.wait()
+    make_shapes_dataset(tmp_path, num_train=2, num_val=1, num_test=1)
+    events.append("generated")
+    holder.join()
+    assert events == ["released", "generated"]
