@@ -467,6 +467,23 @@ def test_evaluate_uses_the_checkpoints_data_config_and_skips_java_when_missing(
     assert len(json.loads((tmp_path / "captions_val.json").read_text())) == 3
 
 
+def test_evaluate_writes_each_checkpoint_of_a_run_into_its_own_folder(
+        capsys, tiny_checkpoint, tmp_path) -> None:
+    """The default ``--out`` was ``eval_SPLIT`` beside the checkpoint, shared by a run's best
+    and last checkpoints: evaluating the second silently replaced the first's scores."""
+    import shutil
+
+    for name in ("best-epoch=02.ckpt", "last.ckpt"):
+        shutil.copy(tiny_checkpoint, tmp_path / name)
+        status, _, err = _run(capsys, "evaluate", "--ckpt", tmp_path / name, "--split", "val",
+                              "--limit", "2", "--no-java")
+        assert status == 0, err
+    for stem in ("best-epoch=02", "last"):
+        metrics = json.loads((tmp_path / f"eval_{stem}_val" / "metrics_val.json").read_text())
+        assert metrics["checkpoint"] == str(tmp_path / f"{stem}.ckpt")
+        assert (tmp_path / f"eval_{stem}_val" / "captions_val.json").is_file()
+
+
 def test_stored_relative_data_paths_resolve_from_the_training_folder(
         capsys, monkeypatch, tiny_checkpoint, shapes_root, tmp_path) -> None:
     """A checkpoint remembers the folder it was trained in: its data config's relative paths

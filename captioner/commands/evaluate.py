@@ -29,7 +29,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
                         "default: the data config stored in the checkpoint")
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
     p.add_argument("--out", default=None,
-                   help="output folder (default: eval_SPLIT beside the checkpoint)")
+                   help="output folder (default: eval_CKPT_SPLIT beside the checkpoint, "
+                        "CKPT its file name without .ckpt: each checkpoint of a run its own)")
     p.add_argument("--batch-size", type=positive_int, default=32, help="images per batch (32)")
     p.add_argument("--num-workers", type=non_negative_int, default=0,
                    help="image loading workers (0)")
@@ -68,8 +69,9 @@ def _run(args: argparse.Namespace) -> int:
     from captioner.metrics import write_coco_results
 
     captioner = load_captioner(args)
-    out = output_folder(args.out if args.out
-                        else Path(args.ckpt).resolve().parent / f"eval_{args.split}")
+    ckpt = Path(args.ckpt).resolve()  # the default folder is the checkpoint's own: the best
+    # and the last of a run shared eval_SPLIT, where the second overwrote the first's results
+    out = output_folder(args.out if args.out else ckpt.parent / f"eval_{ckpt.stem}_{args.split}")
     dm, source = build_data_module(args)
     if hasattr(dm, "cache_replaces_images"):  # a cached config: evaluate reads the pixels
         dm.cache_replaces_images = False
