@@ -337,9 +337,19 @@ class AttentionDecoder(nn.Module):
         and refuse another: ``L = H W`` alone cannot tell a 4 x 9 grid from a 6 x 6 one, or
         ``(3, 5)`` from ``(5, 3)``, and a window laid on the wrong grid is scattered cells.
 
+        An attention with a fixed number of positions (``num_positions``:
+        :class:`~captioner.attention.LocationAttention`) is checked against ``H W`` here, when
+        the model is built, rather than at its first step.
+
         Raises:
             ValueError: the attention was built for another grid.
         """
+        positions = getattr(self.attention, "num_positions", None)
+        if positions is not None and positions != grid_size[0] * grid_size[1]:
+            raise ValueError(f"{type(self.attention).__name__}(num_positions={positions}) but the "
+                             f"encoder's grid is {grid_size[0]} x {grid_size[1]} = "
+                             f"{grid_size[0] * grid_size[1]} positions: set num_positions to "
+                             f"{grid_size[0] * grid_size[1]}")
         attention_grid = getattr(self.attention, "grid_size", False)
         if attention_grid is False:
             return  # the attention does not read the layout

@@ -2,6 +2,7 @@
 the step, no-attention (Show and Tell), hard attention (train / test), config reachability."""
 
 import functools
+import re
 
 import pytest
 import torch
@@ -305,3 +306,23 @@ def test_the_2d_local_attention_takes_the_encoders_grid_or_refuses_another():
     assert module((3, 5), (3, 5)).decoder.attention.grid_size == (3, 5)
     with pytest.raises(ValueError, match=r"grid_size=\(5, 3\).*encoder's grid is \(3, 5\)"):
         module((3, 5), (5, 3))
+
+
+def test_location_attention_of_another_size_is_refused_when_the_model_is_built():
+    """``LocationAttention(num_positions=196)`` on a 4 x 4 grid built the data and the model and
+    failed at the first training step with a 43-frame traceback; it is now refused at once."""
+    from captioner.attention import LocationAttention
+    from captioner.encoders.encoder import ImageEncoder
+
+    def module(num_positions):
+        decoder = functools.partial(AttentionDecoder, embed_dim=4, hidden_dim=6, dropout=0.0,
+                                    attention=functools.partial(LocationAttention,
+                                                                num_positions=num_positions))
+        return CaptioningModule(ImageEncoder("shapes_cnn", weights=None, grid_size=(3, 5)),
+                                decoder, vocab_size=9)
+
+    assert module(15).decoder.attention.num_positions == 15
+    with pytest.raises(ValueError, match=re.escape(
+            "LocationAttention(num_positions=196) but the encoder's grid is 3 x 5 = 15 "
+            "positions: set num_positions to 15")):
+        module(196)
