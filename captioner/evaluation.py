@@ -141,8 +141,8 @@ def empty_captions_warning(captions: Sequence[str], split: str) -> str | None:
     if not empty:
         return None
     return (f"{split}: {empty} of {len(captions)} decoded captions are empty (<end> chosen "
-            "first; common for beam search on an undertrained model with length_penalty 0): "
-            "min_length 2 forbids them")
+            "first: an undertrained model, most often under beam search with length_penalty "
+            "0): min_length 2 forbids them")
 
 
 def same_image_size(a: int | Sequence[int], b: int | Sequence[int]) -> bool:

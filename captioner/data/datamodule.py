@@ -174,8 +174,9 @@ class CaptionDataModule(L.LightningDataModule):
         if val_fraction < 0 or test_fraction < 0 or val_fraction + test_fraction >= 1:
             raise ConfigError("val_fraction and test_fraction must be >= 0 with a sum < 1 (the "
                               f"rest trains), got {val_fraction} and {test_fraction}")
-        if max_caption_length < 2:
-            raise ConfigError(f"max_caption_length must be >= 2, got {max_caption_length}")
+        if max_caption_length < 3:  # 2 would cut every caption to <start> <end>
+            raise ConfigError(f"max_caption_length must be >= 3 (<start>, a word, <end>), got "
+                              f"{max_caption_length}")
         check_ranges(type(self).__name__, "data", dict(
             image_size=image_size, batch_size=batch_size, eval_batch_size=eval_batch_size,
             num_workers=num_workers, min_freq=min_freq, max_vocab_size=max_vocab_size,

@@ -246,6 +246,12 @@ def test_constructor_rejects_inconsistent_options(tmp_path: Path) -> None:
         CaptionDataModule("coco", {"dev": "x.json"}, {"dev": "imgs"})
     with pytest.raises(ValueError):
         CaptionDataModule("flickr8k_csv", "c.txt", "imgs", instances="i.json")
+    # 2 cut every training caption to <start> <end>: the model learnt to write nothing
+    with pytest.raises(ConfigError, match=re.escape(
+            "max_caption_length must be >= 3 (<start>, a word, <end>), got 2")):
+        CaptionDataModule("flickr8k_csv", "c.txt", "imgs", max_caption_length=2)
+    assert CaptionDataModule("flickr8k_csv", "c.txt", "imgs",
+                             max_caption_length=3).max_caption_length == 3
 
 
 def test_signature_is_readable_by_jsonargparse() -> None:
