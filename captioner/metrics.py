@@ -74,7 +74,7 @@ _ABBREVIATIONS = (
     "mr mrs ms dr st jr sr lt capt gen col sgt gov sen rep prof rev etc vs inc co corp ltd dept "
     "mt ave blvd ft est jan feb mar apr jun jul aug sep sept oct nov dec mon tue wed thu fri "
     "calif fla ariz").split()
-_ABBREVIATION = (rf"(?<![\w.])(?:(?:[a-z]\.){{2,}}|(?:{'|'.join(_ABBREVIATIONS)})\.(?!\w)"
+_ABBREVIATION = (rf"(?<![\w.])(?:(?:[a-z]\.){{2,}}(?!\w)|(?:{'|'.join(_ABBREVIATIONS)})\.(?!\w)"
                  r"|no\.(?=\s*\d))")
 _TOKEN_RE = re.compile(rf"<[a-z]+>|n't|'\w+|{_ABBREVIATION}|\d+(?::\d+)+"
                        r"|\w+(?:[-.,/']\w+)*|\.\.\.|--|``|''|[^\w\s]")
@@ -200,8 +200,9 @@ def simple_ptb_tokenize(caption: str) -> str:
     ``"dog 's"``), keeps hyphenated words and numbers whole, escapes brackets as the Java
     tokenizer does (``"("`` -> ``"-lrb-"``), keeps the final period of abbreviations
     (``"u.s."``, ``"mr."``) and clock times whole (``"10:45"``), and drops quotes and the
-    punctuation tokens that ``pycocoevalcap`` drops. Used only when Java is unavailable; it matches PTBTokenizer on
-    ordinary captions, not on every corner case.
+    punctuation tokens that ``pycocoevalcap`` drops. Used only when Java is unavailable; it
+    matches PTBTokenizer on ordinary captions, not on every corner case (single-letter
+    initials such as ``"john f. kennedy"`` differ).
 
     Args:
         caption: a raw caption string.

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from captioner.cli import lightning_main
+from tests.conftest import SHAPES_SIZES
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TRANSLATION_MODELS = {"multi30k_gru.yaml"}
@@ -64,7 +65,8 @@ def test_every_model_config_builds_its_model(model, shapes_root, tmp_path):
                 "--data.init_args.root", str(tmp_path), "--data.init_args.min_freq", "1"]
     else:
         data = [f"--config={CONFIGS / 'data' / 'shapes.yaml'}",
-                "--data.init_args.root", str(shapes_root),
+                "--data.init_args.root", str(shapes_root),  # the session's set, as made
+                *[f"--data.init_args.{k}={v}" for k, v in SHAPES_SIZES.items()],
                 "--model.init_args.encoder.init_args.weights", "null"]
     logging.disable(logging.INFO)  # Lightning's "Seed set"
     try:

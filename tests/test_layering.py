@@ -12,7 +12,8 @@ import textwrap
 LIGHTNING_MODULES = {
     "captioner.__main__", "captioner.cli", "captioner.data.cached", "captioner.data.datamodule",
     "captioner.data.parallel", "captioner.lit", "captioner.lit.base", "captioner.lit.captioning",
-    "captioner.lit.callbacks", "captioner.lit.checkpoint_io", "captioner.lit.optim",
+    "captioner.lit.callbacks", "captioner.lit.checkpoint_io", "captioner.lit.loggers",
+    "captioner.lit.optim",
     "captioner.lit.translation",
 }
 

@@ -211,7 +211,8 @@ def test_simple_ptb_tokenize():
                           ("Mr. Smith and Dr. Who, etc.", "mr. smith and dr. who etc."),
                           ("a No. 5 jersey, at 5:30pm", "a no. 5 jersey at 5:30 pm"),
                           ("the U.S. flag says no.", "the u.s. flag says no"),
-                          ("a 16:9 screen in St. Louis.", "a 16:9 screen in st. louis")]:
+                          ("a 16:9 screen in St. Louis.", "a 16:9 screen in st. louis"),
+                          ("a.k.a the u.s.army b.b.q", "a.k.a the u.s.army b.b.q")]:
         assert simple_ptb_tokenize(caption) == java
 
 

@@ -7,6 +7,7 @@ its only tab into the path and the caption."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
@@ -40,26 +41,32 @@ def _run(args: argparse.Namespace) -> int:
     captioned = failed = 0
     if args.json:
         print("[", end="")
-    # each batch is written as it is done: an interrupted run keeps what it captioned
-    for captions, errors in captioner.iter_caption_paths(
-            args.paths, beam_size=args.beam_size, max_length=args.max_length,
-            batch_size=args.batch_size):
-        for path, reason in errors:  # one line each, escaped as the captions' paths are
-            print(f"captioner caption: {tsv_field(str(path))}: {tsv_field(reason)}",
-                  file=sys.stderr)
-        for c in captions:
-            if args.json:
-                row = {"image": str(c.path), "caption": c.text, "words": c.words,
-                       "tokens": c.tokens, "score": c.score}
-                print("," if captioned else "", _json_row(row, encoding), sep="\n ", end="")
-            else:
-                print(f"{tsv_field(str(c.path))}\t{c.text}")
-            captioned += 1
-        failed += len(errors)
-        sys.stdout.flush()
-    if args.json:
-        print("\n]" if captioned else "]")
-    sys.stdout.flush()
+    # each batch is written as it is done: an interrupted run keeps what it captioned, and the
+    # JSON array is closed whatever ends the run, so that it stays valid
+    try:
+        for captions, errors in captioner.iter_caption_paths(
+                args.paths, beam_size=args.beam_size, max_length=args.max_length,
+                batch_size=args.batch_size):
+            for path, reason in errors:  # one line each, escaped as the captions' paths are
+                print(f"captioner caption: {tsv_field(str(path))}: {tsv_field(reason)}",
+                      file=sys.stderr)
+            for c in captions:
+                if args.json:
+                    row = {"image": str(c.path), "caption": c.text, "words": c.words,
+                           "tokens": c.tokens, "score": c.score}
+                    print("," if captioned else "", _json_row(row, encoding), sep="\n ",
+                          end="")
+                else:
+                    print(f"{tsv_field(str(c.path))}\t{c.text}")
+                captioned += 1
+            failed += len(errors)
+            sys.stdout.flush()
+    finally:
+        if args.json:
+            with contextlib.suppress(OSError):  # (a closed pipe: nothing to close)
+                print("\n]" if captioned else "]")
+        with contextlib.suppress(OSError):
+            sys.stdout.flush()
     if failed:
         print(f"captioner caption: {failed} path(s) not captioned, {captioned} captioned",
               file=sys.stderr)

@@ -578,49 +578,55 @@ def make_shapes_dataset(
         "distort": bool(distort), "min_objects": int(min_objects), "max_objects": int(max_objects),
     }
     paths = {split: _split_paths(root, split) for split in SPLITS}
+    if _made_with(root, params, paths) is True:  # reused as it is: nothing written (a
+        return paths  # read-only root works)
     root.mkdir(parents=True, exist_ok=True)
     with _generation_lock(root):  # a second process waits, then finds the set made
-        if not _made_with(root, params, paths):
+        made = _made_with(root, params, paths)
+        if made is not True:
+            if isinstance(made, dict):
+                changed = ", ".join(f"{k} {made.get(k)!r} -> {v!r}" for k, v in params.items()
+                                    if made.get(k) != v)
+                warnings.warn(f"{root}: the shapes set there was made with other options "
+                              f"({changed}) and is generated again; a run still reading it now "
+                              "reads other images. Give each set of options its own root",
+                              stacklevel=2)
+            # the manifest goes first: a half-regenerated set must never look finished
+            (root / "manifest.json").unlink(missing_ok=True)
             _generate(root, params, counts, paths)
     return paths
 
 
-def _made_with(root: Path, params: dict[str, Any], paths: dict[str, tuple[Path, ...]]) -> bool:
-    """Whether ``root`` holds a complete set made with ``params``; if it holds one made with
-    other options, warn that it is replaced (a run still reading it would read other images)
-    and remove its manifest first, so that a half-regenerated set never looks finished."""
-    manifest_path = root / "manifest.json"
-    if not manifest_path.exists():
-        return False
+def _made_with(root: Path, params: dict[str, Any],
+               paths: dict[str, tuple[Path, ...]]) -> bool | dict[str, Any]:
+    """``True`` if ``root`` holds a complete set made with ``params``; the options of a complete
+    set made with others (which a regeneration replaces); else ``False``."""
     try:
-        old = json.loads(manifest_path.read_text(encoding="utf-8"))
+        old = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
-        old = None
+        return False
     old_params = old.get("parameters") if isinstance(old, dict) else None
-    complete = all(p.exists() for triple in paths.values() for p in triple)
-    if complete and isinstance(old, dict) and old.get("version") == VERSION and (
-            old_params == params):
-        return True
-    if complete and isinstance(old_params, dict) and old_params != params:
-        changed = ", ".join(f"{k} {old_params.get(k)!r} -> {v!r}" for k, v in params.items()
-                            if old_params.get(k) != v)
-        warnings.warn(f"{root}: the shapes set there was made with other options ({changed}) "
-                      "and is generated again; a run still reading it now reads other images. "
-                      "Give each set of options its own root", stacklevel=3)
-    manifest_path.unlink()
-    return False
+    if not isinstance(old_params, dict) or not all(
+            p.exists() for triple in paths.values() for p in triple):
+        return False
+    if old.get("version") != VERSION:
+        return False
+    return True if old_params == params else old_params
 
 
 @contextlib.contextmanager
 def _generation_lock(root: Path) -> Iterator[None]:
     """Hold ``root/.lock`` exclusively while a set is checked and generated (POSIX ``flock``,
-    waiting for another process's generation; released if the process dies)."""
+    waiting for another process's generation; released if the process dies). Without POSIX
+    locks, or where the lock file cannot be opened, there is no lock."""
     try:
         import fcntl
-    except ImportError:  # not POSIX: no lock
+
+        handle = open(root / ".lock", "a")  # noqa: SIM115 - closed below
+    except (ImportError, OSError):
         yield
         return
-    with open(root / ".lock", "a") as handle:
+    with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield

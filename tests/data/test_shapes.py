@@ -312,3 +312,21 @@ def test_a_second_generation_waits_for_the_first(tmp_path: Path) -> None:
     events.append("generated")
     holder.join()
     assert events == ["released", "generated"]
+
+
+def test_a_finished_set_is_reused_without_writing_anything(tmp_path: Path, monkeypatch) -> None:
+    """A set in a read-only root (shared, or another user's) was read with nothing written;
+    the generation lock must not change that: it is taken only to generate."""
+    import captioner.data.shapes as shapes
+
+    params = {"num_train": 2, "num_val": 1, "num_test": 1}
+    paths = make_shapes_dataset(tmp_path, **params)
+    (tmp_path / ".lock").unlink()
+
+    def read_only(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(args[0]))
+
+    monkeypatch.setattr(shapes, "open", read_only, raising=False)
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    assert make_shapes_dataset(tmp_path, **params) == paths
+    assert not (tmp_path / ".lock").exists()

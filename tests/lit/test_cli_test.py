@@ -145,7 +145,8 @@ def test_test_needs_no_model_config_with_a_checkpoint(shapes_root, tmp_path):
     no_model = [  # the trainer and data parts of `common` only
         "--config", str(CONFIGS / "trainer" / "cpu.yaml"),
         "--config", str(CONFIGS / "data" / "shapes.yaml"),
-        "--data.init_args.root", str(shapes_root), "--data.init_args.num_train", "8",
+        "--data.init_args.root", common[common.index("--data.init_args.root") + 1],
+        "--data.init_args.num_train", "8",
         "--data.init_args.num_val", "6", "--data.init_args.num_test", "5",
         "--data.init_args.image_size", "32", "--data.init_args.batch_size", "4",
         "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
