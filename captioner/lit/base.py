@@ -230,6 +230,12 @@ class CaptionerModule(L.LightningModule):
     def on_train_start(self) -> None:
         self._end_frozen_blocks_filter(check=True)
         self._apply_resumed_optimizer_options()
+        from captioner.lit.loggers import ResumableCSVLogger
+
+        for logger in self.trainer.loggers:  # a resumed fit continues its metrics.csv
+            if isinstance(logger, ResumableCSVLogger):
+                logger.continue_from(self.trainer.global_step if self.trainer.ckpt_path
+                                     else None)
 
     #: the hyperparameters the optimizer's state holds, and the parameter groups they set:
     #: ``lr`` the first group's (the decoder, stages...), ``encoder_lr`` the second's (the

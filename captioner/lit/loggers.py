@@ -4,20 +4,31 @@ Lightning's ``CSVLogger`` deletes the ``metrics.csv`` it finds in its folder whe
 (with a warning: "Previous log files in this directory will be deleted"). A fit resumed with a
 fixed logger version (``--trainer.logger.init_args.version NAME --ckpt_path last``, as the
 README advises) thus lost the curve of every epoch before the resume. :class:`ResumableCSVLogger`
-keeps the file: the earlier rows stay, except those at or after the resumed run's first logged
-step (the epochs a killed run logged after its last checkpoint, which the resumed run logs
-again), and the resumed run's rows follow them.
+keeps the file:
+
+* a **resumed** fit keeps the earlier rows logged before the checkpoint's step (the rows a
+  killed run logged after its last checkpoint are logged again by the resumed run, so they are
+  replaced), and its own rows follow them;
+* a **new** fit into a folder that holds a ``metrics.csv`` moves that file aside
+  (``metrics.before-N.csv``, with a warning) rather than deleting it or mixing two runs;
+* an unreadable ``metrics.csv`` (another encoding, a damaged row) is moved aside the same way.
+
+The captioner modules tell the logger which case it is at the start of training
+(:meth:`ResumableCSVLogger.continue_from`); with another module the earlier rows before the
+first step this run logs are kept.
 """
 
 from __future__ import annotations
 
 import csv
+import os
 from typing import Any
 
 from fsspec.implementations.local import LocalFileSystem
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.loggers.logger import rank_zero_experiment
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from captioner.atomic import atomic_path
 
@@ -26,33 +37,71 @@ __all__ = ["ResumableCSVLogger"]
 
 class _KeepingWriter(ExperimentWriter):
     """Lightning's CSV experiment writer, except that an existing ``metrics.csv`` is read rather
-    than deleted, and rewritten once, at the first save, without the rows the new run supersedes
-    (``step`` at or after its first logged step)."""
+    than deleted, and rewritten once, at the first save, as :mod:`this module <.loggers>` says.
+
+    Args:
+        log_dir: the run's folder.
+        start: shared with the logger: ``{"step": int | None}`` once
+            :meth:`ResumableCSVLogger.continue_from` has said where this run starts.
+    """
+
+    def __init__(self, log_dir: str, start: dict[str, int | None]) -> None:
+        self._start = start
+        super().__init__(log_dir=log_dir)
 
     def _check_log_dir_exists(self) -> None:
         self._earlier: list[dict[str, str]] | None = None
         if not self._fs.isfile(self.metrics_file_path):
             return
-        with self._fs.open(self.metrics_file_path, "r", newline="") as file:
-            reader = csv.DictReader(file)
-            self._earlier = list(reader)
-            self.metrics_keys = sorted(reader.fieldnames or [])
-        rank_zero_info(f"{self.metrics_file_path}: {len(self._earlier)} earlier rows kept; "
-                       "this run's rows follow them")
+        try:
+            with self._fs.open(self.metrics_file_path, "r", newline="") as file:
+                reader = csv.DictReader(file)
+                rows = [{k: v for k, v in row.items() if k is not None} for row in reader]
+                keys = sorted(reader.fieldnames or [])
+        except (csv.Error, UnicodeDecodeError, ValueError) as e:
+            aside = self._move_aside()
+            rank_zero_warn(f"{self.metrics_file_path} cannot be read ({e}): moved to {aside}; "
+                           "this run starts a new file")
+            return
+        self._earlier, self.metrics_keys = rows, keys
 
     def save(self) -> None:
         if self._earlier is not None and self.metrics:
-            first = min(int(m["step"]) for m in self.metrics)
-            kept = [row for row in self._earlier if _step(row) < first]
-            self._write(kept)
+            self._continue_file()
             self._earlier = None
         super().save()
 
+    def _continue_file(self) -> None:
+        """Keep the earlier rows this run does not log again, or move the file aside."""
+        assert self._earlier is not None
+        if "step" in self._start and self._start["step"] is None:  # a new run, not a resume
+            aside = self._move_aside()
+            self.metrics_keys = []
+            rank_zero_warn(f"{self.metrics_file_path} held another run's metrics (this fit is "
+                           f"not a resume): moved to {aside}")
+            return
+        first = self._start.get("step")
+        if first is None:
+            first = min(int(m["step"]) for m in self.metrics)
+        kept = [row for row in self._earlier if _step(row) < first]
+        self._write(kept)
+        rank_zero_info(f"{self.metrics_file_path}: {len(kept)} earlier rows kept (before step "
+                       f"{first}); this run's rows follow them")
+
+    def _move_aside(self) -> str:
+        """Rename ``metrics.csv`` to the first free ``metrics.before-N.csv``; returns that."""
+        n = 1
+        while self._fs.exists(aside := os.path.join(self.log_dir, f"metrics.before-{n}.csv")):
+            n += 1
+        self._fs.mv(self.metrics_file_path, aside)
+        return aside
+
     def _write(self, rows: list[dict[str, str]]) -> None:
-        """Replace ``metrics.csv`` by ``rows`` (atomically on a local disk)."""
+        """Replace ``metrics.csv`` by ``rows`` (atomically on a local disk), in the encoding
+        Lightning then appends in (the locale's)."""
         if isinstance(self._fs, LocalFileSystem):
             with atomic_path(self.metrics_file_path) as tmp:
-                with open(tmp, "w", newline="", encoding="utf-8") as file:
+                with open(tmp, "w", newline="") as file:  # noqa: PLW1514 - Lightning's encoding
                     _write_rows(file, self.metrics_keys, rows)
         else:
             with self._fs.open(self.metrics_file_path, "w", newline="") as file:
@@ -60,7 +109,7 @@ class _KeepingWriter(ExperimentWriter):
 
 
 def _write_rows(file: Any, keys: list[str], rows: list[dict[str, str]]) -> None:
-    writer = csv.DictWriter(file, fieldnames=keys)
+    writer = csv.DictWriter(file, fieldnames=keys, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
 
@@ -76,11 +125,22 @@ def _step(row: dict[str, str]) -> float:
 class ResumableCSVLogger(CSVLogger):
     """Lightning's ``CSVLogger`` (same arguments) that keeps the ``metrics.csv`` already in its
     folder: a fit resumed with a fixed ``version`` continues the earlier run's file instead of
-    deleting it."""
+    deleting it, and a new fit moves it aside (see :mod:`captioner.lit.loggers`)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._start: dict[str, int | None] = {}
+
+    def continue_from(self, step: int | None) -> None:
+        """Say where this fit starts, before its first save: the restored global step of a
+        resumed fit (earlier rows before it are kept), or ``None`` for a new fit (an earlier
+        file is moved aside)."""
+        self._start["step"] = step
 
     @property
+    @rank_zero_experiment
     def experiment(self) -> Any:
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)
-            self._experiment = _KeepingWriter(log_dir=self.log_dir)
+            self._experiment = _KeepingWriter(self.log_dir, self._start)
         return self._experiment

@@ -27,11 +27,15 @@ class _Logged(BoringModel):
         return out
 
 
-def _fit(root: Path, epochs: int, ckpt_path: str | None = None) -> Path:
+def _fit(root: Path, epochs: int, ckpt_path: str | None = None, told: bool = True) -> Path:
     """Fit ``_Logged`` for ``epochs`` epochs of 4 steps into version ``exp`` of ``root``,
-    saving ``epoch=N.ckpt`` after each epoch; returns the folder of ``metrics.csv``."""
+    saving ``epoch=N.ckpt`` after each epoch; returns the folder of ``metrics.csv``. ``told``:
+    the logger is told where the fit starts, as the captioner modules tell it."""
     torch.manual_seed(0)
     logger = ResumableCSVLogger(str(root), name="run", version="exp")
+    if told:
+        logger.continue_from(4 * int(Path(ckpt_path).stem.split("=")[1]) + 4 if ckpt_path
+                             else None)  # the global step of epoch=N.ckpt
     trainer = L.Trainer(max_epochs=epochs, limit_train_batches=4, limit_val_batches=2,
                         log_every_n_steps=1, logger=logger, enable_progress_bar=False,
                         enable_model_summary=False,
@@ -55,7 +59,54 @@ def test_a_fit_resumed_into_the_same_version_keeps_the_earlier_metrics(tmp_path)
     resumed run, so they are replaced, not doubled: the file equals an uninterrupted run's."""
     straight = _rows(_fit(tmp_path / "straight", 4))
     assert {r[0] for r in straight} == {"0", "1", "2", "3"} and any(r[3] for r in straight)
-    # a run killed after 3 epochs (it logged them), resumed from its checkpoint of epoch 1
-    folder = _fit(tmp_path / "killed", 3)
-    _fit(tmp_path / "killed", 4, ckpt_path=str(tmp_path / "killed" / "ckpts" / "epoch=1.ckpt"))
-    assert _rows(folder) == straight
+    for told in (True, False):  # (a module that does not tell: up to its first logged step)
+        # a run killed after 3 epochs (it logged them), resumed from its checkpoint of epoch 1
+        root = tmp_path / f"killed_{told}"
+        folder = _fit(root, 3)
+        _fit(root, 4, ckpt_path=str(root / "ckpts" / "epoch=1.ckpt"), told=told)
+        assert _rows(folder) == straight
+        assert not list(folder.glob("metrics.before-*"))
+
+
+def test_a_new_fit_into_a_used_version_moves_the_earlier_file_aside(tmp_path, recwarn):
+    """Not a resume: the earlier rows belong to another run. Lightning deleted them; keeping
+    those before the new run's first logged step mixed two runs in one file."""
+    folder = _fit(tmp_path, 2)
+    earlier = (folder / "metrics.csv").read_bytes()
+    _fit(tmp_path, 1)
+    assert (folder / "metrics.before-1.csv").read_bytes() == earlier
+    assert _rows(folder) == _rows(_fit(tmp_path / "alone", 1))
+    assert any("held another run's metrics (this fit is not a resume): moved to "
+               f"{folder / 'metrics.before-1.csv'}" in str(w.message) for w in recwarn)
+
+
+def test_an_unreadable_metrics_file_is_moved_aside_not_a_crash(tmp_path, recwarn):
+    """A row with more fields than the header failed at the first save, after training had
+    run; a file in another encoding when the logger started."""
+    folder = tmp_path / "run" / "exp"
+    folder.mkdir(parents=True)
+    (folder / "metrics.csv").write_bytes(b"epoch,step\n0,1,2\n\xe9\xff,3\n")
+    _fit(tmp_path, 1, told=False)
+    assert (folder / "metrics.before-1.csv").read_bytes() == b"epoch,step\n0,1,2\n\xe9\xff,3\n"
+    assert _rows(folder) == _rows(_fit(tmp_path / "alone", 1))
+    assert any("cannot be read" in str(w.message) for w in recwarn)
+
+
+def test_the_captioner_modules_tell_the_logger_where_the_fit_starts(monkeypatch):
+    """The restored global step of a resumed fit, ``None`` for a new one."""
+    from types import SimpleNamespace
+
+    from captioner.lit.captioning import CaptioningModule
+    from tests.lit.test_captioning import model_config
+
+    module = CaptioningModule.from_config(model_config(9))
+    told = []
+    logger = ResumableCSVLogger("unused")
+    monkeypatch.setattr(logger, "continue_from", told.append)
+    for ckpt_path, step in ((None, 0), ("last.ckpt", 36)):
+        trainer = SimpleNamespace(loggers=[logger], ckpt_path=ckpt_path, global_step=step,
+                                  optimizers=[])
+        monkeypatch.setattr(CaptioningModule, "trainer", trainer)
+        monkeypatch.setattr(module, "_end_frozen_blocks_filter", lambda check: None)
+        module.on_train_start()
+    assert told == [None, 36]
