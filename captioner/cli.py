@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 from collections.abc import Iterator
@@ -634,7 +635,8 @@ def lightning_main(args: list[str] | None = None, run: bool = True):
     from captioner.lit.callbacks import KeepInputConfigs
 
     process_argv = sys.argv
-    _RUN["args"] = list(sys.argv[1:] if args is None else args)  # for parse errors' files
+    _RUN["args"] = list(sys.argv[1:] if args is None else args)  # for parse errors' files,
+    _RUN["cwd"] = os.getcwd()  # relative to here (jsonargparse enters a config's folder)
     if args is not None and list(args) == sys.argv[1:]:
         args = None  # the command line itself (DDP's launcher re-runs sys.argv in each rank)
     elif args is not None:  # given in Python: LightningCLI would warn about sys.argv
@@ -691,7 +693,8 @@ def _name_config_lines(message: str, argv: list[str]) -> str:
     wanted += [(m[0] or None, m[1], _literal_choices(m[2]),
                 f"{m[1].rsplit('.', 1)[-1]} {m[3]!r} is not one of {m[2]}")
                for m in re.findall(r"(?:class_path '([^']+)':\s*)?Parser key \"([^\"]+)\":\s*"
-                                   r"Expected a typing\.Literal\[([^\]]*)\]\. Got value: ([^\n]+)",
+                                   r"Expected a typing\.Literal\[([^\]]*)\]\. Got value: "
+                                   r"([^\n]+?)(?=\. Got value: |\n|$)",
                                    message)]
     unimportable = re.findall(r"(module '[^']+' has no attribute '[^']+'|No module named '[^']+')"
                               r"\. Got value: Namespace\(class_path='([^']+)'", message)
@@ -699,9 +702,10 @@ def _name_config_lines(message: str, argv: list[str]) -> str:
         r"Problem with given class_path '([^']+)':\s*(module '[^']+' has no attribute '[^']+'|"
         r"No module named '[^']+')", message)]  # a subclass-mode section's (model, data)
     roots = {}
+    here = _RUN.get("cwd") or os.getcwd()  # jsonargparse may be inside a config's folder now
     for file in _config_files(argv):
         try:
-            with open(file, encoding="utf-8") as f:
+            with open(os.path.join(here, os.path.expanduser(file)), encoding="utf-8") as f:
                 roots[file] = yaml.compose(f)
         except (OSError, yaml.YAMLError):
             continue

@@ -8,9 +8,10 @@ with jsonargparse and load the state dicts: no module is ever pickled.
 from __future__ import annotations
 
 import importlib
+import inspect
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Optional
 
 from jsonargparse import ArgumentParser
 
@@ -92,10 +93,19 @@ def instantiate_arguments(types: Mapping[str, Any], init_args: Mapping[str, Any]
     Returns:
         ``{name: instance or callable}``; ``None`` for an argument ``init_args`` does not give.
     """
+    # the arguments as the keyword parameters of a function, read with fail_untyped=False as
+    # LightningCLI reads a model's: a user's class with untyped parameters (a score function's
+    # ``query_dim, key_dim``) trains there, so its checkpoint must rebuild here too
+    def parts(**kwargs: Any) -> dict[str, Any]:
+        return kwargs
+
+    parts.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
+                          annotation=Optional[type_]) for name, type_ in types.items()])
+    parts.__annotations__ = {name: Optional[type_] for name, type_ in types.items()}
     parser = ArgumentParser(exit_on_error=False)
-    for name, type_ in types.items():
-        parser.add_argument(f"--{name}", type=type_, default=None)
-    cfg = parser.parse_object({k: init_args[k] for k in types if init_args.get(k)})
-    built = parser.instantiate(cfg)
+    parser.add_function_arguments(parts, "parts", fail_untyped=False)
+    cfg = parser.parse_object({"parts": {k: init_args[k] for k in types if init_args.get(k)}})
+    built = parser.instantiate(cfg).parts
     return {name: getattr(built, name, None) for name in types}
 

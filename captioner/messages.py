@@ -34,6 +34,10 @@ def one_line(error: BaseException | str, limit: int | None = None) -> str:
 def first_line(error: BaseException, limit: int = 200) -> str:
     """``"Type: "`` and the first line of ``error``'s text (at most ``limit`` characters): for a
     library's reason whose later lines are a traceback or a long explanation (torch's
-    unpickler, jsonargparse); the type alone where the text is empty."""
-    lines = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {lines[0][:limit]}" if lines else type(error).__name__
+    unpickler, jsonargparse); the type alone where the text is empty. A first line that only
+    introduces the next (jsonargparse's ``Parser key "decoder":``) is joined with it."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    said = lines[0] if not lines[0].endswith(":") or len(lines) == 1 else " ".join(lines[:2])
+    return f"{type(error).__name__}: {said[:limit]}"

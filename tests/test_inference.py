@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from captioner.attention import AdditiveAttention
 from captioner.data.images import ImageLoadError, load_image
 from captioner.data.vocabulary import Vocabulary
 from captioner.inference import Caption, Captioner, CheckpointError, read_checkpoint
@@ -362,6 +363,29 @@ def _variant(tiny_checkpoint: Path, tmp_path: Path, name: str, edit) -> Path:
     out = tmp_path / name
     torch.save(ckpt, out)
     return out
+
+
+class UntypedAdditive(AdditiveAttention):
+    """A user's score function written to the README's contract, its parameters untyped."""
+
+    def __init__(self, query_dim, key_dim, attention_dim=8):  # noqa: ANN001 - untyped on purpose
+        super().__init__(query_dim, key_dim, attention_dim)
+
+
+def test_a_checkpoint_of_a_class_with_untyped_parameters_rebuilds(tiny_checkpoint: Path,
+                                                                  captioner: Captioner,
+                                                                  test_images: list[Path],
+                                                                  tmp_path: Path) -> None:
+    """LightningCLI reads classes with ``fail_untyped=False``, so such a model trained; the
+    inference tools refused its checkpoint ("Parser key "decoder":", the reason cut off)."""
+    def edit(ckpt):
+        attention = ckpt["captioner"]["model_config"]["init_args"]["decoder"]["init_args"][
+            "attention"]
+        attention["class_path"] = f"{__name__}.UntypedAdditive"
+
+    untyped = Captioner.from_checkpoint(_variant(tiny_checkpoint, tmp_path, "untyped.ckpt", edit))
+    assert type(untyped.decoder.attention) is UntypedAdditive
+    _same(untyped.caption(test_images[0])[0], captioner.caption(test_images[0])[0])
 
 
 def test_random_bytes_and_missing_files_are_not_checkpoints(tmp_path: Path) -> None:

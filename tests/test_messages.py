@@ -14,3 +14,14 @@ def test_no_cut_without_a_limit_and_a_marked_cut_with_one():
     assert one_line(ValueError(long)) == long  # the file and line at the end survive
     assert one_line(long, 20) == "/data/aaaaaaaaaaaaaa ..."
     assert one_line("short", 20) == "short"
+
+
+def test_first_line_joins_a_header_line_with_the_reason_it_introduces():
+    """jsonargparse's first line is often only ``Parser key "decoder":``; the reason follows."""
+    from captioner.messages import first_line
+
+    error = ValueError('Parser key "decoder":\n  Parameter \'query_dim\' has no type.\n  more')
+    assert first_line(error) == ("ValueError: Parser key \"decoder\": Parameter 'query_dim' has "
+                                 "no type.")
+    assert first_line(ValueError("one line: and more\nnext")) == "ValueError: one line: and more"
+    assert first_line(ValueError("\n\n")) == "ValueError"

@@ -522,6 +522,38 @@ def test_a_misspelled_option_in_a_config_file_names_the_file_and_line(tmp_path, 
         assert f"error: {typo} line {line}: {says}\n" in err, err
         assert "shapes_soft.yaml line" not in err, err
 
+def test_config_files_given_by_relative_paths_are_named_too(tmp_path, capsys, monkeypatch):
+    """The README's commands give ``--config configs/...`` relative paths, and jsonargparse
+    enters a config's folder while it parses a nested section: the files were then not found
+    and no file or line was named. A nested option's wrong value was also quoted with the
+    rest of jsonargparse's message (``"sigmoid. Got value: Namespace(...)"``)."""
+    import yaml
+
+    (tmp_path / "sub").mkdir()
+    model = yaml.safe_load((CONFIGS / "model" / "shapes_soft.yaml").read_text())
+    decoder = model["model"]["init_args"]["decoder"]["init_args"]
+    monkeypatch.chdir(tmp_path)
+    for change, says in [
+            (("attention", {"class_path": "captioner.attention.AdditiveAtention"}),
+             "class_path 'captioner.attention.AdditiveAtention' cannot be imported"),
+            (("gate", "sigmoid"), "gate 'sigmoid' is not one of 'scalar', 'vector', 'none'\n")]:
+        (tmp_path / "sub" / "bad.yaml").write_text(
+            yaml.safe_dump({"model": {**model["model"], "init_args": {
+                **model["model"]["init_args"], "decoder": {
+                    **model["model"]["init_args"]["decoder"],
+                    "init_args": {**decoder, change[0]: change[1]}}}}}, sort_keys=False))
+        given = ("class_path: captioner.attention.AdditiveAtention" if change[0] == "attention"
+                 else "gate: sigmoid")
+        line = next(i for i, t in enumerate(
+            (tmp_path / "sub" / "bad.yaml").read_text().splitlines(), 1) if t.strip() == given)
+        with pytest.raises(SystemExit) as e:
+            lightning_main(["fit", "-c", str(CONFIGS / "trainer" / "cpu.yaml"),
+                            "-c", str(CONFIGS / "data" / "shapes.yaml"), "-c", "sub/bad.yaml"])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert f"error: sub/bad.yaml line {line}: {says}" in err, err
+
+
 def test_a_wrong_class_path_or_choice_in_a_config_file_names_the_file_and_line(tmp_path, capsys):
     """A ``class_path`` that cannot be imported and a value outside an option's ``Literal``
     choices were reported 8-15 lines down jsonargparse's union report; the error now starts
