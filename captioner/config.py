@@ -11,7 +11,7 @@ import importlib
 import inspect
 import os
 from collections.abc import Mapping
-from typing import Any, Optional
+from typing import Any
 
 from jsonargparse import ArgumentParser
 
@@ -96,16 +96,19 @@ def instantiate_arguments(types: Mapping[str, Any], init_args: Mapping[str, Any]
     # the arguments as the keyword parameters of a function, read with fail_untyped=False as
     # LightningCLI reads a model's: a user's class with untyped parameters (a score function's
     # ``query_dim, key_dim``) trains there, so its checkpoint must rebuild here too
+    # (only the parts given, each required and of its own type: an Optional would turn every
+    # refusal into a union report that names neither the key nor the reason)
+    given = {name: type_ for name, type_ in types.items() if init_args.get(name)}
+
     def parts(**kwargs: Any) -> dict[str, Any]:
         return kwargs
 
     parts.__signature__ = inspect.Signature([  # type: ignore[attr-defined]
-        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=None,
-                          annotation=Optional[type_]) for name, type_ in types.items()])
-    parts.__annotations__ = {name: Optional[type_] for name, type_ in types.items()}
+        inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=type_)
+        for name, type_ in given.items()])
+    parts.__annotations__ = dict(given)
     parser = ArgumentParser(exit_on_error=False)
-    parser.add_function_arguments(parts, "parts", fail_untyped=False)
-    cfg = parser.parse_object({"parts": {k: init_args[k] for k in types if init_args.get(k)}})
-    built = parser.instantiate(cfg).parts
+    parser.add_function_arguments(parts, None, fail_untyped=False)
+    built = parser.instantiate(parser.parse_object({k: init_args[k] for k in given}))
     return {name: getattr(built, name, None) for name in types}
 

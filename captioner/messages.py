@@ -35,9 +35,24 @@ def first_line(error: BaseException, limit: int = 200) -> str:
     """``"Type: "`` and the first line of ``error``'s text (at most ``limit`` characters): for a
     library's reason whose later lines are a traceback or a long explanation (torch's
     unpickler, jsonargparse); the type alone where the text is empty. A first line that only
-    introduces the next (jsonargparse's ``Parser key "decoder":``) is joined with it."""
+    introduces the next (jsonargparse's ``Parser key "decoder":``) is joined with it, as is
+    each such line after it, and jsonargparse's wording is cut to the key and the reason:
+    ``Parser key "decoder": Parser key "gate": Expected a typing.Literal['scalar', 'vector',
+    'none']. Got value: sigmoid``."""
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
     if not lines:
         return type(error).__name__
-    said = lines[0] if not lines[0].endswith(":") or len(lines) == 1 else " ".join(lines[:2])
+    end = 0
+    while end + 1 < len(lines) and lines[end].endswith(":"):
+        end += 1
+    said = " ".join(lines[:end + 1])
+    said = _JSONARGPARSE_WORDING.sub("", said)
+    said = _GOT_NAMESPACE.sub("", said)
     return f"{type(error).__name__}: {said[:limit]}"
+
+
+#: jsonargparse's words between a key and the reason it refused its value
+_JSONARGPARSE_WORDING = re.compile(r"Type \S.*? expects a function or a callable class: "
+                                   r"|Does not validate against any of the Union subtypes ")
+#: the whole section jsonargparse quotes after the value it names
+_GOT_NAMESPACE = re.compile(r"\. Got value: Namespace\(.*$")

@@ -388,6 +388,24 @@ def test_a_checkpoint_of_a_class_with_untyped_parameters_rebuilds(tiny_checkpoin
     _same(untyped.caption(test_images[0])[0], captioner.caption(test_images[0])[0])
 
 
+@pytest.mark.parametrize("key, value, says", [
+    ("gate", "sigmoid", 'Parser key "decoder": Parser key "gate": Expected a typing.Literal['
+                        "'scalar', 'vector', 'none']. Got value: sigmoid)"),
+    ("hidden_dim", "big", "Parser key \"hidden_dim\": Expected a <class 'int'>. Got value: big)"),
+    ("nosuch", 1, "Parser key \"decoder\": Option 'nosuch' is not accepted)")])
+def test_a_stored_config_that_does_not_rebuild_is_named_by_key_and_reason(
+        tiny_checkpoint: Path, tmp_path: Path, key, value, says) -> None:
+    """The one line named neither the key nor the reason once every part was read as an
+    ``Optional`` (jsonargparse's union report: "Does not validate against any of the Union
+    subtypes")."""
+    def edit(ckpt):
+        ckpt["captioner"]["model_config"]["init_args"]["decoder"]["init_args"][key] = value
+
+    with pytest.raises(CheckpointError) as e:
+        Captioner.from_checkpoint(_variant(tiny_checkpoint, tmp_path, "bad.ckpt", edit))
+    assert str(e.value).endswith(says) and "\n" not in str(e.value), str(e.value)
+
+
 def test_random_bytes_and_missing_files_are_not_checkpoints(tmp_path: Path) -> None:
     noise = tmp_path / "noise.ckpt"
     noise.write_bytes(np.random.default_rng(0).bytes(4096))

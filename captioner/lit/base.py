@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 import random
 import re
@@ -27,6 +28,7 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.plugins.precision import MixedPrecision, Precision
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
@@ -230,12 +232,23 @@ class CaptionerModule(L.LightningModule):
     def on_train_start(self) -> None:
         self._end_frozen_blocks_filter(check=True)
         self._apply_resumed_optimizer_options()
+        # a resumed fit continues its metrics.csv; a new one moves an earlier file aside
+        self._tell_loggers(self.trainer.global_step if self.trainer.ckpt_path else None)
+
+    def on_validation_start(self) -> None:
+        if self.trainer.state.fn != TrainerFn.FITTING:  # `validate`: after the fit's rows
+            self._tell_loggers(math.inf)
+
+    def on_test_start(self) -> None:
+        self._tell_loggers(math.inf)  # `test`: its rows after the fit's, which are all kept
+
+    def _tell_loggers(self, start: float | None) -> None:
+        """Tell a :class:`~captioner.lit.loggers.ResumableCSVLogger` where this run starts."""
         from captioner.lit.loggers import ResumableCSVLogger
 
-        for logger in self.trainer.loggers:  # a resumed fit continues its metrics.csv
+        for logger in self.trainer.loggers:
             if isinstance(logger, ResumableCSVLogger):
-                logger.continue_from(self.trainer.global_step if self.trainer.ckpt_path
-                                     else None)
+                logger.continue_from(start)
 
     #: the hyperparameters the optimizer's state holds, and the parameter groups they set:
     #: ``lr`` the first group's (the decoder, stages...), ``encoder_lr`` the second's (the

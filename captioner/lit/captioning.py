@@ -170,10 +170,12 @@ class CaptioningModule(CaptionerModule):
         self.check_feature_cache()
 
     def on_validation_start(self) -> None:
+        super().on_validation_start()
         if self.trainer.state.fn != "fit":  # fit checked once at its start
             self.check_feature_cache()
 
     def on_test_start(self) -> None:
+        super().on_test_start()
         self.check_feature_cache()
 
     def check_feature_cache(self) -> None:

@@ -11,11 +11,14 @@ keeps the file:
   replaced), and its own rows follow them;
 * a **new** fit into a folder that holds a ``metrics.csv`` moves that file aside
   (``metrics.before-N.csv``, with a warning) rather than deleting it or mixing two runs;
+* ``validate`` / ``test`` into the fit's folder (``--ckpt_path last``) keep every earlier row,
+  and their own rows follow them;
 * an unreadable ``metrics.csv`` (another encoding, a damaged row) is moved aside the same way.
 
-The captioner modules tell the logger which case it is at the start of training
-(:meth:`ResumableCSVLogger.continue_from`); with another module the earlier rows before the
-first step this run logs are kept.
+The captioner modules tell the logger which case it is when training, validation or testing
+starts (:meth:`ResumableCSVLogger.continue_from`). With another module the logger is not
+told: the earlier rows are kept when this run logs after all of them, and the file is moved
+aside otherwise, so that no row is ever dropped on a guess.
 """
 
 from __future__ import annotations
@@ -41,11 +44,11 @@ class _KeepingWriter(ExperimentWriter):
 
     Args:
         log_dir: the run's folder.
-        start: shared with the logger: ``{"step": int | None}`` once
+        start: shared with the logger: ``{"step": float | None}`` once
             :meth:`ResumableCSVLogger.continue_from` has said where this run starts.
     """
 
-    def __init__(self, log_dir: str, start: dict[str, int | None]) -> None:
+    def __init__(self, log_dir: str, start: dict[str, float | None]) -> None:
         self._start = start
         super().__init__(log_dir=log_dir)
 
@@ -74,19 +77,33 @@ class _KeepingWriter(ExperimentWriter):
     def _continue_file(self) -> None:
         """Keep the earlier rows this run does not log again, or move the file aside."""
         assert self._earlier is not None
-        if "step" in self._start and self._start["step"] is None:  # a new run, not a resume
-            aside = self._move_aside()
+        told = "step" in self._start
+        start = self._start.get("step")
+        if not self._earlier:  # a header at most: nothing to keep or to move
+            self._fs.rm_file(self.metrics_file_path)
             self.metrics_keys = []
-            rank_zero_warn(f"{self.metrics_file_path} held another run's metrics (this fit is "
-                           f"not a resume): moved to {aside}")
             return
-        first = self._start.get("step")
-        if first is None:
-            first = min(int(m["step"]) for m in self.metrics)
-        kept = [row for row in self._earlier if _step(row) < first]
+        if told and start is None:  # a new fit, not a resume
+            self._restart(f"{self.metrics_file_path} held another run's metrics (this fit is not "
+                          "a resume)")
+            return
+        if not told:  # another module: keep the rows only if none would be dropped
+            start = min(int(m["step"]) for m in self.metrics)
+        kept = [row for row in self._earlier if _step(row) < start]
+        if not told and len(kept) < len(self._earlier):
+            self._restart(f"{self.metrics_file_path} holds rows at or after this run's first "
+                          f"step ({start}) and the module did not say whether it resumes")
+            return
         self._write(kept)
-        rank_zero_info(f"{self.metrics_file_path}: {len(kept)} earlier rows kept (before step "
-                       f"{first}); this run's rows follow them")
+        rank_zero_info(f"{self.metrics_file_path}: {len(kept)} earlier rows kept"
+                       f"{'' if start == float('inf') else f' (before step {start})'}; this "
+                       "run's rows follow them")
+
+    def _restart(self, why: str) -> None:
+        """Move the earlier file aside, saying ``why``; this run starts a new one."""
+        aside = self._move_aside()
+        self.metrics_keys = []
+        rank_zero_warn(f"{why}: moved to {aside}")
 
     def _move_aside(self) -> str:
         """Rename ``metrics.csv`` to the first free ``metrics.before-N.csv``; returns that."""
@@ -129,12 +146,12 @@ class ResumableCSVLogger(CSVLogger):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._start: dict[str, int | None] = {}
+        self._start: dict[str, float | None] = {}
 
-    def continue_from(self, step: int | None) -> None:
-        """Say where this fit starts, before its first save: the restored global step of a
-        resumed fit (earlier rows before it are kept), or ``None`` for a new fit (an earlier
-        file is moved aside)."""
+    def continue_from(self, step: float | None) -> None:
+        """Say where this run starts, before its first save: the restored global step of a
+        resumed fit (earlier rows before it are kept), ``math.inf`` for ``validate`` / ``test``
+        (every earlier row kept), or ``None`` for a new fit (an earlier file is moved aside)."""
         self._start["step"] = step
 
     @property

@@ -45,9 +45,9 @@ def _fit(root: Path, epochs: int, ckpt_path: str | None = None, told: bool = Tru
     return Path(logger.log_dir)
 
 
-def _rows(folder: Path) -> list[tuple[str, str, bool, bool]]:
+def _rows(folder: Path, name: str = "metrics.csv") -> list[tuple[str, str, bool, bool]]:
     """``(epoch, step, has a train loss, has a val score)`` of each row of ``metrics.csv``."""
-    with open(folder / "metrics.csv", newline="") as file:
+    with open(folder / name, newline="") as file:
         return [(r["epoch"], r["step"], bool(r["train/loss"]), bool(r["val/score"]))
                 for r in csv.DictReader(file)]
 
@@ -59,13 +59,21 @@ def test_a_fit_resumed_into_the_same_version_keeps_the_earlier_metrics(tmp_path)
     resumed run, so they are replaced, not doubled: the file equals an uninterrupted run's."""
     straight = _rows(_fit(tmp_path / "straight", 4))
     assert {r[0] for r in straight} == {"0", "1", "2", "3"} and any(r[3] for r in straight)
-    for told in (True, False):  # (a module that does not tell: up to its first logged step)
-        # a run killed after 3 epochs (it logged them), resumed from its checkpoint of epoch 1
-        root = tmp_path / f"killed_{told}"
-        folder = _fit(root, 3)
-        _fit(root, 4, ckpt_path=str(root / "ckpts" / "epoch=1.ckpt"), told=told)
-        assert _rows(folder) == straight
-        assert not list(folder.glob("metrics.before-*"))
+    # a run killed after 3 epochs (it logged them), resumed from its checkpoint of epoch 1
+    folder = _fit(tmp_path / "killed", 3)
+    _fit(tmp_path / "killed", 4, ckpt_path=str(tmp_path / "killed" / "ckpts" / "epoch=1.ckpt"))
+    assert _rows(folder) == straight
+    assert not list(folder.glob("metrics.before-*"))
+
+
+def test_a_module_that_does_not_say_it_resumes_never_loses_a_row(tmp_path):
+    """Not told where the run starts (a module other than captioner's), rows the run would
+    log again are not dropped on a guess: the earlier file is moved aside whole."""
+    folder = _fit(tmp_path, 3)
+    killed = _rows(folder)
+    _fit(tmp_path, 4, ckpt_path=str(tmp_path / "ckpts" / "epoch=1.ckpt"), told=False)
+    assert _rows(folder, "metrics.before-1.csv") == killed
+    assert {r[0] for r in _rows(folder)} == {"2", "3"}
 
 
 def test_a_new_fit_into_a_used_version_moves_the_earlier_file_aside(tmp_path, recwarn):
@@ -110,3 +118,47 @@ def test_the_captioner_modules_tell_the_logger_where_the_fit_starts(monkeypatch)
         monkeypatch.setattr(module, "_end_frozen_blocks_filter", lambda check: None)
         module.on_train_start()
     assert told == [None, 36]
+
+
+def test_validate_and_test_into_the_fits_folder_keep_its_rows(tmp_path):
+    """``captioner validate`` / ``test --ckpt_path last`` log into the fit's version folder:
+    they cut every row logged before their own step 0 (the whole fit's curve, silently). The
+    captioner modules now say so, and their rows follow the fit's."""
+    from captioner.lit.captioning import CaptioningModule
+    from tests.lit.test_captioning import model_config, tiny_dm
+
+    def trainer():
+        return L.Trainer(max_epochs=2, limit_train_batches=2, limit_val_batches=1,
+                         limit_test_batches=1, log_every_n_steps=1, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False,
+                         num_sanity_val_steps=0,
+                         logger=ResumableCSVLogger(str(tmp_path), name="run", version="v"))
+
+    dm = tiny_dm(tmp_path / "shapes")
+    module = CaptioningModule.from_config(model_config(dm.vocab_size))
+    trainer().fit(module, datamodule=dm)
+    folder = tmp_path / "run" / "v"
+    fitted = _csv(folder)
+    assert {r["epoch"] for r in fitted} == {"0", "1"} and any(r["val/bleu4"] for r in fitted)
+    trainer().validate(module, datamodule=dm)
+    trainer().test(module, datamodule=dm)
+    rows = _csv(folder)
+    assert [{k: r[k] for k in fitted[0]} for r in rows[:len(fitted)]] == fitted
+    assert rows[-1]["test/bleu4"] != "" and len(rows) == len(fitted) + 2
+    assert not list(folder.glob("metrics.before-*"))
+
+
+def _csv(folder: Path) -> list[dict[str, str]]:
+    with open(folder / "metrics.csv", newline="") as file:
+        return list(csv.DictReader(file))
+
+
+def test_a_header_only_metrics_file_is_simply_replaced(tmp_path):
+    """Nothing to keep or to move aside (no empty ``metrics.before-N.csv`` left behind)."""
+    folder = tmp_path / "run" / "exp"
+    folder.mkdir(parents=True)
+    (folder / "metrics.csv").write_text("epoch,step,old/key\n")
+    _fit(tmp_path, 1)
+    assert _rows(folder) == _rows(_fit(tmp_path / "alone", 1))
+    assert not list(folder.glob("metrics.before-*"))
+    assert "old/key" not in (folder / "metrics.csv").read_text()
