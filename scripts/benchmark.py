@@ -938,7 +938,10 @@ def bench_loading(s: Sizes, data_dir: Path | None, log: Callable[[str], None]
             paths = _generated_jpegs(Path(tmp), s.load_images, tiny=s.batch < 8)
             records = [ImageRecord(image_id=i, path=p, captions=["a picture"])
                        for i, p in enumerate(paths)]
-            source = "generated JPEGs (500 x 375)"
+            from PIL import Image
+
+            with Image.open(paths[0]) as first:
+                source = f"generated JPEGs ({first.width} x {first.height})"
         log(f"loading {len(records)} images from {source} with {workers} workers")
         loader = DataLoader(ImageEvalDataset(records, size), batch_size=32, shuffle=False,
                             num_workers=workers, collate_fn=collate_images,
@@ -1016,6 +1019,21 @@ def bench_cached_epochs(s: Sizes, data_dir: Path, device: torch.device,
 
 
 # ============================================================================ main
+#: the parts ``--skip`` can leave out
+SECTIONS = ("decoders", "encode", "load")
+
+
+def _sections(text: str) -> frozenset[str]:
+    """``--skip``'s comma list, each name one of :data:`SECTIONS` (a misspelt one ran that
+    part anyway, silently)."""
+    names = frozenset(x.strip() for x in text.split(",") if x.strip())
+    unknown = sorted(names - set(SECTIONS))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown {', '.join(unknown)} (choose among "
+                                         f"{', '.join(SECTIONS)})")
+    return names
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -1047,7 +1065,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="captions (training) and images (decoding) per batch; default 32, the "
                         "fixed work whose figures compare across machines (others: e.g. a GPU "
                         "at a batch that fills it, reported with its size under sizes.batch)")
-    p.add_argument("--skip", default="", help="comma list among: decoders,encode,load")
+    p.add_argument("--skip", type=_sections, default=frozenset(),
+                   help=f"comma list among: {','.join(SECTIONS)}")
     p.add_argument("--data", default=str(FLICKR8K_SUBSET), help=argparse.SUPPRESS)
     p.add_argument("--tiny", action="store_true", help=argparse.SUPPRESS)  # smoke tests
     return p.parse_args(argv)
@@ -1067,7 +1086,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         s = replace(s, batch=args.batch)
     if device.type == "cuda" and not args.tiny:  # 1024^3 is a few microseconds on a GPU
         s = replace(s, matmul_size=8192)
-    skip = {x for x in args.skip.split(",") if x}
+    skip = args.skip
+    if "decoders" in skip and (args.baseline or args.ablations):
+        print("benchmark: --skip decoders: --baseline and --ablations are measured with the "
+              "decoders and are not run", file=sys.stderr)
     started = time.perf_counter()
 
     def log(msg: str) -> None:

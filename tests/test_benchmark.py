@@ -173,6 +173,15 @@ def test_quick_run_at_tiny_sizes_writes_every_figure(bm, tmp_path):
                                                  / block["per_step_casts_images_per_s"], rel=1e-2)
     assert all(v > 0 for v in bf16["encode_images_per_s"].values())
     assert result["load_settings"]["num_workers"] == 2  # the data module's default
+    assert result["load_settings"]["source"] == "generated JPEGs (40 x 30)"  # --tiny's size
+
+
+def test_a_misspelt_skip_is_refused(bm, capsys):
+    """``--skip encode,laod`` ran the loading part anyway (minutes at full size), silently."""
+    with pytest.raises(SystemExit) as e:
+        bm.main(["--tiny", "--skip", "encode,laod"])
+    assert e.value.code == 2
+    assert "--skip: unknown laod (choose among decoders, encode, load)" in capsys.readouterr().err
 
 
 def test_interleaved_alternates_the_order_of_each_round(bm):
