@@ -19,8 +19,11 @@ Symbols used in every docstring and shape comment of the package
 ==========  =============================================================
 
 Plain ``nn.Module`` components (``captioner.encoders``, ``captioner.attention``,
-``captioner.decoder``, ``captioner.search``) never import Lightning; only
-``captioner.lit`` and ``captioner.cli`` do.
+``captioner.decoder``, ``captioner.search``) never import Lightning; the Lightning modules,
+callbacks and loggers (``captioner.lit``), the data modules (``captioner.data.datamodule``,
+``.cached``, ``.parallel``) and the command line (``captioner.cli``) do
+(``tests/test_layering.py`` holds the list); the inference commands only where they read a
+data config.
 """
 
 __version__ = "0.1.0"

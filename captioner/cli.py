@@ -635,8 +635,10 @@ def lightning_main(args: list[str] | None = None, run: bool = True):
     from captioner.lit.callbacks import KeepInputConfigs
 
     process_argv = sys.argv
-    _RUN["args"] = list(sys.argv[1:] if args is None else args)  # for parse errors' files,
-    _RUN["cwd"] = os.getcwd()  # relative to here (jsonargparse enters a config's folder)
+    # for parse errors: the --config files, relative to this folder (jsonargparse enters a
+    # config's own folder while it parses nested sections)
+    _RUN["args"] = list(sys.argv[1:] if args is None else args)
+    _RUN["cwd"] = os.getcwd()
     if args is not None and list(args) == sys.argv[1:]:
         args = None  # the command line itself (DDP's launcher re-runs sys.argv in each rank)
     elif args is not None:  # given in Python: LightningCLI would warn about sys.argv

@@ -5,7 +5,8 @@ One decoding step ``t`` (Eqs. 1-7 of the paper; ``E y_{t-1}`` is the embedded pr
     alpha_t = softmax_i f_att(a_i, h_{t-1})                       (Eqs. 4-5, captioner.attention)
     beta_t  = sigmoid(f_beta(h_{t-1}))                            (Section 4.2.1, a scalar)
     z_t     = beta_t * sum_i alpha_ti a_i                         (Eq. 6 for soft attention)
-    (i, f, g, o) = W [E y_{t-1}; z_t] + U h_{t-1} + b             (Eqs. 1-3: the LSTM T_{D+m+n,n})
+    (i, f, g, o) = W [E y_{t-1}; z_t] + U h_{t-1} + b             (Eqs. 1-3: the LSTM T_{D+m+n,n},
+                                                                   the paper's m = E, n = N)
     c_t = sigmoid(f) * c_{t-1} + sigmoid(i) * tanh(g);   h_t = sigmoid(o) * tanh(c_t)
     p(y_t | a, y_{<t}) ~ exp(L_o(E y_{t-1} + L_h h_t + L_z z_t))  (Eq. 7: the deep output layer)
 
@@ -384,7 +385,7 @@ class AttentionDecoder(nn.Module):
                 u = self.dropout(torch.relu(layer(u)))  # (B, D), or (B, D / 2)
             h, c = torch.tanh(self.init_h(u)), torch.tanh(self.init_c(u))  # (B, N)
         else:
-            h = c = summary.new_zeros(summary.shape[0], self.hidden_dim)
+            h = c = summary.new_zeros(summary.shape[0], self.hidden_dim)  # (B, N)
         keys, dtype = annotations, autocast_dtype(annotations)
         records_grad = torch.is_grad_enabled() and annotations.requires_grad
         if dtype is not None and not records_grad and self._keys_feed_context_only():
@@ -614,8 +615,8 @@ class AttentionDecoder(nn.Module):
         if skip_padding:  # the output layer at the computed positions only
             logits, positions = self._computed_logits(emb, hs, zs, order)  # (M, V), (M,)
         else:
-            H, Z = stacked(hs), stacked(zs)  # (B, T, N), (B, T, D)
-            logits = self.output_logits(emb, H, Z).flatten(0, 1)  # (B T, V): one matmul
+            h_all, z_all = stacked(hs), stacked(zs)  # (B, T, N), (B, T, D)
+            logits = self.output_logits(emb, h_all, z_all).flatten(0, 1)  # (B T, V): one matmul
             positions = None
         out = DecoderOutput(logits, stacked(alphas), stacked(betas), positions)
         if self.hard is not None:

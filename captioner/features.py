@@ -728,7 +728,7 @@ def _extract(encoder: nn.Module, paths: Sequence[str | os.PathLike[str]], out: P
             grids = []
             for batch in itertools.islice(batches, shard_size // batch_size):
                 with inference_autocast(torch.device(device), meta["precision"]):
-                    annotations = encoder(batch["images"].to(device)).float()  # (b, L, D)
+                    annotations = encoder(batch["images"].to(device)).float()  # (rows, L, D)
                 grids.append(annotations.to(torch.float16).cpu().numpy())
             shard = np.concatenate(grids)  # (n, L, D)
             assert len(shard) == len(chunk), (len(shard), len(chunk))

@@ -30,7 +30,7 @@ for points of the image (through ``A^{-1}``). Attention correctness
 (:func:`captioner.metrics.box_cell_coverage`) and the attention figures
 (:func:`captioner.visualize.upsample_attention`) use them.
 
-Shapes: ``N`` points, ``(H, W)`` the attention grid, ``(H_img, W_img)`` the image in pixels.
+Shapes: ``P`` points, ``(H, W)`` the attention grid, ``(H_img, W_img)`` the image in pixels.
 """
 
 from __future__ import annotations
@@ -48,16 +48,16 @@ def _as_theta(theta: np.ndarray) -> np.ndarray:
 
 
 def grid_to_image(points: np.ndarray, theta: np.ndarray | None) -> np.ndarray:
-    """Normalised grid points ``(N, 2)`` as ``(x, y)`` -> the image points they looked at."""
+    """Normalised grid points ``(P, 2)`` as ``(x, y)`` -> the image points they looked at."""
     points = np.asarray(points, dtype=np.float64)
     if theta is None:
         return points
     theta = _as_theta(theta)
-    return points @ theta[:, :2].T + theta[:, 2]  # (N, 2)
+    return points @ theta[:, :2].T + theta[:, 2]  # (P, 2)
 
 
 def image_to_grid(points: np.ndarray, theta: np.ndarray | None) -> np.ndarray:
-    """Normalised image points ``(N, 2)`` as ``(x, y)`` -> where they appear in the grid.
+    """Normalised image points ``(P, 2)`` as ``(x, y)`` -> where they appear in the grid.
 
     A singular ``A`` (a view collapsed to a line or a point) is inverted in the least-squares
     sense (pseudo-inverse), so such a figure is drawn rather than refused.
@@ -67,7 +67,7 @@ def image_to_grid(points: np.ndarray, theta: np.ndarray | None) -> np.ndarray:
         return points
     theta = _as_theta(theta)
     inverse = np.linalg.pinv(theta[:, :2])  # (2, 2)
-    return (points - theta[:, 2]) @ inverse.T  # (N, 2)
+    return (points - theta[:, 2]) @ inverse.T  # (P, 2)
 
 
 def pixel_centres(size: tuple[int, int]) -> np.ndarray:
@@ -80,7 +80,7 @@ def pixel_centres(size: tuple[int, int]) -> np.ndarray:
 
 
 def to_pixels(points: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Normalised ``(x, y)`` points ``(N, 2)`` -> continuous pixel coordinates ``(x, y)`` of an
+    """Normalised ``(x, y)`` points ``(P, 2)`` -> continuous pixel coordinates ``(x, y)`` of an
     ``(h, w)`` map, pixel ``i`` spanning ``[i, i + 1)``."""
     h, w = size
     points = np.asarray(points, dtype=np.float64)

@@ -45,7 +45,8 @@ from captioner.search import SearchResult, beam_search, greedy_search
 CHECKPOINT_KEY = "captioner"
 CHECKPOINT_FORMAT = 1
 
-ImageInput = str | Path | Image.Image
+#: an image :meth:`Captioner.caption` takes: a file path or a PIL image
+ImageInput = str | os.PathLike[str] | Image.Image
 
 
 class CheckpointError(ValueError):
@@ -322,7 +323,8 @@ class Captioner:
                 and getattr(self.decoder, "use_context", True))  # Show and Tell has no beta
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """RGB image -> ``(3, S, S)`` in ``[0, 1]`` at the training resolution."""
+        """RGB image -> ``(3, H, W)`` in ``[0, 1]`` at the training resolution (``H = W =``
+        :attr:`image_size` for a square one)."""
         return image_to_tensor(image, self.image_size)
 
     # ---------------------------------------------------------------- captioning
@@ -346,6 +348,7 @@ class Captioner:
 
         Raises:
             captioner.data.images.ImageLoadError: a path that is missing or not an image.
+            ValueError: ``batch_size`` below 1.
         """
         if isinstance(images, (str, os.PathLike, Image.Image)):
             images = [images]
@@ -357,7 +360,7 @@ class Captioner:
             loaded = [upright_rgb(img) if isinstance(img, Image.Image) else load_image(img)
                       for img in chunk]
             paths = [None if isinstance(img, Image.Image) else Path(img) for img in chunk]
-            batch = torch.stack([self.preprocess(img) for img in loaded])  # (B, 3, S, S)
+            batch = torch.stack([self.preprocess(img) for img in loaded])  # (B, 3, H, W)
             kept = loaded if keep_images else [None] * len(loaded)
             results.extend(self._caption_inputs(batch, kept, paths, beam_size, max_length,
                                                 min_length))
@@ -386,6 +389,9 @@ class Captioner:
             ``(captions, errors)``: a :class:`Caption` (with ``path`` set) for each readable
             image, in order, and ``(path, reason)`` for each path that is missing, not an image
             file, or not readable as an image.
+
+        Raises:
+            ValueError: ``batch_size`` below 1.
         """
         captions: list[Caption] = []
         errors: list[tuple[Path, str]] = []
@@ -395,29 +401,43 @@ class Captioner:
             errors += failed
         return captions, errors
 
-    @torch.no_grad()
     def iter_caption_paths(
         self, paths: str | os.PathLike[str] | Iterable[str | os.PathLike[str]],
         beam_size: int | None = None, max_length: int | None = None,
         min_length: int | None = None, batch_size: int = 16, keep_images: bool = False,
     ) -> Iterator[tuple[list[Caption], list[tuple[Path, str]]]]:
         """:meth:`caption_paths` one batch at a time, so that a caller can write each batch's
-        captions before the next is decoded (``captioner caption`` does).
+        captions before the next is decoded (``captioner caption`` does). Without
+        ``keep_images`` each image is resized to the model's input as soon as it is decoded,
+        so a batch of large photos never sits in memory at full resolution.
 
-        Yields:
-            ``(captions, errors)`` of each batch of ``batch_size`` files, in order; the paths
-            that name no image file come first, as one item with no captions. Without
-            ``keep_images`` each image is resized to the model's input as soon as it is
-            decoded, so a batch of large photos never sits in memory at full resolution.
+        Args:
+            paths, beam_size, max_length, min_length, batch_size, keep_images: as
+                :meth:`caption_paths`.
+
+        Returns:
+            An iterator of ``(captions, errors)``, one per batch of ``batch_size`` files, in
+            order; the paths that name no image file come first, as one item with no captions.
+
+        Raises:
+            ValueError: ``batch_size`` below 1 (here, not at the first ``next``).
         """
         if isinstance(paths, (str, os.PathLike)):
             paths = [paths]
         _check_batch_size(batch_size)
+        return self._iter_caption_paths(paths, beam_size, max_length, min_length, batch_size,
+                                        keep_images)
+
+    @torch.no_grad()
+    def _iter_caption_paths(
+        self, paths: Iterable[str | os.PathLike[str]], beam_size: int | None,
+        max_length: int | None, min_length: int | None, batch_size: int, keep_images: bool,
+    ) -> Iterator[tuple[list[Caption], list[tuple[Path, str]]]]:
         files, not_images = find_images(paths)
         if not_images:
             yield [], not_images
         for chunk in _batched(files, batch_size):
-            inputs: list[torch.Tensor] = []  # (3, S, S) each
+            inputs: list[torch.Tensor] = []  # (3, H, W) each
             kept: list[Image.Image | None] = []
             ok: list[Path] = []
             errors: list[tuple[Path, str]] = []
@@ -442,7 +462,7 @@ class Captioner:
         """Caption preprocessed images.
 
         Args:
-            images: ``(B, 3, S, S)`` RGB in ``[0, 1]`` (see :meth:`preprocess`).
+            images: ``(B, 3, H, W)`` RGB in ``[0, 1]`` (see :meth:`preprocess`).
             beam_size: ``K``; ``1`` is greedy search.
             max_length: most decoding steps.
             min_length: fewest tokens, ``<end>`` included.
@@ -452,7 +472,8 @@ class Captioner:
 
         Raises:
             TypeError: integer images (``torchvision.io.read_image``'s ``uint8`` in
-                ``[0, 255]``: divide by 255, or use :meth:`preprocess`), or not ``(B, 3, H, W)``.
+                ``[0, 255]``: divide by 255, or use :meth:`preprocess`).
+            ValueError: images that are not ``(B, 3, H, W)``.
         """
         from captioner.grid_frame import encoder_edges, encoder_thetas
 
@@ -460,7 +481,7 @@ class Captioner:
             raise TypeError(f"images must be floating point in [0, 1], got {images.dtype} "
                             "(uint8 images in [0, 255]: divide by 255 first)")
         if images.dim() != 4 or images.shape[1] != 3:
-            raise TypeError(f"images must be (B, 3, H, W) RGB, got shape {tuple(images.shape)}")
+            raise ValueError(f"images must be (B, 3, H, W) RGB, got shape {tuple(images.shape)}")
         with inference_autocast(self.device, self.precision):
             annotations = self.encoder(images.to(self.device, torch.float32))  # (B, L, D)
             out = self.generate(annotations, beam_size, max_length, min_length)
@@ -494,7 +515,7 @@ class Captioner:
     def _caption_inputs(self, batch: torch.Tensor, images: Sequence[Image.Image | None],
                         paths: Sequence[Path | None], beam_size: int | None,
                         max_length: int | None, min_length: int | None) -> list[Caption]:
-        """Caption ``batch`` ``(B, 3, S, S)`` (:meth:`preprocess`'s), each caption given its
+        """Caption ``batch`` ``(B, 3, H, W)`` (:meth:`preprocess`'s), each caption given its
         image (or ``None``) and path."""
         captions = self.caption_tensors(batch, beam_size, max_length, min_length)
         for caption, img, path in zip(captions, images, paths):
@@ -516,7 +537,9 @@ class Captioner:
 
 
 def _check_batch_size(batch_size: int) -> None:
-    if not isinstance(batch_size, int) or batch_size < 1:
+    """Refuse a ``batch_size`` that is not a positive integer (``True`` included) with a
+    ``ValueError`` naming it (``range`` failed on 0 with "arg 3 must not be zero")."""
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
 
 

@@ -5,7 +5,8 @@ line or field. An underlying library's message may span lines (a YAML mark, a li
 mismatched weights); :func:`one_line` joins them without touching the rest, so that a file
 name with two spaces or a tab is still the file's name, and shortens only where a limit is
 asked for (long lists such as a state dict's mismatched keys); :func:`first_line` keeps a
-reason's first line only. No Lightning or torch here.
+reason's first line only (with jsonargparse's key lines, the key and the reason). No Lightning
+or torch here.
 """
 
 from __future__ import annotations
@@ -31,28 +32,29 @@ def one_line(error: BaseException | str, limit: int | None = None) -> str:
     return text
 
 
-def first_line(error: BaseException, limit: int = 200) -> str:
-    """``"Type: "`` and the first line of ``error``'s text (at most ``limit`` characters): for a
-    library's reason whose later lines are a traceback or a long explanation (torch's
-    unpickler, jsonargparse); the type alone where the text is empty. A first line that only
-    introduces the next (jsonargparse's ``Parser key "decoder":``) is joined with it, as is
-    each such line after it, and jsonargparse's wording is cut to the key and the reason:
-    ``Parser key "decoder": Parser key "gate": Expected a typing.Literal['scalar', 'vector',
-    'none']. Got value: sigmoid``."""
-    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
-    if not lines:
-        return type(error).__name__
-    end = 0
-    while end + 1 < len(lines) and lines[end].endswith(":"):
-        end += 1
-    said = " ".join(lines[:end + 1])
-    said = _JSONARGPARSE_WORDING.sub("", said)
-    said = _GOT_NAMESPACE.sub("", said)
-    return f"{type(error).__name__}: {said[:limit]}"
-
-
+#: a jsonargparse line that ends naming the key whose reason follows (``Parser key "x":``)
+_KEY_LINE = re.compile(r'Parser key "[^"]+":$')
 #: jsonargparse's words between a key and the reason it refused its value
 _JSONARGPARSE_WORDING = re.compile(r"Type \S.*? expects a function or a callable class: "
                                    r"|Does not validate against any of the Union subtypes ")
 #: the whole section jsonargparse quotes after the value it names
 _GOT_NAMESPACE = re.compile(r"\. Got value: Namespace\(.*$")
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """``"Type: "`` and the first line of ``error``'s text (at most ``limit`` characters): for a
+    library's reason whose later lines are a traceback or a long explanation (torch's
+    unpickler, jsonargparse); the type alone where the text is empty. jsonargparse's lines
+    that only name a key (``Parser key "decoder":``) are joined with the line after them, and
+    its wording is cut to the keys and the reason: ``Parser key "decoder": Parser key "gate":
+    Expected a typing.Literal['scalar', 'vector', 'none']. Got value: sigmoid``."""
+    lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    end = 0
+    while end + 1 < len(lines) and _KEY_LINE.search(lines[end]):
+        end += 1
+    said = " ".join(lines[:end + 1])
+    said = _JSONARGPARSE_WORDING.sub("", said)
+    said = _GOT_NAMESPACE.sub("", said)
+    return f"{type(error).__name__}: {said[:limit]}"

@@ -77,33 +77,35 @@ def _check_settings(max_length: int, beam_size: int = 1) -> None:
 
 
 def _best(values: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``n`` largest entries of each row of ``values`` ``(R, C)``, largest first, equal ones
-    in the order of their column: the first ``n`` of a stable descending sort, from ``topk``.
+    """The ``n`` largest entries of each row of ``values`` ``(R, n_cols)``, largest first, equal
+    ones in the order of their column: the first ``n`` of a stable descending sort, from
+    ``topk``.
 
     ``topk`` neither orders nor chooses among equal values by column; here one more than ``n``
     is asked for, and only where a row's ``n``-th and ``(n+1)``-th finite values are equal (a
     tie across the cut: which equal ones are kept matters) are its entries chosen again by one
     more ``topk``, of a key that puts the values above the cut first and the ones equal to it
-    in column order (no sort of the ``C`` columns: with bf16 log-probabilities a sixth of the
+    in column order (no sort of the ``n_cols`` columns: with bf16 log-probabilities a sixth of the
     rows may tie). Ties at ``-inf`` (dead beams, banned tokens) are not resolved: nothing ranks
     them.
 
     Returns:
         ``(R, n)`` values and ``(R, n)`` column indices.
     """
-    C = values.shape[1]
-    top, index = values.topk(min(n + 1, C), dim=1)  # (R, n + 1), or (R, C)
+    n_cols = values.shape[1]
+    top, index = values.topk(min(n + 1, n_cols), dim=1)  # (R, n + 1), or (R, n_cols)
     if top.shape[1] > n:
         cut = (top[:, n] == top[:, n - 1]) & torch.isfinite(top[:, n])  # (R,)
         top, index = top[:, :n], index[:, :n]
         if bool(cut.any()):
             rows = cut.nonzero().squeeze(1)
-            tied = values[rows]  # (r, C)
+            tied = values[rows]  # (r, n_cols)
             level = top[rows, n - 1 : n]  # (r, 1) the value at the cut
-            column = torch.arange(C, device=values.device).expand_as(tied)  # (r, C)
+            column = torch.arange(n_cols, device=values.device).expand_as(tied)  # (r, n_cols)
             # above the cut: below 0, any order; at the cut: the column; under it: last
-            key = torch.where(tied > level, column - C,
-                              torch.where(tied == level, column, torch.full_like(column, 2 * C)))
+            key = torch.where(tied > level, column - n_cols,
+                              torch.where(tied == level, column,
+                                          torch.full_like(column, 2 * n_cols)))
             chosen = key.topk(n, dim=1, largest=False).indices  # (r, n)
             top, index = top.clone(), index.clone()
             top[rows], index[rows] = tied.gather(1, chosen), chosen

@@ -41,7 +41,7 @@ class _SummedWeightGrad(torch.autograd.Function):
                 ) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.store, ctx.first = store, first
-        return x.mm(weight.t())  # (B, M)
+        return x.mm(weight.t())  # (B, out)
 
     @staticmethod
     @once_differentiable
@@ -53,11 +53,11 @@ class _SummedWeightGrad(torch.autograd.Function):
             ctx.store.append((task, grad, x))
             if ctx.first:  # the last node of the unroll to run: see the module docstring
                 pairs = [(g, i) for k, g, i in ctx.store if k == task]  # stale passes dropped
-                grads = torch.cat([g for g, _ in pairs])  # (T B, M)
-                inputs = torch.cat([i for _, i in pairs])  # (T B, K)
-                grad_weight = grads.t().mm(inputs)  # (M, K)
+                grads = torch.cat([g for g, _ in pairs])  # (T B, out)
+                inputs = torch.cat([i for _, i in pairs])  # (T B, in)
+                grad_weight = grads.t().mm(inputs)  # (out, in)
                 ctx.store.clear()
-        grad_x = grad.mm(weight) if ctx.needs_input_grad[0] else None  # (B, K)
+        grad_x = grad.mm(weight) if ctx.needs_input_grad[0] else None  # (B, in)
         return grad_x, grad_weight, None, None
 
 
@@ -78,7 +78,8 @@ class UnrolledLinear:
     parameters.
 
     Args:
-        weight: ``(M, K)``, typically a contiguous concatenation of parameters.
+        weight: ``(out, in)`` (the decoder's ``(4N, D + N)``), typically a contiguous
+            concatenation of parameters.
 
     Example::
 
@@ -95,7 +96,7 @@ class UnrolledLinear:
         self._cast: torch.Tensor | None = None  # the weight in the autocast dtype
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """``(B, K) -> (B, M)``."""
+        """``(B, in) -> (B, out)``."""
         if not torch.is_grad_enabled() or not self.weight.requires_grad:
             return x.mm(self.weight.t())
         weight, dtype = self.weight, autocast_dtype(self.weight)

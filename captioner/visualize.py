@@ -17,7 +17,7 @@ Every file is written atomically: to a temporary file in the destination directo
 same extension, so the format is unchanged) and then moved into place with ``os.replace``.
 
 Shapes use the package symbols: ``T`` caption length, ``H x W`` attention grid, ``L = H * W``,
-``S`` source length.
+``S`` source length; ``H_img x W_img`` is an image's size in pixels.
 """
 
 from __future__ import annotations
@@ -220,8 +220,10 @@ def plot_attention(
     """Draw the attention figure of Xu et al. (2015) and save it atomically.
 
     The first panel is the image; panel ``t + 1`` shows ``words[t]`` as its title and the
-    attention map ``alphas[t]`` upsampled to the image (:func:`upsample_attention`), drawn with
-    ``cmap`` over the image at opacity ``overlay_alpha``. Each map is scaled from 0 to its own
+    attention map ``alphas[t]`` upsampled to the image (:func:`upsample_attention`; at most
+    :data:`MAX_MAP_SIDE` pixels a side, drawn over the image's whole extent), drawn with
+    ``cmap`` over the image at opacity ``overlay_alpha``; panels keep within
+    :data:`MAX_PANEL_ASPECT`: 1 and 1 : :data:`MAX_PANEL_ASPECT`. Each map is scaled from 0 to its own
     maximum (uniform attention shows as uniformly bright). With ``betas`` the title reads
     ``"word (β=0.83)"``; with ``hard_locations`` the sampled cell is outlined. Any grid
     (``H != W``) and image aspect ratio work.
@@ -292,7 +294,7 @@ def plot_attention(
     for t in range(t_len):
         ax = axes[t + 1]
         ax.imshow(img, extent=extent, **gray)
-        up = upsample_attention(maps[t], map_size, smooth, theta, edges)  # (H_img, W_img) or less
+        up = upsample_attention(maps[t], map_size, smooth, theta, edges)  # map_size
         ax.imshow(up, cmap=cmap, alpha=overlay_alpha, extent=extent,
                   vmin=0.0, vmax=float(up.max()) if up.max() > 0 else 1.0)
         label = words[t] if betas is None else f"{words[t]} (β={betas[t]:.2f})"

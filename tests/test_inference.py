@@ -340,7 +340,7 @@ def test_caption_tensors_refuses_integer_images_and_reads_any_float(
     with pytest.raises(TypeError, match=r"floating point in \[0, 1\], got torch.uint8 "
                                         r"\(uint8 images in \[0, 255\]: divide by 255 first\)"):
         captioner.caption_tensors((batch * 255).round().to(torch.uint8))
-    with pytest.raises(TypeError, match=r"\(B, 3, H, W\) RGB, got shape \(3, 1, "):
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\) RGB, got shape \(3, 1, "):
         captioner.caption_tensors(batch[:, :1])
     for got, want in zip(captioner.caption_tensors(batch.double()), expected):
         _same(got, want)

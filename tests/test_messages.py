@@ -25,3 +25,7 @@ def test_first_line_joins_a_header_line_with_the_reason_it_introduces():
                                  "no type.")
     assert first_line(ValueError("one line: and more\nnext")) == "ValueError: one line: and more"
     assert first_line(ValueError("\n\n")) == "ValueError"
+    # another library's header line is not joined with the traceback under it
+    unpickler = RuntimeError('Weights only load failed:\nTraceback (most recent call last):\n'
+                             '  File "x.py", line 1')
+    assert first_line(unpickler) == "RuntimeError: Weights only load failed:"

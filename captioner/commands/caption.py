@@ -54,8 +54,8 @@ def _run(args: argparse.Namespace) -> int:
                 if args.json:
                     row = {"image": str(c.path), "caption": c.text, "words": c.words,
                            "tokens": c.tokens, "score": c.score}
-                    print("," if captioned else "", _json_row(row, encoding), sep="\n ",
-                          end="")
+                    separator = ",\n " if captioned else "\n "
+                    print(separator + _json_row(row, encoding), end="")
                 else:
                     print(f"{tsv_field(str(c.path))}\t{c.text}")
                 captioned += 1
@@ -75,9 +75,9 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _json_row(row: dict[str, object], encoding: str) -> str:
-    """``row`` as JSON, non-ASCII characters as they are where ``encoding`` (stdout's) can write
-    them, else escaped (``\\u00f1``; a path that is not UTF-8, a console without the
-    characters), so the JSON stays valid."""
+    """``row`` as JSON on one line: its non-ASCII characters as they are where ``encoding``
+    (stdout's) can write all of them, else the whole row's escaped (``\\u00f1``; a path that
+    is not UTF-8, a console without some of the characters), so the JSON stays valid."""
     text = json.dumps(row, ensure_ascii=False)
     try:
         text.encode(encoding)

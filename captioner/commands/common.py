@@ -187,7 +187,10 @@ codecs.register_error(OUTPUT_ERRORS, _escape_unencodable)
 
 def make_tool(name: str, parse: Callable[[list[str]], argparse.Namespace],
           run: Callable[[argparse.Namespace], int]) -> Callable[[list[str]], int]:
-    """Wrap ``run`` so that argparse exits and expected errors become exit statuses."""
+    """Wrap ``run`` so that argparse exits and expected errors become exit statuses: a
+    :class:`ToolError` one line and its status, Ctrl-C 130, a closed pipe 0. The tool's
+    ``sys.stdout`` writes what its encoding cannot with :data:`OUTPUT_ERRORS` (set for the
+    process, as the tools print through it)."""
 
     def main(argv: list[str]) -> int:
         # a file name that is not valid UTF-8 reaches Python with surrogates: written back as

@@ -107,9 +107,9 @@ class CaptionDataModule(L.LightningDataModule):
             batches of ``batch_size`` random captions (padded steps are skipped, not computed).
         max_captions_per_image: Keep only the first ``max_captions_per_image`` captions of each
             image, in file order, for training, the vocabulary and the references alike. The
-            paper discards MS COCO's captions in excess of 5 "for consistency across our
-            datasets" (Xu et al. 2015, Sec. 5.1): ``5`` reproduces that; ``None`` keeps all
-            (COCO has 5-7 per image).
+            paper discards MS COCO's captions in excess of 5, for consistency across its data
+            sets (Xu et al. 2015, Sec. 5.1): ``5`` reproduces that; ``None`` keeps all (COCO
+            has 5-7 per image).
 
     Attributes:
         decode_images: whether ``skip_bad`` decodes the images (``False`` in the cached-feature
@@ -240,8 +240,9 @@ class CaptionDataModule(L.LightningDataModule):
 
     def split_records(self, warn: bool = False) -> dict[str, list[ImageRecord]]:
         """The splits as drawn: the annotations parsed (``max_captions_per_image`` applied),
-        unsplit images split, ``max_images`` applied, before ``skip_bad`` leaves out unreadable images (no image is decoded here;
-        :meth:`records` is what training and evaluation read).
+        unsplit images split, ``max_images`` applied, before ``skip_bad`` leaves out unreadable
+        images (no image is decoded here; :meth:`records` is what training and evaluation
+        read).
 
         Args:
             warn: warn of images that are in more than one split.

@@ -380,8 +380,10 @@ def find_images(
 
     Returns:
         ``(found, problems)``: the image files, and ``(path, reason)`` for each path that does not
-        exist, is a file with a non-image suffix, is a folder without images, or is a broken
-        symbolic link with an image suffix inside a folder.
+        exist, is a broken symbolic link or a link loop, is not a regular file or folder (a
+        named pipe, a socket, a device), cannot be read, is a file with a non-image suffix, or
+        is a folder without images; inside a folder, for each broken link or link loop with an
+        image suffix (other special files there are skipped).
     """
     found: list[Path] = []
     problems: list[tuple[Path, str]] = []
@@ -398,7 +400,7 @@ def find_images(
             named = _image_names_under(path)
             files = [p for p in named if p.is_file()]
             broken = [p for p in named if p.is_symlink() and not p.exists()]
-            problems.extend((p, _not_found(p)) for p in broken)
+            problems.extend((p, _why_not_a_file(p)) for p in broken)
             if not files and not broken:  # (a folder named x.jpg is no image)
                 problems.append((path, "folder contains no image files"))
             for file in files:
@@ -409,11 +411,11 @@ def find_images(
             else:
                 problems.append((path, f"not an image file extension ({path.suffix or 'none'})"))
         else:
-            problems.append((path, _not_found(path)))
+            problems.append((path, _why_not_a_file(path)))
     return found, problems
 
 
-def _not_found(path: Path) -> str:
+def _why_not_a_file(path: Path) -> str:
     """Why ``path``, neither a file nor a folder, is no image: missing, a broken link, a link
     loop, or another kind of file (a FIFO, a device)."""
     try:

@@ -533,9 +533,11 @@ def make_shapes_dataset(
     Output is byte-identical for identical arguments. If ``root/manifest.json`` records the
     same arguments the files are reused as they are; otherwise old splits are removed and the
     set regenerated (with a warning when a finished set of other options is replaced: a run
-    still reading it would read other images). ``root/.lock`` is held while the set is checked
-    and generated, so processes sharing ``root`` generate it once. Each split is rendered in a staging folder and moved into place, JSON files
-    are written to a temporary name and renamed, and the manifest is written last, so an
+    still reading it would read other images). A finished set is reused without writing
+    anything (a read-only root works); one to generate is checked again and generated under
+    ``root/.lock`` (POSIX ``flock``; no lock elsewhere), so processes sharing ``root`` generate
+    it once. Each split is rendered in a staging folder and moved into place, JSON files are
+    written to a temporary name and renamed, and the manifest is written last, so an
     interrupted run is never mistaken for a finished one.
 
     Args:
@@ -578,15 +580,15 @@ def make_shapes_dataset(
         "distort": bool(distort), "min_objects": int(min_objects), "max_objects": int(max_objects),
     }
     paths = {split: _split_paths(root, split) for split in SPLITS}
-    if _made_with(root, params, paths) is True:  # reused as it is: nothing written (a
-        return paths  # read-only root works)
+    if _made_with(root, params, paths)[0]:  # reused as it is: nothing written (a read-only
+        return paths  # root works)
     root.mkdir(parents=True, exist_ok=True)
     with _generation_lock(root):  # a second process waits, then finds the set made
-        made = _made_with(root, params, paths)
-        if made is not True:
-            if isinstance(made, dict):
-                changed = ", ".join(f"{k} {made.get(k)!r} -> {v!r}" for k, v in params.items()
-                                    if made.get(k) != v)
+        made, other = _made_with(root, params, paths)
+        if not made:
+            if other is not None:
+                changed = ", ".join(f"{k} {other.get(k)!r} -> {v!r}" for k, v in params.items()
+                                    if other.get(k) != v)
                 warnings.warn(f"{root}: the shapes set there was made with other options "
                               f"({changed}) and is generated again; a run still reading it now "
                               "reads other images. Give each set of options its own root",
@@ -597,21 +599,20 @@ def make_shapes_dataset(
     return paths
 
 
-def _made_with(root: Path, params: dict[str, Any],
-               paths: dict[str, tuple[Path, ...]]) -> bool | dict[str, Any]:
-    """``True`` if ``root`` holds a complete set made with ``params``; the options of a complete
-    set made with others (which a regeneration replaces); else ``False``."""
+def _made_with(root: Path, params: dict[str, Any], paths: dict[str, tuple[Path, ...]],
+               ) -> tuple[bool, dict[str, Any] | None]:
+    """``(made, other)``: whether ``root`` holds a complete set made with ``params``, and the
+    options of a complete set made with others (which a regeneration replaces), if it holds
+    one."""
     try:
         old = json.loads((root / "manifest.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
-        return False
+        return False, None
     old_params = old.get("parameters") if isinstance(old, dict) else None
-    if not isinstance(old_params, dict) or not all(
+    if not isinstance(old_params, dict) or old.get("version") != VERSION or not all(
             p.exists() for triple in paths.values() for p in triple):
-        return False
-    if old.get("version") != VERSION:
-        return False
-    return True if old_params == params else old_params
+        return False, None
+    return old_params == params, None if old_params == params else old_params
 
 
 @contextlib.contextmanager

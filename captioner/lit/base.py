@@ -35,6 +35,7 @@ from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from captioner.config import NON_NEGATIVE, POSITIVE, check_ranges, instantiate, plain
 from captioner.decoder import DecoderOutput
 from captioner.inference import CHECKPOINT_FORMAT, CHECKPOINT_KEY, CheckpointError
+from captioner.lit.loggers import ResumableCSVLogger
 from captioner.losses import attention_entropy, reinforce_surrogate, sentence_log_likelihood
 
 log = logging.getLogger(__name__)
@@ -224,7 +225,7 @@ class CaptionerModule(L.LightningModule):
             return
         super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
-    # ---------------------------------------------------------------- hard attention
+    # ---------------------------------------------------------------- run hooks
     def on_fit_start(self) -> None:
         self.check_monitors()
         self.explain_frozen_blocks()
@@ -244,8 +245,6 @@ class CaptionerModule(L.LightningModule):
 
     def _tell_loggers(self, start: float | None) -> None:
         """Tell a :class:`~captioner.lit.loggers.ResumableCSVLogger` where this run starts."""
-        from captioner.lit.loggers import ResumableCSVLogger
-
         for logger in self.trainer.loggers:
             if isinstance(logger, ResumableCSVLogger):
                 logger.continue_from(start)
@@ -365,8 +364,9 @@ class CaptionerModule(L.LightningModule):
                     "configs/model/multi30k_gru.yaml does with its checkpoints; a checkpoint "
                     "does not, so resuming with --ckpt_path needs that file again.)")
 
+    # ---------------------------------------------------------------- hard attention
     def hard_samples(self) -> int:
-        """``N`` of Eq. 12: location sequences sampled per target in this training step (``1``
+        """``M`` of Eq. 12: location sequences sampled per target in this training step (``1``
         outside training or without hard attention)."""
         if not self.training or getattr(self.decoder, "hard", None) is None:
             return 1

@@ -13,6 +13,7 @@ import logging
 from typing import Any, Callable, Literal
 
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 from captioner.atomic import atomic_write
@@ -171,7 +172,7 @@ class CaptioningModule(CaptionerModule):
 
     def on_validation_start(self) -> None:
         super().on_validation_start()
-        if self.trainer.state.fn != "fit":  # fit checked once at its start
+        if self.trainer.state.fn != TrainerFn.FITTING:  # fit checked once at its start
             self.check_feature_cache()
 
     def on_test_start(self) -> None:

@@ -40,7 +40,9 @@ __all__ = ["ResumableCSVLogger"]
 
 class _KeepingWriter(ExperimentWriter):
     """Lightning's CSV experiment writer, except that an existing ``metrics.csv`` is read rather
-    than deleted, and rewritten once, at the first save, as :mod:`this module <.loggers>` says.
+    than deleted; at the first save it is rewritten with the rows kept, moved aside, or (a
+    header only) removed, as :mod:`captioner.lit.loggers` says. An unreadable one is moved
+    aside when the writer is built.
 
     Args:
         log_dir: the run's folder.
@@ -53,6 +55,8 @@ class _KeepingWriter(ExperimentWriter):
         super().__init__(log_dir=log_dir)
 
     def _check_log_dir_exists(self) -> None:
+        """(Lightning's writer calls this from its ``__init__``, where it deletes the file.)
+        Read the earlier rows and columns instead."""
         self._earlier: list[dict[str, str]] | None = None
         if not self._fs.isfile(self.metrics_file_path):
             return

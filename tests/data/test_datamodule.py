@@ -94,9 +94,9 @@ def test_records_and_references(tmp_path: Path) -> None:
 
 
 def test_captions_in_excess_of_the_cap_are_discarded_everywhere(tmp_path: Path) -> None:
-    """``max_captions_per_image`` keeps each image's first captions in file order (the paper's
-    "discard caption in excess of 5", Sec. 5.1): for the training pairs, the vocabulary and the
-    references alike; images with fewer keep all of theirs."""
+    """``max_captions_per_image`` keeps each image's first captions in file order (the paper
+    discards COCO's captions in excess of 5, Sec. 5.1): for the training pairs, the vocabulary
+    and the references alike; images with fewer keep all of theirs."""
     train = {"t0.png": ["one dog", "two cats", "three birds"], "t1.png": ["a fish"]}
     val = {"v0.png": ["red car", "blue bus", "green van"], "v1.png": ["a boat"]}
     train_json, train_dir = _coco_split(tmp_path, "train", train)
