@@ -32,8 +32,9 @@ def one_line(error: BaseException | str, limit: int | None = None) -> str:
     return text
 
 
-#: a jsonargparse line that ends naming the key whose reason follows (``Parser key "x":``)
-_KEY_LINE = re.compile(r'Parser key "[^"]+":$')
+#: a jsonargparse line that ends naming the key or class whose reason follows (``Parser key
+#: "x":``, ``Problem with given class_path 'pkg.Class':``)
+_KEY_LINE = re.compile(r"(?:Parser key \"[^\"]+\"|Problem with given class_path '[^']+'):$")
 #: jsonargparse's words between a key and the reason it refused its value
 _JSONARGPARSE_WORDING = re.compile(r"Type \S.*? expects a function or a callable class: "
                                    r"|Does not validate against any of the Union subtypes ")

@@ -223,8 +223,8 @@ def plot_attention(
     attention map ``alphas[t]`` upsampled to the image (:func:`upsample_attention`; at most
     :data:`MAX_MAP_SIDE` pixels a side, drawn over the image's whole extent), drawn with
     ``cmap`` over the image at opacity ``overlay_alpha``; panels keep within
-    :data:`MAX_PANEL_ASPECT`: 1 and 1 : :data:`MAX_PANEL_ASPECT`. Each map is scaled from 0 to its own
-    maximum (uniform attention shows as uniformly bright). With ``betas`` the title reads
+    :data:`MAX_PANEL_ASPECT`: 1 and 1 : :data:`MAX_PANEL_ASPECT`. Each map is scaled from 0 to
+    its own maximum (uniform attention shows as uniformly bright). With ``betas`` the title reads
     ``"word (β=0.83)"``; with ``hard_locations`` the sampled cell is outlined. Any grid
     (``H != W``) and image aspect ratio work.
 

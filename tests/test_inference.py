@@ -392,14 +392,21 @@ def test_a_checkpoint_of_a_class_with_untyped_parameters_rebuilds(tiny_checkpoin
     ("gate", "sigmoid", 'Parser key "decoder": Parser key "gate": Expected a typing.Literal['
                         "'scalar', 'vector', 'none']. Got value: sigmoid)"),
     ("hidden_dim", "big", "Parser key \"hidden_dim\": Expected a <class 'int'>. Got value: big)"),
-    ("nosuch", 1, "Parser key \"decoder\": Option 'nosuch' is not accepted)")])
+    ("nosuch", 1, "Parser key \"decoder\": Option 'nosuch' is not accepted)"),
+    ("encoder.nosuch", 1, "Parser key \"encoder\": Problem with given class_path "
+                          "'captioner.encoders.ImageEncoder': Option 'nosuch' is not accepted)"),
+    ("encoder.freeze", "maybe", "'captioner.encoders.ImageEncoder': Parser key \"freeze\": "
+                                "Expected a <class 'bool'>. Got value: maybe)")])
 def test_a_stored_config_that_does_not_rebuild_is_named_by_key_and_reason(
         tiny_checkpoint: Path, tmp_path: Path, key, value, says) -> None:
     """The one line named neither the key nor the reason once every part was read as an
     ``Optional`` (jsonargparse's union report: "Does not validate against any of the Union
-    subtypes")."""
+    subtypes"); the encoder's (a class, not a callable) ended on "Problem with given
+    class_path '...':"."""
     def edit(ckpt):
-        ckpt["captioner"]["model_config"]["init_args"]["decoder"]["init_args"][key] = value
+        part, _, name = key.rpartition(".")
+        ckpt["captioner"]["model_config"]["init_args"][part or "decoder"]["init_args"][
+            name] = value
 
     with pytest.raises(CheckpointError) as e:
         Captioner.from_checkpoint(_variant(tiny_checkpoint, tmp_path, "bad.ckpt", edit))

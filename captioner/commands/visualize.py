@@ -110,7 +110,7 @@ def _draw_stn(captioner: Captioner, image: Any, out: str) -> Path:
     from captioner.visualize import plot_stn
 
     stages = _stn_stages(captioner)
-    batch = captioner.preprocess(image).unsqueeze(0)  # (1, 3, S, S)
+    batch = captioner.preprocess(image).unsqueeze(0)  # (1, 3, H, W)
     with torch.no_grad(), inference_autocast(captioner.device, captioner.precision):
         captioner.encoder(batch.to(captioner.device))  # as when captioning: the same warp
     stage = stages[0]

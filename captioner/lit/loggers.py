@@ -93,7 +93,7 @@ class _KeepingWriter(ExperimentWriter):
             return
         if not told:  # another module: keep the rows only if none would be dropped
             start = min(int(m["step"]) for m in self.metrics)
-        kept = [row for row in self._earlier if _step(row) < start]
+        kept = [row for row in self._earlier if start == float("inf") or _step(row) < start]
         if not told and len(kept) < len(self._earlier):
             self._restart(f"{self.metrics_file_path} holds rows at or after this run's first "
                           f"step ({start}) and the module did not say whether it resumes")

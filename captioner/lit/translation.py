@@ -87,8 +87,9 @@ class TranslationModule(CaptionerModule):
         hard_lambda_r: hard attention (``decoder.attention_mode: hard``): weight ``lambda_r`` of
             the REINFORCE term of Xu et al.'s Eq. 12, as in captioning.
         hard_lambda_e: hard attention: weight ``lambda_e`` of the entropy term.
-        hard_num_samples: hard attention: location sequences sampled per sentence pair (``N``
-            of Eq. 12); the batch is repeated that many times.
+        hard_num_samples: hard attention: location sequences sampled per sentence pair (``M``
+            of :mod:`captioner.hard_attention`, the paper's ``N`` in Eq. 12); the batch is
+            repeated that many times.
     """
 
     task = TASK
