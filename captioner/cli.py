@@ -445,9 +445,12 @@ def _last_checkpoint(trainer: dict[str, Any], subcommand: str = "fit") -> str | 
                       if p.is_file()), key=lambda p: p.stat().st_mtime_ns, reverse=True)
     where = ", ".join([*map(str, folders), *(str(v / "version_*") for v in versions)])
     if not earlier:
+        named = sorted({p.parents[1].name for logs in versions  # fixed versions' own folders
+                        for p in logs.glob("*/checkpoints/last*.ckpt") if p.is_file()})
         fixed = (" (a logger with an automatic version gives every run a new folder: set "
-                 "--trainer.logger.init_args.version NAME to resume by `last`)" if versions
-                 else "")
+                 "--trainer.logger.init_args.version NAME to resume by `last`"
+                 + (f"; fixed versions with a last checkpoint: {', '.join(named)}" if named
+                    else "") + ")" if versions else "")
         raise ConfigError(f"--ckpt_path last: no last checkpoint in {where}{fixed}; give the "
                           "checkpoint file (--ckpt_path PATH/last.ckpt)")
     listed = "; ".join(f"{p} ({datetime.fromtimestamp(p.stat().st_mtime):%Y-%m-%d %H:%M})"
@@ -686,10 +689,17 @@ def _name_config_lines(message: str, argv: list[str]) -> str:
 
     # (class_path or None, key, the choices its value is outside of (None: any value), what
     # to say after "FILE line N: ")
+    # the class is named before the option (a section's class_path) or after it, in the value
+    # jsonargparse quotes (a nested class: "Option 'x' is not accepted. Got value:
+    # Namespace(class_path='pkg.Class', ...")
+    quoted = [(m[1], m[0]) for m in re.findall(
+        r"Option '([^']+)' is not accepted\. Got value: Namespace\(class_path='([^']+)'", message)]
     wanted: list[tuple[str | None, str, tuple[Any, ...] | None, str]] = [
-        (m[0] or None, m[1], None, f"option {m[1].rsplit('.', 1)[-1]!r} is not accepted")
-        for m in re.findall(r"(?:class_path '([^']+)':\s*)?Option '([^']+)' is not accepted",
-                            message)]
+        (class_path, key, None, f"option {key.rsplit('.', 1)[-1]!r} is not accepted")
+        for class_path, key in [*quoted, *[
+            (m[0] or None, m[1]) for m in re.findall(
+                r"(?:class_path '([^']+)':\s*)?Option '([^']+)' is not accepted", message)
+            if m[0] or m[1] not in {k for _, k in quoted}]]]
     wanted += [(None, key, None, f"option {key.rsplit('.', 1)[-1]!r} is not accepted")
                for key in re.findall(r"does not accept option '([^']+)'", message)]
     wanted += [(m[0] or None, m[1], _literal_choices(m[2]),

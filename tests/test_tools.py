@@ -6,6 +6,7 @@ one test runs the installed ``captioner`` entry point in a subprocess.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -231,6 +232,31 @@ def test_caption_writes_each_batch_before_the_next(capsys, monkeypatch, tiny_che
         else:
             assert [line.split("\t")[0] for line in out.splitlines()] == [
                 str(p) for p in test_images[:2]]
+
+
+class _ReaderGoneAfter(io.StringIO):
+    """A stdout whose reader goes away (``| head -N``) after ``lines`` writes."""
+
+    def __init__(self, lines: int) -> None:
+        super().__init__()
+        self.lines = lines
+
+    def write(self, text: str) -> int:
+        if self.lines <= 0:
+            raise BrokenPipeError(32, "Broken pipe")
+        self.lines -= 1
+        return super().write(text)
+
+
+def test_caption_into_a_closed_pipe_still_says_a_path_failed(monkeypatch, tiny_checkpoint,
+                                                              test_images, tmp_path) -> None:
+    """``captioner caption DIR | head -1`` exited 0 after reporting an unreadable file: the
+    closed pipe was taken as success whatever had failed before it."""
+    (tmp_path / "bad.jpg").write_text("not an image")
+    for paths, status in (([tmp_path / "bad.jpg", *test_images[:3]], 1), (test_images[:3], 0)):
+        monkeypatch.setattr(sys, "stdout", _ReaderGoneAfter(1))
+        assert main(["caption", "--ckpt", str(tiny_checkpoint), "--batch-size", "1",
+                     *map(str, paths)]) == status
 
 
 def test_caption_of_odd_images(capsys, tiny_checkpoint, test_images, tmp_path) -> None:

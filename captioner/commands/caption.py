@@ -13,7 +13,7 @@ import sys
 
 from captioner.cli import register_tool
 from captioner.commands.common import (EXIT_INPUT_ERROR, EXIT_OK, load_captioner, make_tool,
-                                       positive_int, tool_parser)
+                                       positive_int, silence_stdout, tool_parser)
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:
@@ -50,6 +50,7 @@ def _run(args: argparse.Namespace) -> int:
             for path, reason in errors:  # one line each, escaped as the captions' paths are
                 print(f"captioner caption: {tsv_field(str(path))}: {tsv_field(reason)}",
                       file=sys.stderr)
+            failed += len(errors)
             for c in captions:
                 if args.json:
                     row = {"image": str(c.path), "caption": c.text, "words": c.words,
@@ -59,8 +60,10 @@ def _run(args: argparse.Namespace) -> int:
                 else:
                     print(f"{tsv_field(str(c.path))}\t{c.text}")
                 captioned += 1
-            failed += len(errors)
             sys.stdout.flush()
+    except BrokenPipeError:  # `| head`: the reader has what it wanted; a failure still says 1
+        silence_stdout()
+        return EXIT_INPUT_ERROR if failed else EXIT_OK
     finally:
         if args.json:
             with contextlib.suppress(OSError):  # (a closed pipe: nothing to close)

@@ -185,6 +185,13 @@ OUTPUT_ERRORS = "captioner.output"
 codecs.register_error(OUTPUT_ERRORS, _escape_unencodable)
 
 
+def silence_stdout() -> None:
+    """Point ``sys.stdout`` at ``os.devnull`` after its reader went away (``| head``), so that
+    the interpreter's final flush does not fail again."""
+    with contextlib.suppress(OSError):
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - open for the rest of the process
+
+
 def make_tool(name: str, parse: Callable[[list[str]], argparse.Namespace],
           run: Callable[[argparse.Namespace], int]) -> Callable[[list[str]], int]:
     """Wrap ``run`` so that argparse exits and expected errors become exit statuses: a
@@ -213,8 +220,7 @@ def make_tool(name: str, parse: Callable[[list[str]], argparse.Namespace],
             print_error(name, "interrupted")
             return EXIT_INTERRUPTED
         except BrokenPipeError:  # `captioner caption ... | head`
-            with contextlib.suppress(OSError):
-                sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the final flush
+            silence_stdout()
             return EXIT_OK
 
     main.__name__ = f"{name}_main"

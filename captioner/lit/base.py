@@ -52,6 +52,11 @@ def datamodule_record(dm: Any) -> dict[str, Any]:
             "working_dir": os.getcwd()}
 
 
+def _aside(path: Path, n: int) -> Path:
+    """``test_metrics.json`` -> ``test_metrics.before-N.json``."""
+    return path.with_name(f"{path.stem}.before-{n}{path.suffix}")
+
+
 class CaptionerModule(L.LightningModule):
     """Base of :class:`~captioner.lit.captioning.CaptioningModule` and
     :class:`~captioner.lit.translation.TranslationModule`.
@@ -455,6 +460,25 @@ class CaptionerModule(L.LightningModule):
         on every rank: under DDP ``trainer.log_dir`` broadcasts rank 0's value, a collective
         that a rank-0-only call would leave the other ranks out of (rank 0 then fails or hangs)."""
         return Path(self.trainer.log_dir or self.trainer.default_root_dir)
+
+    def keep_earlier_results(self, out_dir: Path, names: tuple[str, ...]) -> str | None:
+        """Before a test writes ``names`` into ``out_dir``: move an earlier test's files aside
+        (``test_metrics.before-N.json``..., one ``N`` for the set, with a warning), since two
+        ``captioner test --ckpt_path`` runs of one folder (the last and the best checkpoint)
+        would otherwise replace each other's results silently. Returns the checkpoint this
+        test scores (``trainer.ckpt_path``, ``None`` for the model in memory), which the
+        metrics file records."""
+        earlier = [out_dir / name for name in names if (out_dir / name).exists()]
+        if earlier:
+            n = 1
+            while any(_aside(out_dir / name, n).exists() for name in names):
+                n += 1
+            for path in earlier:
+                os.replace(path, _aside(path, n))
+            rank_zero_warn(f"{out_dir}: an earlier test's {', '.join(p.name for p in earlier)} "
+                           f"moved aside as {_aside(earlier[0], n).name}...")
+        ckpt = self.trainer.ckpt_path
+        return str(Path(ckpt).resolve()) if ckpt else None
 
     def _gather_outputs(self) -> list[dict[str, Any]]:
         """All ranks' decoded outputs, each example once, ordered by index."""

@@ -385,13 +385,16 @@ class CaptioningModule(CaptionerModule):
         from captioner.metrics import json_safe, write_coco_results
 
         out_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint = self.keep_earlier_results(out_dir, ("test_captions.json",
+                                                         "test_metrics.json"))
         write_coco_results({records[o["index"]].image_id: " ".join(h)
                             for o, h in zip(outputs, hyps)}, out_dir / "test_captions.json",
                            files={records[o["index"]].image_id: records[o["index"]].path
                                   for o in outputs})
         h = self.hparams
         n_refs = [len(records[o["index"]].captions) for o in outputs]
-        search = {"beam_size": int(h.beam_size), "max_length": int(h.max_length),
+        search = {"checkpoint": checkpoint,  # None: the model of the fit just run
+                  "beam_size": int(h.beam_size), "max_length": int(h.max_length),
                   "min_length": int(h.get("min_length", 1)),
                   "length_penalty": float(h.length_penalty),
                   "beam_stop": h.get("beam_stop", "k_finished"),  # how the captions were decoded

@@ -293,10 +293,12 @@ class TranslationModule(CaptionerModule):
     def _write_results(self, out_dir: Path, outputs: list[dict[str, Any]], hyps: list[str],
                        scores: dict[str, float]) -> None:
         out_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint = self.keep_earlier_results(out_dir, ("test_translations.txt",
+                                                         "test_metrics.json"))
         with atomic_write(out_dir / "test_translations.txt") as f:
             f.write("".join(f"{h}\n" for h in hyps))
         h = self.hparams
-        metrics = {**scores, "signature": self.last_bleu.signature,
+        metrics = {**scores, "checkpoint": checkpoint, "signature": self.last_bleu.signature,
                    # the signature cannot say it: the sacrebleu CLI on test_translations.txt
                    # scores <unk> as three tokens ("< unk >"), so it gives a lower BLEU
                    "unk_scored_as": f"{UNK_FOR_BLEU} (one token: replace {UNK} by "

@@ -76,6 +76,18 @@ def test_fit_then_test_writes_coco_results_and_metrics(shapes_root, tmp_path):
     files = {img["id"]: img["file_name"] for img in gt.dataset["images"]}
     assert all(Path(r["file_name"]).name == files[r["image_id"]] for r in results)
     assert (metrics["beam_size"], metrics["max_length"]) == (1, 20)  # the config's
+    assert metrics["checkpoint"] == str(Path(ckpt).resolve())  # which checkpoint it scored
+    # a second test into the same folder (the best after the last, say) replaced the first's
+    # results silently: they are moved aside
+    first = {name: (out / name).read_bytes() for name in ("test_metrics.json",
+                                                           "test_captions.json")}
+    second = lightning_main(["test", *common, "--ckpt_path", ckpt,
+                             "--trainer.logger.init_args.version", out.name,
+                             "--trainer.logger.init_args.name", out.parent.name,
+                             "--trainer.logger.init_args.save_dir", str(out.parent.parent)])
+    assert Path(second.trainer.log_dir) == out
+    assert (out / "test_metrics.before-1.json").read_bytes() == first["test_metrics.json"]
+    assert (out / "test_captions.before-1.json").read_bytes() == first["test_captions.json"]
     # a saved model config this version cannot parse: a warning, the config files' model
     ckpt_data = torch.load(ckpt, weights_only=True)
     ckpt_data["captioner"]["model_config"]["init_args"]["renamed_option"] = 3
@@ -554,6 +566,28 @@ def test_config_files_given_by_relative_paths_are_named_too(tmp_path, capsys, mo
         assert f"error: sub/bad.yaml line {line}: {says}" in err, err
 
 
+def test_an_option_a_nested_class_does_not_take_is_named_though_another_section_has_it(
+        tmp_path, capsys):
+    """``batch_size: 3`` under the decoder's init_args (the data section has a batch_size):
+    jsonargparse names the class after the option, in the value it quotes, and the error had
+    no file or line (the key was not unique across the files)."""
+    import yaml
+
+    model = yaml.safe_load((CONFIGS / "model" / "shapes_soft.yaml").read_text())
+    model["model"]["init_args"]["decoder"]["init_args"]["batch_size"] = 3
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(model, sort_keys=False))
+    line = next(i for i, t in enumerate(bad.read_text().splitlines(), 1)
+                if t.strip() == "batch_size: 3")
+    with pytest.raises(SystemExit) as e:
+        lightning_main(["fit", "-c", str(CONFIGS / "trainer" / "cpu.yaml"),
+                        "-c", str(CONFIGS / "data" / "shapes.yaml"), "-c", str(bad)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: {bad} line {line}: option 'batch_size' is not accepted\n" in err, err
+    assert "shapes.yaml line" not in err, err
+
+
 def test_a_wrong_class_path_or_choice_in_a_config_file_names_the_file_and_line(tmp_path, capsys):
     """A ``class_path`` that cannot be imported and a value outside an option's ``Literal``
     choices were reported 8-15 lines down jsonargparse's union report; the error now starts
@@ -932,6 +966,12 @@ def test_ckpt_path_last_without_a_logger_option_is_lightnings_default_logger(tmp
         with pytest.raises(ConfigError, match=r"no last checkpoint in \S*lightning_logs.version_\*"
                                               r" \(a logger with an automatic version"):
             _last_checkpoint(trainer, "test")
+    # a fixed version's last checkpoint is not taken, but named (it said only "no last
+    # checkpoint", as if there were none)
+    _last_file(tmp_path / "lightning_logs" / "v1" / "checkpoints" / "last.ckpt", 1000)
+    with pytest.raises(ConfigError, match=r"init_args.version NAME to resume by `last`; fixed "
+                                          r"versions with a last checkpoint: v1\)"):
+        _last_checkpoint({"default_root_dir": str(tmp_path)}, "test")
 
 
 def test_ckpt_path_last_validate_and_mixed_folders_are_errors(tmp_path):
