@@ -692,8 +692,8 @@ def _name_config_lines(message: str, argv: list[str]) -> str:
     # the class is named before the option (a section's class_path) or after it, in the value
     # jsonargparse quotes (a nested class: "Option 'x' is not accepted. Got value:
     # Namespace(class_path='pkg.Class', ...")
-    quoted = [(m[1], m[0]) for m in re.findall(
-        r"Option '([^']+)' is not accepted\. Got value: Namespace\(class_path='([^']+)'", message)]
+    quoted = [(_quoted_class_path(m[1]), m[0]) for m in re.findall(
+        r"Option '([^']+)' is not accepted\. Got value: Namespace\(([^\n]*)", message)]
     wanted: list[tuple[str | None, str, tuple[Any, ...] | None, str]] = [
         (class_path, key, None, f"option {key.rsplit('.', 1)[-1]!r} is not accepted")
         for class_path, key in [*quoted, *[
@@ -735,6 +735,19 @@ def _name_config_lines(message: str, argv: list[str]) -> str:
                   f"imported ({reason}){_close_names(class_path)}"
                   for file, root in roots.items() for node in _class_path_nodes(root, class_path)]
     return "\n".join([*dict.fromkeys(found), message]) if found else message
+
+
+def _quoted_class_path(value: str) -> str | None:
+    """The ``class_path`` at the top level of the ``Namespace(...)`` jsonargparse quotes
+    (``value``: its text after ``Namespace(``), where it may come after ``init_args`` holding
+    nested classes' own; ``"?"`` (a class, but none known) where there is none."""
+    import re
+
+    for m in re.finditer(r"class_path='([^']+)'", value):
+        before = value[:m.start()]
+        if before.count("(") - before.count(")") == 0:
+            return m.group(1)
+    return "?"
 
 
 def _giving(roots: dict[str, Any], class_path: str | None, key: str,

@@ -53,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     L.seed_everything(args.seed, workers=True)
-    print(f"[demo] 1/4 shapes data + 2/4 training ({args.epochs} epoch{'s' if args.epochs != 1 else ''}) -> {out}", flush=True)
+    epochs = f"{args.epochs} epoch{'s' if args.epochs != 1 else ''}"
+    print(f"[demo] 1/4 shapes data + 2/4 training ({epochs}) -> {out}", flush=True)
     cli = lightning_main([
         "fit",
         "--config", str(REPO_CONFIGS / "trainer" / "cpu.yaml"),
@@ -93,8 +94,9 @@ def main(argv: list[str] | None = None) -> int:
                   f, indent=2, allow_nan=False)
 
     print("[demo] 4/4 attention figures", flush=True)
-    for stale in out.glob("attention_test_*.png"):  # an earlier demo's, in the same folder
-        stale.unlink()
+    for stale in out.glob("attention_test_[0-9]*.png"):  # an earlier demo's figures (the
+        if stale.is_file() and stale.stem[len("attention_test_"):].isdigit():  # test images'
+            stale.unlink()  # names are test_NNNNN)
     for r, c in list(zip(records, captions))[: args.figures]:
         words = [*c.words, "<end>"][: len(c.tokens)]
         fig = plot_attention(c.image, words, c.alphas, grid, out / f"attention_{r.path.stem}.png",

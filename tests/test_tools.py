@@ -257,6 +257,14 @@ def test_caption_into_a_closed_pipe_still_says_a_path_failed(monkeypatch, tiny_c
         monkeypatch.setattr(sys, "stdout", _ReaderGoneAfter(1))
         assert main(["caption", "--ckpt", str(tiny_checkpoint), "--batch-size", "1",
                      *map(str, paths)]) == status
+    # `2>&1 | head -1`: the pipe closes while the failures are being reported (on stderr)
+    for name in ("a.jpg", "b.jpg"):
+        (tmp_path / name).write_text("not an image either")
+    gone = _ReaderGoneAfter(1)
+    monkeypatch.setattr(sys, "stdout", gone)
+    monkeypatch.setattr(sys, "stderr", gone)
+    assert main(["caption", "--ckpt", str(tiny_checkpoint), str(tmp_path / "a.jpg"),
+                 str(tmp_path / "b.jpg"), str(tmp_path / "bad.jpg")]) == 1
 
 
 def test_caption_of_odd_images(capsys, tiny_checkpoint, test_images, tmp_path) -> None:

@@ -47,10 +47,10 @@ def _run(args: argparse.Namespace) -> int:
         for captions, errors in captioner.iter_caption_paths(
                 args.paths, beam_size=args.beam_size, max_length=args.max_length,
                 batch_size=args.batch_size):
+            failed += len(errors)  # (before they are printed: stderr may be the closed pipe)
             for path, reason in errors:  # one line each, escaped as the captions' paths are
                 print(f"captioner caption: {tsv_field(str(path))}: {tsv_field(reason)}",
                       file=sys.stderr)
-            failed += len(errors)
             for c in captions:
                 if args.json:
                     row = {"image": str(c.path), "caption": c.text, "words": c.words,
@@ -61,8 +61,8 @@ def _run(args: argparse.Namespace) -> int:
                     print(f"{tsv_field(str(c.path))}\t{c.text}")
                 captioned += 1
             sys.stdout.flush()
-    except BrokenPipeError:  # `| head`: the reader has what it wanted; a failure still says 1
-        silence_stdout()
+    except BrokenPipeError:  # `| head` (`2>&1 | head`: stderr too): a failure still says 1
+        silence_stdout(stderr=True)
         return EXIT_INPUT_ERROR if failed else EXIT_OK
     finally:
         if args.json:

@@ -185,11 +185,14 @@ OUTPUT_ERRORS = "captioner.output"
 codecs.register_error(OUTPUT_ERRORS, _escape_unencodable)
 
 
-def silence_stdout() -> None:
-    """Point ``sys.stdout`` at ``os.devnull`` after its reader went away (``| head``), so that
-    the interpreter's final flush does not fail again."""
+def silence_stdout(stderr: bool = False) -> None:
+    """Point ``sys.stdout`` (and with ``stderr``, ``sys.stderr``: ``2>&1 | head``) at
+    ``os.devnull`` after its reader went away, so that the interpreter's final flush does not
+    fail again."""
     with contextlib.suppress(OSError):
         sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - open for the rest of the process
+        if stderr:
+            sys.stderr = open(os.devnull, "w")  # noqa: SIM115
 
 
 def make_tool(name: str, parse: Callable[[list[str]], argparse.Namespace],

@@ -478,7 +478,9 @@ class CaptionerModule(L.LightningModule):
             rank_zero_warn(f"{out_dir}: an earlier test's {', '.join(p.name for p in earlier)} "
                            f"moved aside as {_aside(earlier[0], n).name}...")
         ckpt = self.trainer.ckpt_path
-        return str(Path(ckpt).resolve()) if ckpt else None
+        if not ckpt:
+            return None
+        return str(ckpt) if "://" in str(ckpt) else str(Path(ckpt).resolve())  # a URL as given
 
     def _gather_outputs(self) -> list[dict[str, Any]]:
         """All ranks' decoded outputs, each example once, ordered by index."""

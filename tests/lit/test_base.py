@@ -196,3 +196,28 @@ def test_a_resumed_fit_records_this_runs_data_settings(tmp_path):
     translation.data_config = {"tokenizer_version": 2, "lowercase": True}  # as setup records
     kept = translation.resumed_data_config({"lowercase": True})  # stored before versions: 1
     assert kept == {"tokenizer_version": 1, "lowercase": True}
+
+
+def test_an_earlier_tests_results_are_moved_aside_as_one_set(tmp_path, monkeypatch):
+    """One ``N`` for the set, even where only some of an earlier test's files are there; the
+    checkpoint recorded as given for a URL, resolved for a path, ``None`` for the model in
+    memory (a test right after its fit)."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    module = CaptioningModule.from_config({**TINY_MODEL_CONFIG, "vocab_size": 9})
+    names = ("test_captions.json", "test_metrics.json")
+    (tmp_path / "test_metrics.json").write_text("first")
+    (tmp_path / "test_metrics.before-1.json").write_text("older")  # N = 1 is taken
+    for ckpt, recorded in ((None, None), ("s3://bucket/run/last.ckpt", "s3://bucket/run/last.ckpt"),
+                           ("last.ckpt", str(Path("last.ckpt").resolve()))):
+        monkeypatch.setattr(CaptioningModule, "trainer", SimpleNamespace(ckpt_path=ckpt))
+        assert module.keep_earlier_results(tmp_path, names) == recorded
+    assert (tmp_path / "test_metrics.before-2.json").read_text() == "first"
+    assert not (tmp_path / "test_captions.before-2.json").exists()
+    assert (tmp_path / "test_metrics.before-1.json").read_text() == "older"
+    (tmp_path / "test_captions.json").write_text("c")
+    (tmp_path / "test_metrics.json").write_text("m")
+    module.keep_earlier_results(tmp_path, names)
+    assert [(tmp_path / f"test_{n}.before-3.json").read_text() for n in ("captions", "metrics")
+            ] == ["c", "m"]

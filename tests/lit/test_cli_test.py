@@ -586,6 +586,17 @@ def test_an_option_a_nested_class_does_not_take_is_named_though_another_section_
     err = capsys.readouterr().err
     assert f"error: {bad} line {line}: option 'batch_size' is not accepted\n" in err, err
     assert "shapes.yaml line" not in err, err
+    # given by an override file without class_path (jsonargparse then quotes init_args before
+    # the class): the data config's valid batch_size was blamed; now no file is, wrongly
+    override = tmp_path / "override.yaml"
+    override.write_text("model:\n  init_args:\n    decoder:\n      init_args:\n"
+                        "        batch_size: 4\n")
+    with pytest.raises(SystemExit):
+        lightning_main(["fit", "-c", str(CONFIGS / "trainer" / "cpu.yaml"),
+                        "-c", str(CONFIGS / "data" / "shapes.yaml"),
+                        "-c", str(CONFIGS / "model" / "shapes_soft.yaml"), "-c", str(override)])
+    err = capsys.readouterr().err
+    assert 'error: Parser key "model":' in err and " line " not in err, err
 
 
 def test_a_wrong_class_path_or_choice_in_a_config_file_names_the_file_and_line(tmp_path, capsys):
