@@ -687,13 +687,13 @@ def _name_config_lines(message: str, argv: list[str]) -> str:
 
     import yaml
 
-    # (class_path or None, key, the choices its value is outside of (None: any value), what
-    # to say after "FILE line N: ")
     # the class is named before the option (a section's class_path) or after it, in the value
     # jsonargparse quotes (a nested class: "Option 'x' is not accepted. Got value:
     # Namespace(class_path='pkg.Class', ...")
     quoted = [(_quoted_class_path(m[1]), m[0]) for m in re.findall(
         r"Option '([^']+)' is not accepted\. Got value: Namespace\(([^\n]*)", message)]
+    # (class_path or None, key, the choices its value is outside of (None: any value), what
+    # to say after "FILE line N: ")
     wanted: list[tuple[str | None, str, tuple[Any, ...] | None, str]] = [
         (class_path, key, None, f"option {key.rsplit('.', 1)[-1]!r} is not accepted")
         for class_path, key in [*quoted, *[
@@ -737,7 +737,7 @@ def _name_config_lines(message: str, argv: list[str]) -> str:
     return "\n".join([*dict.fromkeys(found), message]) if found else message
 
 
-def _quoted_class_path(value: str) -> str | None:
+def _quoted_class_path(value: str) -> str:
     """The ``class_path`` at the top level of the ``Namespace(...)`` jsonargparse quotes
     (``value``: its text after ``Namespace(``), where it may come after ``init_args`` holding
     nested classes' own; ``"?"`` (a class, but none known) where there is none."""
