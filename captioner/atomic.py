@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["atomic_path", "atomic_write", "remove_leftovers"]
+__all__ = ["aside_name", "atomic_path", "atomic_write", "remove_leftovers"]
 
 
 def _create_temp(folder: Path, prefix: str, suffix: str) -> Path:
@@ -114,3 +114,11 @@ def atomic_write(path: str | os.PathLike[str], mode: str = "w",
     with atomic_path(path) as tmp:
         with open(tmp, mode, encoding=None if "b" in mode else encoding) as f:
             yield f  # closed here, then flushed to disk by atomic_path
+
+
+def aside_name(name: str, n: int) -> str:
+    """The name an earlier run's file takes when it is moved aside rather than replaced:
+    ``metrics.csv`` -> ``metrics.before-N.csv`` (:mod:`captioner.lit.loggers`, and the test
+    results of :meth:`captioner.lit.base.CaptionerModule.keep_earlier_results`)."""
+    stem, dot, suffix = name.rpartition(".")
+    return f"{stem}.before-{n}.{suffix}" if dot else f"{name}.before-{n}"

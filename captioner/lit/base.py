@@ -32,6 +32,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import GradClipAlgorithmType, rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 
+from captioner.atomic import aside_name
 from captioner.config import NON_NEGATIVE, POSITIVE, check_ranges, instantiate, plain
 from captioner.decoder import DecoderOutput
 from captioner.inference import CHECKPOINT_FORMAT, CHECKPOINT_KEY, CheckpointError
@@ -50,11 +51,6 @@ def datamodule_record(dm: Any) -> dict[str, Any]:
     return {"class_path": f"{type(dm).__module__}.{type(dm).__qualname__}",
             "init_args": {k: v for k, v in hp.items() if not k.startswith("_")},
             "working_dir": os.getcwd()}
-
-
-def _aside(path: Path, n: int) -> Path:
-    """``test_metrics.json`` -> ``test_metrics.before-N.json``."""
-    return path.with_name(f"{path.stem}.before-{n}{path.suffix}")
 
 
 class CaptionerModule(L.LightningModule):
@@ -471,12 +467,12 @@ class CaptionerModule(L.LightningModule):
         earlier = [out_dir / name for name in names if (out_dir / name).exists()]
         if earlier:
             n = 1
-            while any(_aside(out_dir / name, n).exists() for name in names):
+            while any((out_dir / aside_name(name, n)).exists() for name in names):
                 n += 1
             for path in earlier:
-                os.replace(path, _aside(path, n))
+                os.replace(path, out_dir / aside_name(path.name, n))
             rank_zero_warn(f"{out_dir}: an earlier test's {', '.join(p.name for p in earlier)} "
-                           f"moved aside as {_aside(earlier[0], n).name}...")
+                           f"moved aside as {aside_name(earlier[0].name, n)}...")
         ckpt = self.trainer.ckpt_path
         if not ckpt:
             return None

@@ -33,7 +33,7 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from captioner.atomic import atomic_path
+from captioner.atomic import aside_name, atomic_path
 
 __all__ = ["ResumableCSVLogger"]
 
@@ -112,7 +112,8 @@ class _KeepingWriter(ExperimentWriter):
     def _move_aside(self) -> str:
         """Rename ``metrics.csv`` to the first free ``metrics.before-N.csv``; returns that."""
         n = 1
-        while self._fs.exists(aside := os.path.join(self.log_dir, f"metrics.before-{n}.csv")):
+        while self._fs.exists(aside := os.path.join(self.log_dir,
+                                                    aside_name(self.NAME_METRICS_FILE, n))):
             n += 1
         self._fs.mv(self.metrics_file_path, aside)
         return aside
